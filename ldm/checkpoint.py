@@ -1,0 +1,393 @@
+"""Checkpoint I/O: original SD v1 single files (our own format too), and diffusers folders.
+
+Our modules carry the CompVis names, so a single file needs no renaming beyond the text model's
+`text_model.` level (transformers 5 dropped it from CLIPTextModel's state dict; SD files have it).
+Our own checkpoints are single files of that layout whose safetensors metadata holds our config
+under "ldm_config", so they describe themselves. The diffusers folder layout is the one real
+conversion (`unet_key_map` / `vae_key_map`), written here and checked against diffusers' own converters.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from ldm.config import ConfigError, ModelConfig, TextEncoderConfig, UNetConfig, VAEConfig, from_dict, to_dict
+from ldm.model import StableDiffusion
+
+TEXT = "cond_stage_model.transformer."
+UNET = "model.diffusion_model."
+VAE = "first_stage_model."
+# Keys that real SD v1 files carry beside the weights: the training schedule buffers, the EMA
+# bookkeeping, the learned-logvar vector and the text model's position ids. Accepted and ignored.
+SCHEDULE_KEYS = {
+    "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
+    "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
+    "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
+    "logvar", "model_ema.decay", "model_ema.num_updates", TEXT + "text_model.embeddings.position_ids",
+}  # fmt: skip
+PARAMETERIZATION_TO_DIFFUSERS = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit the model; the message names the file or key."""
+
+
+# ---------------------------------------------------------------- single files (SD v1 layout)
+
+
+def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a .safetensors file, or of a .ckpt read with weights_only=True (no code runs)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # the unpickler refuses anything but tensors and plain containers
+        raise CheckpointError(f"{path}: refused to load ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: no state dict of tensors inside")
+    return state, {}
+
+
+def config_from_metadata(metadata: dict[str, str]) -> ModelConfig | None:
+    if "ldm_config" not in metadata:
+        return None
+    try:
+        return from_dict(ModelConfig, json.loads(metadata["ldm_config"]))
+    except (json.JSONDecodeError, ConfigError) as e:
+        raise CheckpointError(f"the config stored in the checkpoint is invalid: {e}") from None
+
+
+def from_sd_layout(state: dict[str, torch.Tensor], use_ema: bool = False) -> dict[str, torch.Tensor]:
+    """An SD v1 file's tensors -> our state dict: drop the known extras, strip `text_model.`, take EMA if asked."""
+    ours = {}
+    for key, value in state.items():
+        if key in SCHEDULE_KEYS or key.startswith("model_ema."):
+            continue
+        if key.startswith(TEXT + "text_model."):
+            key = TEXT + key[len(TEXT + "text_model.") :]
+        ours[key] = value
+    if use_ema and any(k.startswith("model_ema.") for k in state):
+        for key in [k for k in ours if k.startswith(UNET)]:
+            # CompVis LitEma stores model.diffusion_model.a.b as model_ema.diffusion_modelab
+            ema_key = "model_ema." + key[len("model.") :].replace(".", "")
+            if ema_key not in state:
+                raise CheckpointError(f"EMA weights asked for, but '{ema_key}' is missing")
+            ours[key] = state[ema_key]
+    return ours
+
+
+def to_sd_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our state dict -> the original SD v1 file layout (text model under `text_model.`)."""
+    return {(TEXT + "text_model." + k[len(TEXT) :] if k.startswith(TEXT) else k): v for k, v in state.items()}
+
+
+def load_state_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """load_state_dict(strict=True), with one clear line naming the first offending key."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing:
+        raise CheckpointError(f"{source}: missing tensor '{missing[0]}' ({len(missing)} missing in all)")
+    if unexpected:
+        raise CheckpointError(f"{source}: unexpected tensor '{unexpected[0]}' ({len(unexpected)} unexpected in all)")
+    for key, value in state.items():
+        if value.shape != expected[key].shape:
+            raise CheckpointError(
+                f"{source}: tensor '{key}' has shape {tuple(value.shape)}, the model expects {tuple(expected[key].shape)}"
+            )
+    model.load_state_dict(state, strict=True)
+
+
+def load_single_file(path: str | Path, cfg: ModelConfig | None = None, use_ema: bool = True) -> StableDiffusion:
+    """An original SD v1 file or one of ours. cfg: the architecture; default: stored in the file, else SD v1."""
+    state, metadata = read_state_dict(path)
+    cfg = copy.deepcopy(cfg or config_from_metadata(metadata) or ModelConfig())
+    conv_in = state.get(UNET + "input_blocks.0.0.weight")
+    if conv_in is not None and conv_in.ndim == 4 and conv_in.shape[1] != cfg.unet.in_channels:
+        cfg.unet.in_channels = conv_in.shape[1]  # 9 for SD 1.5-inpainting: latent + mask + masked-image latent
+    model = StableDiffusion(cfg)
+    load_state_strict(model, from_sd_layout(state, use_ema), str(path))
+    return model
+
+
+def atomic_save(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> None:
+    """Write to a temporary file beside `path`, then rename over it: readers never see a torn file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_single_file(model: StableDiffusion, path: str | Path, dtype: torch.dtype | None = None) -> None:
+    """The original SD v1 layout with our config in the metadata (readable by every SD v1 tool)."""
+    state = to_sd_layout(model.state_dict())
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    atomic_save(state, path, {"format": "pt", "ldm_config": json.dumps(to_dict(model.cfg))})
+
+
+# ---------------------------------------------------------------- diffusers folders
+
+
+def _resnet(ours: str, theirs: str, unet: bool) -> dict[str, str]:
+    if not unet:  # the VAE's ResnetBlock differs only in its shortcut's name
+        return {ours: theirs, f"{ours}.nin_shortcut": f"{theirs}.conv_shortcut"}
+    parts = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
+             "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}  # fmt: skip
+    return {f"{ours}.{a}": f"{theirs}.{b}" for a, b in parts.items()}
+
+
+def unet_key_map(cfg: UNetConfig) -> dict[str, str]:
+    """Module-path prefixes, CompVis UNetModel -> diffusers UNet2DConditionModel."""
+    n, levels = cfg.num_res_blocks, len(cfg.channel_mult)
+    m = {"time_embed.0": "time_embedding.linear_1", "time_embed.2": "time_embedding.linear_2",
+         "input_blocks.0.0": "conv_in", "out.0": "conv_norm_out", "out.2": "conv_out",
+         "middle_block.1": "mid_block.attentions.0"}  # fmt: skip
+    m |= _resnet("middle_block.0", "mid_block.resnets.0", True) | _resnet("middle_block.2", "mid_block.resnets.1", True)
+    for i in range(levels):
+        for j in range(n):
+            block = 1 + i * (n + 1) + j
+            m |= _resnet(f"input_blocks.{block}.0", f"down_blocks.{i}.resnets.{j}", True)
+            if 2**i in cfg.attention_resolutions:
+                m[f"input_blocks.{block}.1"] = f"down_blocks.{i}.attentions.{j}"
+        if i != levels - 1:
+            m[f"input_blocks.{(i + 1) * (n + 1)}.0.op"] = f"down_blocks.{i}.downsamplers.0.conv"
+    for u in range(levels):  # up block u works at the resolution of down level levels-1-u
+        has_attn = 2 ** (levels - 1 - u) in cfg.attention_resolutions
+        for j in range(n + 1):
+            block = u * (n + 1) + j
+            m |= _resnet(f"output_blocks.{block}.0", f"up_blocks.{u}.resnets.{j}", True)
+            if has_attn:
+                m[f"output_blocks.{block}.1"] = f"up_blocks.{u}.attentions.{j}"
+        if u != levels - 1:
+            m[f"output_blocks.{block}.{2 if has_attn else 1}.conv"] = f"up_blocks.{u}.upsamplers.0.conv"
+    return m
+
+
+def vae_key_map(cfg: VAEConfig) -> dict[str, str]:
+    """Module-path prefixes, CompVis AutoencoderKL -> diffusers AutoencoderKL."""
+    levels = len(cfg.ch_mult)
+    m = {"quant_conv": "quant_conv", "post_quant_conv": "post_quant_conv"}
+    for part in ("encoder", "decoder"):
+        m |= {f"{part}.conv_in": f"{part}.conv_in", f"{part}.conv_out": f"{part}.conv_out",
+              f"{part}.norm_out": f"{part}.conv_norm_out", f"{part}.mid.attn_1.norm": f"{part}.mid_block.attentions.0.group_norm",
+              f"{part}.mid.attn_1.proj_out": f"{part}.mid_block.attentions.0.to_out.0"}  # fmt: skip
+        m |= {f"{part}.mid.attn_1.{a}": f"{part}.mid_block.attentions.0.to_{a}" for a in "qkv"}
+        m |= _resnet(f"{part}.mid.block_1", f"{part}.mid_block.resnets.0", False)
+        m |= _resnet(f"{part}.mid.block_2", f"{part}.mid_block.resnets.1", False)
+    for i in range(levels):
+        for j in range(cfg.num_res_blocks):
+            m |= _resnet(f"encoder.down.{i}.block.{j}", f"encoder.down_blocks.{i}.resnets.{j}", False)
+        for j in range(cfg.num_res_blocks + 1):
+            m |= _resnet(f"decoder.up.{i}.block.{j}", f"decoder.up_blocks.{levels - 1 - i}.resnets.{j}", False)
+        if i != levels - 1:
+            m[f"encoder.down.{i}.downsample.conv"] = f"encoder.down_blocks.{i}.downsamplers.0.conv"
+        if i != 0:
+            m[f"decoder.up.{i}.upsample.conv"] = f"decoder.up_blocks.{levels - 1 - i}.upsamplers.0.conv"
+    return m
+
+
+def rename(state: dict[str, torch.Tensor], key_map: dict[str, str]) -> dict[str, torch.Tensor]:
+    """Rename each key by the longest module-path prefix found in key_map; unmapped keys are an error."""
+    out = {}
+    for key, value in state.items():
+        parts = key.split(".")
+        for cut in range(len(parts) - 1, 0, -1):
+            prefix = ".".join(parts[:cut])
+            if prefix in key_map:
+                out[".".join([key_map[prefix], *parts[cut:]])] = value
+                break
+        else:
+            raise CheckpointError(f"no diffusers name for tensor '{key}'")
+    return out
+
+
+def _vae_attn_shapes(state: dict[str, torch.Tensor], to_linear: bool) -> dict[str, torch.Tensor]:
+    """The VAE's mid-block attention: 1x1 convs (CompVis) <-> linear layers (diffusers)."""
+    names = ("attentions.0.to_q.weight", "attentions.0.to_k.weight", "attentions.0.to_v.weight", "attentions.0.to_out.0.weight")
+    fix = (lambda w: w[:, :, 0, 0]) if to_linear else (lambda w: w[:, :, None, None])
+    return {k: (fix(v) if k.endswith(names) and v.ndim == (4 if to_linear else 2) else v) for k, v in state.items()}
+
+
+def _sub(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def _heads_per_block(cfg: UNetConfig) -> list[int]:
+    return [cfg.model_channels * m // cfg.num_head_channels if cfg.num_head_channels > 0 else cfg.num_heads for m in cfg.channel_mult]
+
+
+def diffusers_configs(cfg: ModelConfig) -> dict[str, dict]:
+    """config.json of unet/, vae/ and scheduler/ for a diffusers folder of this model."""
+    u, v = cfg.unet, cfg.vae
+    if v.attn_resolutions:
+        raise CheckpointError("diffusers' AutoencoderKL has no attention in its resolution levels: vae.attn_resolutions must be []")
+    cross = [2**i in u.attention_resolutions for i in range(len(u.channel_mult))]
+    heads = _heads_per_block(u)
+    unet = {
+        "_class_name": "UNet2DConditionModel",
+        "sample_size": v.resolution // 2 ** (len(v.ch_mult) - 1),
+        "in_channels": u.in_channels,
+        "out_channels": u.out_channels,
+        "down_block_types": ["CrossAttnDownBlock2D" if c else "DownBlock2D" for c in cross],
+        "up_block_types": ["CrossAttnUpBlock2D" if c else "UpBlock2D" for c in reversed(cross)],
+        "block_out_channels": [u.model_channels * m for m in u.channel_mult],
+        "layers_per_block": u.num_res_blocks,
+        "cross_attention_dim": u.context_dim,
+        "attention_head_dim": heads[0] if len(set(heads)) == 1 else heads,  # diffusers' name for the head count
+        "transformer_layers_per_block": u.transformer_depth,
+        "norm_num_groups": u.num_groups,
+    }
+    vae = {
+        "_class_name": "AutoencoderKL",
+        "sample_size": v.resolution,
+        "in_channels": v.in_channels,
+        "out_channels": v.out_ch,
+        "down_block_types": ["DownEncoderBlock2D"] * len(v.ch_mult),
+        "up_block_types": ["UpDecoderBlock2D"] * len(v.ch_mult),
+        "block_out_channels": [v.ch * m for m in v.ch_mult],
+        "latent_channels": v.embed_dim,
+        "layers_per_block": v.num_res_blocks,
+        "norm_num_groups": v.num_groups,
+        "scaling_factor": cfg.scale_factor,
+    }
+    scheduler = {
+        "_class_name": "PNDMScheduler",
+        "num_train_timesteps": cfg.timesteps,
+        "beta_start": cfg.linear_start,
+        "beta_end": cfg.linear_end,
+        "beta_schedule": cfg.beta_schedule,
+        "prediction_type": PARAMETERIZATION_TO_DIFFUSERS[cfg.parameterization],
+        "set_alpha_to_one": False,
+        "skip_prk_steps": True,
+        "steps_offset": 1,
+        "clip_sample": False,
+    }
+    return {"unet": unet, "vae": vae, "scheduler": scheduler}
+
+
+def config_from_diffusers(folder: Path) -> ModelConfig:
+    """Our ModelConfig from a diffusers folder's unet/, vae/, text_encoder/ and scheduler/ config.json files."""
+
+    def read(name):
+        path = folder / name
+        try:
+            return json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"cannot read {path}: {e}") from None
+
+    u, v, t = read("unet/config.json"), read("vae/config.json"), read("text_encoder/config.json")
+    s = read("scheduler/scheduler_config.json") if (folder / "scheduler/scheduler_config.json").exists() else {}
+    if u.get("use_linear_projection") or u.get("addition_embed_type") or u.get("class_embed_type"):
+        raise CheckpointError(f"{folder}: only the SD v1 UNet layout is supported (linear projections / extra embeddings found)")
+    widths = u["block_out_channels"]
+    mc = widths[0]
+    heads = u.get("attention_head_dim", 8)
+    heads = [heads] * len(widths) if isinstance(heads, int) else list(heads)
+    head_kw = {"num_heads": heads[0]} if len(set(heads)) == 1 else {"num_head_channels": widths[0] // heads[0]}
+    depth = u.get("transformer_layers_per_block", 1)
+    unet = UNetConfig(
+        in_channels=u["in_channels"], out_channels=u["out_channels"], model_channels=mc,
+        attention_resolutions=tuple(2**i for i, b in enumerate(u["down_block_types"]) if b.startswith("CrossAttn")),
+        num_res_blocks=u["layers_per_block"], channel_mult=tuple(w // mc for w in widths),
+        transformer_depth=depth if isinstance(depth, int) else depth[0], context_dim=u["cross_attention_dim"],
+        num_groups=u.get("norm_num_groups", 32), **head_kw,
+    )  # fmt: skip
+    vae = VAEConfig(
+        embed_dim=v["latent_channels"], z_channels=v["latent_channels"], resolution=v.get("sample_size", 256),
+        in_channels=v["in_channels"], out_ch=v["out_channels"], ch=v["block_out_channels"][0],
+        ch_mult=tuple(w // v["block_out_channels"][0] for w in v["block_out_channels"]),
+        num_res_blocks=v["layers_per_block"], num_groups=v.get("norm_num_groups", 32),
+    )  # fmt: skip
+    text = TextEncoderConfig(**{k: t[k] for k in TextEncoderConfig.__dataclass_fields__ if k in t})
+    prediction = {b: a for a, b in PARAMETERIZATION_TO_DIFFUSERS.items()}[s.get("prediction_type", "epsilon")]
+    return ModelConfig(
+        unet=unet, vae=vae, text_encoder=text, timesteps=s.get("num_train_timesteps", 1000),
+        beta_schedule=s.get("beta_schedule", "scaled_linear"), linear_start=s.get("beta_start", 0.00085),
+        linear_end=s.get("beta_end", 0.012), parameterization=prediction, scale_factor=v.get("scaling_factor", 0.18215),
+    )  # fmt: skip
+
+
+def load_diffusers_folder(folder: str | Path) -> StableDiffusion:
+    folder = Path(folder)
+    cfg = config_from_diffusers(folder)
+    model = StableDiffusion(cfg)
+    state = {}
+    for sub, prefix, key_map in (("unet", UNET, unet_key_map(cfg.unet)), ("vae", VAE, vae_key_map(cfg.vae)), ("text_encoder", TEXT, None)):
+        tensors = {}
+        for f in sorted((folder / sub).glob("*.safetensors")) or sorted((folder / sub).glob("*.bin")):
+            tensors |= read_state_dict(f)[0]
+        if not tensors:
+            raise CheckpointError(f"{folder / sub}: no weights (.safetensors or .bin) found")
+        if sub == "text_encoder":  # folders from older transformers keep the `text_model.` level
+            tensors = {k.removeprefix("text_model."): v for k, v in tensors.items() if not k.endswith("position_ids")}
+        else:
+            tensors = rename(_vae_attn_shapes(tensors, to_linear=False), {b: a for a, b in key_map.items()})
+        state |= {prefix + k: v for k, v in tensors.items()}
+    load_state_strict(model, state, str(folder))
+    tokenizer_dir = folder / "tokenizer"
+    if (tokenizer_dir / "vocab.json").exists():
+        from transformers import CLIPTokenizer
+
+        model.cond_stage_model.tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir))
+    return model
+
+
+def save_diffusers_folder(model: StableDiffusion, folder: str | Path) -> None:
+    """The folder that diffusers.StableDiffusionPipeline.from_pretrained loads (no safety checker)."""
+    folder = Path(folder)
+    cfg = model.cfg
+    configs = diffusers_configs(cfg)
+    state = model.state_dict()
+    for sub, prefix, key_map in (("unet", UNET, unet_key_map(cfg.unet)), ("vae", VAE, vae_key_map(cfg.vae))):
+        tensors = _vae_attn_shapes(rename(_sub(state, prefix), key_map), to_linear=True)
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+        atomic_save(tensors, folder / sub / "diffusion_pytorch_model.safetensors", {"format": "pt"})
+        (folder / sub / "config.json").write_text(json.dumps(configs[sub], indent=2))
+    model.cond_stage_model.transformer.save_pretrained(str(folder / "text_encoder"))
+    model.tokenizer.save_pretrained(str(folder / "tokenizer"))
+    (folder / "scheduler").mkdir(parents=True, exist_ok=True)
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(configs["scheduler"], indent=2))
+    index = {
+        "_class_name": "StableDiffusionPipeline",
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "scheduler": ["diffusers", "PNDMScheduler"],
+        "safety_checker": [None, None],
+        "feature_extractor": [None, None],
+        "requires_safety_checker": False,
+    }
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+
+
+def load_model(path: str | Path, cfg: ModelConfig | None = None, use_ema: bool = True) -> StableDiffusion:
+    """A single file (SD v1 or ours) or a diffusers folder."""
+    path = Path(path)
+    if path.is_dir():
+        if not (path / "model_index.json").exists() and not (path / "unet" / "config.json").exists():
+            raise CheckpointError(f"{path} is a folder but not a diffusers model (no model_index.json)")
+        return load_diffusers_folder(path)
+    return load_single_file(path, cfg, use_ema)

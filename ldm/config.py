@@ -1,0 +1,159 @@
+"""Dataclass configs with Stable Diffusion v1 defaults, filled from YAML plus dotted overrides.
+
+Field names are CompVis's (`model_channels`, `channel_mult`, `z_channels`, ...), so a reader of the
+original `v1-inference.yaml` finds the same words here. Unknown keys are an error naming the key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the dataclasses; the message names the key."""
+
+
+@dataclass
+class UNetConfig:
+    in_channels: int = 4
+    out_channels: int = 4
+    model_channels: int = 320
+    attention_resolutions: tuple[int, ...] = (4, 2, 1)  # downsampling factors that get a SpatialTransformer
+    num_res_blocks: int = 2
+    channel_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_heads: int = 8  # used when num_head_channels == -1
+    num_head_channels: int = -1  # > 0: heads = channels // num_head_channels
+    transformer_depth: int = 1
+    context_dim: int = 768
+    num_groups: int = 32  # GroupNorm groups (CompVis hard-codes 32)
+    use_checkpoint: bool = False  # gradient checkpointing in training
+
+
+@dataclass
+class VAEConfig:
+    embed_dim: int = 4
+    z_channels: int = 4
+    double_z: bool = True
+    resolution: int = 256
+    in_channels: int = 3
+    out_ch: int = 3
+    ch: int = 128
+    ch_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    attn_resolutions: tuple[int, ...] = ()
+    dropout: float = 0.0
+    num_groups: int = 32
+
+
+@dataclass
+class TextEncoderConfig:
+    """A CLIP text transformer (transformers' CLIPTextConfig fields); defaults are CLIP ViT-L/14's."""
+
+    vocab_size: int = 49408
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    max_position_embeddings: int = 77
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+
+
+@dataclass
+class ModelConfig:
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    # noise schedule (CompVis LatentDiffusion params)
+    timesteps: int = 1000
+    beta_schedule: str = "scaled_linear"
+    linear_start: float = 0.00085
+    linear_end: float = 0.012
+    parameterization: str = "eps"  # eps | v | x0
+    scale_factor: float = 0.18215  # latent = scale_factor * VAE posterior sample
+
+
+def from_dict(cls, data: dict, prefix: str = ""):
+    """Build dataclass `cls` from a nested dict; unknown keys and ill-typed values raise ConfigError."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            raise ConfigError(f"unknown config key '{prefix}{key}' (known: {', '.join(sorted(names))})")
+        kwargs[key] = _coerce(hints[key], value, f"{prefix}{key}")
+    return cls(**kwargs)
+
+
+def _coerce(tp, value, name: str):
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, name + ".")
+    origin = typing.get_origin(tp)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{name}': expected a list, got {value!r}")
+        (item_tp, _) = typing.get_args(tp)
+        return tuple(_coerce(item_tp, v, name) for v in value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key '{name}': expected true/false, got {value!r}")
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str) and (not isinstance(value, tp) or isinstance(value, bool)):
+        raise ConfigError(f"config key '{name}': expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def to_dict(cfg) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply `a.b.c=value` strings (value parsed as YAML) to a nested dict, in place."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key.path=value")
+        path, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override '{item}': value is not valid YAML ({e.problem})") from None
+        node = data
+        *parents, leaf = path.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{item}': '{p}' is not a section")
+        node[leaf] = value
+    return data
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read config file {path}: {e}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: top level must be a mapping")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = (), cls=ModelConfig):
+    """Defaults <- YAML file <- dotted overrides, checked against `cls`."""
+    data = load_yaml(path) if path is not None else {}
+    return from_dict(cls, apply_overrides(data, list(overrides)))

@@ -1,0 +1,45 @@
+"""python -m ldm.convert SRC DST: between SD single files, our checkpoints and diffusers folders.
+
+SRC: a .safetensors / .ckpt single file or a diffusers folder. DST ending in .safetensors: the original
+SD v1 single-file layout, with our config in its metadata; any other DST: a diffusers folder that
+diffusers.StableDiffusionPipeline.from_pretrained loads.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from ldm.checkpoint import CheckpointError, load_model, save_diffusers_folder, save_single_file
+from ldm.config import ConfigError, load_config
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m ldm.convert", description=__doc__.split("\n\n")[1])
+    p.add_argument("src", type=Path)
+    p.add_argument("dst", type=Path)
+    p.add_argument("--config", type=Path, help="architecture YAML, for a single file that does not carry its config")
+    p.add_argument("--no-ema", action="store_true", help="keep the raw UNet weights of a file that also has EMA ones")
+    p.add_argument("--half", action="store_true", help="write fp16 tensors (single-file output)")
+    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    args = p.parse_args(argv)
+    try:
+        if args.dst.exists() and not args.overwrite:
+            raise CheckpointError(f"{args.dst} exists; pass --overwrite to replace it")
+        if args.dst.resolve() == args.src.resolve():
+            raise CheckpointError("SRC and DST are the same path")
+        cfg = load_config(args.config) if args.config else None
+        model = load_model(args.src, cfg, use_ema=not args.no_ema)
+        if args.dst.suffix == ".safetensors":
+            save_single_file(model, args.dst, torch.float16 if args.half else None)
+        else:
+            save_diffusers_folder(model, args.dst)
+    except (CheckpointError, ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.dst}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

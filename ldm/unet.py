@@ -1,0 +1,219 @@
+"""The SD v1 denoising UNet (CompVis `openaimodel.UNetModel` with `SpatialTransformer` cross-attention).
+
+Attribute names are the CompVis state-dict names, so `model.diffusion_model.*` of a real SD v1 file
+loads with strict=True: input_blocks.{i}.{0 ResBlock | 1 SpatialTransformer | 0.op Downsample},
+middle_block.{0,1,2}, output_blocks.{i}.{0 ResBlock, 1 SpatialTransformer, 1|2 Upsample}, out.
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from ldm.attention import attention
+from ldm.config import UNetConfig
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding (Vaswani et al. 2017): [cos(t w_i), sin(t w_i)], w_i = max_period^(-i / (dim/2))."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm computed in at least float32 whatever the input dtype (as CompVis does for fp16)."""
+
+    def forward(self, x):
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        w, b = self.weight.to(dtype), self.bias.to(dtype)
+        return F.group_norm(x.to(dtype), self.num_groups, w, b, self.eps).type(x.dtype)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, channels: int, emb_channels: int, out_channels: int, groups: int):
+        super().__init__()
+        self.in_layers = nn.Sequential(GroupNorm32(groups, channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1))
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
+        self.out_layers = nn.Sequential(
+            GroupNorm32(groups, out_channels), nn.SiLU(), nn.Dropout(0.0), nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        )
+        self.skip_connection = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
+
+    def forward(self, x, emb):
+        h = self.in_layers(x)
+        h = h + self.emb_layers(emb).type(h.dtype)[:, :, None, None]
+        return self.skip_connection(x) + self.out_layers(h)
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention of x over context (self-attention when context is None)."""
+
+    def __init__(self, query_dim: int, context_dim: int, heads: int, dim_head: int):
+        super().__init__()
+        inner = heads * dim_head
+        self.heads = heads
+        self.to_q = nn.Linear(query_dim, inner, bias=False)
+        self.to_k = nn.Linear(context_dim, inner, bias=False)
+        self.to_v = nn.Linear(context_dim, inner, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Dropout(0.0))
+
+    def forward(self, x, context=None):
+        context = x if context is None else context
+        return self.to_out(attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads))
+
+
+class GEGLU(nn.Module):
+    """GELU-gated linear unit (Shazeer 2020): a * gelu(b), [a, b] = proj(x)."""
+
+    def __init__(self, dim_in: int, dim_out: int):
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out * 2)
+
+    def forward(self, x):
+        a, gate = self.proj(x).chunk(2, dim=-1)
+        return a * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, mult: int = 4):
+        super().__init__()
+        self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Dropout(0.0), nn.Linear(dim * mult, dim))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class BasicTransformerBlock(nn.Module):
+    """Pre-norm block: self-attention, cross-attention to the text context, GEGLU feed-forward."""
+
+    def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int):
+        super().__init__()
+        self.attn1 = CrossAttention(dim, dim, heads, dim_head)
+        self.ff = FeedForward(dim)
+        self.attn2 = CrossAttention(dim, context_dim, heads, dim_head)
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+
+    def forward(self, x, context):
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+class SpatialTransformer(nn.Module):
+    """Flatten (B, C, H, W) to H*W tokens, run transformer blocks against the context, add back."""
+
+    def __init__(self, channels: int, heads: int, dim_head: int, depth: int, context_dim: int, groups: int):
+        super().__init__()
+        inner = heads * dim_head
+        self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
+        self.proj_in = nn.Conv2d(channels, inner, 1)
+        self.transformer_blocks = nn.ModuleList(BasicTransformerBlock(inner, heads, dim_head, context_dim) for _ in range(depth))
+        self.proj_out = nn.Conv2d(inner, channels, 1)
+
+    def forward(self, x, context):
+        b, c, h, w = x.shape
+        t = self.proj_in(self.norm(x))
+        t = t.permute(0, 2, 3, 1).reshape(b, h * w, -1)
+        for block in self.transformer_blocks:
+            t = block(t, context)
+        t = t.reshape(b, h, w, -1).permute(0, 3, 1, 2)
+        return x + self.proj_out(t)
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        return self.op(x)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour 2x upsampling, then a 3x3 conv."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class TimestepEmbedSequential(nn.Sequential):
+    """A sequence of layers; each gets what it needs: ResBlocks the time embedding, transformers the context."""
+
+    def forward(self, x, emb, context):
+        for layer in self:
+            if isinstance(layer, ResBlock):
+                x = layer(x, emb)
+            elif isinstance(layer, SpatialTransformer):
+                x = layer(x, context)
+            else:
+                x = layer(x)
+        return x
+
+
+class UNetModel(nn.Module):
+    def __init__(self, cfg: UNetConfig):
+        super().__init__()
+        self.cfg = cfg
+        mc, groups = cfg.model_channels, cfg.num_groups
+        emb_dim = mc * 4
+
+        def transformer(ch):
+            heads = ch // cfg.num_head_channels if cfg.num_head_channels > 0 else cfg.num_heads
+            return SpatialTransformer(ch, heads, ch // heads, cfg.transformer_depth, cfg.context_dim, groups)
+
+        self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))])
+        skip_channels, ch, ds = [mc], mc, 1
+        for level, mult in enumerate(cfg.channel_mult):
+            for _ in range(cfg.num_res_blocks):
+                layers = [ResBlock(ch, emb_dim, mc * mult, groups)]
+                ch = mc * mult
+                if ds in cfg.attention_resolutions:
+                    layers.append(transformer(ch))
+                self.input_blocks.append(TimestepEmbedSequential(*layers))
+                skip_channels.append(ch)
+            if level != len(cfg.channel_mult) - 1:
+                self.input_blocks.append(TimestepEmbedSequential(Downsample(ch)))
+                skip_channels.append(ch)
+                ds *= 2
+        self.middle_block = TimestepEmbedSequential(
+            ResBlock(ch, emb_dim, ch, groups), transformer(ch), ResBlock(ch, emb_dim, ch, groups)
+        )
+        self.output_blocks = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(cfg.channel_mult))):
+            for i in range(cfg.num_res_blocks + 1):
+                layers = [ResBlock(ch + skip_channels.pop(), emb_dim, mc * mult, groups)]
+                ch = mc * mult
+                if ds in cfg.attention_resolutions:
+                    layers.append(transformer(ch))
+                if level and i == cfg.num_res_blocks:
+                    layers.append(Upsample(ch))
+                    ds //= 2
+                self.output_blocks.append(TimestepEmbedSequential(*layers))
+        self.out = nn.Sequential(GroupNorm32(groups, ch), nn.SiLU(), nn.Conv2d(mc, cfg.out_channels, 3, padding=1))
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """x: (B, C, H, W) noisy latents, timesteps: (B,) or scalar, context: (B, 77, context_dim)."""
+        timesteps = torch.as_tensor(timesteps, device=x.device).expand(x.shape[0])
+        emb = self.time_embed(timestep_embedding(timesteps, self.cfg.model_channels).to(x.dtype))
+
+        def run(block, h):
+            if self.cfg.use_checkpoint and self.training:
+                return checkpoint(block, h, emb, context, use_reentrant=False)
+            return block(h, emb, context)
+
+        skips, h = [], x
+        for block in self.input_blocks:
+            h = run(block, h)
+            skips.append(h)
+        h = run(self.middle_block, h)
+        for block in self.output_blocks:
+            h = run(block, torch.cat([h, skips.pop()], dim=1))
+        return self.out(h)

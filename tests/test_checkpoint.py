@@ -1,0 +1,204 @@
+"""Single files, diffusers folders and our own checkpoints: round trips, real-file extras, bad files.
+
+The oracle for the diffusers layout is diffusers itself: its single-file converters, its models and
+StableDiffusionPipeline.from_pretrained, run here on the same random weights.
+"""
+import json
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+from conftest import ROOT, compvis_original_config, randomize_
+from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.loaders import single_file_utils as sfu
+from safetensors.torch import load_file, save_file
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from ldm import load_pipeline
+from ldm.checkpoint import CheckpointError, SCHEDULE_KEYS, load_model, save_diffusers_folder, save_single_file, to_sd_layout
+from ldm.model import StableDiffusion
+from ldm.text_encoder import build_tokenizer
+
+
+@pytest.fixture
+def tiny_model(tiny_cfg):
+    return randomize_(StableDiffusion(tiny_cfg)).eval()
+
+
+def folder_tensors(folder):
+    return {f"{sub}/{k}": v for sub in ("unet", "vae", "text_encoder") for f in sorted((folder / sub).glob("*.safetensors")) for k, v in load_file(f).items()}
+
+
+def assert_same_tensors(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.fixture
+def diffusers_folder(tmp_path):
+    """A tiny SD v1-shaped pipeline made and saved by diffusers and transformers themselves."""
+    unet = UNet2DConditionModel(
+        sample_size=8, block_out_channels=(32, 64, 64), layers_per_block=1, cross_attention_dim=32, attention_head_dim=2,
+        norm_num_groups=8, down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    )  # fmt: skip
+    vae = AutoencoderKL(
+        block_out_channels=(16, 32), norm_num_groups=4, layers_per_block=1, latent_channels=4, sample_size=16,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+    )  # fmt: skip
+    text = CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2))
+    for i, m in enumerate((unet, vae, text)):
+        randomize_(m, seed=i)
+    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True, steps_offset=1)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=build_tokenizer(), unet=unet, scheduler=scheduler,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)  # fmt: skip
+    pipe.save_pretrained(tmp_path / "diffusers")
+    return tmp_path / "diffusers"
+
+
+def test_single_file_round_trip_is_self_describing(tiny_model, tmp_path):
+    save_single_file(tiny_model, tmp_path / "m.safetensors")
+    raw = load_file(tmp_path / "m.safetensors")
+    # the text model sits where SD v1 files (and diffusers' single-file loader) look for it
+    assert "cond_stage_model.transformer.text_model.embeddings.position_embedding.weight" in raw
+    loaded = load_model(tmp_path / "m.safetensors")  # no config given: it is in the metadata
+    assert loaded.cfg == tiny_model.cfg
+    assert_same_tensors(tiny_model.state_dict(), loaded.state_dict())
+
+
+def test_real_sd_file_extras_are_accepted_and_ema_is_used(tiny_model, tiny_cfg, tmp_path):
+    state = to_sd_layout(tiny_model.state_dict())
+    g = torch.Generator().manual_seed(3)
+    ema = {"model_ema." + k[len("model.") :].replace(".", ""): torch.randn(v.shape, generator=g) for k, v in state.items() if k.startswith("model.diffusion_model.")}
+    extras = {k: torch.rand(1000) for k in SCHEDULE_KEYS if "ema" not in k and "position_ids" not in k}
+    extras |= {"model_ema.decay": torch.tensor(0.9999), "model_ema.num_updates": torch.tensor(123, dtype=torch.int32)}
+    extras["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(77)[None]
+    save_file(state | ema | extras, tmp_path / "real.safetensors")  # no metadata, like a real SD file
+    plain = load_model(tmp_path / "real.safetensors", tiny_cfg, use_ema=False)
+    assert_same_tensors(tiny_model.state_dict(), plain.state_dict())
+    with_ema = load_model(tmp_path / "real.safetensors", tiny_cfg, use_ema=True)
+    w = with_ema.unet.input_blocks[1][0].in_layers[2].weight
+    assert torch.equal(w, ema["model_ema.diffusion_modelinput_blocks10in_layers2weight"])
+    assert torch.equal(with_ema.vae.decoder.conv_out.weight, tiny_model.vae.decoder.conv_out.weight)
+
+
+@pytest.mark.parametrize("fault", ["missing", "misshapen", "unexpected"])
+def test_bad_file_names_the_key(tiny_model, tiny_cfg, tmp_path, fault):
+    state = to_sd_layout(tiny_model.state_dict())
+    key = "model.diffusion_model.middle_block.1.proj_in.weight"
+    if fault == "missing":
+        del state[key]
+    elif fault == "misshapen":
+        state[key] = torch.randn(3, 3)
+    else:
+        key = "model.diffusion_model.extra_block.weight"
+        state[key] = torch.randn(2)
+    save_file(state, tmp_path / "bad.safetensors")
+    with pytest.raises(CheckpointError, match=key.replace(".", r"\.")) as e:
+        load_model(tmp_path / "bad.safetensors", tiny_cfg)
+    assert {"missing": "missing", "misshapen": "has shape (3, 3)", "unexpected": "unexpected"}[fault] in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+class Payload:
+    def __init__(self, target):
+        self.target = target
+
+    def __reduce__(self):
+        return (open, (self.target, "w"))
+
+
+def test_ckpt_with_code_is_never_run(tiny_model, tiny_cfg, tmp_path):
+    planted = tmp_path / "pwned.txt"
+    state = to_sd_layout(tiny_model.state_dict())
+    torch.save({"state_dict": state, "evil": Payload(str(planted))}, tmp_path / "evil.ckpt")
+    with pytest.raises(CheckpointError, match="refused"):
+        load_model(tmp_path / "evil.ckpt", tiny_cfg)
+    assert not planted.exists()
+    torch.save({"state_dict": state, "global_step": 5}, tmp_path / "plain.ckpt")  # a plain .ckpt still loads
+    assert_same_tensors(tiny_model.state_dict(), load_model(tmp_path / "plain.ckpt", tiny_cfg).state_dict())
+
+
+def test_not_a_checkpoint(tmp_path):
+    (tmp_path / "x.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    with pytest.raises(CheckpointError, match="x.safetensors"):
+        load_model(tmp_path / "x.safetensors")
+    with pytest.raises(CheckpointError, match="not found"):
+        load_model(tmp_path / "missing.safetensors")
+    with pytest.raises(CheckpointError, match="no default model"):
+        load_pipeline(None)
+
+
+def test_diffusers_folder_round_trip(diffusers_folder, tmp_path):
+    ours = load_model(diffusers_folder)
+    save_single_file(ours, tmp_path / "single.safetensors")
+    again = load_model(tmp_path / "single.safetensors")
+    assert_same_tensors(ours.state_dict(), again.state_dict())
+    save_diffusers_folder(again, tmp_path / "back")
+    assert_same_tensors(folder_tensors(diffusers_folder), folder_tensors(tmp_path / "back"))
+
+
+def test_our_diffusers_mapping_equals_diffusers_converters(tiny_model, tiny_cfg, tmp_path):
+    """Our export of unet/ and vae/ is exactly what diffusers' own single-file converters make of our file."""
+    save_single_file(tiny_model, tmp_path / "m.safetensors")
+    save_diffusers_folder(tiny_model, tmp_path / "folder")
+    checkpoint = load_file(tmp_path / "m.safetensors")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        unet_cfg = sfu.create_unet_diffusers_config_from_ldm(compvis_original_config(tiny_cfg), checkpoint)
+        vae_cfg = sfu.create_vae_diffusers_config_from_ldm(compvis_original_config(tiny_cfg), checkpoint)
+    unet = sfu.convert_ldm_unet_checkpoint(checkpoint, unet_cfg)
+    vae = sfu.convert_ldm_vae_checkpoint(checkpoint, vae_cfg)
+    text = sfu.convert_ldm_clip_checkpoint(checkpoint)
+    assert_same_tensors(unet, load_file(tmp_path / "folder/unet/diffusion_pytorch_model.safetensors"))
+    assert_same_tensors(vae, load_file(tmp_path / "folder/vae/diffusion_pytorch_model.safetensors"))
+    ref_text = CLIPTextModel(CLIPTextConfig.from_pretrained(tmp_path / "folder/text_encoder"))
+    ref_text.load_state_dict({k.removeprefix("text_model."): v for k, v in text.items() if not k.endswith("position_ids")}, strict=True)
+    tokens = torch.randint(0, 49408, (2, 77))
+    with torch.inference_mode():
+        assert torch.allclose(ref_text(tokens).last_hidden_state, tiny_model.text_encoder(tokens), atol=1e-5)
+
+
+def test_exported_folder_loads_in_diffusers_pipeline(tiny_model, tmp_path):
+    save_diffusers_folder(tiny_model, tmp_path / "folder")
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "folder")
+    assert pipe.vae.config.scaling_factor == tiny_model.cfg.scale_factor
+    x, c = torch.randn(2, 4, 8, 8), torch.randn(2, 77, 32)
+    with torch.inference_mode():
+        assert (pipe.unet(x, 10, c).sample - tiny_model.unet(x, 10, c)).abs().max() <= 1e-4
+        z = torch.randn(1, 4, 8, 8)
+        assert (pipe.vae.decode(z).sample - tiny_model.vae.decode(z)).abs().max() <= 1e-4
+        ids = pipe.tokenizer(["a red apple"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+        assert torch.allclose(pipe.text_encoder(ids)[0], tiny_model.text_encoder(ids), atol=1e-5)
+
+
+def test_load_pipeline_api(tiny_model, tmp_path):
+    save_single_file(tiny_model, tmp_path / "m.safetensors")
+    pipe = load_pipeline(tmp_path / "m.safetensors", dtype=torch.float64)
+    assert not pipe.training and pipe.unet.out[2].weight.dtype == torch.float64
+    out = pipe.unet(torch.randn(1, 4, 8, 8, dtype=torch.float64), torch.tensor([5]), torch.randn(1, 77, 32, dtype=torch.float64))
+    assert out.shape == (1, 4, 8, 8)
+    assert pipe.tokenizer("a cat").input_ids[0] == 49406
+
+
+def run_convert(*args):
+    return subprocess.run([sys.executable, "-m", "ldm.convert", *map(str, args)], capture_output=True, text=True, cwd=ROOT)
+
+
+def test_convert_cli_both_ways(diffusers_folder, tmp_path):
+    r = run_convert(diffusers_folder, tmp_path / "one.safetensors")
+    assert r.returncode == 0, r.stderr
+    r = run_convert(tmp_path / "one.safetensors", tmp_path / "folder")
+    assert r.returncode == 0, r.stderr
+    assert_same_tensors(folder_tensors(diffusers_folder), folder_tensors(tmp_path / "folder"))
+    assert json.loads((tmp_path / "folder/model_index.json").read_text())["_class_name"] == "StableDiffusionPipeline"
+    # bad input: one line, exit 2, and nothing the user had is overwritten
+    before = (tmp_path / "one.safetensors").read_bytes()
+    r = run_convert(diffusers_folder, tmp_path / "one.safetensors")
+    assert r.returncode == 2 and "exists" in r.stderr and "Traceback" not in r.stderr
+    assert (tmp_path / "one.safetensors").read_bytes() == before
+    r = run_convert(tmp_path / "nope.safetensors", tmp_path / "x.safetensors")
+    assert r.returncode == 2 and "not found" in r.stderr and "Traceback" not in r.stderr

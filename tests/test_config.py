@@ -1,0 +1,44 @@
+import pytest
+from conftest import ROOT
+
+from ldm.config import ConfigError, ModelConfig, UNetConfig, from_dict, load_config, to_dict
+
+
+def test_sd_v1_yaml_is_the_default_architecture():
+    assert load_config(ROOT / "configs" / "sd-v1.yaml") == ModelConfig()
+
+
+def test_overrides_and_types(tmp_path):
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", ["unet.channel_mult=[1,2,4]", "scale_factor=1", "unet.use_checkpoint=true"])
+    assert cfg.unet.channel_mult == (1, 2, 4) and cfg.scale_factor == 1.0 and cfg.unet.use_checkpoint is True
+    assert from_dict(ModelConfig, to_dict(cfg)) == cfg
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["unet.model_chanels=3"], "unknown config key 'unet.model_chanels'"),
+        (["bogus=1"], "unknown config key 'bogus'"),
+        (["unet.model_channels=abc"], "'unet.model_channels': expected int"),
+        (["unet.channel_mult=4"], "'unet.channel_mult': expected a list"),
+        (["unet.use_checkpoint=3"], "expected true/false"),
+        (["unet=5"], "unet: expected a mapping"),
+        (["noequals"], "not of the form"),
+    ],
+)
+def test_bad_keys_and_values_are_named(overrides, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        load_config(ROOT / "configs" / "tiny.yaml", overrides)
+
+
+def test_bad_files(tmp_path):
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    (tmp_path / "broken.yaml").write_text("unet: [1, 2\n")
+    for name, message in [("list.yaml", "top level must be a mapping"), ("broken.yaml", "not valid YAML"), ("missing.yaml", "cannot read")]:
+        with pytest.raises(ConfigError, match=message):
+            load_config(tmp_path / name)
+
+
+def test_unet_config_defaults_are_sd_v1():
+    u = UNetConfig()
+    assert (u.model_channels, u.channel_mult, u.attention_resolutions, u.context_dim) == (320, (1, 2, 4, 4), (4, 2, 1), 768)
