@@ -141,6 +141,7 @@ def train(args) -> int:
         accelerator.print(f"resumed from {resume} at step {state.step}")
     elif args.resume == "latest":
         accelerator.print(f"no checkpoint in {checkpoints} yet: starting at step 0")
+    state.skipped |= dict(train_set.skipped)  # found while listing the folder (or building the cache)
 
     sampler = StreamSampler(len(train_set), cfg.batch_size, accelerator.process_index, accelerator.num_processes, cfg.seed, state.samples_seen)
     loader = DataLoader(train_set, cfg.batch_size, sampler=sampler, collate_fn=collate, num_workers=cfg.data.num_workers,
