@@ -156,7 +156,7 @@ class Pipeline(nn.Module):
         generators = [torch.Generator().manual_seed(seed + i) for i in range(n)]
         guided = scale != 1
         context = self.encode_prompts(prompts, n_samples, negative_prompt, guided)
-        run = Sampler(sampler, self.cfg, steps, strength, eta)
+        run = Sampler(sampler, self.cfg, steps, strength, eta, self.device)
         latent_shape = (self.cfg.vae.embed_dim, height // self.vae_factor, width // self.vae_factor)
 
         # the random draws of image i, in diffusers' order: the image's posterior sample, then the initial noise

@@ -55,9 +55,9 @@ class Sampler:
     per image, so image k of a batch gets the same noise as when it is made alone.
     """
 
-    def __init__(self, name: str, cfg: ModelConfig, steps: int, strength: float = 1.0, eta: float = 0.0):
+    def __init__(self, name: str, cfg: ModelConfig, steps: int, strength: float = 1.0, eta: float = 0.0, device="cpu"):
         self.scheduler = make_scheduler(name, cfg)
-        self.scheduler.set_timesteps(steps)
+        self.scheduler.set_timesteps(steps, device=device)
         start = (steps - min(int(steps * strength), steps)) * self.scheduler.order
         self.timesteps = self.scheduler.timesteps[start:]
         if hasattr(self.scheduler, "set_begin_index"):
@@ -76,7 +76,7 @@ class Sampler:
         """x_t -> x_{t-1} (the next timestep's sample)."""
         if self.x0_to_eps:
             # eps = (x_t - sqrt(alpha_bar_t) x0) / sqrt(1 - alpha_bar_t), from x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps
-            alpha_bar = self.scheduler.alphas_cumprod[t].to(x.dtype)
+            alpha_bar = self.scheduler.alphas_cumprod.to(x.device)[t].to(x.dtype)
             model_output = (x - alpha_bar.sqrt() * model_output) / (1 - alpha_bar).sqrt()
         kwargs = self.step_kwargs | ({"generator": generators} if self.takes_generator else {})
         return self.scheduler.step(model_output, t, x, **kwargs, return_dict=False)[0]
