@@ -259,7 +259,7 @@ def diffusers_configs(cfg: ModelConfig) -> dict[str, dict]:
     heads = _heads_per_block(u)
     unet = {
         "_class_name": "UNet2DConditionModel",
-        "sample_size": v.resolution // 2 ** (len(v.ch_mult) - 1),
+        "sample_size": cfg.image_size,
         "in_channels": u.in_channels,
         "out_channels": u.out_channels,
         "down_block_types": ["CrossAttnDownBlock2D" if c else "DownBlock2D" for c in cross],
@@ -284,7 +284,12 @@ def diffusers_configs(cfg: ModelConfig) -> dict[str, dict]:
         "norm_num_groups": v.num_groups,
         "scaling_factor": cfg.scale_factor,
     }
-    scheduler = {
+    return {"unet": unet, "vae": vae, "scheduler": scheduler_config(cfg)}
+
+
+def scheduler_config(cfg: ModelConfig) -> dict:
+    """The noise schedule as a diffusers scheduler config (SD v1's PNDM/PLMS, as in its scheduler_config.json)."""
+    return {
         "_class_name": "PNDMScheduler",
         "num_train_timesteps": cfg.timesteps,
         "beta_start": cfg.linear_start,
@@ -296,7 +301,6 @@ def diffusers_configs(cfg: ModelConfig) -> dict[str, dict]:
         "steps_offset": 1,
         "clip_sample": False,
     }
-    return {"unet": unet, "vae": vae, "scheduler": scheduler}
 
 
 def config_from_diffusers(folder: Path) -> ModelConfig:
@@ -338,6 +342,7 @@ def config_from_diffusers(folder: Path) -> ModelConfig:
         unet=unet, vae=vae, text_encoder=text, timesteps=s.get("num_train_timesteps", 1000),
         beta_schedule=s.get("beta_schedule", "scaled_linear"), linear_start=s.get("beta_start", 0.00085),
         linear_end=s.get("beta_end", 0.012), parameterization=prediction, scale_factor=v.get("scaling_factor", 0.18215),
+        image_size=u.get("sample_size", 64),
     )  # fmt: skip
 
 

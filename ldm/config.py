@@ -76,6 +76,7 @@ class ModelConfig:
     linear_end: float = 0.012
     parameterization: str = "eps"  # eps | v | x0
     scale_factor: float = 0.18215  # latent = scale_factor * VAE posterior sample
+    image_size: int = 64  # latent side the model samples at by default (CompVis LatentDiffusion.image_size; SD v1: 64 = 512 px)
 
 
 def from_dict(cls, data: dict, prefix: str = ""):
