@@ -11,10 +11,12 @@ from __future__ import annotations
 import copy
 import json
 import os
+import pickle
 import tempfile
 import warnings
 from pathlib import Path
 
+import diffusers
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
@@ -56,8 +58,10 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
             raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # the unpickler refuses anything but tensors and plain containers
-        raise CheckpointError(f"{path}: refused to load ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    except pickle.UnpicklingError as e:  # weights_only: anything but tensors and plain containers is refused
+        raise CheckpointError(f"{path}: refused to load, the pickle holds more than tensors ({str(e).splitlines()[0]})") from None
+    except Exception as e:
+        raise CheckpointError(f"{path} is not a checkpoint (.safetensors or .ckpt): {type(e).__name__}: {str(e).splitlines()[0]}") from None
     state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path}: no state dict of tensors inside")
@@ -388,6 +392,7 @@ def save_diffusers_folder(model: StableDiffusion, folder: str | Path) -> None:
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(configs["scheduler"], indent=2))
     index = {
         "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": diffusers.__version__,
         "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"],
         "text_encoder": ["transformers", "CLIPTextModel"],

@@ -92,13 +92,8 @@ class Pipeline(nn.Module):
 
     @property
     def vae_factor(self) -> int:
-        """Pixels per latent, along a side (8 for SD v1)."""
+        """Pixels per latent, along a side (8 for SD v1): image sides must be multiples of it."""
         return 2 ** (len(self.cfg.vae.ch_mult) - 1)
-
-    @property
-    def size_multiple(self) -> int:
-        """Image sides must be multiples of this: the VAE's factor times the UNet's downsampling (64 for SD v1)."""
-        return self.vae_factor * 2 ** (len(self.cfg.unet.channel_mult) - 1)
 
     @property
     def is_inpainting_model(self) -> bool:
@@ -146,7 +141,7 @@ class Pipeline(nn.Module):
         strength in (0, 1]: the fraction of the steps run from init_image (1: start from pure noise).
         scale: classifier-free guidance scale (1: no guidance, the negative prompt is then unused).
         guidance_rescale: phi of Lin et al. 2024 (0: off). eta: DDIM's stochasticity (ddim only).
-        height, width: default the model's image_size (img2img: the init image's size, rounded down to size_multiple).
+        height, width: default the model's image_size (img2img: the init image's size, rounded down to vae_factor).
         trajectory: a list that receives z_t (the UNet's input latents) of every step, then z_0.
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -217,8 +212,8 @@ class Pipeline(nn.Module):
 
     def prepare_images(self, init_image, mask, height, width) -> tuple[torch.Tensor | None, torch.Tensor | None, int, int]:
         """The init image (1, 3, H, W) and mask (1, 1, H, W) in [0, 1], resized to (width, height) when given,
-        else down to multiples of size_multiple (with a warning saying so); and the output size."""
-        m = self.size_multiple
+        else down to multiples of vae_factor (with a warning saying so); and the output size."""
+        m = self.vae_factor
         if init_image is None:
             height, width = height or self.cfg.image_size * self.vae_factor, width or self.cfg.image_size * self.vae_factor
         else:

@@ -11,7 +11,7 @@ import warnings
 import pytest
 import torch
 from conftest import ROOT, compvis_original_config, randomize_
-from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionInpaintPipeline, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.loaders import single_file_utils as sfu
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel
@@ -126,6 +126,9 @@ def test_not_a_checkpoint(tmp_path):
     (tmp_path / "x.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
     with pytest.raises(CheckpointError, match="x.safetensors"):
         load_model(tmp_path / "x.safetensors")
+    (tmp_path / "notes.ckpt").write_text("just some text")
+    with pytest.raises(CheckpointError, match=r"notes.ckpt is not a checkpoint \(.safetensors or .ckpt\)"):
+        load_model(tmp_path / "notes.ckpt")
     with pytest.raises(CheckpointError, match="not found"):
         load_model(tmp_path / "missing.safetensors")
     with pytest.raises(CheckpointError, match="no default model"):
@@ -164,6 +167,7 @@ def test_our_diffusers_mapping_equals_diffusers_converters(tiny_model, tiny_cfg,
 
 def test_exported_folder_loads_in_diffusers_pipeline(tiny_model, tmp_path):
     save_diffusers_folder(tiny_model, tmp_path / "folder")
+    assert StableDiffusionInpaintPipeline.from_pretrained(tmp_path / "folder").unet is not None
     pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "folder")
     assert pipe.vae.config.scaling_factor == tiny_model.cfg.scale_factor
     x, c = torch.randn(2, 4, 8, 8), torch.randn(2, 77, 32)

@@ -17,14 +17,14 @@ from ldm.model import StableDiffusion
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    """A tiny 4-channel checkpoint, a 9-channel one, an init image (20x18: resized to 16x16), a mask, a non-image."""
+    """A tiny 4-channel checkpoint, a 9-channel one, an init image (19x21: resized to 18x20), a mask, a non-image."""
     folder = tmp_path_factory.mktemp("cli")
     for channels in (4, 9):
         cfg = load_config(ROOT / "configs" / "tiny.yaml", [f"unet.in_channels={channels}"])
         save_single_file(randomize_(StableDiffusion(cfg)).eval(), folder / f"tiny{channels}.safetensors")
     g = np.random.default_rng(0)
-    Image.fromarray(g.integers(0, 256, (20, 18, 3), dtype=np.uint8)).save(folder / "init.png")
-    mask = np.zeros((20, 18), np.uint8)
+    Image.fromarray(g.integers(0, 256, (21, 19, 3), dtype=np.uint8)).save(folder / "init.png")
+    mask = np.zeros((21, 19), np.uint8)
     mask[5:15, 4:12] = 255
     Image.fromarray(mask).save(folder / "mask.png")
     Image.new("L", (16, 16)).save(folder / "small-mask.png")
@@ -72,23 +72,24 @@ def test_pngs_carry_their_parameters_and_rerun_bit_for_bit(files, tmp_path, mode
     out = tmp_path / "out"
     assert cli("--ckpt", ckpt, "--prompt", "a red, ripe apple", "--negative-prompt", "blurry", "--steps", 3, "--seed", 7,
                "--n-samples", 2, "--outdir", out, "--save-intermediates", *extra) == 0  # fmt: skip
-    assert ("note: init image resized from 18x20 to 16x16" in capsys.readouterr().err) == (mode != "txt2img")
+    assert ("note: init image resized from 19x21 to 18x20" in capsys.readouterr().err) == (mode != "txt2img")
     assert sorted(p.name for p in out.iterdir()) == ["00000-trajectory.png", "00000.png", "00001-trajectory.png", "00001.png", "grid-0000.png"]
     png = Image.open(out / "00001.png")
     facts = json.loads(png.text["ldm"])
     sampler = {"txt2img": "euler_a", "img2img": "ddim", "inpaint": "dpmpp_2m_karras"}[mode]
+    w, h = (16, 16) if mode == "txt2img" else (18, 20)  # the model's default size, else the init image's (rounded)
     expected = {"prompt": "a red, ripe apple", "negative_prompt": "blurry", "steps": 3, "sampler": sampler, "scale": 7.5, "seed": 8,
-                "width": 16, "height": 16, "model": ckpt.stem, "mode": mode, "batch_size": 2, "batch_pos": 1}  # fmt: skip
+                "width": w, "height": h, "model": ckpt.stem, "mode": mode, "batch_size": 2, "batch_pos": 1}  # fmt: skip
     assert {k: facts[k] for k in expected} == expected
     text = a1111(png.text["parameters"])
     assert text["Prompt"] == "a red, ripe apple" and text["Negative prompt"] == "blurry"
-    assert (text["Steps"], text["Seed"], text["Size"], text["CFG scale"]) == ("3", "8", "16x16", "7.5")
+    assert (text["Steps"], text["Seed"], text["Size"], text["CFG scale"]) == ("3", "8", f"{w}x{h}", "7.5")
     assert text["Sampler"] == {"txt2img": "Euler a", "img2img": "DDIM", "inpaint": "DPM++ 2M Karras"}[mode]
     assert text["Model hash"] == facts["model_hash"] and len(facts["model_hash"]) == 10
     if mode != "txt2img":
         assert float(text["Denoising strength"]) == facts["strength"] == (0.5 if mode == "img2img" else 1.0)
     frames = 2 if mode == "img2img" else 4  # z_t of each step run (strength 0.5: 1 of 3), then z_0
-    assert Image.open(out / "00001-trajectory.png").size == (16 * frames, 16)
+    assert Image.open(out / "00001-trajectory.png").size == (w * frames, h)
     assert cli(*rerun_args(facts, ckpt, tmp_path / "again")) == 0
     assert np.array_equal(pixels(tmp_path / "again" / "00001.png"), pixels(out / "00001.png"))
 
@@ -118,13 +119,13 @@ def test_prompts_from_file(files, tmp_path):
         (["--init-image", "{f}/truncated.png"], "cannot read image"),
         (["--init-image", "{f}/notes.txt"], "is not an image file"),
         (["--init-image", "{f}"], "cannot read image"),
-        (["--init-image", "{f}/init.png", "--mask", "{f}/small-mask.png"], "the mask is 16x16 but the image is 18x20"),
+        (["--init-image", "{f}/init.png", "--mask", "{f}/small-mask.png"], "the mask is 16x16 but the image is 19x21"),
         (["--init-image", "{f}/init.png", "--strength", "0"], r"strength must be in \(0, 1\]"),
         (["--init-image", "{f}/init.png", "--strength", "1.2"], r"strength must be in \(0, 1\]"),
         (["--init-image", "{f}/init.png", "--strength", "0.1", "--steps", "5"], "leaves no denoising step"),
         (["--strength", "0.5"], "--strength needs --init-image"),
         (["--sampler", "k_lms"], "invalid choice: 'k_lms'"),
-        (["--H", "20"], "multiples of 8"),
+        (["--H", "21"], "multiples of 2"),
         (["--steps", "x"], "invalid int value"),
         (["--ckpt", "{f}/nope.safetensors"], "checkpoint not found"),
         (["--ckpt", "{f}/notes.txt"], "refused to load"),
