@@ -91,8 +91,11 @@ def from_sd_layout(state: dict[str, torch.Tensor], use_ema: bool = False) -> dic
     return ours
 
 
-def to_sd_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Our state dict -> the original SD v1 file layout (text model under `text_model.`)."""
+def to_sd_layout(state: dict[str, torch.Tensor], clip: bool = True) -> dict[str, torch.Tensor]:
+    """Our state dict -> the original SD v1 file layout (a CLIP text model under `text_model.`; another text
+    encoder, e.g. MiniLM, keeps its own transformers names under `cond_stage_model.transformer.`)."""
+    if not clip:
+        return dict(state)
     return {(TEXT + "text_model." + k[len(TEXT) :] if k.startswith(TEXT) else k): v for k, v in state.items()}
 
 
@@ -141,7 +144,7 @@ def atomic_save(tensors: dict[str, torch.Tensor], path: str | Path, metadata: di
 
 def save_single_file(model: StableDiffusion, path: str | Path, dtype: torch.dtype | None = None) -> None:
     """The original SD v1 layout with our config in the metadata (readable by every SD v1 tool)."""
-    state = to_sd_layout(model.state_dict())
+    state = to_sd_layout(model.state_dict(), clip=not model.cfg.text_encoder.pretrained)
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     atomic_save(state, path, {"format": "pt", "ldm_config": json.dumps(to_dict(model.cfg))})
@@ -358,6 +361,8 @@ def save_diffusers_folder(model: StableDiffusion, folder: str | Path) -> None:
     """The folder that diffusers.StableDiffusionPipeline.from_pretrained loads (no safety checker)."""
     folder = Path(folder)
     cfg = model.cfg
+    if cfg.text_encoder.pretrained:
+        raise CheckpointError(f"diffusers' StableDiffusionPipeline folder needs a CLIP text model, not {cfg.text_encoder.pretrained}")
     configs = diffusers_configs(cfg)
     state = model.state_dict()
     for sub, prefix, key_map in (("unet", UNET, unet_key_map(cfg.unet)), ("vae", VAE, vae_key_map(cfg.vae))):

