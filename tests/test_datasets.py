@@ -53,6 +53,10 @@ def test_flags_and_skin_tones():
 
 
 def test_missing_source_names_what_to_install(tmp_path, monkeypatch):
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "emoji", None)  # as if not installed: import raises ImportError
+        with pytest.raises(emoji_dataset.DatasetError, match="pip install emoji"):
+            emoji_dataset.build(tmp_path / "c")
     monkeypatch.setattr(emoji_dataset, "NOTO_FONTS", [tmp_path / "nope.ttf"])
     with pytest.raises(emoji_dataset.DatasetError, match="apt-get install fonts-noto-color-emoji"):
         emoji_dataset.build(tmp_path / "a", source="noto")
