@@ -28,7 +28,6 @@ from ldm.config import ConfigError, TrainUNetConfig, apply_overrides, from_dict,
 from ldm.data import DataError, ImageCaptionDataset, StreamSampler, collate, ignore_sigterm
 from ldm.diffusion import Diffusion
 from ldm.model import StableDiffusion
-from ldm.text_encoder import tokenize
 from ldm.training import (
     EMA, StopOnSigterm, TrainState, flat_config, make_accelerator, peak_memory_gib, per_sample_generators,
     randn_like_per_sample, resolve_resume, save_checkpoint,
@@ -191,7 +190,7 @@ def train(args) -> int:
                 posterior = vae.encode(batch["pixels"].to(device))
                 mean, std = posterior.mean.float(), posterior.std.float()
                 captions = ["" if d else c for c, d in zip(batch["caption"], drop)]
-                context = text_encoder(tokenize(text_encoder.tokenizer, captions).to(device))
+                context = text_encoder(text_encoder.tokenize(captions).to(device))
             latents = (mean + std * posterior_noise) * cfg.model.scale_factor  # z ~ q(z | x), scaled to about unit variance
             noise = noise + cfg.offset_noise * offset  # offset noise: a per-channel constant shift (Guttenberg 2023)
             x_t = diffusion.q_sample(latents, t, noise)

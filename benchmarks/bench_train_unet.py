@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader  # noqa: E402
 from ldm.checkpoint import diffusers_configs  # noqa: E402
 from ldm.config import load_config  # noqa: E402
 from ldm.data import ImageCaptionDataset, StreamSampler, collate  # noqa: E402
-from ldm.text_encoder import FrozenCLIPEmbedder, tokenize  # noqa: E402
+from ldm.text_encoder import FrozenCLIPEmbedder  # noqa: E402
 
 MODEL = [  # on top of configs/tiny.yaml
     "unet.model_channels=64", "unet.channel_mult=[1,2,2]", "unet.attention_resolutions=[1,2]", "unet.num_head_channels=32",
@@ -79,7 +79,7 @@ def diffusers_loop(data: Path, steps: int, batch_size: int) -> float:
         batch = next(loader)
         with torch.no_grad():
             latents = vae.encode(batch["pixels"]).latent_dist.sample() * cfg.scale_factor
-            context = text_encoder.transformer(tokenize(text_encoder.tokenizer, batch["caption"]))[0]
+            context = text_encoder.transformer(text_encoder.tokenize(batch["caption"]))[0]
         noise = torch.randn_like(latents)
         t = torch.randint(0, 1000, (latents.shape[0],))
         pred = unet(scheduler.add_noise(latents, noise, t), t, context).sample
