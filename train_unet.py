@@ -19,17 +19,20 @@ from pathlib import Path
 import torch
 from accelerate.utils import gather_object, set_seed
 from diffusers.optimization import get_scheduler
+from PIL import Image
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ldm.cache import LatentCache, build_cache, cache_key
 from ldm.checkpoint import CheckpointError, load_model, load_state_strict, save_single_file
-from ldm.config import ConfigError, TrainUNetConfig, apply_overrides, from_dict, load_yaml, to_dict
+from ldm.config import ConfigError, TrainUNetConfig, apply_overrides, check, from_dict, load_yaml, to_dict
 from ldm.data import DataError, ImageCaptionDataset, StreamSampler, collate, ignore_sigterm
 from ldm.diffusion import Diffusion
 from ldm.model import StableDiffusion
+from ldm.pipeline import Pipeline
+from ldm.samplers import SAMPLERS, ZERO_SNR_SAMPLERS
 from ldm.training import (
-    EMA, StopOnSigterm, TrainState, flat_config, make_accelerator, peak_memory_gib, per_sample_generators,
+    EMA, StopOnSigterm, TrainState, flat_config, log_image, make_accelerator, peak_memory_gib, per_sample_generators,
     randn_like_per_sample, resolve_resume, save_checkpoint,
 )  # fmt: skip
 
@@ -79,6 +82,8 @@ def train(args) -> int:
     # ------------------------------------------------------------ config, Accelerator, models
     cfg, init = load_train_config(args)
     diffusion = Diffusion(cfg.model)  # checks the objective fields first
+    sampler_ok = cfg.validation.sampler in SAMPLERS and (not cfg.model.rescale_betas_zero_snr or cfg.validation.sampler in ZERO_SNR_SAMPLERS)
+    check(sampler_ok, f"validation.sampler '{cfg.validation.sampler}' cannot sample this model (samplers: {', '.join(SAMPLERS)})")
     if cfg.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
@@ -122,8 +127,10 @@ def train(args) -> int:
                 build_cache(dataset, vae, text_encoder, folder, cfg.batch_size, cfg.data.num_workers, lambda it: tqdm(it, "caching"))
             vae.to("cpu"), text_encoder.to("cpu")
         accelerator.wait_for_everyone()
-        train_set = LatentCache(folder)  # the VAE encoder and the text encoder stay on the CPU, unused
+        train_set = LatentCache(folder)  # the VAE encoder stays on the CPU, unused; validation needs the decoder and the text encoder
         empty_context = train_set.empty_context.to(device)
+        if cfg.validation.every:
+            vae.decoder.to(device), vae.post_quant_conv.to(device), text_encoder.to(device)
     else:
         train_set = dataset
         vae.to(device), text_encoder.to(device)
@@ -162,6 +169,22 @@ def train(args) -> int:
         path = save_checkpoint(accelerator, checkpoints, state.step, cfg.keep_last, write_model)
         accelerator.print(f"saved checkpoint {path}")
         return path
+
+    def validate() -> None:
+        """One image per validation prompt, each with its fixed seed, from the EMA weights: saved as a PNG row, logged."""
+        v = cfg.validation
+        unet.eval()
+        with ema.applied_to(unet) if ema else contextlib.nullcontext(), accelerator.autocast():
+            images = Pipeline(model).txt2img(list(v.prompts), steps=v.steps, scale=v.guidance_scale, sampler=v.sampler, seed=v.seed,
+                                             height=cfg.data.resolution, width=cfg.data.resolution, progress=False)  # fmt: skip
+        unet.train()
+        grid = Image.new("RGB", (sum(im.width for im in images), images[0].height))
+        for i, im in enumerate(images):
+            grid.paste(im, (i * im.width, 0))
+        path = output_dir / "validation" / f"step-{state.step:06d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        grid.save(path)
+        log_image(accelerator, "validation", grid, state.step)
 
     # ------------------------------------------------------------ the loop
     accelerator.init_trackers("train_unet", config=flat_config(to_dict(cfg)))
@@ -233,6 +256,10 @@ def train(args) -> int:
             progress.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{logs['images_per_s_per_device']:.1f}")
             window_loss, window_steps, window_images, window_start = 0.0, 0, 0, time.perf_counter()
 
+        if cfg.validation.every and state.step % cfg.validation.every == 0:
+            if accelerator.is_main_process:
+                validate()
+            accelerator.wait_for_everyone()
         stopping = stop.should_stop(accelerator)
         if state.step % cfg.save_every == 0 or state.step == cfg.max_steps or stopping:
             saved_at = checkpoint()

@@ -232,11 +232,25 @@ class EMAConfig:
 
 
 @dataclass
+class ValidationConfig:
+    every: int = 1000  # steps; 0: never
+    prompts: tuple[str, ...] = ("a photograph of an astronaut riding a horse", "a red apple on a wooden table")
+    seed: int = 0  # prompt i is sampled with seed + i, the same at every validation
+    steps: int = 25
+    guidance_scale: float = 7.5
+    sampler: str = "ddim"  # an ldm.samplers name; ddpm samples a learn_sigma model with its learned variance
+
+    def __post_init__(self):
+        check(self.every >= 0 and self.steps >= 1 and len(self.prompts) >= 1, "validation needs every >= 0, steps >= 1 and a prompt")
+
+
+@dataclass
 class TrainUNetConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
     init_from: str = ""  # a checkpoint (SD v1 file, ours, diffusers folder): its config is the base of `model`, its weights the start
     reinit_unet: bool = False  # with init_from: keep its VAE and text encoder, start the UNet from random weights
     output_dir: str = "runs/unet"

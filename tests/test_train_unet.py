@@ -17,6 +17,7 @@ from conftest import ROOT
 from diffusers import DDIMScheduler
 from PIL import Image
 from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import train_unet
 from ldm.checkpoint import load_model, save_single_file
@@ -54,6 +55,7 @@ def colours(tmp_path_factory):
 
 
 def command(*args, processes=1):
+    """The command line of a run, without a tracker unless args name one."""
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"] if processes > 1 else [sys.executable]  # fmt: skip
     return launch + [str(ROOT / "train_unet.py"), "--config", str(CONFIG), "tracker=none", *map(str, args)]
@@ -159,12 +161,17 @@ def test_x0_with_learned_sigma_from_a_checkpoint(tmp_path, colours, tiny_cfg):
     init = StableDiffusion(tiny_cfg)
     save_single_file(init, tmp_path / "init.safetensors")
     run(f"data.path={colours}", f"init_from={tmp_path / 'init.safetensors'}", "reinit_unet=true", "--learn-sigma",
-        "model.parameterization=x0", "offset_noise=0.1", "grad_accum=2", "max_steps=2", "batch_size=2",
-        "log_every=1", f"output_dir={tmp_path / 'run'}")  # fmt: skip
+        "model.parameterization=x0", "offset_noise=0.1", "grad_accum=2", "max_steps=2", "batch_size=2", "log_every=1",
+        "validation.every=1", "validation.steps=2", "validation.sampler=ddpm", "validation.prompts=[red,blue]",
+        "tracker=tensorboard", f"output_dir={tmp_path / 'run'}")  # fmt: skip
     model = load_model(tmp_path / "run" / "model.safetensors")
     assert model.cfg.learn_sigma and model.cfg.unet.out_channels == 8 and model.cfg.parameterization == "x0"
     assert_same(model.vae.state_dict(), init.vae.state_dict())  # frozen
     assert all(np.isfinite(m["loss"]) for m in metrics(tmp_path / "run"))
+    for step in (1, 2):  # a row of one 16x16 image per prompt, sampled with the learned variance
+        assert Image.open(tmp_path / "run" / "validation" / f"step-{step:06d}.png").size == (32, 16)
+    events = EventAccumulator(str(next((tmp_path / "run" / "logs").rglob("events.out.tfevents.*")).parent)).Reload()
+    assert "validation" in events.Tags()["images"] and {"loss", "lr", "grad_norm"} <= set(events.Tags()["scalars"])
 
 
 @pytest.mark.parametrize(
@@ -178,6 +185,7 @@ def test_x0_with_learned_sigma_from_a_checkpoint(tmp_path, colours, tiny_cfg):
         (["data.path=X", "data.center_crop=false", "--cache-latents"], "cannot be combined with data.center_crop=false"),
         (["data.path=X", "--resume", "nowhere"], "--resume nowhere: not a training checkpoint"),
         (["data.path=X", "init_from=missing.safetensors"], "checkpoint not found: missing.safetensors"),
+        (["data.path=X", "validation.sampler=plms", "model.parameterization=v", "model.rescale_betas_zero_snr=true"], "cannot sample this model"),
         (["data.path=EMPTY"], "no images with captions found"),
     ],
 )
