@@ -174,6 +174,26 @@ def test_x0_with_learned_sigma_from_a_checkpoint(tmp_path, colours, tiny_cfg):
     assert "validation" in events.Tags()["images"] and {"loss", "lr", "grad_norm"} <= set(events.Tags()["scalars"])
 
 
+@pytest.mark.slow
+def test_compiled_unet_trains_as_the_eager_one(tmp_path, colours):
+    """compile=true (Accelerate's dynamo_backend=inductor): about ten minutes of compiling on 2 CPU cores."""
+    common = [f"data.path={colours}", "max_steps=3", "batch_size=2", "log_every=1"]
+    compiled = start(*common, "compile=true", f"output_dir={tmp_path / 'compiled'}")
+    run(*common, f"output_dir={tmp_path / 'eager'}")
+    finish(compiled)
+    for a, b in zip(metrics(tmp_path / "compiled"), metrics(tmp_path / "eager")):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-3)
+    eager, compiled = load_file(tmp_path / "eager" / "model.safetensors"), load_file(tmp_path / "compiled" / "model.safetensors")
+    for k in eager:
+        torch.testing.assert_close(compiled[k], eager[k], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["train-unet-tiny.yaml", "train-unet-sd-v1.yaml"])
+def test_shipped_configs_are_valid(name):
+    cfg, _ = train_unet.load_train_config(train_unet.parse_args(["--config", str(ROOT / "configs" / name), "init_from=''"]))
+    assert cfg.max_steps >= 1 and cfg.data.resolution % 2 ** (len(cfg.model.vae.ch_mult) - 1) == 0
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
