@@ -23,7 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
 
-from ldm.data import ImageCaptionDataset, choose, transform
+from ldm.data import ImageCaptionDataset, choose, transform, unreadable
 from ldm.text_encoder import FrozenTextEncoder
 from ldm.vae import AutoencoderKL
 
@@ -49,12 +49,9 @@ def _decode(dataset: ImageCaptionDataset, flips: tuple[bool, ...], indices: list
     pixels, captions, names, skipped = [], [], [], []
     for i in indices:
         try:
-            caps = dataset.captions(i)
-            if not caps:
-                raise ValueError(f"no caption in column '{dataset.caption_column}'")
-            img = dataset.image(i)
+            img, caps = dataset.read(i)
         except Exception as e:  # a corrupt file can raise almost anything inside a decoder
-            skipped.append((dataset.name(i), f"unreadable ({type(e).__name__}: {str(e)[:100]})"))
+            skipped.append((dataset.name(i), unreadable(e)))
             continue
         pixels.append(torch.stack([transform(img, dataset.resolution, True, flip, random.Random(0)) for flip in flips]))
         captions.append(caps)
