@@ -164,11 +164,10 @@ def train(args) -> int:
         for part in gather_object([state.skipped]):
             state.skipped |= part
 
-    def checkpoint() -> Path:
+    def checkpoint() -> None:
         gather_skipped()
         path = save_checkpoint(accelerator, checkpoints, state.step, cfg.keep_last, write_model)
         accelerator.print(f"saved checkpoint {path}")
-        return path
 
     def validate() -> None:
         """One image per validation prompt, each with its fixed seed, from the EMA weights: saved as a PNG row, logged."""
@@ -191,7 +190,7 @@ def train(args) -> int:
     stop = StopOnSigterm()
     progress = tqdm(total=cfg.max_steps, initial=state.step, disable=not accelerator.is_main_process, dynamic_ncols=True)
     window_loss, window_steps, window_images, window_start = 0.0, 0, 0, time.perf_counter()
-    nan_in_a_row, saved_at = 0, None
+    nan_in_a_row = 0
     while state.step < cfg.max_steps:
         batch = next(batches)
         state.samples_seen += cfg.batch_size * accelerator.num_processes
@@ -229,7 +228,7 @@ def train(args) -> int:
                     optimizer.step()
                 skipped_step = not finite or optimizer.step_was_skipped
                 optimizer.zero_grad(set_to_none=True)
-        window_loss += loss.item() if math.isfinite(loss.item()) else 0.0
+        window_loss += loss.item() if torch.isfinite(loss) else 0.0
         window_images += cfg.batch_size
         if not accelerator.sync_gradients:
             continue
@@ -262,16 +261,14 @@ def train(args) -> int:
             accelerator.wait_for_everyone()
         stopping = stop.should_stop(accelerator)
         if state.step % cfg.save_every == 0 or state.step == cfg.max_steps or stopping:
-            saved_at = checkpoint()
+            checkpoint()
         if stopping:
             accelerator.print(f"SIGTERM: stopped at step {state.step} after saving; continue with --resume latest")
             accelerator.end_training()
             return 0
 
     # ------------------------------------------------------------ the end: the single-file model, what was skipped
-    progress.close()
-    if saved_at is None or not saved_at.name.endswith(f"{state.step:06d}"):
-        saved_at = checkpoint()
+    progress.close()  # the last step was saved above (or, resumed at max_steps, there was none to run)
     gather_skipped()
     if accelerator.is_main_process:
         write_model(output_dir)

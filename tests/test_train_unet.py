@@ -174,6 +174,14 @@ def test_x0_with_learned_sigma_from_a_checkpoint(tmp_path, colours, tiny_cfg):
     assert "validation" in events.Tags()["images"] and {"loss", "lr", "grad_norm"} <= set(events.Tags()["scalars"])
 
 
+def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path, colours):
+    """lr 1e30 makes the weights infinite after step 1: later gradients are NaN, skipped, and the run gives up."""
+    proc = start(f"data.path={colours}", "optim.lr=1e30", "optim.warmup_steps=0", "max_nan_skips=1", "max_steps=5", "batch_size=2",
+                 f"output_dir={tmp_path / 'run'}")  # fmt: skip
+    out = finish(proc, expect=1)
+    assert "error: non-finite gradients for 2 steps in a row at step 3" in out and not (tmp_path / "run" / "model.safetensors").exists()
+
+
 @pytest.mark.slow
 def test_compiled_unet_trains_as_the_eager_one(tmp_path, colours):
     """compile=true (Accelerate's dynamo_backend=inductor): about ten minutes of compiling on 2 CPU cores."""
