@@ -138,12 +138,13 @@ def test_resume_after_sigterm_and_a_sigkill_mid_write_is_exact(tmp_path, colours
 
 def test_two_processes_match_one_with_twice_the_batch(tmp_path, colours):
     """DDP over gloo, batch 4 per process, against one process with batch 8; v prediction from the latent cache,
-    which the first run builds and the second reuses. Only the main process writes checkpoints and logs."""
+    which the first run builds and the second reuses (with gradient checkpointing, which changes no number).
+    Only the main process writes checkpoints and logs."""
     common = [f"data.path={colours}", "--cache-latents", f"cache_dir={tmp_path / 'cache'}", "model.parameterization=v",
               "max_steps=3", "save_every=2", "log_every=1", "data.random_flip=true"]  # fmt: skip
     one = run(*common, "batch_size=8", f"output_dir={tmp_path / 'one'}")
     assert "encoding 33 images into the latent cache" in one
-    two = run(*common, "batch_size=4", f"output_dir={tmp_path / 'two'}", processes=2)
+    two = run(*common, "batch_size=4", "model.unet.use_checkpoint=true", f"output_dir={tmp_path / 'two'}", processes=2)
     assert "encoding" not in two and two.count("saved checkpoint") == 2
     assert_same(unet_weights(tmp_path / "two", 3), unet_weights(tmp_path / "one", 3), exact=False)
     assert_same(load_file(tmp_path / "two" / "model.safetensors"), load_file(tmp_path / "one" / "model.safetensors"), exact=False)
@@ -156,14 +157,15 @@ def test_two_processes_match_one_with_twice_the_batch(tmp_path, colours):
 
 
 def test_x0_with_learned_sigma_from_a_checkpoint(tmp_path, colours, tiny_cfg):
-    """Start from a checkpoint's VAE and text encoder with a fresh UNet that also predicts the variance."""
+    """Start from a checkpoint's VAE and text encoder with a fresh UNet that also predicts the variance; fp16 with
+    loss scaling, gradient accumulation, validation images sampled with the learned variance, TensorBoard."""
     torch.manual_seed(0)
     init = StableDiffusion(tiny_cfg)
     save_single_file(init, tmp_path / "init.safetensors")
     run(f"data.path={colours}", f"init_from={tmp_path / 'init.safetensors'}", "reinit_unet=true", "--learn-sigma",
         "model.parameterization=x0", "offset_noise=0.1", "grad_accum=2", "max_steps=2", "batch_size=2", "log_every=1",
         "validation.every=1", "validation.steps=2", "validation.sampler=ddpm", "validation.prompts=[red,blue]",
-        "tracker=tensorboard", f"output_dir={tmp_path / 'run'}")  # fmt: skip
+        "mixed_precision=fp16", "tracker=tensorboard", f"output_dir={tmp_path / 'run'}")  # fmt: skip
     model = load_model(tmp_path / "run" / "model.safetensors")
     assert model.cfg.learn_sigma and model.cfg.unet.out_channels == 8 and model.cfg.parameterization == "x0"
     assert_same(model.vae.state_dict(), init.vae.state_dict())  # frozen
