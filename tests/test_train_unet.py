@@ -27,7 +27,7 @@ from ldm.data import ImageCaptionDataset
 from ldm.model import StableDiffusion
 
 CONFIG = ROOT / "configs" / "train-unet-tiny.yaml"
-ENV = os.environ | {"OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+ENV = os.environ | {"OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}  # runs compared on one device kind
 COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (40, 60, 220), "yellow": (230, 210, 40)}
 
 
