@@ -139,12 +139,23 @@ def scan_folder(root: Path, caption_column: str, require_captions: bool = True) 
     return sorted(files.items()), skipped
 
 
+def _saved_by_datasets(path: Path) -> bool:
+    return (path / "state.json").exists() or (path / "dataset_dict.json").exists()
+
+
+def _is_image_folder(path: Path) -> bool:
+    """Images with metadata files or .txt captions (not a save_to_disk folder, nor one of parquet / csv / json files)."""
+    if not path.is_dir() or _saved_by_datasets(path):
+        return False
+    return any((path / m).exists() for m in METADATA_FILES) or any(p.suffix.lower() in IMAGE_EXTENSIONS for p in path.rglob("*"))
+
+
 def _load_hf(path: Path | str, image_column: str, caption_column: str, require_captions: bool):
     """A `datasets` Dataset whose image column yields undecoded {bytes, path} (decoding errors are ours to count)."""
     import datasets
 
     try:
-        if isinstance(path, Path) and ((path / "state.json").exists() or (path / "dataset_dict.json").exists()):
+        if isinstance(path, Path) and _saved_by_datasets(path):
             ds = datasets.load_from_disk(str(path))
         else:
             ds = datasets.load_dataset(str(path), split="train")
@@ -175,9 +186,7 @@ class ImageCaptionDataset(Dataset):
         self.skipped: list[tuple[str, str]] = []
         local = Path(path).expanduser()
         self.root = local.resolve() if local.exists() else None
-        if self.root is not None and local.is_dir() and not (local / "state.json").exists() and not (local / "dataset_dict.json").exists() and (
-            any((local / m).exists() for m in METADATA_FILES) or any(p.suffix.lower() in IMAGE_EXTENSIONS for p in local.rglob("*"))
-        ):
+        if self.root is not None and _is_image_folder(local):
             self.files, self.skipped = scan_folder(self.root, caption_column, require_captions)
             self.hf = None
         else:
