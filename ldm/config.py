@@ -51,6 +51,23 @@ class VAEConfig:
 
 
 @dataclass
+class LossConfig:
+    """The VAE's training loss (CompVis `LPIPSWithDiscriminator`); defaults are SD v1's kl-f8 recipe."""
+
+    pixel_loss: str = "l1"  # l1 | l2
+    pixelloss_weight: float = 1.0
+    perceptual_weight: float = 1.0  # LPIPS; the term is dropped when no LPIPS weights are given
+    kl_weight: float = 1e-6
+    logvar_init: float = 0.0
+    learn_logvar: bool = True  # CompVis declares it learned but gives it to no optimizer: false = their exact run
+    disc_start: int = 50001  # the PatchGAN joins at this step
+    disc_loss: str = "hinge"  # hinge | vanilla
+    disc_num_layers: int = 3  # images need >= 3 * 2**disc_num_layers pixels a side
+    disc_ndf: int = 64
+    disc_weight: float = 0.5  # times the adaptive weight
+
+
+@dataclass
 class TextEncoderConfig:
     """A CLIP text transformer (transformers' CLIPTextConfig fields); defaults are CLIP ViT-L/14's."""
 
