@@ -12,6 +12,7 @@ import copy
 import json
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -97,19 +98,30 @@ def to_sd_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def load_state_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """load_state_dict(strict=True), with one clear line naming the first offending key."""
+    """load_state_dict(strict=True), failing with one clear line naming the first offending key.
+
+    Float tensors of another float dtype (fp16 files) are cast; non-finite values are loaded with a warning.
+    """
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
+    if missing and unexpected:
+        raise CheckpointError(
+            f"{source} does not fit the configured architecture: missing tensor '{missing[0]}' ({len(missing)} in all), "
+            f"unexpected tensor '{unexpected[0]}' ({len(unexpected)} in all); pass the right --config"
+        )
     if missing:
         raise CheckpointError(f"{source}: missing tensor '{missing[0]}' ({len(missing)} missing in all)")
     if unexpected:
         raise CheckpointError(f"{source}: unexpected tensor '{unexpected[0]}' ({len(unexpected)} unexpected in all)")
     for key, value in state.items():
-        if value.shape != expected[key].shape:
-            raise CheckpointError(
-                f"{source}: tensor '{key}' has shape {tuple(value.shape)}, the model expects {tuple(expected[key].shape)}"
-            )
+        want = expected[key]
+        if value.shape != want.shape:
+            raise CheckpointError(f"{source}: tensor '{key}' has shape {tuple(value.shape)}, the model expects {tuple(want.shape)}")
+        if value.is_floating_point() != want.is_floating_point():
+            raise CheckpointError(f"{source}: tensor '{key}' has dtype {value.dtype}, the model expects {want.dtype}")
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            warnings.warn(f"{source}: tensor '{key}' contains NaN or Inf values", stacklevel=2)
     model.load_state_dict(state, strict=True)
 
 

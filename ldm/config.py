@@ -98,13 +98,13 @@ class ModelConfig:
 def from_dict(cls, data: dict, prefix: str = ""):
     """Build dataclass `cls` from a nested dict; unknown keys and ill-typed values raise ConfigError."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {type(data).__name__}")
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'!r}: expected a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in data.items():
         if key not in names:
-            raise ConfigError(f"unknown config key '{prefix}{key}' (known: {', '.join(sorted(names))})")
+            raise ConfigError(f"unknown config key {prefix + str(key)!r} (known: {', '.join(sorted(names))})")
         kwargs[key] = _coerce(hints[key], value, f"{prefix}{key}")
     return cls(**kwargs)
 
@@ -115,17 +115,17 @@ def _coerce(tp, value, name: str):
     origin = typing.get_origin(tp)
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"config key '{name}': expected a list, got {value!r}")
+            raise ConfigError(f"config key {name!r}: expected a list, got {value!r}")
         (item_tp, _) = typing.get_args(tp)
         return tuple(_coerce(item_tp, v, name) for v in value)
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"config key '{name}': expected true/false, got {value!r}")
+            raise ConfigError(f"config key {name!r}: expected true/false, got {value!r}")
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp in (int, float, str) and (not isinstance(value, tp) or isinstance(value, bool)):
-        raise ConfigError(f"config key '{name}': expected {tp.__name__}, got {value!r}")
+        raise ConfigError(f"config key {name!r}: expected {tp.__name__}, got {value!r}")
     return value
 
 
@@ -137,20 +137,24 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Apply `a.b.c=value` strings (value parsed as YAML) to a nested dict, in place."""
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"override '{item}' is not of the form key.path=value")
+            raise ConfigError(f"override {item!r} is not of the form key.path=value")
         path, raw = item.split("=", 1)
         try:
             value = yaml.safe_load(raw)
         except yaml.YAMLError as e:
-            raise ConfigError(f"override '{item}': value is not valid YAML ({e.problem})") from None
+            raise ConfigError(f"override {item!r}: value is not valid YAML ({_one_line(e)})") from None
         node = data
         *parents, leaf = path.split(".")
         for p in parents:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"override '{item}': '{p}' is not a section")
+                raise ConfigError(f"override {item!r}: {p!r} is not a section")
         node[leaf] = value
     return data
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split())
 
 
 def load_yaml(path: str | Path) -> dict:
@@ -158,11 +162,11 @@ def load_yaml(path: str | Path) -> dict:
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"cannot read config file {path}: {e}") from None
+        raise ConfigError(f"cannot read config file {path}: {_one_line(e)}") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        raise ConfigError(f"config file {path} is not valid YAML: {_one_line(e)}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

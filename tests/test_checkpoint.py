@@ -202,3 +202,64 @@ def test_convert_cli_both_ways(diffusers_folder, tmp_path):
     assert (tmp_path / "one.safetensors").read_bytes() == before
     r = run_convert(tmp_path / "nope.safetensors", tmp_path / "x.safetensors")
     assert r.returncode == 2 and "not found" in r.stderr and "Traceback" not in r.stderr
+
+
+# ---------------------------------------------------------------- files from strangers
+
+
+@pytest.fixture
+def good_file(tiny_model, tmp_path):
+    save_single_file(tiny_model, tmp_path / "good.safetensors")
+    return tmp_path / "good.safetensors"
+
+
+def test_truncated_safetensors(good_file):
+    data = good_file.read_bytes()
+    good_file.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
+        load_model(good_file)
+
+
+def test_header_that_lies_about_sizes(good_file):
+    data = good_file.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    key = next(k for k in header if k != "__metadata__")
+    begin, end = header[key]["data_offsets"]
+    header[key]["data_offsets"] = [begin, end + 10**9]  # claims a gigabyte more than the file holds
+    raw = json.dumps(header).encode()
+    good_file.write_bytes(len(raw).to_bytes(8, "little") + raw + data[8 + n :])
+    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
+        load_model(good_file)
+
+
+def test_wrong_dtype_is_named(tiny_model, tiny_cfg, tmp_path):
+    state = to_sd_layout(tiny_model.state_dict())
+    key = "first_stage_model.decoder.conv_out.weight"
+    state[key] = torch.ones(state[key].shape, dtype=torch.int32)
+    save_file(state, tmp_path / "int.safetensors")
+    with pytest.raises(CheckpointError, match=f"'{key}' has dtype torch.int32"):
+        load_model(tmp_path / "int.safetensors", tiny_cfg)
+
+
+def test_fp16_file_loads_as_fp32(tiny_model, tmp_path):
+    save_single_file(tiny_model, tmp_path / "half.safetensors", dtype=torch.float16)
+    loaded = load_model(tmp_path / "half.safetensors")
+    w = loaded.unet.out[2].weight
+    assert w.dtype == torch.float32 and torch.equal(w, tiny_model.unet.out[2].weight.half().float())
+
+
+def test_nan_weights_warn_naming_the_tensor(tiny_model, tiny_cfg, tmp_path):
+    state = to_sd_layout(tiny_model.state_dict())
+    key = "model.diffusion_model.out.2.bias"
+    state[key] = state[key].clone()
+    state[key][0] = float("nan")
+    save_file(state, tmp_path / "nan.safetensors")
+    with pytest.warns(UserWarning, match=f"'{key}' contains NaN or Inf"):
+        load_model(tmp_path / "nan.safetensors", tiny_cfg)
+
+
+def test_checkpoint_of_another_architecture(good_file, tiny_cfg):
+    tiny_cfg.unet.num_res_blocks = 2  # another layout of blocks: some keys missing, others unexpected
+    with pytest.raises(CheckpointError, match="does not fit the configured architecture.*pass the right --config"):
+        load_model(good_file, tiny_cfg)

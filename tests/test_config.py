@@ -22,7 +22,7 @@ def test_overrides_and_types(tmp_path):
         (["unet.model_channels=abc"], "'unet.model_channels': expected int"),
         (["unet.channel_mult=4"], "'unet.channel_mult': expected a list"),
         (["unet.use_checkpoint=3"], "expected true/false"),
-        (["unet=5"], "unet: expected a mapping"),
+        (["unet=5"], "'unet': expected a mapping"),
         (["noequals"], "not of the form"),
     ],
 )
@@ -42,3 +42,41 @@ def test_bad_files(tmp_path):
 def test_unet_config_defaults_are_sd_v1():
     u = UNetConfig()
     assert (u.model_channels, u.channel_mult, u.attention_resolutions, u.context_dim) == (320, (1, 2, 4, 4), (4, 2, 1), 768)
+
+
+# ---------------------------------------------------------------- arbitrary input never crashes
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+yaml_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=8),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=12) | st.integers(), children, max_size=4),
+    max_leaves=12,
+)
+known_keys = st.sampled_from(["unet", "vae", "text_encoder", "scale_factor", "timesteps", "channel_mult", "ch_mult", "model_channels"])
+documents = st.dictionaries(known_keys, yaml_values | st.dictionaries(st.text(max_size=14) | known_keys, yaml_values, max_size=4), max_size=4)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=st.text(max_size=80) | documents.map(lambda d: __import__("yaml").safe_dump(d)))
+def test_arbitrary_yaml_gives_a_config_or_a_config_error(tmp_path, text):
+    path = tmp_path / "fuzz.yaml"
+    path.write_text(text, encoding="utf-8")
+    try:
+        cfg = load_config(path)
+    except ConfigError as e:
+        assert str(e) and "\n" not in str(e)
+    else:
+        assert isinstance(cfg, ModelConfig)
+
+
+@settings(max_examples=150, deadline=None)
+@given(overrides=st.lists(st.text(max_size=30), max_size=3))
+def test_arbitrary_overrides_give_a_config_or_a_config_error(overrides):
+    try:
+        cfg = load_config(ROOT / "configs" / "tiny.yaml", overrides)
+    except ConfigError as e:
+        assert str(e) and "\n" not in str(e)
+    else:
+        assert isinstance(cfg, ModelConfig)
