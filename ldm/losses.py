@@ -146,9 +146,9 @@ def adaptive_weight(nll: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.T
 
 
 class GeneratorLoss(nn.Module):
-    """L_G of the module docstring. Holds the learned log-variance and the frozen LPIPS (None: no perceptual term)."""
+    """L_G of the module docstring; its one parameter is the learned log-variance (its state dict: `logvar`)."""
 
-    def __init__(self, cfg: LossConfig, lpips: LPIPS | None = None):
+    def __init__(self, cfg: LossConfig):
         super().__init__()
         if cfg.pixel_loss not in ("l1", "l2"):
             raise ConfigError(f"config key 'loss.pixel_loss': expected l1 or l2, got {cfg.pixel_loss!r}")
@@ -156,15 +156,16 @@ class GeneratorLoss(nn.Module):
             raise ConfigError(f"config key 'loss.disc_loss': expected hinge or vanilla, got {cfg.disc_loss!r}")
         self.cfg = cfg
         self.logvar = nn.Parameter(torch.tensor(cfg.logvar_init), requires_grad=cfg.learn_logvar)
-        self.lpips = lpips
 
-    def forward(self, x, xrec, posterior: DiagonalGaussian, last_layer: torch.Tensor, discriminator: nn.Module | None = None):
-        """-> (loss, logs). discriminator: None before `disc_start`; else the PatchGAN, which this step must not train."""
+    def forward(self, x, xrec, posterior: DiagonalGaussian, last_layer: torch.Tensor, lpips: LPIPS | None = None,
+                discriminator: nn.Module | None = None):  # fmt: skip
+        """-> (loss, logs). lpips: None drops the perceptual term. discriminator: None before `disc_start`; else
+        the PatchGAN, which this step must not train."""
         cfg = self.cfg
         rec = (x - xrec).abs() if cfg.pixel_loss == "l1" else (x - xrec).pow(2)
         rec = cfg.pixelloss_weight * rec
-        if self.lpips is not None and cfg.perceptual_weight > 0:
-            rec = rec + cfg.perceptual_weight * self.lpips(x, xrec).view(-1, 1, 1, 1)  # broadcast per pixel, as CompVis
+        if lpips is not None and cfg.perceptual_weight > 0:
+            rec = rec + cfg.perceptual_weight * lpips(x, xrec).view(-1, 1, 1, 1)  # broadcast per pixel, as CompVis
         nll = (rec / self.logvar.exp() + self.logvar).sum() / x.shape[0]
         kl = posterior.kl().mean()
         loss = nll + cfg.kl_weight * kl

@@ -182,9 +182,11 @@ class AutoencoderKL(nn.Module):
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.post_quant_conv(z))
 
-    def forward(self, x: torch.Tensor, sample: bool = True):
+    def forward(self, x: torch.Tensor, noise: torch.Tensor | None = None):
+        """Reconstruction through a posterior sample z = mean + std * noise (noise drawn when not given), and the posterior."""
         posterior = self.encode(x)
-        return self.decode(posterior.sample() if sample else posterior.mode()), posterior
+        noise = torch.randn_like(posterior.mean) if noise is None else noise
+        return self.decode(posterior.mean + posterior.std * noise), posterior
 
 
 @torch.no_grad()

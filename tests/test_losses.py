@@ -74,9 +74,9 @@ def test_perceptual_term_gives_the_decoder_a_gradient(tiny_cfg):
     last = vae.decoder.conv_out.weight
     grads = {}
     for weight in (1.0, 0.0):  # perceptual alone (no pixel, no KL term), then nothing at all
-        loss_fn = GeneratorLoss(LossConfig(pixelloss_weight=0.0, kl_weight=0.0, perceptual_weight=weight), lpips)
+        loss_fn = GeneratorLoss(LossConfig(pixelloss_weight=0.0, kl_weight=0.0, perceptual_weight=weight))
         xrec, posterior = vae(x)
-        loss, _ = loss_fn(x, xrec, posterior, last)
+        loss, _ = loss_fn(x, xrec, posterior, last, lpips)
         vae.zero_grad()
         loss.backward()
         grads[weight] = [p.grad.clone() for p in vae.decoder.parameters()]
@@ -85,17 +85,20 @@ def test_perceptual_term_gives_the_decoder_a_gradient(tiny_cfg):
     assert sum(g.abs().sum() for g in grads[0.0]) == 0  # so the gradient above is the perceptual term's
 
 
-def test_nll_and_kl_follow_compvis_sums(tiny_cfg):
+def test_nll_and_kl_follow_compvis_sums_and_logvar_is_learned(tiny_cfg):
     vae = tiny_vae(tiny_cfg)
     x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(4)) * 2 - 1
     xrec, posterior = vae(x)
     s = 0.7
-    loss, logs = GeneratorLoss(LossConfig(logvar_init=s, kl_weight=0.01))(x, xrec, posterior, vae.decoder.conv_out.weight)
-    nll = ((x - xrec).abs() / math.exp(s) + s).sum() / 2  # sum over pixels, mean over the batch
+    loss_fn = GeneratorLoss(LossConfig(logvar_init=s, kl_weight=0.01))
+    loss, logs = loss_fn(x, xrec, posterior, vae.decoder.conv_out.weight)
+    l1 = (x - xrec).abs().detach()
+    nll = (l1 / math.exp(s) + s).sum() / 2  # sum over pixels, mean over the batch
     kl = 0.5 * (posterior.mean**2 + posterior.logvar.exp() - 1 - posterior.logvar).sum() / 2
     assert torch.allclose(logs["nll"], nll) and torch.allclose(loss, nll + 0.01 * kl)
-    loss.backward()
-    assert torch.isclose(GeneratorLoss(LossConfig(logvar_init=s)).logvar, torch.tensor(s))
+    loss.backward()  # d nll / ds = sum(1 - |x - x̂| e^-s) / B
+    assert loss_fn.logvar.grad.item() == pytest.approx(((1 - l1 * math.exp(-s)).sum() / 2).item(), rel=1e-4)
+    assert list(loss_fn.state_dict()) == ["logvar"]  # all that a training checkpoint keeps of it
 
 
 def test_discriminator_step_leaves_generator_gradients_untouched(tiny_cfg):
@@ -104,7 +107,7 @@ def test_discriminator_step_leaves_generator_gradients_untouched(tiny_cfg):
     loss_fn = GeneratorLoss(LossConfig(disc_weight=1.0))
     x = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(5)) * 2 - 1
     xrec, posterior = vae(x)
-    g_loss, logs = loss_fn(x, xrec, posterior, vae.decoder.conv_out.weight, disc)
+    g_loss, logs = loss_fn(x, xrec, posterior, vae.decoder.conv_out.weight, discriminator=disc)
     g_loss.backward()
     assert logs["d_weight"] > 0 and "g_loss" in logs
     assert all(p.grad is None for p in disc.parameters())  # the generator step does not train D

@@ -128,3 +128,12 @@ def test_latent_scale_factor_gives_unit_std_latents(tiny_cfg):
         z = torch.cat([vae.encode(x).sample(g) for x in batches])
     assert abs(s - 1 / z.std().item()) < 1e-4 * s and s != 1.0
     assert (s * z).std().item() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_vae_forward_reconstructs_through_the_given_noise(tiny_cfg):
+    vae = randomize_(AutoencoderKL(tiny_cfg.vae), seed=4).eval()
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    noise = torch.randn(2, tiny_cfg.vae.embed_dim, 8, 8)
+    with torch.no_grad():
+        xrec, post = vae(x, noise)
+        assert torch.equal(xrec, vae.decode(post.mean + post.std * noise))
