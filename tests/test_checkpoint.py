@@ -263,3 +263,19 @@ def test_checkpoint_of_another_architecture(good_file, tiny_cfg):
     tiny_cfg.unet.num_res_blocks = 2  # another layout of blocks: some keys missing, others unexpected
     with pytest.raises(CheckpointError, match="does not fit the configured architecture.*pass the right --config"):
         load_model(good_file, tiny_cfg)
+
+
+def test_load_model_or_vae_reads_vae_only_files(tiny_model, tiny_cfg, tmp_path):
+    from ldm.checkpoint import load_model_or_vae
+
+    # a VAE-only file as SD's vae-ft-mse-840000-ema-pruned: bare CompVis keys, with the training loss' tensors beside
+    vae_only = {k: v.clone() for k, v in tiny_model.first_stage_model.state_dict().items()}
+    save_file(vae_only | {"loss.logvar": torch.zeros(()), "loss.discriminator.main.0.weight": torch.ones(2, 3, 4, 4)}, tmp_path / "vae.safetensors")
+    model = load_model_or_vae(tmp_path / "vae.safetensors", tiny_cfg)
+    assert_same_tensors(model.first_stage_model.state_dict(), vae_only)
+    assert model.cfg == tiny_cfg and not torch.equal(model.unet.out[2].weight, tiny_model.unet.out[2].weight)
+    save_single_file(tiny_model, tmp_path / "full.safetensors")  # a full model comes whole, with its own config
+    assert_same_tensors(load_model_or_vae(tmp_path / "full.safetensors", None).state_dict(), tiny_model.state_dict())
+    save_file({"encoder.conv_in.weight": torch.zeros(1)}, tmp_path / "bad.safetensors")
+    with pytest.raises(CheckpointError, match="missing tensor"):
+        load_model_or_vae(tmp_path / "bad.safetensors", tiny_cfg)
