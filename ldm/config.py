@@ -93,6 +93,14 @@ class ModelConfig:
     linear_end: float = 0.012
     parameterization: str = "eps"  # eps | v | x0
     scale_factor: float = 0.18215  # latent = scale_factor * VAE posterior sample
+    rescale_betas_zero_snr: bool = False  # Lin et al. 2023: shift the schedule so the last step is pure noise
+    learn_sigma: bool = False  # improved DDPM: the UNet also predicts the variance (unet.out_channels = 2 * vae.embed_dim)
+
+
+def check(ok: bool, message: str) -> None:
+    """For __post_init__ value checks: raise ConfigError(message) unless ok."""
+    if not ok:
+        raise ConfigError(message)
 
 
 def from_dict(cls, data: dict, prefix: str = ""):
@@ -178,3 +186,88 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), cls=M
     """Defaults <- YAML file <- dotted overrides, checked against `cls`."""
     data = load_yaml(path) if path is not None else {}
     return from_dict(cls, apply_overrides(data, list(overrides)))
+
+
+# ---------------------------------------------------------------- training (train_unet.py; train_vae.py shares the sections)
+
+
+@dataclass
+class DataConfig:
+    path: str = ""  # an image folder (metadata.jsonl / metadata.csv / name.txt captions), a datasets.save_to_disk folder, or what datasets.load_dataset reads
+    image_column: str = "image"
+    caption_column: str = "text"  # a string or a list of strings (one is picked at random each time)
+    resolution: int = 512
+    center_crop: bool = True  # false: random crop
+    random_flip: bool = False
+    num_workers: int = 2
+
+    def __post_init__(self):
+        check(self.resolution > 0, f"data.resolution must be positive, got {self.resolution}")
+        check(self.num_workers >= 0, f"data.num_workers must be >= 0, got {self.num_workers}")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    betas: tuple[float, ...] = (0.9, 0.999)
+    weight_decay: float = 1e-2
+    eps: float = 1e-8
+    lr_scheduler: str = "constant_with_warmup"  # a diffusers.optimization name: constant_with_warmup, cosine, linear, ...
+    warmup_steps: int = 500
+    max_grad_norm: float = 1.0  # 0: no clipping
+
+    def __post_init__(self):
+        schedulers = ("constant", "constant_with_warmup", "cosine", "linear")
+        check(self.lr_scheduler in schedulers, f"optim.lr_scheduler must be one of {', '.join(schedulers)}, got {self.lr_scheduler!r}")
+        check(len(self.betas) == 2, f"optim.betas must be two numbers, got {list(self.betas)}")
+        check(self.lr > 0 and self.warmup_steps >= 0 and self.max_grad_norm >= 0, "optim.lr must be > 0, warmup_steps and max_grad_norm >= 0")
+
+
+@dataclass
+class EMAConfig:
+    enabled: bool = True
+    decay: float = 0.9999
+    warmup: bool = True  # decay = min(decay, (1 + n) / (10 + n)) after n updates, as CompVis' LitEma
+    start_step: int = 0  # before this step the EMA just copies the weights
+
+    def __post_init__(self):
+        check(0.0 <= self.decay < 1.0, f"ema.decay must be in [0, 1), got {self.decay}")
+
+
+@dataclass
+class TrainUNetConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    init_from: str = ""  # a checkpoint (SD v1 file, ours, diffusers folder): its config is the base of `model`, its weights the start
+    reinit_unet: bool = False  # with init_from: keep its VAE and text encoder, start the UNet from random weights
+    output_dir: str = "runs/unet"
+    max_steps: int = 10000
+    batch_size: int = 4  # per device
+    grad_accum: int = 1
+    mixed_precision: str = "no"  # no | fp16 | bf16
+    compile: bool = False  # torch.compile the UNet
+    seed: int = 0
+    deterministic: bool = False  # torch.use_deterministic_algorithms
+    caption_dropout: float = 0.1  # share of captions replaced by "" so classifier-free guidance works
+    min_snr_gamma: float = 0.0  # Hang et al. 2023 loss weighting; 0: off (5 is their choice)
+    offset_noise: float = 0.0  # Guttenberg 2023: noise += offset_noise * per-channel constant
+    vlb_weight: float = 0.001  # lambda of the improved-DDPM hybrid loss (learn_sigma)
+    cache_latents: bool = False
+    cache_dir: str = "cache"  # latent / text-embedding caches, shared between runs
+    save_every: int = 1000
+    keep_last: int = 3
+    log_every: int = 10
+    tracker: str = "tensorboard"  # tensorboard | wandb | none
+    max_nan_skips: int = 20  # consecutive non-finite steps tolerated (skipped) before giving up
+
+    def __post_init__(self):
+        for name in ("max_steps", "batch_size", "grad_accum", "save_every", "keep_last", "log_every"):
+            check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        check(self.mixed_precision in ("no", "fp16", "bf16"), f"mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
+        check(self.tracker in ("tensorboard", "wandb", "none"), f"tracker must be tensorboard, wandb or none, got {self.tracker!r}")
+        check(0.0 <= self.caption_dropout <= 1.0, f"caption_dropout must be in [0, 1], got {self.caption_dropout}")
+        check(self.min_snr_gamma >= 0 and self.offset_noise >= 0 and self.vlb_weight >= 0, "min_snr_gamma, offset_noise and vlb_weight must be >= 0")
+        check(not (self.reinit_unet and not self.init_from), "reinit_unet needs init_from (a checkpoint to take the VAE and text encoder from)")
+        check(not (self.cache_latents and not self.data.center_crop), "cache_latents stores center crops: it cannot be combined with data.center_crop=false")

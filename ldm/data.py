@@ -1,0 +1,304 @@
+"""Image + caption datasets for training, their transforms, and the sampler that makes runs reproducible.
+
+`ImageCaptionDataset(path)` reads, by what it finds at `path`:
+  - a folder written by `datasets`' `save_to_disk` (`state.json` or `dataset_dict.json` inside; split "train");
+  - an image folder with captions in `metadata.jsonl` / `metadata.csv` (Hugging Face `imagefolder` convention:
+    a `file_name` column relative to the metadata file, and a caption column), in any subfolder;
+  - an image folder with captions in `name.txt` beside `name.png` (one caption per non-empty line);
+  - anything else `datasets.load_dataset(path, split="train")` reads (parquet / csv / json files, ...).
+A caption may be a list: one is picked at random each time the image is drawn. Images are converted to 8-bit
+RGB correctly whatever their mode; unreadable files are skipped and counted, never a crash mid-epoch. Files
+outside the dataset folder (`../x.png`, absolute paths, symlinks out) are never read: skipped and counted.
+
+Randomness is keyed by the position of a sample in the data stream (`StreamSampler`), not by process or
+worker, so one process with batch 2B and two with batch B see the same samples with the same crops, flips,
+captions and noise, and a resumed run continues the stream exactly.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import random
+import signal
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch.utils.data import Dataset, Sampler
+
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+METADATA_FILES = ("metadata.jsonl", "metadata.csv")
+
+
+class DataError(ValueError):
+    """A dataset that cannot be used (missing, empty, wrong columns); the message says what and where."""
+
+
+# ---------------------------------------------------------------- images
+
+
+def open_rgb(source: str | Path | bytes) -> Image.Image:
+    """Decode an image fully and convert it to 8-bit RGB.
+
+    Transparency (RGBA, LA, palette with a transparent index) is composited on white, palette / grey / CMYK
+    go through Pillow's conversions, 16-bit grey is scaled by 255/65535 (Pillow's own conversion clips it),
+    and the EXIF orientation is applied. Raises on a corrupt or truncated file.
+    """
+    img = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+    img.load()
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        img = Image.fromarray((np.asarray(img).astype(np.float64) * (255 / 65535)).round().clip(0, 255).astype(np.uint8))
+    if img.mode == "P" or (img.mode in ("L", "RGB") and "transparency" in img.info):
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA"):
+        background = Image.new("RGB", img.size, (255, 255, 255))
+        background.paste(img.convert("RGBA"), mask=img.convert("RGBA").getchannel("A"))
+        return background
+    return img.convert("RGB")
+
+
+def transform(img: Image.Image, resolution: int, center_crop: bool, flip: bool, rng: random.Random) -> torch.Tensor:
+    """Resize the short side to `resolution` (bicubic, antialiased), crop a square (center or random), flip; -> [-1, 1]."""
+    w, h = img.size
+    scale = resolution / min(w, h)
+    w, h = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+    img = img.resize((w, h), Image.Resampling.BICUBIC)
+    left, top = ((w - resolution) // 2, (h - resolution) // 2) if center_crop else (rng.randint(0, w - resolution), rng.randint(0, h - resolution))
+    img = img.crop((left, top, left + resolution, top + resolution))
+    if flip:
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return torch.from_numpy(np.array(img)).permute(2, 0, 1).float() / 127.5 - 1.0
+
+
+def choose(rng: random.Random, n_captions: int, random_flip: bool) -> tuple[int, bool]:
+    """The per-sample choices shared by the image and the cached paths, in one fixed order: caption, then flip."""
+    return rng.randrange(n_captions), random_flip and rng.random() < 0.5
+
+
+# ---------------------------------------------------------------- sources
+
+
+def _captions(value) -> list[str]:
+    """A caption cell -> a list of non-empty captions (a string, or a list of strings)."""
+    values = [value] if isinstance(value, str) else list(value) if isinstance(value, (list, tuple)) else []
+    return [v.strip() for v in values if isinstance(v, str) and v.strip()]
+
+
+def _inside(root: Path, path: Path) -> bool:
+    return path.resolve().is_relative_to(root)
+
+
+def _read_metadata(meta: Path, caption_column: str) -> list[dict]:
+    try:
+        if meta.suffix == ".jsonl":
+            return [json.loads(line) for line in meta.read_text(encoding="utf-8").splitlines() if line.strip()]
+        with meta.open(newline="", encoding="utf-8") as f:
+            return list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, csv.Error) as e:
+        raise DataError(f"cannot read {meta}: {e}") from None
+
+
+def scan_folder(root: Path, caption_column: str, require_captions: bool = True) -> tuple[list[tuple[Path, list[str]]], list[tuple[str, str]]]:
+    """An image folder -> ([(image path, captions)], [(name, why skipped)]), in a stable order.
+
+    Without require_captions, images without a caption are kept with the caption "" (for the VAE)."""
+    uncaptioned = [] if require_captions else [""]
+    files, skipped = {}, []
+    walk = sorted(Path(d) / f for d, _, names in os.walk(root) for f in names)
+    metas = [p for p in walk if p.name in METADATA_FILES]
+    for meta in metas:
+        for row in _read_metadata(meta, caption_column):
+            name = str(row.get("file_name") or "")
+            path = meta.parent / name
+            if not name or Path(name).is_absolute() or not _inside(root, path):
+                skipped.append((name or f"{meta.name}: a row without file_name", "outside the dataset folder" if name else "no file_name"))
+            elif not path.is_file():
+                skipped.append((name, "file not found"))
+            elif not (_captions(row.get(caption_column)) or uncaptioned):
+                skipped.append((name, f"no caption in column '{caption_column}'"))
+            else:  # several rows for one file add captions
+                files.setdefault(path.resolve(), []).extend(_captions(row.get(caption_column)) or uncaptioned)
+    if not metas:
+        for path in walk:
+            if path.suffix.lower() not in IMAGE_EXTENSIONS:
+                continue
+            txt = path.with_suffix(".txt")
+            if not _inside(root, path) or (txt.exists() and not _inside(root, txt)):
+                skipped.append((str(path.relative_to(root)), "outside the dataset folder"))
+            else:
+                captions = _captions(txt.read_text(encoding="utf-8", errors="replace").splitlines()) if txt.is_file() else []
+                if captions or uncaptioned:
+                    files[path.resolve()] = captions or uncaptioned
+                else:
+                    skipped.append((str(path.relative_to(root)), "no caption (.txt beside it)"))
+    return sorted(files.items()), skipped
+
+
+def _load_hf(path: Path | str, image_column: str, caption_column: str, require_captions: bool):
+    """A `datasets` Dataset whose image column yields undecoded {bytes, path} (decoding errors are ours to count)."""
+    import datasets
+
+    try:
+        if isinstance(path, Path) and ((path / "state.json").exists() or (path / "dataset_dict.json").exists()):
+            ds = datasets.load_from_disk(str(path))
+        else:
+            ds = datasets.load_dataset(str(path), split="train")
+    except Exception as e:  # datasets raises many types for unreadable folders / unknown names
+        raise DataError(f"cannot load dataset {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if "train" not in ds:
+            raise DataError(f"{path}: no 'train' split (found {', '.join(ds)})")
+        ds = ds["train"]
+    for column in (image_column, caption_column) if require_captions else (image_column,):
+        if column not in ds.column_names:
+            raise DataError(f"{path}: no column '{column}' (columns: {', '.join(ds.column_names)}); set data.image_column / data.caption_column")
+    if isinstance(ds.features[image_column], datasets.Image):
+        ds = ds.cast_column(image_column, datasets.Image(decode=False))
+    return ds
+
+
+class ImageCaptionDataset(Dataset):
+    """(index, seed) -> {"pixels": (3, R, R) in [-1, 1], "caption": str, "seed": seed, "skipped": [(name, why)]}.
+
+    A file that cannot be decoded is replaced by the next readable one and reported in "skipped".
+    """
+
+    def __init__(self, path: str | Path, resolution: int, center_crop: bool = True, random_flip: bool = False,
+                 image_column: str = "image", caption_column: str = "text", require_captions: bool = True):  # fmt: skip
+        self.resolution, self.center_crop, self.random_flip = resolution, center_crop, random_flip
+        self.image_column, self.caption_column, self.require_captions = image_column, caption_column, require_captions
+        self.skipped: list[tuple[str, str]] = []
+        local = Path(path).expanduser()
+        self.root = local.resolve() if local.exists() else None
+        if self.root is not None and local.is_dir() and not (local / "state.json").exists() and not (local / "dataset_dict.json").exists() and (
+            any((local / m).exists() for m in METADATA_FILES) or any(p.suffix.lower() in IMAGE_EXTENSIONS for p in local.rglob("*"))
+        ):
+            self.files, self.skipped = scan_folder(self.root, caption_column, require_captions)
+            self.hf = None
+        else:
+            self.hf = _load_hf(local if self.root is not None else str(path), image_column, caption_column, require_captions)
+            self.files = None
+        if len(self) == 0:
+            detail = f" ({len(self.skipped)} skipped, e.g. {self.skipped[0][0]}: {self.skipped[0][1]})" if self.skipped else ""
+            raise DataError(f"no images with captions found in {path}{detail}")
+
+    def __len__(self) -> int:
+        return len(self.files) if self.files is not None else len(self.hf)
+
+    def name(self, i: int) -> str:
+        return str(self.files[i][0].relative_to(self.root)) if self.files is not None else f"row {i}"
+
+    def captions(self, i: int) -> list[str]:
+        """The captions of item i: [] when it has none although they are required, [""] when they are not."""
+        if self.files is not None:
+            return self.files[i][1]
+        found = _captions(self.hf[i][self.caption_column]) if self.caption_column in self.hf.column_names else []
+        return found or ([] if self.require_captions else [""])
+
+    def image(self, i: int) -> Image.Image:
+        """Image i as RGB; raises on anything unreadable (the callers count it)."""
+        if self.files is not None:
+            return open_rgb(self.files[i][0])
+        cell = self.hf[i][self.image_column]
+        if isinstance(cell, Image.Image):
+            cell.load()
+            return open_rgb(_png_bytes(cell))
+        data = cell.get("bytes") if isinstance(cell, dict) else cell if isinstance(cell, bytes) else None
+        if data is None:  # a path: only inside the dataset folder
+            name = cell.get("path") if isinstance(cell, dict) else cell
+            file = (self.root / name) if self.root is not None and isinstance(name, str) else None
+            if file is None or Path(name).is_absolute() or not _inside(self.root, file):
+                raise ValueError(f"image path {name!r} is outside the dataset folder")
+            return open_rgb(file)
+        return open_rgb(data)
+
+    def load(self, i: int, rng: random.Random) -> tuple[torch.Tensor, str]:
+        captions = self.captions(i)
+        if not captions:
+            raise ValueError(f"no caption in column '{self.caption_column}'")
+        img = self.image(i)
+        caption, flip = choose(rng, len(captions), self.random_flip)
+        return transform(img, self.resolution, self.center_crop, flip, rng), captions[caption]
+
+    def __getitem__(self, key) -> dict:
+        index, seed = key if isinstance(key, tuple) else (key, 0)
+        skipped = []
+        for k in range(len(self)):
+            i = (index + k) % len(self)
+            try:
+                pixels, caption = self.load(i, random.Random(seed))
+            except Exception as e:  # a corrupt file can raise almost anything inside a decoder
+                skipped.append((self.name(i), f"unreadable ({type(e).__name__}: {str(e)[:100]})"))
+                continue
+            return {"pixels": pixels, "caption": caption, "seed": seed, "skipped": skipped}
+        raise DataError(f"none of the {len(self)} images in the dataset could be read (first: {skipped[0][0]}: {skipped[0][1]})")
+
+    def fingerprint(self) -> str:
+        """Changes when a file, a caption or the dataset's content changes (for cache invalidation)."""
+        h = hashlib.sha256(f"{self.image_column}|{self.caption_column}".encode())
+        if self.files is None:
+            h.update(self.hf._fingerprint.encode())
+        for path, captions in self.files or ():
+            st = path.stat()
+            h.update(json.dumps([str(path.relative_to(self.root)), st.st_size, st.st_mtime_ns, captions]).encode())
+        return h.hexdigest()
+
+
+def _png_bytes(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def collate(samples: list[dict]) -> dict:
+    """Stack tensors, keep strings and seeds as lists, merge the skipped-file reports."""
+    batch = {"seed": [s["seed"] for s in samples], "skipped": [x for s in samples for x in s["skipped"]]}
+    for key in samples[0]:
+        if key not in batch:
+            values = [s[key] for s in samples]
+            batch[key] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values
+    return batch
+
+
+def ignore_sigterm(_worker_id: int) -> None:
+    """DataLoader worker_init_fn: a SIGTERM sent to the whole process group is the main process' to handle."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+# ---------------------------------------------------------------- order
+
+
+class StreamSampler(Sampler):
+    """An endless stream of (index, seed) keys for one process.
+
+    The stream is randperm(n) seeded seed + epoch, epoch after epoch; position p carries its own seed. Each
+    global batch (world * B positions) is cut into contiguous per-process slices, so the samples of a step do
+    not depend on the number of processes, and starting at position `start` resumes the stream exactly.
+    """
+
+    def __init__(self, n: int, batch_size: int, rank: int = 0, world: int = 1, seed: int = 0, start: int = 0):
+        self.n, self.batch_size, self.rank, self.world, self.seed, self.start = n, batch_size, rank, world, seed, start
+        self._epoch, self._perm = -1, None
+
+    def key(self, position: int) -> tuple[int, int]:
+        epoch, i = divmod(position, self.n)
+        if epoch != self._epoch:
+            self._epoch, self._perm = epoch, torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))
+        return int(self._perm[i]), sample_seed(self.seed, position)
+
+    def __iter__(self):
+        position = self.start + self.rank * self.batch_size
+        while True:
+            for j in range(self.batch_size):
+                yield self.key(position + j)
+            position += self.world * self.batch_size
+
+
+def sample_seed(seed: int, position: int) -> int:
+    """A well-mixed 63-bit seed for stream position `position` of a run seeded `seed`."""
+    return int.from_bytes(hashlib.blake2b(f"{seed}:{position}".encode(), digest_size=8).digest(), "little") >> 1

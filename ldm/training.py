@@ -1,0 +1,244 @@
+"""What the training scripts share: the Accelerator, EMA, per-sample noise, checkpoints and resume, SIGTERM, logging.
+
+Training checkpoints are folders <output_dir>/checkpoints/step-000123/ holding `state/` (Accelerate's
+save_state: model, optimizers, grad scaler, RNG states of every process, and the registered objects such as
+EMA, LR scheduler and TrainState) plus whatever the script writes beside it (train_unet.py: model.safetensors,
+the inference checkpoint). A checkpoint is written to step-000123.tmp/ and renamed when complete, so a crash
+or SIGKILL never leaves a broken latest checkpoint: `--resume latest` takes the newest complete one.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import os
+import re
+import resource
+import shutil
+import signal
+from datetime import timedelta
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+from accelerate import Accelerator, InitProcessGroupKwargs
+from accelerate.tracking import GeneralTracker, on_main_process
+from accelerate.utils import ProjectConfiguration
+
+from ldm.config import ConfigError
+
+CHECKPOINT_NAME = re.compile(r"^step-(\d+)$")
+
+
+def make_accelerator(output_dir: str | Path, mixed_precision: str, grad_accum: int, tracker: str, compile: bool) -> Accelerator:
+    """One Accelerator for 1..N processes (DDP; FSDP / DeepSpeed come from `accelerate config`), logging to
+    <output_dir>/metrics.jsonl always and to TensorBoard or W&B as chosen."""
+    if tracker != "none" and importlib.util.find_spec(tracker) is None:
+        raise ConfigError(f"tracker '{tracker}' is not installed (pip install {tracker}), or set tracker=none")
+    trackers = [JSONLTracker(Path(output_dir) / "metrics.jsonl")] + ([tracker] if tracker != "none" else [])
+    return Accelerator(
+        # several processes on a machine without GPUs (accelerate launch --multi_gpu, torchrun): DDP over gloo on the CPU
+        cpu=int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available(),
+        mixed_precision=mixed_precision,
+        gradient_accumulation_steps=grad_accum,
+        log_with=trackers,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(Path(output_dir) / "logs")),
+        dynamo_backend="inductor" if compile else "no",
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=2))],  # the main process may build a latent cache meanwhile
+    )
+
+
+class JSONLTracker(GeneralTracker):
+    """Each log call as one JSON line ({"step": ..., name: value}): a record that needs no viewer to read back."""
+
+    name, requires_logging_directory, main_process_only = "jsonl", False, True
+
+    def __init__(self, path: Path):
+        super().__init__()
+        self.path = path
+
+    @property
+    def tracker(self):
+        return self.path
+
+    @on_main_process
+    def log(self, values: dict, step: int | None = None, **kwargs):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, **values}) + "\n")
+
+
+def flat_config(values: dict, prefix: str = "") -> dict:
+    """A nested config dict -> {"optim/lr": 0.0001, ...} of scalars (lists as strings): what trackers accept as hyperparameters."""
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat |= flat_config(value, f"{prefix}{key}/")
+        else:
+            flat[prefix + key] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return flat
+
+
+def log_image(accelerator: Accelerator, name: str, image, step: int) -> None:
+    """One PIL image to every tracker that shows images (TensorBoard, W&B)."""
+    import numpy as np
+
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.log_images({name: np.asarray(image)[None]}, step, dataformats="NHWC")
+        elif tracker.name == "wandb":
+            tracker.log_images({name: [image]}, step)
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak accelerator memory of this process, or its peak resident memory on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+class EMA:
+    """Exponential moving average of a module's parameters, kept in float32 whatever the module's dtype.
+
+    After each optimizer step, update(): shadow = d * shadow + (1 - d) * weights with d = 0 (a plain copy) for
+    the first `start_step` + 1 updates, then d = min(decay, (1 + n) / (10 + n)) after n further updates when
+    `warmup` (CompVis' LitEma; the schedule of diffusers' EMAModel), else d = decay.
+    """
+
+    def __init__(self, model: nn.Module, decay: float = 0.9999, warmup: bool = True, start_step: int = 0):
+        self.decay, self.warmup, self.start_step, self.updates = decay, warmup, start_step, 0
+        self.shadow = {name: p.detach().float().clone() for name, p in model.named_parameters()}
+
+    def current_decay(self) -> float:
+        n = self.updates - self.start_step - 1
+        if n <= 0:
+            return 0.0
+        return min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.updates += 1
+        params = dict(model.named_parameters())
+        names = list(self.shadow)
+        torch._foreach_lerp_([self.shadow[n] for n in names], [params[n].detach().float() for n in names], 1.0 - self.current_decay())
+
+    @contextlib.contextmanager
+    def applied_to(self, model: nn.Module):
+        """Inside the block the module holds the EMA weights; its own come back after."""
+        params = dict(model.named_parameters())
+        saved = {n: params[n].detach().clone() for n in self.shadow}
+        with torch.no_grad():
+            for n, value in self.shadow.items():
+                params[n].copy_(value)
+        try:
+            yield model
+        finally:
+            with torch.no_grad():
+                for n, value in saved.items():
+                    params[n].copy_(value)
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "warmup": self.warmup, "start_step": self.start_step, "updates": self.updates, "shadow": self.shadow}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.decay, self.warmup, self.start_step, self.updates = state["decay"], state["warmup"], state["start_step"], state["updates"]
+        for n, value in state["shadow"].items():
+            self.shadow[n].copy_(value)
+
+
+class TrainState:
+    """Where a run is: optimizer steps done, samples drawn from the data stream, files skipped so far."""
+
+    def __init__(self):
+        self.step, self.samples_seen, self.skipped = 0, 0, {}
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "samples_seen": self.samples_seen, "skipped": self.skipped}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.samples_seen, self.skipped = state["step"], state["samples_seen"], dict(state["skipped"])
+
+
+def per_sample_generators(seeds: list[int]) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(int(s)) for s in seeds]
+
+
+def randn_like_per_sample(generators: list[torch.Generator], shape: tuple[int, ...]) -> torch.Tensor:
+    """(len(generators), *shape) standard normal noise, row i from generator i (on CPU: same on every device)."""
+    return torch.stack([torch.randn(shape, generator=g) for g in generators])
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints under root, oldest first (temporary and half-deleted folders are not listed)."""
+    found = [(int(m.group(1)), p) for p in Path(root).glob("step-*") if p.is_dir() and (m := CHECKPOINT_NAME.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def resolve_resume(spec: str | None, root: Path) -> Path | None:
+    """--resume latest -> the newest complete checkpoint under root (None when there is none yet); PATH -> that checkpoint."""
+    if not spec:
+        return None
+    if spec == "latest":
+        found = list_checkpoints(root)
+        return found[-1] if found else None
+    path = Path(spec)
+    if path.name == "state":
+        path = path.parent
+    if not (path / "state").is_dir():
+        raise ConfigError(f"--resume {spec}: not a training checkpoint (no state/ folder inside)")
+    return path
+
+
+def save_checkpoint(accelerator: Accelerator, root: Path, step: int, keep_last: int, write_extra: Callable[[Path], None]) -> Path:
+    """Write checkpoint step-<step> atomically on every process's behalf; keep the newest `keep_last`.
+
+    Every process takes part (each saves its RNG state; with FSDP/DeepSpeed each its shard); the main process
+    alone calls write_extra(folder) and renames step-N.tmp to step-N once all have finished.
+    """
+    final, tmp = root / f"step-{step:06d}", root / f"step-{step:06d}.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a killed run
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp / "state"))
+    if accelerator.is_main_process:
+        write_extra(tmp)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if final.exists():  # a step saved again after a resume from an older checkpoint
+            _remove(final)
+        tmp.rename(final)
+        for old in list_checkpoints(root)[:-keep_last]:
+            _remove(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _remove(folder: Path) -> None:
+    """Rename first, so that a crash halfway through never leaves a partial folder under a checkpoint's name."""
+    trash = folder.with_name(f".{folder.name}.deleting")
+    shutil.rmtree(trash, ignore_errors=True)
+    folder.rename(trash)
+    shutil.rmtree(trash)
+
+
+class StopOnSigterm:
+    """Turns SIGTERM into a flag read between steps, so the loop can save a checkpoint and exit cleanly."""
+
+    def __init__(self):
+        self.received = False
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.received = True
+
+    def should_stop(self, accelerator: Accelerator) -> bool:
+        """True on every process as soon as any got SIGTERM (they agree, so all stop at the same step)."""
+        if accelerator.num_processes == 1:
+            return self.received
+        flag = torch.tensor([float(self.received)], device=accelerator.device)
+        return bool(accelerator.reduce(flag, reduction="sum").item() > 0)

@@ -1,0 +1,259 @@
+"""Train the text-conditioned UNet of ldm (Stable Diffusion v1) from scratch or from a checkpoint, on 1..N devices.
+
+    python train_unet.py --config configs/train-unet-tiny.yaml data.path=my_images [key.path=value ...]
+    accelerate launch --num_processes 8 train_unet.py --config my.yaml [--resume latest] [--cache-latents] [--learn-sigma]
+
+Top to bottom: config -> Accelerator -> models -> data (or the latent cache) -> optimizer -> resume -> the loop
+(noise, loss, optimizer step, EMA, logging, checkpoints) -> <output_dir>/model.safetensors, a single-file
+checkpoint (EMA weights in the UNet) that txt2img.py --ckpt and python -m ldm.convert read.
+"""
+import argparse
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+from accelerate.utils import gather_object, set_seed
+from diffusers.optimization import get_scheduler
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from ldm.cache import LatentCache, build_cache, cache_key
+from ldm.checkpoint import CheckpointError, load_model, load_state_strict, save_single_file
+from ldm.config import ConfigError, TrainUNetConfig, apply_overrides, from_dict, load_yaml, to_dict
+from ldm.data import DataError, ImageCaptionDataset, StreamSampler, collate, ignore_sigterm
+from ldm.diffusion import Diffusion
+from ldm.model import StableDiffusion
+from ldm.text_encoder import tokenize
+from ldm.training import (
+    EMA, StopOnSigterm, TrainState, flat_config, make_accelerator, peak_memory_gib, per_sample_generators,
+    randn_like_per_sample, resolve_resume, save_checkpoint,
+)  # fmt: skip
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", type=Path, required=True, help="training YAML (see configs/train-unet-tiny.yaml)")
+    p.add_argument("--resume", metavar="latest|PATH", help="continue from the newest checkpoint of output_dir, or from PATH")
+    p.add_argument("--cache-latents", action="store_true", help="encode the dataset once (VAE posterior + text embeddings) and train from that")
+    p.add_argument("--learn-sigma", action="store_true", help="also learn the variance (2x UNet output channels, improved-DDPM hybrid loss)")
+    p.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides, e.g. optim.lr=1e-4 data.path=images")
+    return p.parse_intermixed_args(argv)
+
+
+def merge(base: dict, over: dict) -> dict:
+    """`over` on top of `base`, section by section."""
+    return base | {k: merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v for k, v in over.items()}
+
+
+def load_train_config(args) -> tuple[TrainUNetConfig, StableDiffusion | None]:
+    """Defaults <- YAML (`model:` may name a model YAML beside it) <- flags <- overrides; with init_from, the
+    checkpoint's own config is the base of `model`. Returns the config and the init_from model, if any."""
+    raw = load_yaml(args.config)
+    if isinstance(raw.get("model"), str):
+        raw["model"] = load_yaml(args.config.parent / raw["model"])
+    apply_overrides(raw, (["cache_latents=true"] if args.cache_latents else []) + args.overrides)
+    cfg = from_dict(TrainUNetConfig, raw)
+    init = None
+    if cfg.init_from:
+        init = load_model(cfg.init_from)
+        cfg = from_dict(TrainUNetConfig, raw | {"model": merge(to_dict(init.cfg), raw.get("model", {}))})
+    if args.learn_sigma:
+        cfg.model.learn_sigma, cfg.model.unet.out_channels = True, 2 * cfg.model.vae.embed_dim
+    return cfg, init
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        return train(args)
+    except (ConfigError, DataError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def train(args) -> int:
+    # ------------------------------------------------------------ config, Accelerator, models
+    cfg, init = load_train_config(args)
+    diffusion = Diffusion(cfg.model)  # checks the objective fields first
+    if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+    output_dir = Path(cfg.output_dir)
+    checkpoints = output_dir / "checkpoints"
+    resume = resolve_resume(args.resume, checkpoints)
+    if resume is not None:
+        saved = json.loads((resume / "config.json").read_text())["model"]
+        if saved != to_dict(cfg.model):
+            changed = sorted(k for k in saved if saved[k] != to_dict(cfg.model).get(k))
+            raise ConfigError(f"--resume {resume}: it was trained with another model config (model.{', model.'.join(changed)} differ)")
+    dataset = ImageCaptionDataset(cfg.data.path, cfg.data.resolution, cfg.data.center_crop, cfg.data.random_flip,
+                                  cfg.data.image_column, cfg.data.caption_column)  # fmt: skip
+    accelerator = make_accelerator(output_dir, cfg.mixed_precision, cfg.grad_accum, cfg.tracker, cfg.compile)
+    device = accelerator.device
+    set_seed(cfg.seed)  # the same fresh UNet on every process
+
+    model = StableDiffusion(cfg.model)
+    if init is not None:
+        parts = ["first_stage_model", "cond_stage_model"] + ([] if cfg.reinit_unet else ["model"])
+        for name in parts:
+            hint = " (set reinit_unet=true to train a UNet of another shape)" if name == "model" else ""
+            try:
+                load_state_strict(getattr(model, name), getattr(init, name).state_dict(), f"{cfg.init_from}{hint}")
+            except CheckpointError as e:
+                raise CheckpointError(f"{e}{hint}") from None
+        del init
+    unet, vae, text_encoder = model.unet, model.vae, model.text_encoder
+    vae.requires_grad_(False).eval()
+    unet.train()
+    f = 2 ** (len(cfg.model.vae.ch_mult) - 1)
+    latent_shape = (cfg.model.vae.embed_dim, cfg.data.resolution // f, cfg.data.resolution // f)
+
+    # ------------------------------------------------------------ data: images on the fly, or the latent cache
+    if cfg.cache_latents:
+        folder = Path(cfg.cache_dir).expanduser() / cache_key(dataset, vae, text_encoder)
+        if accelerator.is_main_process and not folder.exists():
+            accelerator.print(f"encoding {len(dataset)} images into the latent cache {folder}")
+            vae.encoder.to(device), vae.quant_conv.to(device), text_encoder.to(device)
+            with accelerator.autocast():
+                build_cache(dataset, vae, text_encoder, folder, cfg.batch_size, cfg.data.num_workers, lambda it: tqdm(it, "caching"))
+            vae.to("cpu"), text_encoder.to("cpu")
+        accelerator.wait_for_everyone()
+        train_set = LatentCache(folder)  # the VAE encoder and the text encoder stay on the CPU, unused
+        empty_context = train_set.empty_context.to(device)
+    else:
+        train_set = dataset
+        vae.to(device), text_encoder.to(device)
+
+    # ------------------------------------------------------------ optimizer, schedule, EMA, resume
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay, eps=cfg.optim.eps)
+    lr_scheduler = get_scheduler(cfg.optim.lr_scheduler, optimizer, num_warmup_steps=cfg.optim.warmup_steps, num_training_steps=cfg.max_steps)
+    unet_ddp, optimizer = accelerator.prepare(unet, optimizer)  # the LR scheduler is stepped once per step by us, not per process
+    ema = EMA(unet, cfg.ema.decay, cfg.ema.warmup, cfg.ema.start_step) if cfg.ema.enabled else None
+    state = TrainState()
+    accelerator.register_for_checkpointing(lr_scheduler, state, *([ema] if ema else []))
+    if resume is not None:
+        accelerator.load_state(str(resume / "state"))
+        accelerator.print(f"resumed from {resume} at step {state.step}")
+    elif args.resume == "latest":
+        accelerator.print(f"no checkpoint in {checkpoints} yet: starting at step 0")
+
+    sampler = StreamSampler(len(train_set), cfg.batch_size, accelerator.process_index, accelerator.num_processes, cfg.seed, state.samples_seen)
+    loader = DataLoader(train_set, cfg.batch_size, sampler=sampler, collate_fn=collate, num_workers=cfg.data.num_workers,
+                        worker_init_fn=ignore_sigterm, pin_memory=device.type == "cuda")  # fmt: skip
+    batches = iter(loader)
+
+    def write_model(folder: Path) -> None:
+        """The inference checkpoint: our single-file layout with the EMA weights in the UNet, plus the run's config."""
+        with ema.applied_to(unet) if ema else contextlib.nullcontext():
+            save_single_file(model, folder / "model.safetensors")
+        (folder / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+
+    def gather_skipped() -> None:
+        for part in gather_object([state.skipped]):
+            state.skipped |= part
+
+    def checkpoint() -> Path:
+        gather_skipped()
+        path = save_checkpoint(accelerator, checkpoints, state.step, cfg.keep_last, write_model)
+        accelerator.print(f"saved checkpoint {path}")
+        return path
+
+    # ------------------------------------------------------------ the loop
+    accelerator.init_trackers("train_unet", config=flat_config(to_dict(cfg)))
+    stop = StopOnSigterm()
+    progress = tqdm(total=cfg.max_steps, initial=state.step, disable=not accelerator.is_main_process, dynamic_ncols=True)
+    window_loss, window_steps, window_images, window_start = 0.0, 0, 0, time.perf_counter()
+    nan_in_a_row, saved_at = 0, None
+    while state.step < cfg.max_steps:
+        batch = next(batches)
+        state.samples_seen += cfg.batch_size * accelerator.num_processes
+        state.skipped |= dict(batch["skipped"])
+        # Every random draw of a sample comes from its own generator, in a fixed order, so it does not depend
+        # on the process count or on resuming: timestep, diffusion noise, posterior noise, caption dropout, offset.
+        gens = per_sample_generators(batch["seed"])
+        t = torch.stack([torch.randint(0, cfg.model.timesteps, (), generator=g) for g in gens]).to(device)
+        noise = randn_like_per_sample(gens, latent_shape).to(device)
+        posterior_noise = randn_like_per_sample(gens, latent_shape).to(device)
+        drop = [bool(torch.rand((), generator=g) < cfg.caption_dropout) for g in gens]
+        offset = randn_like_per_sample(gens, (latent_shape[0], 1, 1)).to(device)
+
+        with torch.no_grad(), accelerator.autocast():
+            if cfg.cache_latents:
+                mean, std, context = batch["mean"].to(device), batch["std"].to(device), batch["context"].to(device)
+                context[torch.tensor(drop, device=device)] = empty_context
+            else:
+                posterior = vae.encode(batch["pixels"].to(device))
+                mean, std = posterior.mean.float(), posterior.std.float()
+                captions = ["" if d else c for c, d in zip(batch["caption"], drop)]
+                context = text_encoder(tokenize(text_encoder.tokenizer, captions).to(device))
+            latents = (mean + std * posterior_noise) * cfg.model.scale_factor  # z ~ q(z | x), scaled to about unit variance
+            noise = noise + cfg.offset_noise * offset  # offset noise: a per-channel constant shift (Guttenberg 2023)
+            x_t = diffusion.q_sample(latents, t, noise)
+
+        with accelerator.accumulate(unet_ddp):
+            out = unet_ddp(x_t, t, context)
+            loss = diffusion.loss(out, latents, x_t, noise, t, cfg.min_snr_gamma, cfg.vlb_weight).mean()
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                grad_norm = accelerator.clip_grad_norm_(unet_ddp.parameters(), cfg.optim.max_grad_norm or math.inf)
+                finite = grad_norm is None or bool(torch.isfinite(grad_norm))
+                if finite or accelerator.scaler is not None:  # fp16: the grad scaler skips the step (and lowers its scale) itself
+                    optimizer.step()
+                skipped_step = not finite or optimizer.step_was_skipped
+                optimizer.zero_grad(set_to_none=True)
+        window_loss += loss.item() if math.isfinite(loss.item()) else 0.0
+        window_images += cfg.batch_size
+        if not accelerator.sync_gradients:
+            continue
+
+        state.step += 1
+        lr_scheduler.step()
+        nan_in_a_row = nan_in_a_row + 1 if skipped_step else 0
+        if skipped_step and nan_in_a_row > cfg.max_nan_skips:
+            accelerator.print(f"error: non-finite gradients for {nan_in_a_row} steps in a row at step {state.step}: try a lower optim.lr")
+            return 1
+        if ema and not skipped_step:
+            ema.update(unet)
+        window_steps += 1
+        progress.update(1)
+
+        if state.step % cfg.log_every == 0 or state.step == cfg.max_steps:
+            elapsed = time.perf_counter() - window_start
+            mean_loss = accelerator.reduce(torch.tensor([window_loss / (window_steps * cfg.grad_accum)], device=device), "mean").item()
+            logs = {"loss": mean_loss, "lr": lr_scheduler.get_last_lr()[0], "grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
+                    "images_per_s_per_device": window_images / elapsed, "peak_memory_gib": peak_memory_gib(device)}  # fmt: skip
+            if ema:
+                logs["ema_decay"] = ema.current_decay()
+            accelerator.log(logs, step=state.step)
+            progress.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{logs['images_per_s_per_device']:.1f}")
+            window_loss, window_steps, window_images, window_start = 0.0, 0, 0, time.perf_counter()
+
+        stopping = stop.should_stop(accelerator)
+        if state.step % cfg.save_every == 0 or state.step == cfg.max_steps or stopping:
+            saved_at = checkpoint()
+        if stopping:
+            accelerator.print(f"SIGTERM: stopped at step {state.step} after saving; continue with --resume latest")
+            accelerator.end_training()
+            return 0
+
+    # ------------------------------------------------------------ the end: the single-file model, what was skipped
+    progress.close()
+    if saved_at is None or not saved_at.name.endswith(f"{state.step:06d}"):
+        saved_at = checkpoint()
+    gather_skipped()
+    if accelerator.is_main_process:
+        write_model(output_dir)
+        for name, why in sorted(state.skipped.items()):
+            print(f"skipped {name}: {why}")
+        print(f"{len(state.skipped)} files skipped; wrote {output_dir / 'model.safetensors'}")
+    accelerator.end_training()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
