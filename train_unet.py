@@ -24,14 +24,14 @@ from tqdm.auto import tqdm
 
 from ldm.cache import LatentCache, build_cache, cache_key
 from ldm.checkpoint import CheckpointError, load_model, load_state_strict, save_single_file
-from ldm.config import ConfigError, TrainUNetConfig, apply_overrides, from_dict, load_yaml, to_dict
+from ldm.config import ConfigError, TrainUNetConfig, to_dict
 from ldm.data import DataError, ImageCaptionDataset, StreamSampler, collate, ignore_sigterm
 from ldm.diffusion import Diffusion
 from ldm.model import StableDiffusion
 from ldm.text_encoder import tokenize
 from ldm.training import (
-    EMA, StopOnSigterm, TrainState, flat_config, make_accelerator, peak_memory_gib, per_sample_generators,
-    randn_like_per_sample, resolve_resume, save_checkpoint,
+    EMA, StopOnSigterm, TrainState, check_resume_config, flat_config, make_accelerator, peak_memory_gib, per_sample_generators,
+    randn_like_per_sample, read_train_config, resolve_resume, save_checkpoint,
 )  # fmt: skip
 
 
@@ -45,23 +45,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_intermixed_args(argv)
 
 
-def merge(base: dict, over: dict) -> dict:
-    """`over` on top of `base`, section by section."""
-    return base | {k: merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v for k, v in over.items()}
-
-
 def load_train_config(args) -> tuple[TrainUNetConfig, StableDiffusion | None]:
-    """Defaults <- YAML (`model:` may name a model YAML beside it) <- flags <- overrides; with init_from, the
-    checkpoint's own config is the base of `model`. Returns the config and the init_from model, if any."""
-    raw = load_yaml(args.config)
-    if isinstance(raw.get("model"), str):
-        raw["model"] = load_yaml(args.config.parent / raw["model"])
-    apply_overrides(raw, (["cache_latents=true"] if args.cache_latents else []) + args.overrides)
-    cfg = from_dict(TrainUNetConfig, raw)
-    init = None
-    if cfg.init_from:
-        init = load_model(cfg.init_from)
-        cfg = from_dict(TrainUNetConfig, raw | {"model": merge(to_dict(init.cfg), raw.get("model", {}))})
+    """Defaults <- YAML <- flags <- overrides (see ldm.training.read_train_config), then --learn-sigma."""
+    overrides = (["cache_latents=true"] if args.cache_latents else []) + args.overrides
+    cfg, init = read_train_config(args.config, overrides, TrainUNetConfig, lambda path, _: load_model(path))
     if args.learn_sigma:
         cfg.model.learn_sigma, cfg.model.unet.out_channels = True, 2 * cfg.model.vae.embed_dim
     return cfg, init
@@ -86,11 +73,7 @@ def train(args) -> int:
     output_dir = Path(cfg.output_dir)
     checkpoints = output_dir / "checkpoints"
     resume = resolve_resume(args.resume, checkpoints)
-    if resume is not None:
-        saved = json.loads((resume / "config.json").read_text())["model"]
-        if saved != to_dict(cfg.model):
-            changed = sorted(k for k in saved if saved[k] != to_dict(cfg.model).get(k))
-            raise ConfigError(f"--resume {resume}: it was trained with another model config (model.{', model.'.join(changed)} differ)")
+    check_resume_config(resume, cfg)
     dataset = ImageCaptionDataset(cfg.data.path, cfg.data.resolution, cfg.data.center_crop, cfg.data.random_flip,
                                   cfg.data.image_column, cfg.data.caption_column)  # fmt: skip
     accelerator = make_accelerator(output_dir, cfg.mixed_precision, cfg.grad_accum, cfg.tracker, cfg.compile)

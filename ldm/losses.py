@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ldm.checkpoint import load_state_strict, read_state_dict
-from ldm.config import ConfigError, LossConfig
+from ldm.config import LossConfig
 from ldm.vae import DiagonalGaussian
 
 # torchvision's vgg16 ("configuration D"), without its last max-pool: ints are 3x3 convs (+ ReLU), "M" 2x2 max-pools.
@@ -150,10 +150,6 @@ class GeneratorLoss(nn.Module):
 
     def __init__(self, cfg: LossConfig):
         super().__init__()
-        if cfg.pixel_loss not in ("l1", "l2"):
-            raise ConfigError(f"config key 'loss.pixel_loss': expected l1 or l2, got {cfg.pixel_loss!r}")
-        if cfg.disc_loss not in D_LOSSES:
-            raise ConfigError(f"config key 'loss.disc_loss': expected hinge or vanilla, got {cfg.disc_loss!r}")
         self.cfg = cfg
         self.logvar = nn.Parameter(torch.tensor(cfg.logvar_init), requires_grad=cfg.learn_logvar)
 

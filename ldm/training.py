@@ -26,7 +26,8 @@ from accelerate import Accelerator, InitProcessGroupKwargs
 from accelerate.tracking import GeneralTracker, on_main_process
 from accelerate.utils import ProjectConfiguration
 
-from ldm.config import ConfigError
+from ldm.config import ConfigError, ModelConfig, apply_overrides, from_dict, load_yaml, to_dict
+from ldm.model import StableDiffusion
 
 CHECKPOINT_NAME = re.compile(r"^step-(\d+)$")
 
@@ -78,6 +79,37 @@ def flat_config(values: dict, prefix: str = "") -> dict:
         else:
             flat[prefix + key] = value if isinstance(value, (int, float, str, bool)) else str(value)
     return flat
+
+
+def merge(base: dict, over: dict) -> dict:
+    """`over` on top of `base`, section by section."""
+    return base | {k: merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v for k, v in over.items()}
+
+
+def read_train_config(path: Path, overrides: list[str], cls, load_init: Callable[[str, ModelConfig], StableDiffusion]):
+    """Defaults <- YAML (`model:` may name a model YAML beside it) <- overrides, into dataclass `cls`; with
+    init_from, load_init(init_from, the YAML's model config) gives the start model, whose own config is the base
+    of `model`. Returns the config and the init_from model, if any."""
+    raw = load_yaml(path)
+    if isinstance(raw.get("model"), str):
+        raw["model"] = load_yaml(Path(path).parent / raw["model"])
+    apply_overrides(raw, overrides)
+    cfg = from_dict(cls, raw)
+    init = None
+    if cfg.init_from:
+        init = load_init(cfg.init_from, cfg.model)
+        cfg = from_dict(cls, raw | {"model": merge(to_dict(init.cfg), raw.get("model", {}))})
+    return cfg, init
+
+
+def check_resume_config(resume: Path | None, cfg) -> None:
+    """A run resumes only with the model config it was trained with (the checkpoint's config.json)."""
+    if resume is None:
+        return
+    saved, current = json.loads((resume / "config.json").read_text())["model"], to_dict(cfg.model)
+    if saved != current:
+        changed = sorted(k for k in saved if saved[k] != current.get(k))
+        raise ConfigError(f"--resume {resume}: it was trained with another model config (model.{', model.'.join(changed)} differ)")
 
 
 def log_image(accelerator: Accelerator, name: str, image, step: int) -> None:

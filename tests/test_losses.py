@@ -149,5 +149,5 @@ def test_patchgan_keys_and_pix2pix_receptive_grid():
 
 @pytest.mark.parametrize("key, value", [("pixel_loss", "l3"), ("disc_loss", "wgan")])
 def test_bad_loss_names_are_config_errors(key, value):
-    with pytest.raises(ConfigError, match=f"loss.{key}"):
-        GeneratorLoss(LossConfig(**{key: value}))
+    with pytest.raises(ConfigError, match=f"loss.{key} must be"):
+        LossConfig(**{key: value})
