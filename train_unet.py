@@ -11,7 +11,6 @@ import argparse
 import contextlib
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -19,19 +18,18 @@ from pathlib import Path
 import torch
 from accelerate.utils import gather_object, set_seed
 from diffusers.optimization import get_scheduler
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ldm.cache import LatentCache, build_cache, cache_key
 from ldm.checkpoint import CheckpointError, load_model, load_state_strict, save_single_file
 from ldm.config import ConfigError, TrainUNetConfig, to_dict
-from ldm.data import DataError, ImageCaptionDataset, StreamSampler, collate, ignore_sigterm
+from ldm.data import DataError, ImageCaptionDataset
 from ldm.diffusion import Diffusion
 from ldm.model import StableDiffusion
 from ldm.text_encoder import tokenize
 from ldm.training import (
-    EMA, StopOnSigterm, TrainState, check_resume_config, flat_config, make_accelerator, peak_memory_gib, per_sample_generators,
-    randn_like_per_sample, read_train_config, resolve_resume, save_checkpoint,
+    EMA, StopOnSigterm, TrainState, flat_config, make_accelerator, optimizer_step, peak_memory_gib, per_sample_generators,
+    randn_like_per_sample, read_train_config, resume_state, save_checkpoint, start_run, stream_batches,
 )  # fmt: skip
 
 
@@ -67,13 +65,7 @@ def train(args) -> int:
     # ------------------------------------------------------------ config, Accelerator, models
     cfg, init = load_train_config(args)
     diffusion = Diffusion(cfg.model)  # checks the objective fields first
-    if cfg.deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
-    output_dir = Path(cfg.output_dir)
-    checkpoints = output_dir / "checkpoints"
-    resume = resolve_resume(args.resume, checkpoints)
-    check_resume_config(resume, cfg)
+    output_dir, checkpoints, resume = start_run(cfg, args.resume)
     dataset = ImageCaptionDataset(cfg.data.path, cfg.data.resolution, cfg.data.center_crop, cfg.data.random_flip,
                                   cfg.data.image_column, cfg.data.caption_column)  # fmt: skip
     accelerator = make_accelerator(output_dir, cfg.mixed_precision, cfg.grad_accum, cfg.tracker, cfg.compile)
@@ -119,16 +111,8 @@ def train(args) -> int:
     ema = EMA(unet, cfg.ema.decay, cfg.ema.warmup, cfg.ema.start_step) if cfg.ema.enabled else None
     state = TrainState()
     accelerator.register_for_checkpointing(lr_scheduler, state, *([ema] if ema else []))
-    if resume is not None:
-        accelerator.load_state(str(resume / "state"))
-        accelerator.print(f"resumed from {resume} at step {state.step}")
-    elif args.resume == "latest":
-        accelerator.print(f"no checkpoint in {checkpoints} yet: starting at step 0")
-
-    sampler = StreamSampler(len(train_set), cfg.batch_size, accelerator.process_index, accelerator.num_processes, cfg.seed, state.samples_seen)
-    loader = DataLoader(train_set, cfg.batch_size, sampler=sampler, collate_fn=collate, num_workers=cfg.data.num_workers,
-                        worker_init_fn=ignore_sigterm, pin_memory=device.type == "cuda")  # fmt: skip
-    batches = iter(loader)
+    resume_state(accelerator, resume, args.resume, checkpoints, state)
+    batches = stream_batches(train_set, cfg, accelerator, state.samples_seen)
 
     def write_model(folder: Path) -> None:
         """The inference checkpoint: our single-file layout with the EMA weights in the UNet, plus the run's config."""
@@ -183,12 +167,7 @@ def train(args) -> int:
             loss = diffusion.loss(out, latents, x_t, noise, t, cfg.min_snr_gamma, cfg.vlb_weight).mean()
             accelerator.backward(loss)
             if accelerator.sync_gradients:
-                grad_norm = accelerator.clip_grad_norm_(unet_ddp.parameters(), cfg.optim.max_grad_norm or math.inf)
-                finite = grad_norm is None or bool(torch.isfinite(grad_norm))
-                if finite or accelerator.scaler is not None:  # fp16: the grad scaler skips the step (and lowers its scale) itself
-                    optimizer.step()
-                skipped_step = not finite or optimizer.step_was_skipped
-                optimizer.zero_grad(set_to_none=True)
+                grad_norm, skipped_step = optimizer_step(accelerator, optimizer, unet_ddp.parameters(), cfg.optim.max_grad_norm)
         window_loss += loss.item() if math.isfinite(loss.item()) else 0.0
         window_images += cfg.batch_size
         if not accelerator.sync_gradients:

@@ -14,7 +14,6 @@ import argparse
 import contextlib
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -23,20 +22,19 @@ import torch
 from accelerate.utils import gather_object, set_seed
 from diffusers.optimization import get_scheduler
 from PIL import Image
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ldm.checkpoint import CheckpointError, load_model_or_vae, load_state_strict, save_single_file
 from ldm.config import ConfigError, TrainVAEConfig, to_dict
-from ldm.data import DataError, ImageCaptionDataset, StreamSampler, collate, holdout_split, ignore_sigterm
+from ldm.data import DataError, ImageCaptionDataset, holdout_split
 from ldm.eval_vae import evaluate, image_batches
 from ldm.losses import GeneratorLoss, NLayerDiscriminator, discriminator_loss, load_lpips
 from ldm.model import StableDiffusion
-from ldm.vae import latent_scale_factor
 from ldm.training import (
-    EMA, StopOnSigterm, TrainState, check_resume_config, flat_config, log_image, make_accelerator, peak_memory_gib,
-    per_sample_generators, randn_like_per_sample, read_train_config, resolve_resume, save_checkpoint,
+    EMA, StopOnSigterm, TrainState, flat_config, log_image, make_accelerator, optimizer_step, peak_memory_gib,
+    per_sample_generators, randn_like_per_sample, read_train_config, resume_state, save_checkpoint, start_run, stream_batches,
 )  # fmt: skip
+from ldm.vae import latent_scale_factor
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -79,13 +77,7 @@ def train(args) -> int:
     # ------------------------------------------------------------ config, Accelerator, models
     cfg, init = load_train_config(args)
     check_sizes(cfg)
-    if cfg.deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
-    output_dir = Path(cfg.output_dir)
-    checkpoints = output_dir / "checkpoints"
-    resume = resolve_resume(args.resume, checkpoints)
-    check_resume_config(resume, cfg)
+    output_dir, checkpoints, resume = start_run(cfg, args.resume)
     dataset = ImageCaptionDataset(cfg.data.path, cfg.data.resolution, cfg.data.center_crop, cfg.data.random_flip,
                                   cfg.data.image_column, cfg.data.caption_column, require_captions=False)  # fmt: skip
     train_set, held_out = holdout_split(dataset, cfg.holdout, cfg.seed)
@@ -122,16 +114,8 @@ def train(args) -> int:
     ema = EMA(vae, cfg.ema.decay, cfg.ema.warmup, cfg.ema.start_step) if cfg.ema.enabled else None
     state = TrainState()
     accelerator.register_for_checkpointing(sched_g, sched_d, state, loss_fn, *([ema] if ema else []))
-    if resume is not None:
-        accelerator.load_state(str(resume / "state"))
-        accelerator.print(f"resumed from {resume} at step {state.step}")
-    elif args.resume == "latest":
-        accelerator.print(f"no checkpoint in {checkpoints} yet: starting at step 0")
-
-    sampler = StreamSampler(len(train_set), cfg.batch_size, accelerator.process_index, accelerator.num_processes, cfg.seed, state.samples_seen)
-    loader = DataLoader(train_set, cfg.batch_size, sampler=sampler, collate_fn=collate, num_workers=cfg.data.num_workers,
-                        worker_init_fn=ignore_sigterm, pin_memory=device.type == "cuda")  # fmt: skip
-    batches = iter(loader)
+    resume_state(accelerator, resume, args.resume, checkpoints, state)
+    batches = stream_batches(train_set, cfg, accelerator, state.samples_seen)
     accelerator.print(f"{len(train_set)} training images ({len(held_out)} held out), {accelerator.num_processes} process(es) on {device.type}")
 
     def write_model(folder: Path) -> None:
@@ -146,17 +130,6 @@ def train(args) -> int:
         path = save_checkpoint(accelerator, checkpoints, state.step, cfg.keep_last, write_model)
         accelerator.print(f"saved checkpoint {path}")
         return path
-
-    def optimizer_step(optimizer, params) -> tuple[torch.Tensor | None, bool]:
-        """On the last micro-batch: clip, step, zero; -> (grad norm, whether the step was skipped as non-finite)."""
-        if not accelerator.sync_gradients:
-            return None, False
-        grad_norm = accelerator.clip_grad_norm_(params, cfg.optim.max_grad_norm or math.inf)
-        finite = grad_norm is None or bool(torch.isfinite(grad_norm))
-        if finite or accelerator.scaler is not None:  # fp16: the grad scaler skips the step (and lowers its scale) itself
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return grad_norm, not finite or optimizer.step_was_skipped
 
     # ------------------------------------------------------------ the loop
     accelerator.init_trackers("train_vae", config=flat_config(to_dict(cfg)))
@@ -181,13 +154,14 @@ def train(args) -> int:
             accelerator.backward(g_loss)
             if accelerator.sync_gradients and loss_fn.logvar.grad is not None:  # logvar is outside DDP: average it by hand
                 loss_fn.logvar.grad = accelerator.reduce(loss_fn.logvar.grad, "mean")
-            grad_norm, skipped_step = optimizer_step(opt_g, g_params)
+            grad_norm, skipped_step = optimizer_step(accelerator, opt_g, g_params, cfg.optim.max_grad_norm) if accelerator.sync_gradients else (None, False)
             # discriminator step: real images against detached reconstructions
             if gan:
                 with accelerator.autocast():
                     d_loss, d_logs = discriminator_loss(disc_ddp, x, xrec, cfg.loss.disc_loss)
                 accelerator.backward(d_loss)
-                optimizer_step(opt_d, disc_ddp.parameters())
+                if accelerator.sync_gradients:
+                    optimizer_step(accelerator, opt_d, disc_ddp.parameters(), cfg.optim.max_grad_norm)
                 logs |= d_logs
         for name, value in logs.items():  # sums and counts: the GAN's terms join the window at disc_start
             total, count = window.get(name, (0.0, 0))
