@@ -112,6 +112,7 @@ def train(args) -> int:
     state = TrainState()
     accelerator.register_for_checkpointing(lr_scheduler, state, *([ema] if ema else []))
     resume_state(accelerator, resume, args.resume, checkpoints, state)
+    state.skipped |= dict(train_set.skipped)  # found while listing the folder (or building the cache)
     batches = stream_batches(train_set, cfg, accelerator, state.samples_seen)
 
     def write_model(folder: Path) -> None:

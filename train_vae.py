@@ -115,6 +115,7 @@ def train(args) -> int:
     state = TrainState()
     accelerator.register_for_checkpointing(sched_g, sched_d, state, loss_fn, *([ema] if ema else []))
     resume_state(accelerator, resume, args.resume, checkpoints, state)
+    state.skipped |= dict(dataset.skipped)  # found while listing the folder
     batches = stream_batches(train_set, cfg, accelerator, state.samples_seen)
     accelerator.print(f"{len(train_set)} training images ({len(held_out)} held out), {accelerator.num_processes} process(es) on {device.type}")
 

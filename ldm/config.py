@@ -137,6 +137,11 @@ def _coerce(tp, value, name: str):
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):
+        try:
+            return float(value)  # YAML 1.1 reads 1e-4 (no dot) as a string
+        except ValueError:
+            pass
     if tp in (int, float, str) and (not isinstance(value, tp) or isinstance(value, bool)):
         raise ConfigError(f"config key {name!r}: expected {tp.__name__}, got {value!r}")
     return value

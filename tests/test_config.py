@@ -12,6 +12,7 @@ def test_overrides_and_types(tmp_path):
     cfg = load_config(ROOT / "configs" / "tiny.yaml", ["unet.channel_mult=[1,2,4]", "scale_factor=1", "unet.use_checkpoint=true"])
     assert cfg.unet.channel_mult == (1, 2, 4) and cfg.scale_factor == 1.0 and cfg.unet.use_checkpoint is True
     assert from_dict(ModelConfig, to_dict(cfg)) == cfg
+    assert load_config(None, ["linear_start=1e-4"]).linear_start == 1e-4  # YAML 1.1 reads this as a string
 
 
 @pytest.mark.parametrize(

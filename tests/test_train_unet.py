@@ -1,0 +1,233 @@
+"""train_unet.py through its real command line, on tiny generated datasets.
+
+Every run is a subprocess (one process, or two over gloo with `accelerate launch --multi_gpu`, which on a
+machine without GPUs runs DDP on the CPU); the bad-input checks call the script's main() in this process.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT
+from diffusers import DDIMScheduler
+from PIL import Image
+from safetensors.torch import load_file
+
+import train_unet
+from ldm.checkpoint import load_model, save_single_file
+from ldm.config import load_config
+from ldm.convert import main as convert
+from ldm.data import ImageCaptionDataset
+from ldm.model import StableDiffusion
+
+CONFIG = ROOT / "configs" / "train-unet-tiny.yaml"
+ENV = os.environ | {"OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (40, 60, 220), "yellow": (230, 210, 40)}
+
+
+def caption(colour: str) -> str:
+    # The colour word repeated: the text encoder is random (no CLIP weights offline), and one differing token
+    # among 77 is a faint signal for a UNet that trains for a minute; twenty are not.
+    return " ".join([colour] * 20)
+
+
+@pytest.fixture(scope="module")
+def colours(tmp_path_factory):
+    """32 noisy single-colour 20x16 images named by their captions, one corrupt file and one entry pointing outside."""
+    root = tmp_path_factory.mktemp("colours")
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(32):
+        name = list(COLOURS)[i % 4]
+        pixels = np.clip(np.array(COLOURS[name]) + rng.integers(-25, 26, (16, 20, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(root / f"{i:02d}.png")
+        rows.append({"file_name": f"{i:02d}.png", "text": [caption(name), f"a {name} picture"]})
+    (root / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    rows += [{"file_name": "broken.png", "text": "broken"}, {"file_name": "../outside.png", "text": "escape"}]
+    (root / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    return root
+
+
+def command(*args, processes=1):
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"] if processes > 1 else [sys.executable]  # fmt: skip
+    return launch + [str(ROOT / "train_unet.py"), "--config", str(CONFIG), "tracker=none", *map(str, args)]
+
+
+def start(*args, processes=1):
+    return subprocess.Popen(command(*args, processes=processes), cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish(proc, expect=0) -> str:
+    out = proc.communicate(timeout=600)[0]
+    assert proc.returncode == expect, out[-3000:]
+    return out
+
+
+def run(*args, processes=1) -> str:
+    return finish(start(*args, processes=processes))
+
+
+def wait_for(condition, proc, timeout=300, interval=0.001):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert proc.poll() is None, f"the run ended first:\n{proc.communicate()[0][-3000:]}"
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(interval)
+
+
+def unet_weights(run_dir, step):
+    return load_file(run_dir / "checkpoints" / f"step-{step:06d}" / "state" / "model.safetensors")
+
+
+def assert_same(a: dict, b: dict, exact=True):
+    assert a.keys() == b.keys()
+    for k in a:
+        if exact:
+            assert torch.equal(a[k], b[k]), k
+        else:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_resume_after_sigterm_and_a_sigkill_mid_write_is_exact(tmp_path, colours):
+    """Uninterrupted vs. stopped by SIGTERM, resumed, killed with SIGKILL while writing a checkpoint, resumed:
+    the same weights and EMA at the last step, bit for bit. Eps prediction, images encoded on the fly."""
+    common = [f"data.path={colours}", "max_steps=8", "save_every=1", "keep_last=2", "batch_size=4", "log_every=1",
+              "deterministic=true", "ema.decay=0.9", "min_snr_gamma=5", "optim.lr_scheduler=cosine", "optim.warmup_steps=2"]  # fmt: skip
+    straight = start(*common, f"output_dir={tmp_path / 'straight'}")
+    run_dir = tmp_path / "interrupted"
+    checkpoints = run_dir / "checkpoints"
+    proc = start(*common, f"output_dir={run_dir}")
+    wait_for(lambda: (checkpoints / "step-000002").exists(), proc, interval=0.01)
+    proc.send_signal(signal.SIGTERM)
+    out = finish(proc)
+    stopped = max(int(p.name[5:]) for p in checkpoints.glob("step-??????"))
+    assert f"SIGTERM: stopped at step {stopped}" in out and stopped < 8 and not (run_dir / "model.safetensors").exists()
+
+    proc = start(*common, f"output_dir={run_dir}", "--resume", "latest")
+    torn = checkpoints / f"step-{stopped + 1:06d}.tmp"
+    wait_for(torn.exists, proc)
+    proc.kill()
+    proc.wait()
+    assert torn.exists()  # killed mid-write: the torn folder is left behind, the good ones are intact
+
+    out = run(*common, f"output_dir={run_dir}", "--resume", "latest")
+    assert f"resumed from {checkpoints / f'step-{stopped:06d}'} at step {stopped}" in out
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-000007", "step-000008"]  # keep_last=2, no .tmp left
+    finish(straight)
+    assert_same(unet_weights(run_dir, 8), unet_weights(tmp_path / "straight", 8))
+    assert_same(load_file(run_dir / "model.safetensors"), load_file(tmp_path / "straight" / "model.safetensors"))
+    assert "skipped broken.png: unreadable" in out and "skipped ../outside.png: outside the dataset folder" in out
+
+    model = load_model(run_dir / "model.safetensors")  # what txt2img.py --ckpt reads: the EMA UNet inside
+    assert model.cfg.unet.model_channels == 32 and model.cfg.parameterization == "eps"
+    assert convert([str(run_dir / "model.safetensors"), str(tmp_path / "diffusers")]) == 0
+    assert (tmp_path / "diffusers" / "model_index.json").exists()
+
+
+def test_two_processes_match_one_with_twice_the_batch(tmp_path, colours):
+    """DDP over gloo, batch 4 per process, against one process with batch 8; v prediction from the latent cache,
+    which the first run builds and the second reuses. Only the main process writes checkpoints and logs."""
+    common = [f"data.path={colours}", "--cache-latents", f"cache_dir={tmp_path / 'cache'}", "model.parameterization=v",
+              "max_steps=3", "save_every=2", "log_every=1", "data.random_flip=true"]  # fmt: skip
+    one = run(*common, "batch_size=8", f"output_dir={tmp_path / 'one'}")
+    assert "encoding 33 images into the latent cache" in one
+    two = run(*common, "batch_size=4", f"output_dir={tmp_path / 'two'}", processes=2)
+    assert "encoding" not in two and two.count("saved checkpoint") == 2
+    assert_same(unet_weights(tmp_path / "two", 3), unet_weights(tmp_path / "one", 3), exact=False)
+    assert_same(load_file(tmp_path / "two" / "model.safetensors"), load_file(tmp_path / "one" / "model.safetensors"), exact=False)
+    assert [m["step"] for m in metrics(tmp_path / "two")] == [1, 2, 3]
+    for a, b in zip(metrics(tmp_path / "two"), metrics(tmp_path / "one")):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    state = tmp_path / "two" / "checkpoints" / "step-000003" / "state"
+    assert (state / "random_states_0.pkl").exists() and (state / "random_states_1.pkl").exists()
+    assert "skipped broken.png: unreadable" in two
+
+
+def test_x0_with_learned_sigma_from_a_checkpoint(tmp_path, colours, tiny_cfg):
+    """Start from a checkpoint's VAE and text encoder with a fresh UNet that also predicts the variance."""
+    torch.manual_seed(0)
+    init = StableDiffusion(tiny_cfg)
+    save_single_file(init, tmp_path / "init.safetensors")
+    run(f"data.path={colours}", f"init_from={tmp_path / 'init.safetensors'}", "reinit_unet=true", "--learn-sigma",
+        "model.parameterization=x0", "offset_noise=0.1", "grad_accum=2", "max_steps=2", "batch_size=2",
+        "log_every=1", f"output_dir={tmp_path / 'run'}")  # fmt: skip
+    model = load_model(tmp_path / "run" / "model.safetensors")
+    assert model.cfg.learn_sigma and model.cfg.unet.out_channels == 8 and model.cfg.parameterization == "x0"
+    assert_same(model.vae.state_dict(), init.vae.state_dict())  # frozen
+    assert all(np.isfinite(m["loss"]) for m in metrics(tmp_path / "run"))
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["data.path=X", "optim.lrr=1"], "unknown config key 'optim.lrr'"),
+        (["data.path=X", "batch_size=0"], "batch_size must be >= 1"),
+        (["data.path=X", "model.beta_schedule=cosine"], "model.beta_schedule must be one of"),
+        (["data.path=X", "model.rescale_betas_zero_snr=true"], "needs parameterization v or x0"),
+        (["data.path=X", "tracker=mlflow"], "tracker must be tensorboard, wandb or none"),
+        (["data.path=X", "data.center_crop=false", "--cache-latents"], "cannot be combined with data.center_crop=false"),
+        (["data.path=X", "--resume", "nowhere"], "--resume nowhere: not a training checkpoint"),
+        (["data.path=X", "init_from=missing.safetensors"], "checkpoint not found: missing.safetensors"),
+        (["data.path=EMPTY"], "no images with captions found"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_code_2(args, message, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "a.png").write_bytes(b"")
+    args = [a.replace("=X", f"={tmp_path / 'none'}").replace("EMPTY", str(tmp_path / "empty")) for a in args]
+    assert train_unet.main(["--config", str(CONFIG), f"output_dir={tmp_path / 'out'}", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+
+
+def test_learning_samples_follow_the_caption(tmp_path, colours):
+    """Loss falls, and sampling (diffusers' DDIM with classifier-free guidance, EMA weights) for a colour gives
+    latents nearest to that colour's mean latent far more often than chance (1 in 4).
+
+    The VAE is random but made near-deterministic (posterior std ~ e^-10) and scaled to unit latent variance,
+    as SD's scale_factor does, so the latents carry the colours; classification is by nearest class centroid."""
+    torch.manual_seed(0)
+    init = StableDiffusion(load_config(ROOT / "configs" / "tiny.yaml"))
+    data = ImageCaptionDataset(colours, 16)
+    with torch.no_grad():
+        init.vae.quant_conv.bias[4:] = -20.0  # log-variance channels
+        means = torch.stack([init.vae.encode(data[(i, 0)]["pixels"][None]).mean[0] for i in range(len(data))])
+    init.cfg.scale_factor = float(1 / means.std())
+    save_single_file(init, tmp_path / "init.safetensors")
+    run(f"data.path={colours}", f"init_from={tmp_path / 'init.safetensors'}", "--cache-latents", f"cache_dir={tmp_path / 'cache'}",
+        "model.parameterization=v", "min_snr_gamma=5", "optim.lr=2e-3", "max_steps=120", "batch_size=16", "log_every=20",
+        "save_every=1000", f"output_dir={tmp_path / 'run'}")  # fmt: skip
+    losses = [m["loss"] for m in metrics(tmp_path / "run")]
+    assert losses[-1] < 0.5 * losses[0], losses
+
+    model = load_model(tmp_path / "run" / "model.safetensors").eval()
+    with torch.no_grad():
+        by_colour = {c: [] for c in COLOURS}
+        for i in range(len(data)):
+            if data.name(i) != "broken.png":
+                latent = model.vae.encode(data[(i, 0)]["pixels"][None]).mean[0] * model.cfg.scale_factor
+                by_colour[list(COLOURS)[int(data.name(i)[:2]) % 4]].append(latent)
+        centroids = torch.stack([torch.stack(v).mean(0) for v in by_colour.values()])
+        n = 6
+        prompts = [caption(c) for c in COLOURS for _ in range(n)]
+        cond, uncond = model.text_encoder.encode(prompts), model.text_encoder.encode([""] * len(prompts))
+        scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type="v_prediction",
+                                  clip_sample=False, set_alpha_to_one=False, steps_offset=1)  # fmt: skip
+        scheduler.set_timesteps(20)
+        x = torch.randn(len(prompts), 4, 8, 8, generator=torch.Generator().manual_seed(0))
+        for t in scheduler.timesteps:
+            out_uncond, out_cond = model.unet(torch.cat([x, x]), t.expand(2 * len(prompts)), torch.cat([uncond, cond])).chunk(2)
+            x = scheduler.step(out_uncond + 2.0 * (out_cond - out_uncond), t, x).prev_sample
+    predicted = torch.cdist(x.flatten(1), centroids.flatten(1)).argmin(dim=1)
+    accuracy = (predicted == torch.arange(4).repeat_interleave(n)).float().mean().item()
+    assert accuracy >= 0.75, (accuracy, predicted.tolist())
