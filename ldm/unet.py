@@ -133,25 +133,27 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
-    """Nearest-neighbour 2x upsampling, then a 3x3 conv."""
+    """Nearest-neighbour upsampling (2x, or to `size`: odd sides after a stride-2 conv), then a 3x3 conv."""
 
     def __init__(self, channels: int):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
-    def forward(self, x):
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+    def forward(self, x, size=None):
+        return self.conv(F.interpolate(x, size=size, scale_factor=None if size else 2.0, mode="nearest"))
 
 
 class TimestepEmbedSequential(nn.Sequential):
     """A sequence of layers; each gets what it needs: ResBlocks the time embedding, transformers the context."""
 
-    def forward(self, x, emb, context):
+    def forward(self, x, emb, context, upsample_size=None):
         for layer in self:
             if isinstance(layer, ResBlock):
                 x = layer(x, emb)
             elif isinstance(layer, SpatialTransformer):
                 x = layer(x, context)
+            elif isinstance(layer, Upsample):
+                x = layer(x, upsample_size)
             else:
                 x = layer(x)
         return x
@@ -204,10 +206,10 @@ class UNetModel(nn.Module):
         timesteps = torch.as_tensor(timesteps, device=x.device).expand(x.shape[0])
         emb = self.time_embed(timestep_embedding(timesteps, self.cfg.model_channels).to(x.dtype))
 
-        def run(block, h):
+        def run(block, h, upsample_size=None):
             if self.cfg.use_checkpoint and self.training:
-                return checkpoint(block, h, emb, context, use_reentrant=False)
-            return block(h, emb, context)
+                return checkpoint(block, h, emb, context, upsample_size, use_reentrant=False)
+            return block(h, emb, context, upsample_size)
 
         skips, h = [], x
         for block in self.input_blocks:
@@ -215,5 +217,6 @@ class UNetModel(nn.Module):
             skips.append(h)
         h = run(self.middle_block, h)
         for block in self.output_blocks:
-            h = run(block, torch.cat([h, skips.pop()], dim=1))
+            h = torch.cat([h, skips.pop()], dim=1)
+            h = run(block, h, skips[-1].shape[-2:] if skips else None)  # upsample to the next skip's size
         return self.out(h)

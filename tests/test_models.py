@@ -77,6 +77,10 @@ def test_unet_non_square_and_scalar_timestep(tiny_cfg):
         assert (unet(x, torch.tensor(500), context) - ref(x, 500, context).sample).abs().max() <= 1e-4
 
 
+def test_unet_sides_not_divisible_by_its_downsampling(tiny_cfg):
+    check_unet(tiny_cfg, (10, 6))  # 10 -> 5 -> 3 and back: upsampled to each skip's size, as diffusers does
+
+
 def test_unet_head_channels_and_depth(tiny_cfg):
     tiny_cfg.unet.num_heads, tiny_cfg.unet.num_head_channels, tiny_cfg.unet.transformer_depth = 4, -1, 2
     check_unet(tiny_cfg, (8, 8))

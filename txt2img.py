@@ -1,0 +1,218 @@
+"""txt2img.py: text-to-image, img2img and inpainting with a Stable Diffusion v1 checkpoint.
+
+    python txt2img.py --ckpt v1-5-pruned-emaonly.safetensors --prompt "a lighthouse at dusk" --sampler dpmpp_2m_karras --steps 25
+    python txt2img.py --ckpt v1-5-pruned-emaonly.safetensors --prompt "an oil painting" --init-image photo.png --strength 0.6
+    python txt2img.py --ckpt sd-v1-5-inpainting.ckpt --prompt "a vase of tulips" --init-image room.png --mask mask.png
+
+Writes one PNG per image into --outdir, numbered after the PNGs already there (nothing is overwritten), and a
+grid when a run makes more than one image. Each PNG carries its generation parameters: AUTOMATIC1111's
+"parameters" text chunk and the same facts as JSON in an "ldm" chunk (--no-metadata leaves both out).
+Image k of a run has seed --seed + k; the same parameters (batch size included) give the same image bit for bit.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import re
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from ldm import load_pipeline
+from ldm.checkpoint import CheckpointError
+from ldm.config import ConfigError, load_config
+from ldm.pipeline import InputError, Pipeline, load_image
+from ldm.samplers import SAMPLERS
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")  # one line (argparse's default adds the whole usage)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = Parser(prog="txt2img.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--prompt", help="what to draw")
+    p.add_argument("--negative-prompt", default="", help="what to steer away from (default: the empty prompt, as SD)")
+    p.add_argument("--from-file", type=Path, help="a text file with one prompt per line, instead of --prompt")
+    p.add_argument("--ckpt", type=Path, help="an SD v1 .safetensors/.ckpt, a diffusers folder or one of our checkpoints")
+    p.add_argument("--config", type=Path, help="architecture YAML, for a single file that does not carry its config")
+    p.add_argument("--sampler", default="ddim", choices=SAMPLERS, help="default: ddim")
+    p.add_argument("--steps", "--ddim_steps", type=int, default=50, help="sampling steps (default: 50)")
+    p.add_argument("--scale", type=float, default=7.5, help="classifier-free guidance scale (default: 7.5; 1: none)")
+    p.add_argument("--guidance-rescale", type=float, default=0.0, help="guidance rescale phi, 0..1 (default: 0, off)")
+    p.add_argument("--seed", type=int, default=42, help="seed of the first image; image k gets seed + k (default: 42)")
+    p.add_argument("--H", type=int, help="height in pixels (default: the model's; img2img: the init image's)")
+    p.add_argument("--W", type=int, help="width in pixels (default: the model's; img2img: the init image's)")
+    p.add_argument("--n-samples", "--n_samples", type=int, default=1, help="images per prompt made as one batch (default: 1)")
+    p.add_argument("--n-iter", "--n_iter", type=int, default=1, help="batches per prompt (default: 1)")
+    p.add_argument("--outdir", type=Path, default=Path("outputs/txt2img-samples"))
+    p.add_argument("--eta", "--ddim_eta", type=float, default=0.0, help="DDIM eta: 0 deterministic, 1 DDPM-like (ddim only)")
+    p.add_argument("--init-image", type=Path, help="img2img: the image to start from")
+    p.add_argument("--strength", type=float, help="fraction of the steps run from the init image, in (0, 1] (default: 0.75; inpainting: 1)")
+    p.add_argument("--mask", type=Path, help="inpainting: white = repaint, black = keep, grey = blend (the init image's size)")
+    p.add_argument("--dtype", choices=DTYPES, default="fp32")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--save-intermediates", action="store_true", help="also save a strip of each image's denoising trajectory")
+    p.add_argument("--skip-grid", "--skip_grid", action="store_true", help="no grid image")
+    p.add_argument("--no-metadata", action="store_true", help="write PNGs without the generation parameters")
+    return p.parse_args(argv)
+
+
+def read_prompts(args) -> list[str]:
+    if (args.prompt is None) == (args.from_file is None):
+        raise InputError("give exactly one of --prompt and --from-file")
+    if args.prompt is not None:
+        return [args.prompt]
+    try:
+        prompts = [line.strip() for line in args.from_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"cannot read prompts from {args.from_file}: {e}") from None
+    if not prompts:
+        raise InputError(f"{args.from_file} holds no prompt")
+    return prompts
+
+
+def model_hash(path: Path) -> str:
+    """AUTOMATIC1111's model hash: the first 10 hex digits of the file's SHA-256 (a folder: of its files, in order)."""
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    digest = hashlib.sha256()
+    for file in files:
+        with open(file, "rb") as f:
+            while block := f.read(1 << 24):
+                digest.update(block)
+    return digest.hexdigest()[:10]
+
+
+def a1111_text(facts: dict) -> str:
+    """The `parameters` text AUTOMATIC1111 writes: prompt, negative prompt, then `Key: value` pairs."""
+
+    def quote(value) -> str:
+        text = str(value)
+        return json.dumps(text, ensure_ascii=False) if any(c in text for c in ",:\n") else text
+
+    pairs = {
+        "Steps": facts["steps"], "Sampler": SAMPLERS[facts["sampler"]][2], "CFG scale": facts["scale"], "Seed": facts["seed"],
+        "Size": f"{facts['width']}x{facts['height']}", "Model hash": facts["model_hash"], "Model": facts["model"],
+        "Denoising strength": facts.get("strength"), "Eta DDIM": facts["eta"] or None,
+        "Guidance rescale": facts["guidance_rescale"] or None,
+        "Batch size": facts["batch_size"] if facts["batch_size"] > 1 else None,
+        "Batch pos": facts["batch_pos"] if facts["batch_size"] > 1 else None,
+    }  # fmt: skip
+    lines = [facts["prompt"]] + ([f"Negative prompt: {facts['negative_prompt']}"] if facts["negative_prompt"] else [])
+    return "\n".join(lines + [", ".join(f"{k}: {quote(v)}" for k, v in pairs.items() if v is not None)])
+
+
+def next_number(outdir: Path) -> int:
+    """1 + the highest number that starts a PNG name in outdir (0 when there is none)."""
+    numbers = [int(m.group(1)) for p in outdir.glob("*.png") if (m := re.match(r"(\d+)", p.name))]
+    return max(numbers, default=-1) + 1
+
+
+def save_png(image: Image.Image, path: Path, facts: dict | None) -> Path:
+    """Write a new PNG (never replacing a file), with the parameters chunks unless facts is None."""
+    info = None
+    if facts is not None:
+        info = PngInfo()
+        info.add_text("parameters", a1111_text(facts))
+        info.add_text("ldm", json.dumps(facts, ensure_ascii=False))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with open(path, "xb") as f:
+            image.save(f, format="PNG", pnginfo=info)
+    except FileExistsError:
+        raise InputError(f"{path} appeared while writing: not overwriting it") from None
+    return path
+
+
+def run(pipe: Pipeline, args, prompts: list[str], init_image, mask, model: dict) -> list[Path]:
+    """Make n_iter batches of n_samples images per prompt; write them (and strips, grid); return the paths."""
+    options = dict(negative_prompt=args.negative_prompt, steps=args.steps, scale=args.scale, sampler=args.sampler,
+                   height=args.H, width=args.W, eta=args.eta, n_samples=args.n_samples, guidance_rescale=args.guidance_rescale)  # fmt: skip
+    run_facts = {"mode": "txt2img", **{k: v for k, v in options.items() if k not in ("height", "width", "n_samples")}, **model,
+                 "batch_size": args.n_samples, "dtype": args.dtype, "device": args.device}  # fmt: skip
+    if init_image is not None:
+        strength = args.strength if args.strength is not None else 1.0 if mask is not None else 0.75
+        options |= dict(init_image=init_image, mask=mask, strength=strength)
+        run_facts |= {"mode": "img2img", "init_image": str(args.init_image), "strength": strength}
+        if mask is not None:
+            run_facts |= {"mode": "inpaint", "mask": str(args.mask)}
+    number, seed, written, rows, first_facts = next_number(args.outdir), args.seed, [], [], None
+    for prompt in prompts:
+        for _ in range(args.n_iter):
+            trajectory = [] if args.save_intermediates else None
+            batch = pipe.generate(prompt, seed=seed, trajectory=trajectory, **options)
+            strips = pipe.trajectory_strips(trajectory) if trajectory is not None else [None] * len(batch)
+            for pos, (image, strip) in enumerate(zip(batch, strips)):
+                facts = run_facts | {"prompt": prompt, "seed": seed + pos, "width": image.width, "height": image.height, "batch_pos": pos}
+                facts = None if args.no_metadata else facts
+                first_facts = first_facts or facts
+                written.append(save_png(image, args.outdir / f"{number:05}.png", facts))
+                if strip is not None:
+                    written.append(save_png(strip, args.outdir / f"{number:05}-trajectory.png", facts))
+                number += 1
+            seed += len(batch)
+            rows.append(batch)
+    if len(rows) * len(rows[0]) > 1 and not args.skip_grid:  # one row per batch, carrying the first image's parameters
+        width, height = rows[0][0].size
+        grid = Image.new("RGB", (width * len(rows[0]), height * len(rows)))
+        for r, batch in enumerate(rows):
+            for c, image in enumerate(batch):
+                grid.paste(image, (c * width, r * height))
+        grids = [int(m.group(1)) for p in args.outdir.glob("grid-*.png") if (m := re.match(r"grid-(\d+)", p.name))]
+        written.append(save_png(grid, args.outdir / f"grid-{max(grids, default=-1) + 1:04}.png", first_facts))
+    return written
+
+
+def show_note(message, *_):
+    print(f"note: {message}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    with warnings.catch_warnings():
+        warnings.showwarning = show_note  # warnings (an image resized, a prompt truncated) as one-line notes
+        try:
+            written = execute(args)
+        except (InputError, CheckpointError, ConfigError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    print("\n".join(map(str, written)))
+    return 0
+
+
+def execute(args) -> list[Path]:
+    """Check the input, load the model, generate and write the images; return the paths written."""
+    prompts = read_prompts(args)
+    if args.n_iter < 1:
+        raise InputError(f"--n-iter must be at least 1, got {args.n_iter}")
+    if args.strength is not None and args.init_image is None:
+        raise InputError("--strength needs --init-image")
+    if args.mask is not None and args.init_image is None:
+        raise InputError("--mask needs --init-image")
+    init_image = load_image(args.init_image) if args.init_image else None
+    mask = load_image(args.mask, "L") if args.mask else None
+    if args.ckpt is None:
+        raise CheckpointError("no default model is bundled yet: pass --ckpt (an SD v1 .safetensors/.ckpt, a diffusers folder or one of our checkpoints)")
+    if args.outdir.exists() and not args.outdir.is_dir():
+        raise InputError(f"--outdir {args.outdir} is a file, not a folder")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise InputError(f"unknown --device '{args.device}'") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda, but no CUDA device is available")
+    pipe = load_pipeline(args.ckpt, device, DTYPES[args.dtype], load_config(args.config) if args.config else None)
+    model = {"model": args.ckpt.stem, "model_hash": None if args.no_metadata else model_hash(args.ckpt)}
+    return run(pipe, args, prompts, init_image, mask, model)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
