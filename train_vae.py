@@ -136,7 +136,7 @@ def train(args) -> int:
     accelerator.init_trackers("train_vae", config=flat_config(to_dict(cfg)))
     stop = StopOnSigterm()
     progress = tqdm(total=cfg.max_steps, initial=state.step, disable=not accelerator.is_main_process, dynamic_ncols=True)
-    window, window_steps, window_images, window_start = {}, 0, 0, time.perf_counter()
+    window, window_images, window_start = {}, 0, time.perf_counter()
     nan_in_a_row, saved_at = 0, None
     while state.step < cfg.max_steps:
         batch = next(batches)
@@ -153,9 +153,10 @@ def train(args) -> int:
                 xrec, posterior = vae_ddp(x, noise)
                 g_loss, logs = loss_fn(x, xrec, posterior, vae.decoder.conv_out.weight, lpips, disc if gan else None)
             accelerator.backward(g_loss)
-            if accelerator.sync_gradients and loss_fn.logvar.grad is not None:  # logvar is outside DDP: average it by hand
-                loss_fn.logvar.grad = accelerator.reduce(loss_fn.logvar.grad, "mean")
-            grad_norm, skipped_step = optimizer_step(accelerator, opt_g, g_params, cfg.optim.max_grad_norm) if accelerator.sync_gradients else (None, False)
+            if accelerator.sync_gradients:
+                if loss_fn.logvar.grad is not None:  # logvar is outside DDP: average it by hand
+                    loss_fn.logvar.grad = accelerator.reduce(loss_fn.logvar.grad, "mean")
+                grad_norm, skipped_step = optimizer_step(accelerator, opt_g, g_params, cfg.optim.max_grad_norm)
             # discriminator step: real images against detached reconstructions
             if gan:
                 with accelerator.autocast():
@@ -181,7 +182,6 @@ def train(args) -> int:
             return 1
         if ema and not skipped_step:
             ema.update(vae)
-        window_steps += 1
         progress.update(1)
 
         if state.step % cfg.log_every == 0 or state.step == cfg.max_steps:
@@ -194,7 +194,7 @@ def train(args) -> int:
             }  # fmt: skip
             accelerator.log(logs, step=state.step)
             progress.set_postfix(rec=f"{logs['rec']:.4f}", img_s=f"{logs['images_per_s_per_device']:.1f}")
-            window, window_steps, window_images, window_start = {}, 0, 0, time.perf_counter()
+            window, window_images, window_start = {}, 0, time.perf_counter()
 
         stopping = stop.should_stop(accelerator)
         if state.step % cfg.save_every == 0 or state.step == cfg.max_steps or stopping:

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-
 from pytorch_msssim import ssim as _ssim
 
 from ldm.checkpoint import CheckpointError, load_model
@@ -56,15 +55,15 @@ def reconstruction_grid(x: torch.Tensor, xrec: torch.Tensor, pairs_per_row: int 
     rows = math.ceil(len(tiles) / cols)
     tiles = torch.cat([tiles, tiles.new_ones(rows * cols - len(tiles), *tiles.shape[1:])])
     c, h, w = tiles.shape[1:]
-    grid = to_unit(tiles).view(rows, cols, c, h, w).permute(0, 3, 1, 4, 2).reshape(rows * h, cols * w, c)
-    return Image.fromarray((grid * 255).round().to(torch.uint8).cpu().numpy())
+    grid = to_unit(tiles).view(rows, cols, c, h, w).permute(2, 0, 3, 1, 4).reshape(1, c, rows * h, cols * w)
+    return to_pil(grid)[0]
 
 
 @torch.no_grad()
 def evaluate(vae: AutoencoderKL, batches, device: torch.device | str, grid_path: Path | None = None, grid_pairs: int = 8,
              rfid: bool = True, log=print) -> dict:  # fmt: skip
     """Mean PSNR / SSIM (and rFID when asked and possible) of posterior-mean reconstructions; the grid of the first pairs."""
-    features, reason = None, "rFID not asked for"
+    features, reason = None, None
     if rfid:
         try:
             features = inception_features(load_inception())
@@ -85,8 +84,8 @@ def evaluate(vae: AutoencoderKL, batches, device: torch.device | str, grid_path:
     results = {"images": n, "psnr": torch.cat(scores["psnr"]).mean().item(), "ssim": torch.cat(scores["ssim"]).mean().item()}
     if features is not None and n >= 2:
         results["rfid"] = fid(torch.cat(scores["real"]), torch.cat(scores["recon"]))
-    else:
-        log(reason if features is None else f"rFID skipped: it needs at least 2 images, got {n}")
+    elif rfid:
+        log(reason or f"rFID skipped: it needs at least 2 images, got {n}")
     if grid_path is not None:
         x, xrec = (torch.cat(t)[:grid_pairs] for t in zip(*shown))
         Path(grid_path).parent.mkdir(parents=True, exist_ok=True)
