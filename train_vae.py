@@ -25,7 +25,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ldm.checkpoint import CheckpointError, load_model_or_vae, load_state_strict, save_single_file
-from ldm.config import ConfigError, TrainVAEConfig, to_dict
+from ldm.config import ArgumentParser, ConfigError, TrainVAEConfig, to_dict
 from ldm.data import DataError, ImageCaptionDataset, holdout_split
 from ldm.eval_vae import evaluate, image_batches
 from ldm.losses import GeneratorLoss, NLayerDiscriminator, discriminator_loss, load_lpips
@@ -38,7 +38,7 @@ from ldm.vae import latent_scale_factor
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="train_vae.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", type=Path, required=True, help="training YAML (see configs/train-vae-tiny.yaml)")
     p.add_argument("--resume", metavar="latest|PATH", help="continue from the newest checkpoint of output_dir, or from PATH")
     p.add_argument("--decoder-only", action="store_true", help="fine-tune only the decoder of init_from's VAE (its latents stay)")

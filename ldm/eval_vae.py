@@ -7,7 +7,6 @@ PNG grid of input | reconstruction pairs. train_vae.py runs the same evaluation 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -18,7 +17,7 @@ from PIL import Image
 from pytorch_msssim import ssim as _ssim
 
 from ldm.checkpoint import CheckpointError, load_model
-from ldm.config import ConfigError
+from ldm.config import ArgumentParser, ConfigError
 from ldm.data import DataError, ImageCaptionDataset
 from ldm.eval import EvalError, fid, inception_features, load_inception
 from ldm.pipeline import to_pil
@@ -94,7 +93,7 @@ def evaluate(vae: AutoencoderKL, batches, device: torch.device | str, grid_path:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m ldm.eval_vae", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python -m ldm.eval_vae", description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint", type=Path, help="a single file (ours or SD v1) or a diffusers folder")
     p.add_argument("--data", required=True, help="held-out images: an image folder, a saved dataset, or what datasets.load_dataset reads")
     p.add_argument("--n", type=int, default=256, help="evaluate the first N images (default 256)")

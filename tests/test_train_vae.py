@@ -13,6 +13,7 @@ from conftest import ROOT, randomize_
 from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 
+import ldm.eval_vae
 import train_unet
 import train_vae
 import txt2img
@@ -156,6 +157,18 @@ def test_decoder_only_keeps_encoder_latents_and_scale_factor(shapes, tiny_cfg, t
     assert load_model(tmp_path / "ft" / "model.safetensors").cfg.scale_factor == 0.3
 
 
+@pytest.mark.parametrize("ch_mult, channels", [("[1,1,1]", 8), ("[1,1,1,1]", 16)])  # f = 4 and 8 channels, f = 8 and 16
+def test_downsampling_factor_and_latent_channels_come_from_the_config(shapes, tmp_path, ch_mult, channels):
+    shape = {"model.vae.ch_mult": ch_mult, "model.vae.embed_dim": channels, "model.vae.z_channels": channels,
+             "model.unet.in_channels": channels, "model.unet.out_channels": channels}  # fmt: skip
+    assert run_in_process(train_vae, common(shapes, tmp_path, max_steps=2, batch_size=2, **shape)) == 0
+    vae = load_model(tmp_path / "model.safetensors").vae
+    with torch.no_grad():
+        z = vae.encode(torch.rand(1, 3, 16, 16) * 2 - 1).mean
+    f = 2 ** (len(ch_mult.split(",")) - 1)
+    assert z.shape == (1, channels, 16 // f, 16 // f)
+
+
 def test_reconstruction_psnr_improves_by_3_db_in_150_steps(shapes, tmp_path):
     # L1 + KL only (no LPIPS weights, no GAN), on the held-out images; 150 steps of 8 take ~40 s on 2 busy cores.
     # (Measured: 9.7 dB untrained, 13.3 dB after 150 steps, 14.9 dB after 300.) +3 dB = half the squared error.
@@ -214,6 +227,14 @@ def test_bad_input_is_one_line_and_exit_2(shapes, tmp_path, capsys, extra, messa
     assert run_in_process(train_vae, common(shapes, tmp_path / "bad") + extra) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and message in err and "\n" not in err
+
+
+def test_bad_arguments_are_one_line_too(capsys):
+    for script, argv in ((train_vae, ["--config"]), (train_vae, []), (ldm.eval_vae, ["model.safetensors"])):
+        with pytest.raises(SystemExit) as exit:
+            script.main(argv)
+        err = capsys.readouterr().err
+        assert exit.value.code == 2 and err.count("\n") == 1 and ": error: " in err
 
 
 def test_bad_input_through_the_cli_has_no_traceback(tmp_path):
