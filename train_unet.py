@@ -18,18 +18,20 @@ from pathlib import Path
 import torch
 from accelerate.utils import gather_object, set_seed
 from diffusers.optimization import get_scheduler
+from PIL import Image
 from tqdm.auto import tqdm
 
 from ldm.cache import LatentCache, build_cache, cache_key
 from ldm.checkpoint import CheckpointError, load_model, load_state_strict, save_single_file
-from ldm.config import ConfigError, TrainUNetConfig, to_dict
+from ldm.config import ConfigError, TrainUNetConfig, check, to_dict
 from ldm.data import DataError, ImageCaptionDataset
 from ldm.diffusion import Diffusion
 from ldm.model import StableDiffusion
-from ldm.text_encoder import tokenize
+from ldm.pipeline import Pipeline
+from ldm.samplers import SAMPLERS, ZERO_SNR_SAMPLERS
 from ldm.training import (
-    EMA, StopOnSigterm, TrainState, flat_config, make_accelerator, optimizer_step, peak_memory_gib, per_sample_generators,
-    randn_like_per_sample, read_train_config, resume_state, save_checkpoint, start_run, stream_batches,
+    EMA, StopOnSigterm, TrainState, flat_config, log_image, make_accelerator, optimizer_step, peak_memory_gib,
+    per_sample_generators, randn_like_per_sample, read_train_config, resume_state, save_checkpoint, start_run, stream_batches,
 )  # fmt: skip
 
 
@@ -65,6 +67,8 @@ def train(args) -> int:
     # ------------------------------------------------------------ config, Accelerator, models
     cfg, init = load_train_config(args)
     diffusion = Diffusion(cfg.model)  # checks the objective fields first
+    sampler_ok = cfg.validation.sampler in SAMPLERS and (not cfg.model.rescale_betas_zero_snr or cfg.validation.sampler in ZERO_SNR_SAMPLERS)
+    check(sampler_ok, f"validation.sampler '{cfg.validation.sampler}' cannot sample this model (samplers: {', '.join(SAMPLERS)})")
     output_dir, checkpoints, resume = start_run(cfg, args.resume)
     dataset = ImageCaptionDataset(cfg.data.path, cfg.data.resolution, cfg.data.center_crop, cfg.data.random_flip,
                                   cfg.data.image_column, cfg.data.caption_column)  # fmt: skip
@@ -98,8 +102,10 @@ def train(args) -> int:
                 build_cache(dataset, vae, text_encoder, folder, cfg.batch_size, cfg.data.num_workers, lambda it: tqdm(it, "caching"))
             vae.to("cpu"), text_encoder.to("cpu")
         accelerator.wait_for_everyone()
-        train_set = LatentCache(folder)  # the VAE encoder and the text encoder stay on the CPU, unused
+        train_set = LatentCache(folder)  # the VAE encoder stays on the CPU, unused; validation needs the decoder and the text encoder
         empty_context = train_set.empty_context.to(device)
+        if cfg.validation.every:
+            vae.decoder.to(device), vae.post_quant_conv.to(device), text_encoder.to(device)
     else:
         train_set = dataset
         vae.to(device), text_encoder.to(device)
@@ -125,18 +131,33 @@ def train(args) -> int:
         for part in gather_object([state.skipped]):
             state.skipped |= part
 
-    def checkpoint() -> Path:
+    def checkpoint() -> None:
         gather_skipped()
         path = save_checkpoint(accelerator, checkpoints, state.step, cfg.keep_last, write_model)
         accelerator.print(f"saved checkpoint {path}")
-        return path
+
+    def validate() -> None:
+        """One image per validation prompt, each with its fixed seed, from the EMA weights: saved as a PNG row, logged."""
+        v = cfg.validation
+        unet.eval()
+        with ema.applied_to(unet) if ema else contextlib.nullcontext(), accelerator.autocast():
+            images = Pipeline(model).txt2img(list(v.prompts), steps=v.steps, scale=v.guidance_scale, sampler=v.sampler, seed=v.seed,
+                                             height=cfg.data.resolution, width=cfg.data.resolution, progress=False)  # fmt: skip
+        unet.train()
+        grid = Image.new("RGB", (sum(im.width for im in images), images[0].height))
+        for i, im in enumerate(images):
+            grid.paste(im, (i * im.width, 0))
+        path = output_dir / "validation" / f"step-{state.step:06d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        grid.save(path)
+        log_image(accelerator, "validation", grid, state.step)
 
     # ------------------------------------------------------------ the loop
     accelerator.init_trackers("train_unet", config=flat_config(to_dict(cfg)))
     stop = StopOnSigterm()
     progress = tqdm(total=cfg.max_steps, initial=state.step, disable=not accelerator.is_main_process, dynamic_ncols=True)
     window_loss, window_steps, window_images, window_start = 0.0, 0, 0, time.perf_counter()
-    nan_in_a_row, saved_at = 0, None
+    nan_in_a_row = 0
     while state.step < cfg.max_steps:
         batch = next(batches)
         state.samples_seen += cfg.batch_size * accelerator.num_processes
@@ -158,7 +179,7 @@ def train(args) -> int:
                 posterior = vae.encode(batch["pixels"].to(device))
                 mean, std = posterior.mean.float(), posterior.std.float()
                 captions = ["" if d else c for c, d in zip(batch["caption"], drop)]
-                context = text_encoder(tokenize(text_encoder.tokenizer, captions).to(device))
+                context = text_encoder(text_encoder.tokenize(captions).to(device))
             latents = (mean + std * posterior_noise) * cfg.model.scale_factor  # z ~ q(z | x), scaled to about unit variance
             noise = noise + cfg.offset_noise * offset  # offset noise: a per-channel constant shift (Guttenberg 2023)
             x_t = diffusion.q_sample(latents, t, noise)
@@ -169,7 +190,7 @@ def train(args) -> int:
             accelerator.backward(loss)
             if accelerator.sync_gradients:
                 grad_norm, skipped_step = optimizer_step(accelerator, optimizer, unet_ddp.parameters(), cfg.optim.max_grad_norm)
-        window_loss += loss.item() if math.isfinite(loss.item()) else 0.0
+        window_loss += loss.item() if torch.isfinite(loss) else 0.0
         window_images += cfg.batch_size
         if not accelerator.sync_gradients:
             continue
@@ -196,18 +217,20 @@ def train(args) -> int:
             progress.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{logs['images_per_s_per_device']:.1f}")
             window_loss, window_steps, window_images, window_start = 0.0, 0, 0, time.perf_counter()
 
+        if cfg.validation.every and state.step % cfg.validation.every == 0:
+            if accelerator.is_main_process:
+                validate()
+            accelerator.wait_for_everyone()
         stopping = stop.should_stop(accelerator)
         if state.step % cfg.save_every == 0 or state.step == cfg.max_steps or stopping:
-            saved_at = checkpoint()
+            checkpoint()
         if stopping:
             accelerator.print(f"SIGTERM: stopped at step {state.step} after saving; continue with --resume latest")
             accelerator.end_training()
             return 0
 
     # ------------------------------------------------------------ the end: the single-file model, what was skipped
-    progress.close()
-    if saved_at is None or not saved_at.name.endswith(f"{state.step:06d}"):
-        saved_at = checkpoint()
+    progress.close()  # the last step was saved above (or, resumed at max_steps, there was none to run)
     gather_skipped()
     if accelerator.is_main_process:
         write_model(output_dir)

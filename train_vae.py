@@ -125,19 +125,20 @@ def train(args) -> int:
             save_single_file(model, folder / "model.safetensors")
         (folder / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
 
-    def checkpoint() -> Path:
+    def gather_skipped() -> None:
         for part in gather_object([state.skipped]):
             state.skipped |= part
-        path = save_checkpoint(accelerator, checkpoints, state.step, cfg.keep_last, write_model)
-        accelerator.print(f"saved checkpoint {path}")
-        return path
+
+    def checkpoint() -> None:
+        gather_skipped()
+        accelerator.print(f"saved checkpoint {save_checkpoint(accelerator, checkpoints, state.step, cfg.keep_last, write_model)}")
 
     # ------------------------------------------------------------ the loop
     accelerator.init_trackers("train_vae", config=flat_config(to_dict(cfg)))
     stop = StopOnSigterm()
     progress = tqdm(total=cfg.max_steps, initial=state.step, disable=not accelerator.is_main_process, dynamic_ncols=True)
     window, window_images, window_start = {}, 0, time.perf_counter()
-    nan_in_a_row, saved_at = 0, None
+    nan_in_a_row = 0
     while state.step < cfg.max_steps:
         batch = next(batches)
         state.samples_seen += cfg.batch_size * accelerator.num_processes
@@ -198,16 +199,15 @@ def train(args) -> int:
 
         stopping = stop.should_stop(accelerator)
         if state.step % cfg.save_every == 0 or state.step == cfg.max_steps or stopping:
-            saved_at = checkpoint()
+            checkpoint()
         if stopping:
             accelerator.print(f"SIGTERM: stopped at step {state.step} after saving; continue with --resume latest")
             accelerator.end_training()
             return 0
 
     # ------------------------------------------------------------ the end: scale factor, evaluation, the single-file model
-    progress.close()
-    if saved_at is None or not saved_at.name.endswith(f"{state.step:06d}"):
-        saved_at = checkpoint()
+    progress.close()  # the last step was saved above (or, resumed at max_steps, there was none to run)
+    gather_skipped()
     if accelerator.is_main_process:
         vae.eval()
         with ema.applied_to(vae) if ema else contextlib.nullcontext(), torch.no_grad(), accelerator.autocast():

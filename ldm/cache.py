@@ -23,8 +23,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
 
-from ldm.data import ImageCaptionDataset, choose, transform
-from ldm.text_encoder import FrozenCLIPEmbedder
+from ldm.data import ImageCaptionDataset, choose, transform, unreadable
+from ldm.text_encoder import FrozenTextEncoder
 from ldm.vae import AutoencoderKL
 
 VERSION = 1
@@ -36,7 +36,7 @@ def _hash_weights(h, module: nn.Module) -> None:
         h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
 
 
-def cache_key(dataset: ImageCaptionDataset, vae: AutoencoderKL, text_encoder: FrozenCLIPEmbedder) -> str:
+def cache_key(dataset: ImageCaptionDataset, vae: AutoencoderKL, text_encoder: FrozenTextEncoder) -> str:
     """What the cached tensors depend on: encoder weights (not the decoder's), text model, resolution, flip, data."""
     h = hashlib.sha256(json.dumps([VERSION, dataset.resolution, dataset.random_flip, dataset.fingerprint()]).encode())
     for module in (vae.encoder, vae.quant_conv, text_encoder):
@@ -49,12 +49,9 @@ def _decode(dataset: ImageCaptionDataset, flips: tuple[bool, ...], indices: list
     pixels, captions, names, skipped = [], [], [], []
     for i in indices:
         try:
-            caps = dataset.captions(i)
-            if not caps:
-                raise ValueError(f"no caption in column '{dataset.caption_column}'")
-            img = dataset.image(i)
+            img, caps = dataset.read(i)
         except Exception as e:  # a corrupt file can raise almost anything inside a decoder
-            skipped.append((dataset.name(i), f"unreadable ({type(e).__name__}: {str(e)[:100]})"))
+            skipped.append((dataset.name(i), unreadable(e)))
             continue
         pixels.append(torch.stack([transform(img, dataset.resolution, True, flip, random.Random(0)) for flip in flips]))
         captions.append(caps)
@@ -63,7 +60,7 @@ def _decode(dataset: ImageCaptionDataset, flips: tuple[bool, ...], indices: list
 
 
 @torch.no_grad()
-def build_cache(dataset: ImageCaptionDataset, vae: AutoencoderKL, text_encoder: FrozenCLIPEmbedder, folder: Path,
+def build_cache(dataset: ImageCaptionDataset, vae: AutoencoderKL, text_encoder: FrozenTextEncoder, folder: Path,
                 batch_size: int = 16, num_workers: int = 0, progress=lambda it: it) -> None:  # fmt: skip
     """Encode `dataset` into `folder` (written beside it, then renamed): latents.safetensors, text.safetensors, index.json."""
     device, dtype = next(vae.parameters()).device, next(vae.parameters()).dtype

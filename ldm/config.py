@@ -107,9 +107,9 @@ class ModelConfig:
     linear_end: float = 0.012
     parameterization: str = "eps"  # eps | v | x0
     scale_factor: float = 0.18215  # latent = scale_factor * VAE posterior sample
+    image_size: int = 64  # latent side the model samples at by default (CompVis LatentDiffusion.image_size; SD v1: 64 = 512 px)
     rescale_betas_zero_snr: bool = False  # Lin et al. 2023: shift the schedule so the last step is pure noise
     learn_sigma: bool = False  # improved DDPM: the UNet also predicts the variance (unet.out_channels = 2 * vae.embed_dim)
-    image_size: int = 64  # latent side the model samples at by default (CompVis LatentDiffusion.image_size; SD v1: 64 = 512 px)
 
 
 def check(ok: bool, message: str) -> None:
@@ -262,6 +262,19 @@ class EMAConfig:
 
 
 @dataclass
+class ValidationConfig:
+    every: int = 1000  # steps; 0: never
+    prompts: tuple[str, ...] = ("a photograph of an astronaut riding a horse", "a red apple on a wooden table")
+    seed: int = 0  # prompt i is sampled with seed + i, the same at every validation
+    steps: int = 25
+    guidance_scale: float = 7.5
+    sampler: str = "ddim"  # an ldm.samplers name; ddpm samples a learn_sigma model with its learned variance
+
+    def __post_init__(self):
+        check(self.every >= 0 and self.steps >= 1 and len(self.prompts) >= 1, "validation needs every >= 0, steps >= 1 and a prompt")
+
+
+@dataclass
 class TrainConfig:
     """What train_unet.py and train_vae.py share: the model, data, optimizer and EMA sections and the run settings."""
 
@@ -293,6 +306,7 @@ class TrainConfig:
 
 @dataclass
 class TrainUNetConfig(TrainConfig):
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
     reinit_unet: bool = False  # with init_from: keep its VAE and text encoder, start the UNet from random weights
     output_dir: str = "runs/unet"
     caption_dropout: float = 0.1  # share of captions replaced by "" so classifier-free guidance works

@@ -217,11 +217,15 @@ class ImageCaptionDataset(Dataset):
             return open_rgb(file)
         return open_rgb(data)
 
-    def load(self, i: int, rng: random.Random) -> tuple[torch.Tensor, str]:
+    def read(self, i: int) -> tuple[Image.Image, list[str]]:
+        """Image i and its captions; raises when either is missing or unreadable (the callers count it)."""
         captions = self.captions(i)
         if not captions:
             raise ValueError(f"no caption in column '{self.caption_column}'")
-        img = self.image(i)
+        return self.image(i), captions
+
+    def load(self, i: int, rng: random.Random) -> tuple[torch.Tensor, str]:
+        img, captions = self.read(i)
         caption, flip = choose(rng, len(captions), self.random_flip)
         return transform(img, self.resolution, self.center_crop, flip, rng), captions[caption]
 
@@ -233,7 +237,7 @@ class ImageCaptionDataset(Dataset):
             try:
                 pixels, caption = self.load(i, random.Random(seed))
             except Exception as e:  # a corrupt file can raise almost anything inside a decoder
-                skipped.append((self.name(i), f"unreadable ({type(e).__name__}: {str(e)[:100]})"))
+                skipped.append((self.name(i), unreadable(e)))
                 continue
             return {"pixels": pixels, "caption": caption, "seed": seed, "skipped": skipped}
         raise DataError(f"none of the {len(self)} images in the dataset could be read (first: {skipped[0][0]}: {skipped[0][1]})")
@@ -247,6 +251,11 @@ class ImageCaptionDataset(Dataset):
             st = path.stat()
             h.update(json.dumps([str(path.relative_to(self.root)), st.st_size, st.st_mtime_ns, captions]).encode())
         return h.hexdigest()
+
+
+def unreadable(error: Exception) -> str:
+    """Why a file was skipped, in one line."""
+    return "unreadable (" + " ".join(f"{type(error).__name__}: {error}".split())[:120] + ")"
 
 
 def _png_bytes(img: Image.Image) -> bytes:

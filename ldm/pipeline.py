@@ -26,7 +26,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from ldm.model import StableDiffusion
-from ldm.samplers import SAMPLERS, Sampler
+from ldm.samplers import SAMPLERS, ZERO_SNR_SAMPLERS, Sampler
 
 
 class InputError(ValueError):
@@ -195,6 +195,8 @@ class Pipeline(nn.Module):
             raise InputError("nothing to generate: give at least one prompt and n_samples >= 1")
         if sampler not in SAMPLERS:
             raise InputError(f"unknown sampler '{sampler}' (known: {', '.join(SAMPLERS)})")
+        if self.cfg.rescale_betas_zero_snr and sampler not in ZERO_SNR_SAMPLERS:
+            raise InputError(f"sampler '{sampler}' cannot follow this model's zero-terminal-SNR schedule (use {', '.join(ZERO_SNR_SAMPLERS)})")
         if steps < 1:
             raise InputError(f"steps must be at least 1, got {steps}")
         if not 0 < strength <= 1:
@@ -247,12 +249,15 @@ class Pipeline(nn.Module):
         if len(context) == len(x):
             return self.unet(x, t, context)
         e_uncond, e_cond = self.unet(torch.cat([x, x]), t, context).chunk(2)
+        variance = None
+        if self.cfg.learn_sigma:  # guide the prediction; the variance is the conditional branch's (as DiT samples)
+            (e_uncond, _), (e_cond, variance) = e_uncond.chunk(2, dim=1), e_cond.chunk(2, dim=1)
         e = e_uncond + scale * (e_cond - e_uncond)
         if rescale:
             # guidance rescale (Lin et al. 2024, eq. 15-16): e_r = e * std(e_cond) / std(e); e = phi e_r + (1 - phi) e
             e_rescaled = e * (e_cond.std(dim=(1, 2, 3), keepdim=True) / e.std(dim=(1, 2, 3), keepdim=True))
             e = rescale * e_rescaled + (1 - rescale) * e
-        return e
+        return e if variance is None else torch.cat([e, variance], dim=1)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

@@ -44,7 +44,15 @@ def make_scheduler(name: str, cfg: ModelConfig):
     config = scheduler_config(cfg) | options
     if cls is PNDMScheduler and cfg.parameterization == "x0":
         config["prediction_type"] = "epsilon"  # PNDM takes eps or v: Sampler.step converts x0 to eps
+    if cfg.rescale_betas_zero_snr:  # Lin et al. 2023: the schedule ends in pure noise, and sampling starts at its last step
+        config |= {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
+    if cfg.learn_sigma and cls is DDPMScheduler:  # improved DDPM: the UNet's own variance, log s^2 = v log b_t + (1 - v) log b~_t
+        config["variance_type"] = "learned_range"
     return cls.from_config(config)
+
+
+# the samplers whose scheduler can follow a zero-terminal-SNR schedule (PNDM's and Heun's cannot)
+ZERO_SNR_SAMPLERS = [name for name, (cls, _, _) in SAMPLERS.items() if "rescale_betas_zero_snr" in inspect.signature(cls.__init__).parameters]
 
 
 class Sampler:
@@ -67,6 +75,7 @@ class Sampler:
         self.step_kwargs = {"eta": eta} if "eta" in accepts else {}
         self.takes_generator = "generator" in accepts
         self.x0_to_eps = isinstance(self.scheduler, PNDMScheduler) and cfg.parameterization == "x0"
+        self.drop_variance = cfg.learn_sigma and not isinstance(self.scheduler, DDPMScheduler)  # only DDPM samples with it
 
     def scale_input(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The UNet's input for x_t (x_t / sqrt(sigma^2 + 1) for the sigma-based samplers, else x_t)."""
@@ -74,6 +83,8 @@ class Sampler:
 
     def step(self, model_output: torch.Tensor, t: torch.Tensor, x: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
         """x_t -> x_{t-1} (the next timestep's sample)."""
+        if self.drop_variance:
+            model_output = model_output[:, : x.shape[1]]
         if self.x0_to_eps:
             # eps = (x_t - sqrt(alpha_bar_t) x0) / sqrt(1 - alpha_bar_t), from x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps
             alpha_bar = self.scheduler.alphas_cumprod.to(x.device)[t].to(x.dtype)

@@ -21,6 +21,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn as nn
 from accelerate import Accelerator, InitProcessGroupKwargs
@@ -151,8 +152,6 @@ def optimizer_step(accelerator: Accelerator, optimizer, params, max_grad_norm: f
 
 def log_image(accelerator: Accelerator, name: str, image, step: int) -> None:
     """One PIL image to every tracker that shows images (TensorBoard, W&B)."""
-    import numpy as np
-
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
             tracker.log_images({name: np.asarray(image)[None]}, step, dataformats="NHWC")

@@ -4,14 +4,14 @@ import dataclasses
 import pytest
 import torch
 import torch.nn as nn
-from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline
 from test_pipeline import PROMPT, STEPS, assert_same, diffusers_run, ours_run, tiny_model
 
 from ldm.checkpoint import save_diffusers_folder
 from ldm.config import ModelConfig
 from ldm.model import StableDiffusion
-from ldm.pipeline import Pipeline
-from ldm.samplers import SAMPLERS, make_scheduler
+from ldm.pipeline import InputError, Pipeline
+from ldm.samplers import SAMPLERS, ZERO_SNR_SAMPLERS, make_scheduler
 
 
 @pytest.mark.parametrize("name", SAMPLERS)
@@ -79,3 +79,47 @@ def test_plms_runs_x0_models_through_eps(eps_model_and_diffusers):
     reference = []
     expected = Pipeline(wrapped).txt2img(PROMPT, steps=STEPS, seed=4, sampler="plms", progress=False, trajectory=reference)
     assert_same(ours, expected, trajectory[-1], reference[-1])
+
+
+def test_learned_variance_is_sampled_by_ddpm():
+    """A learn_sigma UNet (8 output channels) sampled with ddpm goes through diffusers' DDPMScheduler with
+    variance_type learned_range: guidance on the prediction, the conditional branch's variance (as DiT)."""
+    cfg = dataclasses.replace(tiny_model().cfg, learn_sigma=True)
+    cfg.unet = dataclasses.replace(cfg.unet, out_channels=8)
+    model = StableDiffusion(cfg).eval()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.unet.parameters():
+            p.normal_(0, 0.05)  # the variance half must vary, not sit at zero
+    ours, trajectory = ours_run(Pipeline(model), seed=2, n=1, sampler="ddpm", scale=3.0)
+
+    def diffusers_ddpm(variance_type: str) -> torch.Tensor:
+        scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+                                  clip_sample=False, variance_type=variance_type)  # fmt: skip
+        scheduler.set_timesteps(STEPS)
+        g = torch.Generator().manual_seed(2)
+        x = torch.randn((1, 4, 8, 8), generator=g)
+        context = torch.cat([model.text_encoder.encode([""]), model.text_encoder.encode([PROMPT])])
+        with torch.no_grad():
+            for t in scheduler.timesteps:
+                (e_uncond, _), (e_cond, variance) = (out.chunk(2, dim=1) for out in model.unet(torch.cat([x, x]), t, context).chunk(2))
+                guided = e_uncond + 3.0 * (e_cond - e_uncond)
+                output = torch.cat([guided, variance], dim=1) if variance_type == "learned_range" else guided
+                x = scheduler.step(output, t, x, generator=g).prev_sample
+        return x
+
+    torch.testing.assert_close(trajectory[-1], diffusers_ddpm("learned_range"), atol=1e-5, rtol=1e-5)
+    assert (diffusers_ddpm("fixed_small") - trajectory[-1]).abs().max() > 1e-2  # the variance half matters
+
+
+@pytest.mark.parametrize("name", SAMPLERS)
+def test_zero_terminal_snr_models_sample_from_pure_noise(name):
+    cfg = dataclasses.replace(tiny_model().cfg, parameterization="v", rescale_betas_zero_snr=True)
+    if name not in ZERO_SNR_SAMPLERS:
+        with pytest.raises(InputError, match="cannot follow this model's zero-terminal-SNR schedule"):
+            Pipeline(StableDiffusion(cfg)).txt2img(PROMPT, steps=2, sampler=name, progress=False)
+        return
+    scheduler = make_scheduler(name, cfg)
+    assert scheduler.alphas_cumprod[-1] <= 2**-24  # diffusers keeps 2**-24 where a sigma would be infinite
+    scheduler.set_timesteps(10)
+    assert scheduler.timesteps[0] == 999  # "trailing": the first step is the pure-noise one (Lin et al. 2023, sec. 3.3)

@@ -17,6 +17,7 @@ from conftest import ROOT
 from diffusers import DDIMScheduler
 from PIL import Image
 from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import train_unet
 from ldm.checkpoint import load_model, save_single_file
@@ -54,6 +55,7 @@ def colours(tmp_path_factory):
 
 
 def command(*args, processes=1):
+    """The command line of a run, without a tracker unless args name one."""
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"] if processes > 1 else [sys.executable]  # fmt: skip
     return launch + [str(ROOT / "train_unet.py"), "--config", str(CONFIG), "tracker=none", *map(str, args)]
@@ -136,12 +138,13 @@ def test_resume_after_sigterm_and_a_sigkill_mid_write_is_exact(tmp_path, colours
 
 def test_two_processes_match_one_with_twice_the_batch(tmp_path, colours):
     """DDP over gloo, batch 4 per process, against one process with batch 8; v prediction from the latent cache,
-    which the first run builds and the second reuses. Only the main process writes checkpoints and logs."""
+    which the first run builds and the second reuses (with gradient checkpointing, which changes no number).
+    Only the main process writes checkpoints and logs."""
     common = [f"data.path={colours}", "--cache-latents", f"cache_dir={tmp_path / 'cache'}", "model.parameterization=v",
               "max_steps=3", "save_every=2", "log_every=1", "data.random_flip=true"]  # fmt: skip
     one = run(*common, "batch_size=8", f"output_dir={tmp_path / 'one'}")
     assert "encoding 33 images into the latent cache" in one
-    two = run(*common, "batch_size=4", f"output_dir={tmp_path / 'two'}", processes=2)
+    two = run(*common, "batch_size=4", "model.unet.use_checkpoint=true", f"output_dir={tmp_path / 'two'}", processes=2)
     assert "encoding" not in two and two.count("saved checkpoint") == 2
     assert_same(unet_weights(tmp_path / "two", 3), unet_weights(tmp_path / "one", 3), exact=False)
     assert_same(load_file(tmp_path / "two" / "model.safetensors"), load_file(tmp_path / "one" / "model.safetensors"), exact=False)
@@ -154,17 +157,51 @@ def test_two_processes_match_one_with_twice_the_batch(tmp_path, colours):
 
 
 def test_x0_with_learned_sigma_from_a_checkpoint(tmp_path, colours, tiny_cfg):
-    """Start from a checkpoint's VAE and text encoder with a fresh UNet that also predicts the variance."""
+    """Start from a checkpoint's VAE and text encoder with a fresh UNet that also predicts the variance; fp16 with
+    loss scaling, gradient accumulation, validation images sampled with the learned variance, TensorBoard."""
     torch.manual_seed(0)
     init = StableDiffusion(tiny_cfg)
     save_single_file(init, tmp_path / "init.safetensors")
     run(f"data.path={colours}", f"init_from={tmp_path / 'init.safetensors'}", "reinit_unet=true", "--learn-sigma",
-        "model.parameterization=x0", "offset_noise=0.1", "grad_accum=2", "max_steps=2", "batch_size=2",
-        "log_every=1", f"output_dir={tmp_path / 'run'}")  # fmt: skip
+        "model.parameterization=x0", "offset_noise=0.1", "grad_accum=2", "max_steps=2", "batch_size=2", "log_every=1",
+        "validation.every=1", "validation.steps=2", "validation.sampler=ddpm", "validation.prompts=[red,blue]",
+        "mixed_precision=fp16", "tracker=tensorboard", f"output_dir={tmp_path / 'run'}")  # fmt: skip
     model = load_model(tmp_path / "run" / "model.safetensors")
     assert model.cfg.learn_sigma and model.cfg.unet.out_channels == 8 and model.cfg.parameterization == "x0"
     assert_same(model.vae.state_dict(), init.vae.state_dict())  # frozen
     assert all(np.isfinite(m["loss"]) for m in metrics(tmp_path / "run"))
+    for step in (1, 2):  # a row of one 16x16 image per prompt, sampled with the learned variance
+        assert Image.open(tmp_path / "run" / "validation" / f"step-{step:06d}.png").size == (32, 16)
+    events = EventAccumulator(str(next((tmp_path / "run" / "logs").rglob("events.out.tfevents.*")).parent)).Reload()
+    assert "validation" in events.Tags()["images"] and {"loss", "lr", "grad_norm"} <= set(events.Tags()["scalars"])
+
+
+def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path, colours):
+    """lr 1e30 makes the weights infinite after step 1: later gradients are NaN, skipped, and the run gives up."""
+    proc = start(f"data.path={colours}", "optim.lr=1e30", "optim.warmup_steps=0", "max_nan_skips=1", "max_steps=5", "batch_size=2",
+                 f"output_dir={tmp_path / 'run'}")  # fmt: skip
+    out = finish(proc, expect=1)
+    assert "error: non-finite gradients for 2 steps in a row at step 3" in out and not (tmp_path / "run" / "model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_compiled_unet_trains_as_the_eager_one(tmp_path, colours):
+    """compile=true (Accelerate's dynamo_backend=inductor): about ten minutes of compiling on 2 CPU cores."""
+    common = [f"data.path={colours}", "max_steps=3", "batch_size=2", "log_every=1"]
+    compiled = start(*common, "compile=true", f"output_dir={tmp_path / 'compiled'}")
+    run(*common, f"output_dir={tmp_path / 'eager'}")
+    finish(compiled)
+    for a, b in zip(metrics(tmp_path / "compiled"), metrics(tmp_path / "eager")):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-3)
+    eager, compiled = load_file(tmp_path / "eager" / "model.safetensors"), load_file(tmp_path / "compiled" / "model.safetensors")
+    for k in eager:
+        torch.testing.assert_close(compiled[k], eager[k], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["train-unet-tiny.yaml", "train-unet-sd-v1.yaml"])
+def test_shipped_configs_are_valid(name):
+    cfg, _ = train_unet.load_train_config(train_unet.parse_args(["--config", str(ROOT / "configs" / name), "init_from=''"]))
+    assert cfg.max_steps >= 1 and cfg.data.resolution % 2 ** (len(cfg.model.vae.ch_mult) - 1) == 0
 
 
 @pytest.mark.parametrize(
@@ -178,6 +215,7 @@ def test_x0_with_learned_sigma_from_a_checkpoint(tmp_path, colours, tiny_cfg):
         (["data.path=X", "data.center_crop=false", "--cache-latents"], "cannot be combined with data.center_crop=false"),
         (["data.path=X", "--resume", "nowhere"], "--resume nowhere: not a training checkpoint"),
         (["data.path=X", "init_from=missing.safetensors"], "checkpoint not found: missing.safetensors"),
+        (["data.path=X", "validation.sampler=plms", "model.parameterization=v", "model.rescale_betas_zero_snr=true"], "cannot sample this model"),
         (["data.path=EMPTY"], "no images with captions found"),
     ],
 )
