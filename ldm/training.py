@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
+import math
 import os
 import re
 import resource
@@ -26,8 +27,11 @@ import torch.nn as nn
 from accelerate import Accelerator, InitProcessGroupKwargs
 from accelerate.tracking import GeneralTracker, on_main_process
 from accelerate.utils import ProjectConfiguration
+from torch.utils.data import DataLoader
 
-from ldm.config import ConfigError
+from ldm.config import ConfigError, ModelConfig, apply_overrides, from_dict, load_yaml, to_dict
+from ldm.data import StreamSampler, collate, ignore_sigterm
+from ldm.model import StableDiffusion
 
 CHECKPOINT_NAME = re.compile(r"^step-(\d+)$")
 
@@ -79,6 +83,71 @@ def flat_config(values: dict, prefix: str = "") -> dict:
         else:
             flat[prefix + key] = value if isinstance(value, (int, float, str, bool)) else str(value)
     return flat
+
+
+def merge(base: dict, over: dict) -> dict:
+    """`over` on top of `base`, section by section."""
+    return base | {k: merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v for k, v in over.items()}
+
+
+def read_train_config(path: Path, overrides: list[str], cls, load_init: Callable[[str, ModelConfig], StableDiffusion]):
+    """Defaults <- YAML (`model:` may name a model YAML beside it) <- overrides, into dataclass `cls`; with
+    init_from, load_init(init_from, the YAML's model config) gives the start model, whose own config is the base
+    of `model`. Returns the config and the init_from model, if any."""
+    raw = load_yaml(path)
+    if isinstance(raw.get("model"), str):
+        raw["model"] = load_yaml(Path(path).parent / raw["model"])
+    apply_overrides(raw, overrides)
+    cfg = from_dict(cls, raw)
+    init = None
+    if cfg.init_from:
+        init = load_init(cfg.init_from, cfg.model)
+        cfg = from_dict(cls, raw | {"model": merge(to_dict(init.cfg), raw.get("model", {}))})
+    return cfg, init
+
+
+def start_run(cfg, resume_spec: str | None) -> tuple[Path, Path, Path | None]:
+    """Deterministic algorithms if asked -> (output_dir, its checkpoints folder, the checkpoint to resume or None).
+    A run resumes only with the model config it was trained with (the checkpoint's config.json)."""
+    if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+    output_dir = Path(cfg.output_dir)
+    checkpoints = output_dir / "checkpoints"
+    resume = resolve_resume(resume_spec, checkpoints)
+    if resume is not None:
+        saved, current = json.loads((resume / "config.json").read_text())["model"], to_dict(cfg.model)
+        if saved != current:
+            changed = sorted(k for k in saved if saved[k] != current.get(k))
+            raise ConfigError(f"--resume {resume}: it was trained with another model config (model.{', model.'.join(changed)} differ)")
+    return output_dir, checkpoints, resume
+
+
+def resume_state(accelerator: Accelerator, resume: Path | None, resume_spec: str | None, checkpoints: Path, state: TrainState) -> None:
+    """Load everything registered with the Accelerator from `resume`, saying so."""
+    if resume is not None:
+        accelerator.load_state(str(resume / "state"))
+        accelerator.print(f"resumed from {resume} at step {state.step}")
+    elif resume_spec == "latest":
+        accelerator.print(f"no checkpoint in {checkpoints} yet: starting at step 0")
+
+
+def stream_batches(dataset, cfg, accelerator: Accelerator, start: int):
+    """This process's batches of the endless data stream from position `start` (see ldm.data.StreamSampler)."""
+    sampler = StreamSampler(len(dataset), cfg.batch_size, accelerator.process_index, accelerator.num_processes, cfg.seed, start)
+    return iter(DataLoader(dataset, cfg.batch_size, sampler=sampler, collate_fn=collate, num_workers=cfg.data.num_workers,
+                           worker_init_fn=ignore_sigterm, pin_memory=accelerator.device.type == "cuda"))  # fmt: skip
+
+
+def optimizer_step(accelerator: Accelerator, optimizer, params, max_grad_norm: float) -> tuple[torch.Tensor | None, bool]:
+    """After the last micro-batch's backward: clip (0: only measure), step, zero.
+    -> (grad norm, whether the step was skipped for non-finite gradients)."""
+    grad_norm = accelerator.clip_grad_norm_(params, max_grad_norm or math.inf)
+    finite = grad_norm is None or bool(torch.isfinite(grad_norm))
+    if finite or accelerator.scaler is not None:  # fp16: the grad scaler skips the step (and lowers its scale) itself
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm, not finite or optimizer.step_was_skipped
 
 
 def log_image(accelerator: Accelerator, name: str, image, step: int) -> None:

@@ -184,6 +184,21 @@ class AutoencoderKL(nn.Module):
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.post_quant_conv(z))
 
-    def forward(self, x: torch.Tensor, sample: bool = True):
+    def forward(self, x: torch.Tensor, noise: torch.Tensor | None = None):
+        """Reconstruction through a posterior sample z = mean + std * noise (noise drawn when not given), and the posterior."""
         posterior = self.encode(x)
-        return self.decode(posterior.sample() if sample else posterior.mode()), posterior
+        noise = torch.randn_like(posterior.mean) if noise is None else noise
+        return self.decode(posterior.mean + posterior.std * noise), posterior
+
+
+@torch.no_grad()
+def latent_scale_factor(vae: AutoencoderKL, batches, generator: torch.Generator | None = None) -> float:
+    """1 / std of posterior samples z ~ q(z|x) over the images of `batches` (each (B, 3, H, W) in [-1, 1]): how
+    SD's 0.18215 was measured (CompVis `scale_by_std`: 1 / z.flatten().std(), there on one batch), so that the
+    UNet sees latents of about unit variance."""
+    total, total_sq, n = 0.0, 0.0, 0
+    for x in batches:
+        z = vae.encode(x).sample(generator).double()
+        total, total_sq, n = total + z.sum(), total_sq + z.pow(2).sum(), n + z.numel()
+    var = (total_sq - total**2 / n) / (n - 1)  # the unbiased variance of all latent values, as torch.std
+    return float(var.rsqrt())

