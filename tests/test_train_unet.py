@@ -184,7 +184,7 @@ def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path, colours):
     assert "error: non-finite gradients for 2 steps in a row at step 3" in out and not (tmp_path / "run" / "model.safetensors").exists()
 
 
-@pytest.mark.slow
+@pytest.mark.compile
 def test_compiled_unet_trains_as_the_eager_one(tmp_path, colours):
     """compile=true (Accelerate's dynamo_backend=inductor): about ten minutes of compiling on 2 CPU cores."""
     common = [f"data.path={colours}", "max_steps=3", "batch_size=2", "log_every=1"]
