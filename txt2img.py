@@ -1,5 +1,6 @@
 """txt2img.py: text-to-image, img2img and inpainting with a Stable Diffusion v1 checkpoint.
 
+    python txt2img.py --prompt "a red apple"   # the embedded 32x32 emoji model
     python txt2img.py --ckpt v1-5-pruned-emaonly.safetensors --prompt "a lighthouse at dusk" --sampler dpmpp_2m_karras --steps 25
     python txt2img.py --ckpt v1-5-pruned-emaonly.safetensors --prompt "an oil painting" --init-image photo.png --strength 0.6
     python txt2img.py --ckpt sd-v1-5-inpainting.ckpt --prompt "a vase of tulips" --init-image room.png --mask mask.png
@@ -23,7 +24,7 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from ldm import load_pipeline
+from ldm import DEFAULT_MODEL, load_pipeline
 from ldm.checkpoint import CheckpointError
 from ldm.config import ConfigError, load_config
 from ldm.pipeline import InputError, Pipeline, load_image
@@ -42,7 +43,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--prompt", help="what to draw")
     p.add_argument("--negative-prompt", default="", help="what to steer away from (default: the empty prompt, as SD)")
     p.add_argument("--from-file", type=Path, help="a text file with one prompt per line, instead of --prompt")
-    p.add_argument("--ckpt", type=Path, help="an SD v1 .safetensors/.ckpt, a diffusers folder or one of our checkpoints")
+    p.add_argument("--ckpt", type=Path, help="an SD v1 .safetensors/.ckpt, a diffusers folder or one of our checkpoints (default: the embedded emoji model)")
     p.add_argument("--config", type=Path, help="architecture YAML, for a single file that does not carry its config")
     p.add_argument("--sampler", default="ddim", choices=SAMPLERS, help="default: ddim")
     p.add_argument("--steps", "--ddim_steps", type=int, default=50, help="sampling steps (default: 50)")
@@ -199,8 +200,7 @@ def execute(args) -> list[Path]:
         raise InputError("--mask needs --init-image")
     init_image = load_image(args.init_image) if args.init_image else None
     mask = load_image(args.mask, "L") if args.mask else None
-    if args.ckpt is None:
-        raise CheckpointError("no default model is bundled yet: pass --ckpt (an SD v1 .safetensors/.ckpt, a diffusers folder or one of our checkpoints)")
+    ckpt = DEFAULT_MODEL if args.ckpt is None else args.ckpt
     if args.outdir.exists() and not args.outdir.is_dir():
         raise InputError(f"--outdir {args.outdir} is a file, not a folder")
     try:
@@ -209,8 +209,8 @@ def execute(args) -> list[Path]:
         raise InputError(f"unknown --device '{args.device}'") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InputError("--device cuda, but no CUDA device is available")
-    pipe = load_pipeline(args.ckpt, device, DTYPES[args.dtype], load_config(args.config) if args.config else None)
-    model = {"model": args.ckpt.stem, "model_hash": None if args.no_metadata else model_hash(args.ckpt)}
+    pipe = load_pipeline(ckpt, device, DTYPES[args.dtype], load_config(args.config) if args.config else None)
+    model = {"model": "ldm-emoji" if args.ckpt is None else ckpt.stem, "model_hash": None if args.no_metadata else model_hash(ckpt)}
     return run(pipe, args, prompts, init_image, mask, model)
 
 

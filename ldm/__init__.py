@@ -8,7 +8,10 @@ from ldm.config import ModelConfig, load_config
 from ldm.model import StableDiffusion
 from ldm.pipeline import Pipeline
 
-__all__ = ["CheckpointError", "ModelConfig", "Pipeline", "StableDiffusion", "load_config", "load_model", "load_pipeline"]
+__all__ = ["DEFAULT_MODEL", "CheckpointError", "ModelConfig", "Pipeline", "StableDiffusion", "load_config", "load_model", "load_pipeline"]
+
+# The embedded model: 32x32 emoji from text, trained by this project's scripts (its card: README.md beside it).
+DEFAULT_MODEL = Path(__file__).parent / "assets" / "emoji" / "model.safetensors"
 
 
 def load_pipeline(
@@ -17,9 +20,7 @@ def load_pipeline(
     """A checkpoint's models in eval mode, with txt2img / img2img / inpaint: `.unet .vae .text_encoder .tokenizer .cfg`.
 
     path: an original SD v1 single file (.safetensors, or .ckpt read without running code), one of our
-    checkpoints, or a diffusers folder. config: the architecture, when a single file does not carry it.
+    checkpoints, or a diffusers folder; None: the embedded emoji model (DEFAULT_MODEL). config: the architecture, when a single file does not carry it.
     An in-memory StableDiffusion model becomes a pipeline with `Pipeline(model)`.
     """
-    if path is None:
-        raise CheckpointError("no checkpoint given and no default model is bundled yet: pass a path (e.g. v1-5-pruned-emaonly.safetensors)")
-    return Pipeline(load_model(path, config)).to(device=device, dtype=dtype).eval()
+    return Pipeline(load_model(DEFAULT_MODEL if path is None else path, config)).to(device=device, dtype=dtype).eval()

@@ -21,6 +21,7 @@ def main(argv=None) -> int:
     p.add_argument("--config", type=Path, help="architecture YAML, for a single file that does not carry its config")
     p.add_argument("--no-ema", action="store_true", help="keep the raw UNet weights of a file that also has EMA ones")
     p.add_argument("--half", action="store_true", help="write fp16 tensors (single-file output)")
+    p.add_argument("--no-text-encoder", action="store_true", help="leave out a pretrained text encoder's weights (loading takes them from its package)")
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     args = p.parse_args(argv)
     try:
@@ -31,7 +32,7 @@ def main(argv=None) -> int:
         cfg = load_config(args.config) if args.config else None
         model = load_model(args.src, cfg, use_ema=not args.no_ema)
         if args.dst.suffix == ".safetensors":
-            save_single_file(model, args.dst, torch.float16 if args.half else None)
+            save_single_file(model, args.dst, torch.float16 if args.half else None, text_encoder=not args.no_text_encoder)
         else:
             save_diffusers_folder(model, args.dst)
     except (CheckpointError, ConfigError) as e:

