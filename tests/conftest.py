@@ -13,6 +13,7 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from accelerate.state import AcceleratorState, GradientState, PartialState  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from ldm.config import load_config  # noqa: E402
@@ -37,6 +38,17 @@ def randomize_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
         for p in module.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * (0.5 / max(1, p[0].numel()) ** 0.5) + 0.01 * torch.randn(p.shape, generator=g))
     return module
+
+
+def run_in_process(script, argv) -> int:
+    """script.main(argv) in this process, with Accelerate's process-wide state reset around it."""
+    for state in (AcceleratorState, GradientState, PartialState):
+        state._reset_state(*([True] if state is AcceleratorState else []))
+    try:
+        return script.main(argv)
+    finally:
+        for state in (AcceleratorState, GradientState, PartialState):
+            state._reset_state(*([True] if state is AcceleratorState else []))
 
 
 def compvis_original_config(cfg) -> dict:
