@@ -1,5 +1,7 @@
 """txt2img.py end to end on a tiny checkpoint: PNGs, their parameters, reruns, and one-line errors for bad input."""
+import errno
 import json
+import os
 import re
 import subprocess
 import sys
@@ -130,18 +132,47 @@ def test_prompts_from_file(files, tmp_path):
         (["--ckpt", "{f}/nope.safetensors"], "checkpoint not found"),
         (["--ckpt", "{f}/notes.txt"], "refused to load"),
         (["--outdir", "{f}/notes.txt"], "is a file"),
+        (["--outdir", "{f}/notes.txt/sub"], "notes.txt is a file, not a folder"),  # unwritable, even for root
+        (["--steps", "0"], "steps must be at least 1, got 0"),
+        (["--steps", "-1"], "steps must be at least 1, got -1"),
+        (["--steps", "1001"], "this model has 1000 diffusion timesteps, so at most that many steps"),
+        (["--n-samples", "0"], "nothing to generate"),
+        (["--n-iter", "0"], "--n-iter must be at least 1"),
+        (["--scale", "nan"], "--scale must be a finite number, got nan"),
+        (["--eta", "inf"], "--eta must be a finite number, got inf"),
+        (["--guidance-rescale", "2"], r"guidance rescale must be in \[0, 1\]"),
+        (["--H", "0"], "--H must be a positive number of pixels, got 0"),
+        (["--W", "-16"], "--W must be a positive number of pixels, got -16"),
+        (["--seed", str(2**64 - 1), "--n-samples", "2"], r"the seeds of the images must lie in \[-2\*\*63, 2\*\*64\)"),
+        (["--negative-prompt", "caf\udce9"], "--negative-prompt is not UTF-8 text"),  # bytes that are not UTF-8 in argv
+        (["--from-file", "{f}/missing.txt"], "cannot read prompts from"),
+        (["--config", "{f}/missing.yaml"], "cannot read config file"),
+        (["--init-image", "{f}/init.png", "--mask", "{f}/missing.png"], "image not found"),
+        (["--dtype", "fp8"], "invalid choice: 'fp8'"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(files, args, message, capsys):
     args = [a.format(f=files) for a in args]
     ckpt = [] if "--ckpt" in args else ["--ckpt", str(files / "tiny4.safetensors")]
+    prompt = [] if "--from-file" in args else ["--prompt", "x"]
     try:
-        code = cli("--prompt", "x", "--steps", "2", "--outdir", files / "out", *ckpt, *args)
+        code = cli(*prompt, "--steps", "2", "--outdir", files / "out", *ckpt, *args)
     except SystemExit as e:  # argparse's own errors
         code = e.code
     err = capsys.readouterr().err.strip()
     assert code == 2 and re.search(message, err) and len(err.splitlines()) == 1, err
     assert not (files / "out").exists()
+
+
+def test_a_full_disk_while_writing_an_image_is_one_line_and_leaves_no_partial_file(files, tmp_path, monkeypatch, capsys):
+    def fill_the_disk(image, fp, *args, **kwargs):
+        fp.write(b"\x89PNG\r\n\x1a\n")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(Image.Image, "save", fill_the_disk)
+    assert cli("--ckpt", files / "tiny4.safetensors", "--prompt", "x", "--steps", 2, "--outdir", tmp_path) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"error: cannot write {tmp_path / '00000.png'}: No space left on device"
+    assert not list(tmp_path.iterdir())
 
 
 def test_the_script_fails_cleanly_in_a_real_process(files):
