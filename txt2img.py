@@ -102,9 +102,9 @@ def model_hash(path: Path) -> str:
 def a1111_text(facts: dict) -> str:
     """The `parameters` text AUTOMATIC1111 writes: prompt, negative prompt, then `Key: value` pairs."""
 
-    def quote(value) -> str:
+    def quote(value) -> str:  # as A1111 quotes, and also what its reader would otherwise change (quotes, blanks at the ends)
         text = str(value)
-        return json.dumps(text, ensure_ascii=False) if any(c in text for c in ",:\n") else text
+        return json.dumps(text, ensure_ascii=False) if any(c in text for c in ',:\n"') or text != text.strip() else text
 
     pairs = {
         "Steps": facts["steps"], "Sampler": SAMPLERS[facts["sampler"]][2], "CFG scale": facts["scale"], "Seed": facts["seed"],

@@ -5,16 +5,21 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import ROOT, randomize_
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 import txt2img
 from ldm.checkpoint import save_single_file
 from ldm.config import load_config
 from ldm.model import StableDiffusion
+from ldm.samplers import SAMPLERS
 
 
 @pytest.fixture(scope="module")
@@ -39,13 +44,28 @@ def cli(*args) -> int:
     return txt2img.main([str(a) for a in args])
 
 
+A1111_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+
+
 def a1111(text: str) -> dict:
-    """Parse AUTOMATIC1111's `parameters` text: prompt line, optional negative prompt line, `Key: value` pairs."""
-    *prompt_lines, last = text.split("\n")
-    fields = {k: json.loads(v) if v.startswith('"') else v for k, v in re.findall(r'\s*([\w ]+): ("(?:\\.|[^"])*"|[^,]*)(?:,|$)', last)}
-    fields["Prompt"] = prompt_lines[0]
-    if len(prompt_lines) > 1:
-        fields["Negative prompt"] = prompt_lines[1].removeprefix("Negative prompt: ")
+    """AUTOMATIC1111's own reader of its `parameters` text (parse_generation_parameters in modules/infotext_utils.py,
+    its prompt and `Key: value` part): the prompt's lines, from a line starting "Negative prompt:" on the negative
+    prompt's, each line stripped; on the last line, the pairs, a value in double quotes read as JSON."""
+    *lines, last = text.strip().split("\n")
+    if len(A1111_PARAM.findall(last)) < 3:
+        lines, last = lines + [last], ""
+    fields, negative = {"Prompt": "", "Negative prompt": ""}, False
+    for line in lines:
+        line = line.strip()
+        if line.startswith("Negative prompt:"):
+            negative, line = True, line[16:].strip()
+        key = "Negative prompt" if negative else "Prompt"
+        fields[key] += ("\n" if fields[key] else "") + line
+    for key, value in A1111_PARAM.findall(last):
+        try:
+            fields[key] = json.loads(value) if value[:1] == value[-1:] == '"' else value
+        except json.JSONDecodeError:
+            fields[key] = value
     return fields
 
 
@@ -179,3 +199,33 @@ def test_the_script_fails_cleanly_in_a_real_process(files):
     r = subprocess.run([sys.executable, "txt2img.py", "--prompt", "x", "--ckpt", files / "nope.safetensors"], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1] == f"error: checkpoint not found: {files / 'nope.safetensors'}"
+
+
+TRICKY = st.lists(st.one_of(st.text(max_size=6), st.sampled_from(["Negative prompt:", "Negative prompt: ", "Steps: 3", "Seed:", ", ", ",",
+                  ":", "\n", "\r\n", " ", '"', "'", "\\", '\\"', "\u2028", "\x00", "é", "🍎", "Model: x, Size: 1x1"])), max_size=8).map("".join)  # fmt: skip
+
+
+def a1111_keeps(text: str) -> bool:
+    """What AUTOMATIC1111's text format carries exactly: no line of a prompt starting "Negative prompt:", no blank
+    around a line nor the whole (its reader strips them)."""
+    return text == text.strip() and all(line == line.strip() and not line.startswith("Negative prompt:") for line in text.split("\n"))
+
+
+@settings(max_examples=300, deadline=None)
+@given(prompt=TRICKY, negative=TRICKY, model=TRICKY, seed=st.integers(-(2**63), 2**64 - 1), scale=st.floats(-1e3, 1e3), sampler=st.sampled_from(list(SAMPLERS)))
+def test_png_parameters_round_trip(prompt, negative, model, seed, scale, sampler):
+    """Any prompt, negative prompt and model name (unicode, newlines, quotes, backslashes, NUL, A1111's own key
+    words) comes back exactly from the JSON chunk; from the A1111 text, AUTOMATIC1111's reader gets every pair back
+    exactly, and the prompts whenever its format can carry them (a1111_keeps)."""
+    facts = {"mode": "txt2img", "prompt": prompt, "negative_prompt": negative, "steps": 20, "sampler": sampler, "scale": scale, "eta": 0.0,
+             "guidance_rescale": 0.0, "model": model, "model_hash": "0123456789", "batch_size": 2, "dtype": "fp32", "device": "cpu",
+             "seed": seed, "width": 512, "height": 768, "batch_pos": 1}  # fmt: skip
+    with tempfile.TemporaryDirectory() as folder, Image.open(txt2img.save_png(Image.new("RGB", (1, 1)), Path(folder) / "x.png", facts)) as png:
+        png.load()
+        assert json.loads(png.text["ldm"]) == facts
+        text = a1111(png.text["parameters"])
+    pairs = {"Steps": "20", "Sampler": SAMPLERS[sampler][2], "CFG scale": str(scale), "Seed": str(seed), "Size": "512x768",
+             "Model hash": "0123456789", "Model": model, "Batch size": "2", "Batch pos": "1"}  # fmt: skip
+    assert {k: v for k, v in text.items() if k not in ("Prompt", "Negative prompt")} == pairs
+    if a1111_keeps(prompt) and a1111_keeps(negative):
+        assert (text["Prompt"], text["Negative prompt"]) == (prompt, negative)
