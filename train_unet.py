@@ -238,7 +238,7 @@ def train(args) -> int:
     progress.close()  # the last step was saved above (or, resumed at max_steps, there was none to run)
     gather_skipped()
     if accelerator.is_main_process:
-        with writing(output_dir, output_dir / "model.safetensors", f"the last checkpoint {list_checkpoints(checkpoints)[-1]} holds the same model"):
+        with writing(output_dir, output_dir / "model.safetensors", f"{list_checkpoints(checkpoints)[-1] / 'model.safetensors'} is the same model"):
             write_model(output_dir)
         print(skipped_report(state.skipped))
         print(f"wrote {output_dir / 'model.safetensors'}")

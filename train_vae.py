@@ -229,7 +229,7 @@ def train(args) -> int:
                 accelerator.log({f"eval/{k}": v for k, v in results.items()}, step=state.step)
                 log_image(accelerator, "reconstructions", Image.open(output_dir / "reconstructions.png"), state.step)
                 print(f"held-out reconstructions: {json.dumps(results)}; grid in {output_dir / 'reconstructions.png'}")
-        with writing(output_dir, output_dir / "model.safetensors", f"the last checkpoint {list_checkpoints(checkpoints)[-1]} holds the same model"):
+        with writing(output_dir, output_dir / "model.safetensors", f"the last checkpoint {list_checkpoints(checkpoints)[-1]} is intact (scale factor measured: {cfg.model.scale_factor:.5f})"):
             write_model(output_dir)
         print(skipped_report(state.skipped))
         print(f"wrote {output_dir / 'model.safetensors'}")

@@ -295,7 +295,7 @@ def save_checkpoint(accelerator: Accelerator, root: Path, step: int, keep_last: 
     """
     final, tmp = root / f"step-{step:06d}", root / f"step-{step:06d}.tmp"
     previous = list_checkpoints(root)
-    intact = f"the previous checkpoint {previous[-1]} is intact (free some space, then --resume latest)" if previous else "there is no earlier checkpoint"
+    intact = f"the previous checkpoint {previous[-1]} is intact (--resume latest continues from it)" if previous else "there is no earlier checkpoint"
     try:
         with writing(root, f"checkpoint {final.name}", intact):
             if accelerator.is_main_process:

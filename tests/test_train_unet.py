@@ -228,7 +228,7 @@ def test_disk_full_while_writing_a_checkpoint(tmp_path, colours, monkeypatch, ca
     monkeypatch.setattr(module, name, lambda obj, path, *a, **k: fill_the_disk(path) if "step-000004.tmp" in str(path) else real(obj, path, *a, **k))
     assert run_in_process(train_unet, argv) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err == f"error: the disk is full while writing checkpoint step-000004: the previous checkpoint {checkpoints / 'step-000002'} is intact (free some space, then --resume latest)"
+    assert err == f"error: the disk is full while writing checkpoint step-000004: the previous checkpoint {checkpoints / 'step-000002'} is intact (--resume latest continues from it)"
     assert [p.name for p in checkpoints.iterdir()] == ["step-000002"] and not (run_dir / "model.safetensors").exists()
     assert before and folder_digest(checkpoints / "step-000002") == before
 
@@ -236,6 +236,24 @@ def test_disk_full_while_writing_a_checkpoint(tmp_path, colours, monkeypatch, ca
     assert run_in_process(train_unet, argv + ["--resume", "latest"]) == 0
     assert f"resumed from {checkpoints / 'step-000002'} at step 2" in capsys.readouterr().out
     assert sorted(p.name for p in checkpoints.iterdir()) == ["step-000002", "step-000004"] and (run_dir / "model.safetensors").exists()
+
+
+def test_disk_full_while_writing_the_final_model(tmp_path, colours, monkeypatch, capsys):
+    run_dir = tmp_path / "run"
+    real = ldm.checkpoint.save_file
+
+    def save_file(tensors, path, *args, **kwargs):
+        if Path(path).parent != run_dir:
+            return real(tensors, path, *args, **kwargs)
+        Path(path).write_bytes(b"\0" * 1000)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(ldm.checkpoint, "save_file", save_file)
+    argv = ["--config", str(CONFIG), f"data.path={colours}", "max_steps=2", "batch_size=2", "tracker=none", f"output_dir={run_dir}"]
+    assert run_in_process(train_unet, argv) == 2
+    last = run_dir / "checkpoints" / "step-000002" / "model.safetensors"
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"error: the disk is full while writing {run_dir / 'model.safetensors'}: {last} is the same model"
+    assert not [p for p in run_dir.iterdir() if "model.safetensors" in p.name] and load_model(last)  # no partial file left
 
 
 @pytest.mark.compile
