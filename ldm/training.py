@@ -282,8 +282,8 @@ def resolve_resume(spec: str | None, root: Path) -> Path | None:
         path = path.parent
     if path.name.endswith(".tmp"):
         raise ConfigError(f"--resume {spec}: an unfinished checkpoint (its write was cut short); use a complete one, or --resume latest")
-    if not (path / "state").is_dir() or not (path / "config.json").is_file():
-        raise ConfigError(f"--resume {spec}: not a training checkpoint (no state/ folder and config.json inside)")
+    if not (path / "state").is_dir():
+        raise ConfigError(f"--resume {spec}: not a training checkpoint (no state/ folder inside)")
     return path
 
 

@@ -296,7 +296,7 @@ def test_shipped_configs_are_valid(name):
         (["data.path=X", "validation.steps=0"], "validation needs every >= 0, steps >= 1"),
         (["data.path=X", "output_dir=FILE/run"], "cannot create output_dir"),  # unwritable, even for root
         (["data.path=X", "--resume", "UNFINISHED"], "an unfinished checkpoint (its write was cut short)"),
-        (["data.path=X", "--resume", "NOCONFIG"], "not a training checkpoint (no state/ folder and config.json inside)"),
+        (["data.path=X", "--resume", "NOCONFIG"], "step-000003: its config.json is unreadable (FileNotFoundError"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_code_2(args, message, tmp_path, capsys):
