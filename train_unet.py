@@ -23,20 +23,21 @@ from tqdm.auto import tqdm
 
 from ldm.cache import LatentCache, build_cache, cache_key
 from ldm.checkpoint import CheckpointError, load_model, load_state_strict, save_single_file
-from ldm.config import ConfigError, TrainUNetConfig, check, to_dict
+from ldm.config import ArgumentParser, ConfigError, TrainUNetConfig, check, to_dict
 from ldm.data import DataError, ImageCaptionDataset
 from ldm.diffusion import Diffusion
 from ldm.model import StableDiffusion
 from ldm.pipeline import Pipeline
 from ldm.samplers import SAMPLERS, ZERO_SNR_SAMPLERS
 from ldm.training import (
-    EMA, StopOnSigterm, TrainState, flat_config, log_image, make_accelerator, optimizer_step, peak_memory_gib,
-    per_sample_generators, randn_like_per_sample, read_train_config, resume_state, save_checkpoint, start_run, stream_batches,
+    EMA, StopOnSigterm, TrainState, flat_config, list_checkpoints, log_image, make_accelerator, optimizer_step, peak_memory_gib,
+    per_sample_generators, randn_like_per_sample, read_train_config, resume_state, save_checkpoint, skipped_report, start_run,
+    stream_batches, writing,
 )  # fmt: skip
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="train_unet.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", type=Path, required=True, help="training YAML (see configs/train-unet-tiny.yaml)")
     p.add_argument("--resume", metavar="latest|PATH", help="continue from the newest checkpoint of output_dir, or from PATH")
     p.add_argument("--cache-latents", action="store_true", help="encode the dataset once (VAE posterior + text embeddings) and train from that")
@@ -133,7 +134,11 @@ def train(args) -> int:
 
     def checkpoint() -> None:
         gather_skipped()
-        path = save_checkpoint(accelerator, checkpoints, state.step, cfg.keep_last, write_model)
+        try:
+            path = save_checkpoint(accelerator, checkpoints, state.step, cfg.keep_last, write_model)
+        except CheckpointError:  # the disk is full: the error's line goes below the progress bar, not into it
+            progress.close()
+            raise
         accelerator.print(f"saved checkpoint {path}")
 
     def validate() -> None:
@@ -233,10 +238,10 @@ def train(args) -> int:
     progress.close()  # the last step was saved above (or, resumed at max_steps, there was none to run)
     gather_skipped()
     if accelerator.is_main_process:
-        write_model(output_dir)
-        for name, why in sorted(state.skipped.items()):
-            print(f"skipped {name}: {why}")
-        print(f"{len(state.skipped)} files skipped; wrote {output_dir / 'model.safetensors'}")
+        with writing(output_dir, output_dir / "model.safetensors", f"{list_checkpoints(checkpoints)[-1] / 'model.safetensors'} is the same model"):
+            write_model(output_dir)
+        print(skipped_report(state.skipped))
+        print(f"wrote {output_dir / 'model.safetensors'}")
     accelerator.end_training()
     return 0
 

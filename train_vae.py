@@ -31,8 +31,9 @@ from ldm.eval_vae import evaluate, image_batches
 from ldm.losses import GeneratorLoss, NLayerDiscriminator, discriminator_loss, load_lpips
 from ldm.model import StableDiffusion
 from ldm.training import (
-    EMA, StopOnSigterm, TrainState, flat_config, log_image, make_accelerator, optimizer_step, peak_memory_gib,
-    per_sample_generators, randn_like_per_sample, read_train_config, resume_state, save_checkpoint, start_run, stream_batches,
+    EMA, StopOnSigterm, TrainState, flat_config, list_checkpoints, log_image, make_accelerator, optimizer_step, peak_memory_gib,
+    per_sample_generators, randn_like_per_sample, read_train_config, resume_state, save_checkpoint, skipped_report, start_run,
+    stream_batches, writing,
 )  # fmt: skip
 from ldm.vae import latent_scale_factor
 
@@ -131,7 +132,12 @@ def train(args) -> int:
 
     def checkpoint() -> None:
         gather_skipped()
-        accelerator.print(f"saved checkpoint {save_checkpoint(accelerator, checkpoints, state.step, cfg.keep_last, write_model)}")
+        try:
+            path = save_checkpoint(accelerator, checkpoints, state.step, cfg.keep_last, write_model)
+        except CheckpointError:  # the disk is full: the error's line goes below the progress bar, not into it
+            progress.close()
+            raise
+        accelerator.print(f"saved checkpoint {path}")
 
     # ------------------------------------------------------------ the loop
     accelerator.init_trackers("train_vae", config=flat_config(to_dict(cfg)))
@@ -223,10 +229,10 @@ def train(args) -> int:
                 accelerator.log({f"eval/{k}": v for k, v in results.items()}, step=state.step)
                 log_image(accelerator, "reconstructions", Image.open(output_dir / "reconstructions.png"), state.step)
                 print(f"held-out reconstructions: {json.dumps(results)}; grid in {output_dir / 'reconstructions.png'}")
-        write_model(output_dir)
-        for name, why in sorted(state.skipped.items()):
-            print(f"skipped {name}: {why}")
-        print(f"{len(state.skipped)} files skipped; wrote {output_dir / 'model.safetensors'}")
+        with writing(output_dir, output_dir / "model.safetensors", f"the last checkpoint {list_checkpoints(checkpoints)[-1]} is intact (scale factor measured: {cfg.model.scale_factor:.5f})"):
+            write_model(output_dir)
+        print(skipped_report(state.skipped))
+        print(f"wrote {output_dir / 'model.safetensors'}")
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return 0

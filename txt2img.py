@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
+import os
 import re
 import sys
 import warnings
@@ -70,6 +72,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def read_prompts(args) -> list[str]:
     if (args.prompt is None) == (args.from_file is None):
         raise InputError("give exactly one of --prompt and --from-file")
+    for flag, text in (("--prompt", args.prompt or ""), ("--negative-prompt", args.negative_prompt)):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # bytes that are not UTF-8 on the command line
+            raise InputError(f"{flag} is not UTF-8 text") from None
     if args.prompt is not None:
         return [args.prompt]
     try:
@@ -95,9 +102,9 @@ def model_hash(path: Path) -> str:
 def a1111_text(facts: dict) -> str:
     """The `parameters` text AUTOMATIC1111 writes: prompt, negative prompt, then `Key: value` pairs."""
 
-    def quote(value) -> str:
+    def quote(value) -> str:  # as A1111 quotes, and also what its reader would otherwise change (quotes, blanks at the ends)
         text = str(value)
-        return json.dumps(text, ensure_ascii=False) if any(c in text for c in ",:\n") else text
+        return json.dumps(text, ensure_ascii=False) if any(c in text for c in ',:\n"') or text != text.strip() else text
 
     pairs = {
         "Steps": facts["steps"], "Sampler": SAMPLERS[facts["sampler"]][2], "CFG scale": facts["scale"], "Seed": facts["seed"],
@@ -124,12 +131,15 @@ def save_png(image: Image.Image, path: Path, facts: dict | None) -> Path:
         info = PngInfo()
         info.add_text("parameters", a1111_text(facts))
         info.add_text("ldm", json.dumps(facts, ensure_ascii=False))
-    path.parent.mkdir(parents=True, exist_ok=True)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "xb") as f:
             image.save(f, format="PNG", pnginfo=info)
     except FileExistsError:
         raise InputError(f"{path} appeared while writing: not overwriting it") from None
+    except OSError as e:  # the disk is full, the folder is read-only...: no partial file stays
+        path.unlink(missing_ok=True)
+        raise InputError(f"cannot write {path}: {e.strerror or e}") from None
     return path
 
 
@@ -194,6 +204,15 @@ def execute(args) -> list[Path]:
     prompts = read_prompts(args)
     if args.n_iter < 1:
         raise InputError(f"--n-iter must be at least 1, got {args.n_iter}")
+    for flag, value in (("--scale", args.scale), ("--eta", args.eta), ("--guidance-rescale", args.guidance_rescale), ("--strength", args.strength)):
+        if value is not None and not math.isfinite(value):
+            raise InputError(f"{flag} must be a finite number, got {value}")
+    for flag, value in (("--H", args.H), ("--W", args.W)):
+        if value is not None and value < 1:
+            raise InputError(f"{flag} must be a positive number of pixels, got {value}")
+    last_seed = args.seed + len(prompts) * args.n_iter * max(args.n_samples, 1) - 1
+    if not -(2**63) <= args.seed <= last_seed < 2**64:  # the range of torch.Generator.manual_seed
+        raise InputError(f"--seed {args.seed}: the seeds of the images must lie in [-2**63, 2**64), the last would be {last_seed}")
     if args.strength is not None and args.init_image is None:
         raise InputError("--strength needs --init-image")
     if args.mask is not None and args.init_image is None:
@@ -201,8 +220,11 @@ def execute(args) -> list[Path]:
     init_image = load_image(args.init_image) if args.init_image else None
     mask = load_image(args.mask, "L") if args.mask else None
     ckpt = DEFAULT_MODEL if args.ckpt is None else args.ckpt
-    if args.outdir.exists() and not args.outdir.is_dir():
-        raise InputError(f"--outdir {args.outdir} is a file, not a folder")
+    existing = next(p for p in (args.outdir, *args.outdir.absolute().parents) if p.exists())  # the folder, or where it will be made
+    if not existing.is_dir():
+        raise InputError(f"--outdir {args.outdir}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK):
+        raise InputError(f"--outdir {args.outdir}: {existing} is not writable")
     try:
         device = torch.device(args.device)
     except RuntimeError:
@@ -210,6 +232,8 @@ def execute(args) -> list[Path]:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InputError("--device cuda, but no CUDA device is available")
     pipe = load_pipeline(ckpt, device, DTYPES[args.dtype], load_config(args.config) if args.config else None)
+    if args.steps > pipe.cfg.timesteps:
+        raise InputError(f"--steps {args.steps}: this model has {pipe.cfg.timesteps} diffusion timesteps, so at most that many steps")
     model = {"model": "ldm-emoji" if args.ckpt is None else ckpt.stem, "model_hash": None if args.no_metadata else model_hash(ckpt)}
     return run(pipe, args, prompts, init_image, mask, model)
 

@@ -23,7 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
 
-from ldm.data import ImageCaptionDataset, choose, transform, unreadable
+from ldm.data import DataError, ImageCaptionDataset, choose, transform, unreadable
 from ldm.text_encoder import FrozenTextEncoder
 from ldm.vae import AutoencoderKL
 
@@ -77,7 +77,7 @@ def build_cache(dataset: ImageCaptionDataset, vae: AutoencoderKL, text_encoder: 
         item_captions += captions
         names += chunk_names
     if not names:
-        raise ValueError(f"none of the {len(dataset)} images could be read (first: {skipped[0][0]}: {skipped[0][1]})")
+        raise DataError(f"none of the {len(dataset)} images could be read (first: {skipped[0][0]}: {skipped[0][1]})")
     texts = sorted({c for caps in item_captions for c in caps} | {""})
     ids = {t: i for i, t in enumerate(texts)}
     contexts = [text_encoder.encode(texts[i : i + batch_size]).float().cpu() for i in range(0, len(texts), batch_size)]

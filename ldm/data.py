@@ -7,8 +7,11 @@
   - an image folder with captions in `name.txt` beside `name.png` (one caption per non-empty line);
   - anything else `datasets.load_dataset(path, split="train")` reads (parquet / csv / json files, ...).
 A caption may be a list: one is picked at random each time the image is drawn. Images are converted to 8-bit
-RGB correctly whatever their mode; unreadable files are skipped and counted, never a crash mid-epoch. Files
-outside the dataset folder (`../x.png`, absolute paths, symlinks out) are never read: skipped and counted.
+RGB correctly whatever their mode. Whatever cannot be used is skipped and counted with its reason, never a crash
+mid-epoch: unreadable files (corrupt, truncated, not images, over Pillow's decompression-bomb limit), images without
+a caption (missing, empty, not UTF-8), lines of metadata.jsonl that are not JSON objects, images no metadata file
+lists, and files outside the dataset folder (`../x.png`, absolute paths, symlinks out), which are never read.
+Files with the same bytes are one image, with the captions of all of them.
 
 Randomness is keyed by the position of a sample in the data stream (`StreamSampler`), not by process or
 worker, so one process with batch 2B and two with batch B see the same samples with the same crops, flips,
@@ -16,6 +19,7 @@ captions and noise, and a resumed run continues the stream exactly.
 """
 from __future__ import annotations
 
+import collections
 import csv
 import hashlib
 import io
@@ -23,6 +27,7 @@ import json
 import os
 import random
 import signal
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -46,9 +51,12 @@ def open_rgb(source: str | Path | bytes) -> Image.Image:
 
     Transparency (RGBA, LA, palette with a transparent index) is composited on white, palette / grey / CMYK
     go through Pillow's conversions, 16-bit grey is scaled by 255/65535 (Pillow's own conversion clips it),
-    and the EXIF orientation is applied. Raises on a corrupt or truncated file.
+    and the EXIF orientation is applied. Raises on a corrupt or truncated file, and on one over Pillow's
+    decompression-bomb limit (Image.MAX_IMAGE_PIXELS: a warning up to twice the limit, which we raise too).
     """
-    img = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        img = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
     img.load()
     img = ImageOps.exif_transpose(img)
     if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
@@ -83,24 +91,60 @@ def choose(rng: random.Random, n_captions: int, random_flip: bool) -> tuple[int,
 # ---------------------------------------------------------------- sources
 
 
-def _captions(value) -> list[str]:
-    """A caption cell -> a list of non-empty captions (a string, or a list of strings)."""
+def _strings(value) -> list[str]:
+    """The strings of a caption cell: a string, or a list of strings."""
     values = [value] if isinstance(value, str) else list(value) if isinstance(value, (list, tuple)) else []
-    return [v.strip() for v in values if isinstance(v, str) and v.strip()]
+    return [v for v in values if isinstance(v, str)]
+
+
+def _utf8(text: str) -> bool:
+    """False for text that held bytes which are not UTF-8 (files are decoded with errors="surrogateescape")."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _captions(value) -> list[str]:
+    """A caption cell -> a list of non-empty captions (a string, or a list of strings); text that is not UTF-8 is none."""
+    return [v.strip() for v in _strings(value) if v.strip() and _utf8(v)]
+
+
+def _no_caption(value, where: str) -> str:
+    """Why a caption cell holds no caption."""
+    return f"caption {where} is not UTF-8" if not all(map(_utf8, _strings(value))) else f"no caption {where}"
 
 
 def _inside(root: Path, path: Path) -> bool:
-    return path.resolve().is_relative_to(root)
-
-
-def _read_metadata(meta: Path, caption_column: str) -> list[dict]:
     try:
-        if meta.suffix == ".jsonl":
-            return [json.loads(line) for line in meta.read_text(encoding="utf-8").splitlines() if line.strip()]
-        with meta.open(newline="", encoding="utf-8") as f:
-            return list(csv.DictReader(f))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, csv.Error) as e:
+        return path.resolve().is_relative_to(root)
+    except (OSError, RuntimeError, ValueError):  # a symlink loop, a NUL in a file_name
+        return False
+
+
+def _read_metadata(meta: Path, root: Path) -> tuple[list[dict], list[tuple[str, str]]]:
+    """The rows of a metadata file, and (line, why) for each line of a .jsonl that is not a JSON object.
+    Bytes that are not UTF-8 spoil only the captions that hold them (decoded with errors="surrogateescape")."""
+    try:
+        text = meta.read_bytes().decode("utf-8-sig", errors="surrogateescape")
+        if meta.suffix == ".csv":
+            return list(csv.DictReader(io.StringIO(text, newline=""))), []
+    except (OSError, csv.Error) as e:
         raise DataError(f"cannot read {meta}: {e}") from None
+    rows, bad = [], []
+    for n, line in enumerate(text.split("\n"), 1):  # not splitlines(): a JSON string may hold U+2028 and its kind
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            row = None
+        if isinstance(row, dict):
+            rows.append(row)
+        else:
+            bad.append((f"{meta.relative_to(root)} line {n}", "not a JSON object"))
+    return rows, bad
 
 
 def scan_folder(root: Path, caption_column: str, require_captions: bool = True) -> tuple[list[tuple[Path, list[str]]], list[tuple[str, str]]]:
@@ -108,35 +152,64 @@ def scan_folder(root: Path, caption_column: str, require_captions: bool = True) 
 
     Without require_captions, images without a caption are kept with the caption "" (for the VAE)."""
     uncaptioned = [] if require_captions else [""]
-    files, skipped = {}, []
+    files, listed, skipped = {}, set(), []
     walk = sorted(Path(d) / f for d, _, names in os.walk(root) for f in names)
+    images = [p for p in walk if p.suffix.lower() in IMAGE_EXTENSIONS]
     metas = [p for p in walk if p.name in METADATA_FILES]
     for meta in metas:
-        for row in _read_metadata(meta, caption_column):
+        rows, bad = _read_metadata(meta, root)
+        skipped += bad
+        for row in rows:
             name = str(row.get("file_name") or "")
             path = meta.parent / name
-            if not name or Path(name).is_absolute() or not _inside(root, path):
-                skipped.append((name or f"{meta.name}: a row without file_name", "outside the dataset folder" if name else "no file_name"))
+            listed.add(Path(os.path.normpath(path)))
+            if not name:
+                skipped.append((f"{meta.relative_to(root)}: a row without file_name", "no file_name"))
+            elif Path(name).is_absolute() or not _inside(root, path):
+                skipped.append((name, "outside the dataset folder"))
             elif not path.is_file():
                 skipped.append((name, "file not found"))
-            elif not (_captions(row.get(caption_column)) or uncaptioned):
-                skipped.append((name, f"no caption in column '{caption_column}'"))
             else:  # several rows for one file add captions
-                files.setdefault(path.resolve(), []).extend(_captions(row.get(caption_column)) or uncaptioned)
-    if not metas:
-        for path in walk:
-            if path.suffix.lower() not in IMAGE_EXTENSIONS:
-                continue
+                listed.add(path.resolve())
+                if captions := _captions(row.get(caption_column)) or uncaptioned:
+                    files.setdefault(path.resolve(), []).extend(captions)
+                else:
+                    skipped.append((name, _no_caption(row.get(caption_column), f"in column '{caption_column}'")))
+    if metas:
+        skipped += [(str(p.relative_to(root)), "not listed in a metadata file") for p in images if p not in listed]
+    else:
+        for path in images:
             txt = path.with_suffix(".txt")
             if not _inside(root, path) or (txt.exists() and not _inside(root, txt)):
                 skipped.append((str(path.relative_to(root)), "outside the dataset folder"))
+            elif not path.is_file():
+                skipped.append((str(path.relative_to(root)), "not a regular file"))
             else:
-                captions = _captions(txt.read_text(encoding="utf-8", errors="replace").splitlines()) if txt.is_file() else []
-                if captions or uncaptioned:
-                    files[path.resolve()] = captions or uncaptioned
+                lines = txt.read_bytes().decode("utf-8-sig", errors="surrogateescape").splitlines() if txt.is_file() else []
+                if captions := _captions(lines) or uncaptioned:
+                    files.setdefault(path.resolve(), []).extend(captions)
                 else:
-                    skipped.append((str(path.relative_to(root)), "no caption (.txt beside it)"))
+                    skipped.append((str(path.relative_to(root)), _no_caption(lines, "(.txt beside it)")))
+    skipped += _merge_duplicates(files, root)
     return sorted(files.items()), skipped
+
+
+def _merge_duplicates(files: dict[Path, list[str]], root: Path) -> list[tuple[str, str]]:
+    """Files with the same bytes are one image: the first by name takes the captions of the others, which are
+    dropped from `files` and returned as skipped. Only files that share their size with another are read."""
+    sizes = collections.Counter(path.stat().st_size for path in files)
+    first, skipped = {}, []
+    for path in sorted(files):
+        if sizes[path.stat().st_size] < 2:
+            continue
+        with path.open("rb") as f:
+            digest = hashlib.file_digest(f, "sha256").digest()
+        if digest in first:
+            files[first[digest]] += files.pop(path)
+            skipped.append((str(path.relative_to(root)), f"duplicate (same bytes as {first[digest].relative_to(root)}; captions merged)"))
+        else:
+            first[digest] = path
+    return skipped
 
 
 def _saved_by_datasets(path: Path) -> bool:

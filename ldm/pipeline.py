@@ -261,10 +261,26 @@ class Pipeline(nn.Module):
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents -> CPU images (B, 3, H, W) in [0, 1], decoded one at a time, in tiles beyond vae_tile latents a side."""
+        """Latents -> CPU images (B, 3, H, W) in [0, 1], decoded one at a time, in tiles beyond vae_tile latents a side.
+
+        An image whose half-precision decode (fp16 / bf16 weights, or autocast) overflows to inf / NaN, as SD's VAE
+        does in fp16 (the black images), is decoded again with the VAE in fp32, saying so once."""
         z = latents / self.cfg.scale_factor
-        images = [self.decode_tiled(z[i : i + 1]) if max(z.shape[-2:]) > self.vae_tile else self.vae.decode(z[i : i + 1]) for i in range(len(z))]
-        return (torch.cat(images).float().cpu() / 2 + 0.5).clamp(0, 1)
+        decode = self.decode_tiled if max(z.shape[-2:]) > self.vae_tile else self.vae.decode
+        images = [decode(z[i : i + 1]) for i in range(len(z))]
+        dtype = next(self.vae.parameters()).dtype
+        half = dtype != torch.float32 or torch.is_autocast_enabled(z.device.type)
+        overflowed = [i for i, image in enumerate(images) if half and not image.isfinite().all()]
+        if overflowed:
+            warnings.warn("the VAE's half-precision decode overflowed (inf / NaN: a black image); decoding again in float32")
+            self.vae.float()
+            try:
+                with torch.autocast(z.device.type, enabled=False):
+                    for i in overflowed:
+                        images[i] = decode(z[i : i + 1].float())
+            finally:
+                self.vae.to(dtype)
+        return (torch.cat([image.float() for image in images]).cpu() / 2 + 0.5).clamp(0, 1)
 
     def decode_tiled(self, z: torch.Tensor) -> torch.Tensor:
         """Decode (1, C, h, w) in vae_tile-sized tiles overlapping by vae_tile_overlap, as the weighted mean of

@@ -75,13 +75,15 @@ def clean_text(text: str) -> str:
 
 
 def warn_truncated(tokenizer, texts: list[str], model: str) -> None:
-    """Warn, naming what is cut off, about each text longer than MAX_LENGTH tokens (with its start/end tokens)."""
+    """Warn, naming what is cut off (its first 100 characters), about each text longer than MAX_LENGTH tokens (with
+    its start/end tokens)."""
     for ids in tokenizer(texts, verbose=False).input_ids:
         if len(ids) > MAX_LENGTH:
             dropped = ids[MAX_LENGTH - 1 : -1]
+            text = tokenizer.decode(dropped)
             warnings.warn(
                 f"The following part of your input was truncated because {model} can only handle sequences up to "
-                f"{MAX_LENGTH} tokens ({len(dropped)} tokens dropped): {tokenizer.decode(dropped)!r}",
+                f"{MAX_LENGTH} tokens ({len(dropped)} tokens dropped): {text[:100]!r}{'...' if len(text) > 100 else ''}",
                 stacklevel=3,
             )
 

@@ -4,11 +4,15 @@ Training checkpoints are folders <output_dir>/checkpoints/step-000123/ holding `
 save_state: model, optimizers, grad scaler, RNG states of every process, and the registered objects such as
 EMA, LR scheduler and TrainState) plus whatever the script writes beside it (train_unet.py: model.safetensors,
 the inference checkpoint). A checkpoint is written to step-000123.tmp/ and renamed when complete, so a crash
-or SIGKILL never leaves a broken latest checkpoint: `--resume latest` takes the newest complete one.
+or SIGKILL never leaves a broken latest checkpoint: `--resume latest` takes the newest complete one. A write that
+fails (the disk is full) removes its partial folder and stops the run with a one-line CheckpointError naming the
+previous checkpoint, which is intact.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
+import errno
 import importlib.util
 import json
 import math
@@ -29,6 +33,7 @@ from accelerate.tracking import GeneralTracker, on_main_process
 from accelerate.utils import ProjectConfiguration
 from torch.utils.data import DataLoader
 
+from ldm.checkpoint import CheckpointError
 from ldm.config import ConfigError, ModelConfig, apply_overrides, from_dict, load_yaml, to_dict
 from ldm.data import StreamSampler, collate, ignore_sigterm
 from ldm.model import StableDiffusion
@@ -113,10 +118,20 @@ def start_run(cfg, resume_spec: str | None) -> tuple[Path, Path, Path | None]:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
     output_dir = Path(cfg.output_dir)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot create output_dir {output_dir}: {e.strerror}") from None
+    if not os.access(output_dir, os.W_OK):
+        raise ConfigError(f"output_dir {output_dir} is not writable")
     checkpoints = output_dir / "checkpoints"
     resume = resolve_resume(resume_spec, checkpoints)
     if resume is not None:
-        saved, current = json.loads((resume / "config.json").read_text())["model"], to_dict(cfg.model)
+        try:
+            saved = json.loads((resume / "config.json").read_text())["model"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"--resume {resume}: its config.json is unreadable ({type(e).__name__}: {e})") from None
+        current = to_dict(cfg.model)
         if saved != current:
             changed = sorted(k for k in saved if saved[k] != current.get(k))
             raise ConfigError(f"--resume {resume}: it was trained with another model config (model.{', model.'.join(changed)} differ)")
@@ -228,6 +243,15 @@ class TrainState:
         self.step, self.samples_seen, self.skipped = state["step"], state["samples_seen"], dict(state["skipped"])
 
 
+def skipped_report(skipped: dict[str, str]) -> str:
+    """The end-of-run summary of the data: a line per skipped file with its reason, then the count of each reason.
+    A name that is not UTF-8 is shown with escapes."""
+    lines = [f"skipped {name}: {why}" for name, why in sorted(skipped.items())]
+    counts = collections.Counter(why.split(" (")[0] for why in skipped.values())
+    lines.append(f"{len(skipped)} files skipped" + (f" ({', '.join(f'{n} {why}' for why, n in sorted(counts.items()))})" if skipped else ""))
+    return "\n".join(lines).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def per_sample_generators(seeds: list[int]) -> list[torch.Generator]:
     return [torch.Generator().manual_seed(int(s)) for s in seeds]
 
@@ -256,6 +280,8 @@ def resolve_resume(spec: str | None, root: Path) -> Path | None:
     path = Path(spec)
     if path.name == "state":
         path = path.parent
+    if path.name.endswith(".tmp"):
+        raise ConfigError(f"--resume {spec}: an unfinished checkpoint (its write was cut short); use a complete one, or --resume latest")
     if not (path / "state").is_dir():
         raise ConfigError(f"--resume {spec}: not a training checkpoint (no state/ folder inside)")
     return path
@@ -268,13 +294,20 @@ def save_checkpoint(accelerator: Accelerator, root: Path, step: int, keep_last: 
     alone calls write_extra(folder) and renames step-N.tmp to step-N once all have finished.
     """
     final, tmp = root / f"step-{step:06d}", root / f"step-{step:06d}.tmp"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)  # left by a killed run
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp / "state"))
-    if accelerator.is_main_process:
-        write_extra(tmp)
+    previous = list_checkpoints(root)
+    intact = f"the previous checkpoint {previous[-1]} is intact (--resume latest continues from it)" if previous else "there is no earlier checkpoint"
+    try:
+        with writing(root, f"checkpoint {final.name}", intact):
+            if accelerator.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)  # left by a killed run
+                tmp.mkdir(parents=True)
+            accelerator.wait_for_everyone()
+            accelerator.save_state(str(tmp / "state"))
+            if accelerator.is_main_process:
+                write_extra(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # no partial checkpoint stays behind, taking up the space
+        raise
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if final.exists():  # a step saved again after a resume from an older checkpoint
@@ -284,6 +317,24 @@ def save_checkpoint(accelerator: Accelerator, root: Path, step: int, keep_last: 
             _remove(old)
     accelerator.wait_for_everyone()
     return final
+
+
+@contextlib.contextmanager
+def writing(folder: Path, what: str, intact: str):
+    """A failed write under `folder` for want of space (or another OS error) -> a one-line CheckpointError:
+    "<why> while writing <what>: <intact>". torch.save and safetensors report a full disk without an errno,
+    so for their errors the free space decides."""
+    try:
+        yield
+    except Exception as e:
+        if isinstance(e, OSError):
+            full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+        elif shutil.disk_usage(folder).free < 2**20:
+            full = True
+        else:
+            raise
+        why = "the disk is full" if full else " ".join(str(e).split())
+        raise CheckpointError(f"{why} while writing {what}: {intact}") from None
 
 
 def _remove(folder: Path) -> None:

@@ -4,10 +4,17 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # ~8 ms less per small op w
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may come from a hub
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+import json  # noqa: E402
+import re  # noqa: E402
+import struct  # noqa: E402
+import zlib  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from accelerate.state import AcceleratorState, GradientState, PartialState  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from ldm.config import load_config  # noqa: E402
 
@@ -31,6 +38,17 @@ def randomize_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
         for p in module.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * (0.5 / max(1, p[0].numel()) ** 0.5) + 0.01 * torch.randn(p.shape, generator=g))
     return module
+
+
+def run_in_process(script, argv) -> int:
+    """script.main(argv) in this process, with Accelerate's process-wide state reset around it."""
+    for state in (AcceleratorState, GradientState, PartialState):
+        state._reset_state(*([True] if state is AcceleratorState else []))
+    try:
+        return script.main(argv)
+    finally:
+        for state in (AcceleratorState, GradientState, PartialState):
+            state._reset_state(*([True] if state is AcceleratorState else []))
 
 
 def compvis_original_config(cfg) -> dict:
@@ -72,3 +90,105 @@ def compvis_original_config(cfg) -> dict:
             }
         }
     }
+
+
+def bilevel_png(path: Path, width: int, height: int) -> None:
+    """A valid 1-bit PNG of any size, written row by row: a 20000x20000 one is a 50 kB file (a decompression bomb)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    deflate, row = zlib.compressobj(9), bytes(1 + (width + 7) // 8)
+    idat = b"".join(deflate.compress(row) for _ in range(height)) + deflate.flush()
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+
+
+def write_bad_corpus(root: Path) -> dict[str, str]:
+    """A scraped image folder at its worst, with metadata.jsonl, plus files outside it (in root.parent / "outside").
+
+    Returns {name: what must happen}: "used", or the start of the reason it is skipped for. Captions matter only
+    when they are required (train_unet); without (train_vae) the images of CAPTION_PROBLEMS are used."""
+    outside = root.parent / "outside"
+    root.mkdir(parents=True)
+    outside.mkdir()
+    rng = np.random.default_rng(0)
+    rows, expected = [], {}
+
+    def add(name: str, caption, outcome: str, **row) -> Path:
+        rows.append({"file_name": name, **({"text": caption} if caption is not None else {}), **row})
+        expected[name] = outcome
+        return root / name
+
+    for colour, rgb in {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (40, 60, 220), "yellow": (230, 210, 40)}.items():
+        noisy = np.clip(np.array(rgb) + rng.integers(-25, 26, (16, 20, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(noisy).save(add(f"{colour}.png", [f"a {colour} picture", colour], "used"))
+    (root / "red2.png").write_bytes((root / "red.png").read_bytes())
+    add("red2.png", "red again", "duplicate (same bytes as red.png")
+    Image.new("CMYK", (12, 12), (0, 255, 255, 0)).save(add("cmyk.jpg", "cmyk", "used"), quality=95)
+    Image.fromarray(np.arange(16 * 16, dtype=np.uint16).reshape(16, 16) * 250).save(add("grey16.png", "16-bit", "used"))
+    palette = Image.new("P", (16, 16))
+    palette.putpalette([10, 20, 30, 200, 100, 50] + [0] * 762)
+    palette.putdata([i % 2 for i in range(256)])
+    palette.save(add("palette-alpha.png", "palette", "used"), transparency=0)
+    Image.new("L", (18, 16), 90).save(add("grey.png", "grey", "used"))
+    Image.new("RGB", (1, 1), (0, 0, 255)).save(add("one-pixel.png", "one pixel", "used"))
+    Image.new("RGB", (4000, 2), (0, 128, 0)).save(add("wide.png", "wide", "used"))
+    Image.new("RGB", (16, 16), (30, 30, 30)).save(add("long-caption.png", "a dark square " * 715, "used"))  # 10,010 characters
+    add("zero-bytes.png", "empty file", "unreadable").write_bytes(b"")
+    add("truncated.png", "truncated", "unreadable").write_bytes((root / "red.png").read_bytes()[:100])
+    Image.new("RGB", (32, 32), (1, 2, 3)).save(root / "whole.jpg")
+    add("truncated.jpg", "truncated", "unreadable").write_bytes((root / "whole.jpg").read_bytes()[:200])
+    (root / "whole.jpg").unlink()
+    add("text.png", "text", "unreadable").write_text("this is not a picture\n")
+    add(os.fsdecode(b"broken-\xe9.png"), "bad name", "unreadable").write_bytes(b"\x89PNG\r\n\x1a\n")  # a file name not UTF-8
+    bilevel_png(add("bomb.png", "bomb", "unreadable (DecompressionBombWarning"), 10_000, 10_000)  # 1e8 pixels: over the limit
+    bilevel_png(add("big-bomb.png", "bomb", "unreadable (DecompressionBombError"), 20_000, 20_000)  # over twice the limit
+    Image.new("RGB", (16, 16), (250, 250, 0)).save(add("no-caption.png", None, "no caption in column 'text'"))
+    Image.new("RGB", (16, 16), (250, 0, 250)).save(add("empty-caption.png", "  ", "no caption in column 'text'"))
+    Image.new("RGB", (16, 16), (0, 250, 250)).save(add("latin1-caption.png", "LATIN1", "caption in column 'text' is not UTF-8"))
+    Image.new("RGB", (16, 16), (9, 9, 9)).save(root / "unlisted.png")
+    expected["unlisted.png"] = "not listed in a metadata file"
+    for name in ("secret.png", "linked.png"):
+        Image.new("RGB", (16, 16), (255, 0, 0)).save(outside / name)
+    (root / "link.png").symlink_to(outside / "linked.png")
+    add("link.png", "link", "outside the dataset folder")
+    add("../outside/secret.png", "escape", "outside the dataset folder")
+    add(str(outside / "secret.png"), "absolute", "outside the dataset folder")
+    lines = [json.dumps(row).encode() for row in rows]
+    lines = [line.replace(b"LATIN1", "caf\xe9".encode("latin-1")) for line in lines]  # not UTF-8
+    lines.insert(3, b'{"file_name": "red.png", "text": "unterminated')
+    expected["metadata.jsonl line 4"] = "not a JSON object"
+    (root / "metadata.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    return expected
+
+
+CAPTION_PROBLEMS = ("no-caption.png", "empty-caption.png", "latin1-caption.png")
+
+
+# `python -c WATCH_OPENS FOLDER SCRIPT ARGS...` runs SCRIPT as __main__ and writes "OPENED <path>" to stderr for every
+# file opened (Python's "open" audit event: open(), os.open(), and so Pillow) that resolves into FOLDER.
+WATCH_OPENS = """
+import os, runpy, sys
+watched = os.path.realpath(sys.argv.pop(1))
+def audit(event, args):
+    path = os.path.realpath(os.fsdecode(args[0])) if event == "open" and isinstance(args[0], (str, bytes)) else ""
+    if path.startswith(os.path.join(watched, "")):
+        os.write(2, f"OPENED {path}\\n".encode("utf-8", "backslashreplace"))
+sys.addaudithook(audit)
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def check_corpus_run(output: str, expected: dict[str, str], folder: Path) -> None:
+    """A training run (under WATCH_OPENS folder) on write_bad_corpus(folder / "data") went on to the end, its summary
+    names each file skipped with its reason (a name that is not UTF-8 escaped) and their count, and of the files
+    it opened under `folder`, some are the data's and none is outside the data folder."""
+    for name, why in expected.items():
+        shown = name.encode("utf-8", "backslashreplace").decode()
+        assert (f"\nskipped {shown}: {why}" in output) == (why != "used"), (name, why, output[-3000:])
+    assert f"\n{sum(why != 'used' for why in expected.values())} files skipped (" in output and "Traceback" not in output
+    opened = [Path(p) for p in re.findall(r"OPENED (.+)", output)]
+    data = Path(os.path.realpath(folder / "data"))
+    assert any(p.parent == data for p in opened) and not [p for p in opened if p.is_relative_to(data.parent / "outside")]

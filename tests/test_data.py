@@ -6,6 +6,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
+from conftest import CAPTION_PROBLEMS, write_bad_corpus
 from PIL import Image
 
 import ldm.data
@@ -42,7 +43,7 @@ def test_metadata_csv_rows_for_one_file_are_its_captions(tmp_path):
 def test_txt_beside_image_one_caption_per_line(tmp_path):
     png(tmp_path / "cat.png")
     (tmp_path / "cat.txt").write_text("a cat\n\n  a small cat  \n")
-    png(tmp_path / "nocaption.png")
+    png(tmp_path / "nocaption.png", (10, 200, 10))  # other bytes: files with the same bytes are one image
     ds = ImageCaptionDataset(tmp_path, resolution=8)
     assert len(ds) == 1 and ds.captions(0) == ["a cat", "a small cat"]
     assert ds.skipped == [("nocaption.png", "no caption (.txt beside it)")]
@@ -110,6 +111,38 @@ def test_corrupt_files_are_skipped_and_counted(tmp_path):
     with pytest.raises(DataError, match="none of the 1 images"):
         ds = ImageCaptionDataset(tmp_path, resolution=8)
         ds[(0, 0)]
+
+
+@pytest.mark.parametrize("require_captions", [True, False])
+def test_the_bad_input_corpus_is_used_or_skipped_with_its_reason(tmp_path, monkeypatch, require_captions):
+    """Every file of the corpus (see conftest.write_bad_corpus) is either used, correctly converted, or skipped with
+    its reason, and nothing outside the folder is opened. Without required captions (the VAE) captionless images are used."""
+    expected = write_bad_corpus(tmp_path / "data")
+    if not require_captions:
+        expected |= dict.fromkeys(CAPTION_PROBLEMS, "used")
+    opened = []
+    real_open = Image.open
+    monkeypatch.setattr(ldm.data.Image, "open", lambda fp, *a, **k: opened.append(fp) or real_open(fp, *a, **k))
+    ds = ImageCaptionDataset(tmp_path / "data", resolution=16, require_captions=require_captions)
+    outcome = dict(ds.skipped)
+    for i in range(len(ds)):
+        item = ds[(i, i)]
+        outcome |= dict(item["skipped"])
+        if not item["skipped"]:
+            outcome[ds.name(i)] = "used"
+            assert item["pixels"].shape == (3, 16, 16) and item["pixels"].isfinite().all() and item["pixels"].abs().max() <= 1
+    assert sorted(outcome) == sorted(expected)
+    assert all(outcome[name].startswith(why) for name, why in expected.items()), {n: outcome[n] for n in expected if not outcome[n].startswith(expected[n])}
+    assert opened and all(str(p).startswith(str(tmp_path / "data")) for p in opened)
+
+    by_name = {ds.name(i): i for i in range(len(ds))}
+    assert sorted(ds.captions(by_name["red.png"])) == ["a red picture", "red", "red again"]  # the duplicate's caption joins
+    assert len(ds.captions(by_name["long-caption.png"])[0]) > 10_000 - 2  # kept whole: truncating is the tokenizer's job
+    pixels = lambda name: ds[(by_name[name], 0)]["pixels"]  # noqa: E731
+    assert pixels("cmyk.jpg")[0].mean() > 0.6 and pixels("cmyk.jpg")[1:].mean() < -0.6  # CMYK red stays red
+    assert pixels("one-pixel.png").flatten(1).unique(dim=1).tolist() == [[-1.0], [-1.0], [1.0]]  # blue, upscaled
+    assert torch.equal(pixels("wide.png"), pixels("wide.png")[:, :1, :1].expand(3, 16, 16))  # a center crop of one colour
+    assert pixels("palette-alpha.png").max() == 1.0  # transparent pixels on white
 
 
 def test_nothing_outside_the_folder_is_read(tmp_path, monkeypatch):

@@ -4,6 +4,9 @@ Our tiny model is exported with save_diffusers_folder and loaded by diffusers.St
 sides get the same prompt, seeds and scheduler (diffusers' own, built by ldm.samplers.make_scheduler) and
 must give the same images (mean |difference| <= 1/255) and the same final latents (max |difference| <= 1e-4).
 """
+import contextlib
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -253,3 +256,30 @@ def test_vae_slicing_and_tiling(tiny_cfg):
     assert calls == [(1, 4, 16, 16)] * 9  # 32 latents a side: tiles at 0, 8 and 16
     assert tiled.shape == plain.shape
     assert (tiled - plain).abs().mean() < 0.005 and (tiled - plain).abs().max() < 0.03
+
+
+@pytest.mark.parametrize("precision, vae_tile", [("fp16", 64), ("fp16", 4), ("autocast", 64)])
+def test_an_overflowing_half_precision_vae_decode_is_redone_in_fp32(tiny_cfg, precision, vae_tile):
+    """SD's black-image bug, made the way it happens: decoder activations past fp16's 65504 (conv_in's weights scaled
+    by 1e5, still fp16 numbers; GroupNorm brings fp32 back to scale) become inf / NaN in fp16. Such an image is decoded
+    again in fp32: the fp32 pipeline's image on the same weights, with one warning; the VAE is fp16 again after.
+    With fp16 weights, plain and tiled (4-latent tiles), and with fp32 weights under fp16 autocast."""
+    tiny_cfg.scale_factor = 0.5  # latents and weights that fp16 holds exactly: the same numbers on both sides
+    model = randomize_(StableDiffusion(tiny_cfg)).eval()
+    with torch.no_grad():
+        model.vae.decoder.conv_in.weight.mul_(1e5)
+    model = model.half().float()
+    full = Pipeline(model, vae_tile=vae_tile, vae_tile_overlap=2)
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)).half().float()
+    reference = full.decode(latents)
+    assert reference.isfinite().all()
+    if precision == "fp16":
+        pipe, latents, context = Pipeline(copy.deepcopy(model).half(), vae_tile=vae_tile, vae_tile_overlap=2), latents.half(), contextlib.nullcontext()
+    else:
+        pipe, context = full, torch.autocast("cpu", dtype=torch.float16)
+    with context, torch.no_grad():
+        assert not pipe.vae.decode(latents[:1] / tiny_cfg.scale_factor).isfinite().all()  # the overflow is real
+        with pytest.warns(UserWarning, match="half-precision decode overflowed") as warned:
+            images = pipe.decode(latents)
+    assert len(warned) == 1 and torch.equal(images, reference)
+    assert next(pipe.vae.parameters()).dtype == (torch.float16 if precision == "fp16" else torch.float32)

@@ -3,22 +3,27 @@
 Every run is a subprocess (one process, or two over gloo with `accelerate launch --multi_gpu`, which on a
 machine without GPUs runs DDP on the CPU); the bad-input checks call the script's main() in this process.
 """
+import errno
+import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, WATCH_OPENS, check_corpus_run, run_in_process, write_bad_corpus
 from diffusers import DDIMScheduler
 from PIL import Image
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+import ldm.checkpoint
 import train_unet
 from ldm.checkpoint import load_model, save_single_file
 from ldm.config import load_config
@@ -184,6 +189,73 @@ def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path, colours):
     assert "error: non-finite gradients for 2 steps in a row at step 3" in out and not (tmp_path / "run" / "model.safetensors").exists()
 
 
+def test_the_bad_input_corpus_is_skipped_named_and_summed_up(tmp_path):
+    """Every file of conftest.write_bad_corpus is drawn (3 steps of 8 > 18 items) and used or skipped with its reason in
+    the end-of-run summary; nothing outside the folder is opened; the 10,000-character caption warns once, briefly."""
+    expected = write_bad_corpus(tmp_path / "data")
+    args = [f"data.path={tmp_path / 'data'}", "max_steps=3", "batch_size=8", "caption_dropout=0", f"output_dir={tmp_path / 'run'}"]
+    out = finish(subprocess.Popen([sys.executable, "-c", WATCH_OPENS, str(tmp_path)] + command(*args)[1:], cwd=ROOT, env=ENV,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))  # fmt: skip
+    check_corpus_run(out, expected, tmp_path)
+    warned = [line for line in out.splitlines() if "truncated because CLIP" in line]
+    assert len(warned) == 1 and len(warned[0]) < 400 and (tmp_path / "run" / "model.safetensors").exists()
+
+
+def folder_digest(folder):
+    return {p.relative_to(folder): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("writer", ["safetensors", "torch.save"])
+def test_disk_full_while_writing_a_checkpoint(tmp_path, colours, monkeypatch, capsys, writer):
+    """The disk fills up while checkpoint step 4 is written, halfway through a file, as the two writers report it:
+    safetensors (our model.safetensors) with ENOSPC, torch.save (Accelerate's optimizer.bin) with an errno-less
+    RuntimeError while the disk has no space left. The partial folder goes, step 2 stays intact and resumable,
+    and the error is one line naming it."""
+    run_dir, checkpoints = tmp_path / "run", tmp_path / "run" / "checkpoints"
+    argv = ["--config", str(CONFIG), f"data.path={colours}", "max_steps=4", "save_every=2", "batch_size=2", "tracker=none", f"output_dir={run_dir}"]
+    before = {}
+
+    def fill_the_disk(path):
+        before.update(folder_digest(checkpoints / "step-000002"))
+        Path(path).write_bytes(b"\0" * 1000)  # the part that fitted
+        if writer == "safetensors":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        monkeypatch.setattr(shutil, "disk_usage", lambda _: shutil._ntuple_diskusage(10**9, 10**9, 0))
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+
+    module, name = (ldm.checkpoint, "save_file") if writer == "safetensors" else (torch, "save")
+    real = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda obj, path, *a, **k: fill_the_disk(path) if "step-000004.tmp" in str(path) else real(obj, path, *a, **k))
+    assert run_in_process(train_unet, argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == f"error: the disk is full while writing checkpoint step-000004: the previous checkpoint {checkpoints / 'step-000002'} is intact (--resume latest continues from it)"
+    assert [p.name for p in checkpoints.iterdir()] == ["step-000002"] and not (run_dir / "model.safetensors").exists()
+    assert before and folder_digest(checkpoints / "step-000002") == before
+
+    monkeypatch.undo()
+    assert run_in_process(train_unet, argv + ["--resume", "latest"]) == 0
+    assert f"resumed from {checkpoints / 'step-000002'} at step 2" in capsys.readouterr().out
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-000002", "step-000004"] and (run_dir / "model.safetensors").exists()
+
+
+def test_disk_full_while_writing_the_final_model(tmp_path, colours, monkeypatch, capsys):
+    run_dir = tmp_path / "run"
+    real = ldm.checkpoint.save_file
+
+    def save_file(tensors, path, *args, **kwargs):
+        if Path(path).parent != run_dir:
+            return real(tensors, path, *args, **kwargs)
+        Path(path).write_bytes(b"\0" * 1000)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(ldm.checkpoint, "save_file", save_file)
+    argv = ["--config", str(CONFIG), f"data.path={colours}", "max_steps=2", "batch_size=2", "tracker=none", f"output_dir={run_dir}"]
+    assert run_in_process(train_unet, argv) == 2
+    last = run_dir / "checkpoints" / "step-000002" / "model.safetensors"
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"error: the disk is full while writing {run_dir / 'model.safetensors'}: {last} is the same model"
+    assert not [p for p in run_dir.iterdir() if "model.safetensors" in p.name] and load_model(last)  # no partial file left
+
+
 @pytest.mark.compile
 def test_compiled_unet_trains_as_the_eager_one(tmp_path, colours):
     """compile=true (Accelerate's dynamo_backend=inductor): about ten minutes of compiling on 2 CPU cores."""
@@ -217,15 +289,38 @@ def test_shipped_configs_are_valid(name):
         (["data.path=X", "init_from=missing.safetensors"], "checkpoint not found: missing.safetensors"),
         (["data.path=X", "validation.sampler=plms", "model.parameterization=v", "model.rescale_betas_zero_snr=true"], "cannot sample this model"),
         (["data.path=EMPTY"], "no images with captions found"),
+        (["data.path=X", "max_steps=0"], "max_steps must be >= 1, got 0"),
+        (["data.path=X", "max_steps=-1"], "max_steps must be >= 1, got -1"),
+        (["data.path=X", "data.resolution=0"], "data.resolution must be positive"),
+        (["data.path=X", "optim.lr=-1"], "optim.lr must be > 0"),
+        (["data.path=X", "validation.steps=0"], "validation needs every >= 0, steps >= 1"),
+        (["data.path=X", "output_dir=FILE/run"], "cannot create output_dir"),  # unwritable, even for root
+        (["data.path=X", "--resume", "UNFINISHED"], "an unfinished checkpoint (its write was cut short)"),
+        (["data.path=X", "--resume", "NOCONFIG"], "step-000003: its config.json is unreadable (FileNotFoundError"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_code_2(args, message, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "a.png").write_bytes(b"")
-    args = [a.replace("=X", f"={tmp_path / 'none'}").replace("EMPTY", str(tmp_path / "empty")) for a in args]
+    (tmp_path / "file").write_text("not a folder")
+    for name in ("step-000002.tmp", "step-000003"):  # a torn checkpoint; a folder with state/ but no config.json
+        (tmp_path / name / "state").mkdir(parents=True)
+    (tmp_path / "step-000002.tmp" / "config.json").write_text("{}")
+    places = {"=X": f"={tmp_path / 'none'}", "EMPTY": str(tmp_path / "empty"), "FILE": str(tmp_path / "file"),
+              "UNFINISHED": str(tmp_path / "step-000002.tmp"), "NOCONFIG": str(tmp_path / "step-000003")}  # fmt: skip
+    for key, value in places.items():
+        args = [a.replace(key, value) for a in args]
     assert train_unet.main(["--config", str(CONFIG), f"output_dir={tmp_path / 'out'}", *args]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+
+
+def test_bad_arguments_are_one_line_too(capsys):
+    for argv in (["--config"], [], ["--config", str(CONFIG), "--resume"]):
+        with pytest.raises(SystemExit) as exit:
+            train_unet.main(argv)
+        err = capsys.readouterr().err
+        assert exit.value.code == 2 and err.count("\n") == 1 and err.startswith("train_unet.py: error: ")
 
 
 def test_learning_samples_follow_the_caption(tmp_path, colours):

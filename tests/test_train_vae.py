@@ -8,8 +8,7 @@ import sys
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState, PartialState
-from conftest import ROOT, randomize_
+from conftest import CAPTION_PROBLEMS, ROOT, WATCH_OPENS, check_corpus_run, randomize_, run_in_process, write_bad_corpus
 from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 
@@ -56,17 +55,6 @@ def lpips_files(tmp_path_factory):
     return [str(folder / "vgg16.pth"), str(folder / "vgg.pth")]
 
 
-def run_in_process(script, argv) -> int:
-    """script.main(argv) in this process, with Accelerate's process-wide state reset around it."""
-    for state in (AcceleratorState, GradientState, PartialState):
-        state._reset_state(*([True] if state is AcceleratorState else []))
-    try:
-        return script.main(argv)
-    finally:
-        for state in (AcceleratorState, GradientState, PartialState):
-            state._reset_state(*([True] if state is AcceleratorState else []))
-
-
 def run_cli(args, processes=1) -> subprocess.CompletedProcess:
     # `--cpu --num_processes 2` starts ONE process (Accelerate 1.15 runs several CPU processes only through MPI);
     # `--multi_gpu` goes through torchrun, which on a machine without GPUs gives CPU processes talking over gloo
@@ -111,6 +99,16 @@ def test_cli_trains_all_terms_and_writes_a_self_describing_model(trained, shapes
     remeasured = latent_scale_factor(pipe.vae, image_batches(train_set, 64, 16), torch.Generator().manual_seed(123))
     assert pipe.cfg.scale_factor != load_config(ROOT / "configs" / "tiny.yaml").scale_factor
     assert pipe.cfg.scale_factor == pytest.approx(remeasured, rel=0.03)
+
+
+def test_the_bad_input_corpus_is_skipped_named_and_summed_up(tmp_path):
+    """Every file of conftest.write_bad_corpus is drawn (3 steps of 8 > 21 items) and used (images without a usable
+    caption too: the VAE needs none) or skipped with its reason in the end-of-run summary; nothing outside is opened."""
+    expected = write_bad_corpus(tmp_path / "data") | dict.fromkeys(CAPTION_PROBLEMS, "used")
+    args = common(tmp_path / "data", tmp_path / "run", max_steps=3, batch_size=8, scale_images=8, rfid="false")
+    result = subprocess.run([sys.executable, "-c", WATCH_OPENS, str(tmp_path), "train_vae.py", *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    check_corpus_run(result.stdout + result.stderr, expected, tmp_path)
 
 
 def test_two_processes_match_one_and_train_the_gan(shapes, tmp_path):
@@ -221,9 +219,17 @@ def test_eval_command(trained, shapes, tmp_path):
         (["--lpips-weights", "/nonexistent/vgg16.pth"], "not found"),
         (["holdout=48"], "leaves no training images"),
         (["--resume", "/nonexistent/step-000001"], "not a training checkpoint"),
+        (["max_steps=0"], "max_steps must be >= 1, got 0"),
+        (["batch_size=-1"], "batch_size must be >= 1, got -1"),
+        (["holdout=-1"], "holdout must be >= 0"),
+        (["output_dir=FILE/run"], "cannot create output_dir"),  # unwritable, even for root
+        (["--resume", "UNFINISHED"], "an unfinished checkpoint"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(shapes, tmp_path, capsys, extra, message):
+    (tmp_path / "file").write_text("not a folder")
+    (tmp_path / "step-000002.tmp" / "state").mkdir(parents=True)
+    extra = [a.replace("FILE", str(tmp_path / "file")).replace("UNFINISHED", str(tmp_path / "step-000002.tmp")) for a in extra]
     assert run_in_process(train_vae, common(shapes, tmp_path / "bad") + extra) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and message in err and "\n" not in err

@@ -1,18 +1,25 @@
 """txt2img.py end to end on a tiny checkpoint: PNGs, their parameters, reruns, and one-line errors for bad input."""
+import errno
 import json
+import os
 import re
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import ROOT, randomize_
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 import txt2img
 from ldm.checkpoint import save_single_file
 from ldm.config import load_config
 from ldm.model import StableDiffusion
+from ldm.samplers import SAMPLERS
 
 
 @pytest.fixture(scope="module")
@@ -37,13 +44,28 @@ def cli(*args) -> int:
     return txt2img.main([str(a) for a in args])
 
 
+A1111_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+
+
 def a1111(text: str) -> dict:
-    """Parse AUTOMATIC1111's `parameters` text: prompt line, optional negative prompt line, `Key: value` pairs."""
-    *prompt_lines, last = text.split("\n")
-    fields = {k: json.loads(v) if v.startswith('"') else v for k, v in re.findall(r'\s*([\w ]+): ("(?:\\.|[^"])*"|[^,]*)(?:,|$)', last)}
-    fields["Prompt"] = prompt_lines[0]
-    if len(prompt_lines) > 1:
-        fields["Negative prompt"] = prompt_lines[1].removeprefix("Negative prompt: ")
+    """AUTOMATIC1111's own reader of its `parameters` text (parse_generation_parameters in modules/infotext_utils.py,
+    its prompt and `Key: value` part): the prompt's lines, from a line starting "Negative prompt:" on the negative
+    prompt's, each line stripped; on the last line, the pairs, a value in double quotes read as JSON."""
+    *lines, last = text.strip().split("\n")
+    if len(A1111_PARAM.findall(last)) < 3:
+        lines, last = lines + [last], ""
+    fields, negative = {"Prompt": "", "Negative prompt": ""}, False
+    for line in lines:
+        line = line.strip()
+        if line.startswith("Negative prompt:"):
+            negative, line = True, line[16:].strip()
+        key = "Negative prompt" if negative else "Prompt"
+        fields[key] += ("\n" if fields[key] else "") + line
+    for key, value in A1111_PARAM.findall(last):
+        try:
+            fields[key] = json.loads(value) if value[:1] == value[-1:] == '"' else value
+        except json.JSONDecodeError:
+            fields[key] = value
     return fields
 
 
@@ -130,13 +152,31 @@ def test_prompts_from_file(files, tmp_path):
         (["--ckpt", "{f}/nope.safetensors"], "checkpoint not found"),
         (["--ckpt", "{f}/notes.txt"], "refused to load"),
         (["--outdir", "{f}/notes.txt"], "is a file"),
+        (["--outdir", "{f}/notes.txt/sub"], "notes.txt is a file, not a folder"),  # unwritable, even for root
+        (["--steps", "0"], "steps must be at least 1, got 0"),
+        (["--steps", "-1"], "steps must be at least 1, got -1"),
+        (["--steps", "1001"], "this model has 1000 diffusion timesteps, so at most that many steps"),
+        (["--n-samples", "0"], "nothing to generate"),
+        (["--n-iter", "0"], "--n-iter must be at least 1"),
+        (["--scale", "nan"], "--scale must be a finite number, got nan"),
+        (["--eta", "inf"], "--eta must be a finite number, got inf"),
+        (["--guidance-rescale", "2"], r"guidance rescale must be in \[0, 1\]"),
+        (["--H", "0"], "--H must be a positive number of pixels, got 0"),
+        (["--W", "-16"], "--W must be a positive number of pixels, got -16"),
+        (["--seed", str(2**64 - 1), "--n-samples", "2"], r"the seeds of the images must lie in \[-2\*\*63, 2\*\*64\)"),
+        (["--negative-prompt", "caf\udce9"], "--negative-prompt is not UTF-8 text"),  # bytes that are not UTF-8 in argv
+        (["--from-file", "{f}/missing.txt"], "cannot read prompts from"),
+        (["--config", "{f}/missing.yaml"], "cannot read config file"),
+        (["--init-image", "{f}/init.png", "--mask", "{f}/missing.png"], "image not found"),
+        (["--dtype", "fp8"], "invalid choice: 'fp8'"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(files, args, message, capsys):
     args = [a.format(f=files) for a in args]
     ckpt = [] if "--ckpt" in args else ["--ckpt", str(files / "tiny4.safetensors")]
+    prompt = [] if "--from-file" in args else ["--prompt", "x"]
     try:
-        code = cli("--prompt", "x", "--steps", "2", "--outdir", files / "out", *ckpt, *args)
+        code = cli(*prompt, "--steps", "2", "--outdir", files / "out", *ckpt, *args)
     except SystemExit as e:  # argparse's own errors
         code = e.code
     err = capsys.readouterr().err.strip()
@@ -144,7 +184,48 @@ def test_bad_input_is_one_line_and_exit_2(files, args, message, capsys):
     assert not (files / "out").exists()
 
 
+def test_a_full_disk_while_writing_an_image_is_one_line_and_leaves_no_partial_file(files, tmp_path, monkeypatch, capsys):
+    def fill_the_disk(image, fp, *args, **kwargs):
+        fp.write(b"\x89PNG\r\n\x1a\n")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(Image.Image, "save", fill_the_disk)
+    assert cli("--ckpt", files / "tiny4.safetensors", "--prompt", "x", "--steps", 2, "--outdir", tmp_path) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"error: cannot write {tmp_path / '00000.png'}: No space left on device"
+    assert not list(tmp_path.iterdir())
+
+
 def test_the_script_fails_cleanly_in_a_real_process(files):
     r = subprocess.run([sys.executable, "txt2img.py", "--prompt", "x", "--ckpt", files / "nope.safetensors"], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1] == f"error: checkpoint not found: {files / 'nope.safetensors'}"
+
+
+TRICKY = st.lists(st.one_of(st.text(max_size=6), st.sampled_from(["Negative prompt:", "Negative prompt: ", "Steps: 3", "Seed:", ", ", ",",
+                  ":", "\n", "\r\n", " ", '"', "'", "\\", '\\"', "\u2028", "\x00", "é", "🍎", "Model: x, Size: 1x1"])), max_size=8).map("".join)  # fmt: skip
+
+
+def a1111_keeps(text: str) -> bool:
+    """What AUTOMATIC1111's text format carries exactly: no line of a prompt starting "Negative prompt:", no blank
+    around a line nor the whole (its reader strips them)."""
+    return text == text.strip() and all(line == line.strip() and not line.startswith("Negative prompt:") for line in text.split("\n"))
+
+
+@settings(max_examples=300, deadline=None)
+@given(prompt=TRICKY, negative=TRICKY, model=TRICKY, seed=st.integers(-(2**63), 2**64 - 1), scale=st.floats(-1e3, 1e3), sampler=st.sampled_from(list(SAMPLERS)))
+def test_png_parameters_round_trip(prompt, negative, model, seed, scale, sampler):
+    """Any prompt, negative prompt and model name (unicode, newlines, quotes, backslashes, NUL, A1111's own key
+    words) comes back exactly from the JSON chunk; from the A1111 text, AUTOMATIC1111's reader gets every pair back
+    exactly, and the prompts whenever its format can carry them (a1111_keeps)."""
+    facts = {"mode": "txt2img", "prompt": prompt, "negative_prompt": negative, "steps": 20, "sampler": sampler, "scale": scale, "eta": 0.0,
+             "guidance_rescale": 0.0, "model": model, "model_hash": "0123456789", "batch_size": 2, "dtype": "fp32", "device": "cpu",
+             "seed": seed, "width": 512, "height": 768, "batch_pos": 1}  # fmt: skip
+    with tempfile.TemporaryDirectory() as folder, Image.open(txt2img.save_png(Image.new("RGB", (1, 1)), Path(folder) / "x.png", facts)) as png:
+        png.load()
+        assert json.loads(png.text["ldm"]) == facts
+        text = a1111(png.text["parameters"])
+    pairs = {"Steps": "20", "Sampler": SAMPLERS[sampler][2], "CFG scale": str(scale), "Seed": str(seed), "Size": "512x768",
+             "Model hash": "0123456789", "Model": model, "Batch size": "2", "Batch pos": "1"}  # fmt: skip
+    assert {k: v for k, v in text.items() if k not in ("Prompt", "Negative prompt")} == pairs
+    if a1111_keeps(prompt) and a1111_keeps(negative):
+        assert (text["Prompt"], text["Negative prompt"]) == (prompt, negative)
