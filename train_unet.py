@@ -204,7 +204,9 @@ def train(args) -> int:
         lr_scheduler.step()
         nan_in_a_row = nan_in_a_row + 1 if skipped_step else 0
         if skipped_step and nan_in_a_row > cfg.max_nan_skips:
-            accelerator.print(f"error: non-finite gradients for {nan_in_a_row} steps in a row at step {state.step}: try a lower optim.lr")
+            checkpoint()  # the skipped steps changed nothing: these are the weights of the last applied step
+            accelerator.print(f"error: non-finite gradients for {nan_in_a_row} steps in a row at step {state.step}: try a lower optim.lr "
+                              f"(the last good state is saved above)")
             return 1
         if ema and not skipped_step:
             ema.update(unet)

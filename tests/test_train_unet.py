@@ -187,6 +187,7 @@ def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path, colours):
                  f"output_dir={tmp_path / 'run'}")  # fmt: skip
     out = finish(proc, expect=1)
     assert "error: non-finite gradients for 2 steps in a row at step 3" in out and not (tmp_path / "run" / "model.safetensors").exists()
+    assert (tmp_path / "run" / "checkpoints" / "step-000003" / "state").is_dir()  # the last good state, resumable
 
 
 def test_the_bad_input_corpus_is_skipped_named_and_summed_up(tmp_path):
