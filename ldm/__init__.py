@@ -15,7 +15,12 @@ DEFAULT_MODEL = Path(__file__).parent / "assets" / "emoji" / "model.safetensors"
 
 
 def load_pipeline(
-    path: str | Path | None = None, device: str = "cpu", dtype: torch.dtype = torch.float32, config: ModelConfig | None = None
+    path: str | Path | None = None,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    config: ModelConfig | None = None,
+    quantize: str | None = None,
+    compile: bool = False,
 ) -> Pipeline:
     """A checkpoint's models in eval mode, with txt2img / img2img / inpaint: `.unet .vae .text_encoder .tokenizer .cfg`.
 
