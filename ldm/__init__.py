@@ -26,6 +26,8 @@ def load_pipeline(
 
     path: an original SD v1 single file (.safetensors, or .ckpt read without running code), one of our
     checkpoints, or a diffusers folder; None: the embedded emoji model (DEFAULT_MODEL). config: the architecture, when a single file does not carry it.
+    quantize="int8": a dynamic-int8 UNet (CPU, fp32); compile: torch.compile the UNet (see Pipeline).
     An in-memory StableDiffusion model becomes a pipeline with `Pipeline(model)`.
     """
-    return Pipeline(load_model(DEFAULT_MODEL if path is None else path, config)).to(device=device, dtype=dtype).eval()
+    model = load_model(DEFAULT_MODEL if path is None else path, config).to(device=device, dtype=dtype).eval()
+    return Pipeline(model, quantize=quantize, compile=compile).eval()
