@@ -83,12 +83,12 @@ class UNetTimer:
         module.register_forward_hook(lambda *_: setattr(self, "total", self.total + time.perf_counter() - self.start))
 
 
-def timed(side: str, pipe, timer: UNetTimer, args) -> tuple[float, float]:
-    """(whole call, UNet part) in seconds, for one image with the measured steps."""
+def timed(side: str, pipe, timer: UNetTimer, args) -> tuple[float, float, np.ndarray]:
+    """(whole call, UNet part) in seconds, and the image, for one image with the measured steps."""
     timer.total = 0.0
     t0 = time.perf_counter()
-    generate(side, pipe, args.size, args.measured_steps)
-    return time.perf_counter() - t0, timer.total
+    image = generate(side, pipe, args.size, args.measured_steps)
+    return time.perf_counter() - t0, timer.total, image
 
 
 def hwm_gib() -> float:
@@ -149,15 +149,15 @@ def main():
             image = generate("ours", pipes["ours"][0], args.size, args.measured_steps)
         unet_flops = sum(counter.get_flop_counts()["UNetModel"].values()) / args.measured_steps
         flops = counter.get_total_flops() + (args.steps - args.measured_steps) * unet_flops
-        first, _ = timed(args.against, pipes[args.against][0], timers[args.against], args)  # warm-up (compile: compiling)
-        quality = psnr(image, generate(args.against, pipes[args.against][0], args.size, args.measured_steps))
+        first, _, other = timed(args.against, pipes[args.against][0], timers[args.against], args)  # warm-up (compile: compiling)
+        quality = psnr(image, other)
         times = {side: [] for side in sides}
         per_step = {side: [] for side in sides}
         gemm, ratios = [], []
         for _ in range(args.repeats):  # interleaved, so a change of machine phase hits both sides
             gemm.append(gemm_rate())
             for side in sides:
-                total, unet = timed(side, pipes[side][0], timers[side], args)
+                total, unet, _ = timed(side, pipes[side][0], timers[side], args)
                 per_step[side].append(unet / args.measured_steps)
                 times[side].append(total + (args.steps - args.measured_steps) * per_step[side][-1])
             ratios.append(times["ours"][-1] / times[args.against][-1])
