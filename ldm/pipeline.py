@@ -63,15 +63,15 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
 
 
 def quantize_int8_(unet: nn.Module) -> None:
-    """PyTorch's dynamic int8 quantization of the UNet's Linear and Conv2d layers, in place (CPU, fp32, inference
-    only): int8 weights with one scale per tensor, activations quantized at each call from their own range."""
-    from torch.ao.nn.quantized import dynamic
-    from torch.ao.quantization import default_dynamic_qconfig, quantize_dynamic
+    """PyTorch's dynamic int8 quantization of the UNet's Linear layers, in place (CPU, fp32, inference only): int8
+    weights with one scale per tensor, activations quantized at each call from their own range. Conv2d stays fp32:
+    torch.ao's dynamic conv is off by ~50% on the post-SiLU (non-negative) inputs of the ResBlock convs
+    (pytorch/pytorch#70480; left out of its default mapping for that reason)."""
+    from torch.ao.quantization import quantize_dynamic
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao's notice that eager-mode quantization moves to torchao
-        spec = {nn.Linear: default_dynamic_qconfig, nn.Conv2d: default_dynamic_qconfig}
-        quantize_dynamic(unet, spec, mapping={nn.Linear: dynamic.Linear, nn.Conv2d: dynamic.Conv2d}, inplace=True)
+        quantize_dynamic(unet, {nn.Linear}, dtype=torch.qint8, inplace=True)
 
 
 def tile_starts(size: int, tile: int, stride: int) -> list[int]:

@@ -271,14 +271,13 @@ def test_repeated_prompts_are_encoded_once(models):
 
 
 def test_int8_quantized_pipeline_stays_close_to_fp32(models):
-    """quantize="int8": PyTorch's dynamic int8 Linear and Conv2d in the UNet; the image stays near the fp32 one
-    (measured on this tiny model: PSNR 43 dB; asserted: >= 30 dB, the issue's target)."""
+    """quantize="int8": PyTorch's dynamic int8 Linear layers in the UNet (its convs stay fp32); the image stays near
+    the fp32 one (measured on this tiny model: PSNR 62 dB; asserted: >= 30 dB, the issue's target)."""
     model = models[4][0].model
     fp32 = pixels(ours_run(Pipeline(model), seed=1, n=1)[0])
     pipe = Pipeline(copy.deepcopy(model), quantize="int8")
     kinds = {type(m) for m in pipe.unet.modules()}
-    assert {torch.ao.nn.quantized.dynamic.Linear, torch.ao.nn.quantized.dynamic.Conv2d} <= kinds
-    assert not kinds & {torch.nn.Linear, torch.nn.Conv2d}
+    assert torch.ao.nn.quantized.dynamic.Linear in kinds and torch.nn.Conv2d in kinds and torch.nn.Linear not in kinds
     int8 = pixels(ours_run(pipe, seed=1, n=1)[0])
     assert 10 * np.log10(255**2 / ((fp32 - int8) ** 2).mean()) >= 30
     with pytest.raises(InputError, match="unknown quantization 'int4'"):
