@@ -1,12 +1,12 @@
-"""Whole txt2img, fp32 on CPU: ours against diffusers' StableDiffusionPipeline (or against our own int8 or compiled
-UNet), on the same random SD v1 weights, measured in one run.
+"""Whole txt2img on CPU: ours (fp32) against diffusers' StableDiffusionPipeline (fp32), or against our own faster
+variants (int8: --quantize int8; bf16: --dtype bf16; compile: --compile), on the same random SD v1 weights, in one run.
 
-    python benchmarks/bench_txt2img.py [--against diffusers|int8|compile] [--size 512] [--steps 20] [--measured-steps 2] [--repeats 2]
+    python benchmarks/bench_txt2img.py [--against diffusers|int8|bf16|compile ...] [--size 512] [--steps 20] [--measured-steps 2] [--repeats 2]
     python benchmarks/bench_txt2img.py --rss-only --size 1024 --measured-steps 1     # ours' peak memory at 1024x1024
 
 A random model (configs/sd-v1.yaml; --config tiny.yaml checks the script quickly) is saved once as our single file
 and as a diffusers folder (ldm.checkpoint.save_diffusers_folder); --workdir keeps them for the next run. Each
-repeat makes one DDIM image per side (guidance 7.5, empty negative prompt, seed 0), interleaved, with only
+repeat makes one DDIM image per side (guidance 7.5, empty negative prompt, seed 0), in turn, with only
 --measured-steps denoising steps, and extrapolates to --steps:
 
     time(steps) = time of the whole call + (steps - measured) x UNet time per step   (forward hooks on the UNet)
@@ -14,9 +14,9 @@ repeat makes one DDIM image per side (guidance 7.5, empty negative prompt, seed 
 (the scheduler's own per-step work, milliseconds, is counted for the measured steps only). FLOPs are counted by
 torch.utils.flop_counter in one call of ours and extrapolated the same way; a GEMM rate is measured before each
 repeat. Peak RSS: a fresh subprocess per side loads its own files, then makes one image; printed are the
-high-water mark of the generation (reset after loading) and that of the loading. The PSNR of the other side's
+high-water mark of the generation (reset after loading) and that of the loading. The PSNR of each other side's
 image against ours (same seed, measured steps) is printed: ~inf-high for diffusers (same arithmetic), the
-quality cost for int8.
+quality cost for int8 and bf16.
 """
 import argparse
 import json
@@ -56,13 +56,14 @@ def save_model(cfg, folder: Path) -> None:
 
 
 def build(side: str, folder: Path, cfg):
-    """(pipeline, its UNet module): diffusers' from its folder, ours (fp32, int8 or compiled) from our file."""
+    """(pipeline, its UNet module): diffusers' from its folder, ours (fp32, int8, bf16 or compiled) from our file."""
     if side == "diffusers":
         pipe = StableDiffusionPipeline.from_pretrained(folder / "diffusers", safety_checker=None)
         pipe.scheduler = make_scheduler("ddim", cfg)
         pipe.set_progress_bar_config(disable=True)
         return pipe, pipe.unet
-    pipe = ldm.load_pipeline(folder / "model.safetensors", quantize="int8" if side == "int8" else None, compile=side == "compile")
+    dtype = torch.bfloat16 if side == "bf16" else torch.float32
+    pipe = ldm.load_pipeline(folder / "model.safetensors", dtype=dtype, quantize="int8" if side == "int8" else None, compile=side == "compile")
     return pipe, pipe.unet
 
 
@@ -110,7 +111,7 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--against", choices=["diffusers", "int8", "compile"], default="diffusers")
+    p.add_argument("--against", nargs="+", choices=["diffusers", "int8", "bf16", "compile"], default=["diffusers"])
     p.add_argument("--size", type=int, default=512)
     p.add_argument("--steps", type=int, default=20, help="the step count reported (extrapolated)")
     p.add_argument("--measured-steps", type=int, default=2, help="the step count run")
@@ -142,25 +143,26 @@ def main():
             rss = peak_rss("ours", args, folder)
             print(f"ours, {args.size}x{args.size}, {args.measured_steps} step(s): peak RSS {rss['peak_rss_gib']:.2f} GiB (loading {rss['loading_peak_rss_gib']:.2f} GiB)")
             return
-        sides = ["ours", args.against]
+        sides = ["ours", *args.against]
         pipes = {side: build(side, folder, cfg) for side in sides}
         timers = {side: UNetTimer(unet) for side, (_, unet) in pipes.items()}
         with FlopCounterMode(display=False) as counter:  # also ours' warm-up
             image = generate("ours", pipes["ours"][0], args.size, args.measured_steps)
         unet_flops = sum(counter.get_flop_counts()["UNetModel"].values()) / args.measured_steps
         flops = counter.get_total_flops() + (args.steps - args.measured_steps) * unet_flops
-        first, _, other = timed(args.against, pipes[args.against][0], timers[args.against], args)  # warm-up (compile: compiling)
-        quality = psnr(image, other)
+        first, quality = {}, {}
+        for side in args.against:  # warm-up (compile: compiling)
+            first[side], _, other = timed(side, pipes[side][0], timers[side], args)
+            quality[side] = psnr(image, other)
         times = {side: [] for side in sides}
         per_step = {side: [] for side in sides}
-        gemm, ratios = [], []
-        for _ in range(args.repeats):  # interleaved, so a change of machine phase hits both sides
+        gemm = []
+        for _ in range(args.repeats):  # interleaved, so a change of machine phase hits every side
             gemm.append(gemm_rate())
             for side in sides:
                 total, unet, _ = timed(side, pipes[side][0], timers[side], args)
                 per_step[side].append(unet / args.measured_steps)
                 times[side].append(total + (args.steps - args.measured_steps) * per_step[side][-1])
-            ratios.append(times["ours"][-1] / times[args.against][-1])
         del pipes
         rss = {} if args.no_rss else {side: peak_rss(side, args, folder) for side in sides}
     rate = statistics.median(gemm)
@@ -171,11 +173,13 @@ def main():
         memory = f" | peak RSS {rss[side]['peak_rss_gib']:.2f} GiB (loading {rss[side]['loading_peak_rss_gib']:.2f})" if rss else ""
         print(f"{side}: {t:.1f} s per image ({flops / t / 1e9:.0f} GFLOP/s, {flops / t / 1e9 / rate:.2f} of GEMM) | "
               f"UNet {statistics.median(per_step[side]):.2f} s/step{memory}")  # fmt: skip
-    print(f"ratio ours/{args.against} {statistics.median(ratios):.3f} [{min(ratios):.3f}..{max(ratios):.3f}] | "
-          f"PSNR of {args.against}'s image against ours: {quality:.1f} dB")  # fmt: skip
-    if args.against == "compile":
+    for side in args.against:
+        ratios = [a / b for a, b in zip(times["ours"], times[side])]
+        print(f"ratio ours/{side} {statistics.median(ratios):.3f} [{min(ratios):.3f}..{max(ratios):.3f}] | "
+              f"PSNR of {side}'s image against ours: {quality[side]:.1f} dB")  # fmt: skip
+    if "compile" in args.against:
         saved = args.steps * (statistics.median(per_step["ours"]) - statistics.median(per_step["compile"]))
-        print(f"compile: first call {first:.1f} s (compiling included); saves {saved:.1f} s per {args.steps}-step image")
+        print(f"compile: first call {first['compile']:.1f} s (compiling included); saves {saved:.1f} s per {args.steps}-step image")
 
 
 if __name__ == "__main__":
