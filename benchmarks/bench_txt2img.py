@@ -13,7 +13,7 @@ repeat makes one DDIM image per side (guidance 7.5, empty negative prompt, seed 
 
 (the scheduler's own per-step work, milliseconds, is counted for the measured steps only). FLOPs are counted by
 torch.utils.flop_counter in one call of ours and extrapolated the same way; a GEMM rate is measured before each
-repeat. Peak RSS: a fresh subprocess per side loads its own files, then makes one image; printed are the
+repeat. Peak RSS (of ours and diffusers, the fp32 pair): a fresh subprocess per side loads its own files, then makes one image; printed are the
 high-water mark of the generation (reset after loading) and that of the loading. The PSNR of each other side's
 image against ours (same seed, measured steps) is printed: ~inf-high for diffusers (same arithmetic), the
 quality cost for int8 and bf16.
@@ -164,13 +164,13 @@ def main():
                 per_step[side].append(unet / args.measured_steps)
                 times[side].append(total + (args.steps - args.measured_steps) * per_step[side][-1])
         del pipes
-        rss = {} if args.no_rss else {side: peak_rss(side, args, folder) for side in sides}
+        rss = {} if args.no_rss else {side: peak_rss(side, args, folder) for side in sides if side in ("ours", "diffusers")}
     rate = statistics.median(gemm)
     print(f"{args.steps} steps extrapolated from {args.measured_steps} measured; {flops / 1e12:.1f} TFLOP per image "
           f"({unet_flops / 1e12:.2f} per UNet step); GEMM {rate:.0f} GFLOP/s [{min(gemm):.0f}..{max(gemm):.0f}]")  # fmt: skip
     for side in sides:
         t = statistics.median(times[side])
-        memory = f" | peak RSS {rss[side]['peak_rss_gib']:.2f} GiB (loading {rss[side]['loading_peak_rss_gib']:.2f})" if rss else ""
+        memory = f" | peak RSS {rss[side]['peak_rss_gib']:.2f} GiB (loading {rss[side]['loading_peak_rss_gib']:.2f})" if side in rss else ""
         print(f"{side}: {t:.1f} s per image ({flops / t / 1e9:.0f} GFLOP/s, {flops / t / 1e9 / rate:.2f} of GEMM) | "
               f"UNet {statistics.median(per_step[side]):.2f} s/step{memory}")  # fmt: skip
     for side in args.against:
