@@ -29,7 +29,7 @@ from PIL.PngImagePlugin import PngInfo
 from ldm import DEFAULT_MODEL, load_pipeline
 from ldm.checkpoint import CheckpointError
 from ldm.config import ConfigError, load_config
-from ldm.pipeline import InputError, Pipeline, load_image
+from ldm.pipeline import QUANTIZE, InputError, Pipeline, load_image
 from ldm.samplers import SAMPLERS
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -63,6 +63,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--mask", type=Path, help="inpainting: white = repaint, black = keep, grey = blend (the init image's size)")
     p.add_argument("--dtype", choices=DTYPES, default="fp32")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--quantize", choices=QUANTIZE, help="int8: PyTorch's dynamic int8 UNet (CPU, fp32): faster, a slightly different image")
+    p.add_argument("--compile", action="store_true", help="torch.compile the UNet (the first image pays the compile time)")
     p.add_argument("--save-intermediates", action="store_true", help="also save a strip of each image's denoising trajectory")
     p.add_argument("--skip-grid", "--skip_grid", action="store_true", help="no grid image")
     p.add_argument("--no-metadata", action="store_true", help="write PNGs without the generation parameters")
@@ -148,7 +150,7 @@ def run(pipe: Pipeline, args, prompts: list[str], init_image, mask, model: dict)
     options = dict(negative_prompt=args.negative_prompt, steps=args.steps, scale=args.scale, sampler=args.sampler,
                    height=args.H, width=args.W, eta=args.eta, n_samples=args.n_samples, guidance_rescale=args.guidance_rescale)  # fmt: skip
     run_facts = {"mode": "txt2img", **{k: v for k, v in options.items() if k not in ("height", "width", "n_samples")}, **model,
-                 "batch_size": args.n_samples, "dtype": args.dtype, "device": args.device}  # fmt: skip
+                 "batch_size": args.n_samples, "dtype": args.dtype, "device": args.device, "quantize": args.quantize}  # fmt: skip
     if init_image is not None:
         strength = args.strength if args.strength is not None else 1.0 if mask is not None else 0.75
         options |= dict(init_image=init_image, mask=mask, strength=strength)
@@ -231,7 +233,7 @@ def execute(args) -> list[Path]:
         raise InputError(f"unknown --device '{args.device}'") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InputError("--device cuda, but no CUDA device is available")
-    pipe = load_pipeline(ckpt, device, DTYPES[args.dtype], load_config(args.config) if args.config else None)
+    pipe = load_pipeline(ckpt, device, DTYPES[args.dtype], load_config(args.config) if args.config else None, args.quantize, args.compile)
     if args.steps > pipe.cfg.timesteps:
         raise InputError(f"--steps {args.steps}: this model has {pipe.cfg.timesteps} diffusion timesteps, so at most that many steps")
     model = {"model": "ldm-emoji" if args.ckpt is None else ckpt.stem, "model_hash": None if args.no_metadata else model_hash(ckpt)}

@@ -15,12 +15,19 @@ DEFAULT_MODEL = Path(__file__).parent / "assets" / "emoji" / "model.safetensors"
 
 
 def load_pipeline(
-    path: str | Path | None = None, device: str = "cpu", dtype: torch.dtype = torch.float32, config: ModelConfig | None = None
+    path: str | Path | None = None,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    config: ModelConfig | None = None,
+    quantize: str | None = None,
+    compile: bool = False,
 ) -> Pipeline:
     """A checkpoint's models in eval mode, with txt2img / img2img / inpaint: `.unet .vae .text_encoder .tokenizer .cfg`.
 
     path: an original SD v1 single file (.safetensors, or .ckpt read without running code), one of our
     checkpoints, or a diffusers folder; None: the embedded emoji model (DEFAULT_MODEL). config: the architecture, when a single file does not carry it.
+    quantize="int8": a dynamic-int8 UNet (CPU, fp32); compile: torch.compile the UNet (see Pipeline).
     An in-memory StableDiffusion model becomes a pipeline with `Pipeline(model)`.
     """
-    return Pipeline(load_model(DEFAULT_MODEL if path is None else path, config)).to(device=device, dtype=dtype).eval()
+    model = load_model(DEFAULT_MODEL if path is None else path, config).to(device=device, dtype=dtype).eval()
+    return Pipeline(model, quantize=quantize, compile=compile).eval()

@@ -127,6 +127,12 @@ def test_existing_files_are_never_overwritten(files, tmp_path):
     assert "parameters" not in Image.open(out / "00004.png").text  # --no-metadata
 
 
+def test_quantize_int8(files, tmp_path):
+    out = tmp_path / "out"
+    assert cli("--ckpt", files / "tiny4.safetensors", "--prompt", "a cat", "--steps", 2, "--quantize", "int8", "--outdir", out) == 0
+    assert json.loads(Image.open(out / "00000.png").text["ldm"])["quantize"] == "int8"
+
+
 def test_prompts_from_file(files, tmp_path):
     (tmp_path / "prompts.txt").write_text("a cat\n\na dog\n")
     assert cli("--ckpt", files / "tiny4.safetensors", "--from-file", tmp_path / "prompts.txt", "--steps", 2, "--outdir", tmp_path / "out", "--skip-grid") == 0
@@ -169,6 +175,8 @@ def test_prompts_from_file(files, tmp_path):
         (["--config", "{f}/missing.yaml"], "cannot read config file"),
         (["--init-image", "{f}/init.png", "--mask", "{f}/missing.png"], "image not found"),
         (["--dtype", "fp8"], "invalid choice: 'fp8'"),
+        (["--quantize", "int4"], "invalid choice: 'int4'"),
+        (["--quantize", "int8", "--dtype", "bf16"], "CPU and fp32 only"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(files, args, message, capsys):
