@@ -169,6 +169,9 @@ def atomic_save(tensors: dict[str, torch.Tensor], path: str | Path, metadata: di
     os.close(fd)
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's file is private (0600); a saved model gets the usual permissions
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -4,6 +4,7 @@ The oracle for the diffusers layout is diffusers itself: its single-file convert
 StableDiffusionPipeline.from_pretrained, run here on the same random weights.
 """
 import json
+import os
 import subprocess
 import sys
 import warnings
@@ -331,3 +332,14 @@ def test_minilm_model_round_trip(tiny_cfg, tmp_path):
     assert not torch.equal(package["transformer.encoder.layer.5.output.dense.weight"], model.text_encoder.transformer.encoder.layer[5].output.dense.weight)
     with pytest.raises(CheckpointError, match="only a pretrained text encoder"):
         save_single_file(StableDiffusion(load_config(ROOT / "configs" / "tiny.yaml")), tmp_path / "x.safetensors", text_encoder=False)
+
+
+def test_saved_files_get_the_usual_permissions(tiny_cfg, tmp_path):
+    """The temporary file a save is written through is private; the model file it becomes follows the umask."""
+    old = os.umask(0o022)
+    try:
+        save_single_file(StableDiffusion(tiny_cfg), tmp_path / "m.safetensors")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "m.safetensors").stat().st_mode & 0o777 == 0o644
+    assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]
