@@ -154,15 +154,18 @@ def main():
         for side in args.against:  # warm-up (compile: compiling)
             first[side], _, other = timed(side, pipes[side][0], timers[side], args)
             quality[side] = psnr(image, other)
+            print(f"warm-up {side}: {first[side]:.1f} s, PSNR of its image against ours {quality[side]:.1f} dB", flush=True)
         times = {side: [] for side in sides}
         per_step = {side: [] for side in sides}
         gemm = []
         for _ in range(args.repeats):  # interleaved, so a change of machine phase hits every side
             gemm.append(gemm_rate())
+            print(f"repeat: GEMM {gemm[-1]:.0f} GFLOP/s", flush=True)
             for side in sides:
                 total, unet, _ = timed(side, pipes[side][0], timers[side], args)
                 per_step[side].append(unet / args.measured_steps)
                 times[side].append(total + (args.steps - args.measured_steps) * per_step[side][-1])
+                print(f"  {side}: {times[side][-1]:.1f} s per image (measured {total:.1f} s, UNet {per_step[side][-1]:.2f} s/step)", flush=True)
         del pipes
         rss = {} if args.no_rss else {side: peak_rss(side, args, folder) for side in sides if side in ("ours", "diffusers")}
     rate = statistics.median(gemm)
