@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import torch
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import set_seed
 from diffusers.optimization import get_scheduler
 from PIL import Image
 from tqdm.auto import tqdm
@@ -30,8 +30,8 @@ from ldm.model import StableDiffusion
 from ldm.pipeline import Pipeline
 from ldm.samplers import SAMPLERS, ZERO_SNR_SAMPLERS
 from ldm.training import (
-    EMA, StopOnSigterm, TrainState, flat_config, list_checkpoints, log_image, make_accelerator, optimizer_step, peak_memory_gib,
-    per_sample_generators, randn_like_per_sample, read_train_config, resume_state, save_checkpoint, skipped_report, start_run,
+    EMA, StopOnSigterm, TrainState, checkpoint_run, flat_config, gather_skipped, list_checkpoints, log_image, make_accelerator, optimizer_step, peak_memory_gib,
+    per_sample_generators, randn_like_per_sample, read_train_config, resume_state, skipped_report, start_run,
     stream_batches, writing,
 )  # fmt: skip
 
@@ -128,19 +128,6 @@ def train(args) -> int:
             save_single_file(model, folder / "model.safetensors")
         (folder / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
 
-    def gather_skipped() -> None:
-        for part in gather_object([state.skipped]):
-            state.skipped |= part
-
-    def checkpoint() -> None:
-        gather_skipped()
-        try:
-            path = save_checkpoint(accelerator, checkpoints, state.step, cfg.keep_last, write_model)
-        except CheckpointError:  # the disk is full: the error's line goes below the progress bar, not into it
-            progress.close()
-            raise
-        accelerator.print(f"saved checkpoint {path}")
-
     def validate() -> None:
         """One image per validation prompt, each with its fixed seed, from the EMA weights: saved as a PNG row, logged."""
         v = cfg.validation
@@ -204,7 +191,8 @@ def train(args) -> int:
         lr_scheduler.step()
         nan_in_a_row = nan_in_a_row + 1 if skipped_step else 0
         if skipped_step and nan_in_a_row > cfg.max_nan_skips:
-            checkpoint()  # the skipped steps changed nothing: these are the weights of the last applied step
+            # the skipped steps changed nothing: these are the weights of the last applied step
+            checkpoint_run(accelerator, checkpoints, state, cfg.keep_last, write_model, progress)
             accelerator.print(f"error: non-finite gradients for {nan_in_a_row} steps in a row at step {state.step}: try a lower optim.lr "
                               f"(the last good state is saved above)")
             return 1
@@ -230,7 +218,7 @@ def train(args) -> int:
             accelerator.wait_for_everyone()
         stopping = stop.should_stop(accelerator)
         if state.step % cfg.save_every == 0 or state.step == cfg.max_steps or stopping:
-            checkpoint()
+            checkpoint_run(accelerator, checkpoints, state, cfg.keep_last, write_model, progress)
         if stopping:
             accelerator.print(f"SIGTERM: stopped at step {state.step} after saving; continue with --resume latest")
             accelerator.end_training()
@@ -238,7 +226,7 @@ def train(args) -> int:
 
     # ------------------------------------------------------------ the end: the single-file model, what was skipped
     progress.close()  # the last step was saved above (or, resumed at max_steps, there was none to run)
-    gather_skipped()
+    gather_skipped(state)
     if accelerator.is_main_process:
         with writing(output_dir, output_dir / "model.safetensors", f"{list_checkpoints(checkpoints)[-1] / 'model.safetensors'} is the same model"):
             write_model(output_dir)

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import torch
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import set_seed
 from diffusers.optimization import get_scheduler
 from PIL import Image
 from tqdm.auto import tqdm
@@ -31,8 +31,8 @@ from ldm.eval_vae import evaluate, image_batches
 from ldm.losses import GeneratorLoss, NLayerDiscriminator, discriminator_loss, load_lpips
 from ldm.model import StableDiffusion
 from ldm.training import (
-    EMA, StopOnSigterm, TrainState, flat_config, list_checkpoints, log_image, make_accelerator, optimizer_step, peak_memory_gib,
-    per_sample_generators, randn_like_per_sample, read_train_config, resume_state, save_checkpoint, skipped_report, start_run,
+    EMA, StopOnSigterm, TrainState, checkpoint_run, flat_config, gather_skipped, list_checkpoints, log_image, make_accelerator, optimizer_step, peak_memory_gib,
+    per_sample_generators, randn_like_per_sample, read_train_config, resume_state, skipped_report, start_run,
     stream_batches, writing,
 )  # fmt: skip
 from ldm.vae import latent_scale_factor
@@ -126,19 +126,6 @@ def train(args) -> int:
             save_single_file(model, folder / "model.safetensors")
         (folder / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
 
-    def gather_skipped() -> None:
-        for part in gather_object([state.skipped]):
-            state.skipped |= part
-
-    def checkpoint() -> None:
-        gather_skipped()
-        try:
-            path = save_checkpoint(accelerator, checkpoints, state.step, cfg.keep_last, write_model)
-        except CheckpointError:  # the disk is full: the error's line goes below the progress bar, not into it
-            progress.close()
-            raise
-        accelerator.print(f"saved checkpoint {path}")
-
     # ------------------------------------------------------------ the loop
     accelerator.init_trackers("train_vae", config=flat_config(to_dict(cfg)))
     stop = StopOnSigterm()
@@ -205,7 +192,7 @@ def train(args) -> int:
 
         stopping = stop.should_stop(accelerator)
         if state.step % cfg.save_every == 0 or state.step == cfg.max_steps or stopping:
-            checkpoint()
+            checkpoint_run(accelerator, checkpoints, state, cfg.keep_last, write_model, progress)
         if stopping:
             accelerator.print(f"SIGTERM: stopped at step {state.step} after saving; continue with --resume latest")
             accelerator.end_training()
@@ -213,7 +200,7 @@ def train(args) -> int:
 
     # ------------------------------------------------------------ the end: scale factor, evaluation, the single-file model
     progress.close()  # the last step was saved above (or, resumed at max_steps, there was none to run)
-    gather_skipped()
+    gather_skipped(state)
     if accelerator.is_main_process:
         vae.eval()
         with ema.applied_to(vae) if ema else contextlib.nullcontext(), torch.no_grad(), accelerator.autocast():

@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 from accelerate import Accelerator, InitProcessGroupKwargs
 from accelerate.tracking import GeneralTracker, on_main_process
-from accelerate.utils import ProjectConfiguration
+from accelerate.utils import ProjectConfiguration, gather_object
 from torch.utils.data import DataLoader
 
 from ldm.checkpoint import CheckpointError
@@ -285,6 +285,23 @@ def resolve_resume(spec: str | None, root: Path) -> Path | None:
     if not (path / "state").is_dir():
         raise ConfigError(f"--resume {spec}: not a training checkpoint (no state/ folder inside)")
     return path
+
+
+def gather_skipped(state: TrainState) -> None:
+    """Every process's skipped files (name -> why) into state.skipped, on every process."""
+    for part in gather_object([state.skipped]):
+        state.skipped |= part
+
+
+def checkpoint_run(accelerator: Accelerator, root: Path, state: TrainState, keep_last: int, write_extra: Callable[[Path], None], progress) -> None:
+    """A trainer's checkpoint: the skipped files gathered into the saved state, then save_checkpoint at state.step."""
+    gather_skipped(state)
+    try:
+        path = save_checkpoint(accelerator, root, state.step, keep_last, write_extra)
+    except CheckpointError:  # the disk is full: the error's line goes below the progress bar, not into it
+        progress.close()
+        raise
+    accelerator.print(f"saved checkpoint {path}")
 
 
 def save_checkpoint(accelerator: Accelerator, root: Path, step: int, keep_last: int, write_extra: Callable[[Path], None]) -> Path:
