@@ -107,9 +107,12 @@ def to_sd_layout(state: dict[str, torch.Tensor], clip: bool = True) -> dict[str,
 def load_state_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """load_state_dict(strict=True), failing with one clear line naming the first offending key.
 
-    Float tensors of another float dtype (fp16 files) are cast; non-finite values are loaded with a warning.
+    Float tensors of another float dtype (fp16 files) are cast; non-finite values are loaded with a warning. A model
+    with weights on the meta device (StableDiffusion(cfg, empty=True)) takes the tensors of `state` as its own
+    (assign): they are cast in place in `state`, one at a time, so loading never holds two copies of the weights.
     """
     expected = model.state_dict()
+    assign = any(v.is_meta for v in expected.values())
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     if missing and unexpected:
@@ -129,7 +132,9 @@ def load_state_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], so
             raise CheckpointError(f"{source}: tensor '{key}' has dtype {value.dtype}, the model expects {want.dtype}")
         if value.is_floating_point() and not torch.isfinite(value).all():
             warnings.warn(f"{source}: tensor '{key}' contains NaN or Inf values", stacklevel=2)
-    model.load_state_dict(state, strict=True)
+        if assign and value.dtype != want.dtype:
+            state[key] = value.to(want.dtype)
+    model.load_state_dict(state, strict=True, assign=assign)
 
 
 def load_single_file(path: str | Path, cfg: ModelConfig | None = None, use_ema: bool = True) -> StableDiffusion:
@@ -139,7 +144,7 @@ def load_single_file(path: str | Path, cfg: ModelConfig | None = None, use_ema: 
     conv_in = state.get(UNET + "input_blocks.0.0.weight")
     if conv_in is not None and conv_in.ndim == 4 and conv_in.shape[1] != cfg.unet.in_channels:
         cfg.unet.in_channels = conv_in.shape[1]  # 9 for SD 1.5-inpainting: latent + mask + masked-image latent
-    model = StableDiffusion(cfg)
+    model = StableDiffusion(cfg, empty=True)
     state = from_sd_layout(state, use_ema)
     if cfg.text_encoder.pretrained and not any(k.startswith(TEXT) for k in state):  # saved with text_encoder=False
         state |= {TEXT + k: v for k, v in model.cond_stage_model.transformer.state_dict().items()}

@@ -5,6 +5,9 @@
 `text_model.` level there, which ldm.checkpoint handles). The text model is CLIP's, or any local Hugging Face
 text encoder named by `text_encoder.pretrained`; the UNet's context_dim must equal its hidden size.
 """
+import contextlib
+
+import torch
 import torch.nn as nn
 
 from ldm.config import ConfigError, ModelConfig
@@ -20,7 +23,9 @@ class DiffusionWrapper(nn.Module):
 
 
 class StableDiffusion(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, empty: bool = False):
+        """empty: the UNet and VAE are built on the meta device (no memory, no random init), for a loader to give
+        them a file's tensors with load_state_dict(assign=True); the text encoder is built as usual."""
         super().__init__()
         self.cfg = cfg
         text_encoder = build_text_encoder(cfg.text_encoder)
@@ -30,8 +35,9 @@ class StableDiffusion(nn.Module):
                 f"unet.context_dim is {cfg.unet.context_dim} but the text encoder ({name}) gives {text_encoder.hidden_size}-d "
                 f"token states: set unet.context_dim to {text_encoder.hidden_size}"
             )
-        self.model = DiffusionWrapper(UNetModel(cfg.unet))
-        self.first_stage_model = AutoencoderKL(cfg.vae)
+        with torch.device("meta") if empty else contextlib.nullcontext():
+            self.model = DiffusionWrapper(UNetModel(cfg.unet))
+            self.first_stage_model = AutoencoderKL(cfg.vae)
         self.cond_stage_model = text_encoder
 
     @property
