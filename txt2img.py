@@ -29,10 +29,9 @@ from PIL.PngImagePlugin import PngInfo
 from ldm import DEFAULT_MODEL, load_pipeline
 from ldm.checkpoint import CheckpointError
 from ldm.config import ConfigError, load_config
-from ldm.pipeline import QUANTIZE, InputError, Pipeline, load_image
+from ldm.pipeline import DTYPES, QUANTIZE, InputError, Pipeline, load_image
 from ldm.samplers import SAMPLERS
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class Parser(argparse.ArgumentParser):

@@ -2,7 +2,7 @@
 variants (int8: --quantize int8; bf16: --dtype bf16; compile: --compile), on the same random SD v1 weights, in one run.
 
     python benchmarks/bench_txt2img.py [--against diffusers|int8|bf16|compile ...] [--size 512] [--steps 20] [--measured-steps 2] [--repeats 2]
-    python benchmarks/bench_txt2img.py --rss-only --size 1024 --measured-steps 1     # ours' peak memory at 1024x1024
+    python benchmarks/bench_txt2img.py --rss-only --size 1024 --measured-steps 1 --against   # ours' peak memory at 1024x1024
 
 A random model (configs/sd-v1.yaml; --config tiny.yaml checks the script quickly) is saved once as our single file
 and as a diffusers folder (ldm.checkpoint.save_diffusers_folder); --workdir keeps them for the next run. Each
@@ -111,14 +111,15 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--against", nargs="+", choices=["diffusers", "int8", "bf16", "compile"], default=["diffusers"])
+    p.add_argument("--against", nargs="*", choices=["diffusers", "int8", "bf16", "compile"], default=["diffusers"],
+                   help="the sides compared with ours (none: only ours, with --rss-only)")
     p.add_argument("--size", type=int, default=512)
     p.add_argument("--steps", type=int, default=20, help="the step count reported (extrapolated)")
     p.add_argument("--measured-steps", type=int, default=2, help="the step count run")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--config", type=Path, default=ROOT / "configs" / "sd-v1.yaml")
     p.add_argument("--workdir", type=Path, help="keep the saved random model here and reuse it (default: a temporary folder)")
-    p.add_argument("--rss-only", action="store_true", help="only ours' peak RSS")
+    p.add_argument("--rss-only", action="store_true", help="only the peak RSS of ours and the --against sides")
     p.add_argument("--no-rss", action="store_true", help="skip the peak-RSS subprocesses")
     p.add_argument("--rss-of", nargs=2, metavar=("SIDE", "FOLDER"), help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -140,8 +141,10 @@ def main():
             save_model(cfg, folder)
         print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.size}x{args.size}, DDIM, {args.config.name}")
         if args.rss_only:
-            rss = peak_rss("ours", args, folder)
-            print(f"ours, {args.size}x{args.size}, {args.measured_steps} step(s): peak RSS {rss['peak_rss_gib']:.2f} GiB (loading {rss['loading_peak_rss_gib']:.2f} GiB)")
+            for side in ["ours", *args.against]:
+                rss = peak_rss(side, args, folder)
+                print(f"{side}, {args.size}x{args.size}, {args.measured_steps} step(s): peak RSS {rss['peak_rss_gib']:.2f} GiB "
+                      f"(loading {rss['loading_peak_rss_gib']:.2f} GiB)", flush=True)  # fmt: skip
             return
         sides = ["ours", *args.against]
         pipes = {side: build(side, folder, cfg) for side in sides}

@@ -232,11 +232,12 @@ def evaluate(
     }
 
 
-def pipeline_generate(ckpt: str | None, steps: int, scale: float, sampler: str, size: int, quantize: str | None = None) -> Generate:
-    """Generation through ldm.load_pipeline(ckpt, quantize=quantize).txt2img (image i of a call uses seed + i)."""
+def pipeline_generate(ckpt: str | None, steps: int, scale: float, sampler: str, size: int, quantize: str | None = None, dtype: str = "fp32") -> Generate:
+    """Generation through ldm.load_pipeline(ckpt, dtype=..., quantize=...).txt2img (image i of a call uses seed + i)."""
     import ldm
+    from ldm.pipeline import DTYPES
 
-    pipe = ldm.load_pipeline(ckpt, quantize=quantize)
+    pipe = ldm.load_pipeline(ckpt, dtype=DTYPES[dtype], quantize=quantize)
     return lambda prompts, seed: pipe.txt2img(prompts, steps=steps, scale=scale, sampler=sampler, seed=seed, height=size, width=size)
 
 
@@ -252,6 +253,7 @@ def main(argv=None) -> int:
     p.add_argument("--size", type=int, help="generated image side (default: the first real image's width)")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per txt2img call")
     p.add_argument("--quantize", choices=["int8"], help="generate with the dynamic-int8 UNet (as txt2img.py --quantize)")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="generate in this dtype (as txt2img.py --dtype)")
     p.add_argument("--caption-column", default="text")
     p.add_argument("--save-images", type=Path, help="also write the generated images here")
     p.add_argument("--real-cache", type=Path, help="a .safetensors file keeping the real images' features between runs")
@@ -263,12 +265,12 @@ def main(argv=None) -> int:
         paths, _ = read_imagefolder(args.data, args.caption_column)
         size = args.size or load_images(paths[:1])[0].width
         features = inception_features(load_inception(), progress=True)
-        generate = pipeline_generate(args.ckpt, args.steps, args.scale, args.sampler, size, args.quantize)
+        generate = pipeline_generate(args.ckpt, args.steps, args.scale, args.sampler, size, args.quantize, args.dtype)
         report = evaluate(args.data, generate, features, args.n, args.seed, args.batch_size, args.caption_column, save_images=args.save_images, cache=args.real_cache)
     except ValueError as e:  # EvalError, and the checkpoint / config / pipeline input errors, all ValueErrors
         print(f"error: {e}", file=sys.stderr)
         return 2
-    report = {"ckpt": args.ckpt, "steps": args.steps, "scale": args.scale, "sampler": args.sampler, "size": size, "quantize": args.quantize} | report
+    report = {"ckpt": args.ckpt, "steps": args.steps, "scale": args.scale, "sampler": args.sampler, "size": size, "quantize": args.quantize, "dtype": args.dtype} | report
     text = json.dumps(report, indent=2, ensure_ascii=False)
     if args.out:
         args.out.write_text(text + "\n", encoding="utf-8")

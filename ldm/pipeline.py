@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from ldm.model import StableDiffusion
 from ldm.samplers import SAMPLERS, ZERO_SNR_SAMPLERS, Sampler
 
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # the --dtype choices of txt2img.py and ldm.eval
 QUANTIZE = ("int8",)
 EMBEDDING_CACHE = 32  # prompts whose text-encoder states a Pipeline keeps
 

@@ -203,10 +203,11 @@ def test_generation_goes_through_txt2img(colour_folder, tiny_ckpt, tmp_path):
         assert alone.size == (16, 16) and np.array_equal(np.asarray(Image.open(path)), np.asarray(alone))
 
 
-def test_generation_with_int8_quantization(tiny_ckpt):
-    """--quantize int8 generates through the dynamic-int8 UNet: a close, not equal, image."""
-    fp32, int8 = (np.asarray(ev.pipeline_generate(str(tiny_ckpt), 2, 3.0, "ddim", 16, q)(["a red square"], 0)[0], np.float64) for q in (None, "int8"))
-    assert 0 < ((fp32 - int8) ** 2).mean() and 10 * np.log10(255**2 / ((fp32 - int8) ** 2).mean()) >= 30
+@pytest.mark.parametrize("quantize, dtype", [("int8", "fp32"), (None, "bf16")])
+def test_generation_in_a_fast_mode(tiny_ckpt, quantize, dtype):
+    """--quantize int8 (the dynamic-int8 UNet) and --dtype bf16 generate a close, not equal, image."""
+    fp32, fast = (np.asarray(ev.pipeline_generate(str(tiny_ckpt), 2, 3.0, "ddim", 16, q, d)(["a red square"], 0)[0], np.float64) for q, d in ((None, "fp32"), (quantize, dtype)))
+    assert 0 < ((fp32 - fast) ** 2).mean() and 10 * np.log10(255**2 / ((fp32 - fast) ** 2).mean()) >= 30
 
 
 @needs_inception
