@@ -7,8 +7,8 @@ text encoder named by `text_encoder.pretrained`; the UNet's context_dim must equ
 """
 import contextlib
 
-import torch
 import torch.nn as nn
+from accelerate import init_empty_weights
 
 from ldm.config import ConfigError, ModelConfig
 from ldm.text_encoder import FrozenTextEncoder, build_text_encoder
@@ -24,18 +24,20 @@ class DiffusionWrapper(nn.Module):
 
 class StableDiffusion(nn.Module):
     def __init__(self, cfg: ModelConfig, empty: bool = False):
-        """empty: the UNet and VAE are built on the meta device (no memory, no random init), for a loader to give
-        them a file's tensors with load_state_dict(assign=True); the text encoder is built as usual."""
+        """empty: parameters on the meta device (no memory, no random init; buffers stay real), for a loader to give
+        them a file's tensors with load_state_dict(assign=True). A pretrained text encoder is loaded as usual."""
         super().__init__()
         self.cfg = cfg
-        text_encoder = build_text_encoder(cfg.text_encoder)
+        empty_weights = init_empty_weights if empty else contextlib.nullcontext
+        with empty_weights() if not cfg.text_encoder.pretrained else contextlib.nullcontext():
+            text_encoder = build_text_encoder(cfg.text_encoder)
         if text_encoder.hidden_size != cfg.unet.context_dim:
             name = cfg.text_encoder.pretrained or "CLIP"
             raise ConfigError(
                 f"unet.context_dim is {cfg.unet.context_dim} but the text encoder ({name}) gives {text_encoder.hidden_size}-d "
                 f"token states: set unet.context_dim to {text_encoder.hidden_size}"
             )
-        with torch.device("meta") if empty else contextlib.nullcontext():
+        with empty_weights():
             self.model = DiffusionWrapper(UNetModel(cfg.unet))
             self.first_stage_model = AutoencoderKL(cfg.vae)
         self.cond_stage_model = text_encoder
