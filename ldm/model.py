@@ -28,8 +28,7 @@ class StableDiffusion(nn.Module):
         them a file's tensors with load_state_dict(assign=True). A pretrained text encoder is loaded as usual."""
         super().__init__()
         self.cfg = cfg
-        empty_weights = init_empty_weights if empty else contextlib.nullcontext
-        with empty_weights() if not cfg.text_encoder.pretrained else contextlib.nullcontext():
+        with init_empty_weights() if empty and not cfg.text_encoder.pretrained else contextlib.nullcontext():
             text_encoder = build_text_encoder(cfg.text_encoder)
         if text_encoder.hidden_size != cfg.unet.context_dim:
             name = cfg.text_encoder.pretrained or "CLIP"
@@ -37,7 +36,7 @@ class StableDiffusion(nn.Module):
                 f"unet.context_dim is {cfg.unet.context_dim} but the text encoder ({name}) gives {text_encoder.hidden_size}-d "
                 f"token states: set unet.context_dim to {text_encoder.hidden_size}"
             )
-        with empty_weights():
+        with init_empty_weights() if empty else contextlib.nullcontext():
             self.model = DiffusionWrapper(UNetModel(cfg.unet))
             self.first_stage_model = AutoencoderKL(cfg.vae)
         self.cond_stage_model = text_encoder
