@@ -30,7 +30,7 @@ from ldm.model import StableDiffusion
 from ldm.pipeline import Pipeline
 from ldm.samplers import SAMPLERS, ZERO_SNR_SAMPLERS
 from ldm.training import (
-    EMA, StopOnSigterm, TrainState, checkpoint_run, flat_config, gather_skipped, list_checkpoints, log_image, make_accelerator, optimizer_step, peak_memory_gib,
+    EMA, StopOnSigterm, TrainState, checkpoint_run, end_training, flat_config, gather_skipped, list_checkpoints, log_image, make_accelerator, optimizer_step, peak_memory_gib,
     per_sample_generators, randn_like_per_sample, read_train_config, resume_state, skipped_report, start_run,
     stream_batches, writing,
 )  # fmt: skip
@@ -195,6 +195,8 @@ def train(args) -> int:
             checkpoint_run(accelerator, checkpoints, state, cfg.keep_last, write_model, progress)
             accelerator.print(f"error: non-finite gradients for {nan_in_a_row} steps in a row at step {state.step}: try a lower optim.lr "
                               f"(the last good state is saved above)")
+            del unet_ddp
+            end_training(accelerator)
             return 1
         if ema and not skipped_step:
             ema.update(unet)
@@ -221,7 +223,8 @@ def train(args) -> int:
             checkpoint_run(accelerator, checkpoints, state, cfg.keep_last, write_model, progress)
         if stopping:
             accelerator.print(f"SIGTERM: stopped at step {state.step} after saving; continue with --resume latest")
-            accelerator.end_training()
+            del unet_ddp
+            end_training(accelerator)
             return 0
 
     # ------------------------------------------------------------ the end: the single-file model, what was skipped
@@ -232,7 +235,8 @@ def train(args) -> int:
             write_model(output_dir)
         print(skipped_report(state.skipped))
         print(f"wrote {output_dir / 'model.safetensors'}")
-    accelerator.end_training()
+    del unet_ddp
+    end_training(accelerator)
     return 0
 
 

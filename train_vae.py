@@ -31,7 +31,7 @@ from ldm.eval_vae import evaluate, image_batches
 from ldm.losses import GeneratorLoss, NLayerDiscriminator, discriminator_loss, load_lpips
 from ldm.model import StableDiffusion
 from ldm.training import (
-    EMA, StopOnSigterm, TrainState, checkpoint_run, flat_config, gather_skipped, list_checkpoints, log_image, make_accelerator, optimizer_step, peak_memory_gib,
+    EMA, StopOnSigterm, TrainState, checkpoint_run, end_training, flat_config, gather_skipped, list_checkpoints, log_image, make_accelerator, optimizer_step, peak_memory_gib,
     per_sample_generators, randn_like_per_sample, read_train_config, resume_state, skipped_report, start_run,
     stream_batches, writing,
 )  # fmt: skip
@@ -173,6 +173,8 @@ def train(args) -> int:
         nan_in_a_row = nan_in_a_row + 1 if skipped_step else 0
         if skipped_step and nan_in_a_row > cfg.max_nan_skips:
             accelerator.print(f"error: non-finite gradients for {nan_in_a_row} steps in a row at step {state.step}: try a lower optim.lr")
+            del vae_ddp, disc_ddp
+            end_training(accelerator)
             return 1
         if ema and not skipped_step:
             ema.update(vae)
@@ -195,7 +197,8 @@ def train(args) -> int:
             checkpoint_run(accelerator, checkpoints, state, cfg.keep_last, write_model, progress)
         if stopping:
             accelerator.print(f"SIGTERM: stopped at step {state.step} after saving; continue with --resume latest")
-            accelerator.end_training()
+            del vae_ddp, disc_ddp
+            end_training(accelerator)
             return 0
 
     # ------------------------------------------------------------ the end: scale factor, evaluation, the single-file model
@@ -221,7 +224,8 @@ def train(args) -> int:
         print(skipped_report(state.skipped))
         print(f"wrote {output_dir / 'model.safetensors'}")
     accelerator.wait_for_everyone()
-    accelerator.end_training()
+    del vae_ddp, disc_ddp
+    end_training(accelerator)
     return 0
 
 

@@ -362,6 +362,17 @@ def _remove(folder: Path) -> None:
     shutil.rmtree(trash)
 
 
+def end_training(accelerator: Accelerator) -> None:
+    """accelerator.end_training(), once the caller has dropped its DDP models (`del model_ddp` first).
+
+    A DDP model's reducer holds the process group. Freed after destroy_process_group, it would destroy the group
+    itself while holding the GIL and wait for gloo's worker threads, one of which may still need the GIL to free the
+    last collective's tensors: the process hangs at exit (pytorch/pytorch#56297). Freed first, it leaves the group
+    to destroy_process_group, which releases the GIL while it waits."""
+    accelerator.free_memory()  # the Accelerator's own references to the prepared models; collects the DDP wrappers
+    accelerator.end_training()
+
+
 class StopOnSigterm:
     """Turns SIGTERM into a flag read between steps, so the loop can save a checkpoint and exit cleanly."""
 
