@@ -1,0 +1,65 @@
+"""How well a model's VAE keeps colours: solid shapes of 12 hues (and black, grey) on white, encoded and decoded.
+
+    python benchmarks/vae_colours.py                       # the embedded emoji model
+    python benchmarks/vae_colours.py --ckpt runs/vae-emoji/model.safetensors --size 32
+
+For each colour, a filled triangle on white is encoded to its posterior mode and decoded; the table gives the mean
+colour of the shape's pixels before and after, and the mean absolute error per channel (0-255) on those pixels.
+The embedded model's target (issue #19): every row within 20/255.
+"""
+import argparse
+import colorsys
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+import ldm
+from ldm.pipeline import to_pil, to_tensor
+
+TARGET = 20  # max mean absolute error per channel, 0-255
+
+
+def colours() -> dict[str, tuple[int, int, int]]:
+    """12 hues 30 degrees apart at full saturation (value 0.85), then black and mid grey."""
+    named = {}
+    for k in range(12):
+        r, g, b = colorsys.hsv_to_rgb(k / 12, 1.0, 0.85)
+        named[f"hue {30 * k:3d}"] = (round(255 * r), round(255 * g), round(255 * b))
+    return named | {"black": (0, 0, 0), "grey": (128, 128, 128)}
+
+
+def shape(colour: tuple[int, int, int], size: int) -> tuple[Image.Image, np.ndarray]:
+    """A triangle of `colour` covering about half of a white square; and the mask of its interior (1 px inset)."""
+    image = Image.new("RGB", (size, size), "white")
+    corners = [(size * 0.5, size * 0.1), (size * 0.9, size * 0.88), (size * 0.1, size * 0.88)]
+    ImageDraw.Draw(image).polygon(corners, fill=colour)
+    inner = Image.new("L", (size, size), 0)
+    inset = [(size * 0.5, size * 0.22), (size * 0.8, size * 0.82), (size * 0.2, size * 0.82)]
+    ImageDraw.Draw(inner).polygon(inset, fill=255)
+    return image, np.array(inner) > 0
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--ckpt", help="a model (default: the embedded emoji model)")
+    p.add_argument("--size", type=int, help="image side (default: the model's)")
+    args = p.parse_args()
+    pipe = ldm.load_pipeline(args.ckpt)
+    size = args.size or pipe.cfg.image_size * 2 ** (len(pipe.cfg.vae.ch_mult) - 1)
+    print(f"{'colour':10} {'input':>15} {'reconstructed':>15} {'MAE/channel':>12}")
+    worst = 0.0
+    for name, colour in colours().items():
+        image, mask = shape(colour, size)
+        with torch.no_grad():
+            z = pipe.vae.encode(2 * to_tensor(image) - 1).mode()
+            out = np.asarray(to_pil((pipe.vae.decode(z) / 2 + 0.5).clamp(0, 1))[0], dtype=np.float64)
+        mae = np.abs(out[mask] - np.asarray(colour, dtype=np.float64)).mean()
+        worst = max(worst, mae)
+        got = tuple(int(c) for c in out[mask].mean(axis=0).round())
+        print(f"{name:10} {str(colour):>15} {str(got):>15} {mae:12.1f}{'' if mae <= TARGET else '  > target'}")
+    print(f"worst {worst:.1f} (target <= {TARGET})")
+
+
+if __name__ == "__main__":
+    main()
