@@ -135,7 +135,7 @@ def estimate_memory(cfg: ModelConfig, batch: int, height: int, width: int, guide
     Attention: torch's SDPA on CPU never holds the tokens x tokens matrix (its fused flash kernel; measured here:
     16,384 tokens take 7 MiB beyond q, k and v, where the matrix is 1 GiB); fused_attention=False (for devices where
     it is not measured) adds heads x tokens^2 at the largest attention resolution.
-    VAE decoder: one image at a time, in tiles of at most vae_tile latents a side: ~5 tensors of its widest
+    VAE decoder: one image at a time, in tiles of at most vae_tile latents a side: ~8 tensors of its widest
     activation (a level's input channels x its pixels). Decoded images: float32, ~3 copies (the decodes, their
     concatenation, the 8-bit conversion).
     """
@@ -154,7 +154,7 @@ def estimate_memory(cfg: ModelConfig, batch: int, height: int, width: int, guide
     unet = n * (skips + working + attention_matrix)
     tile_h, tile_w = min(h, vae_tile) * v.factor, min(w, vae_tile) * v.factor
     widths = [v.ch * m for m in v.ch_mult]
-    vae = max(5 * max(widths[min(i + 1, len(widths) - 1)], widths[i]) * (tile_h // 2**i) * (tile_w // 2**i) for i in range(len(widths)))
+    vae = max(8 * max(widths[min(i + 1, len(widths) - 1)], widths[i]) * (tile_h // 2**i) * (tile_w // 2**i) for i in range(len(widths)))
     vae += 4 * height * width * (max(h, w) > vae_tile)  # the tiled decode's image and weight sums
     images = 3 * batch * v.out_ch * height * width
     return value_bytes * (max(unet, vae) + images + 8 * n * v.embed_dim * h * w)  # + latents, noise, scheduler state
