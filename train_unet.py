@@ -171,7 +171,7 @@ def train(args) -> int:
                 mean, std = posterior.mean.float(), posterior.std.float()
                 captions = ["" if d else c for c, d in zip(batch["caption"], drop)]
                 context = text_encoder(text_encoder.tokenize(captions).to(device))
-            latents = model.get_first_stage_encoding(mean + std * posterior_noise)  # z ~ q(z | x), scaled to about unit variance
+            latents = model.get_first_stage_encoding(mean + std * posterior_noise)  # z ~ q(z | x), scaled
             noise = noise + cfg.offset_noise * offset  # offset noise: a per-channel constant shift (Guttenberg 2023)
             x_t = diffusion.q_sample(latents, t, noise)
 

@@ -53,7 +53,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=42, help="seed of the first image; image k gets seed + k (default: 42)")
     p.add_argument("--H", type=int, help="height in pixels (default: the model's; img2img: the init image's)")
     p.add_argument("--W", type=int, help="width in pixels (default: the model's; img2img: the init image's)")
-    p.add_argument("--n-samples", "--n_samples", type=int, default=1, help="images per prompt made as one batch, run in sub-batches that fit in memory (default: 1)")
+    p.add_argument("--n-samples", "--n_samples", type=int, default=1,
+                   help="images per prompt made as one batch, in sub-batches that fit in memory (default: 1)")
     p.add_argument("--n-iter", "--n_iter", type=int, default=1, help="batches per prompt (default: 1)")
     p.add_argument("--outdir", type=Path, default=Path("outputs/txt2img-samples"))
     p.add_argument("--eta", "--ddim_eta", type=float, default=0.0, help="DDIM eta: 0 deterministic, 1 DDPM-like (ddim only)")

@@ -95,14 +95,14 @@ def ramp(size: int, width: int) -> torch.Tensor:
     return torch.minimum(i, size - i).div(width).clamp(max=1)
 
 
-def output_size(cfg: ModelConfig, init_image: Image.Image | None, height: int | None, width: int | None) -> tuple[int, int]:
+def output_size(cfg: ModelConfig, init_image: Image.Image | None, height: int | None, width: int | None) -> tuple:
     """(height, width) of the images: as given, else the model's image_size (img2img: the init image's size, rounded
     down to multiples of the VAE factor); InputError unless both are positive multiples of it."""
     f = cfg.vae.factor
     if init_image is None:
         height, width = height or cfg.image_size * f, width or cfg.image_size * f
     else:
-        width, height = width or init_image.width - init_image.width % f, height or init_image.height - init_image.height % f
+        width, height = width or init_image.width // f * f, height or init_image.height // f * f
     if height <= 0 or width <= 0 or height % f or width % f:
         raise InputError(f"height and width must be positive multiples of {f} for this model, got {width}x{height}")
     return height, width
@@ -116,15 +116,18 @@ def machine_memory(device: str | torch.device) -> tuple[int, int]:
         free, total = torch.cuda.mem_get_info(device)
         return total, free
     try:
-        info = {k: int(v.split()[0]) * 1024 for k, v in (line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())}
+        lines = Path("/proc/meminfo").read_text().splitlines()
+        info = {key: int(value.split()[0]) * 1024 for key, value in (line.split(":", 1) for line in lines)}  # kB
         return info["MemTotal"], info["MemAvailable"]
     except (OSError, KeyError, ValueError):
         total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
         return total, total
 
 
-def estimate_memory(cfg: ModelConfig, batch: int, height: int, width: int, guided: bool = True, value_bytes: int = 4,
-                    vae_tile: int = VAE_TILE, fused_attention: bool = True) -> int:  # fmt: skip
+def estimate_memory(
+    cfg: ModelConfig, batch: int, height: int, width: int, guided: bool = True, value_bytes: int = 4,
+    vae_tile: int = VAE_TILE, fused_attention: bool = True,
+) -> int:
     """Bytes that sampling `batch` images of height x width holds at its peak beyond the weights: the larger of one
     UNet call (on 2 * batch latents when guided) and one VAE decode, plus the batch's decoded images. In values of
     `value_bytes` (4: fp32):
@@ -154,29 +157,34 @@ def estimate_memory(cfg: ModelConfig, batch: int, height: int, width: int, guide
     unet = n * (skips + working + attention_matrix)
     tile_h, tile_w = min(h, vae_tile) * v.factor, min(w, vae_tile) * v.factor
     widths = [v.ch * m for m in v.ch_mult]
-    vae = max(8 * max(widths[min(i + 1, len(widths) - 1)], widths[i]) * (tile_h // 2**i) * (tile_w // 2**i) for i in range(len(widths)))
+    inputs = widths[1:] + widths[-1:]  # the channels coming into each level of the decoder (level i + 1's width)
+    vae = max(8 * max(c_in, c) * (tile_h // 2**i) * (tile_w // 2**i) for i, (c_in, c) in enumerate(zip(inputs, widths)))
     vae += 4 * height * width * (max(h, w) > vae_tile)  # the tiled decode's image and weight sums
     images = 3 * batch * v.out_ch * height * width
     return value_bytes * (max(unet, vae) + images + 8 * n * v.embed_dim * h * w)  # + latents, noise, scheduler state
 
 
-def check_request(cfg: ModelConfig, prompts: list[str], *, n_samples: int = 1, steps: int = 50, sampler: str = "ddim",
-                  strength: float = 1.0, eta: float = 0.0, guidance_rescale: float = 0.0, scale: float = 7.5,
-                  init_image: Image.Image | None = None, mask: Image.Image | None = None, height: int | None = None,
-                  width: int | None = None, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> tuple[int, int]:  # fmt: skip
+def check_request(
+    cfg: ModelConfig, prompts: list[str], *, n_samples: int = 1, steps: int = 50, sampler: str = "ddim",
+    strength: float = 1.0, eta: float = 0.0, guidance_rescale: float = 0.0, scale: float = 7.5,
+    init_image: Image.Image | None = None, mask: Image.Image | None = None, height: int | None = None,
+    width: int | None = None, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+) -> tuple[int, int]:
     """Every check of a generation request that needs only the model's config, not its weights (a CLI runs them
     before loading the model; `Pipeline.generate` runs them too): InputError naming the problem, else the size of
-    the images (height, width). One image must fit in the memory available (estimate_memory); more run in sub-batches."""
+    the images (height, width). One image must fit in the memory available (estimate_memory) beside the 8-bit
+    results; more run in sub-batches."""
     if not prompts or n_samples < 1:
         raise InputError("nothing to generate: give at least one prompt and n_samples >= 1")
     if sampler not in SAMPLERS:
         raise InputError(f"unknown sampler '{sampler}' (known: {', '.join(SAMPLERS)})")
     if cfg.rescale_betas_zero_snr and sampler not in ZERO_SNR_SAMPLERS:
-        raise InputError(f"sampler '{sampler}' cannot follow this model's zero-terminal-SNR schedule (use {', '.join(ZERO_SNR_SAMPLERS)})")
+        use = ", ".join(ZERO_SNR_SAMPLERS)
+        raise InputError(f"sampler '{sampler}' cannot follow this model's zero-terminal-SNR schedule (use {use})")
     if steps < 1:
         raise InputError(f"steps must be at least 1, got {steps}")
     if steps > cfg.timesteps:
-        raise InputError(f"steps {steps}: this model has {cfg.timesteps} diffusion timesteps, so at most that many steps")
+        raise InputError(f"steps {steps}: this model has {cfg.timesteps} diffusion timesteps, so at most that many")
     if not 0 < strength <= 1:
         raise InputError(f"strength must be in (0, 1], got {strength}")
     if int(steps * strength) < 1:
@@ -188,7 +196,8 @@ def check_request(cfg: ModelConfig, prompts: list[str], *, n_samples: int = 1, s
     if mask is not None and init_image is None:
         raise InputError("a mask needs an init image to inpaint")
     if mask is not None and mask.size != init_image.size:
-        raise InputError(f"the mask is {mask.width}x{mask.height} but the image is {init_image.width}x{init_image.height}")
+        image = init_image
+        raise InputError(f"the mask is {mask.width}x{mask.height} but the image is {image.width}x{image.height}")
     if cfg.unet.in_channels == 2 * cfg.vae.embed_dim + 1 and mask is None:
         raise InputError("this is an inpainting model (9-channel UNet): give an init image and a mask")
     height, width = output_size(cfg, init_image, height, width)
@@ -197,8 +206,10 @@ def check_request(cfg: ModelConfig, prompts: list[str], *, n_samples: int = 1, s
     need += (len(prompts) * n_samples - 1) * 3 * height * width  # the other images, as 8-bit RGB
     available = machine_memory(device)[1]
     if need > available:
-        raise InputError(f"{len(prompts) * n_samples} image(s) of {width}x{height} need about {need / 2**30:.1f} GiB of memory "
-                         f"beside the weights, more than the {available / 2**30:.1f} GiB available ({device.type})")  # fmt: skip
+        raise InputError(
+            f"{len(prompts) * n_samples} image(s) of {width}x{height} need about {need / 2**30:.1f} GiB of memory "
+            f"beside the weights, more than the {available / 2**30:.1f} GiB available ({device.type})"
+        )
     return height, width
 
 
@@ -213,7 +224,7 @@ class Txt2Img:
     (step 2), `after_step` what happens to z_{t-1} (step 6), `finish` what happens to the decoded images (step 7).
     txt2img: z_T = sigma_T * noise, and nothing else."""
 
-    def __init__(self, pipe: Pipeline, run: Sampler, generators: list[torch.Generator], shape: tuple[int, int, int], **images):
+    def __init__(self, pipe: Pipeline, run: Sampler, generators: list[torch.Generator], shape: tuple, **images):
         self.start = randn(generators, shape, pipe) * run.init_noise_sigma
 
     def unet_input(self, x: torch.Tensor) -> torch.Tensor:
@@ -244,7 +255,8 @@ class BlendedInpaint(Txt2Img):
         self.run, self.pixels, self.mask = run, pixels, mask
         self.z0 = pipe.encode_images(2 * pixels - 1, generators)
         self.noise = randn(generators, shape, pipe)
-        self.start = self.noise * run.init_noise_sigma if strength == 1 else run.add_noise(self.z0, self.noise, run.timesteps[0])
+        start = run.add_noise(self.z0, self.noise, run.timesteps[0]) if strength < 1 else None
+        self.start = self.noise * run.init_noise_sigma if start is None else start
         self.mask_latent = F.interpolate(mask, size=shape[1:]).to(pipe.device, pipe.dtype)
 
     def after_step(self, latents, i):
@@ -266,8 +278,9 @@ class Inpaint(BlendedInpaint):
         z0 = pipe.encode_images(2 * pixels - 1, generators) if strength < 1 else None
         noise = randn(generators, shape, pipe)
         self.start = noise * run.init_noise_sigma if z0 is None else run.add_noise(z0, noise, run.timesteps[0])
-        mask_latent = F.interpolate(mask, size=shape[1:]).to(pipe.device, pipe.dtype).expand(len(generators), -1, -1, -1)
-        self.extra = torch.cat([mask_latent, pipe.encode_images((2 * pixels - 1) * (1 - mask), generators)], dim=1)
+        mask_latent = F.interpolate(mask, size=shape[1:]).to(pipe.device, pipe.dtype)
+        masked = pipe.encode_images((2 * pixels - 1) * (1 - mask), generators)
+        self.extra = torch.cat([mask_latent.expand(len(generators), -1, -1, -1), masked], dim=1)
 
     def unet_input(self, x):
         return torch.cat([x, self.extra], dim=1)
@@ -292,8 +305,10 @@ class Pipeline(nn.Module):
     loading other text-encoder weights into the model).
     """
 
-    def __init__(self, model: StableDiffusion, vae_tile: int = VAE_TILE, vae_tile_overlap: int = 16, quantize: str | None = None,
-                 compile: bool = False, batch_memory: int | None = None):  # fmt: skip
+    def __init__(
+        self, model: StableDiffusion, vae_tile: int = VAE_TILE, vae_tile_overlap: int = 16, quantize: str | None = None,
+        compile: bool = False, batch_memory: int | None = None,
+    ):
         super().__init__()
         self.model = model
         self.vae_tile, self.vae_tile_overlap = vae_tile, vae_tile_overlap
@@ -374,11 +389,12 @@ class Pipeline(nn.Module):
         guided = scale != 1
         height, width = check_request(
             self.cfg, prompts, n_samples=n_samples, steps=steps, sampler=sampler, strength=strength, eta=eta,
-            guidance_rescale=guidance_rescale, scale=scale, init_image=init_image, mask=mask, height=height, width=width,
-            device=self.device, dtype=self.dtype,
-        )  # fmt: skip
+            guidance_rescale=guidance_rescale, scale=scale, init_image=init_image, mask=mask, height=height,
+            width=width, device=self.device, dtype=self.dtype,
+        )
         images = self.prepare_images(init_image, mask, height, width)
-        mode = Txt2Img if init_image is None else Img2Img if mask is None else Inpaint if self.is_inpainting_model else BlendedInpaint
+        inpaint = Inpaint if self.is_inpainting_model else BlendedInpaint
+        mode = Txt2Img if init_image is None else Img2Img if mask is None else inpaint
         per_image = [p for p in prompts for _ in range(n_samples)]
         batch = self.batch_size(len(per_image), height, width, guided)
         results, trajectories = [], []
@@ -390,20 +406,22 @@ class Pipeline(nn.Module):
             # 1. the start latents and the mode's other random draws
             sub = mode(self, run, generators, self.cfg.vae.latent_shape(height, width), **images, strength=strength)
             trajectories.append([] if trajectory is not None else None)
-            desc = f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {seeds[0]}-{seeds[-1]}"
-            results += to_pil(self.sample(sub, run, generators, context, scale, guidance_rescale, desc if progress else None, trajectories[-1]))
+            desc = None if not progress else f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {seeds[0]}-{seeds[-1]}"
+            batch_images = self.sample(sub, run, generators, context, scale, guidance_rescale, desc, trajectories[-1])
+            results += to_pil(batch_images)
         if trajectory is not None:
             trajectory += [torch.cat(step) for step in zip(*trajectories)]
         return results
 
-    def sample(self, mode: Txt2Img, run: Sampler, generators, context, scale, guidance_rescale, desc, trajectory) -> torch.Tensor:
-        """Steps 2-7 of the loop in the module docstring for one sub-batch: its images, (B, 3, H, W) in [0, 1]."""
+    def sample(self, mode: Txt2Img, run: Sampler, generators, context, scale, rescale, desc, trajectory):
+        """Steps 2-7 of the loop in the module docstring for one sub-batch: its images, (B, 3, H, W) in [0, 1];
+        desc: the progress bar's (None: no bar)."""
         latents = mode.start
         for i, t in enumerate(tqdm(run.timesteps, desc=desc, disable=desc is None)):
             x = run.scale_input(latents, t)
             if trajectory is not None:
                 trajectory.append(x)
-            e = self.predict(mode.unet_input(x), t, context, scale, guidance_rescale)  # 2. - 4.
+            e = self.predict(mode.unet_input(x), t, context, scale, rescale)  # 2. - 4.
             latents = run.step(e, t, latents, generators)  # 5.
             latents = mode.after_step(latents, i)  # 6.
         if trajectory is not None:
@@ -412,11 +430,12 @@ class Pipeline(nn.Module):
 
     def batch_size(self, n: int, height: int, width: int, guided: bool) -> int:
         """The most images (at most n, at least 1) one sub-batch may hold: estimate_memory within batch_memory."""
-        fits = lambda b: estimate_memory(self.cfg, b, height, width, guided, self.dtype.itemsize, self.vae_tile) <= self.batch_memory  # noqa: E731
         low, high = 1, n
         while low < high:  # binary search for the largest b that fits
             mid = (low + high + 1) // 2
-            low, high = (mid, high) if fits(mid) else (low, mid - 1)
+            need = estimate_memory(self.cfg, mid, height, width, guided, self.dtype.itemsize, self.vae_tile)
+            fits = need <= self.batch_memory
+            low, high = (mid, high) if fits else (low, mid - 1)
         return low
 
     def prepare_images(self, init_image, mask, height, width) -> dict[str, torch.Tensor]:
@@ -425,13 +444,15 @@ class Pipeline(nn.Module):
         if init_image is None:
             return {}
         if init_image.size != (width, height):
-            m = self.vae_factor
-            warnings.warn(f"init image resized from {init_image.width}x{init_image.height} to {width}x{height} (sides are multiples of {m})")
-        pixels = to_tensor(init_image.convert("RGB").resize((width, height), Image.LANCZOS))
-        return {"pixels": pixels} | ({} if mask is None else {"mask": to_tensor(mask.convert("L").resize((width, height), Image.LANCZOS))})
+            size, m = f"{init_image.width}x{init_image.height}", self.vae_factor
+            warnings.warn(f"init image resized from {size} to {width}x{height} (sides are multiples of {m})")
+        images = {"pixels": to_tensor(init_image.convert("RGB").resize((width, height), Image.LANCZOS))}
+        if mask is not None:
+            images["mask"] = to_tensor(mask.convert("L").resize((width, height), Image.LANCZOS))
+        return images
 
     def encode_prompts(self, prompts: list[str], negative_prompt: str, guided: bool) -> torch.Tensor:
-        """Text context for the UNet, one prompt per image: (n, 77, d), with the negative prompt's stacked in front when guided."""
+        """Text context for the UNet, a prompt per image: (n, 77, d); the negative prompt's in front when guided."""
         cond = self.embed(prompts)
         if not guided:
             return cond

@@ -140,7 +140,7 @@ class Upsample(nn.Module):
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x, size=None):
-        x = F.interpolate(x, size=size, scale_factor=None if size else 2.0, mode="nearest")  # (B, C, H, W) -> (B, C, 2H, 2W)
+        x = F.interpolate(x, size=size, scale_factor=None if size else 2.0, mode="nearest")  # -> (B, C, 2H, 2W)
         return self.conv(x)
 
 

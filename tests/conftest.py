@@ -103,7 +103,8 @@ def tiny_model(in_channels: int = 4, parameterization: str = "eps") -> StableDif
     """randomize_'s weights, cross-attention scaled up 10x: with plain random weights the UNet attends almost
     uniformly over the 77 tokens and the prompt barely moves the result, so a wrong prompt, negative prompt or
     guidance would go unnoticed (test_the_prompt_matters checks that it does not)."""
-    cfg = load_config(ROOT / "configs" / "tiny.yaml", [f"unet.in_channels={in_channels}", f"parameterization={parameterization}"])
+    overrides = [f"unet.in_channels={in_channels}", f"parameterization={parameterization}"]
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", overrides)
     model = randomize_(StableDiffusion(cfg)).eval()
     with torch.no_grad():
         for name, p in model.unet.named_parameters():
@@ -128,7 +129,8 @@ def diffusers_run(ref, seed: int, n: int, **kwargs):
         final["latents"] = tensors["latents"]
         return tensors
 
-    images = ref(PROMPT, num_inference_steps=STEPS, num_images_per_prompt=n, generator=generators(seed, n), callback_on_step_end=keep, **kwargs).images
+    images = ref(PROMPT, num_inference_steps=STEPS, num_images_per_prompt=n, generator=generators(seed, n),
+                 callback_on_step_end=keep, **kwargs).images
     return images, final["latents"]
 
 

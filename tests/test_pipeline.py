@@ -276,8 +276,11 @@ def test_sub_batches_make_the_images_of_separate_calls(models, init_image, mask,
     images = pixels(pipe.generate([PROMPT, "a blue car"], seed=10, n_samples=3, **kwargs))
     handle.remove()
     assert calls == [4] * 9  # 3 sub-batches of 2 images (with their unconditional halves), 3 steps each
-    alone = [pipe.generate(PROMPT, seed=10, n_samples=2, **kwargs), pipe.generate([PROMPT, "a blue car"], seed=12, **kwargs),
-             pipe.generate("a blue car", seed=14, n_samples=2, **kwargs)]  # fmt: skip
+    alone = [
+        pipe.generate(PROMPT, seed=10, n_samples=2, **kwargs),
+        pipe.generate([PROMPT, "a blue car"], seed=12, **kwargs),
+        pipe.generate("a blue car", seed=14, n_samples=2, **kwargs),
+    ]
     assert np.array_equal(images, pixels([image for batch in alone for image in batch]))
     assert np.abs(images[0] - images[3]).mean() > 1  # other prompts, other images
 
@@ -292,8 +295,9 @@ def test_a_10000_image_request_runs_in_sub_batches_of_bounded_memory(models):
     model = models[4][0].model
     cfg, pipe = model.cfg, Pipeline(model, batch_memory=estimate_memory(model.cfg, 50, 16, 16))
 
-    def status(field: str) -> int:
-        return next(int(line.split()[1]) * 1024 for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(field))
+    def status(field: str) -> int:  # bytes
+        lines = Path("/proc/self/status").read_text().splitlines()
+        return next(int(line.split()[1]) * 1024 for line in lines if line.startswith(field))
 
     class Stop(Exception):
         pass
