@@ -90,8 +90,7 @@ def train(args) -> int:
     unet, vae, text_encoder = model.unet, model.vae, model.text_encoder
     vae.requires_grad_(False).eval()
     unet.train()
-    f = 2 ** (len(cfg.model.vae.ch_mult) - 1)
-    latent_shape = (cfg.model.vae.embed_dim, cfg.data.resolution // f, cfg.data.resolution // f)
+    latent_shape = cfg.model.vae.latent_shape(cfg.data.resolution, cfg.data.resolution)
 
     # ------------------------------------------------------------ data: images on the fly, or the latent cache
     if cfg.cache_latents:
@@ -172,7 +171,7 @@ def train(args) -> int:
                 mean, std = posterior.mean.float(), posterior.std.float()
                 captions = ["" if d else c for c, d in zip(batch["caption"], drop)]
                 context = text_encoder(text_encoder.tokenize(captions).to(device))
-            latents = (mean + std * posterior_noise) * cfg.model.scale_factor  # z ~ q(z | x), scaled to about unit variance
+            latents = model.get_first_stage_encoding(mean + std * posterior_noise)  # z ~ q(z | x), scaled
             noise = noise + cfg.offset_noise * offset  # offset noise: a per-channel constant shift (Guttenberg 2023)
             x_t = diffusion.q_sample(latents, t, noise)
 

@@ -56,7 +56,7 @@ def load_train_config(args) -> tuple[TrainVAEConfig, StableDiffusion | None]:
 
 
 def check_sizes(cfg: TrainVAEConfig) -> None:
-    r, f, n = cfg.data.resolution, 2 ** (len(cfg.model.vae.ch_mult) - 1), cfg.loss.disc_num_layers
+    r, f, n = cfg.data.resolution, cfg.model.vae.factor, cfg.loss.disc_num_layers
     if r % f:
         raise ConfigError(f"data.resolution={r} is not a multiple of the VAE's downsampling factor {f}")
     if cfg.loss.disc_start < cfg.max_steps and r < 3 * 2**n:  # PatchGAN output: r / 2**n - 2 logits a side
@@ -98,8 +98,7 @@ def train(args) -> int:
         accelerator.print("no LPIPS weights given (--lpips-weights vgg16.pth vgg.pth): training WITHOUT the perceptual term")
     loss_fn = GeneratorLoss(cfg.loss).to(device)
     disc = NLayerDiscriminator(cfg.model.vae.out_ch, cfg.loss.disc_ndf, cfg.loss.disc_num_layers).to(device)
-    f = 2 ** (len(cfg.model.vae.ch_mult) - 1)
-    latent_shape = (cfg.model.vae.embed_dim, cfg.data.resolution // f, cfg.data.resolution // f)
+    latent_shape = cfg.model.vae.latent_shape(cfg.data.resolution, cfg.data.resolution)
 
     # ------------------------------------------------------------ optimizers (autoencoder + logvar, discriminator), EMA, resume
     g_params = [p for p in vae.parameters() if p.requires_grad] + ([loss_fn.logvar] if cfg.loss.learn_logvar else [])

@@ -27,9 +27,9 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from ldm import DEFAULT_MODEL, load_pipeline
-from ldm.checkpoint import CheckpointError
+from ldm.checkpoint import CheckpointError, peek_config
 from ldm.config import ConfigError, load_config
-from ldm.pipeline import DTYPES, QUANTIZE, InputError, Pipeline, load_image
+from ldm.pipeline import DTYPES, QUANTIZE, InputError, Pipeline, check_request, load_image
 from ldm.samplers import SAMPLERS
 
 
@@ -53,7 +53,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=42, help="seed of the first image; image k gets seed + k (default: 42)")
     p.add_argument("--H", type=int, help="height in pixels (default: the model's; img2img: the init image's)")
     p.add_argument("--W", type=int, help="width in pixels (default: the model's; img2img: the init image's)")
-    p.add_argument("--n-samples", "--n_samples", type=int, default=1, help="images per prompt made as one batch (default: 1)")
+    p.add_argument("--n-samples", "--n_samples", type=int, default=1,
+                   help="images per prompt made as one batch, in sub-batches that fit in memory (default: 1)")
     p.add_argument("--n-iter", "--n_iter", type=int, default=1, help="batches per prompt (default: 1)")
     p.add_argument("--outdir", type=Path, default=Path("outputs/txt2img-samples"))
     p.add_argument("--eta", "--ddim_eta", type=float, default=0.0, help="DDIM eta: 0 deterministic, 1 DDPM-like (ddim only)")
@@ -151,9 +152,8 @@ def run(pipe: Pipeline, args, prompts: list[str], init_image, mask, model: dict)
     run_facts = {"mode": "txt2img", **{k: v for k, v in options.items() if k not in ("height", "width", "n_samples")}, **model,
                  "batch_size": args.n_samples, "dtype": args.dtype, "device": args.device, "quantize": args.quantize}  # fmt: skip
     if init_image is not None:
-        strength = args.strength if args.strength is not None else 1.0 if mask is not None else 0.75
-        options |= dict(init_image=init_image, mask=mask, strength=strength)
-        run_facts |= {"mode": "img2img", "init_image": str(args.init_image), "strength": strength}
+        options |= dict(init_image=init_image, mask=mask, strength=args.strength)
+        run_facts |= {"mode": "img2img", "init_image": str(args.init_image), "strength": args.strength}
         if mask is not None:
             run_facts |= {"mode": "inpaint", "mask": str(args.mask)}
     number, seed, written, rows, first_facts = next_number(args.outdir), args.seed, [], [], None
@@ -216,8 +216,8 @@ def execute(args) -> list[Path]:
         raise InputError(f"--seed {args.seed}: the seeds of the images must lie in [-2**63, 2**64), the last would be {last_seed}")
     if args.strength is not None and args.init_image is None:
         raise InputError("--strength needs --init-image")
-    if args.mask is not None and args.init_image is None:
-        raise InputError("--mask needs --init-image")
+    if args.init_image is not None and args.strength is None:
+        args.strength = 1.0 if args.mask is not None else 0.75
     init_image = load_image(args.init_image) if args.init_image else None
     mask = load_image(args.mask, "L") if args.mask else None
     ckpt = DEFAULT_MODEL if args.ckpt is None else args.ckpt
@@ -232,9 +232,14 @@ def execute(args) -> list[Path]:
         raise InputError(f"unknown --device '{args.device}'") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InputError("--device cuda, but no CUDA device is available")
-    pipe = load_pipeline(ckpt, device, DTYPES[args.dtype], load_config(args.config) if args.config else None, args.quantize, args.compile)
-    if args.steps > pipe.cfg.timesteps:
-        raise InputError(f"--steps {args.steps}: this model has {pipe.cfg.timesteps} diffusion timesteps, so at most that many steps")
+    config = load_config(args.config) if args.config else None
+    check_request(  # before loading: a request that cannot run costs no loading time
+        config or peek_config(ckpt), prompts, n_samples=args.n_samples, steps=args.steps, sampler=args.sampler,
+        strength=1.0 if args.strength is None else args.strength, eta=args.eta, guidance_rescale=args.guidance_rescale,
+        scale=args.scale, init_image=init_image, mask=mask, height=args.H, width=args.W, device=device,
+        dtype=DTYPES[args.dtype],
+    )
+    pipe = load_pipeline(ckpt, device, DTYPES[args.dtype], config, args.quantize, args.compile)
     model = {"model": "ldm-emoji" if args.ckpt is None else ckpt.stem, "model_hash": None if args.no_metadata else model_hash(ckpt)}
     return run(pipe, args, prompts, init_image, mask, model)
 

@@ -199,6 +199,23 @@ def save_single_file(model: StableDiffusion, path: str | Path, dtype: torch.dtyp
     atomic_save(state, path, {"format": "pt", "ldm_config": json.dumps(to_dict(model.cfg))})
 
 
+
+def peek_config(path: str | Path) -> ModelConfig:
+    """The architecture of a checkpoint without reading its weights (for checks before loading): a safetensors
+    header's `ldm_config`, a diffusers folder's configs, else SD v1's. A 9-channel inpainting UNet and a file that
+    cannot be read are found by the real load."""
+    path = Path(path)
+    if path.is_dir() and (path / "unet" / "config.json").is_file():
+        return config_from_diffusers(path)
+    if path.suffix == ".safetensors" and path.is_file():
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return config_from_metadata(dict(f.metadata() or {})) or ModelConfig()
+        except (SafetensorError, OSError, ValueError):
+            pass
+    return ModelConfig()
+
+
 # ---------------------------------------------------------------- diffusers folders
 
 

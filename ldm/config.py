@@ -50,6 +50,15 @@ class VAEConfig:
     dropout: float = 0.0
     num_groups: int = 32
 
+    @property
+    def factor(self) -> int:
+        """Pixels per latent along a side, one halving per level after the first (8 for SD v1's kl-f8)."""
+        return 2 ** (len(self.ch_mult) - 1)
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        """(C, h, w) of the latent of a height x width image."""
+        return self.embed_dim, height // self.factor, width // self.factor
+
 
 @dataclass
 class LossConfig:

@@ -4,9 +4,14 @@
 (UNet), `first_stage_model.*` (VAE) and `cond_stage_model.transformer.*` (text model; SD files add a
 `text_model.` level there, which ldm.checkpoint handles). The text model is CLIP's, or any local Hugging Face
 text encoder named by `text_encoder.pretrained`; the UNet's context_dim must equal its hidden size.
+
+The model owns its latent space, as CompVis's does: the UNet works on z_0 = scale_factor * z, z ~ q(z | x) a VAE
+posterior sample (`get_first_stage_encoding`), and images come back as D(z_0 / scale_factor) (`decode_first_stage`);
+a latent is cfg.vae.factor times smaller than its image along a side.
 """
 import contextlib
 
+import torch
 import torch.nn as nn
 from accelerate import init_empty_weights
 
@@ -56,3 +61,11 @@ class StableDiffusion(nn.Module):
     @property
     def tokenizer(self):
         return self.cond_stage_model.tokenizer
+
+    def get_first_stage_encoding(self, z: torch.Tensor) -> torch.Tensor:
+        """The UNet's latent z_0 = scale_factor * z of a VAE posterior sample z: about unit variance."""
+        return z * self.cfg.scale_factor
+
+    def decode_first_stage(self, z0: torch.Tensor) -> torch.Tensor:
+        """Images in about [-1, 1] from the UNet's latents: D(z_0 / scale_factor)."""
+        return self.vae.decode(z0 / self.cfg.scale_factor)

@@ -1,20 +1,27 @@
 """txt2img, img2img and inpainting on the three models of a checkpoint, returning PIL images.
 
-The loop every SD v1 sampler shares (Ho et al. 2020; Song et al. 2021), the update being diffusers' scheduler's:
+The loop every SD v1 sampler shares (Ho et al. 2020; Song et al. 2021), the update being diffusers' scheduler's;
+the mode (Txt2Img, Img2Img, Inpaint, BlendedInpaint) says what happens at steps 1, 2, 6 and 7:
 
-    z_T = sigma_T * noise                        txt2img (img2img: z_t ~ q(z_t | z_0 = E(image)) at the strength's t)
-    for t in timesteps:
-        e_u, e_c = UNet([z_t, z_t], t, [c_neg, c])     cond and uncond in one batched call
-        e = e_u + s * (e_c - e_u)                       classifier-free guidance (Ho & Salimans 2022, eq. 6)
-        z_t = scheduler.step(e, t, z_t)
-    image = D(z_0 / scale_factor)
+    1  z_T = mode.start                             txt2img: sigma_T * noise; img2img: z_t ~ q(z_t | z_0 = E(image))
+                                                    at the strength's t; inpainting: either, by strength
+       for t in timesteps:
+    2      x = mode.unet_input(z_t)                 9-channel inpainting: z_t, mask, E(masked image) stacked
+    3      e_u, e_c = UNet([x, x], t, [c_neg, c])   cond and uncond in one batched call
+    4      e = e_u + s * (e_c - e_u)                classifier-free guidance (Ho & Salimans 2022, eq. 6)
+    5      z_t = scheduler.step(e, t, z_t)
+    6      z_t = mode.after_step(z_t)               blended inpainting: the unmasked part is the init image's, re-noised
+    7  image = mode.finish(D(z_0 / scale_factor))   inpainting: the unmasked pixels pasted back
 
 Image i of a call has its own CPU generator seeded seed + i, and everything random about it is drawn from that
 generator in diffusers' order (image posterior sample, initial noise, masked-image posterior sample, step noise):
-image k of a batch can be made alone, and the same weights, seed and sampler give diffusers' image.
+image k of a batch can be made alone, and the same weights, seed and sampler give diffusers' image. A call runs in
+sub-batches whose estimated memory (`estimate_memory`) fits the machine; a request whose single image does not fit
+is refused before anything is allocated (`check_request`, which needs only the model's config).
 """
 from __future__ import annotations
 
+import os
 import warnings
 from collections import OrderedDict
 from pathlib import Path
@@ -26,12 +33,14 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm.auto import tqdm
 
+from ldm.config import ModelConfig
 from ldm.model import StableDiffusion
 from ldm.samplers import SAMPLERS, ZERO_SNR_SAMPLERS, Sampler
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # the --dtype choices of txt2img.py and ldm.eval
 QUANTIZE = ("int8",)
 EMBEDDING_CACHE = 32  # prompts whose text-encoder states a Pipeline keeps
+VAE_TILE = 64  # latents a side beyond which the VAE decodes in tiles
 
 
 class InputError(ValueError):
@@ -86,10 +95,206 @@ def ramp(size: int, width: int) -> torch.Tensor:
     return torch.minimum(i, size - i).div(width).clamp(max=1)
 
 
+def output_size(cfg: ModelConfig, init_image: Image.Image | None, height: int | None, width: int | None) -> tuple:
+    """(height, width) of the images: as given, else the model's image_size (img2img: the init image's size, rounded
+    down to multiples of the VAE factor); InputError unless both are positive multiples of it."""
+    f = cfg.vae.factor
+    if init_image is None:
+        height, width = height or cfg.image_size * f, width or cfg.image_size * f
+    else:
+        width, height = width or init_image.width // f * f, height or init_image.height // f * f
+    if height <= 0 or width <= 0 or height % f or width % f:
+        raise InputError(f"height and width must be positive multiples of {f} for this model, got {width}x{height}")
+    return height, width
+
+
+def machine_memory(device: str | torch.device) -> tuple[int, int]:
+    """(total, available) bytes of the memory `device` computes in: a CUDA device's from its driver, else the machine's
+    (/proc/meminfo's MemTotal and MemAvailable; os.sysconf's physical pages where there is no /proc)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        return total, free
+    try:
+        lines = Path("/proc/meminfo").read_text().splitlines()
+        info = {key: int(value.split()[0]) * 1024 for key, value in (line.split(":", 1) for line in lines)}  # kB
+        return info["MemTotal"], info["MemAvailable"]
+    except (OSError, KeyError, ValueError):
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        return total, total
+
+
+def estimate_memory(
+    cfg: ModelConfig, batch: int, height: int, width: int, guided: bool = True, value_bytes: int = 4,
+    vae_tile: int = VAE_TILE, fused_attention: bool = True,
+) -> int:
+    """Bytes that sampling `batch` images of height x width holds at its peak beyond the weights: the larger of one
+    UNet call (on 2 * batch latents when guided) and one VAE decode, plus the batch's decoded images. In values of
+    `value_bytes` (4: fp32):
+
+    UNet: the input blocks' outputs wait for their skip connections (all alive at the middle block), plus the working
+    set of the widest block: a SpatialTransformer's GEGLU holds ~16 values per channel and token (its 8C projection,
+    gelu(gate), the product) and its residual stream ~4 more; a ResBlock ~8 (concatenated input, norm, SiLU, conv).
+    Attention: torch's SDPA on CPU never holds the tokens x tokens matrix (its fused flash kernel; measured here:
+    16,384 tokens take 7 MiB beyond q, k and v, where the matrix is 1 GiB); fused_attention=False (for devices where
+    it is not measured) adds heads x tokens^2 at the largest attention resolution.
+    VAE decoder: one image at a time, in tiles of at most vae_tile latents a side: ~8 tensors of its widest
+    activation (a level's input channels x its pixels). Decoded images: float32, ~3 copies (the decodes, their
+    concatenation, the 8-bit conversion).
+    """
+    u, v = cfg.unet, cfg.vae
+    h, w = height // v.factor, width // v.factor
+    n = batch * (2 if guided else 1)
+    skips, working, attention_matrix, ch = u.model_channels * h * w, 0, 0, u.model_channels
+    for level, mult in enumerate(u.channel_mult):
+        tokens, ch = -(-h // 2**level) * -(-w // 2**level), u.model_channels * mult
+        attends = 2**level in u.attention_resolutions
+        skips += (u.num_res_blocks + (level < len(u.channel_mult) - 1)) * ch * tokens
+        working = max(working, (20 if attends else 8) * 2 * ch * tokens)  # output blocks: C + C_skip channels in
+        if attends and not fused_attention:
+            heads = ch // u.num_head_channels if u.num_head_channels > 0 else u.num_heads
+            attention_matrix = max(attention_matrix, 2 * heads * tokens**2)  # the scores and their softmax
+    unet = n * (skips + working + attention_matrix)
+    tile_h, tile_w = min(h, vae_tile) * v.factor, min(w, vae_tile) * v.factor
+    widths = [v.ch * m for m in v.ch_mult]
+    inputs = widths[1:] + widths[-1:]  # the channels coming into each level of the decoder (level i + 1's width)
+    vae = max(8 * max(c_in, c) * (tile_h // 2**i) * (tile_w // 2**i) for i, (c_in, c) in enumerate(zip(inputs, widths)))
+    vae += 4 * height * width * (max(h, w) > vae_tile)  # the tiled decode's image and weight sums
+    images = 3 * batch * v.out_ch * height * width
+    return value_bytes * (max(unet, vae) + images + 8 * n * v.embed_dim * h * w)  # + latents, noise, scheduler state
+
+
+def check_request(
+    cfg: ModelConfig, prompts: list[str], *, n_samples: int = 1, steps: int = 50, sampler: str = "ddim",
+    strength: float = 1.0, eta: float = 0.0, guidance_rescale: float = 0.0, scale: float = 7.5,
+    init_image: Image.Image | None = None, mask: Image.Image | None = None, height: int | None = None,
+    width: int | None = None, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+) -> tuple[int, int]:
+    """Every check of a generation request that needs only the model's config, not its weights (a CLI runs them
+    before loading the model; `Pipeline.generate` runs them too): InputError naming the problem, else the size of
+    the images (height, width). One image must fit in the memory available (estimate_memory) beside the 8-bit
+    results; more run in sub-batches."""
+    if not prompts or n_samples < 1:
+        raise InputError("nothing to generate: give at least one prompt and n_samples >= 1")
+    if sampler not in SAMPLERS:
+        raise InputError(f"unknown sampler '{sampler}' (known: {', '.join(SAMPLERS)})")
+    if cfg.rescale_betas_zero_snr and sampler not in ZERO_SNR_SAMPLERS:
+        use = ", ".join(ZERO_SNR_SAMPLERS)
+        raise InputError(f"sampler '{sampler}' cannot follow this model's zero-terminal-SNR schedule (use {use})")
+    if steps < 1:
+        raise InputError(f"steps must be at least 1, got {steps}")
+    if steps > cfg.timesteps:
+        raise InputError(f"steps {steps}: this model has {cfg.timesteps} diffusion timesteps, so at most that many")
+    if not 0 < strength <= 1:
+        raise InputError(f"strength must be in (0, 1], got {strength}")
+    if int(steps * strength) < 1:
+        raise InputError(f"strength {strength} with {steps} steps leaves no denoising step (raise strength or steps)")
+    if eta and sampler != "ddim" or eta < 0:
+        raise InputError(f"eta applies to the ddim sampler only and must be >= 0, got {eta} with {sampler}")
+    if not 0 <= guidance_rescale <= 1:
+        raise InputError(f"guidance rescale must be in [0, 1], got {guidance_rescale}")
+    if mask is not None and init_image is None:
+        raise InputError("a mask needs an init image to inpaint")
+    if mask is not None and mask.size != init_image.size:
+        image = init_image
+        raise InputError(f"the mask is {mask.width}x{mask.height} but the image is {image.width}x{image.height}")
+    if cfg.unet.in_channels == 2 * cfg.vae.embed_dim + 1 and mask is None:
+        raise InputError("this is an inpainting model (9-channel UNet): give an init image and a mask")
+    height, width = output_size(cfg, init_image, height, width)
+    device = torch.device(device)
+    need = estimate_memory(cfg, 1, height, width, scale != 1, dtype.itemsize, fused_attention=device.type == "cpu")
+    need += (len(prompts) * n_samples - 1) * 3 * height * width  # the other images, as 8-bit RGB
+    available = machine_memory(device)[1]
+    if need > available:
+        raise InputError(
+            f"{len(prompts) * n_samples} image(s) of {width}x{height} need about {need / 2**30:.1f} GiB of memory "
+            f"beside the weights, more than the {available / 2**30:.1f} GiB available ({device.type})"
+        )
+    return height, width
+
+
+def randn(generators: list[torch.Generator], shape: tuple[int, ...], pipe: Pipeline) -> torch.Tensor:
+    """One (1, *shape) standard normal draw per generator (CPU generators, as diffusers), on the pipeline's device."""
+    return torch.cat([torch.randn((1, *shape), generator=g, dtype=pipe.dtype) for g in generators]).to(pipe.device)
+
+
+class Txt2Img:
+    """A mode of the sampling loop for one sub-batch: constructing it makes the images' random draws (in diffusers'
+    order) and `start`, z_T (step 1 of the loop in the module docstring); `unet_input` is what the UNet sees for z_t
+    (step 2), `after_step` what happens to z_{t-1} (step 6), `finish` what happens to the decoded images (step 7).
+    txt2img: z_T = sigma_T * noise, and nothing else."""
+
+    def __init__(self, pipe: Pipeline, run: Sampler, generators: list[torch.Generator], shape: tuple, **images):
+        self.start = randn(generators, shape, pipe) * run.init_noise_sigma
+
+    def unet_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def after_step(self, latents: torch.Tensor, i: int) -> torch.Tensor:
+        return latents
+
+    def finish(self, images: torch.Tensor) -> torch.Tensor:
+        return images
+
+
+class Img2Img(Txt2Img):
+    """The init image's latent noised to the first timestep run: z_t = sqrt(alpha_bar_t) z_0 + sqrt(1 - alpha_bar_t)
+    noise (DDPM eq. 4), its posterior sample drawn before the noise."""
+
+    def __init__(self, pipe, run, generators, shape, pixels, **images):
+        z0 = pipe.encode_images(2 * pixels - 1, generators)
+        self.start = run.add_noise(z0, randn(generators, shape, pipe), run.timesteps[0])
+
+
+class BlendedInpaint(Txt2Img):
+    """Inpainting with a plain (4-channel) UNet: after each step the unmasked part of z_{t-1} is replaced by the init
+    image's latent noised to t-1 with the same noise (latent blending); strength 1 starts from pure noise, less as
+    img2img; the unmasked pixels of the decoded image are the init image's, exactly."""
+
+    def __init__(self, pipe, run, generators, shape, pixels, mask, strength):
+        self.run, self.pixels, self.mask = run, pixels, mask
+        self.z0 = pipe.encode_images(2 * pixels - 1, generators)
+        self.noise = randn(generators, shape, pipe)
+        start = run.add_noise(self.z0, self.noise, run.timesteps[0]) if strength < 1 else None
+        self.start = self.noise * run.init_noise_sigma if start is None else start
+        self.mask_latent = F.interpolate(mask, size=shape[1:]).to(pipe.device, pipe.dtype)
+
+    def after_step(self, latents, i):
+        # z_{t-1} = (1 - m) q(z_{t-1} | z_0 of the init image) + m z_{t-1}, with the same noise
+        timesteps = self.run.timesteps
+        known = self.z0 if i == len(timesteps) - 1 else self.run.add_noise(self.z0, self.noise, timesteps[i + 1])
+        return (1 - self.mask_latent) * known + self.mask_latent * latents
+
+    def finish(self, images):
+        return self.mask * images + (1 - self.mask) * self.pixels
+
+
+class Inpaint(BlendedInpaint):
+    """Inpainting with a 9-channel UNet (SD 1.5-inpainting): the UNet sees z_t, the mask and the masked image's latent
+    (drawn after the noise); strength 1 starts from pure noise, less as img2img; no blending between steps."""
+
+    def __init__(self, pipe, run, generators, shape, pixels, mask, strength):
+        self.pixels, self.mask = pixels, mask
+        z0 = pipe.encode_images(2 * pixels - 1, generators) if strength < 1 else None
+        noise = randn(generators, shape, pipe)
+        self.start = noise * run.init_noise_sigma if z0 is None else run.add_noise(z0, noise, run.timesteps[0])
+        mask_latent = F.interpolate(mask, size=shape[1:]).to(pipe.device, pipe.dtype)
+        masked = pipe.encode_images((2 * pixels - 1) * (1 - mask), generators)
+        self.extra = torch.cat([mask_latent.expand(len(generators), -1, -1, -1), masked], dim=1)
+
+    def unet_input(self, x):
+        return torch.cat([x, self.extra], dim=1)
+
+    def after_step(self, latents, i):
+        return latents
+
+
 class Pipeline(nn.Module):
     """txt2img / img2img / inpaint for a StableDiffusion model (`.unet .vae .text_encoder .tokenizer .cfg` are its).
 
-    Memory: VAE decoding runs one image at a time, and in overlapping tiles of `vae_tile` latents a side,
+    Memory: a call runs in sub-batches of the most images whose estimate_memory fits `batch_memory` bytes (default:
+    a quarter of the machine's memory, so the sub-batches, hence the images, are the same from run to run on one
+    machine). VAE decoding runs one image at a time, and in overlapping tiles of `vae_tile` latents a side,
     blended over `vae_tile_overlap` latents, when a latent side is larger than `vae_tile`; attention is
     torch's SDPA (ldm.attention), which never materialises the full attention matrix where it has a kernel.
 
@@ -100,10 +305,14 @@ class Pipeline(nn.Module):
     loading other text-encoder weights into the model).
     """
 
-    def __init__(self, model: StableDiffusion, vae_tile: int = 64, vae_tile_overlap: int = 16, quantize: str | None = None, compile: bool = False):
+    def __init__(
+        self, model: StableDiffusion, vae_tile: int = VAE_TILE, vae_tile_overlap: int = 16, quantize: str | None = None,
+        compile: bool = False, batch_memory: int | None = None,
+    ):
         super().__init__()
         self.model = model
         self.vae_tile, self.vae_tile_overlap = vae_tile, vae_tile_overlap
+        self.batch_memory = batch_memory if batch_memory is not None else machine_memory(self.device)[0] // 4
         self.embeddings: OrderedDict[tuple, torch.Tensor] = OrderedDict()
         if quantize is not None:
             if quantize not in QUANTIZE:
@@ -125,7 +334,7 @@ class Pipeline(nn.Module):
     @property
     def vae_factor(self) -> int:
         """Pixels per latent, along a side (8 for SD v1): image sides must be multiples of it."""
-        return 2 ** (len(self.cfg.vae.ch_mult) - 1)
+        return self.cfg.vae.factor
 
     @property
     def is_inpainting_model(self) -> bool:
@@ -177,96 +386,74 @@ class Pipeline(nn.Module):
         trajectory: a list that receives z_t (the UNet's input latents) of every step, then z_0.
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        self.check_options(prompts, sampler, steps, strength, eta, n_samples, guidance_rescale, init_image, mask)
-        pixels, mask_px, height, width = self.prepare_images(init_image, mask, height, width)
-        n = len(prompts) * n_samples
-        generators = [torch.Generator().manual_seed(seed + i) for i in range(n)]
         guided = scale != 1
-        context = self.encode_prompts(prompts, n_samples, negative_prompt, guided)
-        run = Sampler(sampler, self.cfg, steps, strength, eta, self.device)
-        latent_shape = (self.cfg.vae.embed_dim, height // self.vae_factor, width // self.vae_factor)
+        height, width = check_request(
+            self.cfg, prompts, n_samples=n_samples, steps=steps, sampler=sampler, strength=strength, eta=eta,
+            guidance_rescale=guidance_rescale, scale=scale, init_image=init_image, mask=mask, height=height,
+            width=width, device=self.device, dtype=self.dtype,
+        )
+        images = self.prepare_images(init_image, mask, height, width)
+        inpaint = Inpaint if self.is_inpainting_model else BlendedInpaint
+        mode = Txt2Img if init_image is None else Img2Img if mask is None else inpaint
+        per_image = [p for p in prompts for _ in range(n_samples)]
+        batch = self.batch_size(len(per_image), height, width, guided)
+        results, trajectories = [], []
+        for first in range(0, len(per_image), batch):
+            seeds = range(seed + first, seed + min(first + batch, len(per_image)))
+            generators = [torch.Generator().manual_seed(s) for s in seeds]
+            run = Sampler(sampler, self.cfg, steps, strength, eta, self.device)
+            context = self.encode_prompts(per_image[first : first + batch], negative_prompt, guided)
+            # 1. the start latents and the mode's other random draws
+            sub = mode(self, run, generators, self.cfg.vae.latent_shape(height, width), **images, strength=strength)
+            trajectories.append([] if trajectory is not None else None)
+            desc = None if not progress else f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {seeds[0]}-{seeds[-1]}"
+            batch_images = self.sample(sub, run, generators, context, scale, guidance_rescale, desc, trajectories[-1])
+            results += to_pil(batch_images)
+        if trajectory is not None:
+            trajectory += [torch.cat(step) for step in zip(*trajectories)]
+        return results
 
-        # the random draws of image i, in diffusers' order: the image's posterior sample, then the initial noise
-        nine = self.is_inpainting_model
-        image_latents = None
-        if pixels is not None and (mask is None or strength < 1 or not nine):
-            image_latents = self.encode_images(2 * pixels - 1, generators)
-        noise = torch.cat([torch.randn((1, *latent_shape), generator=g, dtype=self.dtype) for g in generators]).to(self.device)
-        if image_latents is None or (mask is not None and strength == 1):
-            latents = noise * run.init_noise_sigma
-        else:  # z_t = sqrt(alpha_bar_t) z_0 + sqrt(1 - alpha_bar_t) noise at the first timestep run (DDPM eq. 4)
-            latents = run.add_noise(image_latents, noise, run.timesteps[0])
-        extra_input = None  # the 9-channel UNet's mask and masked-image latent
-        if mask is not None:
-            mask_latent = F.interpolate(mask_px, size=latent_shape[1:]).to(self.device, self.dtype).expand(n, -1, -1, -1)
-            if nine:
-                masked = self.encode_images((2 * pixels - 1) * (1 - mask_px), generators)
-                extra_input = torch.cat([mask_latent, masked], dim=1)
-
-        desc = f"seed {seed}" if n == 1 else f"seeds {seed}-{seed + n - 1}"
-        for i, t in enumerate(tqdm(run.timesteps, desc=desc, disable=not progress)):
+    def sample(self, mode: Txt2Img, run: Sampler, generators, context, scale, rescale, desc, trajectory):
+        """Steps 2-7 of the loop in the module docstring for one sub-batch: its images, (B, 3, H, W) in [0, 1];
+        desc: the progress bar's (None: no bar)."""
+        latents = mode.start
+        for i, t in enumerate(tqdm(run.timesteps, desc=desc, disable=desc is None)):
             x = run.scale_input(latents, t)
             if trajectory is not None:
                 trajectory.append(x)
-            if extra_input is not None:
-                x = torch.cat([x, extra_input], dim=1)
-            latents = run.step(self.predict(x, t, context, scale, guidance_rescale), t, latents, generators)
-            if mask is not None and not nine:
-                # latent blending: z_{t-1} = (1 - m) q(z_{t-1} | z_0 of the init image) + m z_{t-1}, with the same noise
-                known = image_latents if i == len(run.timesteps) - 1 else run.add_noise(image_latents, noise, run.timesteps[i + 1])
-                latents = (1 - mask_latent) * known + mask_latent * latents
+            e = self.predict(mode.unet_input(x), t, context, scale, rescale)  # 2. - 4.
+            latents = run.step(e, t, latents, generators)  # 5.
+            latents = mode.after_step(latents, i)  # 6.
         if trajectory is not None:
             trajectory.append(latents)
-        images = self.decode(latents)
-        if mask is not None:  # composite in pixel space: unmasked pixels stay exactly the init image's
-            images = mask_px * images + (1 - mask_px) * pixels
-        return to_pil(images)
+        return mode.finish(self.decode(latents))  # 7.
 
-    def check_options(self, prompts, sampler, steps, strength, eta, n_samples, guidance_rescale, init_image, mask) -> None:
-        if not prompts or n_samples < 1:
-            raise InputError("nothing to generate: give at least one prompt and n_samples >= 1")
-        if sampler not in SAMPLERS:
-            raise InputError(f"unknown sampler '{sampler}' (known: {', '.join(SAMPLERS)})")
-        if self.cfg.rescale_betas_zero_snr and sampler not in ZERO_SNR_SAMPLERS:
-            raise InputError(f"sampler '{sampler}' cannot follow this model's zero-terminal-SNR schedule (use {', '.join(ZERO_SNR_SAMPLERS)})")
-        if steps < 1:
-            raise InputError(f"steps must be at least 1, got {steps}")
-        if not 0 < strength <= 1:
-            raise InputError(f"strength must be in (0, 1], got {strength}")
-        if int(steps * strength) < 1:
-            raise InputError(f"strength {strength} with {steps} steps leaves no denoising step (raise strength or steps)")
-        if eta and sampler != "ddim" or eta < 0:
-            raise InputError(f"eta applies to the ddim sampler only and must be >= 0, got {eta} with {sampler}")
-        if not 0 <= guidance_rescale <= 1:
-            raise InputError(f"guidance rescale must be in [0, 1], got {guidance_rescale}")
-        if mask is not None and init_image is None:
-            raise InputError("a mask needs an init image to inpaint")
-        if self.is_inpainting_model and mask is None:
-            raise InputError("this is an inpainting model (9-channel UNet): give an init image and a mask")
+    def batch_size(self, n: int, height: int, width: int, guided: bool) -> int:
+        """The most images (at most n, at least 1) one sub-batch may hold: estimate_memory within batch_memory."""
+        low, high = 1, n
+        while low < high:  # binary search for the largest b that fits
+            mid = (low + high + 1) // 2
+            need = estimate_memory(self.cfg, mid, height, width, guided, self.dtype.itemsize, self.vae_tile)
+            fits = need <= self.batch_memory
+            low, high = (mid, high) if fits else (low, mid - 1)
+        return low
 
-    def prepare_images(self, init_image, mask, height, width) -> tuple[torch.Tensor | None, torch.Tensor | None, int, int]:
-        """The init image (1, 3, H, W) and mask (1, 1, H, W) in [0, 1], resized to (width, height) when given,
-        else down to multiples of vae_factor (with a warning saying so); and the output size."""
-        m = self.vae_factor
+    def prepare_images(self, init_image, mask, height, width) -> dict[str, torch.Tensor]:
+        """{"pixels": the init image (1, 3, H, W), "mask": the mask (1, 1, H, W)}, in [0, 1], resized to (width, height)
+        (with a warning when the size changes); empty without an init image."""
         if init_image is None:
-            height, width = height or self.cfg.image_size * self.vae_factor, width or self.cfg.image_size * self.vae_factor
-        else:
-            if mask is not None and mask.size != init_image.size:
-                raise InputError(f"the mask is {mask.width}x{mask.height} but the image is {init_image.width}x{init_image.height}")
-            width, height = width or init_image.width - init_image.width % m, height or init_image.height - init_image.height % m
-        if height <= 0 or width <= 0 or height % m or width % m:
-            raise InputError(f"height and width must be positive multiples of {m} for this model, got {width}x{height}")
-        if init_image is None:
-            return None, None, height, width
+            return {}
         if init_image.size != (width, height):
-            warnings.warn(f"init image resized from {init_image.width}x{init_image.height} to {width}x{height} (sides are multiples of {m})")
-        pixels = to_tensor(init_image.convert("RGB").resize((width, height), Image.LANCZOS))
-        mask_px = None if mask is None else to_tensor(mask.convert("L").resize((width, height), Image.LANCZOS))
-        return pixels, mask_px, height, width
+            size, m = f"{init_image.width}x{init_image.height}", self.vae_factor
+            warnings.warn(f"init image resized from {size} to {width}x{height} (sides are multiples of {m})")
+        images = {"pixels": to_tensor(init_image.convert("RGB").resize((width, height), Image.LANCZOS))}
+        if mask is not None:
+            images["mask"] = to_tensor(mask.convert("L").resize((width, height), Image.LANCZOS))
+        return images
 
-    def encode_prompts(self, prompts: list[str], n_samples: int, negative_prompt: str, guided: bool) -> torch.Tensor:
-        """Text context for the UNet: (n, 77, d), with the negative prompt's stacked in front when guided."""
-        cond = self.embed(prompts).repeat_interleave(n_samples, dim=0)
+    def encode_prompts(self, prompts: list[str], negative_prompt: str, guided: bool) -> torch.Tensor:
+        """Text context for the UNet, a prompt per image: (n, 77, d); the negative prompt's in front when guided."""
+        cond = self.embed(prompts)
         if not guided:
             return cond
         return torch.cat([self.embed([negative_prompt]).expand_as(cond), cond])
@@ -287,7 +474,7 @@ class Pipeline(nn.Module):
     def encode_images(self, x: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
         """z_0 = scale_factor * a posterior sample of E(x), one per generator; x (1, 3, H, W) in [-1, 1]."""
         posterior = self.vae.encode(x.to(self.device, self.dtype))
-        return torch.cat([posterior.sample(g) for g in generators]) * self.cfg.scale_factor
+        return self.model.get_first_stage_encoding(torch.cat([posterior.sample(g) for g in generators]))
 
     def predict(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, scale: float, rescale: float) -> torch.Tensor:
         """The guided UNet prediction; cond and uncond go through the UNet as one batch."""
@@ -310,8 +497,8 @@ class Pipeline(nn.Module):
 
         An image whose half-precision decode (fp16 / bf16 weights, or autocast) overflows to inf / NaN, as SD's VAE
         does in fp16 (the black images), is decoded again with the VAE in fp32, saying so once."""
-        z = latents / self.cfg.scale_factor
-        decode = self.decode_tiled if max(z.shape[-2:]) > self.vae_tile else self.vae.decode
+        z = latents
+        decode = self.decode_tiled if max(z.shape[-2:]) > self.vae_tile else self.model.decode_first_stage
         images = [decode(z[i : i + 1]) for i in range(len(z))]
         dtype = next(self.vae.parameters()).dtype
         half = dtype != torch.float32 or torch.is_autocast_enabled(z.device.type)
@@ -328,7 +515,7 @@ class Pipeline(nn.Module):
         return (torch.cat([image.float() for image in images]).cpu() / 2 + 0.5).clamp(0, 1)
 
     def decode_tiled(self, z: torch.Tensor) -> torch.Tensor:
-        """Decode (1, C, h, w) in vae_tile-sized tiles overlapping by vae_tile_overlap, as the weighted mean of
+        """Decode latents (1, C, h, w) in vae_tile-sized tiles overlapping by vae_tile_overlap, as the weighted mean of
         the tiles covering each pixel (weights ramp up linearly over the overlap, so seams fade out). GroupNorm
         statistics and the mid-block attention become per tile: close to the plain decode, not equal."""
         f, tile = self.vae_factor, self.vae_tile
@@ -338,7 +525,7 @@ class Pipeline(nn.Module):
         weight = torch.zeros(1, 1, h * f, w * f)
         for y in tile_starts(h, tile, stride):
             for x in tile_starts(w, tile, stride):
-                piece = self.vae.decode(z[..., y : y + tile, x : x + tile]).float().cpu()
+                piece = self.model.decode_first_stage(z[..., y : y + tile, x : x + tile]).float().cpu()
                 ph, pw = piece.shape[-2:]
                 wgt = ramp(ph, self.vae_tile_overlap * f)[:, None] * ramp(pw, self.vae_tile_overlap * f)[None, :]
                 out[..., y * f : y * f + ph, x * f : x * f + pw] += piece * wgt

@@ -43,8 +43,8 @@ class ResBlock(nn.Module):
         self.skip_connection = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
 
     def forward(self, x, emb):
-        h = self.in_layers(x)
-        h = h + self.emb_layers(emb).type(h.dtype)[:, :, None, None]
+        h = self.in_layers(x)  # (B, C, H, W) -> (B, C_out, H, W)
+        h = h + self.emb_layers(emb).type(h.dtype)[:, :, None, None]  # (B, 4 * model_channels) -> (B, C_out, 1, 1)
         return self.skip_connection(x) + self.out_layers(h)
 
 
@@ -61,7 +61,7 @@ class CrossAttention(nn.Module):
         self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Dropout(0.0))
 
     def forward(self, x, context=None):
-        context = x if context is None else context
+        context = x if context is None else context  # x: (B, N, query_dim), context: (B, M, context_dim)
         return self.to_out(attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads))
 
 
@@ -73,7 +73,7 @@ class GEGLU(nn.Module):
         self.proj = nn.Linear(dim_in, dim_out * 2)
 
     def forward(self, x):
-        a, gate = self.proj(x).chunk(2, dim=-1)
+        a, gate = self.proj(x).chunk(2, dim=-1)  # (B, N, D) -> 2 x (B, N, 4D)
         return a * F.gelu(gate)
 
 
@@ -116,7 +116,7 @@ class SpatialTransformer(nn.Module):
     def forward(self, x, context):
         b, c, h, w = x.shape
         t = self.proj_in(self.norm(x))
-        t = t.permute(0, 2, 3, 1).reshape(b, h * w, -1)
+        t = t.permute(0, 2, 3, 1).reshape(b, h * w, -1)  # (B, inner, H, W) -> (B, H*W, inner): a token per position
         for block in self.transformer_blocks:
             t = block(t, context)
         t = t.reshape(b, h, w, -1).permute(0, 3, 1, 2)
@@ -129,7 +129,7 @@ class Downsample(nn.Module):
         self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
 
     def forward(self, x):
-        return self.op(x)
+        return self.op(x)  # (B, C, H, W) -> (B, C, H/2, W/2), odd sides rounded up
 
 
 class Upsample(nn.Module):
@@ -140,7 +140,8 @@ class Upsample(nn.Module):
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x, size=None):
-        return self.conv(F.interpolate(x, size=size, scale_factor=None if size else 2.0, mode="nearest"))
+        x = F.interpolate(x, size=size, scale_factor=None if size else 2.0, mode="nearest")  # -> (B, C, 2H, 2W)
+        return self.conv(x)
 
 
 class TimestepEmbedSequential(nn.Sequential):
@@ -204,7 +205,7 @@ class UNetModel(nn.Module):
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """x: (B, C, H, W) noisy latents, timesteps: (B,) or scalar, context: (B, 77, context_dim)."""
         timesteps = torch.as_tensor(timesteps, device=x.device).expand(x.shape[0])
-        emb = self.time_embed(timestep_embedding(timesteps, self.cfg.model_channels).to(x.dtype))
+        emb = self.time_embed(timestep_embedding(timesteps, self.cfg.model_channels).to(x.dtype))  # (B, 4 * mc)
 
         def run(block, h, upsample_size=None):
             if self.cfg.use_checkpoint and self.training:
@@ -213,10 +214,10 @@ class UNetModel(nn.Module):
 
         skips, h = [], x
         for block in self.input_blocks:
-            h = run(block, h)
+            h = run(block, h)  # (B, model_channels * channel_mult[level], H / 2^level, W / 2^level)
             skips.append(h)
         h = run(self.middle_block, h)
         for block in self.output_blocks:
-            h = torch.cat([h, skips.pop()], dim=1)
+            h = torch.cat([h, skips.pop()], dim=1)  # (B, C + C_skip, h, w)
             h = run(block, h, skips[-1].shape[-2:] if skips else None)  # upsample to the next skip's size
-        return self.out(h)
+        return self.out(h)  # (B, out_channels, H, W)

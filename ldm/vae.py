@@ -46,7 +46,7 @@ class AttnBlock(nn.Module):
     def forward(self, x):
         b, c, h, w = x.shape
         y = self.norm(x)
-        q, k, v = (conv(y).reshape(b, c, h * w).transpose(1, 2) for conv in (self.q, self.k, self.v))
+        q, k, v = (conv(y).reshape(b, c, h * w).transpose(1, 2) for conv in (self.q, self.k, self.v))  # (B, H*W, C)
         y = attention(q, k, v, heads=1).transpose(1, 2).reshape(b, c, h, w)
         return x + self.proj_out(y)
 
@@ -59,7 +59,7 @@ class Downsample(nn.Module):
         self.conv = nn.Conv2d(channels, channels, 3, stride=2)
 
     def forward(self, x):
-        return self.conv(F.pad(x, (0, 1, 0, 1)))
+        return self.conv(F.pad(x, (0, 1, 0, 1)))  # (B, C, H, W) -> (B, C, H/2, W/2)
 
 
 class Level(nn.Module):
@@ -109,13 +109,13 @@ class Encoder(nn.Module):
         self.conv_out = nn.Conv2d(in_ch, 2 * cfg.z_channels if cfg.double_z else cfg.z_channels, 3, padding=1)
 
     def forward(self, x):
-        h = self.conv_in(x)
+        h = self.conv_in(x)  # (B, 3, H, W) -> (B, ch, H, W)
         for level in self.down:
-            h = level(h)
+            h = level(h)  # (B, ch * ch_mult[i], H / 2^i, W / 2^i)
             if hasattr(level, "downsample"):
                 h = level.downsample(h)
         h = self.mid(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(F.silu(self.norm_out(h)))  # (B, 2 * z_channels, H / f, W / f): mean and log-variance
 
 
 class Decoder(nn.Module):
@@ -138,12 +138,12 @@ class Decoder(nn.Module):
         self.conv_out = nn.Conv2d(in_ch, cfg.out_ch, 3, padding=1)
 
     def forward(self, z):
-        h = self.mid(self.conv_in(z))
+        h = self.mid(self.conv_in(z))  # (B, z_channels, h, w) -> (B, ch * ch_mult[-1], h, w)
         for level in reversed(self.up):
             h = level(h)
             if hasattr(level, "upsample"):
-                h = level.upsample(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+                h = level.upsample(h)  # (B, C, H, W) -> (B, C, 2H, 2W)
+        return self.conv_out(F.silu(self.norm_out(h)))  # (B, out_ch, h * f, w * f)
 
 
 class DiagonalGaussian:
@@ -182,6 +182,7 @@ class AutoencoderKL(nn.Module):
         return DiagonalGaussian(self.quant_conv(self.encoder(x)))
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """z: (B, embed_dim, h, w) -> images (B, 3, h * f, w * f) in about [-1, 1]."""
         return self.decoder(self.post_quant_conv(z))
 
     def forward(self, x: torch.Tensor, noise: torch.Tensor | None = None):

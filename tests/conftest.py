@@ -17,6 +17,7 @@ from accelerate.state import AcceleratorState, GradientState, PartialState  # no
 from PIL import Image  # noqa: E402
 
 from ldm.config import load_config  # noqa: E402
+from ldm.model import StableDiffusion  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -90,6 +91,62 @@ def compvis_original_config(cfg) -> dict:
             }
         }
     }
+
+
+# The tiny model and the runs of the pipeline tests (test_pipeline.py, test_samplers.py): ours and diffusers'.
+PROMPT = "a red apple on a table"
+STEPS = 5
+LATENT_ATOL = 1e-4
+
+
+def tiny_model(in_channels: int = 4, parameterization: str = "eps") -> StableDiffusion:
+    """randomize_'s weights, cross-attention scaled up 10x: with plain random weights the UNet attends almost
+    uniformly over the 77 tokens and the prompt barely moves the result, so a wrong prompt, negative prompt or
+    guidance would go unnoticed (test_the_prompt_matters checks that it does not)."""
+    overrides = [f"unet.in_channels={in_channels}", f"parameterization={parameterization}"]
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", overrides)
+    model = randomize_(StableDiffusion(cfg)).eval()
+    with torch.no_grad():
+        for name, p in model.unet.named_parameters():
+            if ".attn2." in name:
+                p.mul_(10)
+    return model
+
+
+def pixels(images) -> np.ndarray:
+    return np.stack([np.asarray(im, dtype=np.float64) for im in images])
+
+
+def generators(seed: int, n: int) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(seed + i) for i in range(n)]
+
+
+def diffusers_run(ref, seed: int, n: int, **kwargs):
+    """diffusers' images and final latents, with image i's generator seeded seed + i."""
+    final = {}
+
+    def keep(pipe, i, t, tensors):
+        final["latents"] = tensors["latents"]
+        return tensors
+
+    images = ref(PROMPT, num_inference_steps=STEPS, num_images_per_prompt=n, generator=generators(seed, n),
+                 callback_on_step_end=keep, **kwargs).images
+    return images, final["latents"]
+
+
+def ours_run(pipe, seed: int, n: int, mode: str = "txt2img", **kwargs):
+    trajectory = []
+    kwargs = {"steps": STEPS} | kwargs
+    images = getattr(pipe, mode)(PROMPT, seed=seed, n_samples=n, progress=False, trajectory=trajectory, **kwargs)
+    return images, trajectory
+
+
+def assert_same(ours, theirs, latents, their_latents, region=None):
+    a, b = pixels(ours), pixels(theirs)
+    if region is not None:
+        a, b = a[:, region], b[:, region]
+    assert np.abs(a - b).mean() <= 1, np.abs(a - b).mean()  # <= 1/255 of the 0..255 range
+    assert (latents - their_latents).abs().max() <= LATENT_ATOL
 
 
 def bilevel_png(path: Path, width: int, height: int) -> None:

@@ -6,36 +6,19 @@ must give the same images (mean |difference| <= 1/255) and the same final latent
 """
 import contextlib
 import copy
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, randomize_
+from conftest import LATENT_ATOL, PROMPT, STEPS, assert_same, diffusers_run, ours_run, pixels, randomize_, tiny_model
 from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline, StableDiffusionPipeline
 from PIL import Image
 
 from ldm.checkpoint import save_diffusers_folder
-from ldm.config import load_config
 from ldm.model import StableDiffusion
-from ldm.pipeline import InputError, Pipeline
+from ldm.pipeline import InputError, Pipeline, estimate_memory
 from ldm.samplers import SAMPLERS, make_scheduler
-
-PROMPT = "a red apple on a table"
-STEPS = 5
-LATENT_ATOL = 1e-4
-
-
-def tiny_model(in_channels: int = 4, parameterization: str = "eps") -> StableDiffusion:
-    """randomize_'s weights, cross-attention scaled up 10x: with plain random weights the UNet attends almost
-    uniformly over the 77 tokens and the prompt barely moves the result, so a wrong prompt, negative prompt or
-    guidance would go unnoticed (test_the_prompt_matters checks that it does not)."""
-    cfg = load_config(ROOT / "configs" / "tiny.yaml", [f"unet.in_channels={in_channels}", f"parameterization={parameterization}"])
-    model = randomize_(StableDiffusion(cfg)).eval()
-    with torch.no_grad():
-        for name, p in model.unet.named_parameters():
-            if ".attn2." in name:
-                p.mul_(10)
-    return model
 
 
 @pytest.fixture(scope="module")
@@ -67,41 +50,6 @@ def mask():
     m = np.zeros((16, 16), np.uint8)
     m[4:12, 2:10] = 255
     return Image.fromarray(m)
-
-
-def pixels(images) -> np.ndarray:
-    return np.stack([np.asarray(im, dtype=np.float64) for im in images])
-
-
-def generators(seed: int, n: int) -> list[torch.Generator]:
-    return [torch.Generator().manual_seed(seed + i) for i in range(n)]
-
-
-def diffusers_run(ref, seed: int, n: int, **kwargs):
-    """diffusers' images and final latents, with image i's generator seeded seed + i."""
-    final = {}
-
-    def keep(pipe, i, t, tensors):
-        final["latents"] = tensors["latents"]
-        return tensors
-
-    images = ref(PROMPT, num_inference_steps=STEPS, num_images_per_prompt=n, generator=generators(seed, n), callback_on_step_end=keep, **kwargs).images
-    return images, final["latents"]
-
-
-def ours_run(pipe, seed: int, n: int, mode: str = "txt2img", **kwargs):
-    trajectory = []
-    kwargs = {"steps": STEPS} | kwargs
-    images = getattr(pipe, mode)(PROMPT, seed=seed, n_samples=n, progress=False, trajectory=trajectory, **kwargs)
-    return images, trajectory
-
-
-def assert_same(ours, theirs, latents, their_latents, region=None):
-    a, b = pixels(ours), pixels(theirs)
-    if region is not None:
-        a, b = a[:, region], b[:, region]
-    assert np.abs(a - b).mean() <= 1, np.abs(a - b).mean()  # <= 1/255 of the 0..255 range
-    assert (latents - their_latents).abs().max() <= LATENT_ATOL
 
 
 @pytest.mark.parametrize("sampler", SAMPLERS)
@@ -312,3 +260,62 @@ def test_int8_quantized_pipeline_stays_close_to_fp32(models):
         Pipeline(model, quantize="int4")
     with pytest.raises(InputError, match="CPU and fp32 only"):
         Pipeline(copy.deepcopy(model).double(), quantize="int8")
+
+
+@pytest.mark.parametrize("mode, sampler", [("txt2img", "euler_a"), ("inpaint", "ddim")])
+def test_sub_batches_make_the_images_of_separate_calls(models, init_image, mask, mode, sampler):
+    """A call runs in sub-batches of what fits batch_memory (here: 2 images); each image keeps its generator (seed + i)
+    and its prompt, so 2 prompts x 3 images come out as the calls for each sub-batch alone, bit for bit."""
+    model = models[4][0].model
+    pipe = Pipeline(model, batch_memory=estimate_memory(model.cfg, 2, 16, 16))
+    calls = []
+    handle = pipe.unet.register_forward_hook(lambda module, args, out: calls.append(len(args[0])))
+    kwargs = {"steps": 3, "progress": False, "sampler": sampler} | ({"eta": 0.5} if sampler == "ddim" else {})
+    if mode == "inpaint":
+        kwargs |= {"init_image": init_image, "mask": mask}
+    images = pixels(pipe.generate([PROMPT, "a blue car"], seed=10, n_samples=3, **kwargs))
+    handle.remove()
+    assert calls == [4] * 9  # 3 sub-batches of 2 images (with their unconditional halves), 3 steps each
+    alone = [
+        pipe.generate(PROMPT, seed=10, n_samples=2, **kwargs),
+        pipe.generate([PROMPT, "a blue car"], seed=12, **kwargs),
+        pipe.generate("a blue car", seed=14, n_samples=2, **kwargs),
+    ]
+    assert np.array_equal(images, pixels([image for batch in alone for image in batch]))
+    assert np.abs(images[0] - images[3]).mean() > 1  # other prompts, other images
+
+
+def test_a_10000_image_request_runs_in_sub_batches_of_bounded_memory(models):
+    """10,000 images of the tiny model in sub-batches of 50 (batch_memory): the UNet sees 100 latents at a time, and
+    the process's peak memory grows by no more than the estimate of one sub-batch (Linux's peak RSS, reset before;
+    measured: ~27 MiB, estimate 36 MiB). Stopped in its second sub-batch, after the first one's 50 images."""
+    clear_refs = Path("/proc/self/clear_refs")
+    if not clear_refs.exists():
+        pytest.skip("needs Linux's /proc/self/clear_refs to reset the peak RSS")
+    model = models[4][0].model
+    cfg, pipe = model.cfg, Pipeline(model, batch_memory=estimate_memory(model.cfg, 50, 16, 16))
+
+    def status(field: str) -> int:  # bytes
+        lines = Path("/proc/self/status").read_text().splitlines()
+        return next(int(line.split()[1]) * 1024 for line in lines if line.startswith(field))
+
+    class Stop(Exception):
+        pass
+
+    calls = []
+
+    def hook(module, args, out):
+        calls.append(len(args[0]))
+        if len(calls) == 2:
+            raise Stop
+
+    pipe.txt2img(PROMPT, steps=1, n_samples=50, progress=False)  # warm up: the allocator's and torch's first-call costs
+    handle = pipe.unet.register_forward_hook(hook)
+    clear_refs.write_text("5")
+    base = status("VmRSS")
+    with pytest.raises(Stop):
+        pipe.txt2img(PROMPT, steps=1, n_samples=10_000, progress=False)
+    handle.remove()
+    grown = status("VmHWM") - base
+    assert calls == [100, 100]
+    assert grown <= estimate_memory(cfg, 50, 16, 16) < estimate_memory(cfg, 10_000, 16, 16) / 100, grown

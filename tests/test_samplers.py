@@ -4,8 +4,8 @@ import dataclasses
 import pytest
 import torch
 import torch.nn as nn
+from conftest import PROMPT, STEPS, assert_same, diffusers_run, ours_run, tiny_model
 from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline
-from test_pipeline import PROMPT, STEPS, assert_same, diffusers_run, ours_run, tiny_model
 
 from ldm.checkpoint import save_diffusers_folder
 from ldm.config import ModelConfig

@@ -10,14 +10,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import ROOT, randomize_
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
+from safetensors.torch import save_file
 
 import txt2img
 from ldm.checkpoint import save_single_file
-from ldm.config import load_config
+from ldm.config import ModelConfig, load_config, to_dict
 from ldm.model import StableDiffusion
 from ldm.samplers import SAMPLERS
 
@@ -237,3 +239,16 @@ def test_png_parameters_round_trip(prompt, negative, model, seed, scale, sampler
     assert {k: v for k, v in text.items() if k not in ("Prompt", "Negative prompt")} == pairs
     if a1111_keeps(prompt) and a1111_keeps(negative):
         assert (text["Prompt"], text["Negative prompt"]) == (prompt, negative)
+
+
+@pytest.mark.parametrize("size", [["--H", "1000000"], ["--H", "100000", "--W", "100000"], ["--n-samples", "10000000"]])
+def test_work_that_does_not_fit_in_memory_is_refused_before_loading(tmp_path, size, monkeypatch, capsys):
+    """An SD v1 checkpoint (its config in the header; its weights never read) asked for images whose estimated memory
+    exceeds what the machine has: one line with the estimate and the limit, exit 2, the model never loaded."""
+    ckpt = tmp_path / "sd.safetensors"
+    save_file({"unused": torch.zeros(1)}, ckpt, metadata={"ldm_config": json.dumps(to_dict(ModelConfig()))})
+    monkeypatch.setattr(txt2img, "load_pipeline", lambda *args: pytest.fail("the model was loaded"))
+    assert cli("--ckpt", ckpt, "--prompt", "x", "--outdir", tmp_path / "out", *size) == 2
+    err = capsys.readouterr().err.strip()
+    estimate = r"error: \d+ image\(s\) of \d+x\d+ need about [\d.]+ GiB of memory beside the weights, "
+    assert re.fullmatch(estimate + r"more than the [\d.]+ GiB available \(cpu\)", err), err
