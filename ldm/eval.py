@@ -239,7 +239,9 @@ def pipeline_generate(ckpt: str | None, steps: int, scale: float, sampler: str, 
     import ldm
 
     pipe = ldm.load_pipeline(ckpt, dtype=DTYPES[dtype], quantize=quantize)
-    return lambda prompts, seed: pipe.txt2img(prompts, steps=steps, scale=scale, sampler=sampler, seed=seed, height=size, width=size)
+    # the prompts are dataset captions, which training reads literally
+    return lambda prompts, seed: pipe.txt2img(prompts, steps=steps, scale=scale, sampler=sampler, seed=seed, height=size, width=size,
+                                              prompt_syntax="plain")
 
 
 def main(argv=None) -> int:

@@ -27,6 +27,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from ldm.model import StableDiffusion
+from ldm.prompts import SYNTAXES, prompt_contexts
 from ldm.samplers import SAMPLERS, ZERO_SNR_SAMPLERS, Sampler
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # the --dtype choices of txt2img.py and ldm.eval
@@ -166,6 +167,8 @@ class Pipeline(nn.Module):
         guidance_rescale: float = 0.0,
         progress: bool = True,
         trajectory: list[torch.Tensor] | None = None,
+        prompt_syntax: str = "a1111",
+        clip_skip: int = 1,
     ) -> list[Image.Image]:
         """n_samples images per prompt (prompt-major order); image i uses a CPU generator seeded seed + i.
 
@@ -175,6 +178,9 @@ class Pipeline(nn.Module):
         guidance_rescale: phi of Lin et al. 2024 (0: off). eta: DDIM's stochasticity (ddim only).
         height, width: default the model's image_size (img2img: the init image's size, rounded down to vae_factor).
         trajectory: a list that receives z_t (the UNet's input latents) of every step, then z_0.
+        prompt_syntax: "a1111" reads AUTOMATIC1111's prompt syntax (weights, BREAK), "plain" takes every character literally;
+        both take prompts of any length, in chunks of 75 tokens (ldm.prompts). clip_skip: the text encoder's hidden
+        state that conditions, counted from the end (1: the last).
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         self.check_options(prompts, sampler, steps, strength, eta, n_samples, guidance_rescale, init_image, mask)
@@ -182,7 +188,7 @@ class Pipeline(nn.Module):
         n = len(prompts) * n_samples
         generators = [torch.Generator().manual_seed(seed + i) for i in range(n)]
         guided = scale != 1
-        context = self.encode_prompts(prompts, n_samples, negative_prompt, guided)
+        context = self.encode_prompts(prompts, n_samples, negative_prompt, guided, prompt_syntax, clip_skip)
         run = Sampler(sampler, self.cfg, steps, strength, eta, self.device)
         latent_shape = (self.cfg.vae.embed_dim, height // self.vae_factor, width // self.vae_factor)
 
@@ -264,22 +270,35 @@ class Pipeline(nn.Module):
         mask_px = None if mask is None else to_tensor(mask.convert("L").resize((width, height), Image.LANCZOS))
         return pixels, mask_px, height, width
 
-    def encode_prompts(self, prompts: list[str], n_samples: int, negative_prompt: str, guided: bool) -> torch.Tensor:
-        """Text context for the UNet: (n, 77, d), with the negative prompt's stacked in front when guided."""
-        cond = self.embed(prompts).repeat_interleave(n_samples, dim=0)
+    def encode_prompts(self, prompts: list[str], n_samples: int, negative_prompt: str, guided: bool, prompt_syntax: str = "a1111",
+                       clip_skip: int = 1) -> torch.Tensor:
+        """Text context for the UNet: (n, 77 k, d), with the negative prompt's stacked in front when guided. Contexts of
+        fewer chunks than the longest get the empty prompt's chunk appended (A1111's pad_cond_uncond), so guidance
+        stays one batched UNet call."""
+        if prompt_syntax not in SYNTAXES:
+            raise InputError(f"unknown prompt syntax '{prompt_syntax}' (known: {', '.join(SYNTAXES)})")
+        if not 1 <= clip_skip <= self.text_encoder.num_layers:
+            raise InputError(f"clip skip must be from 1 to {self.text_encoder.num_layers} (the text encoder's layers), got {clip_skip}")
+        states = self.embed(prompts, prompt_syntax, clip_skip) + (self.embed([negative_prompt], prompt_syntax, clip_skip) if guided else [])
+        length = max(len(s) for s in states)
+        if any(len(s) < length for s in states):
+            empty = self.embed([""], prompt_syntax, clip_skip)[0]
+            states = [torch.cat([s, empty.repeat((length - len(s)) // len(empty), 1)]) for s in states]
+        cond = torch.stack(states[: len(prompts)]).repeat_interleave(n_samples, dim=0)
         if not guided:
             return cond
-        return torch.cat([self.embed([negative_prompt]).expand_as(cond), cond])
+        return torch.cat([states[-1].expand_as(cond), cond])
 
-    def embed(self, prompts: list[str]) -> torch.Tensor:
-        """The text encoder's (len(prompts), 77, d) states, the prompts not in the cache encoded as one batch."""
-        keys = [(p, self.device, self.dtype) for p in prompts]
+    def embed(self, prompts: list[str], prompt_syntax: str = "a1111", clip_skip: int = 1) -> list[torch.Tensor]:
+        """Each prompt's context (77 k, d) from ldm.prompts.prompt_contexts; those not in the cache encoded as one batch."""
+        keys = [(p, prompt_syntax, clip_skip, self.device, self.dtype) for p in prompts]
         missing = list(dict.fromkeys(k for k in keys if k not in self.embeddings))
         if missing:
-            self.embeddings.update(zip(missing, self.text_encoder.encode([k[0] for k in missing])))
+            contexts = prompt_contexts(self.text_encoder, [k[0] for k in missing], prompt_syntax, clip_skip)
+            self.embeddings.update(zip(missing, contexts))
         for k in keys:
             self.embeddings.move_to_end(k)
-        states = torch.stack([self.embeddings[k] for k in keys])
+        states = [self.embeddings[k] for k in keys]
         while len(self.embeddings) > EMBEDDING_CACHE:
             self.embeddings.popitem(last=False)
         return states
