@@ -178,9 +178,9 @@ class Pipeline(nn.Module):
         guidance_rescale: phi of Lin et al. 2024 (0: off). eta: DDIM's stochasticity (ddim only).
         height, width: default the model's image_size (img2img: the init image's size, rounded down to vae_factor).
         trajectory: a list that receives z_t (the UNet's input latents) of every step, then z_0.
-        prompt_syntax: "a1111" reads AUTOMATIC1111's prompt syntax (weights, BREAK), "plain" takes every character literally;
-        both take prompts of any length, in chunks of 75 tokens (ldm.prompts). clip_skip: the text encoder's hidden
-        state that conditions, counted from the end (1: the last).
+        prompt_syntax: "a1111" reads AUTOMATIC1111's prompt syntax (weights, BREAK), "plain" takes every character
+        literally; both take prompts of any length, in chunks of 75 tokens (ldm.prompts). clip_skip: the text
+        encoder's hidden state that conditions, counted from the end (1: the last).
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         self.check_options(prompts, sampler, steps, strength, eta, n_samples, guidance_rescale, init_image, mask)
@@ -270,16 +270,18 @@ class Pipeline(nn.Module):
         mask_px = None if mask is None else to_tensor(mask.convert("L").resize((width, height), Image.LANCZOS))
         return pixels, mask_px, height, width
 
-    def encode_prompts(self, prompts: list[str], n_samples: int, negative_prompt: str, guided: bool, prompt_syntax: str = "a1111",
-                       clip_skip: int = 1) -> torch.Tensor:
+    def encode_prompts(self, prompts: list[str], n_samples: int, negative_prompt: str, guided: bool,
+                       prompt_syntax: str = "a1111", clip_skip: int = 1) -> torch.Tensor:
         """Text context for the UNet: (n, 77 k, d), with the negative prompt's stacked in front when guided. Contexts of
         fewer chunks than the longest get the empty prompt's chunk appended (A1111's pad_cond_uncond), so guidance
         stays one batched UNet call."""
         if prompt_syntax not in SYNTAXES:
             raise InputError(f"unknown prompt syntax '{prompt_syntax}' (known: {', '.join(SYNTAXES)})")
-        if not 1 <= clip_skip <= self.text_encoder.num_layers:
-            raise InputError(f"clip skip must be from 1 to {self.text_encoder.num_layers} (the text encoder's layers), got {clip_skip}")
-        states = self.embed(prompts, prompt_syntax, clip_skip) + (self.embed([negative_prompt], prompt_syntax, clip_skip) if guided else [])
+        layers = self.text_encoder.num_layers
+        if not 1 <= clip_skip <= layers:
+            raise InputError(f"clip skip must be from 1 to {layers} (the text encoder's layers), got {clip_skip}")
+        states = self.embed(prompts, prompt_syntax, clip_skip)
+        states += self.embed([negative_prompt], prompt_syntax, clip_skip) if guided else []
         length = max(len(s) for s in states)
         if any(len(s) < length for s in states):
             empty = self.embed([""], prompt_syntax, clip_skip)[0]
@@ -290,7 +292,7 @@ class Pipeline(nn.Module):
         return torch.cat([states[-1].expand_as(cond), cond])
 
     def embed(self, prompts: list[str], prompt_syntax: str = "a1111", clip_skip: int = 1) -> list[torch.Tensor]:
-        """Each prompt's context (77 k, d) from ldm.prompts.prompt_contexts; those not in the cache encoded as one batch."""
+        """Each prompt's context (77 k, d) by ldm.prompts.prompt_contexts; uncached ones are encoded as one batch."""
         keys = [(p, prompt_syntax, clip_skip, self.device, self.dtype) for p in prompts]
         missing = list(dict.fromkeys(k for k in keys if k not in self.embeddings))
         if missing:

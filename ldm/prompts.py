@@ -17,6 +17,7 @@ Syntax "plain": every character is literal (A1111's "Emphasis: None"); long prom
 Training captions never come here: the trainers and the cache call the text encoder's own tokenize / encode.
 `<lora:NAME:W>` is not read here yet (LoRA loading is another module's work): it stays text.
 """
+
 from __future__ import annotations
 
 import re
@@ -30,8 +31,10 @@ BREAK = None  # the weight that marks a BREAK in parse()'s output
 
 # One match per lexical element: an escape, an opening bracket, a weighted close `:1.3)`, a close, a run of text, a
 # lone colon. The weight is a decimal number right after the colon and right before the bracket, as A1111's.
-ELEMENT = re.compile(r"\\(?P<escaped>[()\[\]\\]?)|(?P<open>[(\[])|:(?P<weight>[+-]?(?:\d+\.?\d*|\.\d+))\)|(?P<close>[)\]])"
-                     r"|(?P<text>[^\\()\[\]:]+|:)")  # fmt: skip
+ELEMENT = re.compile(
+    r"\\(?P<escaped>[()\[\]\\]?)|(?P<open>[(\[])|:(?P<weight>[+-]?(?:\d+\.?\d*|\.\d+))\)"
+    r"|(?P<close>[)\]])|(?P<text>[^\\()\[\]:]+|:)"
+)
 BREAK_WORD = re.compile(r"\s*\bBREAK\b\s*")
 
 

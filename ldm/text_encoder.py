@@ -196,7 +196,8 @@ class FrozenHFEmbedder(FrozenTextEncoder):
 
     def forward(self, tokens: torch.LongTensor, clip_skip: int = 1) -> torch.Tensor:
         mask = tokens.ne(self.tokenizer.pad_token_id).long()  # padding is not attended to, as the model was trained
-        return self.transformer(input_ids=tokens, attention_mask=mask, output_hidden_states=True).hidden_states[-clip_skip]
+        out = self.transformer(input_ids=tokens, attention_mask=mask, output_hidden_states=True)
+        return out.hidden_states[-clip_skip]
 
     def tokenize(self, prompts: str | list[str]) -> torch.LongTensor:
         """Prompts -> (B, 77) ids of the model's own tokenizer, truncated and padded; warns about what is cut off."""

@@ -1,22 +1,21 @@
-"""AUTOMATIC1111's prompt syntax (ldm.prompts): its parser's own doctest, chunking, emphasis, clip skip, and whole images.
+"""AUTOMATIC1111's prompt syntax (ldm.prompts): its parser's doctest, chunking, emphasis, clip skip, and whole images.
 
 Oracles: A1111's doctest values (modules/prompt_parser.py), compel (PyPI) for the chunking of long prompts, diffusers
 for clip skip and for a long context through the UNet, transformers for MiniLM's hidden states, and today's code
 path (the text encoder's own encode, which training still uses) for prompts without syntax.
 """
+
 import types
 
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 from test_pipeline import LATENT_ATOL, tiny_model
-from test_txt2img import a1111
+from test_txt2img import a1111, cli
 from transformers import AutoModel
 
-import txt2img
 from ldm.checkpoint import save_diffusers_folder, save_single_file
 from ldm.config import TextEncoderConfig
 from ldm.pipeline import InputError, Pipeline
@@ -61,19 +60,32 @@ GOLDEN = [
     ("(unbalanced", [("unbalanced", 1.1)]),
     ("\\(literal\\]", [("(literal]", 1.0)]),
     ("(unnecessary)(parens)", [("unnecessaryparens", 1.1)]),
-    ("a (((house:1.3)) [on] a (hill:0.5), sun, (((sky))).",
-     [("a ", 1.0), ("house", 1.573), (" ", 1.1), ("on", 1.0), (" a ", 1.1), ("hill", 0.55), (", sun, ", 1.1), ("sky", 1.4641),
-      (".", 1.1)]),
+    (
+        "a (((house:1.3)) [on] a (hill:0.5), sun, (((sky))).",
+        [
+            ("a ", 1.0),
+            ("house", 1.573),
+            (" ", 1.1),
+            ("on", 1.0),
+            (" a ", 1.1),
+            ("hill", 0.55),
+            (", sun, ", 1.1),
+            ("sky", 1.4641),
+            (".", 1.1),
+        ],
+    ),
     ("\\(a\\) \\[b\\] c\\\\d e\\f", [("(a) [b] c\\d ef", 1.0)]),  # a backslash before another character is dropped
     ("((a) [b (c:2)])", [("a", 1.21), (" ", 1.1), ("b ", 1.0), ("c", 2.0)]),
     ("[[a]] (b:0.5)", [("a", 1 / 1.21), (" ", 1.0), ("b", 0.5)]),
     ("a [b (c", [("a ", 1.0), ("b ", 1 / 1.1), ("c", 1.0)]),
     ("a) b] :1.5) (c: 2)", [("a) b] :1.5) ", 1.0), ("c: 2", 1.1)]),  # stray closes literal; a blank: no weight
     ("(x:1.2.3) y", [("x:1.2.3", 1.1), (" y", 1.0)]),
-    ("a cat BREAK (a dog BREAK) BREAKfast",
-     [("a cat", 1.0), ("BREAK", BREAK), ("", 1.0), ("a dog", 1.1), ("BREAK", BREAK), ("", 1.1), (" BREAKfast", 1.0)]),
+    (
+        "a cat BREAK (a dog BREAK) BREAKfast",
+        [("a cat", 1.0), ("BREAK", BREAK), ("", 1.0), ("a dog", 1.1), ("BREAK", BREAK), ("", 1.1), (" BREAKfast", 1.0)],
+    ),
     ("", [("", 1.0)]),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize("prompt, expected", GOLDEN)
@@ -99,7 +111,7 @@ def test_a_prompt_without_syntax_is_todays_embedding_bit_for_bit(pipe, minilm, e
 
 
 def test_a_prompt_without_syntax_is_todays_image_bit_for_bit(pipe, monkeypatch):
-    """Today's encode_prompts (before ldm.prompts): the text encoder's encode of each prompt, the negative stacked in front."""
+    """Today's encode_prompts (before ldm.prompts): the text encoder's encode of each prompt, the negative in front."""
     ours = latents(pipe, PROMPT, negative_prompt="blurry, dark", n_samples=2)
 
     def today(prompts, n_samples, negative_prompt, guided, *_):
@@ -113,7 +125,7 @@ def test_a_prompt_without_syntax_is_todays_image_bit_for_bit(pipe, monkeypatch):
 def test_a_weight_changes_the_image(pipe):
     base = latents(pipe, PROMPT)
     for weighted in ["a (red:1.5) apple on a table", "a [red] apple on a table", "a red apple on a (table:0.5)"]:
-        assert (latents(pipe, weighted) - base).abs().max() > 10 * LATENT_ATOL, weighted  # 10x the diffusers parity tolerance
+        assert (latents(pipe, weighted) - base).abs().max() > 10 * LATENT_ATOL, weighted  # 10x the parity tolerance
 
 
 @pytest.mark.parametrize("encoder", ["clip", "minilm"])
@@ -122,8 +134,8 @@ def test_emphasis_scales_each_token_then_restores_the_chunk_mean(pipe, minilm, e
     prompt = "a (red:1.5) [apple] on a ((table))"
     ids = text_encoder.frame(chunks_of(text_encoder, prompt))
     z = text_encoder(ids)[0]  # the unweighted states
-    weights = [1.0] + [w for word, w in [("a", 1), ("red", 1.5), ("apple", 1 / 1.1), ("on", 1), ("a", 1), ("table", 1.21)]
-                       for _ in text_encoder.token_ids([word])[0]]  # fmt: skip
+    expected = [("a", 1), ("red", 1.5), ("apple", 1 / 1.1), ("on", 1), ("a", 1), ("table", 1.21)]
+    weights = [1.0] + [w for word, w in expected for _ in text_encoder.token_ids([word])[0]]
     w = torch.tensor(weights + [1.0] * (77 - len(weights)))[:, None]
     ours = prompt_contexts(text_encoder, [prompt])[0]
     torch.testing.assert_close(ours.mean(), z.mean(), rtol=1e-5, atol=0)
@@ -154,7 +166,10 @@ def test_words_past_token_75_change_the_image(pipe):
 @pytest.mark.parametrize("encoder", ["clip", "minilm"])
 def test_comma_backtracking_and_break_put_their_tokens_in_the_next_chunk(pipe, minilm, encoder):
     text_encoder = pipe.text_encoder if encoder == "clip" else minilm
-    ids = lambda text: text_encoder.token_ids([text])[0]  # noqa: E731
+
+    def ids(text):
+        return text_encoder.token_ids([text])[0]
+
     near = chunks_of(text_encoder, f"{words(65)}, {words(30, 3)}")  # the comma is 10 tokens before the chunk fills up
     assert near == [ids(words(65) + ","), ids(words(30, 3))]
     far = chunks_of(text_encoder, f"{words(50)}, {words(40, 3)}")  # 25 tokens before: the chunk is cut at 75
@@ -166,11 +181,12 @@ def test_comma_backtracking_and_break_put_their_tokens_in_the_next_chunk(pipe, m
 
 
 def test_compel_chunks_an_unweighted_long_prompt_as_we_do(pipe):
-    """compel 2.5.1 (truncate_long_prompts=False) on the same CLIP model and tokenizer: it cuts a long prompt at the last
-    phrase end (comma) within 75 tokens, else at the last word end, into 77-token chunks padded with <|endoftext|>.
+    """compel 2.5.1 (truncate_long_prompts=False) on the same CLIP model and tokenizer: it cuts a long prompt at the
+    last phrase end (comma) within 75 tokens, else at the last word end, into 77-token chunks padded with <|endoftext|>.
     Where that is also A1111's cut (no comma, or a comma within the last 20 tokens), the contexts are the same."""
     compel = pytest.importorskip("compel")
-    encode = compel.Compel(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder.transformer, truncate_long_prompts=False)
+    encoder = pipe.text_encoder.transformer
+    encode = compel.Compel(tokenizer=pipe.tokenizer, text_encoder=encoder, truncate_long_prompts=False)
     for prompt, length in [(words(100), 154), (f"{words(65)}, {words(30, 3)}", 154), (words(160), 231)]:
         with torch.no_grad():
             theirs = encode(prompt)[0]
@@ -191,7 +207,8 @@ def test_negative_and_positive_prompts_are_padded_to_the_same_chunks(pipe):
     empty = pipe.embed([""])[0]
     assert context.shape == (4, 154, 32)  # the negative prompt's context for each prompt, then the prompts'
     assert torch.equal(context[0, 77:], empty) and torch.equal(context[2, 77:], empty)  # "blurry", "a cat": padded
-    assert torch.equal(context[0, :77], pipe.embed(["blurry"])[0]) and torch.equal(context[2, :77], pipe.embed(["a cat"])[0])
+    assert torch.equal(context[0, :77], pipe.embed(["blurry"])[0])
+    assert torch.equal(context[2, :77], pipe.embed(["a cat"])[0])
 
 
 def test_a_long_context_through_diffusers_gives_the_same_image(pipe, tmp_path):
@@ -203,14 +220,24 @@ def test_a_long_context_through_diffusers_gives_the_same_image(pipe, tmp_path):
     prompt, negative = f"a (red:1.3) apple, {words(90)}", "[blurry]"
     context = pipe.encode_prompts([prompt], 1, negative, True)
     final = {}
-    ref(prompt_embeds=context[1:], negative_prompt_embeds=context[:1], num_inference_steps=STEPS, generator=torch.Generator().manual_seed(3),
-        callback_on_step_end=lambda p, i, t, tensors: final.update(tensors) or tensors)  # fmt: skip
+
+    def keep(ref, i, t, tensors):
+        final.update(tensors)
+        return tensors
+
+    ref(
+        prompt_embeds=context[1:],
+        negative_prompt_embeds=context[:1],
+        num_inference_steps=STEPS,
+        generator=torch.Generator().manual_seed(3),
+        callback_on_step_end=keep,
+    )
     assert (latents(pipe, prompt, negative_prompt=negative) - final["latents"]).abs().max() <= LATENT_ATOL
 
 
 def test_clip_skip_matches_diffusers(pipe, tmp_path):
     """A1111's clip skip N is diffusers' clip_skip N - 1 (hidden state N from the end, then the final layer norm).
-    diffusers reaches the norm through `text_model.`, a level transformers 5's CLIPTextModel no longer has: given here."""
+    diffusers reaches the norm through `text_model.`, which transformers 5's CLIPTextModel lacks: given here."""
     save_diffusers_folder(pipe.model, tmp_path)
     ref = StableDiffusionPipeline.from_pretrained(tmp_path, safety_checker=None)
     ref.text_encoder.text_model = types.SimpleNamespace(final_layer_norm=ref.text_encoder.final_layer_norm)
@@ -220,7 +247,8 @@ def test_clip_skip_matches_diffusers(pipe, tmp_path):
     assert not torch.allclose(pipe.embed([PROMPT], clip_skip=2)[0], pipe.embed([PROMPT])[0], atol=1e-2)
     assert (latents(pipe, PROMPT, clip_skip=2) - latents(pipe, PROMPT)).abs().max() > 100 * LATENT_ATOL
     for bad in (0, 3):
-        with pytest.raises(InputError, match=rf"clip skip must be from 1 to 2 \(the text encoder's layers\), got {bad}"):
+        message = rf"clip skip must be from 1 to 2 \(the text encoder's layers\), got {bad}$"
+        with pytest.raises(InputError, match=message):
             latents(pipe, PROMPT, clip_skip=bad)
     with pytest.raises(InputError, match=r"unknown prompt syntax 'compel' \(known: a1111, plain\)"):
         latents(pipe, PROMPT, prompt_syntax="compel")
@@ -250,22 +278,63 @@ def test_txt2img_writes_clip_skip_and_a_weighted_chunked_prompt_that_remakes_the
     prompt = f"a (red:1.3) apple, [[blurry]], {words(80)} BREAK (on a table)"
     negative = f"(dark:1.2), {words(90, 5)}"
     out = tmp_path / "out"
-    assert txt2img.main([str(a) for a in ["--ckpt", ckpt, "--prompt", prompt, "--negative-prompt", negative, "--steps", STEPS, "--seed", 5,
-                                          "--clip-skip", 2, "--sampler", "euler", "--outdir", out]]) == 0  # fmt: skip
+    assert (
+        cli(
+            "--ckpt",
+            ckpt,
+            "--prompt",
+            prompt,
+            "--negative-prompt",
+            negative,
+            "--steps",
+            STEPS,
+            "--seed",
+            5,
+            "--clip-skip",
+            2,
+            "--sampler",
+            "euler",
+            "--outdir",
+            out,
+        )
+        == 0
+    )
     text = a1111(Image.open(out / "00000.png").text["parameters"])
-    assert (text["Prompt"], text["Negative prompt"], text["Clip skip"]) == (prompt, negative, "2") and "Emphasis" not in text
+    assert (text["Prompt"], text["Negative prompt"], text["Clip skip"]) == (prompt, negative, "2")
+    assert "Emphasis" not in text
     sampler = next(k for k, v in SAMPLERS.items() if v[2] == text["Sampler"])
     width, height = text["Size"].split("x")
-    again = ["--ckpt", ckpt, "--prompt", text["Prompt"], "--negative-prompt", text["Negative prompt"], "--steps", text["Steps"],
-             "--seed", text["Seed"], "--scale", text["CFG scale"], "--sampler", sampler, "--W", width, "--H", height,
-             "--clip-skip", text["Clip skip"], "--outdir", tmp_path / "again"]  # fmt: skip
-    assert txt2img.main([str(a) for a in again]) == 0
+    again = [
+        "--ckpt",
+        ckpt,
+        "--prompt",
+        text["Prompt"],
+        "--negative-prompt",
+        text["Negative prompt"],
+        "--steps",
+        text["Steps"],
+        "--seed",
+        text["Seed"],
+        "--scale",
+        text["CFG scale"],
+        "--sampler",
+        sampler,
+        "--W",
+        width,
+        "--H",
+        height,
+        "--clip-skip",
+        text["Clip skip"],
+        "--outdir",
+        tmp_path / "again",
+    ]
+    assert cli(*again) == 0
     pixels = [np.asarray(Image.open(folder / "00000.png")) for folder in (out, tmp_path / "again")]
     assert np.array_equal(*pixels)
-    without_skip = txt2img.main([str(a) for a in again[:-4] + ["--outdir", tmp_path / "other"]])
-    assert without_skip == 0 and not np.array_equal(np.asarray(Image.open(tmp_path / "other" / "00000.png")), pixels[0])
-    assert txt2img.main([str(a) for a in ["--ckpt", ckpt, "--prompt", "(x)", "--steps", 1, "--prompt-syntax", "plain", "--outdir", out]]) == 0
+    assert cli(*again[:-4], "--outdir", tmp_path / "other") == 0  # without --clip-skip 2: another image
+    assert not np.array_equal(np.asarray(Image.open(tmp_path / "other" / "00000.png")), pixels[0])
+    assert cli("--ckpt", ckpt, "--prompt", "(x)", "--steps", 1, "--prompt-syntax", "plain", "--outdir", out) == 0
     assert a1111(Image.open(out / "00001.png").text["parameters"])["Emphasis"] == "None"
     capsys.readouterr()
-    assert txt2img.main([str(a) for a in ["--ckpt", ckpt, "--prompt", "x", "--clip-skip", 3, "--outdir", out]]) == 2
+    assert cli("--ckpt", ckpt, "--prompt", "x", "--clip-skip", 3, "--outdir", out) == 2
     assert capsys.readouterr().err == "error: clip skip must be from 1 to 2 (the text encoder's layers), got 3\n"
