@@ -121,7 +121,8 @@ def pretrained_folder(name: str) -> Path:
 class FrozenTextEncoder(nn.Module):
     """What both encoders share: frozen weights, always in eval mode, prompts -> (B, 77, hidden_size).
 
-    Subclasses set `transformer` and `tokenizer` and define `tokenize(prompts) -> (B, 77) ids` and `forward(ids)`.
+    Subclasses set `transformer` and `tokenizer` and define `tokenize(prompts) -> (B, 77) ids` and
+    `forward(ids, clip_skip=1)`.
     """
 
     transformer: nn.Module
