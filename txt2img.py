@@ -30,6 +30,7 @@ from ldm import DEFAULT_MODEL, load_pipeline
 from ldm.checkpoint import CheckpointError, peek_config
 from ldm.config import ConfigError, load_config
 from ldm.pipeline import DTYPES, QUANTIZE, InputError, Pipeline, check_request, load_image
+from ldm.prompts import SYNTAXES
 from ldm.samplers import SAMPLERS
 
 
@@ -49,6 +50,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--sampler", default="ddim", choices=SAMPLERS, help="default: ddim")
     p.add_argument("--steps", "--ddim_steps", type=int, default=50, help="sampling steps (default: 50)")
     p.add_argument("--scale", type=float, default=7.5, help="classifier-free guidance scale (default: 7.5; 1: none)")
+    p.add_argument("--prompt-syntax", choices=SYNTAXES, default="a1111",
+                   help="a1111 (default): AUTOMATIC1111's (word:1.3), [word], BREAK; plain: every character literal")
+    p.add_argument("--clip-skip", type=int, default=1,
+                   help="condition on the text encoder's N-th last layer (default: 1, the last)")
     p.add_argument("--guidance-rescale", type=float, default=0.0, help="guidance rescale phi, 0..1 (default: 0, off)")
     p.add_argument("--seed", type=int, default=42, help="seed of the first image; image k gets seed + k (default: 42)")
     p.add_argument("--H", type=int, help="height in pixels (default: the model's; img2img: the init image's)")
@@ -108,13 +113,16 @@ def a1111_text(facts: dict) -> str:
         text = str(value)
         return json.dumps(text, ensure_ascii=False) if any(c in text for c in ',:\n"') or text != text.strip() else text
 
+    clip_skip = facts.get("clip_skip", 1)
     pairs = {
         "Steps": facts["steps"], "Sampler": SAMPLERS[facts["sampler"]][2], "CFG scale": facts["scale"], "Seed": facts["seed"],
         "Size": f"{facts['width']}x{facts['height']}", "Model hash": facts["model_hash"], "Model": facts["model"],
-        "Denoising strength": facts.get("strength"), "Eta DDIM": facts["eta"] or None,
+        "Denoising strength": facts.get("strength"), "Clip skip": clip_skip if clip_skip > 1 else None,
+        "Eta DDIM": facts["eta"] or None,
         "Guidance rescale": facts["guidance_rescale"] or None,
         "Batch size": facts["batch_size"] if facts["batch_size"] > 1 else None,
         "Batch pos": facts["batch_pos"] if facts["batch_size"] > 1 else None,
+        "Emphasis": "None" if facts.get("prompt_syntax") == "plain" else None,  # A1111's name for "plain"
     }  # fmt: skip
     lines = [facts["prompt"]] + ([f"Negative prompt: {facts['negative_prompt']}"] if facts["negative_prompt"] else [])
     return "\n".join(lines + [", ".join(f"{k}: {quote(v)}" for k, v in pairs.items() if v is not None)])
@@ -148,7 +156,8 @@ def save_png(image: Image.Image, path: Path, facts: dict | None) -> Path:
 def run(pipe: Pipeline, args, prompts: list[str], init_image, mask, model: dict) -> list[Path]:
     """Make n_iter batches of n_samples images per prompt; write them (and strips, grid); return the paths."""
     options = dict(negative_prompt=args.negative_prompt, steps=args.steps, scale=args.scale, sampler=args.sampler,
-                   height=args.H, width=args.W, eta=args.eta, n_samples=args.n_samples, guidance_rescale=args.guidance_rescale)  # fmt: skip
+                   height=args.H, width=args.W, eta=args.eta, n_samples=args.n_samples,
+                   guidance_rescale=args.guidance_rescale, prompt_syntax=args.prompt_syntax, clip_skip=args.clip_skip)
     run_facts = {"mode": "txt2img", **{k: v for k, v in options.items() if k not in ("height", "width", "n_samples")}, **model,
                  "batch_size": args.n_samples, "dtype": args.dtype, "device": args.device, "quantize": args.quantize}  # fmt: skip
     if init_image is not None:

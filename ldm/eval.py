@@ -239,7 +239,9 @@ def pipeline_generate(ckpt: str | None, steps: int, scale: float, sampler: str, 
     import ldm
 
     pipe = ldm.load_pipeline(ckpt, dtype=DTYPES[dtype], quantize=quantize)
-    return lambda prompts, seed: pipe.txt2img(prompts, steps=steps, scale=scale, sampler=sampler, seed=seed, height=size, width=size)
+    # the prompts are dataset captions, which training reads literally
+    options = dict(steps=steps, scale=scale, sampler=sampler, height=size, width=size, prompt_syntax="plain")
+    return lambda prompts, seed: pipe.txt2img(prompts, seed=seed, **options)
 
 
 def main(argv=None) -> int:

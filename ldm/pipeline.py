@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from ldm.config import ModelConfig
 from ldm.model import StableDiffusion
+from ldm.prompts import SYNTAXES, prompt_contexts
 from ldm.samplers import SAMPLERS, ZERO_SNR_SAMPLERS, Sampler
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # the --dtype choices of txt2img.py and ldm.eval
@@ -375,6 +376,8 @@ class Pipeline(nn.Module):
         guidance_rescale: float = 0.0,
         progress: bool = True,
         trajectory: list[torch.Tensor] | None = None,
+        prompt_syntax: str = "a1111",
+        clip_skip: int = 1,
     ) -> list[Image.Image]:
         """n_samples images per prompt (prompt-major order); image i uses a CPU generator seeded seed + i.
 
@@ -384,6 +387,9 @@ class Pipeline(nn.Module):
         guidance_rescale: phi of Lin et al. 2024 (0: off). eta: DDIM's stochasticity (ddim only).
         height, width: default the model's image_size (img2img: the init image's size, rounded down to vae_factor).
         trajectory: a list that receives z_t (the UNet's input latents) of every step, then z_0.
+        prompt_syntax: "a1111" reads AUTOMATIC1111's prompt syntax (weights, BREAK), "plain" takes every character
+        literally; both take prompts of any length, in chunks of 75 tokens (ldm.prompts). clip_skip: the text
+        encoder's hidden state that conditions, counted from the end (1: the last).
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         guided = scale != 1
@@ -402,7 +408,7 @@ class Pipeline(nn.Module):
             seeds = range(seed + first, seed + min(first + batch, len(per_image)))
             generators = [torch.Generator().manual_seed(s) for s in seeds]
             run = Sampler(sampler, self.cfg, steps, strength, eta, self.device)
-            context = self.encode_prompts(per_image[first : first + batch], negative_prompt, guided)
+            context = self.encode_prompts(per_image[first : first + batch], negative_prompt, guided, prompt_syntax, clip_skip)
             # 1. the start latents and the mode's other random draws
             sub = mode(self, run, generators, self.cfg.vae.latent_shape(height, width), **images, strength=strength)
             trajectories.append([] if trajectory is not None else None)
@@ -451,22 +457,37 @@ class Pipeline(nn.Module):
             images["mask"] = to_tensor(mask.convert("L").resize((width, height), Image.LANCZOS))
         return images
 
-    def encode_prompts(self, prompts: list[str], negative_prompt: str, guided: bool) -> torch.Tensor:
-        """Text context for the UNet, a prompt per image: (n, 77, d); the negative prompt's in front when guided."""
-        cond = self.embed(prompts)
+    def encode_prompts(self, prompts: list[str], negative_prompt: str, guided: bool, prompt_syntax: str = "a1111",
+                       clip_skip: int = 1) -> torch.Tensor:
+        """Text context for the UNet, a prompt per image: (n, 77 k, d); the negative prompt's in front when guided. Contexts of
+        fewer chunks than the longest get the empty prompt's chunk appended (A1111's pad_cond_uncond), so guidance
+        stays one batched UNet call."""
+        if prompt_syntax not in SYNTAXES:
+            raise InputError(f"unknown prompt syntax '{prompt_syntax}' (known: {', '.join(SYNTAXES)})")
+        layers = self.text_encoder.num_layers
+        if not 1 <= clip_skip <= layers:
+            raise InputError(f"clip skip must be from 1 to {layers} (the text encoder's layers), got {clip_skip}")
+        states = self.embed(prompts, prompt_syntax, clip_skip)
+        states += self.embed([negative_prompt], prompt_syntax, clip_skip) if guided else []
+        length = max(len(s) for s in states)
+        if any(len(s) < length for s in states):
+            empty = self.embed([""], prompt_syntax, clip_skip)[0]
+            states = [torch.cat([s, empty.repeat((length - len(s)) // len(empty), 1)]) for s in states]
+        cond = torch.stack(states[: len(prompts)])
         if not guided:
             return cond
-        return torch.cat([self.embed([negative_prompt]).expand_as(cond), cond])
+        return torch.cat([states[-1].expand_as(cond), cond])
 
-    def embed(self, prompts: list[str]) -> torch.Tensor:
-        """The text encoder's (len(prompts), 77, d) states, the prompts not in the cache encoded as one batch."""
-        keys = [(p, self.device, self.dtype) for p in prompts]
+    def embed(self, prompts: list[str], prompt_syntax: str = "a1111", clip_skip: int = 1) -> list[torch.Tensor]:
+        """Each prompt's context (77 k, d) by ldm.prompts.prompt_contexts; uncached ones are encoded as one batch."""
+        keys = [(p, prompt_syntax, clip_skip, self.device, self.dtype) for p in prompts]
         missing = list(dict.fromkeys(k for k in keys if k not in self.embeddings))
         if missing:
-            self.embeddings.update(zip(missing, self.text_encoder.encode([k[0] for k in missing])))
+            contexts = prompt_contexts(self.text_encoder, [k[0] for k in missing], prompt_syntax, clip_skip)
+            self.embeddings.update(zip(missing, contexts))
         for k in keys:
             self.embeddings.move_to_end(k)
-        states = torch.stack([self.embeddings[k] for k in keys])
+        states = [self.embeddings[k] for k in keys]
         while len(self.embeddings) > EMBEDDING_CACHE:
             self.embeddings.popitem(last=False)
         return states

