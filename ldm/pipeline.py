@@ -27,7 +27,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from ldm.model import StableDiffusion
-from ldm.samplers import SAMPLERS, ZERO_SNR_SAMPLERS, Sampler
+from ldm.samplers import Sampler, check_sampler
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # the --dtype choices of txt2img.py and ldm.eval
 QUANTIZE = ("int8",)
@@ -225,10 +225,7 @@ class Pipeline(nn.Module):
     def check_options(self, prompts, sampler, steps, strength, eta, n_samples, guidance_rescale, init_image, mask) -> None:
         if not prompts or n_samples < 1:
             raise InputError("nothing to generate: give at least one prompt and n_samples >= 1")
-        if sampler not in SAMPLERS:
-            raise InputError(f"unknown sampler '{sampler}' (known: {', '.join(SAMPLERS)})")
-        if self.cfg.rescale_betas_zero_snr and sampler not in ZERO_SNR_SAMPLERS:
-            raise InputError(f"sampler '{sampler}' cannot follow this model's zero-terminal-SNR schedule (use {', '.join(ZERO_SNR_SAMPLERS)})")
+        check_sampler(sampler, self.cfg, InputError)
         if steps < 1:
             raise InputError(f"steps must be at least 1, got {steps}")
         if not 0 < strength <= 1:
