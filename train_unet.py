@@ -23,12 +23,12 @@ from tqdm.auto import tqdm
 
 from ldm.cache import LatentCache, build_cache, cache_key
 from ldm.checkpoint import CheckpointError, load_model, load_state_strict, save_single_file
-from ldm.config import ArgumentParser, ConfigError, TrainUNetConfig, check, to_dict
+from ldm.config import ArgumentParser, ConfigError, TrainUNetConfig, to_dict
 from ldm.data import DataError, ImageCaptionDataset
 from ldm.diffusion import Diffusion
 from ldm.model import StableDiffusion
 from ldm.pipeline import Pipeline
-from ldm.samplers import SAMPLERS, ZERO_SNR_SAMPLERS
+from ldm.samplers import check_sampler
 from ldm.training import (
     EMA, StopOnSigterm, TrainState, checkpoint_run, end_training, flat_config, gather_skipped, list_checkpoints, log_image, make_accelerator, optimizer_step, peak_memory_gib,
     per_sample_generators, randn_like_per_sample, read_train_config, resume_state, skipped_report, start_run,
@@ -68,8 +68,7 @@ def train(args) -> int:
     # ------------------------------------------------------------ config, Accelerator, models
     cfg, init = load_train_config(args)
     diffusion = Diffusion(cfg.model)  # checks the objective fields first
-    sampler_ok = cfg.validation.sampler in SAMPLERS and (not cfg.model.rescale_betas_zero_snr or cfg.validation.sampler in ZERO_SNR_SAMPLERS)
-    check(sampler_ok, f"validation.sampler '{cfg.validation.sampler}' cannot sample this model (samplers: {', '.join(SAMPLERS)})")
+    check_sampler(cfg.validation.sampler, cfg.model, ConfigError, "validation.sampler")
     output_dir, checkpoints, resume = start_run(cfg, args.resume)
     dataset = ImageCaptionDataset(cfg.data.path, cfg.data.resolution, cfg.data.center_crop, cfg.data.random_flip,
                                   cfg.data.image_column, cfg.data.caption_column)  # fmt: skip

@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import pickle
 import tempfile
 import warnings
 from pathlib import Path
@@ -22,6 +21,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ldm.config import ConfigError, ModelConfig, TextEncoderConfig, UNetConfig, VAEConfig, from_dict, to_dict
+from ldm.diffusion import PARAMETERIZATION_TO_DIFFUSERS, scheduler_config
 from ldm.model import StableDiffusion
 
 TEXT = "cond_stage_model.transformer."
@@ -35,7 +35,6 @@ SCHEDULE_KEYS = {
     "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
     "logvar", "model_ema.decay", "model_ema.num_updates", TEXT + "text_model.embeddings.position_ids",
 }  # fmt: skip
-PARAMETERIZATION_TO_DIFFUSERS = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
 
 
 class CheckpointError(ValueError):
@@ -46,26 +45,41 @@ class CheckpointError(ValueError):
 
 
 def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and metadata of a .safetensors file, or of a .ckpt read with weights_only=True (no code runs)."""
+    """Tensors and metadata of a .safetensors file, or of a PyTorch checkpoint read with weights_only=True (no code
+    runs). The format is told by the file's first bytes: a safetensors header (8-byte length, then JSON), a zip
+    archive (torch.save) or a pickle (torch.save's legacy format)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
-    if path.suffix == ".safetensors":
+    with open(path, "rb") as f:
+        head = f.read(10)
+    if path.suffix == ".safetensors" or head[8:10] == b'{"':
         try:
             with safe_open(str(path), framework="pt") as f:
                 return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from None
+    if not head.startswith((b"PK\x03\x04", b"\x80")):
+        raise CheckpointError(f"{path} is not a safetensors file, a PyTorch checkpoint or a diffusers folder")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:  # weights_only: anything but tensors and plain containers is refused
-        raise CheckpointError(f"{path}: refused to load, the pickle holds more than tensors ({str(e).splitlines()[0]})") from None
     except Exception as e:
-        raise CheckpointError(f"{path} is not a checkpoint (.safetensors or .ckpt): {type(e).__name__}: {str(e).splitlines()[0]}") from None
+        reason = torch_reason(e)
+        if "Unsupported global" in reason:  # weights_only refuses every global but tensors and plain containers
+            raise CheckpointError(f"{path}: refused to load, the pickle holds more than tensors ({reason})") from None
+        detail = f"{type(e).__name__}: {reason}" if reason else type(e).__name__
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({detail})") from None
     state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path}: no state dict of tensors inside")
     return state, {}
+
+
+def torch_reason(e: Exception) -> str:
+    """What torch.load's error says went wrong, in one line, without its advice (never: set weights_only=False)."""
+    text = str(e).split("WeightsUnpickler error:")[-1]
+    sentences = [s.strip() for line in text.splitlines() for s in line.split(". ") if s.strip()]
+    return next((s for s in sentences if not any(w in s for w in ("weights_only", "safe_globals", "allowlist"))), "")
 
 
 def config_from_metadata(metadata: dict[str, str]) -> ModelConfig | None:
@@ -86,12 +100,15 @@ def from_sd_layout(state: dict[str, torch.Tensor], use_ema: bool = False) -> dic
         if key.startswith(TEXT + "text_model."):
             key = TEXT + key[len(TEXT + "text_model.") :]
         ours[key] = value
-    if use_ema and any(k.startswith("model_ema.") for k in state):
+    # EMA weights are EMA copies of the UNet's tensors; the counters alone (pruned "emaonly" files) mean no EMA
+    ema = [k for k in state if k.startswith("model_ema.") and k not in SCHEDULE_KEYS]
+    if use_ema and ema:
         for key in [k for k in ours if k.startswith(UNET)]:
             # CompVis LitEma stores model.diffusion_model.a.b as model_ema.diffusion_modelab
             ema_key = "model_ema." + key[len("model.") :].replace(".", "")
             if ema_key not in state:
-                raise CheckpointError(f"EMA weights asked for, but '{ema_key}' is missing")
+                message = f"the file holds {len(ema)} EMA tensors but not '{ema_key}': an incomplete EMA set"
+                raise CheckpointError(message)
             ours[key] = state[ema_key]
     return ours
 
@@ -344,22 +361,6 @@ def diffusers_configs(cfg: ModelConfig) -> dict[str, dict]:
     return {"unet": unet, "vae": vae, "scheduler": scheduler_config(cfg)}
 
 
-def scheduler_config(cfg: ModelConfig) -> dict:
-    """The noise schedule as a diffusers scheduler config (SD v1's PNDM/PLMS, as in its scheduler_config.json)."""
-    return {
-        "_class_name": "PNDMScheduler",
-        "num_train_timesteps": cfg.timesteps,
-        "beta_start": cfg.linear_start,
-        "beta_end": cfg.linear_end,
-        "beta_schedule": cfg.beta_schedule,
-        "prediction_type": PARAMETERIZATION_TO_DIFFUSERS[cfg.parameterization],
-        "set_alpha_to_one": False,
-        "skip_prk_steps": True,
-        "steps_offset": 1,
-        "clip_sample": False,
-    }
-
-
 def config_from_diffusers(folder: Path) -> ModelConfig:
     """Our ModelConfig from a diffusers folder's unet/, vae/, text_encoder/ and scheduler/ config.json files."""
 
@@ -393,13 +394,19 @@ def config_from_diffusers(folder: Path) -> ModelConfig:
         ch_mult=tuple(w // v["block_out_channels"][0] for w in v["block_out_channels"]),
         num_res_blocks=v["layers_per_block"], num_groups=v.get("norm_num_groups", 32),
     )  # fmt: skip
-    text = TextEncoderConfig(**{k: t[k] for k in TextEncoderConfig.__dataclass_fields__ if k in t})
+    if t.get("model_type", "clip_text_model") == "clip_text_model":
+        text = TextEncoderConfig(**{k: t[k] for k in TextEncoderConfig.__dataclass_fields__ if k in t})
+    elif "ldm_pretrained" in t:  # a local text encoder (e.g. MiniLM) of a folder that save_diffusers_folder wrote
+        text = TextEncoderConfig(pretrained=t["ldm_pretrained"])
+    else:
+        raise CheckpointError(f"{folder}: a {t['model_type']} text encoder; ldm reads CLIP and the ones it exported")
     prediction = {b: a for a, b in PARAMETERIZATION_TO_DIFFUSERS.items()}[s.get("prediction_type", "epsilon")]
     return ModelConfig(
         unet=unet, vae=vae, text_encoder=text, timesteps=s.get("num_train_timesteps", 1000),
         beta_schedule=s.get("beta_schedule", "scaled_linear"), linear_start=s.get("beta_start", 0.00085),
         linear_end=s.get("beta_end", 0.012), parameterization=prediction, scale_factor=v.get("scaling_factor", 0.18215),
-        image_size=u.get("sample_size", 64),
+        image_size=u.get("sample_size", 64), rescale_betas_zero_snr=s.get("rescale_betas_zero_snr", False),
+        learn_sigma=s.get("variance_type") == "learned_range",
     )  # fmt: skip
 
 
@@ -429,11 +436,10 @@ def load_diffusers_folder(folder: str | Path) -> StableDiffusion:
 
 
 def save_diffusers_folder(model: StableDiffusion, folder: str | Path) -> None:
-    """The folder that diffusers.StableDiffusionPipeline.from_pretrained loads (no safety checker)."""
+    """The folder that diffusers.StableDiffusionPipeline.from_pretrained loads (no safety checker), with a CLIP text
+    model or a local one (MiniLM: BertModel + BertTokenizer, its padding masked as ours)."""
     folder = Path(folder)
     cfg = model.cfg
-    if cfg.text_encoder.pretrained:
-        raise CheckpointError(f"diffusers' StableDiffusionPipeline folder needs a CLIP text model, not {cfg.text_encoder.pretrained}")
     configs = diffusers_configs(cfg)
     state = model.state_dict()
     for sub, prefix, key_map in (("unet", UNET, unet_key_map(cfg.unet)), ("vae", VAE, vae_key_map(cfg.vae))):
@@ -441,8 +447,15 @@ def save_diffusers_folder(model: StableDiffusion, folder: str | Path) -> None:
         (folder / sub).mkdir(parents=True, exist_ok=True)
         atomic_save(tensors, folder / sub / "diffusion_pytorch_model.safetensors", {"format": "pt"})
         (folder / sub / "config.json").write_text(json.dumps(configs[sub], indent=2))
-    model.cond_stage_model.transformer.save_pretrained(str(folder / "text_encoder"))
-    model.tokenizer.save_pretrained(str(folder / "tokenizer"))
+    text = model.cond_stage_model
+    text.transformer.save_pretrained(str(folder / "text_encoder"))
+    text.tokenizer.save_pretrained(str(folder / "tokenizer"))
+    if cfg.text_encoder.pretrained:
+        # diffusers masks the padding only when the text model's config says use_attention_mask, as FrozenHFEmbedder
+        # always does; ldm_pretrained tells load_diffusers_folder which text encoder this is
+        path = folder / "text_encoder" / "config.json"
+        extra = {"use_attention_mask": True, "ldm_pretrained": cfg.text_encoder.pretrained}
+        path.write_text(json.dumps(json.loads(path.read_text()) | extra, indent=2))
     (folder / "scheduler").mkdir(parents=True, exist_ok=True)
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(configs["scheduler"], indent=2))
     index = {
@@ -450,8 +463,8 @@ def save_diffusers_folder(model: StableDiffusion, folder: str | Path) -> None:
         "_diffusers_version": diffusers.__version__,
         "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "text_encoder": ["transformers", type(text.transformer).__name__],  # CLIPTextModel, or e.g. BertModel
+        "tokenizer": ["transformers", type(text.tokenizer).__name__],
         "scheduler": ["diffusers", "PNDMScheduler"],
         "safety_checker": [None, None],
         "feature_extractor": [None, None],

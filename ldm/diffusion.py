@@ -11,19 +11,38 @@ import math
 import torch
 from diffusers import DDPMScheduler
 
-from ldm.checkpoint import PARAMETERIZATION_TO_DIFFUSERS
 from ldm.config import ModelConfig, check
 
+PARAMETERIZATION_TO_DIFFUSERS = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")  # squaredcos_cap_v2: the cosine schedule of Nichol & Dhariwal
 
 
+def scheduler_config(cfg: ModelConfig) -> dict:
+    """The model's noise schedule as one diffusers scheduler config: SD v1's PNDM/PLMS (its scheduler_config.json),
+    plus the options of a zero-terminal-SNR or learned-variance model. The training schedule (DDPM), every sampler
+    and an exported diffusers folder are built from it: from_config drops what a scheduler class does not take."""
+    config = {
+        "_class_name": "PNDMScheduler",
+        "num_train_timesteps": cfg.timesteps,
+        "beta_start": cfg.linear_start,
+        "beta_end": cfg.linear_end,
+        "beta_schedule": cfg.beta_schedule,
+        "prediction_type": PARAMETERIZATION_TO_DIFFUSERS[cfg.parameterization],
+        "set_alpha_to_one": False,
+        "skip_prk_steps": True,
+        "steps_offset": 1,
+        "clip_sample": False,
+    }
+    if cfg.rescale_betas_zero_snr:  # Lin et al. 2023: the schedule ends in pure noise, sampling starts at its last step
+        config |= {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
+    if cfg.learn_sigma:  # improved DDPM: the UNet's own variance, log s^2 = v log b_t + (1 - v) log b~_t (for DDPM)
+        config["variance_type"] = "learned_range"
+    return config
+
+
 def noise_scheduler(cfg: ModelConfig) -> DDPMScheduler:
-    """diffusers' DDPM scheduler of this model (with variance_type learned_range when the UNet predicts the variance)."""
-    return DDPMScheduler(
-        num_train_timesteps=cfg.timesteps, beta_start=cfg.linear_start, beta_end=cfg.linear_end, beta_schedule=cfg.beta_schedule,
-        rescale_betas_zero_snr=cfg.rescale_betas_zero_snr, prediction_type=PARAMETERIZATION_TO_DIFFUSERS[cfg.parameterization],
-        variance_type="learned_range" if cfg.learn_sigma else "fixed_small", clip_sample=False,
-    )  # fmt: skip
+    """diffusers' DDPM scheduler of this model."""
+    return DDPMScheduler.from_config(scheduler_config(cfg))
 
 
 def check_model_config(cfg: ModelConfig) -> None:

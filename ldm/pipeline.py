@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from ldm.config import ModelConfig
 from ldm.model import StableDiffusion
 from ldm.prompts import SYNTAXES, prompt_contexts
-from ldm.samplers import SAMPLERS, ZERO_SNR_SAMPLERS, Sampler
+from ldm.samplers import Sampler, check_sampler
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # the --dtype choices of txt2img.py and ldm.eval
 QUANTIZE = ("int8",)
@@ -177,11 +177,7 @@ def check_request(
     results; more run in sub-batches."""
     if not prompts or n_samples < 1:
         raise InputError("nothing to generate: give at least one prompt and n_samples >= 1")
-    if sampler not in SAMPLERS:
-        raise InputError(f"unknown sampler '{sampler}' (known: {', '.join(SAMPLERS)})")
-    if cfg.rescale_betas_zero_snr and sampler not in ZERO_SNR_SAMPLERS:
-        use = ", ".join(ZERO_SNR_SAMPLERS)
-        raise InputError(f"sampler '{sampler}' cannot follow this model's zero-terminal-SNR schedule (use {use})")
+    check_sampler(sampler, cfg, InputError)
     if steps < 1:
         raise InputError(f"steps must be at least 1, got {steps}")
     if steps > cfg.timesteps:

@@ -20,8 +20,8 @@ from diffusers import (
     UniPCMultistepScheduler,
 )
 
-from ldm.checkpoint import scheduler_config
 from ldm.config import ModelConfig
+from ldm.diffusion import scheduler_config
 
 DPMPP_2M = {"algorithm_type": "dpmsolver++", "solver_order": 2}
 # name: (scheduler class, options, the name AUTOMATIC1111 writes in its PNG parameters)
@@ -44,15 +44,20 @@ def make_scheduler(name: str, cfg: ModelConfig):
     config = scheduler_config(cfg) | options
     if cls is PNDMScheduler and cfg.parameterization == "x0":
         config["prediction_type"] = "epsilon"  # PNDM takes eps or v: Sampler.step converts x0 to eps
-    if cfg.rescale_betas_zero_snr:  # Lin et al. 2023: the schedule ends in pure noise, and sampling starts at its last step
-        config |= {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
-    if cfg.learn_sigma and cls is DDPMScheduler:  # improved DDPM: the UNet's own variance, log s^2 = v log b_t + (1 - v) log b~_t
-        config["variance_type"] = "learned_range"
     return cls.from_config(config)
 
 
 # the samplers whose scheduler can follow a zero-terminal-SNR schedule (PNDM's and Heun's cannot)
 ZERO_SNR_SAMPLERS = [name for name, (cls, _, _) in SAMPLERS.items() if "rescale_betas_zero_snr" in inspect.signature(cls.__init__).parameters]
+
+
+def check_sampler(name: str, cfg: ModelConfig, error: type[Exception] = ValueError, label: str = "sampler") -> None:
+    """Raise error(one line naming `label`) unless sampler `name` exists and can follow the model's noise schedule."""
+    if name not in SAMPLERS:
+        raise error(f"unknown {label} '{name}' (known: {', '.join(SAMPLERS)})")
+    if cfg.rescale_betas_zero_snr and name not in ZERO_SNR_SAMPLERS:
+        raise error(f"{label} '{name}' cannot sample this model: its scheduler cannot follow a zero-terminal-SNR "
+                    f"schedule (use {', '.join(ZERO_SNR_SAMPLERS)})")
 
 
 class Sampler:

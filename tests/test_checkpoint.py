@@ -3,12 +3,14 @@
 The oracle for the diffusers layout is diffusers itself: its single-file converters, its models and
 StableDiffusionPipeline.from_pretrained, run here on the same random weights.
 """
+import dataclasses
 import json
 import os
 import subprocess
 import sys
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from conftest import ROOT, compvis_original_config, randomize_
@@ -17,8 +19,10 @@ from diffusers.loaders import single_file_utils as sfu
 from safetensors.torch import load_file, save_file
 from transformers import AutoModel, CLIPTextConfig, CLIPTextModel
 
-from ldm import load_pipeline
-from ldm.checkpoint import CheckpointError, SCHEDULE_KEYS, load_model, save_diffusers_folder, save_single_file, to_sd_layout
+from ldm import DEFAULT_MODEL, convert, load_pipeline
+from ldm.checkpoint import (
+    SCHEDULE_KEYS, TEXT, CheckpointError, load_model, save_diffusers_folder, save_single_file, to_sd_layout,
+)
 from ldm.config import TextEncoderConfig, load_config
 from ldm.model import StableDiffusion
 from ldm.text_encoder import build_tokenizer
@@ -87,6 +91,78 @@ def test_real_sd_file_extras_are_accepted_and_ema_is_used(tiny_model, tiny_cfg, 
     assert torch.equal(with_ema.vae.decoder.conv_out.weight, tiny_model.vae.decoder.conv_out.weight)
 
 
+def real_sd_file(model, path, ema_scale=None, drop=None):
+    """`model` saved as a real SD v1 file: no metadata, the schedule buffers, `logvar`, the text model's position ids
+    and the EMA counters beside the weights. ema_scale: add EMA copies of the UNet's tensors (the raw ones, each
+    value scaled by 1 + ema_scale * noise), less the one named `drop`. Returns the EMA tensors."""
+    state = to_sd_layout(model.state_dict())
+    g = torch.Generator().manual_seed(3)
+    extras = {k: torch.rand(1000, generator=g) for k in SCHEDULE_KEYS if "ema" not in k and "position_ids" not in k}
+    extras |= {"model_ema.decay": torch.tensor(0.9999), "model_ema.num_updates": torch.tensor(123, dtype=torch.int32)}
+    extras[TEXT + "text_model.embeddings.position_ids"] = torch.arange(77)[None]
+    ema = {}
+    if ema_scale is not None:  # CompVis LitEma's names: model.diffusion_model.a.b -> model_ema.diffusion_modelab
+        for key in [k for k in state if k.startswith("model.diffusion_model.")]:
+            ema_key = "model_ema." + key[len("model.") :].replace(".", "")
+            ema[ema_key] = state[key] * (1 + ema_scale * torch.randn(state[key].shape, generator=g))
+        ema.pop(drop, None)
+    save_file(state | ema | extras, path)
+    return ema
+
+
+def diffusers_unet_of_file(path, cfg) -> UNet2DConditionModel:
+    """diffusers' own single-file converter on the file's tensors, asked for EMA weights (which it takes when the file
+    holds more than 100 model_ema keys), strictly loaded into its UNet2DConditionModel."""
+    checkpoint = load_file(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        original = compvis_original_config(cfg)
+        config = sfu.create_unet_diffusers_config_from_ldm(original, checkpoint, image_size=cfg.vae.resolution)
+    config["norm_num_groups"] = cfg.unet.num_groups  # CompVis hard-codes 32; our tiny config does not
+    ref = UNet2DConditionModel(**config)
+    ref.load_state_dict(sfu.convert_ldm_unet_checkpoint(checkpoint, config, extract_ema=True), strict=True)
+    return ref.eval()
+
+
+@pytest.mark.parametrize("ema", ["counters only", "full EMA set"])
+def test_ema_weights_are_used_when_the_file_holds_them(tiny_model, tiny_cfg, tmp_path, ema):
+    """Pruned "emaonly" releases keep model_ema.decay / num_updates without EMA tensors: they load as they are. A file
+    with EMA copies of the UNet loads those. Both give the UNet diffusers' single-file loader makes of the file."""
+    path = tmp_path / "real.safetensors"
+    real_sd_file(tiny_model, path, ema_scale=0.2 if ema == "full EMA set" else None)
+    loaded = load_model(path, tiny_cfg)  # use_ema=True: the default of every loader
+    g = torch.Generator().manual_seed(1)
+    x, t, context = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([3, 981]), torch.randn(2, 77, 32, generator=g)
+    reference = diffusers_unet_of_file(path, tiny_cfg)
+    with torch.inference_mode():
+        ours, theirs, raw = loaded.unet(x, t, context), reference(x, t, context).sample, tiny_model.unet(x, t, context)
+    assert ours.std() > 0.05 and (ours - theirs).abs().max() <= 1e-4
+    if ema == "counters only":
+        assert_same_tensors(tiny_model.state_dict(), loaded.state_dict())
+    else:
+        assert (ours - raw).abs().max() > 1e-2  # the EMA weights were taken, not the raw ones
+        non_unet = {k: v for k, v in tiny_model.state_dict().items() if not k.startswith("model.")}
+        assert_same_tensors(non_unet, {k: v for k, v in loaded.state_dict().items() if not k.startswith("model.")})
+
+
+def test_diffusers_folder_keeps_the_noise_schedule(tiny_cfg, tmp_path):
+    """A zero-terminal-SNR, learned-variance v-model comes back from its diffusers folder with its schedule."""
+    unet = dataclasses.replace(tiny_cfg.unet, out_channels=8)
+    cfg = dataclasses.replace(tiny_cfg, unet=unet, parameterization="v", rescale_betas_zero_snr=True, learn_sigma=True)
+    save_diffusers_folder(StableDiffusion(cfg), tmp_path / "folder")
+    assert load_model(tmp_path / "folder").cfg == cfg
+
+
+def test_incomplete_ema_set_names_a_missing_tensor(tiny_model, tiny_cfg, tmp_path):
+    path, gone = tmp_path / "partial.safetensors", "model_ema.diffusion_modelout2weight"
+    ema = real_sd_file(tiny_model, path, ema_scale=0.2, drop=gone)
+    assert len(ema) > 100  # more than diffusers' threshold: an EMA set with a hole, not a few stray keys
+    with pytest.raises(CheckpointError, match=f"EMA tensors but not '{gone}': an incomplete EMA set") as e:
+        load_model(path, tiny_cfg)
+    assert "\n" not in str(e.value)
+    assert_same_tensors(tiny_model.state_dict(), load_model(path, tiny_cfg, use_ema=False).state_dict())
+
+
 @pytest.mark.parametrize("fault", ["missing", "misshapen", "unexpected"])
 def test_bad_file_names_the_key(tiny_model, tiny_cfg, tmp_path, fault):
     state = to_sd_layout(tiny_model.state_dict())
@@ -117,9 +193,11 @@ def test_ckpt_with_code_is_never_run(tiny_model, tiny_cfg, tmp_path):
     planted = tmp_path / "pwned.txt"
     state = to_sd_layout(tiny_model.state_dict())
     torch.save({"state_dict": state, "evil": Payload(str(planted))}, tmp_path / "evil.ckpt")
-    with pytest.raises(CheckpointError, match="refused"):
+    refused = r"refused to load, the pickle holds more than tensors \(Unsupported global"
+    with pytest.raises(CheckpointError, match=refused) as e:
         load_model(tmp_path / "evil.ckpt", tiny_cfg)
     assert not planted.exists()
+    assert "weights_only" not in str(e.value) and "\n" not in str(e.value)  # torch's advice to disable it: not relayed
     torch.save({"state_dict": state, "global_step": 5}, tmp_path / "plain.ckpt")  # a plain .ckpt still loads
     assert_same_tensors(tiny_model.state_dict(), load_model(tmp_path / "plain.ckpt", tiny_cfg).state_dict())
 
@@ -128,9 +206,16 @@ def test_not_a_checkpoint(tmp_path):
     (tmp_path / "x.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
     with pytest.raises(CheckpointError, match="x.safetensors"):
         load_model(tmp_path / "x.safetensors")
-    (tmp_path / "notes.ckpt").write_text("just some text")
-    with pytest.raises(CheckpointError, match=r"notes.ckpt is not a checkpoint \(.safetensors or .ckpt\)"):
-        load_model(tmp_path / "notes.ckpt")
+    for name in ("notes.ckpt", "README.md"):
+        (tmp_path / name).write_text("# just some text\n")
+        not_a_checkpoint = rf"{name} is not a safetensors file, a PyTorch checkpoint or a diffusers folder$"
+        with pytest.raises(CheckpointError, match=not_a_checkpoint):
+            load_model(tmp_path / name)
+    torch.save({"w": torch.ones(3)}, tmp_path / "cut.ckpt")
+    (tmp_path / "cut.ckpt").write_bytes((tmp_path / "cut.ckpt").read_bytes()[:200])
+    with pytest.raises(CheckpointError, match=r"cut.ckpt is not a readable PyTorch checkpoint \(RuntimeError: ") as e:
+        load_model(tmp_path / "cut.ckpt")
+    assert "\n" not in str(e.value)
     with pytest.raises(CheckpointError, match="not found"):
         load_model(tmp_path / "missing.safetensors")
 
@@ -206,6 +291,16 @@ def test_convert_cli_both_ways(diffusers_folder, tmp_path):
     assert (tmp_path / "one.safetensors").read_bytes() == before
     r = run_convert(tmp_path / "nope.safetensors", tmp_path / "x.safetensors")
     assert r.returncode == 2 and "not found" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_txt2img_names_what_a_non_checkpoint_is_not(tmp_path):
+    """The CLI on a text file: exit code 2, one line saying what the file is not, and no weights_only advice."""
+    text = tmp_path / "README.md"
+    text.write_text("# ldm\n\nA readable Stable Diffusion v1.\n")
+    args = [sys.executable, "txt2img.py", "--ckpt", text, "--prompt", "x", "--outdir", tmp_path]
+    r = subprocess.run(args, capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr == f"error: {text} is not a safetensors file, a PyTorch checkpoint or a diffusers folder\n"
 
 
 # ---------------------------------------------------------------- files from strangers
@@ -314,8 +409,10 @@ def test_minilm_model_round_trip(tiny_cfg, tmp_path):
         (context, image), (context_again, image_again) = run(model), run(loaded)
     assert context.shape == (2, 77, 384) and image.shape == (2, 3, 16, 16) and image.std() > 0.01
     assert torch.equal(context, context_again) and torch.equal(image, image_again)
-    with pytest.raises(CheckpointError, match="needs a CLIP text model"):
-        save_diffusers_folder(loaded, tmp_path / "folder")
+    save_diffusers_folder(loaded, tmp_path / "folder")  # and back: the text encoder is named in its config.json
+    from_folder = load_model(tmp_path / "folder")
+    assert from_folder.cfg == model.cfg
+    assert_same_tensors(model.state_dict(), from_folder.state_dict())
 
     # without the text encoder (the embedded model's small file): loading takes the package's weights
     save_single_file(model, tmp_path / "small.safetensors", text_encoder=False)
@@ -330,6 +427,35 @@ def test_minilm_model_round_trip(tiny_cfg, tmp_path):
     assert not torch.equal(package["transformer.encoder.layer.5.output.dense.weight"], model.text_encoder.transformer.encoder.layer[5].output.dense.weight)
     with pytest.raises(CheckpointError, match="only a pretrained text encoder"):
         save_single_file(StableDiffusion(load_config(ROOT / "configs" / "tiny.yaml")), tmp_path / "x.safetensors", text_encoder=False)
+
+
+def test_embedded_model_exports_to_a_diffusers_folder(tmp_path):
+    """The embedded model (MiniLM text encoder) through `python -m ldm.convert`: diffusers' StableDiffusionPipeline
+    loads the folder offline and draws our images with the folder's own scheduler (PNDM: our plms) and the same
+    seeds. diffusers masks the text's padding, as we do, because the folder's text config asks it to."""
+    assert convert.main([str(DEFAULT_MODEL), str(tmp_path / "emoji")]) == 0
+    ref = StableDiffusionPipeline.from_pretrained(tmp_path / "emoji", local_files_only=True)
+    ref.set_progress_bar_config(disable=True)
+    assert type(ref.text_encoder).__name__ == "BertModel" and type(ref.scheduler) is PNDMScheduler
+    pipe = load_pipeline()
+    prompts = ["grinning face", "red apple"]
+    ours = pipe.txt2img(prompts, steps=10, sampler="plms", scale=7.5, seed=3, height=32, width=32, progress=False)
+
+    def theirs():
+        generators = [torch.Generator().manual_seed(3 + i) for i in range(len(prompts))]
+        options = {"num_inference_steps": 10, "guidance_scale": 7.5, "height": 32, "width": 32}
+        return ref(prompts, generator=generators, **options).images
+
+    def mean_difference(a, b):
+        return np.abs(np.stack(list(map(np.asarray, a))).astype(float) - np.stack(list(map(np.asarray, b)))).mean()
+
+    assert np.stack(list(map(np.asarray, ours))).std() > 20  # pictures, not a flat field
+    assert mean_difference(ours, theirs()) <= 1  # <= 1/255 of the 0..255 range
+    ref.text_encoder.config.use_attention_mask = False  # the padding attended to: other pictures
+    assert mean_difference(ours, theirs()) > 5
+    back = load_model(tmp_path / "emoji")
+    assert back.cfg == pipe.cfg
+    assert_same_tensors(pipe.model.state_dict(), back.state_dict())
 
 
 def test_saved_files_get_the_usual_permissions(tiny_cfg, tmp_path):

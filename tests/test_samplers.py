@@ -8,10 +8,11 @@ from conftest import PROMPT, STEPS, assert_same, diffusers_run, ours_run, tiny_m
 from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline
 
 from ldm.checkpoint import save_diffusers_folder
-from ldm.config import ModelConfig
+from ldm.config import ConfigError, ModelConfig
 from ldm.model import StableDiffusion
 from ldm.pipeline import InputError, Pipeline
-from ldm.samplers import SAMPLERS, ZERO_SNR_SAMPLERS, make_scheduler
+from ldm.diffusion import noise_scheduler
+from ldm.samplers import SAMPLERS, ZERO_SNR_SAMPLERS, check_sampler, make_scheduler
 
 
 @pytest.mark.parametrize("name", SAMPLERS)
@@ -116,10 +117,30 @@ def test_learned_variance_is_sampled_by_ddpm():
 def test_zero_terminal_snr_models_sample_from_pure_noise(name):
     cfg = dataclasses.replace(tiny_model().cfg, parameterization="v", rescale_betas_zero_snr=True)
     if name not in ZERO_SNR_SAMPLERS:
-        with pytest.raises(InputError, match="cannot follow this model's zero-terminal-SNR schedule"):
+        message = f"^sampler '{name}' cannot sample this model: its scheduler cannot follow a zero-terminal-SNR"
+        with pytest.raises(InputError, match=message):
             Pipeline(StableDiffusion(cfg)).txt2img(PROMPT, steps=2, sampler=name, progress=False)
         return
     scheduler = make_scheduler(name, cfg)
     assert scheduler.alphas_cumprod[-1] <= 2**-24  # diffusers keeps 2**-24 where a sigma would be infinite
     scheduler.set_timesteps(10)
     assert scheduler.timesteps[0] == 999  # "trailing": the first step is the pure-noise one (Lin et al. 2023, sec. 3.3)
+
+
+def test_training_and_every_sampler_share_one_schedule():
+    """diffusion.scheduler_config is the one description of the noise schedule: the training scheduler (DDPM) and each
+    sampler that can follow a zero-terminal-SNR schedule carry the same alphas_cumprod; the others are refused, by the
+    one check that the pipeline and train_unet.py both call."""
+    cfg = dataclasses.replace(ModelConfig(), parameterization="v", rescale_betas_zero_snr=True)
+    training = noise_scheduler(cfg)
+    assert training.alphas_cumprod[-1] <= 2**-24
+    for name in SAMPLERS:
+        if name in ZERO_SNR_SAMPLERS:
+            check_sampler(name, cfg)
+            alphas_cumprod = make_scheduler(name, cfg).alphas_cumprod  # the sigma-based ones end at 2**-24, not 0
+            assert torch.equal(alphas_cumprod[:-1], training.alphas_cumprod[:-1]) and alphas_cumprod[-1] <= 2**-24, name
+        else:
+            with pytest.raises(ConfigError, match=f"^validation.sampler '{name}' cannot sample this model"):
+                check_sampler(name, cfg, ConfigError, "validation.sampler")
+    with pytest.raises(ValueError, match=r"^unknown sampler 'lms' \(known: ddim, plms, "):
+        check_sampler("lms", cfg)
