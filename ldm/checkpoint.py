@@ -21,6 +21,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from ldm import LdmError
 from ldm.config import ConfigError, ModelConfig, TextEncoderConfig, UNetConfig, VAEConfig, from_dict, to_dict
 from ldm.model import StableDiffusion
 
@@ -38,7 +39,7 @@ SCHEDULE_KEYS = {
 PARAMETERIZATION_TO_DIFFUSERS = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
 
 
-class CheckpointError(ValueError):
+class CheckpointError(LdmError):
     """A checkpoint that cannot be read or does not fit the model; the message names the file or key."""
 
 

@@ -42,7 +42,7 @@ Generate = Callable[[list[str], int], list[Image.Image]]  # (prompts, seed of th
 Features = Callable[[list[Image.Image]], torch.Tensor]  # images -> (N, D)
 
 
-class EvalError(ValueError):
+class EvalError(LdmError):
     """Bad arguments, data or a missing package; the message says what to fix."""
 
 

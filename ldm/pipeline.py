@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm.auto import tqdm
 
+from ldm import LdmError
 from ldm.model import StableDiffusion
 from ldm.samplers import SAMPLERS, ZERO_SNR_SAMPLERS, Sampler
 
@@ -34,7 +35,7 @@ QUANTIZE = ("int8",)
 EMBEDDING_CACHE = 32  # prompts whose text-encoder states a Pipeline keeps
 
 
-class InputError(ValueError):
+class InputError(LdmError):
     """Bad generation input (image, mask, size, strength, sampler...); the message says which and why."""
 
 

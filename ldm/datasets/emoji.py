@@ -47,7 +47,7 @@ LICENCES = {
 }
 
 
-class DatasetError(ValueError):
+class DatasetError(LdmError):
     """Bad arguments or a missing source; the message says what to install or change."""
 
 
