@@ -15,25 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-from accelerate.utils import set_seed
-from diffusers.optimization import get_scheduler
-from PIL import Image
-from tqdm.auto import tqdm
-
-from ldm.cache import LatentCache, build_cache, cache_key
-from ldm.checkpoint import CheckpointError, load_model, load_state_strict, save_single_file
-from ldm.config import ArgumentParser, ConfigError, TrainUNetConfig, check, to_dict
-from ldm.data import DataError, ImageCaptionDataset
-from ldm.diffusion import Diffusion
-from ldm.model import StableDiffusion
-from ldm.pipeline import Pipeline
-from ldm.samplers import SAMPLERS, ZERO_SNR_SAMPLERS
-from ldm.training import (
-    EMA, StopOnSigterm, TrainState, checkpoint_run, end_training, flat_config, gather_skipped, list_checkpoints, log_image, make_accelerator, optimizer_step, peak_memory_gib,
-    per_sample_generators, randn_like_per_sample, read_train_config, resume_state, skipped_report, start_run,
-    stream_batches, writing,
-)  # fmt: skip
+from ldm.cli import ArgumentParser, run
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -44,6 +26,30 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--learn-sigma", action="store_true", help="also learn the variance (2x UNet output channels, improved-DDPM hybrid loss)")
     p.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides, e.g. optim.lr=1e-4 data.path=images")
     return p.parse_intermixed_args(argv)
+
+
+if __name__ == "__main__":
+    parse_args()  # --help and a mistyped flag answer here, before the imports below spend seconds (torch, diffusers)
+
+import torch
+from accelerate.utils import set_seed
+from diffusers.optimization import get_scheduler
+from PIL import Image
+from tqdm.auto import tqdm
+
+from ldm.cache import LatentCache, build_cache, cache_key
+from ldm.checkpoint import CheckpointError, load_model, load_state_strict, save_single_file
+from ldm.config import TrainUNetConfig, check, to_dict
+from ldm.data import ImageCaptionDataset
+from ldm.diffusion import Diffusion
+from ldm.model import StableDiffusion
+from ldm.pipeline import Pipeline
+from ldm.samplers import SAMPLERS, ZERO_SNR_SAMPLERS
+from ldm.training import (
+    EMA, StopOnSigterm, TrainState, checkpoint_run, end_training, flat_config, gather_skipped, list_checkpoints, log_image, make_accelerator, optimizer_step, peak_memory_gib,
+    per_sample_generators, randn_like_per_sample, read_train_config, resume_state, skipped_report, start_run,
+    stream_batches, writing,
+)  # fmt: skip
 
 
 def load_train_config(args) -> tuple[TrainUNetConfig, StableDiffusion | None]:
@@ -57,11 +63,7 @@ def load_train_config(args) -> tuple[TrainUNetConfig, StableDiffusion | None]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        return train(args)
-    except (ConfigError, DataError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run(lambda: train(args))
 
 
 def train(args) -> int:

@@ -18,24 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-from accelerate.utils import set_seed
-from diffusers.optimization import get_scheduler
-from PIL import Image
-from tqdm.auto import tqdm
-
-from ldm.checkpoint import CheckpointError, load_model_or_vae, load_state_strict, save_single_file
-from ldm.config import ArgumentParser, ConfigError, TrainVAEConfig, to_dict
-from ldm.data import DataError, ImageCaptionDataset, holdout_split
-from ldm.eval_vae import evaluate, image_batches
-from ldm.losses import GeneratorLoss, NLayerDiscriminator, discriminator_loss, load_lpips
-from ldm.model import StableDiffusion
-from ldm.training import (
-    EMA, StopOnSigterm, TrainState, checkpoint_run, end_training, flat_config, gather_skipped, list_checkpoints, log_image, make_accelerator, optimizer_step, peak_memory_gib,
-    per_sample_generators, randn_like_per_sample, read_train_config, resume_state, skipped_report, start_run,
-    stream_batches, writing,
-)  # fmt: skip
-from ldm.vae import latent_scale_factor
+from ldm.cli import ArgumentParser, run
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -46,6 +29,29 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lpips-weights", nargs="+", metavar="PATH", help="torchvision's vgg16 weights and lpips' vgg.pth heads (one file or two)")
     p.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides, e.g. optim.lr=1e-4 data.path=images")
     return p.parse_intermixed_args(argv)
+
+
+if __name__ == "__main__":
+    parse_args()  # --help and a mistyped flag answer here, before the imports below spend seconds (torch, diffusers)
+
+import torch
+from accelerate.utils import set_seed
+from diffusers.optimization import get_scheduler
+from PIL import Image
+from tqdm.auto import tqdm
+
+from ldm.checkpoint import load_model_or_vae, load_state_strict, save_single_file
+from ldm.config import ConfigError, TrainVAEConfig, to_dict
+from ldm.data import ImageCaptionDataset, holdout_split
+from ldm.eval_vae import evaluate, image_batches
+from ldm.losses import GeneratorLoss, NLayerDiscriminator, discriminator_loss, load_lpips
+from ldm.model import StableDiffusion
+from ldm.training import (
+    EMA, StopOnSigterm, TrainState, checkpoint_run, end_training, flat_config, gather_skipped, list_checkpoints, log_image, make_accelerator, optimizer_step, peak_memory_gib,
+    per_sample_generators, randn_like_per_sample, read_train_config, resume_state, skipped_report, start_run,
+    stream_batches, writing,
+)  # fmt: skip
+from ldm.vae import latent_scale_factor
 
 
 def load_train_config(args) -> tuple[TrainVAEConfig, StableDiffusion | None]:
@@ -67,11 +73,7 @@ def check_sizes(cfg: TrainVAEConfig) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        return train(args)
-    except (ConfigError, DataError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run(lambda: train(args))
 
 
 def train(args) -> int:

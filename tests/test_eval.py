@@ -178,7 +178,7 @@ def test_cli_bad_input(colour_folder, tmp_path, capsys):
         assert "not found" in err and len(err.strip().splitlines()) == 1
     (colour_folder / "05.png").unlink()
     assert ev.main([str(colour_folder)]) == 2
-    assert "05.png not found" in capsys.readouterr().err
+    assert "05.png: file not found" in capsys.readouterr().err
 
 
 @pytest.fixture
