@@ -172,9 +172,11 @@ def captioned_images(data: Path, caption_column: str = "text") -> tuple[list[Pat
     if not Path(data).is_dir():
         raise EvalError(f"{data} is not a folder: DATA must be an imagefolder with a metadata.jsonl (python -m ldm.datasets.emoji writes one)")
     files, skipped = scan_folder(Path(data).resolve(), caption_column)
-    if skipped:
-        name, why = skipped[0]
-        raise EvalError(f"{data}: {name}: {why}" + (f" (and {len(skipped) - 1} more)" if len(skipped) > 1 else ""))
+    # files beside the set (generated images saved there) and duplicates (one image, captions merged) are no loss
+    missing = [(name, why) for name, why in skipped if why != "not listed in a metadata file" and not why.startswith("duplicate")]
+    if missing:
+        name, why = missing[0]
+        raise EvalError(f"{data}: {name}: {why}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
     if not files:
         raise EvalError(f"{data} holds no captioned image (column '{caption_column}')")
     return [path for path, _ in files], [captions[0] for _, captions in files]
@@ -273,9 +275,6 @@ def evaluate_checkpoint(args) -> int:
         raise EvalError(f"--batch-size must be at least 1, got {args.batch_size}")
     paths, _ = captioned_images(args.data, args.caption_column)
     size = args.size or load_images(paths[:1])[0].width
-    if min(args.n, len(paths)) < FID_MIN_IMAGES:
-        print(f"note: FID from {min(args.n, len(paths))} images (fewer than {FID_MIN_IMAGES}, the Inception feature dimension) is "
-              "biased upward and noisy: compare it only with runs of the same --n and data", file=sys.stderr)
     features = inception_features(load_inception(), progress=True)
     generate = pipeline_generate(args.ckpt, args.steps, args.scale, args.sampler, size, args.quantize, args.dtype)
     report = evaluate(args.data, generate, features, args.n, args.seed, args.batch_size, args.caption_column, save_images=args.save_images, cache=args.real_cache)
@@ -284,6 +283,9 @@ def evaluate_checkpoint(args) -> int:
     if args.out:
         args.out.write_text(text + "\n", encoding="utf-8")
     print(text)
+    if min(args.n, len(paths)) < FID_MIN_IMAGES:
+        print(f"note: FID from {min(args.n, len(paths))} images (fewer than {FID_MIN_IMAGES}, the Inception feature dimension) is "
+              "biased upward and noisy: compare it only with runs of the same --n and data", file=sys.stderr)
     return 0
 
 
