@@ -244,6 +244,15 @@ def test_the_choices_known_before_torch_loads_are_the_pipelines():
     assert cli_names.DTYPE_NAMES == tuple(DTYPES) and cli_names.QUANTIZE_NAMES == QUANTIZE
 
 
+def test_the_readme_api_snippet_runs():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    snippet = re.search(r"## Loading models\n+```python\n(.*?)```", readme, re.S).group(1)
+    names = {}
+    exec(snippet, names)
+    assert tuple(names["context"].shape) == (1, 77, 384) and "(1, 77, 384)" in snippet
+    assert names["eps"].shape == names["latents"].shape == (1, 4, 8, 8) and tuple(names["image"].shape) == (1, 3, 32, 32)
+
+
 TRICKY = st.lists(st.one_of(st.text(max_size=6), st.sampled_from(["Negative prompt:", "Negative prompt: ", "Steps: 3", "Seed:", ", ", ",",
                   ":", "\n", "\r\n", " ", '"', "'", "\\", '\\"', "\u2028", "\x00", "é", "🍎", "Model: x, Size: 1x1"])), max_size=8).map("".join)  # fmt: skip
 
