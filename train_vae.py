@@ -24,15 +24,19 @@ from ldm.cli import ArgumentParser, run
 def parse_args(argv=None) -> argparse.Namespace:
     p = ArgumentParser(prog="train_vae.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", type=Path, required=True, help="training YAML (see configs/train-vae-tiny.yaml)")
-    p.add_argument("--resume", metavar="latest|PATH", help="continue from the newest checkpoint of output_dir, or from PATH")
-    p.add_argument("--decoder-only", action="store_true", help="fine-tune only the decoder of init_from's VAE (its latents stay)")
-    p.add_argument("--lpips-weights", nargs="+", metavar="PATH", help="torchvision's vgg16 weights and lpips' vgg.pth heads (one file or two)")
-    p.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides, e.g. optim.lr=1e-4 data.path=images")
+    p.add_argument("--resume", metavar="latest|PATH",
+                   help="continue from the newest checkpoint of output_dir, or from PATH")
+    p.add_argument("--decoder-only", action="store_true",
+                   help="fine-tune only the decoder of init_from's VAE (its latents stay)")
+    p.add_argument("--lpips-weights", nargs="+", metavar="PATH",
+                   help="torchvision's vgg16 weights and lpips' vgg.pth heads (one file or two)")
+    p.add_argument("overrides", nargs="*", metavar="key.path=value",
+                   help="config overrides, e.g. optim.lr=1e-4 data.path=images")
     return p.parse_intermixed_args(argv)
 
 
 if __name__ == "__main__":
-    parse_args()  # --help and a mistyped flag answer here, before the imports below spend seconds (torch, diffusers)
+    parse_args()  # --help and a mistyped flag answer here, before the imports below take seconds (torch, diffusers)
 
 import torch
 from accelerate.utils import set_seed

@@ -33,7 +33,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--prompt", help="what to draw")
     p.add_argument("--negative-prompt", default="", help="what to steer away from (default: the empty prompt, as SD)")
     p.add_argument("--from-file", type=Path, help="a text file with one prompt per line, instead of --prompt")
-    p.add_argument("--ckpt", type=Path, help="an SD v1 .safetensors/.ckpt, a diffusers folder or one of our checkpoints (default: the embedded emoji model)")
+    p.add_argument("--ckpt", type=Path,
+                   help="an SD v1 .safetensors/.ckpt, a diffusers folder or one of ours (default: the embedded model)")
     p.add_argument("--config", type=Path, help="architecture YAML, for a single file that does not carry its config")
     p.add_argument("--sampler", default="ddim", choices=cli.SAMPLER_NAMES, help="default: ddim")
     p.add_argument("--steps", "--ddim_steps", type=int, default=50, help="sampling steps (default: 50)")
@@ -42,25 +43,32 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=42, help="seed of the first image; image k gets seed + k (default: 42)")
     p.add_argument("--H", type=int, help="height in pixels (default: the model's; img2img: the init image's)")
     p.add_argument("--W", type=int, help="width in pixels (default: the model's; img2img: the init image's)")
-    p.add_argument("--n-samples", "--n_samples", type=int, default=1, help="images per prompt made as one batch (default: 1)")
+    p.add_argument("--n-samples", "--n_samples", type=int, default=1,
+                   help="images per prompt made as one batch (default: 1)")
     p.add_argument("--n-iter", "--n_iter", type=int, default=1, help="batches per prompt (default: 1)")
     p.add_argument("--outdir", type=Path, default=Path("outputs/txt2img-samples"))
-    p.add_argument("--eta", "--ddim_eta", type=float, default=0.0, help="DDIM eta: 0 deterministic, 1 DDPM-like (ddim only)")
+    p.add_argument("--eta", "--ddim_eta", type=float, default=0.0,
+                   help="DDIM eta: 0 deterministic, 1 DDPM-like (ddim only)")
     p.add_argument("--init-image", type=Path, help="img2img: the image to start from")
-    p.add_argument("--strength", type=float, help="fraction of the steps run from the init image, in (0, 1] (default: 0.75; inpainting: 1)")
-    p.add_argument("--mask", type=Path, help="inpainting: white = repaint, black = keep, grey = blend (the init image's size)")
+    p.add_argument("--strength", type=float,
+                   help="fraction of the steps run from the init image, in (0, 1] (default: 0.75; inpainting: 1)")
+    p.add_argument("--mask", type=Path,
+                   help="inpainting: white = repaint, black = keep, grey = blend (the init image's size)")
     p.add_argument("--dtype", choices=cli.DTYPE_NAMES, default="fp32")
     p.add_argument("--device", help="cpu, cuda, cuda:1, mps... (default: cuda when there is one, else cpu)")
-    p.add_argument("--quantize", choices=cli.QUANTIZE_NAMES, help="int8: PyTorch's dynamic int8 UNet (CPU, fp32): faster, a slightly different image")
-    p.add_argument("--compile", action="store_true", help="torch.compile the UNet (the first image pays the compile time)")
-    p.add_argument("--save-intermediates", action="store_true", help="also save a strip of each image's denoising trajectory")
+    p.add_argument("--quantize", choices=cli.QUANTIZE_NAMES,
+                   help="int8: PyTorch's dynamic int8 UNet (CPU, fp32): faster, a slightly different image")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the UNet (the first image pays the compile time)")
+    p.add_argument("--save-intermediates", action="store_true",
+                   help="also save a strip of each image's denoising trajectory")
     p.add_argument("--skip-grid", "--skip_grid", action="store_true", help="no grid image")
     p.add_argument("--no-metadata", action="store_true", help="write PNGs without the generation parameters")
     return p.parse_args(argv)
 
 
 if __name__ == "__main__":
-    parse_args(None)  # --help and a mistyped flag answer here, before the imports below spend seconds (torch, diffusers)
+    parse_args(None)  # --help and a mistyped flag answer here, before the imports below take seconds (torch, diffusers)
 
 import torch
 from PIL import Image
@@ -89,7 +97,8 @@ def read_prompts(args) -> list[str]:
     except (OSError, UnicodeDecodeError) as e:
         raise InputError(f"cannot read prompts from {args.from_file}: {e}") from None
     if len(data) > PROMPT_FILE_LIMIT:
-        raise InputError(f"--from-file {args.from_file} is over {PROMPT_FILE_LIMIT >> 20} MiB: split it into smaller files")
+        raise InputError(
+            f"--from-file {args.from_file} is over {PROMPT_FILE_LIMIT >> 20} MiB: split it into smaller files")
     if not prompts:
         raise InputError(f"{args.from_file} holds no prompt")
     return prompts

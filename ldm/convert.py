@@ -18,13 +18,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--config", type=Path, help="architecture YAML, for a single file that does not carry its config")
     p.add_argument("--no-ema", action="store_true", help="keep the raw UNet weights of a file that also has EMA ones")
     p.add_argument("--half", action="store_true", help="write fp16 tensors (single-file output)")
-    p.add_argument("--no-text-encoder", action="store_true", help="leave out a pretrained text encoder's weights (loading takes them from its package)")
+    p.add_argument("--no-text-encoder", action="store_true",
+                   help="leave out a pretrained text encoder's weights (loading takes them from its package)")
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     return p.parse_args(argv)
 
 
 if __name__ == "__main__":
-    parse_args()  # --help and a mistyped flag answer here, before the imports below spend seconds (torch, diffusers)
+    parse_args()  # --help and a mistyped flag answer here, before the imports below take seconds (torch, diffusers)
 
 import torch
 

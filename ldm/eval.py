@@ -42,8 +42,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sampler", default="ddim", choices=SAMPLER_NAMES)
     p.add_argument("--size", type=int, help="generated image side (default: the first real image's width)")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per txt2img call")
-    p.add_argument("--quantize", choices=QUANTIZE_NAMES, help="generate with the dynamic-int8 UNet (as txt2img.py --quantize)")
-    p.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32", help="generate in this dtype (as txt2img.py --dtype)")
+    p.add_argument("--quantize", choices=QUANTIZE_NAMES,
+                   help="generate with the dynamic-int8 UNet (as txt2img.py --quantize)")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32",
+                   help="generate in this dtype (as txt2img.py --dtype)")
     p.add_argument("--caption-column", default="text")
     p.add_argument("--save-images", type=Path, help="also write the generated images here")
     p.add_argument("--real-cache", type=Path, help="a .safetensors file keeping the real images' features between runs")
@@ -52,7 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 if __name__ == "__main__":
-    parse_args()  # --help and a mistyped flag answer here, before the imports below spend seconds (torch, diffusers)
+    parse_args()  # --help and a mistyped flag answer here, before the imports below take seconds (torch, diffusers)
 
 import numpy as np
 import torch
@@ -168,12 +170,15 @@ def top_k(ranks: list[int], k: int) -> float:
 
 def captioned_images(data: Path, caption_column: str = "text") -> tuple[list[Path], list[str]]:
     """The images of an image folder and the first caption of each, read by ldm.data.scan_folder (metadata.jsonl or
-    .csv, or a .txt beside each image); a listed image that is missing or unusable is an error (the real set must be whole)."""
+    .csv, or a .txt beside each image); a listed image that is missing or unusable is an error: the real set must be
+    whole."""
     if not Path(data).is_dir():
-        raise EvalError(f"{data} is not a folder: DATA must be an imagefolder with a metadata.jsonl (python -m ldm.datasets.emoji writes one)")
+        raise EvalError(f"{data} is not a folder: DATA must be an imagefolder with a metadata.jsonl "
+                        "(python -m ldm.datasets.emoji writes one)")
     files, skipped = scan_folder(Path(data).resolve(), caption_column)
     # files beside the set (generated images saved there) and duplicates (one image, captions merged) are no loss
-    missing = [(name, why) for name, why in skipped if why != "not listed in a metadata file" and not why.startswith("duplicate")]
+    missing = [(name, why) for name, why in skipped
+               if why != "not listed in a metadata file" and not why.startswith("duplicate")]
     if missing:
         name, why = missing[0]
         raise EvalError(f"{data}: {name}: {why}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
@@ -277,15 +282,17 @@ def evaluate_checkpoint(args) -> int:
     size = args.size or load_images(paths[:1])[0].width
     features = inception_features(load_inception(), progress=True)
     generate = pipeline_generate(args.ckpt, args.steps, args.scale, args.sampler, size, args.quantize, args.dtype)
-    report = evaluate(args.data, generate, features, args.n, args.seed, args.batch_size, args.caption_column, save_images=args.save_images, cache=args.real_cache)
+    report = evaluate(args.data, generate, features, args.n, args.seed, args.batch_size, args.caption_column,
+                      save_images=args.save_images, cache=args.real_cache)
     report = {"ckpt": args.ckpt, "steps": args.steps, "scale": args.scale, "sampler": args.sampler, "size": size, "quantize": args.quantize, "dtype": args.dtype} | report
     text = json.dumps(report, indent=2, ensure_ascii=False)
     if args.out:
         args.out.write_text(text + "\n", encoding="utf-8")
     print(text)
     if min(args.n, len(paths)) < FID_MIN_IMAGES:
-        print(f"note: FID from {min(args.n, len(paths))} images (fewer than {FID_MIN_IMAGES}, the Inception feature dimension) is "
-              "biased upward and noisy: compare it only with runs of the same --n and data", file=sys.stderr)
+        print(f"note: FID from {min(args.n, len(paths))} images (fewer than {FID_MIN_IMAGES}, the Inception feature "
+              "dimension) is biased upward and noisy: compare it only with runs of the same --n and data",
+              file=sys.stderr)
     return 0
 
 

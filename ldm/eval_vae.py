@@ -18,18 +18,20 @@ from ldm.cli import ArgumentParser, run
 def parse_args(argv=None) -> argparse.Namespace:
     p = ArgumentParser(prog="python -m ldm.eval_vae", description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint", type=Path, help="a single file (ours or SD v1) or a diffusers folder")
-    p.add_argument("--data", required=True, help="held-out images: an image folder, a saved dataset, or what datasets.load_dataset reads")
+    p.add_argument("--data", required=True,
+                   help="held-out images: an image folder, a saved dataset, or what datasets.load_dataset reads")
     p.add_argument("--n", type=int, default=256, help="evaluate the first N images (default 256)")
     p.add_argument("--resolution", type=int, help="center crops of this size (default: the VAE config's resolution)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--image-column", default="image", help="for datasets with columns (default: image)")
-    p.add_argument("--out", type=Path, default=Path("eval_vae"), help="folder for metrics.json and grid.png (default: eval_vae)")
+    p.add_argument("--out", type=Path, default=Path("eval_vae"),
+                   help="folder for metrics.json and grid.png (default: eval_vae)")
     p.add_argument("--device", help="default: cuda when there is one, else cpu")
     return p.parse_args(argv)
 
 
 if __name__ == "__main__":
-    parse_args()  # --help and a mistyped flag answer here, before the imports below spend seconds (torch, diffusers)
+    parse_args()  # --help and a mistyped flag answer here, before the imports below take seconds (torch, diffusers)
 
 import torch
 from PIL import Image
@@ -122,9 +124,11 @@ def evaluate_checkpoint(args) -> int:
         raise ConfigError("--n and --batch-size must be >= 1")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     vae = load_model(args.checkpoint).first_stage_model.to(device).eval()
-    dataset = ImageCaptionDataset(args.data, args.resolution or vae.cfg.resolution, image_column=args.image_column, require_captions=False)
+    resolution = args.resolution or vae.cfg.resolution
+    dataset = ImageCaptionDataset(args.data, resolution, image_column=args.image_column, require_captions=False)
     n = min(args.n, len(dataset))
-    batches = tqdm(image_batches(dataset, n, args.batch_size), "reconstructing", total=math.ceil(n / args.batch_size), unit="batch")
+    batches = image_batches(dataset, n, args.batch_size)
+    batches = tqdm(batches, "reconstructing", total=math.ceil(n / args.batch_size), unit="batch")
     results = evaluate(vae, batches, device, args.out / "grid.png")
     (args.out / "metrics.json").write_text(json.dumps(results, indent=2))
     print(json.dumps(results))

@@ -147,7 +147,8 @@ def build(out: str | Path, size: int = 64, limit: int | None = None, source: str
     artwork = SOURCES[source]()
     out.mkdir(parents=True, exist_ok=True)
     rows = []
-    with tqdm(total=min(limit or len(names), len(names)), desc="emoji", unit="img", disable=not progress) as bar:  # images written
+    total = min(limit or len(names), len(names))
+    with tqdm(total=total, desc="emoji", unit="img", disable=not progress) as bar:  # counts the images written
         for e, name in names.items():
             image = artwork.render(e, size)
             if image is None:
@@ -206,7 +207,8 @@ def main(argv=None) -> int:
     p.add_argument("out", type=Path, help="output folder (created; must be empty if it exists)")
     p.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
     p.add_argument("--limit", type=int, help="stop after this many images (in name order)")
-    p.add_argument("--source", choices=sorted(SOURCES), default="noto", help="artwork: the Noto font (default) or Twemoji PNGs")
+    p.add_argument("--source", choices=sorted(SOURCES), default="noto",
+                   help="artwork: the Noto font (default) or Twemoji PNGs")
     args = p.parse_args(argv)
     return run(lambda: write_dataset(args))
 
