@@ -15,6 +15,26 @@ import sys
 import time
 from pathlib import Path
 
+from ldm.cli import ArgumentParser, run
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = ArgumentParser(prog="train_unet.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", type=Path, required=True, help="training YAML (see configs/train-unet-tiny.yaml)")
+    p.add_argument("--resume", metavar="latest|PATH",
+                   help="continue from the newest checkpoint of output_dir, or from PATH")
+    p.add_argument("--cache-latents", action="store_true",
+                   help="encode the dataset once (VAE posterior + text embeddings) and train from that")
+    p.add_argument("--learn-sigma", action="store_true",
+                   help="also learn the variance (2x UNet output channels, improved-DDPM hybrid loss)")
+    p.add_argument("overrides", nargs="*", metavar="key.path=value",
+                   help="config overrides, e.g. optim.lr=1e-4 data.path=images")
+    return p.parse_intermixed_args(argv)
+
+
+if __name__ == "__main__":
+    parse_args()  # --help and a mistyped flag answer here, before the imports below take seconds (torch, diffusers)
+
 import torch
 from accelerate.utils import set_seed
 from diffusers.optimization import get_scheduler
@@ -23,8 +43,8 @@ from tqdm.auto import tqdm
 
 from ldm.cache import LatentCache, build_cache, cache_key
 from ldm.checkpoint import CheckpointError, load_model, load_state_strict, save_single_file
-from ldm.config import ArgumentParser, ConfigError, TrainUNetConfig, to_dict
-from ldm.data import DataError, ImageCaptionDataset
+from ldm.config import ConfigError, TrainUNetConfig, to_dict
+from ldm.data import ImageCaptionDataset
 from ldm.diffusion import Diffusion
 from ldm.model import StableDiffusion
 from ldm.pipeline import Pipeline
@@ -34,16 +54,6 @@ from ldm.training import (
     per_sample_generators, randn_like_per_sample, read_train_config, resume_state, skipped_report, start_run,
     stream_batches, writing,
 )  # fmt: skip
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    p = ArgumentParser(prog="train_unet.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", type=Path, required=True, help="training YAML (see configs/train-unet-tiny.yaml)")
-    p.add_argument("--resume", metavar="latest|PATH", help="continue from the newest checkpoint of output_dir, or from PATH")
-    p.add_argument("--cache-latents", action="store_true", help="encode the dataset once (VAE posterior + text embeddings) and train from that")
-    p.add_argument("--learn-sigma", action="store_true", help="also learn the variance (2x UNet output channels, improved-DDPM hybrid loss)")
-    p.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides, e.g. optim.lr=1e-4 data.path=images")
-    return p.parse_intermixed_args(argv)
 
 
 def load_train_config(args) -> tuple[TrainUNetConfig, StableDiffusion | None]:
@@ -57,11 +67,7 @@ def load_train_config(args) -> tuple[TrainUNetConfig, StableDiffusion | None]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        return train(args)
-    except (ConfigError, DataError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run(lambda: train(args))
 
 
 def train(args) -> int:

@@ -18,15 +18,35 @@ import sys
 import time
 from pathlib import Path
 
+from ldm.cli import ArgumentParser, run
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = ArgumentParser(prog="train_vae.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", type=Path, required=True, help="training YAML (see configs/train-vae-tiny.yaml)")
+    p.add_argument("--resume", metavar="latest|PATH",
+                   help="continue from the newest checkpoint of output_dir, or from PATH")
+    p.add_argument("--decoder-only", action="store_true",
+                   help="fine-tune only the decoder of init_from's VAE (its latents stay)")
+    p.add_argument("--lpips-weights", nargs="+", metavar="PATH",
+                   help="torchvision's vgg16 weights and lpips' vgg.pth heads (one file or two)")
+    p.add_argument("overrides", nargs="*", metavar="key.path=value",
+                   help="config overrides, e.g. optim.lr=1e-4 data.path=images")
+    return p.parse_intermixed_args(argv)
+
+
+if __name__ == "__main__":
+    parse_args()  # --help and a mistyped flag answer here, before the imports below take seconds (torch, diffusers)
+
 import torch
 from accelerate.utils import set_seed
 from diffusers.optimization import get_scheduler
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ldm.checkpoint import CheckpointError, load_model_or_vae, load_state_strict, save_single_file
-from ldm.config import ArgumentParser, ConfigError, TrainVAEConfig, to_dict
-from ldm.data import DataError, ImageCaptionDataset, holdout_split
+from ldm.checkpoint import load_model_or_vae, load_state_strict, save_single_file
+from ldm.config import ConfigError, TrainVAEConfig, to_dict
+from ldm.data import ImageCaptionDataset, holdout_split
 from ldm.eval_vae import evaluate, image_batches
 from ldm.losses import GeneratorLoss, NLayerDiscriminator, discriminator_loss, load_lpips
 from ldm.model import StableDiffusion
@@ -36,16 +56,6 @@ from ldm.training import (
     stream_batches, writing,
 )  # fmt: skip
 from ldm.vae import latent_scale_factor
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    p = ArgumentParser(prog="train_vae.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", type=Path, required=True, help="training YAML (see configs/train-vae-tiny.yaml)")
-    p.add_argument("--resume", metavar="latest|PATH", help="continue from the newest checkpoint of output_dir, or from PATH")
-    p.add_argument("--decoder-only", action="store_true", help="fine-tune only the decoder of init_from's VAE (its latents stay)")
-    p.add_argument("--lpips-weights", nargs="+", metavar="PATH", help="torchvision's vgg16 weights and lpips' vgg.pth heads (one file or two)")
-    p.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides, e.g. optim.lr=1e-4 data.path=images")
-    return p.parse_intermixed_args(argv)
 
 
 def load_train_config(args) -> tuple[TrainVAEConfig, StableDiffusion | None]:
@@ -67,11 +77,7 @@ def check_sizes(cfg: TrainVAEConfig) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        return train(args)
-    except (ConfigError, DataError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run(lambda: train(args))
 
 
 def train(args) -> int:

@@ -13,44 +13,33 @@ Image k of a run has seed --seed + k; the same parameters (batch size included) 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import math
-import os
 import re
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 
-import torch
-from PIL import Image
-from PIL.PngImagePlugin import PngInfo
+from ldm import cli
 
-from ldm import DEFAULT_MODEL, load_pipeline
-from ldm.checkpoint import CheckpointError, peek_config
-from ldm.config import ConfigError, load_config
-from ldm.pipeline import DTYPES, QUANTIZE, InputError, Pipeline, check_request, load_image
-from ldm.prompts import SYNTAXES
-from ldm.samplers import SAMPLERS
-
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")  # one line (argparse's default adds the whole usage)
+PROMPT_FILE_LIMIT = 1 << 20  # --from-file is read up to 1 MiB (`--from-file /dev/zero` would read forever)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = Parser(prog="txt2img.py", description=__doc__.split("\n\n")[0])
+    p = cli.ArgumentParser(prog="txt2img.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--prompt", help="what to draw")
     p.add_argument("--negative-prompt", default="", help="what to steer away from (default: the empty prompt, as SD)")
     p.add_argument("--from-file", type=Path, help="a text file with one prompt per line, instead of --prompt")
-    p.add_argument("--ckpt", type=Path, help="an SD v1 .safetensors/.ckpt, a diffusers folder or one of our checkpoints (default: the embedded emoji model)")
+    p.add_argument("--ckpt", type=Path,
+                   help="an SD v1 .safetensors/.ckpt, a diffusers folder or one of ours (default: the embedded model)")
     p.add_argument("--config", type=Path, help="architecture YAML, for a single file that does not carry its config")
-    p.add_argument("--sampler", default="ddim", choices=SAMPLERS, help="default: ddim")
+    p.add_argument("--sampler", default="ddim", choices=cli.SAMPLER_NAMES, help="default: ddim")
     p.add_argument("--steps", "--ddim_steps", type=int, default=50, help="sampling steps (default: 50)")
     p.add_argument("--scale", type=float, default=7.5, help="classifier-free guidance scale (default: 7.5; 1: none)")
-    p.add_argument("--prompt-syntax", choices=SYNTAXES, default="a1111",
+    p.add_argument("--prompt-syntax", choices=cli.SYNTAX_NAMES, default="a1111",
                    help="a1111 (default): AUTOMATIC1111's (word:1.3), [word], BREAK; plain: every character literal")
     p.add_argument("--clip-skip", type=int, default=1,
                    help="condition on the text encoder's N-th last layer (default: 1, the last)")
@@ -62,18 +51,38 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="images per prompt made as one batch, in sub-batches that fit in memory (default: 1)")
     p.add_argument("--n-iter", "--n_iter", type=int, default=1, help="batches per prompt (default: 1)")
     p.add_argument("--outdir", type=Path, default=Path("outputs/txt2img-samples"))
-    p.add_argument("--eta", "--ddim_eta", type=float, default=0.0, help="DDIM eta: 0 deterministic, 1 DDPM-like (ddim only)")
+    p.add_argument("--eta", "--ddim_eta", type=float, default=0.0,
+                   help="DDIM eta: 0 deterministic, 1 DDPM-like (ddim only)")
     p.add_argument("--init-image", type=Path, help="img2img: the image to start from")
-    p.add_argument("--strength", type=float, help="fraction of the steps run from the init image, in (0, 1] (default: 0.75; inpainting: 1)")
-    p.add_argument("--mask", type=Path, help="inpainting: white = repaint, black = keep, grey = blend (the init image's size)")
-    p.add_argument("--dtype", choices=DTYPES, default="fp32")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--quantize", choices=QUANTIZE, help="int8: PyTorch's dynamic int8 UNet (CPU, fp32): faster, a slightly different image")
-    p.add_argument("--compile", action="store_true", help="torch.compile the UNet (the first image pays the compile time)")
-    p.add_argument("--save-intermediates", action="store_true", help="also save a strip of each image's denoising trajectory")
+    p.add_argument("--strength", type=float,
+                   help="fraction of the steps run from the init image, in (0, 1] (default: 0.75; inpainting: 1)")
+    p.add_argument("--mask", type=Path,
+                   help="inpainting: white = repaint, black = keep, grey = blend (the init image's size)")
+    p.add_argument("--dtype", choices=cli.DTYPE_NAMES, default="fp32")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, mps... (default: cuda when there is one, else cpu)")
+    p.add_argument("--quantize", choices=cli.QUANTIZE_NAMES,
+                   help="int8: PyTorch's dynamic int8 UNet (CPU, fp32): faster, a slightly different image")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the UNet (the first image pays the compile time)")
+    p.add_argument("--save-intermediates", action="store_true",
+                   help="also save a strip of each image's denoising trajectory")
     p.add_argument("--skip-grid", "--skip_grid", action="store_true", help="no grid image")
     p.add_argument("--no-metadata", action="store_true", help="write PNGs without the generation parameters")
     return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    parse_args(None)  # --help and a mistyped flag answer here, before the imports below take seconds (torch, diffusers)
+
+import torch
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from ldm import DEFAULT_MODEL, load_pipeline
+from ldm.checkpoint import peek_config
+from ldm.config import load_config
+from ldm.pipeline import DTYPES, InputError, Pipeline, check_request, load_image
+from ldm.samplers import SAMPLERS
 
 
 def read_prompts(args) -> list[str]:
@@ -87,9 +96,14 @@ def read_prompts(args) -> list[str]:
     if args.prompt is not None:
         return [args.prompt]
     try:
-        prompts = [line.strip() for line in args.from_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        with open(args.from_file, "rb") as f:
+            data = f.read(PROMPT_FILE_LIMIT + 1)
+        prompts = [line.strip() for line in data.decode("utf-8").splitlines() if line.strip()]
     except (OSError, UnicodeDecodeError) as e:
         raise InputError(f"cannot read prompts from {args.from_file}: {e}") from None
+    if len(data) > PROMPT_FILE_LIMIT:
+        raise InputError(
+            f"--from-file {args.from_file} is over {PROMPT_FILE_LIMIT >> 20} MiB: split it into smaller files")
     if not prompts:
         raise InputError(f"{args.from_file} holds no prompt")
     return prompts
@@ -147,6 +161,9 @@ def save_png(image: Image.Image, path: Path, facts: dict | None) -> Path:
             image.save(f, format="PNG", pnginfo=info)
     except FileExistsError:
         raise InputError(f"{path} appeared while writing: not overwriting it") from None
+    except KeyboardInterrupt:  # Ctrl-C while writing: no partial file stays
+        path.unlink(missing_ok=True)
+        raise
     except OSError as e:  # the disk is full, the folder is read-only...: no partial file stays
         path.unlink(missing_ok=True)
         raise InputError(f"cannot write {path}: {e.strerror or e}") from None
@@ -198,15 +215,36 @@ def show_note(message, *_):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    return cli.run(lambda: generate(args))
+
+
+def generate(args) -> int:
     with warnings.catch_warnings():
         warnings.showwarning = show_note  # warnings (an image resized, a prompt truncated) as one-line notes
-        try:
-            written = execute(args)
-        except (InputError, CheckpointError, ConfigError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+        written = execute(args)
     print("\n".join(map(str, written)))
     return 0
+
+
+def check_writable(outdir: Path) -> None:
+    """Fail before the model loads, not after the images, where outdir cannot be made or written: make it, write a
+    temporary file into it, then remove the folders made for the check (bad input leaves nothing behind)."""
+    made = []  # deepest first
+    try:
+        for folder in (outdir, *outdir.absolute().parents):  # the folder, or where it will be made
+            if folder.exists():
+                break
+            made.append(folder)
+        if not folder.is_dir():
+            raise InputError(f"--outdir {outdir}: {folder} is a file, not a folder")
+        outdir.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=outdir).close()
+    except OSError as e:  # a name too long, a broken link, a read-only file system, no permission...
+        raise InputError(f"--outdir {outdir}: cannot write there ({e.strerror or e})") from None
+    finally:
+        for folder in made:
+            with contextlib.suppress(OSError):  # one that was never made
+                folder.rmdir()
 
 
 def execute(args) -> list[Path]:
@@ -230,11 +268,8 @@ def execute(args) -> list[Path]:
     init_image = load_image(args.init_image) if args.init_image else None
     mask = load_image(args.mask, "L") if args.mask else None
     ckpt = DEFAULT_MODEL if args.ckpt is None else args.ckpt
-    existing = next(p for p in (args.outdir, *args.outdir.absolute().parents) if p.exists())  # the folder, or where it will be made
-    if not existing.is_dir():
-        raise InputError(f"--outdir {args.outdir}: {existing} is a file, not a folder")
-    if not os.access(existing, os.W_OK):
-        raise InputError(f"--outdir {args.outdir}: {existing} is not writable")
+    check_writable(args.outdir)
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(args.device)
     except RuntimeError:
@@ -249,6 +284,8 @@ def execute(args) -> list[Path]:
         dtype=DTYPES[args.dtype],
     )
     pipe = load_pipeline(ckpt, device, DTYPES[args.dtype], config, args.quantize, args.compile)
+    if args.compile:
+        print("note: compiling the UNet on its first call (~2-3 min on a CPU, less on a GPU)...", file=sys.stderr)
     model = {"model": "ldm-emoji" if args.ckpt is None else ckpt.stem, "model_hash": None if args.no_metadata else model_hash(ckpt)}
     return run(pipe, args, prompts, init_image, mask, model)
 

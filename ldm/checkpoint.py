@@ -20,6 +20,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from ldm import LdmError
 from ldm.config import ConfigError, ModelConfig, TextEncoderConfig, UNetConfig, VAEConfig, from_dict, to_dict
 from ldm.diffusion import PARAMETERIZATION_TO_DIFFUSERS, scheduler_config
 from ldm.model import StableDiffusion
@@ -37,7 +38,7 @@ SCHEDULE_KEYS = {
 }  # fmt: skip
 
 
-class CheckpointError(ValueError):
+class CheckpointError(LdmError):
     """A checkpoint that cannot be read or does not fit the model; the message names the file or key."""
 
 

@@ -5,7 +5,6 @@ original `v1-inference.yaml` finds the same words here. Unknown keys are an erro
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import typing
@@ -14,8 +13,10 @@ from pathlib import Path
 
 import yaml
 
+from ldm import LdmError
 
-class ConfigError(ValueError):
+
+class ConfigError(LdmError):
     """A config file or override that does not fit the dataclasses; the message names the key."""
 
 
@@ -125,13 +126,6 @@ def check(ok: bool, message: str) -> None:
     """For __post_init__ value checks: raise ConfigError(message) unless ok."""
     if not ok:
         raise ConfigError(message)
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose errors are one line (its own print the whole usage first), exit code 2 as argparse's."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def from_dict(cls, data: dict, prefix: str = ""):

@@ -8,36 +8,47 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
-from ldm.checkpoint import CheckpointError, load_model, save_diffusers_folder, save_single_file
-from ldm.config import ConfigError, load_config
+from ldm.cli import ArgumentParser, run
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m ldm.convert", description=__doc__.split("\n\n")[1])
+def parse_args(argv=None) -> argparse.Namespace:
+    p = ArgumentParser(prog="python -m ldm.convert", description=__doc__.split("\n\n")[1])
     p.add_argument("src", type=Path)
     p.add_argument("dst", type=Path)
     p.add_argument("--config", type=Path, help="architecture YAML, for a single file that does not carry its config")
     p.add_argument("--no-ema", action="store_true", help="keep the raw UNet weights of a file that also has EMA ones")
     p.add_argument("--half", action="store_true", help="write fp16 tensors (single-file output)")
-    p.add_argument("--no-text-encoder", action="store_true", help="leave out a pretrained text encoder's weights (loading takes them from its package)")
+    p.add_argument("--no-text-encoder", action="store_true",
+                   help="leave out a pretrained text encoder's weights (loading takes them from its package)")
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
-    args = p.parse_args(argv)
-    try:
-        if args.dst.exists() and not args.overwrite:
-            raise CheckpointError(f"{args.dst} exists; pass --overwrite to replace it")
-        if args.dst.resolve() == args.src.resolve():
-            raise CheckpointError("SRC and DST are the same path")
-        cfg = load_config(args.config) if args.config else None
-        model = load_model(args.src, cfg, use_ema=not args.no_ema)
-        if args.dst.suffix == ".safetensors":
-            save_single_file(model, args.dst, torch.float16 if args.half else None, text_encoder=not args.no_text_encoder)
-        else:
-            save_diffusers_folder(model, args.dst)
-    except (CheckpointError, ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    parse_args()  # --help and a mistyped flag answer here, before the imports below take seconds (torch, diffusers)
+
+import torch
+
+from ldm.checkpoint import CheckpointError, load_model, save_diffusers_folder, save_single_file
+from ldm.config import load_config
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    return run(lambda: convert(args))
+
+
+def convert(args) -> int:
+    if args.dst.exists() and not args.overwrite:
+        raise CheckpointError(f"{args.dst} exists; pass --overwrite to replace it")
+    if args.dst.resolve() == args.src.resolve():
+        raise CheckpointError("SRC and DST are the same path")
+    cfg = load_config(args.config) if args.config else None
+    model = load_model(args.src, cfg, use_ema=not args.no_ema)
+    if args.dst.suffix == ".safetensors":
+        save_single_file(model, args.dst, torch.float16 if args.half else None, text_encoder=not args.no_text_encoder)
+    else:
+        save_diffusers_folder(model, args.dst)
     print(f"wrote {args.dst}")
     return 0
 

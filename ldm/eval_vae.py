@@ -7,18 +7,40 @@ PNG grid of input | reconstruction pairs. train_vae.py runs the same evaluation 
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import sys
 from pathlib import Path
 
+from ldm.cli import ArgumentParser, run
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = ArgumentParser(prog="python -m ldm.eval_vae", description=__doc__.split("\n\n")[0])
+    p.add_argument("checkpoint", type=Path, help="a single file (ours or SD v1) or a diffusers folder")
+    p.add_argument("--data", required=True,
+                   help="held-out images: an image folder, a saved dataset, or what datasets.load_dataset reads")
+    p.add_argument("--n", type=int, default=256, help="evaluate the first N images (default 256)")
+    p.add_argument("--resolution", type=int, help="center crops of this size (default: the VAE config's resolution)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--image-column", default="image", help="for datasets with columns (default: image)")
+    p.add_argument("--out", type=Path, default=Path("eval_vae"),
+                   help="folder for metrics.json and grid.png (default: eval_vae)")
+    p.add_argument("--device", help="default: cuda when there is one, else cpu")
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    parse_args()  # --help and a mistyped flag answer here, before the imports below take seconds (torch, diffusers)
+
 import torch
 from PIL import Image
 from pytorch_msssim import ssim as _ssim
+from tqdm import tqdm
 
-from ldm.checkpoint import CheckpointError, load_model
-from ldm.config import ArgumentParser, ConfigError
-from ldm.data import DataError, ImageCaptionDataset
+from ldm.checkpoint import load_model
+from ldm.config import ConfigError
+from ldm.data import ImageCaptionDataset
 from ldm.eval import EvalError, fid, inception_features, load_inception
 from ldm.pipeline import to_pil
 from ldm.vae import AutoencoderKL
@@ -93,25 +115,21 @@ def evaluate(vae: AutoencoderKL, batches, device: torch.device | str, grid_path:
 
 
 def main(argv=None) -> int:
-    p = ArgumentParser(prog="python -m ldm.eval_vae", description=__doc__.split("\n\n")[0])
-    p.add_argument("checkpoint", type=Path, help="a single file (ours or SD v1) or a diffusers folder")
-    p.add_argument("--data", required=True, help="held-out images: an image folder, a saved dataset, or what datasets.load_dataset reads")
-    p.add_argument("--n", type=int, default=256, help="evaluate the first N images (default 256)")
-    p.add_argument("--resolution", type=int, help="center crops of this size (default: the VAE config's resolution)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--image-column", default="image", help="for datasets with columns (default: image)")
-    p.add_argument("--out", type=Path, default=Path("eval_vae"), help="folder for metrics.json and grid.png (default: eval_vae)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = p.parse_args(argv)
-    try:
-        if args.n < 1 or args.batch_size < 1:
-            raise ConfigError("--n and --batch-size must be >= 1")
-        vae = load_model(args.checkpoint).first_stage_model.to(args.device).eval()
-        dataset = ImageCaptionDataset(args.data, args.resolution or vae.cfg.resolution, image_column=args.image_column, require_captions=False)
-        results = evaluate(vae, image_batches(dataset, args.n, args.batch_size), args.device, args.out / "grid.png")
-    except (CheckpointError, ConfigError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    args = parse_args(argv)
+    return run(lambda: evaluate_checkpoint(args))
+
+
+def evaluate_checkpoint(args) -> int:
+    if args.n < 1 or args.batch_size < 1:
+        raise ConfigError("--n and --batch-size must be >= 1")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    vae = load_model(args.checkpoint).first_stage_model.to(device).eval()
+    resolution = args.resolution or vae.cfg.resolution
+    dataset = ImageCaptionDataset(args.data, resolution, image_column=args.image_column, require_captions=False)
+    n = min(args.n, len(dataset))
+    batches = image_batches(dataset, n, args.batch_size)
+    batches = tqdm(batches, "reconstructing", total=math.ceil(n / args.batch_size), unit="batch")
+    results = evaluate(vae, batches, device, args.out / "grid.png")
     (args.out / "metrics.json").write_text(json.dumps(results, indent=2))
     print(json.dumps(results))
     print(f"wrote {args.out / 'metrics.json'} and {args.out / 'grid.png'}")

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm.auto import tqdm
 
+from ldm import LdmError
 from ldm.config import ModelConfig
 from ldm.model import StableDiffusion
 from ldm.prompts import SYNTAXES, prompt_contexts
@@ -44,7 +45,7 @@ EMBEDDING_CACHE = 32  # prompts whose text-encoder states a Pipeline keeps
 VAE_TILE = 64  # latents a side beyond which the VAE decodes in tiles
 
 
-class InputError(ValueError):
+class InputError(LdmError):
     """Bad generation input (image, mask, size, strength, sampler...); the message says which and why."""
 
 

@@ -24,7 +24,8 @@ import re
 
 import torch
 
-SYNTAXES = ("a1111", "plain")
+from ldm.cli import SYNTAX_NAMES as SYNTAXES  # "a1111" or "plain"
+
 CHUNK = 75  # prompt tokens per chunk: the encoder's 77 less its start and end tokens
 COMMA_BACKTRACK = 20  # A1111's default comma_padding_backtrack: a comma this near the end of a full chunk splits it
 BREAK = None  # the weight that marks a BREAK in parse()'s output

@@ -79,3 +79,4 @@ def test_cli(tmp_path, capsys):
         pytest.skip("no emoji artwork installed")
     assert emoji_dataset.main([str(tmp_path / "o"), "--size", "16", "--limit", "2", "--source", source]) == 0
     assert len((tmp_path / "o" / "metadata.jsonl").read_text().splitlines()) == 2
+    assert "2/2" in capsys.readouterr().err  # the progress bar counts to --limit, not to every emoji name

