@@ -29,6 +29,7 @@ from PIL.PngImagePlugin import PngInfo
 from ldm import DEFAULT_MODEL, load_pipeline
 from ldm.checkpoint import CheckpointError
 from ldm.config import ConfigError, load_config
+from ldm.lora import a1111_hash
 from ldm.pipeline import DTYPES, QUANTIZE, InputError, Pipeline, load_image
 from ldm.samplers import SAMPLERS
 
@@ -67,6 +68,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--save-intermediates", action="store_true", help="also save a strip of each image's denoising trajectory")
     p.add_argument("--skip-grid", "--skip_grid", action="store_true", help="no grid image")
     p.add_argument("--no-metadata", action="store_true", help="write PNGs without the generation parameters")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
+                   help="merge a LoRA (kohya / AUTOMATIC1111 / diffusers file) at WEIGHT (default: 1); repeatable")
+    p.add_argument("--embedding", action="append", default=[], metavar="FILE[:TOKEN]",
+                   help="a textual-inversion embedding, its trigger word TOKEN (default: the file's); repeatable")
     return p.parse_args(argv)
 
 
@@ -115,8 +120,27 @@ def a1111_text(facts: dict) -> str:
         "Batch size": facts["batch_size"] if facts["batch_size"] > 1 else None,
         "Batch pos": facts["batch_pos"] if facts["batch_size"] > 1 else None,
     }  # fmt: skip
+    pairs["Lora hashes"] = ", ".join(f"{lora['name']}: {lora['hash']}" for lora in facts.get("loras", [])) or None
+    pairs["TI hashes"] = ", ".join(f"{e['token']}: {e['hash']}" for e in facts.get("embeddings", [])) or None
     lines = [facts["prompt"]] + ([f"Negative prompt: {facts['negative_prompt']}"] if facts["negative_prompt"] else [])
     return "\n".join(lines + [", ".join(f"{k}: {quote(v)}" for k, v in pairs.items() if v is not None)])
+
+
+def file_spec(value: str, flag: str, weight: bool) -> tuple[Path, float | str | None]:
+    """FILE[:SUFFIX] of --lora (a weight, default 1) or --embedding (a token, default None): a colon ends the file
+    name only where the whole value is not an existing file."""
+    path, _, suffix = value.rpartition(":")
+    if Path(value).is_file() or not path:
+        return Path(value), 1.0 if weight else None
+    if not weight:
+        return Path(path), suffix
+    try:
+        number = float(suffix)
+    except ValueError:
+        number = math.nan
+    if not math.isfinite(number):
+        raise InputError(f"{flag} {value}: the weight after the last ':' must be a finite number, got '{suffix}'")
+    return Path(path), number
 
 
 def next_number(outdir: Path) -> int:
@@ -218,6 +242,8 @@ def execute(args) -> list[Path]:
         raise InputError("--strength needs --init-image")
     if args.mask is not None and args.init_image is None:
         raise InputError("--mask needs --init-image")
+    loras = [file_spec(value, "--lora", weight=True) for value in args.lora]
+    embeddings = [file_spec(value, "--embedding", weight=False) for value in args.embedding]
     init_image = load_image(args.init_image) if args.init_image else None
     mask = load_image(args.mask, "L") if args.mask else None
     ckpt = DEFAULT_MODEL if args.ckpt is None else args.ckpt
@@ -236,6 +262,14 @@ def execute(args) -> list[Path]:
     if args.steps > pipe.cfg.timesteps:
         raise InputError(f"--steps {args.steps}: this model has {pipe.cfg.timesteps} diffusion timesteps, so at most that many steps")
     model = {"model": "ldm-emoji" if args.ckpt is None else ckpt.stem, "model_hash": None if args.no_metadata else model_hash(ckpt)}
+    for path, weight in loras:
+        pipe.load_lora(path, weight)
+        hashed = None if args.no_metadata else a1111_hash(path, addnet=path.suffix == ".safetensors")
+        model.setdefault("loras", []).append({"name": path.stem, "file": str(path), "weight": weight, "hash": hashed})
+    for path, token in embeddings:
+        tokens = pipe.load_embedding(path, token)
+        hashed = None if args.no_metadata else a1111_hash(path)
+        model.setdefault("embeddings", []).append({"token": tokens[0], "file": str(path), "vectors": len(tokens), "hash": hashed})
     return run(pipe, args, prompts, init_image, mask, model)
 
 
