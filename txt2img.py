@@ -4,6 +4,7 @@
     python txt2img.py --ckpt v1-5-pruned-emaonly.safetensors --prompt "a lighthouse at dusk" --sampler dpmpp_2m_karras --steps 25
     python txt2img.py --ckpt v1-5-pruned-emaonly.safetensors --prompt "an oil painting" --init-image photo.png --strength 0.6
     python txt2img.py --ckpt sd-v1-5-inpainting.ckpt --prompt "a vase of tulips" --init-image room.png --mask mask.png
+    python txt2img.py --ckpt sd15.safetensors --prompt "a fox, in mystyle" --lora detail.safetensors:0.6 --embedding mystyle.pt
 
 Writes one PNG per image into --outdir, numbered after the PNGs already there (nothing is overwritten), and a
 grid when a run makes more than one image. Each PNG carries its generation parameters: AUTOMATIC1111's
@@ -269,7 +270,8 @@ def execute(args) -> list[Path]:
     for path, token in embeddings:
         tokens = pipe.load_embedding(path, token)
         hashed = None if args.no_metadata else a1111_hash(path)
-        model.setdefault("embeddings", []).append({"token": tokens[0], "file": str(path), "vectors": len(tokens), "hash": hashed})
+        embedding = {"token": tokens[0], "file": str(path), "vectors": len(tokens), "hash": hashed}
+        model.setdefault("embeddings", []).append(embedding)
     return run(pipe, args, prompts, init_image, mask, model)
 
 

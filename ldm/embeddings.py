@@ -6,6 +6,7 @@ whose trigger word is its key; a token given by the caller overrides both. An n-
 `tok`, `tok_1`, ... `tok_{n-1}` and the word `tok` in a prompt stands for all of them, as in diffusers (so a prompt
 gives diffusers' token ids).
 """
+
 from __future__ import annotations
 
 import copy
@@ -27,16 +28,22 @@ def read_embedding(path: str | Path) -> tuple[str, torch.Tensor]:
         try:
             data = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
-            raise CheckpointError(f"{path}: refused to load, the pickle holds more than tensors ({str(e).splitlines()[0]})") from None
+            raise CheckpointError(
+                f"{path}: refused to load, the pickle holds more than tensors ({str(e).splitlines()[0]})"
+            ) from None
         except Exception as e:
-            raise CheckpointError(f"{path} is not an embedding file: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+            raise CheckpointError(
+                f"{path} is not an embedding file: {type(e).__name__}: {str(e).splitlines()[0]}"
+            ) from None
     word = path.stem
     if isinstance(data, dict) and isinstance(data.get("string_to_param"), dict):  # A1111 .pt
         data = data["string_to_param"]
     elif isinstance(data, dict) and "emb_params" in data:  # kohya / A1111 .safetensors
         data = {word: data["emb_params"]}
     if not isinstance(data, dict) or len(data) != 1 or not isinstance(next(iter(data.values())), torch.Tensor):
-        raise CheckpointError(f"{path}: not a textual-inversion embedding (one tensor: string_to_param, emb_params or {{token: tensor}})")
+        raise CheckpointError(
+            f"{path}: not a textual-inversion embedding (one tensor: string_to_param, emb_params or {{token: tensor}})"
+        )
     key, vectors = next(iter(data.items()))
     if not isinstance(key, str) or key == "*":  # A1111's placeholder string: the trigger word is the file name
         key = word
@@ -51,7 +58,9 @@ def add_embedding_(text_encoder: FrozenTextEncoder, path: str | Path, token: str
     tokens = [word] + [f"{word}_{i}" for i in range(1, len(vectors))]
     width = text_encoder.transformer.get_input_embeddings().weight.shape[1]
     if vectors.shape[1] != width:
-        raise CheckpointError(f"{path}: a {vectors.shape[1]}-d embedding, but this model's text encoder takes {width}-d token vectors")
+        raise CheckpointError(
+            f"{path}: a {vectors.shape[1]}-d embedding, but this model's text encoder takes {width}-d token vectors"
+        )
     tokenizer = copy.deepcopy(text_encoder.tokenizer)
     known = [t for t in tokens if t in tokenizer.get_vocab()]
     if known:

@@ -1,4 +1,4 @@
-"""LoRA files merged into a model's weights: kohya / AUTOMATIC1111 (diffusers or CompVis module names), diffusers / PEFT.
+"""LoRA files merged into a model's weights: kohya / AUTOMATIC1111 (diffusers or CompVis names), diffusers / PEFT.
 
 A LoRA (Hu et al. 2021, eq. 3) adds a low-rank update to the weight of a Linear or Conv2d layer:
 
@@ -15,6 +15,7 @@ with '.' written '_', so kohya's underscores are never guessed at):
                      text_encoder.[text_model.]<text model path>...
 The UNet's diffusers names come from ldm.checkpoint's one diffusers <-> CompVis mapping (unet_key_map).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -26,9 +27,21 @@ import torch.nn as nn
 from ldm.checkpoint import TEXT, UNET, CheckpointError, read_state_dict, rename, unet_key_map
 from ldm.model import StableDiffusion
 
-PARTS = {".lora_down.weight": "down", ".lora_up.weight": "up", ".lora_A.weight": "down", ".lora_B.weight": "up",
-         ".lora.down.weight": "down", ".lora.up.weight": "up", ".alpha": "alpha"}  # fmt: skip
-UNSUPPORTED = {"hada_": "LoHa", "lokr_": "LoKr", "dora_scale": "DoRA", "lora_mid": "LoCon with a Tucker core (lora_mid)"}
+PARTS = {
+    ".lora_down.weight": "down",
+    ".lora_up.weight": "up",
+    ".lora_A.weight": "down",
+    ".lora_B.weight": "up",
+    ".lora.down.weight": "down",
+    ".lora.up.weight": "up",
+    ".alpha": "alpha",
+}
+UNSUPPORTED = {
+    "hada_": "LoHa",
+    "lokr_": "LoKr",
+    "dora_scale": "DoRA",
+    "lora_mid": "LoCon with a Tucker core (lora_mid)",
+}
 PREFIXES = {"lora_unet_": "unet_", "lora_te_": "te_", "unet.": "unet_", "text_encoder.": "te_"}
 
 
@@ -59,10 +72,14 @@ def read_lora(model: StableDiffusion, path: str | Path) -> list[tuple[str, torch
     for key, value in state.items():
         kind = next((kind for marker, kind in UNSUPPORTED.items() if marker in key), None)
         if kind is not None:
-            raise CheckpointError(f"{path}: '{key}' is a {kind} tensor, a LyCORIS type ldm does not read (plain LoRA and LoCon only)")
+            raise CheckpointError(
+                f"{path}: '{key}' is a {kind} tensor, a LyCORIS type ldm does not read (plain LoRA and LoCon only)"
+            )
         part = next((p for p in PARTS if key.endswith(p)), None)
         if part is None:
-            raise CheckpointError(f"{path}: '{key}' is not a LoRA tensor (lora_down / lora_up / lora_A / lora_B / alpha)")
+            raise CheckpointError(
+                f"{path}: '{key}' is not a LoRA tensor (lora_down / lora_up / lora_A / lora_B / alpha)"
+            )
         layers.setdefault(key[: -len(part)], {})[PARTS[part]] = value
     if not layers:
         raise CheckpointError(f"{path}: no LoRA tensors inside")
@@ -80,13 +97,15 @@ def read_lora(model: StableDiffusion, path: str | Path) -> list[tuple[str, torch
         fits = up.ndim >= 2 and up.shape[0] == w.shape[0] and up[0].numel() == rank and down.ndim >= 2
         if not (fits and down.shape[1] == w.shape[1] and down[0].numel() == w[0].numel()):
             raise CheckpointError(
-                f"{path}: layer '{layer}' is up {tuple(up.shape)} x down {tuple(down.shape)}, but the model's weight is "
-                f"{tuple(w.shape)} (a LoRA for another architecture?)"
+                f"{path}: layer '{layer}' is up {tuple(up.shape)} x down {tuple(down.shape)}, "
+                f"but the model's weight is {tuple(w.shape)} (a LoRA for another architecture?)"
             )
         alpha = float(parts["alpha"]) if "alpha" in parts else rank
         plan.append((target, up, down, alpha / rank))
     if unmatched:
-        raise CheckpointError(f"{path}: '{unmatched[0]}' matches no layer of this model ({len(unmatched)} unmatched in all)")
+        raise CheckpointError(
+            f"{path}: '{unmatched[0]}' matches no layer of this model ({len(unmatched)} unmatched in all)"
+        )
     return plan
 
 

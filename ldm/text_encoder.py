@@ -89,7 +89,8 @@ def warn_truncated(tokenizer, texts: list[str], model: str) -> None:
 
 
 def expand_multi_vector(tokenizer, text: str) -> str:
-    """`tok` -> `tok tok_1 ... tok_{n-1}` for each n-vector embedding word in the text (diffusers' maybe_convert_prompt)."""
+    """`tok` -> `tok tok_1 ... tok_{n-1}` for each n-vector embedding word in the text (diffusers'
+    maybe_convert_prompt, so a prompt gives diffusers' token ids)."""
     added = {t.lower() for t in tokenizer.added_tokens_encoder}
     firsts = [t[:-2] for t in added if t.endswith("_1")]
     present = set(tokenizer.tokenize(text)) if firsts else set()
@@ -103,7 +104,8 @@ def expand_multi_vector(tokenizer, text: str) -> str:
 
 def tokenize(tokenizer: CLIPTokenizer, prompts: str | list[str]) -> torch.LongTensor:
     """Prompts -> (B, 77) CLIP token ids, truncated and padded with <|endoftext|>; warns about what is cut off."""
-    texts = [expand_multi_vector(tokenizer, clean_text(p)) for p in ([prompts] if isinstance(prompts, str) else prompts)]
+    texts = [clean_text(p) for p in ([prompts] if isinstance(prompts, str) else prompts)]
+    texts = [expand_multi_vector(tokenizer, text) for text in texts]
     warn_truncated(tokenizer, texts, "CLIP")
     batch = tokenizer(texts, padding="max_length", max_length=MAX_LENGTH, truncation=True, return_tensors="pt")
     return batch.input_ids

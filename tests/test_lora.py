@@ -4,6 +4,7 @@ The files are written from diffusers' modules (their names, their shapes) with r
 load_lora_weights + set_adapters (and load_textual_inversion) on diffusers' StableDiffusionPipeline are the
 reference: our Pipeline must make the same image (mean |difference| <= 1/255).
 """
+
 import copy
 import json
 import re
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from conftest import ROOT, compvis_original_config
+from conftest import compvis_original_config
 from diffusers import StableDiffusionPipeline
 from diffusers.loaders import single_file_utils as sfu
 from PIL import Image
@@ -67,7 +68,9 @@ def theirs(ref, prompt=PROMPT) -> tuple[np.ndarray, torch.Tensor]:
         final["latents"] = tensors["latents"]
         return tensors
 
-    image = ref(prompt, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(SEED), callback_on_step_end=keep).images[0]
+    image = ref(
+        prompt, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(SEED), callback_on_step_end=keep
+    ).images[0]
     return np.asarray(image, dtype=np.float64), final["latents"]
 
 
@@ -98,7 +101,9 @@ def kohya(lora: dict, prefix: str, alpha: bool = True) -> dict[str, torch.Tensor
     out = {}
     for name, (up, down, a) in lora.items():
         key = prefix + name.replace(".", "_")
-        out |= {f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up} | ({f"{key}.alpha": torch.tensor(a)} if alpha else {})
+        out |= {f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up} | (
+            {f"{key}.alpha": torch.tensor(a)} if alpha else {}
+        )
     return out
 
 
@@ -119,7 +124,9 @@ def kohya_alphas(lora: dict) -> dict:
     """The alphas kohya's trainer writes: network_alpha (here 2) on every layer, conv_alpha (8) on the kxk convs.
     (diffusers reads per-layer alphas of attention layers under wrong names, so a kohya file with alphas that vary
     inside an attention block is no oracle; the PEFT test with network alphas varies them on every layer.)"""
-    return {name: (up, down, 8.0 if down.shape[-1] > 1 and down.ndim == 4 else 2.0) for name, (up, down, _) in lora.items()}
+    return {
+        name: (up, down, 8.0 if down.shape[-1] > 1 and down.ndim == 4 else 2.0) for name, (up, down, _) in lora.items()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -140,8 +147,13 @@ def load_reference(ref, name: str, unet: dict, text: dict, with_alphas: bool) ->
     transformers 5), with network alphas when asked; every layer must have taken it."""
     if with_alphas:
         ref.load_lora_into_unet(peft(unet, "unet."), alphas(unet, "unet."), ref.unet, adapter_name=name, _pipeline=ref)
-        ref.load_lora_into_text_encoder(peft(text, "text_encoder."), alphas(text, "text_encoder."), ref.text_encoder,
-                                        adapter_name=name, _pipeline=ref)  # fmt: skip
+        ref.load_lora_into_text_encoder(
+            peft(text, "text_encoder."),
+            alphas(text, "text_encoder."),
+            ref.text_encoder,
+            adapter_name=name,
+            _pipeline=ref,
+        )
     else:
         ref.load_lora_weights(peft(unet, "unet.") | peft(text, "text_encoder."), adapter_name=name)
     for model, lora in ((ref.unet, unet), (ref.text_encoder, text)):
@@ -152,7 +164,10 @@ def load_reference(ref, name: str, unet: dict, text: dict, with_alphas: bool) ->
 def test_kohya_file_matches_diffusers(base, pipe, ref, loras, with_alpha, tmp_path):
     """A kohya file on every layer: diffusers' own kohya loader for the UNet part, its PEFT load for the text part."""
     unet, text = (kohya_alphas(part) for part in loras[0])
-    save_file(kohya(unet, "lora_unet_", with_alpha) | kohya(text, "lora_te_text_model_", with_alpha), tmp_path / "k.safetensors")
+    save_file(
+        kohya(unet, "lora_unet_", with_alpha) | kohya(text, "lora_te_text_model_", with_alpha),
+        tmp_path / "k.safetensors",
+    )
     pipe.load_lora(tmp_path / "k.safetensors", 0.7)
     try:
         ref.load_lora_weights(kohya(unet, "lora_unet_", with_alpha), adapter_name="unet")
@@ -170,7 +185,9 @@ def test_peft_file_matches_diffusers(base, pipe, ref, loras, style, tmp_path):
     if style == "lora_A":
         state = peft(unet, "unet.") | peft(text, "text_encoder.text_model.")  # transformers 4's names, as files have
     else:
-        state = peft(unet, "unet.", "lora.down.weight", "lora.up.weight") | peft(text, "text_encoder.", "lora.down.weight", "lora.up.weight")
+        state = peft(unet, "unet.", "lora.down.weight", "lora.up.weight") | peft(
+            text, "text_encoder.", "lora.down.weight", "lora.up.weight"
+        )
         state |= {k: torch.tensor(v) for k, v in (alphas(unet, "unet.") | alphas(text, "text_encoder.")).items()}
     save_file(state, tmp_path / "p.safetensors")
     pipe.load_lora(tmp_path / "p.safetensors", 1.3)
@@ -193,7 +210,11 @@ def compvis_names(model) -> dict[str, str]:
         warnings.simplefilter("ignore", FutureWarning)
         config = sfu.create_unet_diffusers_config_from_ldm(compvis_original_config(model.cfg), tagged)
     converted = sfu.convert_ldm_unet_checkpoint(tagged, config)
-    return {k.removesuffix(".weight"): names[int(v.flatten()[0])].removesuffix(".weight") for k, v in converted.items() if k.endswith(".weight")}
+    return {
+        k.removesuffix(".weight"): names[int(v.flatten()[0])].removesuffix(".weight")
+        for k, v in converted.items()
+        if k.endswith(".weight")
+    }
 
 
 def test_compvis_named_kohya_file_equals_diffusers_named(base, pipe, loras, tmp_path):
@@ -249,9 +270,12 @@ def bad_files(loras) -> dict[str, tuple[dict, str]]:
         "LoHa": ({f"{key}.hada_w1_a": up, f"{key}.hada_w1_b": down, f"{key}.alpha": torch.tensor(1.0)}, "LoHa"),
         "LoKr": ({f"{key}.lokr_w1": up, f"{key}.lokr_w2": down}, "LoKr"),
         "DoRA": ({f"{key}.dora_scale": torch.ones(1, up.shape[0])}, "DoRA"),
-        "no such layer": (kohya({"down_blocks.7.attentions.0.proj_in": unet[attn]}, "lora_unet_"), "lora_unet_down_blocks_7_attentions_0_proj_in"),
+        "no such layer": (
+            kohya({"down_blocks.7.attentions.0.proj_in": unet[attn]}, "lora_unet_"),
+            "_blocks_7_attentions_0_proj_in",
+        ),
         "SD2 width": (sd2, f"down {(RANK, 1024)}, but the model's weight is {tuple(up.shape[:1]) + (down.shape[1],)}"),
-    }  # fmt: skip
+    }
 
 
 @pytest.mark.parametrize("case", ["LoHa", "LoKr", "DoRA", "no such layer", "SD2 width"])
@@ -291,13 +315,19 @@ def test_textual_inversion_matches_diffusers(base, kind, tmp_path):
         save_file({"emb_params": data}, path)
         token = "kohya"
     else:
-        path, data, ref_token = tmp_path / "learned_embeds.safetensors", vectors(1 if "1-" in kind else 2, width, 3), None
+        path, data, ref_token = (
+            tmp_path / "learned_embeds.safetensors",
+            vectors(1 if "1-" in kind else 2, width, 3),
+            None,
+        )
         save_file({token: data[0] if "1-" in kind else data}, path)
     prompt = f"a {token} apple"
     assert pipe.load_embedding(path) == [token] + [f"{token}_{i}" for i in range(1, len(data))]
     ref.load_textual_inversion(str(path), token=ref_token)
     ids = pipe.text_encoder.tokenize(prompt)
-    expected = ref.tokenizer(ref.maybe_convert_prompt(prompt, ref.tokenizer), padding="max_length", max_length=77, truncation=True)
+    expected = ref.tokenizer(
+        ref.maybe_convert_prompt(prompt, ref.tokenizer), padding="max_length", max_length=77, truncation=True
+    )
     assert ids.tolist() == [expected.input_ids]
     assert_same_image(ours(pipe, prompt), theirs(ref, prompt), ours(pipe, "a apple"))
     assert len(build_tokenizer()) == 49408  # the shared tokenizer is untouched
@@ -334,15 +364,33 @@ def test_cli_lora_and_embedding_are_recorded_and_rerun(base, loras, tmp_path, ca
     save_file(kohya(unet, "lora_unet_") | kohya(text, "lora_te_text_model_"), tmp_path / "style.safetensors")
     save_file(peft(loras[1][0], "unet."), tmp_path / "second.safetensors")
     save_file({"emb_params": vectors(2, model.cfg.text_encoder.hidden_size, 5)}, tmp_path / "emoji.safetensors")
-    args = ["--ckpt", tmp_path / "tiny.safetensors", "--prompt", "an apple, in <emo> style", "--steps", STEPS, "--seed", SEED,
-            "--lora", f"{tmp_path / 'style.safetensors'}:0.7", "--lora", tmp_path / "second.safetensors",
-            "--embedding", f"{tmp_path / 'emoji.safetensors'}:<emo>", "--outdir", tmp_path / "out"]  # fmt: skip
+    args = [
+        "--ckpt",
+        tmp_path / "tiny.safetensors",
+        "--prompt",
+        "an apple, in <emo> style",
+        "--steps",
+        STEPS,
+        "--seed",
+        SEED,
+        "--lora",
+        f"{tmp_path / 'style.safetensors'}:0.7",
+        "--lora",
+        tmp_path / "second.safetensors",
+        "--embedding",
+        f"{tmp_path / 'emoji.safetensors'}:<emo>",
+        "--outdir",
+        tmp_path / "out",
+    ]
     assert txt2img.main([str(a) for a in args]) == 0
     text_chunk, facts = png_facts(tmp_path / "out" / "00000.png")
     assert [(f["name"], f["weight"]) for f in facts["loras"]] == [("style", 0.7), ("second", 1.0)]
     assert [(f["token"], f["vectors"]) for f in facts["embeddings"]] == [("<emo>", 2)]
     hashes = ", ".join(f"{f['name']}: {f['hash']}" for f in facts["loras"])
-    assert f'Lora hashes: "{hashes}"' in text_chunk and f'TI hashes: "<emo>: {facts["embeddings"][0]["hash"]}"' in text_chunk
+    assert (
+        f'Lora hashes: "{hashes}"' in text_chunk
+        and f'TI hashes: "<emo>: {facts["embeddings"][0]["hash"]}"' in text_chunk
+    )
     assert all(len(f["hash"]) == 12 for f in facts["loras"] + facts["embeddings"])
 
     # the same image through the Python API, and remade from the JSON facts alone
@@ -352,8 +400,18 @@ def test_cli_lora_and_embedding_are_recorded_and_rerun(base, loras, tmp_path, ca
     pipe.load_embedding(facts["embeddings"][0]["file"], facts["embeddings"][0]["token"])
     with Image.open(tmp_path / "out" / "00000.png") as image:
         assert np.array_equal(np.asarray(image, dtype=np.float64), ours(pipe, facts["prompt"])[0])
-    rerun = ["--ckpt", tmp_path / "tiny.safetensors", "--prompt", facts["prompt"], "--steps", facts["steps"], "--seed", facts["seed"],
-             "--outdir", tmp_path / "again"]  # fmt: skip
+    rerun = [
+        "--ckpt",
+        tmp_path / "tiny.safetensors",
+        "--prompt",
+        facts["prompt"],
+        "--steps",
+        facts["steps"],
+        "--seed",
+        facts["seed"],
+        "--outdir",
+        tmp_path / "again",
+    ]
     rerun += [a for f in facts["loras"] for a in ("--lora", f"{f['file']}:{f['weight']}")]
     rerun += [a for f in facts["embeddings"] for a in ("--embedding", f"{f['file']}:{f['token']}")]
     assert txt2img.main([str(a) for a in rerun]) == 0
@@ -373,7 +431,18 @@ def test_cli_bad_lora_or_embedding_exits_2(base, loras, tmp_path, capsys):
         ("--embedding", tmp_path / "sd2.safetensors"): "a 1024-d embedding",
     }
     for (flag, value), message in cases.items():
-        args = ["--ckpt", tmp_path / "tiny.safetensors", "--prompt", "x", "--steps", 1, flag, value, "--outdir", tmp_path / "out"]
+        args = [
+            "--ckpt",
+            tmp_path / "tiny.safetensors",
+            "--prompt",
+            "x",
+            "--steps",
+            1,
+            flag,
+            value,
+            "--outdir",
+            tmp_path / "out",
+        ]
         assert txt2img.main([str(a) for a in args]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
