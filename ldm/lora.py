@@ -103,9 +103,8 @@ def read_lora(model: StableDiffusion, path: str | Path) -> list[tuple[str, torch
         alpha = float(parts["alpha"]) if "alpha" in parts else rank
         plan.append((target, up, down, alpha / rank))
     if unmatched:
-        raise CheckpointError(
-            f"{path}: '{unmatched[0]}' matches no layer of this model ({len(unmatched)} unmatched in all)"
-        )
+        key = next(k for k in state if k.startswith(unmatched[0] + "."))
+        raise CheckpointError(f"{path}: '{key}' matches no layer of this model ({len(unmatched)} layers unmatched)")
     return plan
 
 
