@@ -232,10 +232,15 @@ def test_compvis_named_kohya_file_equals_diffusers_named(base, pipe, loras, tmp_
 
 
 def test_two_loras_stack_and_unload_restores_bit_for_bit(base, pipe, ref, loras, tmp_path):
+    """Their image is diffusers' with both adapters; the prompt cache, filled before, is emptied by each change."""
     before = copy.deepcopy(pipe.model.state_dict())
+    ours(pipe)
     for i, (unet, text) in enumerate(loras):
         save_file(peft(unet, "unet.") | peft(text, "text_encoder."), tmp_path / f"{i}.safetensors")
+        assert pipe.embeddings
         pipe.load_lora(tmp_path / f"{i}.safetensors", (0.6, -0.4)[i])
+        assert not pipe.embeddings
+        ours(pipe)
     try:
         for i, (unet, text) in enumerate(loras):
             load_reference(ref, f"l{i}", no_alpha(unet), no_alpha(text), with_alphas=False)
