@@ -4,6 +4,7 @@
     python txt2img.py --ckpt v1-5-pruned-emaonly.safetensors --prompt "a lighthouse at dusk" --sampler dpmpp_2m_karras --steps 25
     python txt2img.py --ckpt v1-5-pruned-emaonly.safetensors --prompt "an oil painting" --init-image photo.png --strength 0.6
     python txt2img.py --ckpt sd-v1-5-inpainting.ckpt --prompt "a vase of tulips" --init-image room.png --mask mask.png
+    python txt2img.py --ckpt sd15.safetensors --prompt "a fox, in mystyle" --lora detail.safetensors:0.6 --embedding mystyle.pt
 
 Writes one PNG per image into --outdir, numbered after the PNGs already there (nothing is overwritten), and a
 grid when a run makes more than one image. Each PNG carries its generation parameters: AUTOMATIC1111's
@@ -68,6 +69,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="also save a strip of each image's denoising trajectory")
     p.add_argument("--skip-grid", "--skip_grid", action="store_true", help="no grid image")
     p.add_argument("--no-metadata", action="store_true", help="write PNGs without the generation parameters")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
+                   help="merge a LoRA (kohya / AUTOMATIC1111 / diffusers file) at WEIGHT (default: 1); repeatable")
+    p.add_argument("--embedding", action="append", default=[], metavar="FILE[:TOKEN]",
+                   help="a textual-inversion embedding, its trigger word TOKEN (default: the file's); repeatable")
     return p.parse_args(argv)
 
 
@@ -81,6 +86,7 @@ from PIL.PngImagePlugin import PngInfo
 from ldm import DEFAULT_MODEL, load_pipeline
 from ldm.checkpoint import peek_config
 from ldm.config import load_config
+from ldm.lora import a1111_hash
 from ldm.pipeline import DTYPES, InputError, Pipeline, check_request, load_image
 from ldm.samplers import SAMPLERS
 
@@ -138,8 +144,27 @@ def a1111_text(facts: dict) -> str:
         "Batch pos": facts["batch_pos"] if facts["batch_size"] > 1 else None,
         "Emphasis": "None" if facts.get("prompt_syntax") == "plain" else None,  # A1111's name for "plain"
     }  # fmt: skip
+    pairs["Lora hashes"] = ", ".join(f"{lora['name']}: {lora['hash']}" for lora in facts.get("loras", [])) or None
+    pairs["TI hashes"] = ", ".join(f"{e['token']}: {e['hash']}" for e in facts.get("embeddings", [])) or None
     lines = [facts["prompt"]] + ([f"Negative prompt: {facts['negative_prompt']}"] if facts["negative_prompt"] else [])
     return "\n".join(lines + [", ".join(f"{k}: {quote(v)}" for k, v in pairs.items() if v is not None)])
+
+
+def file_spec(value: str, flag: str, weight: bool) -> tuple[Path, float | str | None]:
+    """FILE[:SUFFIX] of --lora (a weight, default 1) or --embedding (a token, default None): a colon ends the file
+    name only where the whole value is not an existing file."""
+    path, _, suffix = value.rpartition(":")
+    if Path(value).is_file() or not path:
+        return Path(value), 1.0 if weight else None
+    if not weight:
+        return Path(path), suffix
+    try:
+        number = float(suffix)
+    except ValueError:
+        number = math.nan
+    if not math.isfinite(number):
+        raise InputError(f"{flag} {value}: the weight after the last ':' must be a finite number, got '{suffix}'")
+    return Path(path), number
 
 
 def next_number(outdir: Path) -> int:
@@ -265,6 +290,8 @@ def execute(args) -> list[Path]:
         raise InputError("--strength needs --init-image")
     if args.init_image is not None and args.strength is None:
         args.strength = 1.0 if args.mask is not None else 0.75
+    loras = [file_spec(value, "--lora", weight=True) for value in args.lora]
+    embeddings = [file_spec(value, "--embedding", weight=False) for value in args.embedding]
     init_image = load_image(args.init_image) if args.init_image else None
     mask = load_image(args.mask, "L") if args.mask else None
     ckpt = DEFAULT_MODEL if args.ckpt is None else args.ckpt
@@ -287,6 +314,15 @@ def execute(args) -> list[Path]:
     if args.compile:
         print("note: compiling the UNet on its first call (~2-3 min on a CPU, less on a GPU)...", file=sys.stderr)
     model = {"model": "ldm-emoji" if args.ckpt is None else ckpt.stem, "model_hash": None if args.no_metadata else model_hash(ckpt)}
+    for path, weight in loras:
+        pipe.load_lora(path, weight)
+        hashed = None if args.no_metadata else a1111_hash(path, addnet=path.suffix == ".safetensors")
+        model.setdefault("loras", []).append({"name": path.stem, "file": str(path), "weight": weight, "hash": hashed})
+    for path, token in embeddings:
+        tokens = pipe.load_embedding(path, token)
+        hashed = None if args.no_metadata else a1111_hash(path)
+        embedding = {"token": tokens[0], "file": str(path), "vectors": len(tokens), "hash": hashed}
+        model.setdefault("embeddings", []).append(embedding)
     return run(pipe, args, prompts, init_image, mask, model)
 
 

@@ -35,6 +35,8 @@ from tqdm.auto import tqdm
 
 from ldm import LdmError
 from ldm.config import ModelConfig
+from ldm.embeddings import add_embedding_
+from ldm.lora import merge_lora_, unmerge_loras_
 from ldm.model import StableDiffusion
 from ldm.prompts import SYNTAXES, prompt_contexts
 from ldm.samplers import Sampler, check_sampler
@@ -312,6 +314,9 @@ class Pipeline(nn.Module):
         self.vae_tile, self.vae_tile_overlap = vae_tile, vae_tile_overlap
         self.batch_memory = batch_memory if batch_memory is not None else machine_memory(self.device)[0] // 4
         self.embeddings: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self.loras: list[dict] = []  # the LoRA files merged into the weights: file, weight
+        self.lora_originals: dict[str, torch.Tensor] = {}  # the weights they changed, as they were
+        self.textual_inversions: list[dict] = []  # the embedding files loaded: file, tokens
         if quantize is not None:
             if quantize not in QUANTIZE:
                 raise InputError(f"unknown quantization '{quantize}' (known: {', '.join(QUANTIZE)})")
@@ -555,3 +560,24 @@ class Pipeline(nn.Module):
         picks = sorted(set(np.linspace(0, len(trajectory) - 1, frames).round().astype(int).tolist()))
         decoded = [self.decode(trajectory[k]) for k in picks]
         return to_pil(torch.cat(decoded, dim=-1))
+
+    def load_lora(self, path: str | Path, weight: float = 1.0) -> None:
+        """Merge a LoRA file into the weights (ldm.lora: kohya / AUTOMATIC1111 with diffusers or CompVis names,
+        diffusers / PEFT): W += weight * alpha / rank * up @ down. LoRAs stack; a bad file changes nothing."""
+        merge_lora_(self.model, path, weight, self.lora_originals)
+        self.loras.append({"file": str(path), "weight": weight})
+        self.embeddings.clear()  # the text encoder's weights may have changed
+
+    def unload_loras(self) -> None:
+        """The weights as they were before the first load_lora, bit for bit."""
+        unmerge_loras_(self.model, self.lora_originals)
+        self.loras.clear()
+        self.embeddings.clear()
+
+    def load_embedding(self, path: str | Path, token: str | None = None) -> list[str]:
+        """A textual-inversion embedding (ldm.embeddings) as new words of the text encoder; returns its tokens (the
+        trigger word: `token`, else the file's, else its stem). The text model's vocabulary grows by its vectors."""
+        tokens = add_embedding_(self.text_encoder, path, token)
+        self.textual_inversions.append({"file": str(path), "tokens": tokens})
+        self.embeddings.clear()
+        return tokens

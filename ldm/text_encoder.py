@@ -92,9 +92,24 @@ def warn_truncated(tokenizer, texts: list[str], model: str) -> None:
             )
 
 
+def expand_multi_vector(tokenizer, text: str) -> str:
+    """`tok` -> `tok tok_1 ... tok_{n-1}` for each n-vector embedding word in the text (diffusers'
+    maybe_convert_prompt, so a prompt gives diffusers' token ids)."""
+    added = {t.lower() for t in tokenizer.added_tokens_encoder}
+    firsts = [t[:-2] for t in added if t.endswith("_1")]
+    present = set(tokenizer.tokenize(text)) if firsts else set()
+    for word in firsts:
+        if word in present:
+            n = next(i for i in range(2, len(added) + 2) if f"{word}_{i}" not in added)
+            expanded = " ".join([word] + [f"{word}_{i}" for i in range(1, n)])
+            text = re.sub(re.escape(word), lambda _: expanded, text, flags=re.IGNORECASE)
+    return text
+
+
 def tokenize(tokenizer: CLIPTokenizer, prompts: str | list[str]) -> torch.LongTensor:
     """Prompts -> (B, 77) CLIP token ids, truncated and padded with <|endoftext|>; warns about what is cut off."""
     texts = [clean_text(p) for p in ([prompts] if isinstance(prompts, str) else prompts)]
+    texts = [expand_multi_vector(tokenizer, text) for text in texts]
     warn_truncated(tokenizer, texts, "CLIP")
     batch = tokenizer(texts, padding="max_length", max_length=MAX_LENGTH, truncation=True, return_tensors="pt")
     return batch.input_ids
@@ -202,7 +217,7 @@ class FrozenHFEmbedder(FrozenTextEncoder):
 
     def tokenize(self, prompts: str | list[str]) -> torch.LongTensor:
         """Prompts -> (B, 77) ids of the model's own tokenizer, truncated and padded; warns about what is cut off."""
-        texts = [prompts] if isinstance(prompts, str) else list(prompts)
+        texts = [expand_multi_vector(self.tokenizer, p) for p in ([prompts] if isinstance(prompts, str) else prompts)]
         warn_truncated(self.tokenizer, texts, self.name)
         batch = self.tokenizer(texts, padding="max_length", max_length=MAX_LENGTH, truncation=True, return_tensors="pt")
         return batch.input_ids

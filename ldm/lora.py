@@ -1,0 +1,139 @@
+"""LoRA files merged into a model's weights: kohya / AUTOMATIC1111 (diffusers or CompVis names), diffusers / PEFT.
+
+A LoRA (Hu et al. 2021, eq. 3) adds a low-rank update to the weight of a Linear or Conv2d layer:
+
+    W' = W + weight * alpha / rank * up @ down         down: (rank, in[, k, k]), up: (out, rank[, 1, 1])
+
+For a kxk conv (LoCon) `down` is a kxk conv with the layer's stride and padding and `up` a 1x1 conv, so the update
+is (up.flatten(1) @ down.flatten(1)).reshape(W.shape). A missing alpha means alpha = rank.
+
+Layer names in the files, all resolved against the model itself as AUTOMATIC1111 does (a table of every layer's name
+with '.' written '_', so kohya's underscores are never guessed at):
+    kohya / A1111    lora_unet_<diffusers or CompVis path>.{lora_down,lora_up}.weight, .alpha;
+                     lora_te_text_model_<text model path>...
+    diffusers / PEFT unet.<diffusers path>.{lora_A,lora_B}.weight (or .lora.down / .lora.up), .alpha;
+                     text_encoder.[text_model.]<text model path>...
+The UNet's diffusers names come from ldm.checkpoint's one diffusers <-> CompVis mapping (unet_key_map).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from ldm.checkpoint import TEXT, UNET, CheckpointError, read_state_dict, rename, unet_key_map
+from ldm.model import StableDiffusion
+
+PARTS = {
+    ".lora_down.weight": "down",
+    ".lora_up.weight": "up",
+    ".lora_A.weight": "down",
+    ".lora_B.weight": "up",
+    ".lora.down.weight": "down",
+    ".lora.up.weight": "up",
+    ".alpha": "alpha",
+}
+UNSUPPORTED = {
+    "hada_": "LoHa",
+    "lokr_": "LoKr",
+    "dora_scale": "DoRA",
+    "lora_mid": "LoCon with a Tucker core (lora_mid)",
+}
+PREFIXES = {"lora_unet_": "unet_", "lora_te_": "te_", "unet.": "unet_", "text_encoder.": "te_"}
+
+
+def layer_table(model: StableDiffusion) -> dict[str, str]:
+    """{layer name with '.' written '_', under each name a file may use: state-dict key of its weight}, for every
+    Linear and Conv2d of the UNet (`unet_` + diffusers or CompVis path) and of the text model (`te_` + its path,
+    with or without transformers 4's `text_model.` level)."""
+    table = {}
+    unet_layers = [n for n, m in model.unet.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    diffusers_names = rename({f"{n}.weight": n for n in unet_layers}, unet_key_map(model.cfg.unet))
+    for theirs, ours in diffusers_names.items():
+        for name in (theirs.removesuffix(".weight"), ours):
+            table["unet_" + name.replace(".", "_")] = f"{UNET}{ours}.weight"
+    for n, m in model.text_encoder.transformer.named_modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            for name in (n, "text_model." + n):
+                table["te_" + name.replace(".", "_")] = f"{TEXT}{n}.weight"
+    return table
+
+
+def read_lora(model: StableDiffusion, path: str | Path) -> list[tuple[str, torch.Tensor, torch.Tensor, float]]:
+    """A LoRA file as [(state-dict key of the weight it changes, up, down, alpha / rank)], every layer checked against
+    the model (CheckpointError naming the type, key or shapes otherwise): nothing is applied from a bad file."""
+    if any(isinstance(m, torch.ao.nn.quantized.dynamic.Linear) for m in model.unet.modules()):
+        raise CheckpointError(f"{path}: a LoRA merges into float weights, and this UNet is dynamic int8 (--quantize)")
+    state, _ = read_state_dict(path)
+    layers: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in state.items():
+        kind = next((kind for marker, kind in UNSUPPORTED.items() if marker in key), None)
+        if kind is not None:
+            raise CheckpointError(
+                f"{path}: '{key}' is a {kind} tensor, a LyCORIS type ldm does not read (plain LoRA and LoCon only)"
+            )
+        part = next((p for p in PARTS if key.endswith(p)), None)
+        if part is None:
+            raise CheckpointError(
+                f"{path}: '{key}' is not a LoRA tensor (lora_down / lora_up / lora_A / lora_B / alpha)"
+            )
+        layers.setdefault(key[: -len(part)], {})[PARTS[part]] = value
+    if not layers:
+        raise CheckpointError(f"{path}: no LoRA tensors inside")
+    table, weights, plan, unmatched = layer_table(model), model.state_dict(), [], []
+    for layer, parts in layers.items():
+        if "down" not in parts or "up" not in parts:
+            raise CheckpointError(f"{path}: layer '{layer}' has no {'down' if 'down' not in parts else 'up'} weight")
+        prefix = next((p for p in PREFIXES if layer.startswith(p)), None)
+        target = prefix and table.get(PREFIXES[prefix] + layer[len(prefix) :].replace(".", "_"))
+        if target is None:
+            unmatched.append(layer)
+            continue
+        up, down, w = parts["up"], parts["down"], weights[target]
+        rank = down.shape[0]
+        fits = up.ndim >= 2 and up.shape[0] == w.shape[0] and up[0].numel() == rank and down.ndim >= 2
+        if not (fits and down.shape[1] == w.shape[1] and down[0].numel() == w[0].numel()):
+            raise CheckpointError(
+                f"{path}: layer '{layer}' is up {tuple(up.shape)} x down {tuple(down.shape)}, "
+                f"but the model's weight is {tuple(w.shape)} (a LoRA for another architecture?)"
+            )
+        alpha = float(parts["alpha"]) if "alpha" in parts else rank
+        plan.append((target, up, down, alpha / rank))
+    if unmatched:
+        key = next(k for k in state if k.startswith(unmatched[0] + "."))
+        raise CheckpointError(f"{path}: '{key}' matches no layer of this model ({len(unmatched)} layers unmatched)")
+    return plan
+
+
+@torch.no_grad()
+def merge_lora_(model: StableDiffusion, path: str | Path, weight: float, originals: dict[str, torch.Tensor]) -> None:
+    """W += weight * alpha / rank * up @ down for every layer of the file, in place; `originals` receives a copy of
+    each weight before its first change (unmerge_loras_ puts them back)."""
+    for key, up, down, scale in read_lora(model, path):
+        w = model.get_parameter(key)
+        originals.setdefault(key, w.detach().clone())
+        delta = up.to(w.device, torch.float32).flatten(1) @ down.to(w.device, torch.float32).flatten(1)
+        w += (weight * scale * delta).reshape(w.shape).to(w.dtype)
+
+
+@torch.no_grad()
+def unmerge_loras_(model: StableDiffusion, originals: dict[str, torch.Tensor]) -> None:
+    """The weights as they were before any LoRA, bit for bit."""
+    for key, original in originals.items():
+        model.get_parameter(key).copy_(original)
+    originals.clear()
+
+
+def a1111_hash(path: str | Path, addnet: bool = False) -> str:
+    """AUTOMATIC1111's short hash of a LoRA or embedding file: the first 12 hex digits of its SHA-256; addnet (what
+    A1111 uses for a .safetensors LoRA): of the tensor data only, after the safetensors header."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        if addnet:
+            f.seek(8 + int.from_bytes(f.read(8), "little"))
+        while block := f.read(1 << 24):
+            digest.update(block)
+    return digest.hexdigest()[:12]
