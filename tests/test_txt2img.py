@@ -162,7 +162,7 @@ def test_prompts_from_file(files, tmp_path):
         (["--H", "21"], "multiples of 2"),
         (["--steps", "x"], "invalid int value"),
         (["--ckpt", "{f}/nope.safetensors"], "checkpoint not found"),
-        (["--ckpt", "{f}/notes.txt"], "refused to load"),
+        (["--ckpt", "{f}/notes.txt"], "is not a safetensors file, a PyTorch checkpoint or a diffusers folder"),
         (["--outdir", "{f}/notes.txt"], "is a file"),
         (["--outdir", "{f}/notes.txt/sub"], "notes.txt is a file, not a folder"),  # unwritable, even for root
         (["--outdir", "{f}/out/" + "x" * 300], "cannot write there"),  # its parent can be made, it cannot
