@@ -82,13 +82,18 @@ def parse(prompt: str) -> list[tuple[str, float | None]]:
     return [(text, weight) for text, weight in merged]
 
 
-def chunk(pieces: list[tuple[str, float | None]], token_ids, comma: int) -> list[tuple[list[int], list[float]]]:
+def chunk(
+    pieces: list[tuple[str, float | None]], token_ids, comma: int, embeddings: dict[int, int] | None = None
+) -> list[tuple[list[int], list[float]]]:
     """Pack the tokens of parsed pieces into chunks of at most CHUNK (ids, weights), as A1111's tokenize_line.
 
     token_ids(texts) gives each text's ids without start/end tokens. A chunk that fills up while a comma lies within
     its last COMMA_BACKTRACK tokens moves the tokens after that comma to the next chunk; BREAK closes the chunk (an
-    empty one too). A prompt gives at least one chunk (the empty prompt: one empty chunk).
+    empty one too). embeddings: {first id: vectors} of multi-vector textual inversions, whose vectors are never split
+    across chunks (one that does not fit in the current chunk starts the next). A prompt gives at least one chunk
+    (the empty prompt: one empty chunk).
     """
+    embeddings = embeddings or {}
     chunks: list[tuple[list[int], list[float]]] = []
     ids: list[int] = []
     weights: list[float] = []
@@ -111,7 +116,7 @@ def chunk(pieces: list[tuple[str, float | None]], token_ids, comma: int) -> list
                 del ids[last_comma + 1 :], weights[last_comma + 1 :]
                 close()
                 ids, weights = moved
-            if len(ids) == CHUNK:
+            if len(ids) + embeddings.get(token, 1) > CHUNK:
                 close()
             ids.append(token)
             weights.append(weight)
@@ -141,7 +146,10 @@ def prompt_contexts(text_encoder, prompts: list[str], syntax: str = "a1111", cli
     text_encoder: an ldm.text_encoder.FrozenTextEncoder (token_ids, frame, forward with clip_skip).
     """
     comma = text_encoder.token_ids([","])[0][0]
-    per_prompt = [chunk(parse(p) if syntax == "a1111" else [(p, 1.0)], text_encoder.token_ids, comma) for p in prompts]
+    embeddings = text_encoder.embedding_lengths()
+    per_prompt = [
+        chunk(parse(p) if syntax == "a1111" else [(p, 1.0)], text_encoder.token_ids, comma, embeddings) for p in prompts
+    ]
     flat = [c for chunks in per_prompt for c in chunks]
     ids = text_encoder.frame([ids for ids, _ in flat]).to(text_encoder.transformer.device)
     weights = torch.tensor([[1.0, *w] + [1.0] * (CHUNK + 1 - len(w)) for _, w in flat], device=ids.device)

@@ -159,8 +159,18 @@ class FrozenTextEncoder(nn.Module):
         return self(self.tokenize(prompts).to(self.transformer.device))
 
     def token_ids(self, texts: list[str]) -> list[list[int]]:
-        """Each text's token ids, without start / end tokens and untruncated (for ldm.prompts' chunks)."""
+        """Each text's token ids, without start / end tokens and untruncated (for ldm.prompts' chunks); a multi-vector
+        embedding's word gives all its vectors' ids, as in `tokenize`."""
+        texts = [expand_multi_vector(self.tokenizer, t) for t in texts]
         return self.tokenizer(texts, add_special_tokens=False, verbose=False).input_ids
+
+    def embedding_lengths(self) -> dict[int, int]:
+        """{id of a multi-vector embedding's first token: its number of vectors}, for chunks never to split one."""
+        added = self.tokenizer.added_tokens_encoder
+        lengths = {}
+        for first in (t[:-2] for t in added if t.endswith("_1") and t[:-2] in added):
+            lengths[added[first]] = next(n for n in range(2, len(added) + 2) if f"{first}_{n}" not in added)
+        return lengths
 
     def frame(self, chunks: list[list[int]]) -> torch.LongTensor:
         """Chunks of at most MAX_LENGTH - 2 token ids -> (len(chunks), MAX_LENGTH) ids: the tokenizer's start token

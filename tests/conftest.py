@@ -18,6 +18,7 @@ from PIL import Image  # noqa: E402
 
 from ldm.config import load_config  # noqa: E402
 from ldm.model import StableDiffusion  # noqa: E402
+import txt2img  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -249,3 +250,35 @@ def check_corpus_run(output: str, expected: dict[str, str], folder: Path) -> Non
     opened = [Path(p) for p in re.findall(r"OPENED (.+)", output)]
     data = Path(os.path.realpath(folder / "data"))
     assert any(p.parent == data for p in opened) and not [p for p in opened if p.is_relative_to(data.parent / "outside")]
+
+
+# ---------------------------------------------------------------- the txt2img command and its PNG text
+
+
+def cli(*args) -> int:
+    return txt2img.main([str(a) for a in args])
+
+
+A1111_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+
+
+def a1111(text: str) -> dict:
+    """AUTOMATIC1111's own reader of its `parameters` text (parse_generation_parameters in modules/infotext_utils.py,
+    its prompt and `Key: value` part): the prompt's lines, from a line starting "Negative prompt:" on the negative
+    prompt's, each line stripped; on the last line, the pairs, a value in double quotes read as JSON."""
+    *lines, last = text.strip().split("\n")
+    if len(A1111_PARAM.findall(last)) < 3:
+        lines, last = lines + [last], ""
+    fields, negative = {"Prompt": "", "Negative prompt": ""}, False
+    for line in lines:
+        line = line.strip()
+        if line.startswith("Negative prompt:"):
+            negative, line = True, line[16:].strip()
+        key = "Negative prompt" if negative else "Prompt"
+        fields[key] += ("\n" if fields[key] else "") + line
+    for key, value in A1111_PARAM.findall(last):
+        try:
+            fields[key] = json.loads(value) if value[:1] == value[-1:] == '"' else value
+        except json.JSONDecodeError:
+            fields[key] = value
+    return fields

@@ -14,12 +14,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from conftest import compvis_original_config
+from conftest import LATENT_ATOL, PROMPT, compvis_original_config, tiny_model
 from diffusers import StableDiffusionPipeline
 from diffusers.loaders import single_file_utils as sfu
 from PIL import Image
 from safetensors.torch import save_file
-from test_pipeline import LATENT_ATOL, PROMPT, tiny_model
 
 import txt2img
 from ldm.checkpoint import UNET, CheckpointError, save_diffusers_folder, save_single_file

@@ -12,8 +12,8 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image
-from test_pipeline import LATENT_ATOL, tiny_model
-from test_txt2img import a1111, cli
+from safetensors.torch import save_file
+from conftest import LATENT_ATOL, a1111, cli, tiny_model
 from transformers import AutoModel
 
 from ldm.checkpoint import save_diffusers_folder, save_single_file
@@ -178,6 +178,23 @@ def test_comma_backtracking_and_break_put_their_tokens_in_the_next_chunk(pipe, m
     assert chunks_of(text_encoder, f"BREAK {PROMPT}") == [[], ids(PROMPT)]
     [context] = prompt_contexts(text_encoder, [f"{PROMPT} BREAK a blue car"])
     torch.testing.assert_close(context, text_encoder.encode([PROMPT, "a blue car"]).flatten(0, 1), rtol=1e-5, atol=1e-5)
+
+
+def test_an_embeddings_vectors_are_never_split_across_chunks(tmp_path):
+    """A 2-vector textual inversion whose first vector would be a chunk's 75th token moves whole to the next chunk
+    (A1111's tokenize_line), both vectors carrying the word's weight."""
+    pipe = Pipeline(tiny_model())  # a model of its own: the embedding grows its vocabulary
+    save_file({"twovec": torch.randn(2, pipe.text_encoder.hidden_size)}, tmp_path / "twovec.safetensors")
+    assert len(pipe.load_embedding(tmp_path / "twovec.safetensors")) == 2
+    encoder = pipe.text_encoder
+    [vectors] = encoder.token_ids(["twovec"])
+    assert len(vectors) == 2 and encoder.embedding_lengths() == {vectors[0]: 2}
+    comma = encoder.token_ids([","])[0][0]
+    chunks = chunk(parse(f"{words(74)} (twovec:1.2) {words(3)}"), encoder.token_ids, comma, encoder.embedding_lengths())
+    assert [ids for ids, _ in chunks] == [encoder.token_ids([words(74)])[0], vectors + encoder.token_ids([words(3)])[0]]
+    assert chunks[1][1] == [1.2, 1.2, 1.0, 1.0, 1.0]
+    [context] = pipe.embed([f"{words(73)} twovec"])  # 73 + 2 tokens fit in one chunk
+    assert context.shape == (77, 32)
 
 
 def test_compel_chunks_an_unweighted_long_prompt_as_we_do(pipe):

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, randomize_
+from conftest import ROOT, a1111, cli, randomize_
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -44,35 +44,6 @@ def files(tmp_path_factory):
     (folder / "notes.txt").write_text("not an image")
     (folder / "truncated.png").write_bytes((folder / "init.png").read_bytes()[:60])
     return folder
-
-
-def cli(*args) -> int:
-    return txt2img.main([str(a) for a in args])
-
-
-A1111_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
-
-
-def a1111(text: str) -> dict:
-    """AUTOMATIC1111's own reader of its `parameters` text (parse_generation_parameters in modules/infotext_utils.py,
-    its prompt and `Key: value` part): the prompt's lines, from a line starting "Negative prompt:" on the negative
-    prompt's, each line stripped; on the last line, the pairs, a value in double quotes read as JSON."""
-    *lines, last = text.strip().split("\n")
-    if len(A1111_PARAM.findall(last)) < 3:
-        lines, last = lines + [last], ""
-    fields, negative = {"Prompt": "", "Negative prompt": ""}, False
-    for line in lines:
-        line = line.strip()
-        if line.startswith("Negative prompt:"):
-            negative, line = True, line[16:].strip()
-        key = "Negative prompt" if negative else "Prompt"
-        fields[key] += ("\n" if fields[key] else "") + line
-    for key, value in A1111_PARAM.findall(last):
-        try:
-            fields[key] = json.loads(value) if value[:1] == value[-1:] == '"' else value
-        except json.JSONDecodeError:
-            fields[key] = value
-    return fields
 
 
 def rerun_args(facts: dict, ckpt, outdir) -> list:
