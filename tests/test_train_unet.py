@@ -141,6 +141,47 @@ def test_resume_after_sigterm_and_a_sigkill_mid_write_is_exact(tmp_path, colours
     assert (tmp_path / "diffusers" / "model_index.json").exists()
 
 
+def start_in_terminal(*args, log: Path):
+    """A run as from a terminal, in a process group of its own which a Ctrl-C signals whole (DataLoader workers too)."""
+    return subprocess.Popen(command(*args), cwd=ROOT, env=ENV, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def test_ctrl_c_saves_and_resume_is_exact_and_a_second_ctrl_c_exits_at_once(tmp_path, colours):
+    """Ctrl-C (SIGINT to the run's process group, its 2 DataLoader workers included, which ignore it): the run
+    finishes its step, saves a checkpoint and exits 0; --resume latest then reaches an uninterrupted run's weights
+    and EMA bit for bit. A second Ctrl-C ends the process at once (here during a slow validation)."""
+    common = [f"data.path={colours}", "max_steps=6", "save_every=100", "batch_size=4", "log_every=1", "deterministic=true",
+              "ema.decay=0.9", "data.num_workers=2"]  # fmt: skip
+    straight = start(*common, f"output_dir={tmp_path / 'straight'}")
+    run_dir, log = tmp_path / "interrupted", tmp_path / "interrupted.log"
+    proc = start_in_terminal(*common, f"output_dir={run_dir}", log=log)
+    wait_for((run_dir / "metrics.jsonl").exists, proc, interval=0.01)  # step 1 is done
+    os.killpg(proc.pid, signal.SIGINT)
+    assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]
+    out = log.read_text()
+    stopped = int(next(p.name[5:] for p in (run_dir / "checkpoints").iterdir()))
+    assert "Ctrl-C: stopping after this step with a checkpoint" in out and "Traceback" not in out
+    assert f"Ctrl-C (SIGINT): stopped at step {stopped} after saving; continue with --resume latest" in out and stopped < 6
+    assert not (run_dir / "model.safetensors").exists()
+
+    out = run(*common, f"output_dir={run_dir}", "--resume", "latest")
+    assert f"resumed from {run_dir / 'checkpoints' / f'step-{stopped:06d}'} at step {stopped}" in out
+    finish(straight)
+    assert_same(unet_weights(run_dir, 6), unet_weights(tmp_path / "straight", 6))
+    assert_same(load_file(run_dir / "model.safetensors"), load_file(tmp_path / "straight" / "model.safetensors"))
+
+    run_dir, log = tmp_path / "twice", tmp_path / "twice.log"
+    proc = start_in_terminal(f"data.path={colours}", "batch_size=2", "log_every=1", "validation.every=1", "validation.steps=1000",
+                             "validation.prompts=[red]", f"output_dir={run_dir}", log=log)  # fmt: skip
+    wait_for((run_dir / "metrics.jsonl").exists, proc, interval=0.01)  # step 1 is logged: its validation runs
+    os.killpg(proc.pid, signal.SIGINT)
+    wait_for(lambda: "Ctrl-C: stopping" in log.read_text(), proc, interval=0.01)
+    os.killpg(proc.pid, signal.SIGINT)
+    sent = time.monotonic()
+    assert proc.wait(timeout=60) == -signal.SIGINT and time.monotonic() - sent < 10
+    assert "Traceback" not in log.read_text() and not list(run_dir.glob("checkpoints/step-??????"))
+
+
 def test_two_processes_match_one_with_twice_the_batch(tmp_path, colours):
     """DDP over gloo, batch 4 per process, against one process with batch 8; v prediction from the latent cache,
     which the first run builds and the second reuses (with gradient checkpointing, which changes no number).
