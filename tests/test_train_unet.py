@@ -25,6 +25,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import ldm.checkpoint
 import train_unet
+from ldm import DEFAULT_MODEL
 from ldm.checkpoint import load_model, save_single_file
 from ldm.config import load_config
 from ldm.convert import main as convert
@@ -312,10 +313,28 @@ def test_compiled_unet_trains_as_the_eager_one(tmp_path, colours):
         torch.testing.assert_close(compiled[k], eager[k], rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["train-unet-tiny.yaml", "train-unet-sd-v1.yaml"])
+@pytest.mark.parametrize("name", ["train-unet-tiny.yaml", "train-unet-sd-v1.yaml", "finetune-emoji.yaml"])
 def test_shipped_configs_are_valid(name):
     cfg, _ = train_unet.load_train_config(train_unet.parse_args(["--config", str(ROOT / "configs" / name), "init_from=''"]))
     assert cfg.max_steps >= 1 and cfg.data.resolution % 2 ** (len(cfg.model.vae.ch_mult) - 1) == 0
+    if name != "train-unet-sd-v1.yaml":  # a first run shows what it learns
+        assert 1 <= cfg.validation.every <= cfg.max_steps
+
+
+def test_the_fine_tune_config_starts_from_the_embedded_model(tmp_path, colours):
+    """configs/finetune-emoji.yaml as the README runs it, for 2 steps: the embedded model's VAE and text encoder stay,
+    its UNet moves, and the validation image comes from the fine-tuned model."""
+    config = ROOT / "configs" / "finetune-emoji.yaml"
+    out = finish(subprocess.Popen([sys.executable, str(ROOT / "train_unet.py"), "--config", str(config), f"data.path={colours}",
+                                   "max_steps=2", "validation.every=2", "validation.steps=2", f"cache_dir={tmp_path / 'cache'}",
+                                   f"output_dir={tmp_path / 'run'}"], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True))  # fmt: skip
+    embedded, tuned = load_model(DEFAULT_MODEL), load_model(tmp_path / "run" / "model.safetensors")
+    assert tuned.cfg == embedded.cfg and "wrote" in out
+    assert_same(tuned.vae.state_dict(), embedded.vae.state_dict())
+    assert_same(tuned.text_encoder.state_dict(), embedded.text_encoder.state_dict())
+    assert not all(torch.equal(a, b) for a, b in zip(tuned.unet.state_dict().values(), embedded.unet.state_dict().values()))
+    assert Image.open(tmp_path / "run" / "validation" / "step-000002.png").size == (4 * 32, 32)
 
 
 @pytest.mark.parametrize(
@@ -384,6 +403,7 @@ def test_learning_samples_follow_the_caption(tmp_path, colours):
         "save_every=1000", f"output_dir={tmp_path / 'run'}")  # fmt: skip
     losses = [m["loss"] for m in metrics(tmp_path / "run")]
     assert losses[-1] < 0.5 * losses[0], losses
+    assert sorted(p.name for p in (tmp_path / "run" / "validation").iterdir()) == ["step-000050.png", "step-000100.png"]  # the tiny config's
 
     model = load_model(tmp_path / "run" / "model.safetensors").eval()
     with torch.no_grad():
