@@ -50,7 +50,7 @@ from ldm.model import StableDiffusion
 from ldm.pipeline import Pipeline
 from ldm.samplers import check_sampler
 from ldm.training import (
-    EMA, StopOnSigterm, TrainState, checkpoint_run, end_training, flat_config, gather_skipped, list_checkpoints, log_image, make_accelerator, optimizer_step, peak_memory_gib,
+    EMA, Stop, TrainState, checkpoint_run, flat_config, gather_skipped, list_checkpoints, log_image, make_accelerator, optimizer_step, peak_memory_gib,
     per_sample_generators, randn_like_per_sample, read_train_config, resume_state, skipped_report, start_run,
     stream_batches, writing,
 )  # fmt: skip
@@ -125,6 +125,7 @@ def train(args) -> int:
     resume_state(accelerator, resume, args.resume, checkpoints, state)
     state.skipped |= dict(train_set.skipped)  # found while listing the folder (or building the cache)
     batches = stream_batches(train_set, cfg, accelerator, state.samples_seen)
+    accelerator.print(f"{len(train_set)} training images, {accelerator.num_processes} process(es) on {device.type}")
 
     def write_model(folder: Path) -> None:
         """The inference checkpoint: our single-file layout with the EMA weights in the UNet, plus the run's config."""
@@ -150,10 +151,9 @@ def train(args) -> int:
 
     # ------------------------------------------------------------ the loop
     accelerator.init_trackers("train_unet", config=flat_config(to_dict(cfg)))
-    stop = StopOnSigterm()
+    stop = Stop(accelerator, cfg.max_nan_skips)  # SIGTERM, Ctrl-C, too many non-finite steps
     progress = tqdm(total=cfg.max_steps, initial=state.step, disable=not accelerator.is_main_process, dynamic_ncols=True)
     window_loss, window_steps, window_images, window_start = 0.0, 0, 0, time.perf_counter()
-    nan_in_a_row = 0
     while state.step < cfg.max_steps:
         batch = next(batches)
         state.samples_seen += cfg.batch_size * accelerator.num_processes
@@ -193,15 +193,6 @@ def train(args) -> int:
 
         state.step += 1
         lr_scheduler.step()
-        nan_in_a_row = nan_in_a_row + 1 if skipped_step else 0
-        if skipped_step and nan_in_a_row > cfg.max_nan_skips:
-            # the skipped steps changed nothing: these are the weights of the last applied step
-            checkpoint_run(accelerator, checkpoints, state, cfg.keep_last, write_model, progress)
-            accelerator.print(f"error: non-finite gradients for {nan_in_a_row} steps in a row at step {state.step}: try a lower optim.lr "
-                              f"(the last good state is saved above)")
-            del unet_ddp
-            end_training(accelerator)
-            return 1
         if ema and not skipped_step:
             ema.update(unet)
         window_steps += 1
@@ -222,14 +213,12 @@ def train(args) -> int:
             if accelerator.is_main_process:
                 validate()
             accelerator.wait_for_everyone()
-        stopping = stop.should_stop(accelerator)
+        stopping = stop.after_step(state.step, skipped_step)
         if state.step % cfg.save_every == 0 or state.step == cfg.max_steps or stopping:
             checkpoint_run(accelerator, checkpoints, state, cfg.keep_last, write_model, progress)
         if stopping:
-            accelerator.print(f"SIGTERM: stopped at step {state.step} after saving; continue with --resume latest")
-            del unet_ddp
-            end_training(accelerator)
-            return 0
+            del unet_ddp  # before the process group goes (pytorch#56297: see ldm.training.end_training)
+            return stop.end(progress)
 
     # ------------------------------------------------------------ the end: the single-file model, what was skipped
     progress.close()  # the last step was saved above (or, resumed at max_steps, there was none to run)
@@ -239,9 +228,8 @@ def train(args) -> int:
             write_model(output_dir)
         print(skipped_report(state.skipped))
         print(f"wrote {output_dir / 'model.safetensors'}")
-    del unet_ddp
-    end_training(accelerator)
-    return 0
+    del unet_ddp  # before the process group goes (pytorch#56297: see ldm.training.end_training)
+    return stop.end(progress)
 
 
 if __name__ == "__main__":

@@ -51,7 +51,7 @@ from ldm.eval_vae import evaluate, image_batches
 from ldm.losses import GeneratorLoss, NLayerDiscriminator, discriminator_loss, load_lpips
 from ldm.model import StableDiffusion
 from ldm.training import (
-    EMA, StopOnSigterm, TrainState, checkpoint_run, end_training, flat_config, gather_skipped, list_checkpoints, log_image, make_accelerator, optimizer_step, peak_memory_gib,
+    EMA, Stop, TrainState, checkpoint_run, flat_config, gather_skipped, list_checkpoints, log_image, make_accelerator, optimizer_step, peak_memory_gib,
     per_sample_generators, randn_like_per_sample, read_train_config, resume_state, skipped_report, start_run,
     stream_batches, writing,
 )  # fmt: skip
@@ -133,10 +133,9 @@ def train(args) -> int:
 
     # ------------------------------------------------------------ the loop
     accelerator.init_trackers("train_vae", config=flat_config(to_dict(cfg)))
-    stop = StopOnSigterm()
+    stop = Stop(accelerator, cfg.max_nan_skips)  # SIGTERM, Ctrl-C, too many non-finite steps
     progress = tqdm(total=cfg.max_steps, initial=state.step, disable=not accelerator.is_main_process, dynamic_ncols=True)
     window, window_images, window_start = {}, 0, time.perf_counter()
-    nan_in_a_row = 0
     while state.step < cfg.max_steps:
         batch = next(batches)
         state.samples_seen += cfg.batch_size * accelerator.num_processes
@@ -175,12 +174,6 @@ def train(args) -> int:
         sched_g.step()
         if gan:  # the discriminator's schedule starts with its training
             sched_d.step()
-        nan_in_a_row = nan_in_a_row + 1 if skipped_step else 0
-        if skipped_step and nan_in_a_row > cfg.max_nan_skips:
-            accelerator.print(f"error: non-finite gradients for {nan_in_a_row} steps in a row at step {state.step}: try a lower optim.lr")
-            del vae_ddp, disc_ddp
-            end_training(accelerator)
-            return 1
         if ema and not skipped_step:
             ema.update(vae)
         progress.update(1)
@@ -197,14 +190,12 @@ def train(args) -> int:
             progress.set_postfix(rec=f"{logs['rec']:.4f}", img_s=f"{logs['images_per_s_per_device']:.1f}")
             window, window_images, window_start = {}, 0, time.perf_counter()
 
-        stopping = stop.should_stop(accelerator)
+        stopping = stop.after_step(state.step, skipped_step)
         if state.step % cfg.save_every == 0 or state.step == cfg.max_steps or stopping:
             checkpoint_run(accelerator, checkpoints, state, cfg.keep_last, write_model, progress)
         if stopping:
-            accelerator.print(f"SIGTERM: stopped at step {state.step} after saving; continue with --resume latest")
-            del vae_ddp, disc_ddp
-            end_training(accelerator)
-            return 0
+            del vae_ddp, disc_ddp  # before the process group goes (pytorch#56297: see ldm.training.end_training)
+            return stop.end(progress)
 
     # ------------------------------------------------------------ the end: scale factor, evaluation, the single-file model
     progress.close()  # the last step was saved above (or, resumed at max_steps, there was none to run)
@@ -229,9 +220,8 @@ def train(args) -> int:
         print(skipped_report(state.skipped))
         print(f"wrote {output_dir / 'model.safetensors'}")
     accelerator.wait_for_everyone()
-    del vae_ddp, disc_ddp
-    end_training(accelerator)
-    return 0
+    del vae_ddp, disc_ddp  # before the process group goes (pytorch#56297: see ldm.training.end_training)
+    return stop.end(progress)
 
 
 if __name__ == "__main__":

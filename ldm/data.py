@@ -155,9 +155,11 @@ def scan_folder(root: Path, caption_column: str, require_captions: bool = True) 
     Without require_captions, images without a caption are kept with the caption "" (for the VAE)."""
     uncaptioned = [] if require_captions else [""]
     files, listed, skipped = {}, set(), []
-    walk = sorted(Path(d) / f for d, _, names in os.walk(root) for f in names)
+    walk = sorted(Path(d) / f for d, folders, names in os.walk(root) for f in names + folders)  # x.png/ is no image
     images = [p for p in walk if p.suffix.lower() in IMAGE_EXTENSIONS]
-    metas = [p for p in walk if p.name in METADATA_FILES]
+    named = [p for p in walk if p.name in METADATA_FILES]
+    metas = [p for p in named if p.is_file()]  # reading a FIFO or a device could block forever
+    skipped += [(str(p.relative_to(root)), "not a regular file") for p in named if p not in metas]
     for meta in metas:
         rows, bad = _read_metadata(meta, root)
         skipped += bad
@@ -170,7 +172,7 @@ def scan_folder(root: Path, caption_column: str, require_captions: bool = True) 
             elif Path(name).is_absolute() or not _inside(root, path):
                 skipped.append((name, "outside the dataset folder"))
             elif not path.is_file():
-                skipped.append((name, "file not found"))
+                skipped.append((name, "not a regular file" if path.exists() else "file not found"))
             else:  # several rows for one file add captions
                 listed.add(path.resolve())
                 if captions := _captions(row.get(caption_column)) or uncaptioned:
@@ -358,9 +360,11 @@ def collate(samples: list[dict]) -> dict:
     return batch
 
 
-def ignore_sigterm(_worker_id: int) -> None:
-    """DataLoader worker_init_fn: a SIGTERM sent to the whole process group is the main process' to handle."""
+def ignore_stop_signals(_worker_id: int) -> None:
+    """DataLoader worker_init_fn: a SIGTERM sent to the whole process group, or a Ctrl-C in the terminal (SIGINT
+    to its foreground group), is the main process' to handle; a worker goes on serving the batches it needs."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 # ---------------------------------------------------------------- order

@@ -1,4 +1,5 @@
-"""What the training scripts share: the Accelerator, EMA, per-sample noise, checkpoints and resume, SIGTERM, logging.
+"""What the training scripts share: the Accelerator, EMA, per-sample noise, checkpoints and resume, stopping
+(SIGTERM, Ctrl-C, non-finite steps), logging.
 
 Training checkpoints are folders <output_dir>/checkpoints/step-000123/ holding `state/` (Accelerate's
 save_state: model, optimizers, grad scaler, RNG states of every process, and the registered objects such as
@@ -21,6 +22,7 @@ import re
 import resource
 import shutil
 import signal
+import sys
 from datetime import timedelta
 from pathlib import Path
 from typing import Callable
@@ -35,7 +37,7 @@ from torch.utils.data import DataLoader
 
 from ldm.checkpoint import CheckpointError
 from ldm.config import ConfigError, ModelConfig, apply_overrides, from_dict, load_yaml, to_dict
-from ldm.data import StreamSampler, collate, ignore_sigterm
+from ldm.data import StreamSampler, collate, ignore_stop_signals
 from ldm.model import StableDiffusion
 
 CHECKPOINT_NAME = re.compile(r"^step-(\d+)$")
@@ -125,6 +127,8 @@ def start_run(cfg, resume_spec: str | None) -> tuple[Path, Path, Path | None]:
     if not os.access(output_dir, os.W_OK):
         raise ConfigError(f"output_dir {output_dir} is not writable")
     checkpoints = output_dir / "checkpoints"
+    if int(os.environ.get("RANK", "0")) == 0:  # the main process (before the Accelerator exists), alone writing there
+        remove_cut_writes(output_dir, checkpoints)
     resume = resolve_resume(resume_spec, checkpoints)
     if resume is not None:
         try:
@@ -150,8 +154,9 @@ def resume_state(accelerator: Accelerator, resume: Path | None, resume_spec: str
 def stream_batches(dataset, cfg, accelerator: Accelerator, start: int):
     """This process's batches of the endless data stream from position `start` (see ldm.data.StreamSampler)."""
     sampler = StreamSampler(len(dataset), cfg.batch_size, accelerator.process_index, accelerator.num_processes, cfg.seed, start)
-    return iter(DataLoader(dataset, cfg.batch_size, sampler=sampler, collate_fn=collate, num_workers=cfg.data.num_workers,
-                           worker_init_fn=ignore_sigterm, pin_memory=accelerator.device.type == "cuda"))  # fmt: skip
+    loader = DataLoader(dataset, cfg.batch_size, sampler=sampler, collate_fn=collate, num_workers=cfg.data.num_workers,
+                        worker_init_fn=ignore_stop_signals, pin_memory=accelerator.device.type == "cuda")
+    return iter(loader)
 
 
 def optimizer_step(accelerator: Accelerator, optimizer, params, max_grad_norm: float) -> tuple[torch.Tensor | None, bool]:
@@ -301,7 +306,8 @@ def checkpoint_run(accelerator: Accelerator, root: Path, state: TrainState, keep
     except CheckpointError:  # the disk is full: the error's line goes below the progress bar, not into it
         progress.close()
         raise
-    accelerator.print(f"saved checkpoint {path}")
+    if accelerator.is_main_process:
+        progress.write(f"saved checkpoint {path}")  # on a line of its own, above the progress bar
 
 
 def save_checkpoint(accelerator: Accelerator, root: Path, step: int, keep_last: int, write_extra: Callable[[Path], None]) -> Path:
@@ -354,6 +360,18 @@ def writing(folder: Path, what: str, intact: str):
         raise CheckpointError(f"{why} while writing {what}: {intact}") from None
 
 
+def remove_cut_writes(output_dir: Path, checkpoints: Path) -> None:
+    """Remove what writes of an earlier run of output_dir, killed midway, left behind, saying so: names of our own
+    making only, never a user's file."""
+    ours = [(output_dir, r"\.model\.safetensors\.[a-z0-9_]{8}\.tmp"),  # atomic_save's temp file (by mkstemp)
+            (checkpoints, r"step-\d+\.tmp|\.step-\d+\.deleting")]  # a checkpoint not yet renamed; one being removed
+    for folder, pattern in ours:
+        for path in sorted(folder.iterdir()) if folder.is_dir() else ():
+            if re.fullmatch(pattern, path.name) and not path.is_symlink():
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+                print(f"removed {path}: left by a write that was cut short")
+
+
 def _remove(folder: Path) -> None:
     """Rename first, so that a crash halfway through never leaves a partial folder under a checkpoint's name."""
     trash = folder.with_name(f".{folder.name}.deleting")
@@ -373,19 +391,49 @@ def end_training(accelerator: Accelerator) -> None:
     accelerator.end_training()
 
 
-class StopOnSigterm:
-    """Turns SIGTERM into a flag read between steps, so the loop can save a checkpoint and exit cleanly."""
+class Stop:
+    """Why a run stops before max_steps, decided after each step alike on every process, so all stop at one step:
+    SIGTERM or Ctrl-C (SIGINT) -> save a checkpoint, exit 0; more than `max_nan_skips` non-finite steps in a row ->
+    save the last good state (the skipped steps changed nothing), exit 1. A second Ctrl-C ends the process at once:
+    the checkpoints on disk are complete (written atomically), and the next run removes what the cut write left.
 
-    def __init__(self):
-        self.received = False
-        signal.signal(signal.SIGTERM, self._handle)
+    Under `accelerate launch` / torchrun the launcher gets the Ctrl-C and passes SIGINT on to every process, then
+    kills them after TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds (30 by default: raise it if a checkpoint takes longer)."""
+
+    def __init__(self, accelerator: Accelerator, max_nan_skips: int):
+        self.accelerator, self.max_nan_skips = accelerator, max_nan_skips
+        self.signals, self.nan_in_a_row, self.why, self.exit_code = set(), 0, "", 0
+        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
 
     def _handle(self, signum, frame):
-        self.received = True
+        self.signals.add(signum)
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.SIG_DFL)  # the next Ctrl-C: the kernel ends the process
+            if self.accelerator.is_main_process:  # os.write: print() must not be re-entered from a handler
+                os.write(2, b"\nCtrl-C: stopping after this step with a checkpoint (Ctrl-C again to exit at once)\n")
 
-    def should_stop(self, accelerator: Accelerator) -> bool:
-        """True on every process as soon as any got SIGTERM (they agree, so all stop at the same step)."""
-        if accelerator.num_processes == 1:
-            return self.received
-        flag = torch.tensor([float(self.received)], device=accelerator.device)
-        return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+    def after_step(self, step: int, skipped_step: bool) -> bool:
+        """Whether the run stops now, `step` being done (or skipped for non-finite gradients)."""
+        self.nan_in_a_row = self.nan_in_a_row + 1 if skipped_step else 0
+        received = [float(s in self.signals) for s in (signal.SIGTERM, signal.SIGINT)]
+        if self.accelerator.num_processes > 1:  # a signal to one process stops them all
+            received = self.accelerator.reduce(torch.tensor(received, device=self.accelerator.device), "sum").tolist()
+        if self.nan_in_a_row > self.max_nan_skips:
+            self.exit_code = 1
+            self.why = (f"error: non-finite gradients for {self.nan_in_a_row} steps in a row at step {step}: "
+                        "try a lower optim.lr (the last good state is saved above)")
+        elif any(received):
+            name = "SIGTERM" if received[0] else "Ctrl-C (SIGINT)"
+            self.why = f"{name}: stopped at step {step} after saving; continue with --resume latest"
+        return bool(self.why)
+
+    def end(self, progress) -> int:
+        """A trainer's last call, once it has dropped its DDP models (see end_training): why the run stopped early,
+        if it did, on the main process; the signal handlers as they were; -> the exit code."""
+        progress.close()
+        if self.why and self.accelerator.is_main_process:
+            print(self.why, file=sys.stderr if self.exit_code else sys.stdout)
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+        end_training(self.accelerator)
+        return self.exit_code

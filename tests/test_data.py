@@ -1,6 +1,10 @@
 """Datasets: every source format, image mode conversions, bad and escaping files, and the stream order."""
 import json
+import os
 import random
+import subprocess
+import sys
+import time
 
 import datasets
 import numpy as np
@@ -160,6 +164,44 @@ def test_nothing_outside_the_folder_is_read(tmp_path, monkeypatch):
     reasons = dict(ds.skipped)
     assert reasons == {"../secret.png": "outside the dataset folder", str(outside): "outside the dataset folder",
                        "link.png": "outside the dataset folder", "gone.png": "file not found"}  # fmt: skip
+
+
+SCAN = """
+import sys
+from ldm.data import ImageCaptionDataset
+for name, why in ImageCaptionDataset(sys.argv[1], resolution=8).skipped:
+    print(f"{name}: {why}")
+"""
+
+
+def test_fifos_devices_and_folders_named_like_data_files_are_skipped_at_once(tmp_path):
+    """A FIFO named metadata.jsonl would block its reader forever: the scan (in a child process, with a timeout)
+    skips it, and every other file that is not a regular one, as "not a regular file"."""
+    png(tmp_path / "a" / "ok.png")
+    (tmp_path / "a" / "ok.txt").write_text("a red square")
+    os.mkfifo(tmp_path / "a" / "metadata.jsonl")
+    os.mkfifo(tmp_path / "a" / "fifo.png")
+    (tmp_path / "a" / "folder.png").mkdir()
+    png(tmp_path / "b" / "sub" / "ok.png")
+    (tmp_path / "b" / "sub" / "ok.txt").write_text("a red square")
+    os.mkfifo(tmp_path / "b" / "sub" / "metadata.jsonl")
+    (tmp_path / "b" / "metadata.csv").mkdir()
+    (tmp_path / "b" / "metadata.jsonl").symlink_to("/dev/zero")
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "folder.png").mkdir()
+    os.mkfifo(tmp_path / "c" / "fifo.png")
+    png(tmp_path / "c" / "ok.png")
+    rows = [{"file_name": name, "text": "x"} for name in ("ok.png", "folder.png", "fifo.png", "gone.png")]
+    (tmp_path / "c" / "metadata.jsonl").write_text("\n".join(json.dumps(row) for row in rows))
+    scans = {}
+    for name in "abc":
+        start = time.monotonic()
+        out = subprocess.run([sys.executable, "-c", SCAN, str(tmp_path / name)], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0 and time.monotonic() - start < 60, out.stderr[-2000:]
+        scans[name] = out.stdout.splitlines()
+    assert scans["a"] == ["metadata.jsonl: not a regular file", "fifo.png: not a regular file", "folder.png: not a regular file"]
+    assert scans["b"] == ["metadata.csv: not a regular file", "metadata.jsonl: not a regular file", "sub/metadata.jsonl: not a regular file"]
+    assert scans["c"] == ["folder.png: not a regular file", "fifo.png: not a regular file", "gone.png: file not found"]
 
 
 def test_empty_and_missing_datasets_are_clear_errors(tmp_path):

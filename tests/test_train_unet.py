@@ -25,6 +25,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import ldm.checkpoint
 import train_unet
+from ldm import DEFAULT_MODEL
 from ldm.checkpoint import load_model, save_single_file
 from ldm.config import load_config
 from ldm.convert import main as convert
@@ -139,6 +140,47 @@ def test_resume_after_sigterm_and_a_sigkill_mid_write_is_exact(tmp_path, colours
     assert model.cfg.unet.model_channels == 32 and model.cfg.parameterization == "eps"
     assert convert([str(run_dir / "model.safetensors"), str(tmp_path / "diffusers")]) == 0
     assert (tmp_path / "diffusers" / "model_index.json").exists()
+
+
+def start_in_terminal(*args, log: Path):
+    """A run as from a terminal, in a process group of its own which a Ctrl-C signals whole (DataLoader workers too)."""
+    return subprocess.Popen(command(*args), cwd=ROOT, env=ENV, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def test_ctrl_c_saves_and_resume_is_exact_and_a_second_ctrl_c_exits_at_once(tmp_path, colours):
+    """Ctrl-C (SIGINT to the run's process group, its 2 DataLoader workers included, which ignore it): the run
+    finishes its step, saves a checkpoint and exits 0; --resume latest then reaches an uninterrupted run's weights
+    and EMA bit for bit. A second Ctrl-C ends the process at once (here during a slow validation)."""
+    common = [f"data.path={colours}", "max_steps=6", "save_every=100", "batch_size=4", "log_every=1", "deterministic=true",
+              "ema.decay=0.9", "data.num_workers=2"]  # fmt: skip
+    straight = start(*common, f"output_dir={tmp_path / 'straight'}")
+    run_dir, log = tmp_path / "interrupted", tmp_path / "interrupted.log"
+    proc = start_in_terminal(*common, f"output_dir={run_dir}", log=log)
+    wait_for((run_dir / "metrics.jsonl").exists, proc, interval=0.01)  # step 1 is done
+    os.killpg(proc.pid, signal.SIGINT)
+    assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]
+    out = log.read_text()
+    stopped = int(next(p.name[5:] for p in (run_dir / "checkpoints").iterdir()))
+    assert "Ctrl-C: stopping after this step with a checkpoint" in out and "Traceback" not in out
+    assert f"Ctrl-C (SIGINT): stopped at step {stopped} after saving; continue with --resume latest" in out and stopped < 6
+    assert not (run_dir / "model.safetensors").exists()
+
+    out = run(*common, f"output_dir={run_dir}", "--resume", "latest")
+    assert f"resumed from {run_dir / 'checkpoints' / f'step-{stopped:06d}'} at step {stopped}" in out
+    finish(straight)
+    assert_same(unet_weights(run_dir, 6), unet_weights(tmp_path / "straight", 6))
+    assert_same(load_file(run_dir / "model.safetensors"), load_file(tmp_path / "straight" / "model.safetensors"))
+
+    run_dir, log = tmp_path / "twice", tmp_path / "twice.log"
+    proc = start_in_terminal(f"data.path={colours}", "batch_size=2", "log_every=1", "validation.every=1", "validation.steps=1000",
+                             "validation.prompts=[red]", f"output_dir={run_dir}", log=log)  # fmt: skip
+    wait_for((run_dir / "metrics.jsonl").exists, proc, interval=0.01)  # step 1 is logged: its validation runs
+    os.killpg(proc.pid, signal.SIGINT)
+    wait_for(lambda: "Ctrl-C: stopping" in log.read_text(), proc, interval=0.01)
+    os.killpg(proc.pid, signal.SIGINT)
+    sent = time.monotonic()
+    assert proc.wait(timeout=60) == -signal.SIGINT and time.monotonic() - sent < 10
+    assert "Traceback" not in log.read_text() and not list(run_dir.glob("checkpoints/step-??????"))
 
 
 def test_two_processes_match_one_with_twice_the_batch(tmp_path, colours):
@@ -271,10 +313,28 @@ def test_compiled_unet_trains_as_the_eager_one(tmp_path, colours):
         torch.testing.assert_close(compiled[k], eager[k], rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["train-unet-tiny.yaml", "train-unet-sd-v1.yaml"])
+@pytest.mark.parametrize("name", ["train-unet-tiny.yaml", "train-unet-sd-v1.yaml", "finetune-emoji.yaml"])
 def test_shipped_configs_are_valid(name):
     cfg, _ = train_unet.load_train_config(train_unet.parse_args(["--config", str(ROOT / "configs" / name), "init_from=''"]))
     assert cfg.max_steps >= 1 and cfg.data.resolution % 2 ** (len(cfg.model.vae.ch_mult) - 1) == 0
+    if name != "train-unet-sd-v1.yaml":  # a first run shows what it learns
+        assert 1 <= cfg.validation.every <= cfg.max_steps
+
+
+def test_the_fine_tune_config_starts_from_the_embedded_model(tmp_path, colours):
+    """configs/finetune-emoji.yaml as the README runs it, for 2 steps: the embedded model's VAE and text encoder stay,
+    its UNet moves, and the validation image comes from the fine-tuned model."""
+    config = ROOT / "configs" / "finetune-emoji.yaml"
+    out = finish(subprocess.Popen([sys.executable, str(ROOT / "train_unet.py"), "--config", str(config), f"data.path={colours}",
+                                   "max_steps=2", "validation.every=2", "validation.steps=2", f"cache_dir={tmp_path / 'cache'}",
+                                   f"output_dir={tmp_path / 'run'}"], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True))  # fmt: skip
+    embedded, tuned = load_model(DEFAULT_MODEL), load_model(tmp_path / "run" / "model.safetensors")
+    assert tuned.cfg == embedded.cfg and "wrote" in out
+    assert_same(tuned.vae.state_dict(), embedded.vae.state_dict())
+    assert_same(tuned.text_encoder.state_dict(), embedded.text_encoder.state_dict())
+    assert not all(torch.equal(a, b) for a, b in zip(tuned.unet.state_dict().values(), embedded.unet.state_dict().values()))
+    assert Image.open(tmp_path / "run" / "validation" / "step-000002.png").size == (4 * 32, 32)
 
 
 @pytest.mark.parametrize(
@@ -343,6 +403,7 @@ def test_learning_samples_follow_the_caption(tmp_path, colours):
         "save_every=1000", f"output_dir={tmp_path / 'run'}")  # fmt: skip
     losses = [m["loss"] for m in metrics(tmp_path / "run")]
     assert losses[-1] < 0.5 * losses[0], losses
+    assert sorted(p.name for p in (tmp_path / "run" / "validation").iterdir()) == ["step-000050.png", "step-000100.png"]  # the tiny config's
 
     model = load_model(tmp_path / "run" / "model.safetensors").eval()
     with torch.no_grad():

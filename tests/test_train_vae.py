@@ -247,3 +247,12 @@ def test_bad_arguments_are_one_line_too(capsys):
 def test_bad_input_through_the_cli_has_no_traceback(tmp_path):
     result = run_cli(["--config", str(tmp_path / "missing.yaml")])
     assert result.returncode == 2 and result.stderr.strip().startswith("error: cannot read config file") and "Traceback" not in result.stderr
+
+
+def test_non_finite_steps_stop_the_run_with_the_last_good_state_saved(shapes, tmp_path):
+    """As train_unet.py: lr 1e30 makes the weights infinite after step 1, the next steps' gradients are skipped, and
+    after max_nan_skips of them the run saves a checkpoint (the skipped steps changed nothing) and exits 1."""
+    result = run_cli(common(shapes, tmp_path / "run", **{"optim.lr": 1e30, "max_nan_skips": 1, "max_steps": 5, "batch_size": 2}))
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "error: non-finite gradients for 2 steps in a row at step 3" in result.stderr
+    assert (tmp_path / "run" / "checkpoints" / "step-000003" / "state").is_dir() and not (tmp_path / "run" / "model.safetensors").exists()

@@ -1,15 +1,20 @@
-"""Shared training pieces: EMA against diffusers' EMAModel, atomic checkpoints and resume, SIGTERM."""
+"""Shared training pieces: EMA against diffusers' EMAModel, atomic checkpoints and resume, stopping (signals,
+non-finite steps), what cut writes leave."""
+import json
 import os
 import signal
+import subprocess
+import sys
 
 import pytest
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState, PartialState
 from diffusers.training_utils import EMAModel
+from tqdm import tqdm
 
-from ldm.config import ConfigError
-from ldm.training import EMA, StopOnSigterm, TrainState, list_checkpoints, resolve_resume, save_checkpoint
+from ldm.config import ConfigError, TrainUNetConfig, to_dict
+from ldm.training import EMA, Stop, TrainState, list_checkpoints, resolve_resume, save_checkpoint, start_run
 
 
 @pytest.mark.parametrize("start_step, warmup", [(0, True), (3, True), (2, False)])
@@ -88,12 +93,59 @@ def test_checkpoints_are_atomic_pruned_and_resumable(tmp_path, accelerator):
     assert (state.step, state.samples_seen, ema.updates) == (5, 20, 5)
 
 
-def test_sigterm_becomes_a_flag(accelerator):
-    previous = signal.getsignal(signal.SIGTERM)
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_stops_the_run_after_its_step(accelerator, sig):
+    """SIGTERM or Ctrl-C: a flag read after the step (exit 0); after a first Ctrl-C the next one is the default's (the
+    kernel ends the process at once); the handlers are given back at the end."""
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    stop = Stop(accelerator, max_nan_skips=3)
     try:
-        stop = StopOnSigterm()
-        assert not stop.should_stop(accelerator)
-        os.kill(os.getpid(), signal.SIGTERM)
-        assert stop.should_stop(accelerator)
+        assert not stop.after_step(1, skipped_step=False)
+        os.kill(os.getpid(), sig)
+        assert stop.after_step(2, skipped_step=False)
+        name = "SIGTERM" if sig == signal.SIGTERM else "Ctrl-C (SIGINT)"
+        assert stop.why == f"{name}: stopped at step 2 after saving; continue with --resume latest"
+        assert signal.getsignal(signal.SIGINT) == (signal.SIG_DFL if sig == signal.SIGINT else stop._handle)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        assert stop.end(tqdm(disable=True)) == 0
+    assert {s: signal.getsignal(s) for s in before} == before
+
+
+def test_too_many_non_finite_steps_in_a_row_stop_the_run(accelerator):
+    stop = Stop(accelerator, max_nan_skips=2)
+    assert not any(stop.after_step(step, skipped) for step, skipped in enumerate([True, True, False, True, True], 1))
+    assert stop.after_step(6, skipped_step=True) and stop.end(tqdm(disable=True)) == 1
+    assert stop.why.startswith("error: non-finite gradients for 3 steps in a row at step 6: try a lower optim.lr")
+
+
+CUT_WRITE = """
+import os, sys, torch
+import ldm.checkpoint
+real = ldm.checkpoint.save_file
+def save_file(tensors, path, metadata=None):
+    real(tensors, path, metadata=metadata)
+    os.kill(os.getpid(), 9)  # killed before the rename
+ldm.checkpoint.save_file = save_file
+ldm.checkpoint.atomic_save({"x": torch.ones(3)}, sys.argv[1], {})
+"""
+
+
+def test_a_new_run_removes_what_cut_writes_left_and_nothing_else(tmp_path):
+    """A final write killed midway leaves its hidden temp file; a checkpoint write, its step-N.tmp folder; a removal,
+    its .step-N.deleting folder. The next run of the output dir removes those, and no file of another name."""
+    out = tmp_path / "run"
+    result = subprocess.run([sys.executable, "-c", CUT_WRITE, str(out / "model.safetensors")], capture_output=True, timeout=300)
+    assert result.returncode == -signal.SIGKILL
+    left = [p.name for p in out.iterdir()]
+    assert len(left) == 1 and left[0].startswith(".model.safetensors.") and left[0].endswith(".tmp")
+    for name in ("step-000003.tmp/state", ".step-000001.deleting", "step-000002/state"):
+        (out / "checkpoints" / name).mkdir(parents=True)
+    users = [".model.safetensors.tmp", ".model.safetensors.my-copy.tmp", "model.safetensors.tmp", "notes.tmp", "checkpoints/x.tmp"]
+    for name in users:
+        (out / name).write_text("mine")
+    cfg = TrainUNetConfig(output_dir=str(out))
+    (out / "checkpoints" / "step-000002" / "config.json").write_text(json.dumps({"model": to_dict(cfg.model)}))
+    assert start_run(cfg, "latest") == (out, out / "checkpoints", out / "checkpoints" / "step-000002")
+    kept = sorted(users + ["checkpoints/step-000002/config.json"])
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()) == kept
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002", "x.tmp"]
