@@ -1,12 +1,14 @@
-"""Train the text-conditioned UNet of ldm (Stable Diffusion v1) from scratch or from a checkpoint, on 1..N devices.
+r"""Train the text-conditioned UNet of ldm (Stable Diffusion v1) from scratch or from a checkpoint, on 1..N devices.
 
     python train_unet.py --config configs/train-unet-tiny.yaml data.path=my_images [key.path=value ...]
-    accelerate launch --num_processes 8 train_unet.py --config my.yaml [--resume latest] [--cache-latents] [--learn-sigma]
+    accelerate launch --num_processes 8 train_unet.py --config my.yaml [--resume latest] [--cache-latents] \
+        [--learn-sigma]
 
 Top to bottom: config -> Accelerator -> models -> data (or the latent cache) -> optimizer -> resume -> the loop
 (noise, loss, optimizer step, EMA, logging, checkpoints) -> <output_dir>/model.safetensors, a single-file
 checkpoint (EMA weights in the UNet) that txt2img.py --ckpt and python -m ldm.convert read.
 """
+
 import argparse
 import contextlib
 import json
@@ -21,14 +23,22 @@ from ldm.cli import ArgumentParser, run
 def parse_args(argv=None) -> argparse.Namespace:
     p = ArgumentParser(prog="train_unet.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", type=Path, required=True, help="training YAML (see configs/train-unet-tiny.yaml)")
-    p.add_argument("--resume", metavar="latest|PATH",
-                   help="continue from the newest checkpoint of output_dir, or from PATH")
-    p.add_argument("--cache-latents", action="store_true",
-                   help="encode the dataset once (VAE posterior + text embeddings) and train from that")
-    p.add_argument("--learn-sigma", action="store_true",
-                   help="also learn the variance (2x UNet output channels, improved-DDPM hybrid loss)")
-    p.add_argument("overrides", nargs="*", metavar="key.path=value",
-                   help="config overrides, e.g. optim.lr=1e-4 data.path=images")
+    p.add_argument(
+        "--resume", metavar="latest|PATH", help="continue from the newest checkpoint of output_dir, or from PATH"
+    )
+    p.add_argument(
+        "--cache-latents",
+        action="store_true",
+        help="encode the dataset once (VAE posterior + text embeddings) and train from that",
+    )
+    p.add_argument(
+        "--learn-sigma",
+        action="store_true",
+        help="also learn the variance (2x UNet output channels, improved-DDPM hybrid loss)",
+    )
+    p.add_argument(
+        "overrides", nargs="*", metavar="key.path=value", help="config overrides, e.g. optim.lr=1e-4 data.path=images"
+    )
     return p.parse_intermixed_args(argv)
 
 
@@ -50,10 +60,26 @@ from ldm.model import StableDiffusion
 from ldm.pipeline import Pipeline
 from ldm.samplers import check_sampler
 from ldm.training import (
-    EMA, Stop, TrainState, checkpoint_run, flat_config, gather_skipped, list_checkpoints, log_image, make_accelerator, optimizer_step, peak_memory_gib,
-    per_sample_generators, randn_like_per_sample, read_train_config, resume_state, skipped_report, start_run,
-    stream_batches, writing,
-)  # fmt: skip
+    EMA,
+    Stop,
+    TrainState,
+    checkpoint_run,
+    flat_config,
+    gather_skipped,
+    list_checkpoints,
+    log_image,
+    make_accelerator,
+    optimizer_step,
+    peak_memory_gib,
+    per_sample_generators,
+    randn_like_per_sample,
+    read_train_config,
+    resume_state,
+    skipped_report,
+    start_run,
+    stream_batches,
+    writing,
+)
 
 
 def load_train_config(args) -> tuple[TrainUNetConfig, StableDiffusion | None]:
@@ -76,8 +102,14 @@ def train(args) -> int:
     diffusion = Diffusion(cfg.model)  # checks the objective fields first
     check_sampler(cfg.validation.sampler, cfg.model, ConfigError, "validation.sampler")
     output_dir, checkpoints, resume = start_run(cfg, args.resume)
-    dataset = ImageCaptionDataset(cfg.data.path, cfg.data.resolution, cfg.data.center_crop, cfg.data.random_flip,
-                                  cfg.data.image_column, cfg.data.caption_column)  # fmt: skip
+    dataset = ImageCaptionDataset(
+        cfg.data.path,
+        cfg.data.resolution,
+        cfg.data.center_crop,
+        cfg.data.random_flip,
+        cfg.data.image_column,
+        cfg.data.caption_column,
+    )
     accelerator = make_accelerator(output_dir, cfg.mixed_precision, cfg.grad_accum, cfg.tracker, cfg.compile)
     device = accelerator.device
     set_seed(cfg.seed)  # the same fresh UNet on every process
@@ -104,10 +136,20 @@ def train(args) -> int:
             accelerator.print(f"encoding {len(dataset)} images into the latent cache {folder}")
             vae.encoder.to(device), vae.quant_conv.to(device), text_encoder.to(device)
             with accelerator.autocast():
-                build_cache(dataset, vae, text_encoder, folder, cfg.batch_size, cfg.data.num_workers, lambda it: tqdm(it, "caching"))
+                build_cache(
+                    dataset,
+                    vae,
+                    text_encoder,
+                    folder,
+                    cfg.batch_size,
+                    cfg.data.num_workers,
+                    lambda it: tqdm(it, "caching"),
+                )
             vae.to("cpu"), text_encoder.to("cpu")
         accelerator.wait_for_everyone()
-        train_set = LatentCache(folder)  # the VAE encoder stays on the CPU, unused; validation needs the decoder and the text encoder
+        train_set = LatentCache(
+            folder
+        )  # the VAE encoder stays on the CPU, unused; validation needs the decoder and the text encoder
         empty_context = train_set.empty_context.to(device)
         if cfg.validation.every:
             vae.decoder.to(device), vae.post_quant_conv.to(device), text_encoder.to(device)
@@ -116,9 +158,19 @@ def train(args) -> int:
         vae.to(device), text_encoder.to(device)
 
     # ------------------------------------------------------------ optimizer, schedule, EMA, resume
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay, eps=cfg.optim.eps)
-    lr_scheduler = get_scheduler(cfg.optim.lr_scheduler, optimizer, num_warmup_steps=cfg.optim.warmup_steps, num_training_steps=cfg.max_steps)
-    unet_ddp, optimizer = accelerator.prepare(unet, optimizer)  # the LR scheduler is stepped once per step by us, not per process
+    optimizer = torch.optim.AdamW(
+        unet.parameters(),
+        lr=cfg.optim.lr,
+        betas=cfg.optim.betas,
+        weight_decay=cfg.optim.weight_decay,
+        eps=cfg.optim.eps,
+    )
+    lr_scheduler = get_scheduler(
+        cfg.optim.lr_scheduler, optimizer, num_warmup_steps=cfg.optim.warmup_steps, num_training_steps=cfg.max_steps
+    )
+    unet_ddp, optimizer = accelerator.prepare(
+        unet, optimizer
+    )  # the LR scheduler is stepped once per step by us, not per process
     ema = EMA(unet, cfg.ema.decay, cfg.ema.warmup, cfg.ema.start_step) if cfg.ema.enabled else None
     state = TrainState()
     accelerator.register_for_checkpointing(lr_scheduler, state, *([ema] if ema else []))
@@ -134,12 +186,21 @@ def train(args) -> int:
         (folder / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
 
     def validate() -> None:
-        """One image per validation prompt, each with its fixed seed, from the EMA weights: saved as a PNG row, logged."""
+        """One image per validation prompt, each with its fixed seed, from the EMA weights: saved as a PNG row,
+        logged."""
         v = cfg.validation
         unet.eval()
         with ema.applied_to(unet) if ema else contextlib.nullcontext(), accelerator.autocast():
-            images = Pipeline(model).txt2img(list(v.prompts), steps=v.steps, scale=v.guidance_scale, sampler=v.sampler, seed=v.seed,
-                                             height=cfg.data.resolution, width=cfg.data.resolution, progress=False)  # fmt: skip
+            images = Pipeline(model).txt2img(
+                list(v.prompts),
+                steps=v.steps,
+                scale=v.guidance_scale,
+                sampler=v.sampler,
+                seed=v.seed,
+                height=cfg.data.resolution,
+                width=cfg.data.resolution,
+                progress=False,
+            )
         unet.train()
         grid = Image.new("RGB", (sum(im.width for im in images), images[0].height))
         for i, im in enumerate(images):
@@ -152,7 +213,9 @@ def train(args) -> int:
     # ------------------------------------------------------------ the loop
     accelerator.init_trackers("train_unet", config=flat_config(to_dict(cfg)))
     stop = Stop(accelerator, cfg.max_nan_skips)  # SIGTERM, Ctrl-C, too many non-finite steps
-    progress = tqdm(total=cfg.max_steps, initial=state.step, disable=not accelerator.is_main_process, dynamic_ncols=True)
+    progress = tqdm(
+        total=cfg.max_steps, initial=state.step, disable=not accelerator.is_main_process, dynamic_ncols=True
+    )
     window_loss, window_steps, window_images, window_start = 0.0, 0, 0, time.perf_counter()
     while state.step < cfg.max_steps:
         batch = next(batches)
@@ -185,7 +248,9 @@ def train(args) -> int:
             loss = diffusion.loss(out, latents, x_t, noise, t, cfg.min_snr_gamma, cfg.vlb_weight).mean()
             accelerator.backward(loss)
             if accelerator.sync_gradients:
-                grad_norm, skipped_step = optimizer_step(accelerator, optimizer, unet_ddp.parameters(), cfg.optim.max_grad_norm)
+                grad_norm, skipped_step = optimizer_step(
+                    accelerator, optimizer, unet_ddp.parameters(), cfg.optim.max_grad_norm
+                )
         window_loss += loss.item() if torch.isfinite(loss) else 0.0
         window_images += cfg.batch_size
         if not accelerator.sync_gradients:
@@ -200,9 +265,16 @@ def train(args) -> int:
 
         if state.step % cfg.log_every == 0 or state.step == cfg.max_steps:
             elapsed = time.perf_counter() - window_start
-            mean_loss = accelerator.reduce(torch.tensor([window_loss / (window_steps * cfg.grad_accum)], device=device), "mean").item()
-            logs = {"loss": mean_loss, "lr": lr_scheduler.get_last_lr()[0], "grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
-                    "images_per_s_per_device": window_images / elapsed, "peak_memory_gib": peak_memory_gib(device)}  # fmt: skip
+            mean_loss = accelerator.reduce(
+                torch.tensor([window_loss / (window_steps * cfg.grad_accum)], device=device), "mean"
+            ).item()
+            logs = {
+                "loss": mean_loss,
+                "lr": lr_scheduler.get_last_lr()[0],
+                "grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
+                "images_per_s_per_device": window_images / elapsed,
+                "peak_memory_gib": peak_memory_gib(device),
+            }
             if ema:
                 logs["ema_decay"] = ema.current_decay()
             accelerator.log(logs, step=state.step)
@@ -224,7 +296,11 @@ def train(args) -> int:
     progress.close()  # the last step was saved above (or, resumed at max_steps, there was none to run)
     gather_skipped(state)
     if accelerator.is_main_process:
-        with writing(output_dir, output_dir / "model.safetensors", f"{list_checkpoints(checkpoints)[-1] / 'model.safetensors'} is the same model"):
+        with writing(
+            output_dir,
+            output_dir / "model.safetensors",
+            f"{list_checkpoints(checkpoints)[-1] / 'model.safetensors'} is the same model",
+        ):
             write_model(output_dir)
         print(skipped_report(state.skipped))
         print(f"wrote {output_dir / 'model.safetensors'}")

@@ -1,7 +1,8 @@
-"""Train the KL autoencoder of ldm (SD v1's VAE) from scratch, or fine-tune one, on 1..N devices.
+r"""Train the KL autoencoder of ldm (SD v1's VAE) from scratch, or fine-tune one, on 1..N devices.
 
     python train_vae.py --config configs/train-vae-tiny.yaml data.path=my_images [--lpips-weights vgg16.pth vgg.pth]
-    accelerate launch --num_processes 8 train_vae.py --config my.yaml [--resume latest] [--decoder-only] [key.path=value ...]
+    accelerate launch --num_processes 8 train_vae.py --config my.yaml [--resume latest] [--decoder-only] \
+        [key.path=value ...]
 
 Top to bottom: config -> Accelerator -> models (the VAE, a PatchGAN, the frozen LPIPS) -> data, minus a held-out
 split -> two optimizers -> resume -> the loop (generator step; from loss.disc_start on, a discriminator step too;
@@ -10,6 +11,7 @@ EMA, logging, checkpoints) -> the latent scale factor, 1 / std of the latents (k
 <output_dir>/model.safetensors: a whole StableDiffusion single file (the UNet and text encoder of init_from, else
 fresh ones of the config) with the new VAE and scale factor: train_unet.py init_from=... and txt2img.py read it as is.
 """
+
 import argparse
 import contextlib
 import json
@@ -24,14 +26,21 @@ from ldm.cli import ArgumentParser, run
 def parse_args(argv=None) -> argparse.Namespace:
     p = ArgumentParser(prog="train_vae.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", type=Path, required=True, help="training YAML (see configs/train-vae-tiny.yaml)")
-    p.add_argument("--resume", metavar="latest|PATH",
-                   help="continue from the newest checkpoint of output_dir, or from PATH")
-    p.add_argument("--decoder-only", action="store_true",
-                   help="fine-tune only the decoder of init_from's VAE (its latents stay)")
-    p.add_argument("--lpips-weights", nargs="+", metavar="PATH",
-                   help="torchvision's vgg16 weights and lpips' vgg.pth heads (one file or two)")
-    p.add_argument("overrides", nargs="*", metavar="key.path=value",
-                   help="config overrides, e.g. optim.lr=1e-4 data.path=images")
+    p.add_argument(
+        "--resume", metavar="latest|PATH", help="continue from the newest checkpoint of output_dir, or from PATH"
+    )
+    p.add_argument(
+        "--decoder-only", action="store_true", help="fine-tune only the decoder of init_from's VAE (its latents stay)"
+    )
+    p.add_argument(
+        "--lpips-weights",
+        nargs="+",
+        metavar="PATH",
+        help="torchvision's vgg16 weights and lpips' vgg.pth heads (one file or two)",
+    )
+    p.add_argument(
+        "overrides", nargs="*", metavar="key.path=value", help="config overrides, e.g. optim.lr=1e-4 data.path=images"
+    )
     return p.parse_intermixed_args(argv)
 
 
@@ -51,10 +60,26 @@ from ldm.eval_vae import evaluate, image_batches
 from ldm.losses import GeneratorLoss, NLayerDiscriminator, discriminator_loss, load_lpips
 from ldm.model import StableDiffusion
 from ldm.training import (
-    EMA, Stop, TrainState, checkpoint_run, flat_config, gather_skipped, list_checkpoints, log_image, make_accelerator, optimizer_step, peak_memory_gib,
-    per_sample_generators, randn_like_per_sample, read_train_config, resume_state, skipped_report, start_run,
-    stream_batches, writing,
-)  # fmt: skip
+    EMA,
+    Stop,
+    TrainState,
+    checkpoint_run,
+    flat_config,
+    gather_skipped,
+    list_checkpoints,
+    log_image,
+    make_accelerator,
+    optimizer_step,
+    peak_memory_gib,
+    per_sample_generators,
+    randn_like_per_sample,
+    read_train_config,
+    resume_state,
+    skipped_report,
+    start_run,
+    stream_batches,
+    writing,
+)
 from ldm.vae import latent_scale_factor
 
 
@@ -70,7 +95,10 @@ def check_sizes(cfg: TrainVAEConfig) -> None:
     if r % f:
         raise ConfigError(f"data.resolution={r} is not a multiple of the VAE's downsampling factor {f}")
     if cfg.loss.disc_start < cfg.max_steps and r < 3 * 2**n:  # PatchGAN output: r / 2**n - 2 logits a side
-        raise ConfigError(f"data.resolution={r} is too small for loss.disc_num_layers={n}: the PatchGAN needs {3 * 2**n} pixels or more")
+        raise ConfigError(
+            f"data.resolution={r} is too small for loss.disc_num_layers={n}: "
+            f"the PatchGAN needs {3 * 2**n} pixels or more"
+        )
     if cfg.lpips_weights and r < 16:
         raise ConfigError(f"data.resolution={r}: LPIPS (VGG16, 4 max-pools) needs 16 pixels or more")
 
@@ -85,8 +113,15 @@ def train(args) -> int:
     cfg, init = load_train_config(args)
     check_sizes(cfg)
     output_dir, checkpoints, resume = start_run(cfg, args.resume)
-    dataset = ImageCaptionDataset(cfg.data.path, cfg.data.resolution, cfg.data.center_crop, cfg.data.random_flip,
-                                  cfg.data.image_column, cfg.data.caption_column, require_captions=False)  # fmt: skip
+    dataset = ImageCaptionDataset(
+        cfg.data.path,
+        cfg.data.resolution,
+        cfg.data.center_crop,
+        cfg.data.random_flip,
+        cfg.data.image_column,
+        cfg.data.caption_column,
+        require_captions=False,
+    )
     train_set, held_out = holdout_split(dataset, cfg.holdout, cfg.seed)
     accelerator = make_accelerator(output_dir, cfg.mixed_precision, cfg.grad_accum, cfg.tracker, cfg.compile)
     device = accelerator.device
@@ -101,19 +136,25 @@ def train(args) -> int:
         vae.encoder.requires_grad_(False), vae.quant_conv.requires_grad_(False)
     lpips = load_lpips(cfg.lpips_weights).to(device) if cfg.lpips_weights and cfg.loss.perceptual_weight > 0 else None
     if lpips is None and cfg.loss.perceptual_weight > 0:
-        accelerator.print("no LPIPS weights given (--lpips-weights vgg16.pth vgg.pth): training WITHOUT the perceptual term")
+        accelerator.print(
+            "no LPIPS weights given (--lpips-weights vgg16.pth vgg.pth): training WITHOUT the perceptual term"
+        )
     loss_fn = GeneratorLoss(cfg.loss).to(device)
     disc = NLayerDiscriminator(cfg.model.vae.out_ch, cfg.loss.disc_ndf, cfg.loss.disc_num_layers).to(device)
     latent_shape = cfg.model.vae.latent_shape(cfg.data.resolution, cfg.data.resolution)
 
-    # ------------------------------------------------------------ optimizers (autoencoder + logvar, discriminator), EMA, resume
+    # ------------------------------------------------------------ optimizers (VAE + logvar, discriminator), EMA, resume
     g_params = [p for p in vae.parameters() if p.requires_grad] + ([loss_fn.logvar] if cfg.loss.learn_logvar else [])
     opt_g, opt_d = (
-        torch.optim.AdamW(params, lr=cfg.optim.lr, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay, eps=cfg.optim.eps)
+        torch.optim.AdamW(
+            params, lr=cfg.optim.lr, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay, eps=cfg.optim.eps
+        )
         for params in (g_params, list(disc.parameters()))
     )
     sched_g, sched_d = (
-        get_scheduler(cfg.optim.lr_scheduler, opt, num_warmup_steps=cfg.optim.warmup_steps, num_training_steps=cfg.max_steps)
+        get_scheduler(
+            cfg.optim.lr_scheduler, opt, num_warmup_steps=cfg.optim.warmup_steps, num_training_steps=cfg.max_steps
+        )
         for opt in (opt_g, opt_d)
     )
     vae_ddp, disc_ddp, opt_g, opt_d = accelerator.prepare(vae, disc, opt_g, opt_d)
@@ -123,7 +164,10 @@ def train(args) -> int:
     resume_state(accelerator, resume, args.resume, checkpoints, state)
     state.skipped |= dict(dataset.skipped)  # found while listing the folder
     batches = stream_batches(train_set, cfg, accelerator, state.samples_seen)
-    accelerator.print(f"{len(train_set)} training images ({len(held_out)} held out), {accelerator.num_processes} process(es) on {device.type}")
+    accelerator.print(
+        f"{len(train_set)} training images ({len(held_out)} held out), "
+        f"{accelerator.num_processes} process(es) on {device.type}"
+    )
 
     def write_model(folder: Path) -> None:
         """The inference checkpoint: our single-file layout, EMA weights in the VAE, plus the run's config."""
@@ -134,7 +178,9 @@ def train(args) -> int:
     # ------------------------------------------------------------ the loop
     accelerator.init_trackers("train_vae", config=flat_config(to_dict(cfg)))
     stop = Stop(accelerator, cfg.max_nan_skips)  # SIGTERM, Ctrl-C, too many non-finite steps
-    progress = tqdm(total=cfg.max_steps, initial=state.step, disable=not accelerator.is_main_process, dynamic_ncols=True)
+    progress = tqdm(
+        total=cfg.max_steps, initial=state.step, disable=not accelerator.is_main_process, dynamic_ncols=True
+    )
     window, window_images, window_start = {}, 0, time.perf_counter()
     while state.step < cfg.max_steps:
         batch = next(batches)
@@ -181,11 +227,15 @@ def train(args) -> int:
         if state.step % cfg.log_every == 0 or state.step == cfg.max_steps:
             elapsed = time.perf_counter() - window_start
             names = sorted(window)
-            means = accelerator.reduce(torch.tensor([window[k][0] / max(window[k][1], 1) for k in names], device=device), "mean")
+            means = accelerator.reduce(
+                torch.tensor([window[k][0] / max(window[k][1], 1) for k in names], device=device), "mean"
+            )
             logs = dict(zip(names, means.tolist())) | {
-                "lr": sched_g.get_last_lr()[0], "grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
-                "images_per_s_per_device": window_images / elapsed, "peak_memory_gib": peak_memory_gib(device),
-            }  # fmt: skip
+                "lr": sched_g.get_last_lr()[0],
+                "grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
+                "images_per_s_per_device": window_images / elapsed,
+                "peak_memory_gib": peak_memory_gib(device),
+            }
             accelerator.log(logs, step=state.step)
             progress.set_postfix(rec=f"{logs['rec']:.4f}", img_s=f"{logs['images_per_s_per_device']:.1f}")
             window, window_images, window_start = {}, 0, time.perf_counter()
@@ -197,7 +247,7 @@ def train(args) -> int:
             del vae_ddp, disc_ddp  # before the process group goes (pytorch#56297: see ldm.training.end_training)
             return stop.end(progress)
 
-    # ------------------------------------------------------------ the end: scale factor, evaluation, the single-file model
+    # ------------------------------------------------------------ the end: scale factor, evaluation, single-file model
     progress.close()  # the last step was saved above (or, resumed at max_steps, there was none to run)
     gather_skipped(state)
     if accelerator.is_main_process:
@@ -207,15 +257,31 @@ def train(args) -> int:
                 print(f"decoder only: the latents are init_from's, so is scale_factor {cfg.model.scale_factor:.5f}")
             else:  # CompVis' scale_by_std: SD v1's 0.18215 was measured so
                 scale_images = image_batches(train_set, cfg.scale_images, cfg.batch_size)
-                cfg.model.scale_factor = latent_scale_factor(vae, (b.to(device) for b in scale_images), torch.Generator(device).manual_seed(cfg.seed))
-                print(f"latent scale factor {cfg.model.scale_factor:.5f} (1 / std of the latents of {min(cfg.scale_images, len(train_set))} images)")
+                cfg.model.scale_factor = latent_scale_factor(
+                    vae, (b.to(device) for b in scale_images), torch.Generator(device).manual_seed(cfg.seed)
+                )
+                print(
+                    f"latent scale factor {cfg.model.scale_factor:.5f} "
+                    f"(1 / std of the latents of {min(cfg.scale_images, len(train_set))} images)"
+                )
             if len(held_out):
-                results = evaluate(vae, image_batches(held_out, len(held_out), cfg.batch_size), device, output_dir / "reconstructions.png", rfid=cfg.rfid)
+                results = evaluate(
+                    vae,
+                    image_batches(held_out, len(held_out), cfg.batch_size),
+                    device,
+                    output_dir / "reconstructions.png",
+                    rfid=cfg.rfid,
+                )
                 (output_dir / "eval.json").write_text(json.dumps(results, indent=2))
                 accelerator.log({f"eval/{k}": v for k, v in results.items()}, step=state.step)
                 log_image(accelerator, "reconstructions", Image.open(output_dir / "reconstructions.png"), state.step)
                 print(f"held-out reconstructions: {json.dumps(results)}; grid in {output_dir / 'reconstructions.png'}")
-        with writing(output_dir, output_dir / "model.safetensors", f"the last checkpoint {list_checkpoints(checkpoints)[-1]} is intact (scale factor measured: {cfg.model.scale_factor:.5f})"):
+        with writing(
+            output_dir,
+            output_dir / "model.safetensors",
+            f"the last checkpoint {list_checkpoints(checkpoints)[-1]} is intact "
+            f"(scale factor measured: {cfg.model.scale_factor:.5f})",
+        ):
             write_model(output_dir)
         print(skipped_report(state.skipped))
         print(f"wrote {output_dir / 'model.safetensors'}")

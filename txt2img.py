@@ -1,16 +1,20 @@
-"""txt2img.py: text-to-image, img2img and inpainting with a Stable Diffusion v1 checkpoint.
+r"""txt2img.py: text-to-image, img2img and inpainting with a Stable Diffusion v1 checkpoint.
 
     python txt2img.py --prompt "a red apple"   # the embedded 32x32 emoji model
-    python txt2img.py --ckpt v1-5-pruned-emaonly.safetensors --prompt "a lighthouse at dusk" --sampler dpmpp_2m_karras --steps 25
-    python txt2img.py --ckpt v1-5-pruned-emaonly.safetensors --prompt "an oil painting" --init-image photo.png --strength 0.6
+    python txt2img.py --ckpt v1-5-pruned-emaonly.safetensors --prompt "a lighthouse at dusk" \
+        --sampler dpmpp_2m_karras --steps 25
+    python txt2img.py --ckpt v1-5-pruned-emaonly.safetensors --prompt "an oil painting" \
+        --init-image photo.png --strength 0.6
     python txt2img.py --ckpt sd-v1-5-inpainting.ckpt --prompt "a vase of tulips" --init-image room.png --mask mask.png
-    python txt2img.py --ckpt sd15.safetensors --prompt "a fox, in mystyle" --lora detail.safetensors:0.6 --embedding mystyle.pt
+    python txt2img.py --ckpt sd15.safetensors --prompt "a fox, in mystyle" \
+        --lora detail.safetensors:0.6 --embedding mystyle.pt
 
 Writes one PNG per image into --outdir, numbered after the PNGs already there (nothing is overwritten), and a
 grid when a run makes more than one image. Each PNG carries its generation parameters: AUTOMATIC1111's
 "parameters" text chunk and the same facts as JSON in an "ldm" chunk (--no-metadata leaves both out).
 Image k of a run has seed --seed + k; the same parameters (batch size included) give the same image bit for bit.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,45 +38,81 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--prompt", help="what to draw")
     p.add_argument("--negative-prompt", default="", help="what to steer away from (default: the empty prompt, as SD)")
     p.add_argument("--from-file", type=Path, help="a text file with one prompt per line, instead of --prompt")
-    p.add_argument("--ckpt", type=Path,
-                   help="an SD v1 .safetensors/.ckpt, a diffusers folder or one of ours (default: the embedded model)")
+    p.add_argument(
+        "--ckpt",
+        type=Path,
+        help="an SD v1 .safetensors/.ckpt, a diffusers folder or one of ours (default: the embedded model)",
+    )
     p.add_argument("--config", type=Path, help="architecture YAML, for a single file that does not carry its config")
     p.add_argument("--sampler", default="ddim", choices=cli.SAMPLER_NAMES, help="default: ddim")
     p.add_argument("--steps", "--ddim_steps", type=int, default=50, help="sampling steps (default: 50)")
     p.add_argument("--scale", type=float, default=7.5, help="classifier-free guidance scale (default: 7.5; 1: none)")
-    p.add_argument("--prompt-syntax", choices=cli.SYNTAX_NAMES, default="a1111",
-                   help="a1111 (default): AUTOMATIC1111's (word:1.3), [word], BREAK; plain: every character literal")
-    p.add_argument("--clip-skip", type=int, default=1,
-                   help="condition on the text encoder's N-th last layer (default: 1, the last)")
+    p.add_argument(
+        "--prompt-syntax",
+        choices=cli.SYNTAX_NAMES,
+        default="a1111",
+        help="a1111 (default): AUTOMATIC1111's (word:1.3), [word], BREAK; plain: every character literal",
+    )
+    p.add_argument(
+        "--clip-skip",
+        type=int,
+        default=1,
+        help="condition on the text encoder's N-th last layer (default: 1, the last)",
+    )
     p.add_argument("--guidance-rescale", type=float, default=0.0, help="guidance rescale phi, 0..1 (default: 0, off)")
     p.add_argument("--seed", type=int, default=42, help="seed of the first image; image k gets seed + k (default: 42)")
     p.add_argument("--H", type=int, help="height in pixels (default: the model's; img2img: the init image's)")
     p.add_argument("--W", type=int, help="width in pixels (default: the model's; img2img: the init image's)")
-    p.add_argument("--n-samples", "--n_samples", type=int, default=1,
-                   help="images per prompt made as one batch, in sub-batches that fit in memory (default: 1)")
+    p.add_argument(
+        "--n-samples",
+        "--n_samples",
+        type=int,
+        default=1,
+        help="images per prompt made as one batch, in sub-batches that fit in memory (default: 1)",
+    )
     p.add_argument("--n-iter", "--n_iter", type=int, default=1, help="batches per prompt (default: 1)")
     p.add_argument("--outdir", type=Path, default=Path("outputs/txt2img-samples"))
-    p.add_argument("--eta", "--ddim_eta", type=float, default=0.0,
-                   help="DDIM eta: 0 deterministic, 1 DDPM-like (ddim only)")
+    p.add_argument(
+        "--eta", "--ddim_eta", type=float, default=0.0, help="DDIM eta: 0 deterministic, 1 DDPM-like (ddim only)"
+    )
     p.add_argument("--init-image", type=Path, help="img2img: the image to start from")
-    p.add_argument("--strength", type=float,
-                   help="fraction of the steps run from the init image, in (0, 1] (default: 0.75; inpainting: 1)")
-    p.add_argument("--mask", type=Path,
-                   help="inpainting: white = repaint, black = keep, grey = blend (the init image's size)")
+    p.add_argument(
+        "--strength",
+        type=float,
+        help="fraction of the steps run from the init image, in (0, 1] (default: 0.75; inpainting: 1)",
+    )
+    p.add_argument(
+        "--mask", type=Path, help="inpainting: white = repaint, black = keep, grey = blend (the init image's size)"
+    )
     p.add_argument("--dtype", choices=cli.DTYPE_NAMES, default="fp32")
     p.add_argument("--device", help="cpu, cuda, cuda:1, mps... (default: cuda when there is one, else cpu)")
-    p.add_argument("--quantize", choices=cli.QUANTIZE_NAMES,
-                   help="int8: PyTorch's dynamic int8 UNet (CPU, fp32): faster, a slightly different image")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the UNet (the first image pays the compile time)")
-    p.add_argument("--save-intermediates", action="store_true",
-                   help="also save a strip of each image's denoising trajectory")
+    p.add_argument(
+        "--quantize",
+        choices=cli.QUANTIZE_NAMES,
+        help="int8: PyTorch's dynamic int8 UNet (CPU, fp32): faster, a slightly different image",
+    )
+    p.add_argument(
+        "--compile", action="store_true", help="torch.compile the UNet (the first image pays the compile time)"
+    )
+    p.add_argument(
+        "--save-intermediates", action="store_true", help="also save a strip of each image's denoising trajectory"
+    )
     p.add_argument("--skip-grid", "--skip_grid", action="store_true", help="no grid image")
     p.add_argument("--no-metadata", action="store_true", help="write PNGs without the generation parameters")
-    p.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
-                   help="merge a LoRA (kohya / AUTOMATIC1111 / diffusers file) at WEIGHT (default: 1); repeatable")
-    p.add_argument("--embedding", action="append", default=[], metavar="FILE[:TOKEN]",
-                   help="a textual-inversion embedding, its trigger word TOKEN (default: the file's); repeatable")
+    p.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="FILE[:WEIGHT]",
+        help="merge a LoRA (kohya / AUTOMATIC1111 / diffusers file) at WEIGHT (default: 1); repeatable",
+    )
+    p.add_argument(
+        "--embedding",
+        action="append",
+        default=[],
+        metavar="FILE[:TOKEN]",
+        help="a textual-inversion embedding, its trigger word TOKEN (default: the file's); repeatable",
+    )
     return p.parse_args(argv)
 
 
@@ -109,7 +149,8 @@ def read_prompts(args) -> list[str]:
         raise InputError(f"cannot read prompts from {args.from_file}: {e}") from None
     if len(data) > PROMPT_FILE_LIMIT:
         raise InputError(
-            f"--from-file {args.from_file} is over {PROMPT_FILE_LIMIT >> 20} MiB: split it into smaller files")
+            f"--from-file {args.from_file} is over {PROMPT_FILE_LIMIT >> 20} MiB: split it into smaller files"
+        )
     if not prompts:
         raise InputError(f"{args.from_file} holds no prompt")
     return prompts
@@ -129,21 +170,29 @@ def model_hash(path: Path) -> str:
 def a1111_text(facts: dict) -> str:
     """The `parameters` text AUTOMATIC1111 writes: prompt, negative prompt, then `Key: value` pairs."""
 
-    def quote(value) -> str:  # as A1111 quotes, and also what its reader would otherwise change (quotes, blanks at the ends)
+    def quote(
+        value,
+    ) -> str:  # as A1111 quotes, and also what its reader would otherwise change (quotes, blanks at the ends)
         text = str(value)
         return json.dumps(text, ensure_ascii=False) if any(c in text for c in ',:\n"') or text != text.strip() else text
 
     clip_skip = facts.get("clip_skip", 1)
     pairs = {
-        "Steps": facts["steps"], "Sampler": SAMPLERS[facts["sampler"]][2], "CFG scale": facts["scale"], "Seed": facts["seed"],
-        "Size": f"{facts['width']}x{facts['height']}", "Model hash": facts["model_hash"], "Model": facts["model"],
-        "Denoising strength": facts.get("strength"), "Clip skip": clip_skip if clip_skip > 1 else None,
+        "Steps": facts["steps"],
+        "Sampler": SAMPLERS[facts["sampler"]][2],
+        "CFG scale": facts["scale"],
+        "Seed": facts["seed"],
+        "Size": f"{facts['width']}x{facts['height']}",
+        "Model hash": facts["model_hash"],
+        "Model": facts["model"],
+        "Denoising strength": facts.get("strength"),
+        "Clip skip": clip_skip if clip_skip > 1 else None,
         "Eta DDIM": facts["eta"] or None,
         "Guidance rescale": facts["guidance_rescale"] or None,
         "Batch size": facts["batch_size"] if facts["batch_size"] > 1 else None,
         "Batch pos": facts["batch_pos"] if facts["batch_size"] > 1 else None,
         "Emphasis": "None" if facts.get("prompt_syntax") == "plain" else None,  # A1111's name for "plain"
-    }  # fmt: skip
+    }
     pairs["Lora hashes"] = ", ".join(f"{lora['name']}: {lora['hash']}" for lora in facts.get("loras", [])) or None
     pairs["TI hashes"] = ", ".join(f"{e['token']}: {e['hash']}" for e in facts.get("embeddings", [])) or None
     lines = [facts["prompt"]] + ([f"Negative prompt: {facts['negative_prompt']}"] if facts["negative_prompt"] else [])
@@ -197,11 +246,28 @@ def save_png(image: Image.Image, path: Path, facts: dict | None) -> Path:
 
 def run(pipe: Pipeline, args, prompts: list[str], init_image, mask, model: dict) -> list[Path]:
     """Make n_iter batches of n_samples images per prompt; write them (and strips, grid); return the paths."""
-    options = dict(negative_prompt=args.negative_prompt, steps=args.steps, scale=args.scale, sampler=args.sampler,
-                   height=args.H, width=args.W, eta=args.eta, n_samples=args.n_samples,
-                   guidance_rescale=args.guidance_rescale, prompt_syntax=args.prompt_syntax, clip_skip=args.clip_skip)
-    run_facts = {"mode": "txt2img", **{k: v for k, v in options.items() if k not in ("height", "width", "n_samples")}, **model,
-                 "batch_size": args.n_samples, "dtype": args.dtype, "device": args.device, "quantize": args.quantize}  # fmt: skip
+    options = dict(
+        negative_prompt=args.negative_prompt,
+        steps=args.steps,
+        scale=args.scale,
+        sampler=args.sampler,
+        height=args.H,
+        width=args.W,
+        eta=args.eta,
+        n_samples=args.n_samples,
+        guidance_rescale=args.guidance_rescale,
+        prompt_syntax=args.prompt_syntax,
+        clip_skip=args.clip_skip,
+    )
+    run_facts = {
+        "mode": "txt2img",
+        **{k: v for k, v in options.items() if k not in ("height", "width", "n_samples")},
+        **model,
+        "batch_size": args.n_samples,
+        "dtype": args.dtype,
+        "device": args.device,
+        "quantize": args.quantize,
+    }
     if init_image is not None:
         options |= dict(init_image=init_image, mask=mask, strength=args.strength)
         run_facts |= {"mode": "img2img", "init_image": str(args.init_image), "strength": args.strength}
@@ -214,7 +280,13 @@ def run(pipe: Pipeline, args, prompts: list[str], init_image, mask, model: dict)
             batch = pipe.generate(prompt, seed=seed, trajectory=trajectory, **options)
             strips = pipe.trajectory_strips(trajectory) if trajectory is not None else [None] * len(batch)
             for pos, (image, strip) in enumerate(zip(batch, strips)):
-                facts = run_facts | {"prompt": prompt, "seed": seed + pos, "width": image.width, "height": image.height, "batch_pos": pos}
+                facts = run_facts | {
+                    "prompt": prompt,
+                    "seed": seed + pos,
+                    "width": image.width,
+                    "height": image.height,
+                    "batch_pos": pos,
+                }
                 facts = None if args.no_metadata else facts
                 first_facts = first_facts or facts
                 written.append(save_png(image, args.outdir / f"{number:05}.png", facts))
@@ -277,7 +349,12 @@ def execute(args) -> list[Path]:
     prompts = read_prompts(args)
     if args.n_iter < 1:
         raise InputError(f"--n-iter must be at least 1, got {args.n_iter}")
-    for flag, value in (("--scale", args.scale), ("--eta", args.eta), ("--guidance-rescale", args.guidance_rescale), ("--strength", args.strength)):
+    for flag, value in (
+        ("--scale", args.scale),
+        ("--eta", args.eta),
+        ("--guidance-rescale", args.guidance_rescale),
+        ("--strength", args.strength),
+    ):
         if value is not None and not math.isfinite(value):
             raise InputError(f"{flag} must be a finite number, got {value}")
     for flag, value in (("--H", args.H), ("--W", args.W)):
@@ -285,7 +362,9 @@ def execute(args) -> list[Path]:
             raise InputError(f"{flag} must be a positive number of pixels, got {value}")
     last_seed = args.seed + len(prompts) * args.n_iter * max(args.n_samples, 1) - 1
     if not -(2**63) <= args.seed <= last_seed < 2**64:  # the range of torch.Generator.manual_seed
-        raise InputError(f"--seed {args.seed}: the seeds of the images must lie in [-2**63, 2**64), the last would be {last_seed}")
+        raise InputError(
+            f"--seed {args.seed}: the seeds of the images must lie in [-2**63, 2**64), the last would be {last_seed}"
+        )
     if args.strength is not None and args.init_image is None:
         raise InputError("--strength needs --init-image")
     if args.init_image is not None and args.strength is None:
@@ -305,15 +384,29 @@ def execute(args) -> list[Path]:
         raise InputError("--device cuda, but no CUDA device is available")
     config = load_config(args.config) if args.config else None
     check_request(  # before loading: a request that cannot run costs no loading time
-        config or peek_config(ckpt), prompts, n_samples=args.n_samples, steps=args.steps, sampler=args.sampler,
-        strength=1.0 if args.strength is None else args.strength, eta=args.eta, guidance_rescale=args.guidance_rescale,
-        scale=args.scale, init_image=init_image, mask=mask, height=args.H, width=args.W, device=device,
+        config or peek_config(ckpt),
+        prompts,
+        n_samples=args.n_samples,
+        steps=args.steps,
+        sampler=args.sampler,
+        strength=1.0 if args.strength is None else args.strength,
+        eta=args.eta,
+        guidance_rescale=args.guidance_rescale,
+        scale=args.scale,
+        init_image=init_image,
+        mask=mask,
+        height=args.H,
+        width=args.W,
+        device=device,
         dtype=DTYPES[args.dtype],
     )
     pipe = load_pipeline(ckpt, device, DTYPES[args.dtype], config, args.quantize, args.compile)
     if args.compile:
         print("note: compiling the UNet on its first call (~2-3 min on a CPU, less on a GPU)...", file=sys.stderr)
-    model = {"model": "ldm-emoji" if args.ckpt is None else ckpt.stem, "model_hash": None if args.no_metadata else model_hash(ckpt)}
+    model = {
+        "model": "ldm-emoji" if args.ckpt is None else ckpt.stem,
+        "model_hash": None if args.no_metadata else model_hash(ckpt),
+    }
     for path, weight in loras:
         pipe.load_lora(path, weight)
         hashed = None if args.no_metadata else a1111_hash(path, addnet=path.suffix == ".safetensors")

@@ -10,6 +10,7 @@ same run (FLOPs counted by torch.utils.flop_counter on one call). The random wei
 of each side is measured in a fresh subprocess (`--rss-of`) that loads only its own side's file:
 the process's whole resident memory at its high-water mark during one call (weights included).
 """
+
 import argparse
 import gc
 import json
@@ -27,11 +28,11 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from conftest import ROOT, randomize_  # noqa: E402
 from diffusers import AutoencoderKL as DiffusersVAE  # noqa: E402
 from diffusers import UNet2DConditionModel  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
+from conftest import ROOT, randomize_  # noqa: E402
 from ldm.checkpoint import _vae_attn_shapes, diffusers_configs, rename, unet_key_map, vae_key_map  # noqa: E402
 from ldm.config import load_config  # noqa: E402
 from ldm.unet import UNetModel  # noqa: E402
@@ -50,7 +51,8 @@ def gemm_rate(n: int = 4096, repeats: int = 3) -> float:
 
 
 def save_weights(kind: str, cfg, folder: Path) -> None:
-    """Random weights of one model, saved once: ours.safetensors (CompVis names), diffusers.safetensors (the same tensors renamed)."""
+    """Random weights of one model, saved once: ours.safetensors (CompVis names), diffusers.safetensors (the same
+    tensors renamed)."""
     if kind == "unet":
         state = randomize_(UNetModel(cfg.unet)).state_dict()
         theirs = rename(state, unet_key_map(cfg.unet))
@@ -69,7 +71,9 @@ def load_side(kind: str, side: str, cfg, folder: Path) -> torch.nn.Module:
         else:
             config = {k: v for k, v in diffusers_configs(cfg)[kind].items() if k != "_class_name"}
             model = (UNet2DConditionModel if kind == "unet" else DiffusersVAE).from_config(config)
-    model.load_state_dict(load_file(folder / f"{side if side == 'ours' else 'diffusers'}.safetensors"), strict=True, assign=True)
+    model.load_state_dict(
+        load_file(folder / f"{side if side == 'ours' else 'diffusers'}.safetensors"), strict=True, assign=True
+    )
     return model.eval()
 
 
@@ -77,7 +81,11 @@ def workload(kind: str, cfg, latent: int):
     """run(model, side): one call on fixed inputs."""
     g = torch.Generator().manual_seed(0)
     if kind == "unet":
-        x, t, c = torch.randn(2, cfg.unet.in_channels, latent, latent, generator=g), torch.tensor([500, 500]), torch.randn(2, 77, cfg.unet.context_dim, generator=g)
+        x, t, c = (
+            torch.randn(2, cfg.unet.in_channels, latent, latent, generator=g),
+            torch.tensor([500, 500]),
+            torch.randn(2, 77, cfg.unet.context_dim, generator=g),
+        )
         return lambda model, side: model(x, t, c) if side == "ours" else model(x, t, c).sample
     z = torch.randn(1, cfg.vae.embed_dim, latent, latent, generator=g)
     return lambda model, side: model.decode(z) if side == "ours" else model.decode(z).sample
@@ -99,7 +107,18 @@ def peak_rss_of_one_call(run, model, side) -> float:
 
 
 def peak_rss_gib(kind: str, side: str, args, folder: Path) -> float:
-    command = [sys.executable, __file__, "--rss-of", kind, side, str(folder), "--latent", str(args.latent), "--config", str(args.config)]
+    command = [
+        sys.executable,
+        __file__,
+        "--rss-of",
+        kind,
+        side,
+        str(folder),
+        "--latent",
+        str(args.latent),
+        "--config",
+        str(args.config),
+    ]
     out = subprocess.run(command, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_gib"]
 
@@ -109,7 +128,12 @@ def main():
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--latent", type=int, default=64)
     p.add_argument("--only", choices=["unet", "vae"])
-    p.add_argument("--config", type=Path, default=ROOT / "configs" / "sd-v1.yaml", help="model architecture (tiny.yaml: a quick check of the script)")
+    p.add_argument(
+        "--config",
+        type=Path,
+        default=ROOT / "configs" / "sd-v1.yaml",
+        help="model architecture (tiny.yaml: a quick check of the script)",
+    )
     p.add_argument("--rss-of", nargs=3, metavar=("KIND", "SIDE", "FOLDER"), help=argparse.SUPPRESS)
     args = p.parse_args()
     cfg = load_config(args.config)
@@ -118,7 +142,10 @@ def main():
         model = load_side(kind, side, cfg, Path(folder))
         print(json.dumps({"peak_rss_gib": peak_rss_of_one_call(workload(kind, cfg, args.latent), model, side)}))
         return
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, latent {args.latent}x{args.latent}, {args.config.name}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, latent {args.latent}x{args.latent}, "
+        f"{args.config.name}"
+    )
     for kind in [args.only] if args.only else ["unet", "vae"]:
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp)
@@ -141,8 +168,10 @@ def main():
             rss_ours, rss_theirs = peak_rss_gib(kind, "ours", args, folder), peak_rss_gib(kind, "theirs", args, folder)
         m_ours, m_theirs, rate = statistics.median(t_ours), statistics.median(t_theirs), statistics.median(gemm)
         print(
-            f"{kind}: {flops / 1e12:.2f} TFLOP | ours {m_ours:.2f} s ({flops / m_ours / 1e9:.0f} GFLOP/s, {flops / m_ours / 1e9 / rate:.2f} of GEMM) | "
-            f"diffusers {m_theirs:.2f} s ({flops / m_theirs / 1e9 / rate:.2f} of GEMM) | ratio ours/diffusers {statistics.median(ratios):.3f} "
+            f"{kind}: {flops / 1e12:.2f} TFLOP | ours {m_ours:.2f} s ({flops / m_ours / 1e9:.0f} GFLOP/s, "
+            f"{flops / m_ours / 1e9 / rate:.2f} of GEMM) | "
+            f"diffusers {m_theirs:.2f} s ({flops / m_theirs / 1e9 / rate:.2f} of GEMM) | "
+            f"ratio ours/diffusers {statistics.median(ratios):.3f} "
             f"[{min(ratios):.3f}..{max(ratios):.3f}] | GEMM {rate:.0f} GFLOP/s [{min(gemm):.0f}..{max(gemm):.0f}] | "
             f"peak RSS ours {rss_ours:.2f} GiB, diffusers {rss_theirs:.2f} GiB | max |ours - diffusers| {max_diff:.1e}"
         )

@@ -11,6 +11,7 @@ generated images. Three variants, measured in turn, round after round (CPU speed
 Each reports images/s over the second half of its steps (the first half warms up); the ratios are to diffusers.
 Last, the share of diffusers' loop spent encoding images and captions, which bounds what a cache alone can save.
 """
+
 import argparse
 import json
 import os
@@ -37,10 +38,19 @@ from ldm.data import ImageCaptionDataset, StreamSampler, collate  # noqa: E402
 from ldm.text_encoder import FrozenCLIPEmbedder  # noqa: E402
 
 MODEL = [  # on top of configs/tiny.yaml
-    "unet.model_channels=64", "unet.channel_mult=[1,2,2]", "unet.attention_resolutions=[1,2]", "unet.num_head_channels=32",
-    "unet.context_dim=64", "unet.num_groups=16", "vae.ch=32", "vae.ch_mult=[1,2,4,4]", "vae.resolution=64", "vae.num_groups=8",
-    "text_encoder.hidden_size=64", "text_encoder.intermediate_size=128",
-]  # fmt: skip
+    "unet.model_channels=64",
+    "unet.channel_mult=[1,2,2]",
+    "unet.attention_resolutions=[1,2]",
+    "unet.num_head_channels=32",
+    "unet.context_dim=64",
+    "unet.num_groups=16",
+    "vae.ch=32",
+    "vae.ch_mult=[1,2,4,4]",
+    "vae.resolution=64",
+    "vae.num_groups=8",
+    "text_encoder.hidden_size=64",
+    "text_encoder.intermediate_size=128",
+]
 
 
 def make_images(root: Path, n: int = 64) -> None:
@@ -54,12 +64,26 @@ def make_images(root: Path, n: int = 64) -> None:
 
 def ours(data: Path, work: Path, steps: int, batch_size: int, cache: bool) -> float:
     out = work / f"run-{time.monotonic_ns()}"
-    cmd = [sys.executable, str(ROOT / "train_unet.py"), "--config", str(ROOT / "configs" / "train-unet-tiny.yaml"),
-           *[f"model.{m}" for m in MODEL], f"data.path={data}", "data.resolution=64", f"batch_size={batch_size}",
-           f"max_steps={steps}", f"log_every={steps // 2}", f"save_every={steps}", "tracker=none", f"output_dir={out}",
-           f"cache_dir={work / 'cache'}"] + (["--cache-latents"] if cache else [])  # fmt: skip
+    cmd = [
+        sys.executable,
+        str(ROOT / "train_unet.py"),
+        "--config",
+        str(ROOT / "configs" / "train-unet-tiny.yaml"),
+        *[f"model.{m}" for m in MODEL],
+        f"data.path={data}",
+        "data.resolution=64",
+        f"batch_size={batch_size}",
+        f"max_steps={steps}",
+        f"log_every={steps // 2}",
+        f"save_every={steps}",
+        "tracker=none",
+        f"output_dir={out}",
+        f"cache_dir={work / 'cache'}",
+    ] + (["--cache-latents"] if cache else [])
     subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True)
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]["images_per_s_per_device"]
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1][
+        "images_per_s_per_device"
+    ]
 
 
 def diffusers_loop(data: Path, steps: int, batch_size: int) -> tuple[float, float]:
@@ -68,7 +92,11 @@ def diffusers_loop(data: Path, steps: int, batch_size: int) -> tuple[float, floa
     configs = diffusers_configs(cfg)
     torch.manual_seed(0)
     unet = UNet2DConditionModel.from_config({k: v for k, v in configs["unet"].items() if k != "_class_name"}).train()
-    vae = AutoencoderKL.from_config({k: v for k, v in configs["vae"].items() if k != "_class_name"}).requires_grad_(False).eval()
+    vae = (
+        AutoencoderKL.from_config({k: v for k, v in configs["vae"].items() if k != "_class_name"})
+        .requires_grad_(False)
+        .eval()
+    )
     text_encoder = FrozenCLIPEmbedder(cfg.text_encoder)  # transformers' CLIPTextModel inside
     scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4, weight_decay=1e-2)
@@ -119,13 +147,18 @@ def main() -> None:
             encoding.append(share)
             print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.1f} img/s" for k, v in results.items()), flush=True)
     reference = np.mean(results["diffusers"])
-    print(f"\n{'variant':<12} {'images/s':>9} {'vs diffusers':>13}   (batch {args.batch_size}, {args.steps} steps, {args.rounds} rounds, "
-          f"torch threads {torch.get_num_threads()})")  # fmt: skip
+    print(
+        f"\n{'variant':<12} {'images/s':>9} {'vs diffusers':>13}   "
+        f"(batch {args.batch_size}, {args.steps} steps, {args.rounds} rounds, "
+        f"torch threads {torch.get_num_threads()})"
+    )
     for name, values in results.items():
         print(f"{name:<12} {np.mean(values):>9.1f} {np.mean(values) / reference:>12.2f}x")
     share = np.mean(encoding)
-    print(f"diffusers' loop spends {share:.0%} of its time encoding images and captions: skipping that alone makes it "
-          f"{1 / (1 - share):.2f}x faster")  # fmt: skip
+    print(
+        f"diffusers' loop spends {share:.0%} of its time encoding images and captions: skipping that alone makes it "
+        f"{1 / (1 - share):.2f}x faster"
+    )
 
 
 if __name__ == "__main__":

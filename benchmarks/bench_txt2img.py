@@ -1,8 +1,10 @@
-"""Whole txt2img on CPU: ours (fp32) against diffusers' StableDiffusionPipeline (fp32), or against our own faster
+r"""Whole txt2img on CPU: ours (fp32) against diffusers' StableDiffusionPipeline (fp32), or against our own faster
 variants (int8: --quantize int8; bf16: --dtype bf16; compile: --compile), on the same random SD v1 weights, in one run.
 
-    python benchmarks/bench_txt2img.py [--against diffusers|int8|bf16|compile ...] [--size 512] [--steps 20] [--measured-steps 2] [--repeats 2]
-    python benchmarks/bench_txt2img.py --rss-only --size 1024 --measured-steps 1 --against   # ours' peak memory at 1024x1024
+    python benchmarks/bench_txt2img.py [--against diffusers|int8|bf16|compile ...] [--size 512] [--steps 20] \
+        [--measured-steps 2] [--repeats 2]
+    # ours' peak memory at 1024x1024
+    python benchmarks/bench_txt2img.py --rss-only --size 1024 --measured-steps 1 --against
 
 A random model (configs/sd-v1.yaml; --config tiny.yaml checks the script quickly) is saved once as our single file
 and as a diffusers folder (ldm.checkpoint.save_diffusers_folder); --workdir keeps them for the next run. Each
@@ -13,11 +15,12 @@ repeat makes one DDIM image per side (guidance 7.5, empty negative prompt, seed 
 
 (the scheduler's own per-step work, milliseconds, is counted for the measured steps only). FLOPs are counted by
 torch.utils.flop_counter in one call of ours and extrapolated the same way; a GEMM rate is measured before each
-repeat. Peak RSS (of ours and diffusers, the fp32 pair): a fresh subprocess per side loads its own files, then makes one image; printed are the
-high-water mark of the generation (reset after loading) and that of the loading. The PSNR of each other side's
-image against ours (same seed, measured steps) is printed: ~inf-high for diffusers (same arithmetic), the
-quality cost for int8 and bf16.
+repeat. Peak RSS (of ours and diffusers, the fp32 pair): a fresh subprocess per side loads its own files, then
+makes one image; printed are the high-water mark of the generation (reset after loading) and that of the loading.
+The PSNR of each other side's image against ours (same seed, measured steps) is printed: ~inf-high for diffusers
+(same arithmetic), the quality cost for int8 and bf16.
 """
+
 import argparse
 import json
 import os
@@ -36,11 +39,11 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from bench_models import gemm_rate  # noqa: E402
-from conftest import ROOT, randomize_  # noqa: E402
 from diffusers import StableDiffusionPipeline  # noqa: E402
 from diffusers.utils import logging as diffusers_logging  # noqa: E402
 
 import ldm  # noqa: E402
+from conftest import ROOT, randomize_  # noqa: E402
 from ldm.checkpoint import save_diffusers_folder, save_single_file  # noqa: E402
 from ldm.config import load_config  # noqa: E402
 from ldm.model import StableDiffusion  # noqa: E402
@@ -63,13 +66,20 @@ def build(side: str, folder: Path, cfg):
         pipe.set_progress_bar_config(disable=True)
         return pipe, pipe.unet
     dtype = torch.bfloat16 if side == "bf16" else torch.float32
-    pipe = ldm.load_pipeline(folder / "model.safetensors", dtype=dtype, quantize="int8" if side == "int8" else None, compile=side == "compile")
+    pipe = ldm.load_pipeline(
+        folder / "model.safetensors",
+        dtype=dtype,
+        quantize="int8" if side == "int8" else None,
+        compile=side == "compile",
+    )
     return pipe, pipe.unet
 
 
 def generate(side: str, pipe, size: int, steps: int) -> np.ndarray:
     if side == "diffusers":
-        image = pipe(PROMPT, num_inference_steps=steps, height=size, width=size, generator=torch.Generator().manual_seed(0)).images[0]
+        image = pipe(
+            PROMPT, num_inference_steps=steps, height=size, width=size, generator=torch.Generator().manual_seed(0)
+        ).images[0]
     else:
         image = pipe.txt2img(PROMPT, steps=steps, sampler="ddim", height=size, width=size, seed=0, progress=False)[0]
     return np.asarray(image, dtype=np.float64)
@@ -98,8 +108,19 @@ def hwm_gib() -> float:
 
 
 def peak_rss(side: str, args, folder: Path) -> dict:
-    command = [sys.executable, __file__, "--rss-of", side, str(folder), "--size", str(args.size),
-               "--measured-steps", str(args.measured_steps), "--config", str(args.config)]  # fmt: skip
+    command = [
+        sys.executable,
+        __file__,
+        "--rss-of",
+        side,
+        str(folder),
+        "--size",
+        str(args.size),
+        "--measured-steps",
+        str(args.measured_steps),
+        "--config",
+        str(args.config),
+    ]
     out = subprocess.run(command, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -111,14 +132,21 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--against", nargs="*", choices=["diffusers", "int8", "bf16", "compile"], default=["diffusers"],
-                   help="the sides compared with ours (none: only ours, with --rss-only)")
+    p.add_argument(
+        "--against",
+        nargs="*",
+        choices=["diffusers", "int8", "bf16", "compile"],
+        default=["diffusers"],
+        help="the sides compared with ours (none: only ours, with --rss-only)",
+    )
     p.add_argument("--size", type=int, default=512)
     p.add_argument("--steps", type=int, default=20, help="the step count reported (extrapolated)")
     p.add_argument("--measured-steps", type=int, default=2, help="the step count run")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--config", type=Path, default=ROOT / "configs" / "sd-v1.yaml")
-    p.add_argument("--workdir", type=Path, help="keep the saved random model here and reuse it (default: a temporary folder)")
+    p.add_argument(
+        "--workdir", type=Path, help="keep the saved random model here and reuse it (default: a temporary folder)"
+    )
     p.add_argument("--rss-only", action="store_true", help="only the peak RSS of ours and the --against sides")
     p.add_argument("--no-rss", action="store_true", help="skip the peak-RSS subprocesses")
     p.add_argument("--rss-of", nargs=2, metavar=("SIDE", "FOLDER"), help=argparse.SUPPRESS)
@@ -139,12 +167,19 @@ def main():
         if not (folder / "model.safetensors").exists():
             folder.mkdir(parents=True, exist_ok=True)
             save_model(cfg, folder)
-        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.size}x{args.size}, DDIM, {args.config.name}")
+        print(
+            f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.size}x{args.size}, DDIM, "
+            f"{args.config.name}"
+        )
         if args.rss_only:
             for side in ["ours", *args.against]:
                 rss = peak_rss(side, args, folder)
-                print(f"{side}, {args.size}x{args.size}, {args.measured_steps} step(s): peak RSS {rss['peak_rss_gib']:.2f} GiB "
-                      f"(loading {rss['loading_peak_rss_gib']:.2f} GiB)", flush=True)  # fmt: skip
+                print(
+                    f"{side}, {args.size}x{args.size}, {args.measured_steps} step(s): "
+                    f"peak RSS {rss['peak_rss_gib']:.2f} GiB "
+                    f"(loading {rss['loading_peak_rss_gib']:.2f} GiB)",
+                    flush=True,
+                )
             return
         sides = ["ours", *args.against]
         pipes = {side: build(side, folder, cfg) for side in sides}
@@ -157,7 +192,10 @@ def main():
         for side in args.against:  # warm-up (compile: compiling)
             first[side], _, other = timed(side, pipes[side][0], timers[side], args)
             quality[side] = psnr(image, other)
-            print(f"warm-up {side}: {first[side]:.1f} s, PSNR of its image against ours {quality[side]:.1f} dB", flush=True)
+            print(
+                f"warm-up {side}: {first[side]:.1f} s, PSNR of its image against ours {quality[side]:.1f} dB",
+                flush=True,
+            )
         times = {side: [] for side in sides}
         per_step = {side: [] for side in sides}
         gemm = []
@@ -168,24 +206,45 @@ def main():
                 total, unet, _ = timed(side, pipes[side][0], timers[side], args)
                 per_step[side].append(unet / args.measured_steps)
                 times[side].append(total + (args.steps - args.measured_steps) * per_step[side][-1])
-                print(f"  {side}: {times[side][-1]:.1f} s per image (measured {total:.1f} s, UNet {per_step[side][-1]:.2f} s/step)", flush=True)
+                print(
+                    f"  {side}: {times[side][-1]:.1f} s per image "
+                    f"(measured {total:.1f} s, UNet {per_step[side][-1]:.2f} s/step)",
+                    flush=True,
+                )
         del pipes
-        rss = {} if args.no_rss else {side: peak_rss(side, args, folder) for side in sides if side in ("ours", "diffusers")}
+        rss = (
+            {}
+            if args.no_rss
+            else {side: peak_rss(side, args, folder) for side in sides if side in ("ours", "diffusers")}
+        )
     rate = statistics.median(gemm)
-    print(f"{args.steps} steps extrapolated from {args.measured_steps} measured; {flops / 1e12:.1f} TFLOP per image "
-          f"({unet_flops / 1e12:.2f} per UNet step); GEMM {rate:.0f} GFLOP/s [{min(gemm):.0f}..{max(gemm):.0f}]")  # fmt: skip
+    print(
+        f"{args.steps} steps extrapolated from {args.measured_steps} measured; {flops / 1e12:.1f} TFLOP per image "
+        f"({unet_flops / 1e12:.2f} per UNet step); GEMM {rate:.0f} GFLOP/s [{min(gemm):.0f}..{max(gemm):.0f}]"
+    )
     for side in sides:
         t = statistics.median(times[side])
-        memory = f" | peak RSS {rss[side]['peak_rss_gib']:.2f} GiB (loading {rss[side]['loading_peak_rss_gib']:.2f})" if side in rss else ""
-        print(f"{side}: {t:.1f} s per image ({flops / t / 1e9:.0f} GFLOP/s, {flops / t / 1e9 / rate:.2f} of GEMM) | "
-              f"UNet {statistics.median(per_step[side]):.2f} s/step{memory}")  # fmt: skip
+        memory = (
+            f" | peak RSS {rss[side]['peak_rss_gib']:.2f} GiB (loading {rss[side]['loading_peak_rss_gib']:.2f})"
+            if side in rss
+            else ""
+        )
+        print(
+            f"{side}: {t:.1f} s per image ({flops / t / 1e9:.0f} GFLOP/s, {flops / t / 1e9 / rate:.2f} of GEMM) | "
+            f"UNet {statistics.median(per_step[side]):.2f} s/step{memory}"
+        )
     for side in args.against:
         ratios = [a / b for a, b in zip(times["ours"], times[side])]
-        print(f"ratio ours/{side} {statistics.median(ratios):.3f} [{min(ratios):.3f}..{max(ratios):.3f}] | "
-              f"PSNR of {side}'s image against ours: {quality[side]:.1f} dB")  # fmt: skip
+        print(
+            f"ratio ours/{side} {statistics.median(ratios):.3f} [{min(ratios):.3f}..{max(ratios):.3f}] | "
+            f"PSNR of {side}'s image against ours: {quality[side]:.1f} dB"
+        )
     if "compile" in args.against:
         saved = args.steps * (statistics.median(per_step["ours"]) - statistics.median(per_step["compile"]))
-        print(f"compile: first call {first['compile']:.1f} s (compiling included); saves {saved:.1f} s per {args.steps}-step image")
+        print(
+            f"compile: first call {first['compile']:.1f} s (compiling included); "
+            f"saves {saved:.1f} s per {args.steps}-step image"
+        )
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@
 Random weights; one warm-up call, then one profiled call. int8 is Pipeline's quantize="int8" (dynamic int8
 Linear layers), bf16 the whole UNet in bfloat16 (as --dtype bf16).
 """
+
 import argparse
 import os
 import sys
@@ -16,7 +17,6 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from conftest import ROOT, randomize_  # noqa: E402
-
 from ldm.config import load_config  # noqa: E402
 from ldm.pipeline import quantize_int8_  # noqa: E402
 from ldm.unet import UNetModel  # noqa: E402

@@ -7,6 +7,7 @@ For each colour, a filled triangle on white is encoded to its posterior mode and
 colour of the shape's pixels before and after, and the mean absolute error per channel (0-255) on those pixels.
 The embedded model's target (issue #19): every row within 20/255.
 """
+
 import argparse
 import colorsys
 

@@ -2,16 +2,29 @@
 
 Each prompt gets seed 0 (as `python txt2img.py --prompt P --seed 0` would make it), shown 4x with its prompt.
 """
+
 from PIL import Image, ImageDraw
 
 import ldm
 
 PROMPTS = [
-    "a red apple", "grinning face", "cat face", "a red heart",
-    "a blue heart", "pizza", "rocket", "sun",
-    "a green apple", "crying face", "dog face", "banana",
-    "flag of Japan", "a snowman", "fire", "a ghost",
-]  # fmt: skip
+    "a red apple",
+    "grinning face",
+    "cat face",
+    "a red heart",
+    "a blue heart",
+    "pizza",
+    "rocket",
+    "sun",
+    "a green apple",
+    "crying face",
+    "dog face",
+    "banana",
+    "flag of Japan",
+    "a snowman",
+    "fire",
+    "a ghost",
+]
 CELL, ZOOM, LABEL = 32, 4, 16
 
 pipe = ldm.load_pipeline()

@@ -7,6 +7,7 @@
 Each image is one shape of one colour at a random place and size ("a red circle", "a blue square", ...), the kind of
 small, consistent set a fine-tune learns in minutes on a CPU.
 """
+
 import argparse
 import json
 import random
@@ -16,10 +17,23 @@ from PIL import Image, ImageDraw
 
 import ldm
 
-COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 220), "yellow": (235, 200, 30),
-           "purple": (140, 50, 190), "orange": (245, 130, 20)}  # fmt: skip
+COLOURS = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 70, 220),
+    "yellow": (235, 200, 30),
+    "purple": (140, 50, 190),
+    "orange": (245, 130, 20),
+}
 SHAPES = ("circle", "square", "triangle")
-PROMPTS = ["a red circle", "a blue square", "a green triangle", "a yellow circle", "a purple square", "an orange triangle"]
+PROMPTS = [
+    "a red circle",
+    "a blue square",
+    "a green triangle",
+    "a yellow circle",
+    "a purple square",
+    "an orange triangle",
+]
 SIZE, ZOOM, LABEL = 32, 4, 16
 
 
@@ -73,7 +87,9 @@ def write_figure(finetuned: Path, out: Path = Path("docs/finetune-shapes.png")) 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("out", nargs="?", type=Path, help="the dataset folder to write")
-    p.add_argument("--figure", type=Path, metavar="MODEL", help="write docs/finetune-shapes.png from this fine-tuned model")
+    p.add_argument(
+        "--figure", type=Path, metavar="MODEL", help="write docs/finetune-shapes.png from this fine-tuned model"
+    )
     args = p.parse_args()
     if args.figure:
         write_figure(args.figure)

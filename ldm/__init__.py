@@ -3,17 +3,33 @@
 `import ldm` is light: the names below that need torch, diffusers or transformers load on first use (`__getattr__`),
 so the command lines answer --help and argument errors before paying seconds of imports.
 """
+
 import importlib
 from pathlib import Path
 
-__all__ = ["DEFAULT_MODEL", "CheckpointError", "LdmError", "ModelConfig", "Pipeline", "StableDiffusion", "load_config",
-           "load_model", "load_pipeline"]
+__all__ = [
+    "DEFAULT_MODEL",
+    "CheckpointError",
+    "LdmError",
+    "ModelConfig",
+    "Pipeline",
+    "StableDiffusion",
+    "load_config",
+    "load_model",
+    "load_pipeline",
+]
 
 # The embedded model: 32x32 emoji from text, trained by this project's scripts (its card: README.md beside it).
 DEFAULT_MODEL = Path(__file__).parent / "assets" / "emoji" / "model.safetensors"
 
-_LAZY = {"CheckpointError": "ldm.checkpoint", "load_model": "ldm.checkpoint", "ModelConfig": "ldm.config",
-         "load_config": "ldm.config", "StableDiffusion": "ldm.model", "Pipeline": "ldm.pipeline"}
+_LAZY = {
+    "CheckpointError": "ldm.checkpoint",
+    "load_model": "ldm.checkpoint",
+    "ModelConfig": "ldm.config",
+    "load_config": "ldm.config",
+    "StableDiffusion": "ldm.model",
+    "Pipeline": "ldm.pipeline",
+}
 
 
 class LdmError(ValueError):

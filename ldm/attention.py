@@ -4,6 +4,7 @@ torch's scaled_dot_product_attention by default (flash / memory-efficient kernel
 them, a fused kernel on CPU); xformers' memory_efficient_attention when it is installed and the tensors
 are on CUDA. xformers is optional and never imported at module load.
 """
+
 import functools
 
 import torch

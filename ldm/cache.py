@@ -7,6 +7,7 @@ encoder's and the text encoder's weights, the resolution, the flip setting and t
 change any of them and a new cache is built, while runs that agree share one. It is written to a temporary
 folder and renamed into place, so a killed build leaves nothing half-written.
 """
+
 from __future__ import annotations
 
 import functools
@@ -45,7 +46,8 @@ def cache_key(dataset: ImageCaptionDataset, vae: AutoencoderKL, text_encoder: Fr
 
 
 def _decode(dataset: ImageCaptionDataset, flips: tuple[bool, ...], indices: list[int]):
-    """DataLoader collate_fn: decode a chunk of images (center crop, and mirrored) -> (pixels, captions, names, skipped)."""
+    """DataLoader collate_fn: decode a chunk of images (center crop, and mirrored)
+    -> (pixels, captions, names, skipped)."""
     pixels, captions, names, skipped = [], [], [], []
     for i in indices:
         try:
@@ -60,12 +62,22 @@ def _decode(dataset: ImageCaptionDataset, flips: tuple[bool, ...], indices: list
 
 
 @torch.no_grad()
-def build_cache(dataset: ImageCaptionDataset, vae: AutoencoderKL, text_encoder: FrozenTextEncoder, folder: Path,
-                batch_size: int = 16, num_workers: int = 0, progress=lambda it: it) -> None:  # fmt: skip
-    """Encode `dataset` into `folder` (written beside it, then renamed): latents.safetensors, text.safetensors, index.json."""
+def build_cache(
+    dataset: ImageCaptionDataset,
+    vae: AutoencoderKL,
+    text_encoder: FrozenTextEncoder,
+    folder: Path,
+    batch_size: int = 16,
+    num_workers: int = 0,
+    progress=lambda it: it,
+) -> None:
+    """Encode `dataset` into `folder` (written beside it, then renamed): latents.safetensors, text.safetensors,
+    index.json."""
     device, dtype = next(vae.parameters()).device, next(vae.parameters()).dtype
     flips = (False, True) if dataset.random_flip else (False,)
-    loader = DataLoader(range(len(dataset)), batch_size, num_workers=num_workers, collate_fn=functools.partial(_decode, dataset, flips))
+    loader = DataLoader(
+        range(len(dataset)), batch_size, num_workers=num_workers, collate_fn=functools.partial(_decode, dataset, flips)
+    )
     means, stds, item_captions, names, skipped = [], [], [], [], list(dataset.skipped)
     for pixels, captions, chunk_names, bad in progress(loader):
         skipped += bad
@@ -86,8 +98,13 @@ def build_cache(dataset: ImageCaptionDataset, vae: AutoencoderKL, text_encoder: 
     tmp.mkdir(parents=True)
     save_file({"mean": torch.cat(means), "std": torch.cat(stds)}, tmp / "latents.safetensors")
     save_file({"context": torch.cat(contexts)}, tmp / "text.safetensors")
-    index = {"captions": [[ids[c] for c in caps] for caps in item_captions], "empty": ids[""], "flip": dataset.random_flip,
-             "names": names, "skipped": skipped}  # fmt: skip
+    index = {
+        "captions": [[ids[c] for c in caps] for caps in item_captions],
+        "empty": ids[""],
+        "flip": dataset.random_flip,
+        "names": names,
+        "skipped": skipped,
+    }
     (tmp / "index.json").write_text(json.dumps(index))
     try:
         tmp.rename(folder)
@@ -96,7 +113,8 @@ def build_cache(dataset: ImageCaptionDataset, vae: AutoencoderKL, text_encoder: 
 
 
 class LatentCache(Dataset):
-    """(index, seed) -> {"mean", "std": (C, h, w) posterior of image index, "context": (77, D) of one of its captions, "seed"}."""
+    """(index, seed) -> {"mean", "std": (C, h, w) posterior of image index, "context": (77, D) of one of its
+    captions, "seed"}."""
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)

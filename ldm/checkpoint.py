@@ -6,6 +6,7 @@ Our own checkpoints are single files of that layout whose safetensors metadata h
 under "ldm_config", so they describe themselves. The diffusers folder layout is the one real
 conversion (`unet_key_map` / `vae_key_map`), written here and checked against diffusers' own converters.
 """
+
 from __future__ import annotations
 
 import copy
@@ -31,11 +32,23 @@ VAE = "first_stage_model."
 # Keys that real SD v1 files carry beside the weights: the training schedule buffers, the EMA
 # bookkeeping, the learned-logvar vector and the text model's position ids. Accepted and ignored.
 SCHEDULE_KEYS = {
-    "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
-    "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
-    "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
-    "logvar", "model_ema.decay", "model_ema.num_updates", TEXT + "text_model.embeddings.position_ids",
-}  # fmt: skip
+    "betas",
+    "alphas_cumprod",
+    "alphas_cumprod_prev",
+    "sqrt_alphas_cumprod",
+    "sqrt_one_minus_alphas_cumprod",
+    "log_one_minus_alphas_cumprod",
+    "sqrt_recip_alphas_cumprod",
+    "sqrt_recipm1_alphas_cumprod",
+    "posterior_variance",
+    "posterior_log_variance_clipped",
+    "posterior_mean_coef1",
+    "posterior_mean_coef2",
+    "logvar",
+    "model_ema.decay",
+    "model_ema.num_updates",
+    TEXT + "text_model.embeddings.position_ids",
+}
 
 
 class CheckpointError(LdmError):
@@ -135,7 +148,8 @@ def load_state_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], so
     unexpected = [k for k in state if k not in expected]
     if missing and unexpected:
         raise CheckpointError(
-            f"{source} does not fit the configured architecture: missing tensor '{missing[0]}' ({len(missing)} in all), "
+            f"{source} does not fit the configured architecture: "
+            f"missing tensor '{missing[0]}' ({len(missing)} in all), "
             f"unexpected tensor '{unexpected[0]}' ({len(unexpected)} in all); pass the right --config"
         )
     if missing:
@@ -145,7 +159,9 @@ def load_state_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], so
     for key, value in state.items():
         want = expected[key]
         if value.shape != want.shape:
-            raise CheckpointError(f"{source}: tensor '{key}' has shape {tuple(value.shape)}, the model expects {tuple(want.shape)}")
+            raise CheckpointError(
+                f"{source}: tensor '{key}' has shape {tuple(value.shape)}, the model expects {tuple(want.shape)}"
+            )
         if value.is_floating_point() != want.is_floating_point():
             raise CheckpointError(f"{source}: tensor '{key}' has dtype {value.dtype}, the model expects {want.dtype}")
         if value.is_floating_point() and not torch.isfinite(value).all():
@@ -201,7 +217,9 @@ def atomic_save(tensors: dict[str, torch.Tensor], path: str | Path, metadata: di
             os.unlink(tmp)
 
 
-def save_single_file(model: StableDiffusion, path: str | Path, dtype: torch.dtype | None = None, text_encoder: bool = True) -> None:
+def save_single_file(
+    model: StableDiffusion, path: str | Path, dtype: torch.dtype | None = None, text_encoder: bool = True
+) -> None:
     """The original SD v1 layout with our config in the metadata (readable by every SD v1 tool).
 
     text_encoder=False leaves out the weights of a pretrained text encoder (`text_encoder.pretrained`), which
@@ -209,13 +227,14 @@ def save_single_file(model: StableDiffusion, path: str | Path, dtype: torch.dtyp
     """
     pretrained = model.cfg.text_encoder.pretrained
     if not text_encoder and not pretrained:
-        raise CheckpointError("only a pretrained text encoder (text_encoder.pretrained) can be left out of a checkpoint")
+        raise CheckpointError(
+            "only a pretrained text encoder (text_encoder.pretrained) can be left out of a checkpoint"
+        )
     state = {k: v for k, v in model.state_dict().items() if text_encoder or not k.startswith(TEXT)}
     state = to_sd_layout(state, clip=not pretrained)
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     atomic_save(state, path, {"format": "pt", "ldm_config": json.dumps(to_dict(model.cfg))})
-
 
 
 def peek_config(path: str | Path) -> ModelConfig:
@@ -240,17 +259,28 @@ def peek_config(path: str | Path) -> ModelConfig:
 def _resnet(ours: str, theirs: str, unet: bool) -> dict[str, str]:
     if not unet:  # the VAE's ResnetBlock differs only in its shortcut's name
         return {ours: theirs, f"{ours}.nin_shortcut": f"{theirs}.conv_shortcut"}
-    parts = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
-             "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}  # fmt: skip
+    parts = {
+        "in_layers.0": "norm1",
+        "in_layers.2": "conv1",
+        "emb_layers.1": "time_emb_proj",
+        "out_layers.0": "norm2",
+        "out_layers.3": "conv2",
+        "skip_connection": "conv_shortcut",
+    }
     return {f"{ours}.{a}": f"{theirs}.{b}" for a, b in parts.items()}
 
 
 def unet_key_map(cfg: UNetConfig) -> dict[str, str]:
     """Module-path prefixes, CompVis UNetModel -> diffusers UNet2DConditionModel."""
     n, levels = cfg.num_res_blocks, len(cfg.channel_mult)
-    m = {"time_embed.0": "time_embedding.linear_1", "time_embed.2": "time_embedding.linear_2",
-         "input_blocks.0.0": "conv_in", "out.0": "conv_norm_out", "out.2": "conv_out",
-         "middle_block.1": "mid_block.attentions.0"}  # fmt: skip
+    m = {
+        "time_embed.0": "time_embedding.linear_1",
+        "time_embed.2": "time_embedding.linear_2",
+        "input_blocks.0.0": "conv_in",
+        "out.0": "conv_norm_out",
+        "out.2": "conv_out",
+        "middle_block.1": "mid_block.attentions.0",
+    }
     m |= _resnet("middle_block.0", "mid_block.resnets.0", True) | _resnet("middle_block.2", "mid_block.resnets.1", True)
     for i in range(levels):
         for j in range(n):
@@ -277,9 +307,13 @@ def vae_key_map(cfg: VAEConfig) -> dict[str, str]:
     levels = len(cfg.ch_mult)
     m = {"quant_conv": "quant_conv", "post_quant_conv": "post_quant_conv"}
     for part in ("encoder", "decoder"):
-        m |= {f"{part}.conv_in": f"{part}.conv_in", f"{part}.conv_out": f"{part}.conv_out",
-              f"{part}.norm_out": f"{part}.conv_norm_out", f"{part}.mid.attn_1.norm": f"{part}.mid_block.attentions.0.group_norm",
-              f"{part}.mid.attn_1.proj_out": f"{part}.mid_block.attentions.0.to_out.0"}  # fmt: skip
+        m |= {
+            f"{part}.conv_in": f"{part}.conv_in",
+            f"{part}.conv_out": f"{part}.conv_out",
+            f"{part}.norm_out": f"{part}.conv_norm_out",
+            f"{part}.mid.attn_1.norm": f"{part}.mid_block.attentions.0.group_norm",
+            f"{part}.mid.attn_1.proj_out": f"{part}.mid_block.attentions.0.to_out.0",
+        }
         m |= {f"{part}.mid.attn_1.{a}": f"{part}.mid_block.attentions.0.to_{a}" for a in "qkv"}
         m |= _resnet(f"{part}.mid.block_1", f"{part}.mid_block.resnets.0", False)
         m |= _resnet(f"{part}.mid.block_2", f"{part}.mid_block.resnets.1", False)
@@ -312,7 +346,12 @@ def rename(state: dict[str, torch.Tensor], key_map: dict[str, str]) -> dict[str,
 
 def _vae_attn_shapes(state: dict[str, torch.Tensor], to_linear: bool) -> dict[str, torch.Tensor]:
     """The VAE's mid-block attention: 1x1 convs (CompVis) <-> linear layers (diffusers)."""
-    names = ("attentions.0.to_q.weight", "attentions.0.to_k.weight", "attentions.0.to_v.weight", "attentions.0.to_out.0.weight")
+    names = (
+        "attentions.0.to_q.weight",
+        "attentions.0.to_k.weight",
+        "attentions.0.to_v.weight",
+        "attentions.0.to_out.0.weight",
+    )
     fix = (lambda w: w[:, :, 0, 0]) if to_linear else (lambda w: w[:, :, None, None])
     return {k: (fix(v) if k.endswith(names) and v.ndim == (4 if to_linear else 2) else v) for k, v in state.items()}
 
@@ -322,14 +361,19 @@ def _sub(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]
 
 
 def _heads_per_block(cfg: UNetConfig) -> list[int]:
-    return [cfg.model_channels * m // cfg.num_head_channels if cfg.num_head_channels > 0 else cfg.num_heads for m in cfg.channel_mult]
+    return [
+        cfg.model_channels * m // cfg.num_head_channels if cfg.num_head_channels > 0 else cfg.num_heads
+        for m in cfg.channel_mult
+    ]
 
 
 def diffusers_configs(cfg: ModelConfig) -> dict[str, dict]:
     """config.json of unet/, vae/ and scheduler/ for a diffusers folder of this model."""
     u, v = cfg.unet, cfg.vae
     if v.attn_resolutions:
-        raise CheckpointError("diffusers' AutoencoderKL has no attention in its resolution levels: vae.attn_resolutions must be []")
+        raise CheckpointError(
+            "diffusers' AutoencoderKL has no attention in its resolution levels: vae.attn_resolutions must be []"
+        )
     cross = [2**i in u.attention_resolutions for i in range(len(u.channel_mult))]
     heads = _heads_per_block(u)
     unet = {
@@ -375,7 +419,9 @@ def config_from_diffusers(folder: Path) -> ModelConfig:
     u, v, t = read("unet/config.json"), read("vae/config.json"), read("text_encoder/config.json")
     s = read("scheduler/scheduler_config.json") if (folder / "scheduler/scheduler_config.json").exists() else {}
     if u.get("use_linear_projection") or u.get("addition_embed_type") or u.get("class_embed_type"):
-        raise CheckpointError(f"{folder}: only the SD v1 UNet layout is supported (linear projections / extra embeddings found)")
+        raise CheckpointError(
+            f"{folder}: only the SD v1 UNet layout is supported (linear projections / extra embeddings found)"
+        )
     widths = u["block_out_channels"]
     mc = widths[0]
     heads = u.get("attention_head_dim", 8)
@@ -383,18 +429,28 @@ def config_from_diffusers(folder: Path) -> ModelConfig:
     head_kw = {"num_heads": heads[0]} if len(set(heads)) == 1 else {"num_head_channels": widths[0] // heads[0]}
     depth = u.get("transformer_layers_per_block", 1)
     unet = UNetConfig(
-        in_channels=u["in_channels"], out_channels=u["out_channels"], model_channels=mc,
+        in_channels=u["in_channels"],
+        out_channels=u["out_channels"],
+        model_channels=mc,
         attention_resolutions=tuple(2**i for i, b in enumerate(u["down_block_types"]) if b.startswith("CrossAttn")),
-        num_res_blocks=u["layers_per_block"], channel_mult=tuple(w // mc for w in widths),
-        transformer_depth=depth if isinstance(depth, int) else depth[0], context_dim=u["cross_attention_dim"],
-        num_groups=u.get("norm_num_groups", 32), **head_kw,
-    )  # fmt: skip
+        num_res_blocks=u["layers_per_block"],
+        channel_mult=tuple(w // mc for w in widths),
+        transformer_depth=depth if isinstance(depth, int) else depth[0],
+        context_dim=u["cross_attention_dim"],
+        num_groups=u.get("norm_num_groups", 32),
+        **head_kw,
+    )
     vae = VAEConfig(
-        embed_dim=v["latent_channels"], z_channels=v["latent_channels"], resolution=v.get("sample_size", 256),
-        in_channels=v["in_channels"], out_ch=v["out_channels"], ch=v["block_out_channels"][0],
+        embed_dim=v["latent_channels"],
+        z_channels=v["latent_channels"],
+        resolution=v.get("sample_size", 256),
+        in_channels=v["in_channels"],
+        out_ch=v["out_channels"],
+        ch=v["block_out_channels"][0],
         ch_mult=tuple(w // v["block_out_channels"][0] for w in v["block_out_channels"]),
-        num_res_blocks=v["layers_per_block"], num_groups=v.get("norm_num_groups", 32),
-    )  # fmt: skip
+        num_res_blocks=v["layers_per_block"],
+        num_groups=v.get("norm_num_groups", 32),
+    )
     if t.get("model_type", "clip_text_model") == "clip_text_model":
         text = TextEncoderConfig(**{k: t[k] for k in TextEncoderConfig.__dataclass_fields__ if k in t})
     elif "ldm_pretrained" in t:  # a local text encoder (e.g. MiniLM) of a folder that save_diffusers_folder wrote
@@ -403,12 +459,19 @@ def config_from_diffusers(folder: Path) -> ModelConfig:
         raise CheckpointError(f"{folder}: a {t['model_type']} text encoder; ldm reads CLIP and the ones it exported")
     prediction = {b: a for a, b in PARAMETERIZATION_TO_DIFFUSERS.items()}[s.get("prediction_type", "epsilon")]
     return ModelConfig(
-        unet=unet, vae=vae, text_encoder=text, timesteps=s.get("num_train_timesteps", 1000),
-        beta_schedule=s.get("beta_schedule", "scaled_linear"), linear_start=s.get("beta_start", 0.00085),
-        linear_end=s.get("beta_end", 0.012), parameterization=prediction, scale_factor=v.get("scaling_factor", 0.18215),
-        image_size=u.get("sample_size", 64), rescale_betas_zero_snr=s.get("rescale_betas_zero_snr", False),
+        unet=unet,
+        vae=vae,
+        text_encoder=text,
+        timesteps=s.get("num_train_timesteps", 1000),
+        beta_schedule=s.get("beta_schedule", "scaled_linear"),
+        linear_start=s.get("beta_start", 0.00085),
+        linear_end=s.get("beta_end", 0.012),
+        parameterization=prediction,
+        scale_factor=v.get("scaling_factor", 0.18215),
+        image_size=u.get("sample_size", 64),
+        rescale_betas_zero_snr=s.get("rescale_betas_zero_snr", False),
         learn_sigma=s.get("variance_type") == "learned_range",
-    )  # fmt: skip
+    )
 
 
 def load_diffusers_folder(folder: str | Path) -> StableDiffusion:
@@ -416,7 +479,11 @@ def load_diffusers_folder(folder: str | Path) -> StableDiffusion:
     cfg = config_from_diffusers(folder)
     model = StableDiffusion(cfg)
     state = {}
-    for sub, prefix, key_map in (("unet", UNET, unet_key_map(cfg.unet)), ("vae", VAE, vae_key_map(cfg.vae)), ("text_encoder", TEXT, None)):
+    for sub, prefix, key_map in (
+        ("unet", UNET, unet_key_map(cfg.unet)),
+        ("vae", VAE, vae_key_map(cfg.vae)),
+        ("text_encoder", TEXT, None),
+    ):
         tensors = {}
         for f in sorted((folder / sub).glob("*.safetensors")) or sorted((folder / sub).glob("*.bin")):
             tensors |= read_state_dict(f)[0]

@@ -8,6 +8,7 @@ Any other exception is a bug and keeps its traceback. The trainers turn SIGINT i
 themselves; `run` only sees a KeyboardInterrupt that reaches main. This module imports nothing heavy: each command
 parses its arguments before importing torch (seconds), so --help and a mistyped flag answer at once.
 """
+
 import argparse
 import sys
 from typing import Callable

@@ -3,6 +3,7 @@
 Field names are CompVis's (`model_channels`, `channel_mult`, `z_channels`, ...), so a reader of the
 original `v1-inference.yaml` finds the same words here. Unknown keys are an error naming the key.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -79,7 +80,9 @@ class LossConfig:
 
     def __post_init__(self):
         check(self.pixel_loss in ("l1", "l2"), f"loss.pixel_loss must be l1 or l2, got {self.pixel_loss!r}")
-        check(self.disc_loss in ("hinge", "vanilla"), f"loss.disc_loss must be hinge or vanilla, got {self.disc_loss!r}")
+        check(
+            self.disc_loss in ("hinge", "vanilla"), f"loss.disc_loss must be hinge or vanilla, got {self.disc_loss!r}"
+        )
         check(self.disc_num_layers >= 1 and self.disc_ndf >= 1, "loss.disc_num_layers and loss.disc_ndf must be >= 1")
 
 
@@ -117,9 +120,13 @@ class ModelConfig:
     linear_end: float = 0.012
     parameterization: str = "eps"  # eps | v | x0
     scale_factor: float = 0.18215  # latent = scale_factor * VAE posterior sample
-    image_size: int = 64  # latent side the model samples at by default (CompVis LatentDiffusion.image_size; SD v1: 64 = 512 px)
+    image_size: int = (
+        64  # latent side the model samples at by default (CompVis LatentDiffusion.image_size; SD v1: 64 = 512 px)
+    )
     rescale_betas_zero_snr: bool = False  # Lin et al. 2023: shift the schedule so the last step is pure noise
-    learn_sigma: bool = False  # improved DDPM: the UNet also predicts the variance (unet.out_channels = 2 * vae.embed_dim)
+    learn_sigma: bool = (
+        False  # improved DDPM: the UNet also predicts the variance (unet.out_channels = 2 * vae.embed_dim)
+    )
 
 
 def check(ok: bool, message: str) -> None:
@@ -218,12 +225,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), cls=M
     return from_dict(cls, apply_overrides(data, list(overrides)))
 
 
-# ---------------------------------------------------------------- training (train_unet.py; train_vae.py shares the sections)
+# ---------------------------------------------------------------- training
+# (train_unet.py; train_vae.py shares the sections)
 
 
 @dataclass
 class DataConfig:
-    path: str = ""  # an image folder (metadata.jsonl / metadata.csv / name.txt captions), a datasets.save_to_disk folder, or what datasets.load_dataset reads
+    # an image folder (metadata.jsonl / metadata.csv / name.txt captions), a datasets.save_to_disk folder,
+    # or what datasets.load_dataset reads
+    path: str = ""
     image_column: str = "image"
     caption_column: str = "text"  # a string or a list of strings (one is picked at random each time)
     resolution: int = 512
@@ -242,15 +252,23 @@ class OptimConfig:
     betas: tuple[float, ...] = (0.9, 0.999)
     weight_decay: float = 1e-2
     eps: float = 1e-8
-    lr_scheduler: str = "constant_with_warmup"  # a diffusers.optimization name: constant_with_warmup, cosine, linear, ...
+    lr_scheduler: str = (
+        "constant_with_warmup"  # a diffusers.optimization name: constant_with_warmup, cosine, linear, ...
+    )
     warmup_steps: int = 500
     max_grad_norm: float = 1.0  # 0: no clipping
 
     def __post_init__(self):
         schedulers = ("constant", "constant_with_warmup", "cosine", "linear")
-        check(self.lr_scheduler in schedulers, f"optim.lr_scheduler must be one of {', '.join(schedulers)}, got {self.lr_scheduler!r}")
+        check(
+            self.lr_scheduler in schedulers,
+            f"optim.lr_scheduler must be one of {', '.join(schedulers)}, got {self.lr_scheduler!r}",
+        )
         check(len(self.betas) == 2, f"optim.betas must be two numbers, got {list(self.betas)}")
-        check(self.lr > 0 and self.warmup_steps >= 0 and self.max_grad_norm >= 0, "optim.lr must be > 0, warmup_steps and max_grad_norm >= 0")
+        check(
+            self.lr > 0 and self.warmup_steps >= 0 and self.max_grad_norm >= 0,
+            "optim.lr must be > 0, warmup_steps and max_grad_norm >= 0",
+        )
 
 
 @dataclass
@@ -274,7 +292,10 @@ class ValidationConfig:
     sampler: str = "ddim"  # an ldm.samplers name; ddpm samples a learn_sigma model with its learned variance
 
     def __post_init__(self):
-        check(self.every >= 0 and self.steps >= 1 and len(self.prompts) >= 1, "validation needs every >= 0, steps >= 1 and a prompt")
+        check(
+            self.every >= 0 and self.steps >= 1 and len(self.prompts) >= 1,
+            "validation needs every >= 0, steps >= 1 and a prompt",
+        )
 
 
 @dataclass
@@ -285,7 +306,8 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
-    init_from: str = ""  # a checkpoint (SD v1 file, ours, diffusers folder): its config is the base of `model`, its weights the start
+    # a checkpoint (SD v1 file, ours, diffusers folder): its config is the base of `model`, its weights the start
+    init_from: str = ""
     output_dir: str = "runs"
     max_steps: int = 10000
     batch_size: int = 4  # per device
@@ -303,8 +325,14 @@ class TrainConfig:
     def __post_init__(self):
         for name in ("max_steps", "batch_size", "grad_accum", "save_every", "keep_last", "log_every"):
             check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
-        check(self.mixed_precision in ("no", "fp16", "bf16"), f"mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
-        check(self.tracker in ("tensorboard", "wandb", "none"), f"tracker must be tensorboard, wandb or none, got {self.tracker!r}")
+        check(
+            self.mixed_precision in ("no", "fp16", "bf16"),
+            f"mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}",
+        )
+        check(
+            self.tracker in ("tensorboard", "wandb", "none"),
+            f"tracker must be tensorboard, wandb or none, got {self.tracker!r}",
+        )
 
 
 @dataclass
@@ -322,14 +350,24 @@ class TrainUNetConfig(TrainConfig):
     def __post_init__(self):
         super().__post_init__()
         check(0.0 <= self.caption_dropout <= 1.0, f"caption_dropout must be in [0, 1], got {self.caption_dropout}")
-        check(self.min_snr_gamma >= 0 and self.offset_noise >= 0 and self.vlb_weight >= 0, "min_snr_gamma, offset_noise and vlb_weight must be >= 0")
-        check(not (self.reinit_unet and not self.init_from), "reinit_unet needs init_from (a checkpoint to take the VAE and text encoder from)")
-        check(not (self.cache_latents and not self.data.center_crop), "cache_latents stores center crops: it cannot be combined with data.center_crop=false")
+        check(
+            self.min_snr_gamma >= 0 and self.offset_noise >= 0 and self.vlb_weight >= 0,
+            "min_snr_gamma, offset_noise and vlb_weight must be >= 0",
+        )
+        check(
+            not (self.reinit_unet and not self.init_from),
+            "reinit_unet needs init_from (a checkpoint to take the VAE and text encoder from)",
+        )
+        check(
+            not (self.cache_latents and not self.data.center_crop),
+            "cache_latents stores center crops: it cannot be combined with data.center_crop=false",
+        )
 
 
 @dataclass
 class TrainVAEConfig(TrainConfig):
-    """train_vae.py. init_from may also be a VAE-only file (CompVis names); a full model keeps its UNet and text encoder."""
+    """train_vae.py. init_from may also be a VAE-only file (CompVis names); a full model keeps its UNet and text
+    encoder."""
 
     loss: LossConfig = field(default_factory=LossConfig)
     output_dir: str = "runs/vae"
@@ -341,5 +379,10 @@ class TrainVAEConfig(TrainConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        check(self.holdout >= 0 and self.scale_images >= 1, f"holdout must be >= 0 and scale_images >= 1, got {self.holdout}, {self.scale_images}")
-        check(not (self.decoder_only and not self.init_from), "decoder_only needs init_from (the VAE whose encoder stays)")
+        check(
+            self.holdout >= 0 and self.scale_images >= 1,
+            f"holdout must be >= 0 and scale_images >= 1, got {self.holdout}, {self.scale_images}",
+        )
+        check(
+            not (self.decoder_only and not self.init_from), "decoder_only needs init_from (the VAE whose encoder stays)"
+        )

@@ -4,6 +4,7 @@ SRC: a .safetensors / .ckpt single file or a diffusers folder. DST ending in .sa
 SD v1 single-file layout, with our config in its metadata; any other DST: a diffusers folder that
 diffusers.StableDiffusionPipeline.from_pretrained loads.
 """
+
 import argparse
 import sys
 from pathlib import Path
@@ -18,8 +19,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--config", type=Path, help="architecture YAML, for a single file that does not carry its config")
     p.add_argument("--no-ema", action="store_true", help="keep the raw UNet weights of a file that also has EMA ones")
     p.add_argument("--half", action="store_true", help="write fp16 tensors (single-file output)")
-    p.add_argument("--no-text-encoder", action="store_true",
-                   help="leave out a pretrained text encoder's weights (loading takes them from its package)")
+    p.add_argument(
+        "--no-text-encoder",
+        action="store_true",
+        help="leave out a pretrained text encoder's weights (loading takes them from its package)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     return p.parse_args(argv)
 

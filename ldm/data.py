@@ -17,6 +17,7 @@ Randomness is keyed by the position of a sample in the data stream (`StreamSampl
 worker, so one process with batch 2B and two with batch B see the same samples with the same crops, flips,
 captions and noise, and a resumed run continues the stream exactly.
 """
+
 from __future__ import annotations
 
 import collections
@@ -62,7 +63,9 @@ def open_rgb(source: str | Path | bytes) -> Image.Image:
     img.load()
     img = ImageOps.exif_transpose(img)
     if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
-        img = Image.fromarray((np.asarray(img).astype(np.float64) * (255 / 65535)).round().clip(0, 255).astype(np.uint8))
+        img = Image.fromarray(
+            (np.asarray(img).astype(np.float64) * (255 / 65535)).round().clip(0, 255).astype(np.uint8)
+        )
     if img.mode == "P" or (img.mode in ("L", "RGB") and "transparency" in img.info):
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA"):
@@ -73,12 +76,17 @@ def open_rgb(source: str | Path | bytes) -> Image.Image:
 
 
 def transform(img: Image.Image, resolution: int, center_crop: bool, flip: bool, rng: random.Random) -> torch.Tensor:
-    """Resize the short side to `resolution` (bicubic, antialiased), crop a square (center or random), flip; -> [-1, 1]."""
+    """Resize the short side to `resolution` (bicubic, antialiased), crop a square (center or random), flip;
+    -> [-1, 1]."""
     w, h = img.size
     scale = resolution / min(w, h)
     w, h = max(resolution, round(w * scale)), max(resolution, round(h * scale))
     img = img.resize((w, h), Image.Resampling.BICUBIC)
-    left, top = ((w - resolution) // 2, (h - resolution) // 2) if center_crop else (rng.randint(0, w - resolution), rng.randint(0, h - resolution))
+    left, top = (
+        ((w - resolution) // 2, (h - resolution) // 2)
+        if center_crop
+        else (rng.randint(0, w - resolution), rng.randint(0, h - resolution))
+    )
     img = img.crop((left, top, left + resolution, top + resolution))
     if flip:
         img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
@@ -109,7 +117,8 @@ def _utf8(text: str) -> bool:
 
 
 def _captions(value) -> list[str]:
-    """A caption cell -> a list of non-empty captions (a string, or a list of strings); text that is not UTF-8 is none."""
+    """A caption cell -> a list of non-empty captions (a string, or a list of strings); text that is not UTF-8 is
+    none."""
     return [v.strip() for v in _strings(value) if v.strip() and _utf8(v)]
 
 
@@ -149,7 +158,9 @@ def _read_metadata(meta: Path, root: Path) -> tuple[list[dict], list[tuple[str, 
     return rows, bad
 
 
-def scan_folder(root: Path, caption_column: str, require_captions: bool = True) -> tuple[list[tuple[Path, list[str]]], list[tuple[str, str]]]:
+def scan_folder(
+    root: Path, caption_column: str, require_captions: bool = True
+) -> tuple[list[tuple[Path, list[str]]], list[tuple[str, str]]]:
     """An image folder -> ([(image path, captions)], [(name, why skipped)]), in a stable order.
 
     Without require_captions, images without a caption are kept with the caption "" (for the VAE)."""
@@ -189,7 +200,9 @@ def scan_folder(root: Path, caption_column: str, require_captions: bool = True) 
             elif not path.is_file():
                 skipped.append((str(path.relative_to(root)), "not a regular file"))
             else:
-                lines = txt.read_bytes().decode("utf-8-sig", errors="surrogateescape").splitlines() if txt.is_file() else []
+                lines = (
+                    txt.read_bytes().decode("utf-8-sig", errors="surrogateescape").splitlines() if txt.is_file() else []
+                )
                 if captions := _captions(lines) or uncaptioned:
                     files.setdefault(path.resolve(), []).extend(captions)
                 else:
@@ -210,7 +223,12 @@ def _merge_duplicates(files: dict[Path, list[str]], root: Path) -> list[tuple[st
             digest = hashlib.file_digest(f, "sha256").digest()
         if digest in first:
             files[first[digest]] += files.pop(path)
-            skipped.append((str(path.relative_to(root)), f"duplicate (same bytes as {first[digest].relative_to(root)}; captions merged)"))
+            skipped.append(
+                (
+                    str(path.relative_to(root)),
+                    f"duplicate (same bytes as {first[digest].relative_to(root)}; captions merged)",
+                )
+            )
         else:
             first[digest] = path
     return skipped
@@ -221,10 +239,13 @@ def _saved_by_datasets(path: Path) -> bool:
 
 
 def _is_image_folder(path: Path) -> bool:
-    """Images with metadata files or .txt captions (not a save_to_disk folder, nor one of parquet / csv / json files)."""
+    """Images with metadata files or .txt captions (not a save_to_disk folder, nor one of parquet / csv / json
+    files)."""
     if not path.is_dir() or _saved_by_datasets(path):
         return False
-    return any((path / m).exists() for m in METADATA_FILES) or any(p.suffix.lower() in IMAGE_EXTENSIONS for p in path.rglob("*"))
+    return any((path / m).exists() for m in METADATA_FILES) or any(
+        p.suffix.lower() in IMAGE_EXTENSIONS for p in path.rglob("*")
+    )
 
 
 def _load_hf(path: Path | str, image_column: str, caption_column: str, require_captions: bool):
@@ -237,14 +258,19 @@ def _load_hf(path: Path | str, image_column: str, caption_column: str, require_c
         else:
             ds = datasets.load_dataset(str(path), split="train")
     except Exception as e:  # datasets raises many types for unreadable folders / unknown names
-        raise DataError(f"cannot load dataset {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+        raise DataError(
+            f"cannot load dataset {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        ) from None
     if isinstance(ds, datasets.DatasetDict):
         if "train" not in ds:
             raise DataError(f"{path}: no 'train' split (found {', '.join(ds)})")
         ds = ds["train"]
     for column in (image_column, caption_column) if require_captions else (image_column,):
         if column not in ds.column_names:
-            raise DataError(f"{path}: no column '{column}' (columns: {', '.join(ds.column_names)}); set data.image_column / data.caption_column")
+            raise DataError(
+                f"{path}: no column '{column}' (columns: {', '.join(ds.column_names)}); "
+                "set data.image_column / data.caption_column"
+            )
     if isinstance(ds.features[image_column], datasets.Image):
         ds = ds.cast_column(image_column, datasets.Image(decode=False))
     return ds
@@ -256,8 +282,16 @@ class ImageCaptionDataset(Dataset):
     A file that cannot be decoded is replaced by the next readable one and reported in "skipped".
     """
 
-    def __init__(self, path: str | Path, resolution: int, center_crop: bool = True, random_flip: bool = False,
-                 image_column: str = "image", caption_column: str = "text", require_captions: bool = True):  # fmt: skip
+    def __init__(
+        self,
+        path: str | Path,
+        resolution: int,
+        center_crop: bool = True,
+        random_flip: bool = False,
+        image_column: str = "image",
+        caption_column: str = "text",
+        require_captions: bool = True,
+    ):
         self.resolution, self.center_crop, self.random_flip = resolution, center_crop, random_flip
         self.image_column, self.caption_column, self.require_captions = image_column, caption_column, require_captions
         self.skipped: list[tuple[str, str]] = []
@@ -267,10 +301,16 @@ class ImageCaptionDataset(Dataset):
             self.files, self.skipped = scan_folder(self.root, caption_column, require_captions)
             self.hf = None
         else:
-            self.hf = _load_hf(local if self.root is not None else str(path), image_column, caption_column, require_captions)
+            self.hf = _load_hf(
+                local if self.root is not None else str(path), image_column, caption_column, require_captions
+            )
             self.files = None
         if len(self) == 0:
-            detail = f" ({len(self.skipped)} skipped, e.g. {self.skipped[0][0]}: {self.skipped[0][1]})" if self.skipped else ""
+            detail = (
+                f" ({len(self.skipped)} skipped, e.g. {self.skipped[0][0]}: {self.skipped[0][1]})"
+                if self.skipped
+                else ""
+            )
             raise DataError(f"no images with captions found in {path}{detail}")
 
     def __len__(self) -> int:
@@ -326,7 +366,9 @@ class ImageCaptionDataset(Dataset):
                 skipped.append((self.name(i), unreadable(e)))
                 continue
             return {"pixels": pixels, "caption": caption, "seed": seed, "skipped": skipped}
-        raise DataError(f"none of the {len(self)} images in the dataset could be read (first: {skipped[0][0]}: {skipped[0][1]})")
+        raise DataError(
+            f"none of the {len(self)} images in the dataset could be read (first: {skipped[0][0]}: {skipped[0][1]})"
+        )
 
     def fingerprint(self) -> str:
         """Changes when a file, a caption or the dataset's content changes (for cache invalidation)."""
@@ -385,7 +427,10 @@ class StreamSampler(Sampler):
     def key(self, position: int) -> tuple[int, int]:
         epoch, i = divmod(position, self.n)
         if epoch != self._epoch:
-            self._epoch, self._perm = epoch, torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))
+            self._epoch, self._perm = (
+                epoch,
+                torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch)),
+            )
         return int(self._perm[i]), sample_seed(self.seed, position)
 
     def __iter__(self):

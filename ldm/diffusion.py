@@ -1,9 +1,11 @@
 """The diffusion process as training sees it: the noise schedule, q(x_t | x_0), the targets and the loss.
 
-Notation of Ho et al. 2020 (DDPM): beta_t, alpha_t = 1 - beta_t, abar_t = prod_{s <= t} alpha_s, SNR(t) = abar_t / (1 - abar_t).
-The betas come from diffusers' DDPMScheduler built from the same ModelConfig fields (`beta_schedule` is one of
-diffusers' names), so training and every diffusers sampler agree on the schedule to the last bit.
+Notation of Ho et al. 2020 (DDPM): beta_t, alpha_t = 1 - beta_t, abar_t = prod_{s <= t} alpha_s,
+SNR(t) = abar_t / (1 - abar_t). The betas come from diffusers' DDPMScheduler built from the same ModelConfig fields
+(`beta_schedule` is one of diffusers' names), so training and every diffusers sampler agree on the schedule to the
+last bit.
 """
+
 from __future__ import annotations
 
 import math
@@ -14,7 +16,11 @@ from diffusers import DDPMScheduler
 from ldm.config import ModelConfig, check
 
 PARAMETERIZATION_TO_DIFFUSERS = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
-BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")  # squaredcos_cap_v2: the cosine schedule of Nichol & Dhariwal
+BETA_SCHEDULES = (
+    "linear",
+    "scaled_linear",
+    "squaredcos_cap_v2",
+)  # squaredcos_cap_v2: the cosine schedule of Nichol & Dhariwal
 
 
 def scheduler_config(cfg: ModelConfig) -> dict:
@@ -47,15 +53,25 @@ def noise_scheduler(cfg: ModelConfig) -> DDPMScheduler:
 
 def check_model_config(cfg: ModelConfig) -> None:
     """The objective fields of a ModelConfig that training can use; raises ConfigError naming the field."""
-    check(cfg.beta_schedule in BETA_SCHEDULES, f"model.beta_schedule must be one of {', '.join(BETA_SCHEDULES)}, got {cfg.beta_schedule!r}")
-    check(cfg.parameterization in PARAMETERIZATION_TO_DIFFUSERS, f"model.parameterization must be eps, v or x0, got {cfg.parameterization!r}")
+    check(
+        cfg.beta_schedule in BETA_SCHEDULES,
+        f"model.beta_schedule must be one of {', '.join(BETA_SCHEDULES)}, got {cfg.beta_schedule!r}",
+    )
+    check(
+        cfg.parameterization in PARAMETERIZATION_TO_DIFFUSERS,
+        f"model.parameterization must be eps, v or x0, got {cfg.parameterization!r}",
+    )
     check(cfg.timesteps >= 2, f"model.timesteps must be >= 2, got {cfg.timesteps}")
     check(
         not (cfg.rescale_betas_zero_snr and cfg.parameterization == "eps"),
-        "model.rescale_betas_zero_snr needs parameterization v or x0: at zero terminal SNR an eps-model cannot recover x0",
+        "model.rescale_betas_zero_snr needs parameterization v or x0: "
+        "at zero terminal SNR an eps-model cannot recover x0",
     )
     out = 2 * cfg.vae.embed_dim if cfg.learn_sigma else cfg.vae.embed_dim
-    check(cfg.unet.out_channels == out, f"model.unet.out_channels must be {out} (learn_sigma={cfg.learn_sigma}, vae.embed_dim={cfg.vae.embed_dim})")
+    check(
+        cfg.unet.out_channels == out,
+        f"model.unet.out_channels must be {out} (learn_sigma={cfg.learn_sigma}, vae.embed_dim={cfg.vae.embed_dim})",
+    )
 
 
 def normal_kl(mean1, logvar1, mean2, logvar2):
@@ -69,7 +85,8 @@ def gaussian_nll(x, mean, logvar):
 
 
 class Diffusion:
-    """Forward process, prediction targets and the training loss of one ModelConfig (computed in float64, used in the input's dtype)."""
+    """Forward process, prediction targets and the training loss of one ModelConfig (computed in float64, used in
+    the input's dtype)."""
 
     def __init__(self, cfg: ModelConfig):
         check_model_config(cfg)
@@ -77,9 +94,12 @@ class Diffusion:
         self.betas = noise_scheduler(cfg).betas.double()
         self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)
         prev = torch.cat([torch.ones(1, dtype=torch.float64), self.alphas_cumprod[:-1]])
-        # q(x_{t-1} | x_t, x_0) = N(c1 x_0 + c2 x_t, beta~_t), beta~_t = beta_t (1 - abar_{t-1}) / (1 - abar_t)  (Ho et al. eq. 6-7)
+        # q(x_{t-1} | x_t, x_0) = N(c1 x_0 + c2 x_t, beta~_t), beta~_t = beta_t (1 - abar_{t-1}) / (1 - abar_t)
+        # (Ho et al. eq. 6-7)
         variance = self.betas * (1.0 - prev) / (1.0 - self.alphas_cumprod)
-        self.posterior_log_variance = torch.log(torch.cat([variance[1:2], variance[1:]]))  # beta~_0 = 0: use beta~_1 (improved DDPM)
+        self.posterior_log_variance = torch.log(
+            torch.cat([variance[1:2], variance[1:]])
+        )  # beta~_0 = 0: use beta~_1 (improved DDPM)
         self.posterior_mean_coef1 = self.betas * prev.sqrt() / (1.0 - self.alphas_cumprod)
         self.posterior_mean_coef2 = (1.0 - prev) * (1.0 - self.betas).sqrt() / (1.0 - self.alphas_cumprod)
 
@@ -115,7 +135,9 @@ class Diffusion:
             return torch.ones(t.shape, device=t.device)
         snr = self.snr(t)
         clipped = torch.clamp(snr, max=min_snr_gamma)
-        return {"eps": torch.clamp(min_snr_gamma / snr, max=1.0), "v": clipped / (snr + 1.0), "x0": clipped}[self.parameterization]
+        return {"eps": torch.clamp(min_snr_gamma / snr, max=1.0), "v": clipped / (snr + 1.0), "x0": clipped}[
+            self.parameterization
+        ]
 
     def predict_x0(self, out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         ab = self._at(self.alphas_cumprod, t, x_t)
@@ -133,24 +155,38 @@ class Diffusion:
         """p(x_{t-1} | x_t): the posterior mean at the predicted x0, and the learned log variance
         log sigma^2 = v log beta_t + (1 - v) log beta~_t with v = (output + 1) / 2  (Nichol & Dhariwal eq. 15)."""
         frac = (var_values + 1.0) / 2.0
-        log_variance = frac * self._at(self.betas.log(), t, x_t) + (1.0 - frac) * self._at(self.posterior_log_variance, t, x_t)
+        log_variance = frac * self._at(self.betas.log(), t, x_t) + (1.0 - frac) * self._at(
+            self.posterior_log_variance, t, x_t
+        )
         return self.q_posterior(self.predict_x0(out, x_t, t), x_t, t)[0], log_variance
 
-    def vlb(self, out: torch.Tensor, var_values: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def vlb(
+        self, out: torch.Tensor, var_values: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
+    ) -> torch.Tensor:
         """L_t of the variational bound in bits per dimension, per sample (Nichol & Dhariwal eq. 4-6):
-        KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t)) for t > 0 and -log p(x_0 | x_1) for t = 0. That last term is a
-        continuous Gaussian here: latents are not 8-bit pixels, so improved DDPM's discretized decoder does not apply."""
+        KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t)) for t > 0 and -log p(x_0 | x_1) for t = 0. That last term is
+        a continuous Gaussian here: latents are not 8-bit pixels, so improved DDPM's discretized decoder does not
+        apply."""
         true_mean, true_log_variance = self.q_posterior(x0, x_t, t)
         mean, log_variance = self.p_mean_log_variance(out, var_values, x_t, t)
         kl = normal_kl(true_mean, true_log_variance, mean, log_variance).mean(dim=(1, 2, 3))
         nll = gaussian_nll(x0, mean, log_variance).mean(dim=(1, 2, 3))
         return torch.where(t == 0, nll, kl) / math.log(2.0)
 
-    def loss(self, model_output: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
-             min_snr_gamma: float = 0.0, vlb_weight: float = 0.001) -> torch.Tensor:  # fmt: skip
+    def loss(
+        self,
+        model_output: torch.Tensor,
+        x0: torch.Tensor,
+        x_t: torch.Tensor,
+        noise: torch.Tensor,
+        t: torch.Tensor,
+        min_snr_gamma: float = 0.0,
+        vlb_weight: float = 0.001,
+    ) -> torch.Tensor:
         """Per-sample loss in float32: the min-SNR-weighted MSE to the target, plus, when the variance is learned,
         lambda * T * L_t (L_hybrid = L_simple + lambda L_vlb, Nichol & Dhariwal sec. 3.1; one uniform t estimates
-        L_vlb = T E_t[L_t]). The VLB term sees the mean detached, so it trains the variance alone, as in improved DDPM."""
+        L_vlb = T E_t[L_t]). The VLB term sees the mean detached, so it trains the variance alone, as in improved
+        DDPM."""
         model_output, x0, x_t, noise = model_output.float(), x0.float(), x_t.float(), noise.float()
         out, var_values = model_output.chunk(2, dim=1) if self.learn_sigma else (model_output, None)
         loss = ((out - self.target(x0, t, noise)) ** 2).mean(dim=(1, 2, 3)) * self.loss_weight(t, min_snr_gamma)

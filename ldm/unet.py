@@ -4,6 +4,7 @@ Attribute names are the CompVis state-dict names, so `model.diffusion_model.*` o
 loads with strict=True: input_blocks.{i}.{0 ResBlock | 1 SpatialTransformer | 0.op Downsample},
 middle_block.{0,1,2}, output_blocks.{i}.{0 ResBlock, 1 SpatialTransformer, 1|2 Upsample}, out.
 """
+
 import math
 
 import torch
@@ -35,10 +36,15 @@ class GroupNorm32(nn.GroupNorm):
 class ResBlock(nn.Module):
     def __init__(self, channels: int, emb_channels: int, out_channels: int, groups: int):
         super().__init__()
-        self.in_layers = nn.Sequential(GroupNorm32(groups, channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1))
+        self.in_layers = nn.Sequential(
+            GroupNorm32(groups, channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)
+        )
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
         self.out_layers = nn.Sequential(
-            GroupNorm32(groups, out_channels), nn.SiLU(), nn.Dropout(0.0), nn.Conv2d(out_channels, out_channels, 3, padding=1)
+            GroupNorm32(groups, out_channels),
+            nn.SiLU(),
+            nn.Dropout(0.0),
+            nn.Conv2d(out_channels, out_channels, 3, padding=1),
         )
         self.skip_connection = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
 
@@ -110,7 +116,9 @@ class SpatialTransformer(nn.Module):
         inner = heads * dim_head
         self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
         self.proj_in = nn.Conv2d(channels, inner, 1)
-        self.transformer_blocks = nn.ModuleList(BasicTransformerBlock(inner, heads, dim_head, context_dim) for _ in range(depth))
+        self.transformer_blocks = nn.ModuleList(
+            BasicTransformerBlock(inner, heads, dim_head, context_dim) for _ in range(depth)
+        )
         self.proj_out = nn.Conv2d(inner, channels, 1)
 
     def forward(self, x, context):

@@ -4,6 +4,7 @@ Attribute names are the CompVis state-dict names (`first_stage_model.*` of an SD
 encoder.{conv_in, down.{i}.block.{j}, down.{i}.downsample, mid.{block_1, attn_1, block_2}, norm_out, conv_out},
 decoder.{conv_in, mid, up.{i}.block.{j}, up.{i}.upsample, norm_out, conv_out}, quant_conv, post_quant_conv.
 """
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -68,7 +69,9 @@ class Level(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, n_blocks: int, use_attn: bool, cfg: VAEConfig):
         super().__init__()
         channels = [in_channels] + [out_channels] * n_blocks
-        self.block = nn.ModuleList(ResnetBlock(a, b, cfg.num_groups, cfg.dropout) for a, b in zip(channels, channels[1:]))
+        self.block = nn.ModuleList(
+            ResnetBlock(a, b, cfg.num_groups, cfg.dropout) for a, b in zip(channels, channels[1:])
+        )
         self.attn = nn.ModuleList(AttnBlock(out_channels, cfg.num_groups) for _ in range(n_blocks if use_attn else 0))
 
     def forward(self, h):
@@ -186,7 +189,8 @@ class AutoencoderKL(nn.Module):
         return self.decoder(self.post_quant_conv(z))
 
     def forward(self, x: torch.Tensor, noise: torch.Tensor | None = None):
-        """Reconstruction through a posterior sample z = mean + std * noise (noise drawn when not given), and the posterior."""
+        """Reconstruction through a posterior sample z = mean + std * noise (noise drawn when not given), and the
+        posterior."""
         posterior = self.encode(x)
         noise = torch.randn_like(posterior.mean) if noise is None else noise
         return self.decode(posterior.mean + posterior.std * noise), posterior

@@ -16,9 +16,9 @@ import torch  # noqa: E402
 from accelerate.state import AcceleratorState, GradientState, PartialState  # noqa: E402
 from PIL import Image  # noqa: E402
 
+import txt2img  # noqa: E402
 from ldm.config import load_config  # noqa: E402
 from ldm.model import StableDiffusion  # noqa: E402
-import txt2img  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,7 +38,10 @@ def randomize_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * (0.5 / max(1, p[0].numel()) ** 0.5) + 0.01 * torch.randn(p.shape, generator=g))
+            p.copy_(
+                torch.randn(p.shape, generator=g) * (0.5 / max(1, p[0].numel()) ** 0.5)
+                + 0.01 * torch.randn(p.shape, generator=g)
+            )
     return module
 
 
@@ -130,8 +133,14 @@ def diffusers_run(ref, seed: int, n: int, **kwargs):
         final["latents"] = tensors["latents"]
         return tensors
 
-    images = ref(PROMPT, num_inference_steps=STEPS, num_images_per_prompt=n, generator=generators(seed, n),
-                 callback_on_step_end=keep, **kwargs).images
+    images = ref(
+        PROMPT,
+        num_inference_steps=STEPS,
+        num_images_per_prompt=n,
+        generator=generators(seed, n),
+        callback_on_step_end=keep,
+        **kwargs,
+    ).images
     return images, final["latents"]
 
 
@@ -178,7 +187,12 @@ def write_bad_corpus(root: Path) -> dict[str, str]:
         expected[name] = outcome
         return root / name
 
-    for colour, rgb in {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (40, 60, 220), "yellow": (230, 210, 40)}.items():
+    for colour, rgb in {
+        "red": (220, 40, 40),
+        "green": (40, 200, 60),
+        "blue": (40, 60, 220),
+        "yellow": (230, 210, 40),
+    }.items():
         noisy = np.clip(np.array(rgb) + rng.integers(-25, 26, (16, 20, 3)), 0, 255).astype(np.uint8)
         Image.fromarray(noisy).save(add(f"{colour}.png", [f"a {colour} picture", colour], "used"))
     (root / "red2.png").write_bytes((root / "red.png").read_bytes())
@@ -192,19 +206,29 @@ def write_bad_corpus(root: Path) -> dict[str, str]:
     Image.new("L", (18, 16), 90).save(add("grey.png", "grey", "used"))
     Image.new("RGB", (1, 1), (0, 0, 255)).save(add("one-pixel.png", "one pixel", "used"))
     Image.new("RGB", (4000, 2), (0, 128, 0)).save(add("wide.png", "wide", "used"))
-    Image.new("RGB", (16, 16), (30, 30, 30)).save(add("long-caption.png", "a dark square " * 715, "used"))  # 10,010 characters
+    Image.new("RGB", (16, 16), (30, 30, 30)).save(
+        add("long-caption.png", "a dark square " * 715, "used")
+    )  # 10,010 characters
     add("zero-bytes.png", "empty file", "unreadable").write_bytes(b"")
     add("truncated.png", "truncated", "unreadable").write_bytes((root / "red.png").read_bytes()[:100])
     Image.new("RGB", (32, 32), (1, 2, 3)).save(root / "whole.jpg")
     add("truncated.jpg", "truncated", "unreadable").write_bytes((root / "whole.jpg").read_bytes()[:200])
     (root / "whole.jpg").unlink()
     add("text.png", "text", "unreadable").write_text("this is not a picture\n")
-    add(os.fsdecode(b"broken-\xe9.png"), "bad name", "unreadable").write_bytes(b"\x89PNG\r\n\x1a\n")  # a file name not UTF-8
-    bilevel_png(add("bomb.png", "bomb", "unreadable (DecompressionBombWarning"), 10_000, 10_000)  # 1e8 pixels: over the limit
-    bilevel_png(add("big-bomb.png", "bomb", "unreadable (DecompressionBombError"), 20_000, 20_000)  # over twice the limit
+    add(os.fsdecode(b"broken-\xe9.png"), "bad name", "unreadable").write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+    )  # a file name not UTF-8
+    bilevel_png(
+        add("bomb.png", "bomb", "unreadable (DecompressionBombWarning"), 10_000, 10_000
+    )  # 1e8 pixels: over the limit
+    bilevel_png(
+        add("big-bomb.png", "bomb", "unreadable (DecompressionBombError"), 20_000, 20_000
+    )  # over twice the limit
     Image.new("RGB", (16, 16), (250, 250, 0)).save(add("no-caption.png", None, "no caption in column 'text'"))
     Image.new("RGB", (16, 16), (250, 0, 250)).save(add("empty-caption.png", "  ", "no caption in column 'text'"))
-    Image.new("RGB", (16, 16), (0, 250, 250)).save(add("latin1-caption.png", "LATIN1", "caption in column 'text' is not UTF-8"))
+    Image.new("RGB", (16, 16), (0, 250, 250)).save(
+        add("latin1-caption.png", "LATIN1", "caption in column 'text' is not UTF-8")
+    )
     Image.new("RGB", (16, 16), (9, 9, 9)).save(root / "unlisted.png")
     expected["unlisted.png"] = "not listed in a metadata file"
     for name in ("secret.png", "linked.png"):
@@ -246,10 +270,14 @@ def check_corpus_run(output: str, expected: dict[str, str], folder: Path) -> Non
     for name, why in expected.items():
         shown = name.encode("utf-8", "backslashreplace").decode()
         assert (f"\nskipped {shown}: {why}" in output) == (why != "used"), (name, why, output[-3000:])
-    assert f"\n{sum(why != 'used' for why in expected.values())} files skipped (" in output and "Traceback" not in output
+    assert (
+        f"\n{sum(why != 'used' for why in expected.values())} files skipped (" in output and "Traceback" not in output
+    )
     opened = [Path(p) for p in re.findall(r"OPENED (.+)", output)]
     data = Path(os.path.realpath(folder / "data"))
-    assert any(p.parent == data for p in opened) and not [p for p in opened if p.is_relative_to(data.parent / "outside")]
+    assert any(p.parent == data for p in opened) and not [
+        p for p in opened if p.is_relative_to(data.parent / "outside")
+    ]
 
 
 # ---------------------------------------------------------------- the txt2img command and its PNG text

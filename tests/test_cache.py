@@ -1,10 +1,11 @@
 """The latent cache holds what on-the-fly encoding computes, and is rebuilt exactly when its inputs change."""
+
 import random
 
 import torch
-from conftest import randomize_
 from PIL import Image
 
+from conftest import randomize_
 from ldm.cache import LatentCache, build_cache, cache_key
 from ldm.data import ImageCaptionDataset, transform
 from ldm.model import StableDiffusion
@@ -34,7 +35,9 @@ def test_cache_matches_on_the_fly_encoding(tmp_path, tiny_cfg):
             rng = random.Random(seed)
             caption = ["colour 4", "shade 4"][rng.randrange(2)]
             flip = rng.random() < 0.5
-            posterior = model.vae.encode(transform(Image.open(tmp_path / "data" / "4.png").convert("RGB"), 16, True, flip, rng)[None])
+            posterior = model.vae.encode(
+                transform(Image.open(tmp_path / "data" / "4.png").convert("RGB"), 16, True, flip, rng)[None]
+            )
             torch.testing.assert_close(item["mean"], posterior.mean[0])
             torch.testing.assert_close(item["std"], posterior.std[0])
             torch.testing.assert_close(item["context"], model.text_encoder.encode(caption)[0])
@@ -46,7 +49,11 @@ def test_cache_key_follows_encoder_text_resolution_and_data(tmp_path, tiny_cfg):
     model = randomize_(StableDiffusion(tiny_cfg))
     root = make_folder(tmp_path / "data")
     ds = ImageCaptionDataset(root, resolution=16)
-    weights = {model.vae.decoder.conv_out.bias: False, model.vae.encoder.conv_in.bias: True, model.text_encoder.transformer.final_layer_norm.bias: True}
+    weights = {
+        model.vae.decoder.conv_out.bias: False,
+        model.vae.encoder.conv_in.bias: True,
+        model.text_encoder.transformer.final_layer_norm.bias: True,
+    }
     for weight, shapes_the_cache in weights.items():  # the decoder does not shape the latents
         key = cache_key(ds, model.vae, model.text_encoder)
         with torch.no_grad():

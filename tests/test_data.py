@@ -1,4 +1,5 @@
 """Datasets: every source format, image mode conversions, bad and escaping files, and the stream order."""
+
 import json
 import os
 import random
@@ -10,10 +11,10 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from conftest import CAPTION_PROBLEMS, write_bad_corpus
 from PIL import Image
 
 import ldm.data
+from conftest import CAPTION_PROBLEMS, write_bad_corpus
 from ldm.data import DataError, ImageCaptionDataset, StreamSampler, collate, open_rgb, transform
 
 
@@ -26,7 +27,9 @@ def png(path, color=(200, 30, 30), size=(20, 16)):
 def test_metadata_jsonl_in_subfolders_with_caption_lists(tmp_path):
     png(tmp_path / "a.png")
     png(tmp_path / "sub" / "b.png", (10, 200, 10))
-    (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "a.png", "text": ["red one", "a red square"]}) + "\n")
+    (tmp_path / "metadata.jsonl").write_text(
+        json.dumps({"file_name": "a.png", "text": ["red one", "a red square"]}) + "\n"
+    )
     (tmp_path / "sub" / "metadata.jsonl").write_text(json.dumps({"file_name": "b.png", "text": "green"}) + "\n")
     ds = ImageCaptionDataset(tmp_path, resolution=8)
     assert len(ds) == 2 and sorted(map(ds.name, range(2))) == ["a.png", "sub/b.png"]
@@ -81,7 +84,13 @@ def test_image_modes_become_correct_rgb(tmp_path):
     assert np.asarray(open_rgb(tmp_path / "l.png")).tolist() == [[[77] * 3] * 2] * 2
     cmyk = Image.new("CMYK", (2, 2), (0, 255, 255, 0))
     cmyk.save(tmp_path / "c.jpg", quality=100)
-    assert np.abs(np.asarray(open_rgb(tmp_path / "c.jpg")).astype(int) - np.asarray(Image.open(tmp_path / "c.jpg").convert("RGB"))).max() == 0
+    assert (
+        np.abs(
+            np.asarray(open_rgb(tmp_path / "c.jpg")).astype(int)
+            - np.asarray(Image.open(tmp_path / "c.jpg").convert("RGB"))
+        ).max()
+        == 0
+    )
     assert np.asarray(open_rgb(tmp_path / "c.jpg"))[0, 0].tolist()[0] > 200  # red stays red
 
 
@@ -89,7 +98,9 @@ def test_transform_crop_and_flip():
     img = Image.fromarray(np.arange(24 * 12 * 3, dtype=np.uint8).reshape(12, 24, 3) % 251)
     center = transform(img, 12, True, False, random.Random(0))
     assert center.shape == (3, 12, 12)
-    assert torch.equal(center, torch.from_numpy(np.array(img)[:, 6:18]).permute(2, 0, 1).float() / 127.5 - 1)  # no resize needed
+    assert torch.equal(
+        center, torch.from_numpy(np.array(img)[:, 6:18]).permute(2, 0, 1).float() / 127.5 - 1
+    )  # no resize needed
     assert torch.equal(transform(img, 12, True, True, random.Random(0)), center.flip(-1))
     crops = {tuple(transform(img, 12, False, False, random.Random(s))[0, 0, :2].tolist()) for s in range(20)}
     assert len(crops) > 3
@@ -120,7 +131,8 @@ def test_corrupt_files_are_skipped_and_counted(tmp_path):
 @pytest.mark.parametrize("require_captions", [True, False])
 def test_the_bad_input_corpus_is_used_or_skipped_with_its_reason(tmp_path, monkeypatch, require_captions):
     """Every file of the corpus (see conftest.write_bad_corpus) is either used, correctly converted, or skipped with
-    its reason, and nothing outside the folder is opened. Without required captions (the VAE) captionless images are used."""
+    its reason, and nothing outside the folder is opened. Without required captions (the VAE) captionless images are
+    used."""
     expected = write_bad_corpus(tmp_path / "data")
     if not require_captions:
         expected |= dict.fromkeys(CAPTION_PROBLEMS, "used")
@@ -134,18 +146,32 @@ def test_the_bad_input_corpus_is_used_or_skipped_with_its_reason(tmp_path, monke
         outcome |= dict(item["skipped"])
         if not item["skipped"]:
             outcome[ds.name(i)] = "used"
-            assert item["pixels"].shape == (3, 16, 16) and item["pixels"].isfinite().all() and item["pixels"].abs().max() <= 1
+            assert (
+                item["pixels"].shape == (3, 16, 16)
+                and item["pixels"].isfinite().all()
+                and item["pixels"].abs().max() <= 1
+            )
     assert sorted(outcome) == sorted(expected)
-    assert all(outcome[name].startswith(why) for name, why in expected.items()), {n: outcome[n] for n in expected if not outcome[n].startswith(expected[n])}
+    assert all(outcome[name].startswith(why) for name, why in expected.items()), {
+        n: outcome[n] for n in expected if not outcome[n].startswith(expected[n])
+    }
     assert opened and all(str(p).startswith(str(tmp_path / "data")) for p in opened)
 
     by_name = {ds.name(i): i for i in range(len(ds))}
-    assert sorted(ds.captions(by_name["red.png"])) == ["a red picture", "red", "red again"]  # the duplicate's caption joins
-    assert len(ds.captions(by_name["long-caption.png"])[0]) > 10_000 - 2  # kept whole: truncating is the tokenizer's job
+    assert sorted(ds.captions(by_name["red.png"])) == [
+        "a red picture",
+        "red",
+        "red again",
+    ]  # the duplicate's caption joins
+    assert (
+        len(ds.captions(by_name["long-caption.png"])[0]) > 10_000 - 2
+    )  # kept whole: truncating is the tokenizer's job
     pixels = lambda name: ds[(by_name[name], 0)]["pixels"]  # noqa: E731
     assert pixels("cmyk.jpg")[0].mean() > 0.6 and pixels("cmyk.jpg")[1:].mean() < -0.6  # CMYK red stays red
     assert pixels("one-pixel.png").flatten(1).unique(dim=1).tolist() == [[-1.0], [-1.0], [1.0]]  # blue, upscaled
-    assert torch.equal(pixels("wide.png"), pixels("wide.png")[:, :1, :1].expand(3, 16, 16))  # a center crop of one colour
+    assert torch.equal(
+        pixels("wide.png"), pixels("wide.png")[:, :1, :1].expand(3, 16, 16)
+    )  # a center crop of one colour
     assert pixels("palette-alpha.png").max() == 1.0  # transparent pixels on white
 
 
@@ -153,7 +179,12 @@ def test_nothing_outside_the_folder_is_read(tmp_path, monkeypatch):
     root, outside = tmp_path / "data", png(tmp_path / "secret.png")
     png(root / "ok.png")
     (root / "link.png").symlink_to(outside)
-    (root / "metadata.jsonl").write_text("\n".join(json.dumps({"file_name": f, "text": "x"}) for f in ["ok.png", "../secret.png", str(outside), "link.png", "gone.png"]))
+    (root / "metadata.jsonl").write_text(
+        "\n".join(
+            json.dumps({"file_name": f, "text": "x"})
+            for f in ["ok.png", "../secret.png", str(outside), "link.png", "gone.png"]
+        )
+    )
     opened = []
     real_open = Image.open
     monkeypatch.setattr(ldm.data.Image, "open", lambda fp, *a, **k: opened.append(fp) or real_open(fp, *a, **k))
@@ -162,8 +193,12 @@ def test_nothing_outside_the_folder_is_read(tmp_path, monkeypatch):
         ds[(i, 0)]
     assert len(ds) == 1 and opened and all(str(p).startswith(str(root)) for p in opened)
     reasons = dict(ds.skipped)
-    assert reasons == {"../secret.png": "outside the dataset folder", str(outside): "outside the dataset folder",
-                       "link.png": "outside the dataset folder", "gone.png": "file not found"}  # fmt: skip
+    assert reasons == {
+        "../secret.png": "outside the dataset folder",
+        str(outside): "outside the dataset folder",
+        "link.png": "outside the dataset folder",
+        "gone.png": "file not found",
+    }
 
 
 SCAN = """
@@ -196,11 +231,21 @@ def test_fifos_devices_and_folders_named_like_data_files_are_skipped_at_once(tmp
     scans = {}
     for name in "abc":
         start = time.monotonic()
-        out = subprocess.run([sys.executable, "-c", SCAN, str(tmp_path / name)], capture_output=True, text=True, timeout=120)
+        out = subprocess.run(
+            [sys.executable, "-c", SCAN, str(tmp_path / name)], capture_output=True, text=True, timeout=120
+        )
         assert out.returncode == 0 and time.monotonic() - start < 60, out.stderr[-2000:]
         scans[name] = out.stdout.splitlines()
-    assert scans["a"] == ["metadata.jsonl: not a regular file", "fifo.png: not a regular file", "folder.png: not a regular file"]
-    assert scans["b"] == ["metadata.csv: not a regular file", "metadata.jsonl: not a regular file", "sub/metadata.jsonl: not a regular file"]
+    assert scans["a"] == [
+        "metadata.jsonl: not a regular file",
+        "fifo.png: not a regular file",
+        "folder.png: not a regular file",
+    ]
+    assert scans["b"] == [
+        "metadata.csv: not a regular file",
+        "metadata.jsonl: not a regular file",
+        "sub/metadata.jsonl: not a regular file",
+    ]
     assert scans["c"] == ["folder.png: not a regular file", "fifo.png: not a regular file", "gone.png: file not found"]
 
 
@@ -209,14 +254,18 @@ def test_empty_and_missing_datasets_are_clear_errors(tmp_path):
     png(tmp_path / "nocaptions" / "a.png")
     with pytest.raises(DataError, match="cannot load dataset"):
         ImageCaptionDataset(tmp_path / "empty", resolution=8)
-    with pytest.raises(DataError, match=r"no images with captions found in .*nocaptions \(1 skipped, e.g. a.png: no caption"):
+    with pytest.raises(
+        DataError, match=r"no images with captions found in .*nocaptions \(1 skipped, e.g. a.png: no caption"
+    ):
         ImageCaptionDataset(tmp_path / "nocaptions", resolution=8)
 
 
 def hf_dataset(n=4):
     images = [Image.new("RGB", (12, 10), (40 * i, 20, 200)) for i in range(n)]
-    return datasets.Dataset.from_dict({"img": images, "caption": [[f"cap {i}", f"other {i}"] for i in range(n)]},
-                                      features=datasets.Features({"img": datasets.Image(), "caption": datasets.Sequence(datasets.Value("string"))}))  # fmt: skip
+    return datasets.Dataset.from_dict(
+        {"img": images, "caption": [[f"cap {i}", f"other {i}"] for i in range(n)]},
+        features=datasets.Features({"img": datasets.Image(), "caption": datasets.Sequence(datasets.Value("string"))}),
+    )
 
 
 def test_save_to_disk_and_load_dataset_folders(tmp_path):
@@ -243,7 +292,10 @@ def test_corrupt_image_bytes_in_a_dataset_are_skipped(tmp_path):
     ds = ImageCaptionDataset(tmp_path / "bad", resolution=8, image_column="img", caption_column="caption")
     item = ds[(2, 0)]  # the escaping row, then the broken one, then row 1
     assert item["caption"] in ("cap 1", "other 1")
-    assert [(name, "outside" in why or "unreadable" in why) for name, why in item["skipped"]] == [("row 2", True), ("row 0", True)]
+    assert [(name, "outside" in why or "unreadable" in why) for name, why in item["skipped"]] == [
+        ("row 2", True),
+        ("row 0", True),
+    ]
 
 
 def test_stream_is_independent_of_process_count_and_resumes_exactly():

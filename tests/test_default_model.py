@@ -1,4 +1,5 @@
 """The embedded emoji model (ldm/assets/emoji): it ships in the package, loads offline and draws a picture."""
+
 import json
 
 import numpy as np
@@ -18,7 +19,9 @@ def test_default_model_is_small_and_loads_offline():
 def test_default_model_draws_a_non_degenerate_picture():
     pipe = ldm.load_pipeline()
     trajectory = []
-    apple, heart = pipe.txt2img(["a red apple", "a blue heart"], steps=20, seed=0, trajectory=trajectory, progress=False)
+    apple, heart = pipe.txt2img(
+        ["a red apple", "a blue heart"], steps=20, seed=0, trajectory=trajectory, progress=False
+    )
     assert torch.isfinite(trajectory[-1]).all()
     a, b = np.asarray(apple, dtype=np.float32), np.asarray(heart, dtype=np.float32)
     assert a.shape == (32, 32, 3)

@@ -1,4 +1,5 @@
 """The training objective against diffusers' schedulers and training_utils, and torch.distributions."""
+
 import dataclasses
 
 import pytest
@@ -13,14 +14,24 @@ SCHEDULES = [("scaled_linear", False), ("linear", False), ("squaredcos_cap_v2", 
 
 
 def config(schedule="scaled_linear", zero_snr=False, parameterization="eps", learn_sigma=False):
-    cfg = ModelConfig(beta_schedule=schedule, rescale_betas_zero_snr=zero_snr, parameterization=parameterization, learn_sigma=learn_sigma)
+    cfg = ModelConfig(
+        beta_schedule=schedule,
+        rescale_betas_zero_snr=zero_snr,
+        parameterization=parameterization,
+        learn_sigma=learn_sigma,
+    )
     cfg.unet.out_channels = 8 if learn_sigma else 4
     return cfg
 
 
 def reference(cfg):
-    return DDPMScheduler(num_train_timesteps=cfg.timesteps, beta_start=cfg.linear_start, beta_end=cfg.linear_end,
-                         beta_schedule=cfg.beta_schedule, rescale_betas_zero_snr=cfg.rescale_betas_zero_snr)  # fmt: skip
+    return DDPMScheduler(
+        num_train_timesteps=cfg.timesteps,
+        beta_start=cfg.linear_start,
+        beta_end=cfg.linear_end,
+        beta_schedule=cfg.beta_schedule,
+        rescale_betas_zero_snr=cfg.rescale_betas_zero_snr,
+    )
 
 
 def batch(n=64, seed=0):
@@ -53,12 +64,22 @@ def test_min_snr_weights_agree_across_prediction_types(parameterization, gamma):
     t = t.clamp(min=1)
     x_t = ours.q_sample(x0, t, noise)
     out = ours.target(x0, t, noise) + 0.3 * torch.randn(x0.shape, generator=torch.Generator().manual_seed(2))
-    ddim = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type={"eps": "epsilon", "v": "v_prediction", "x0": "sample"}[parameterization], clip_sample=False)
+    ddim = DDIMScheduler(
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        prediction_type={"eps": "epsilon", "v": "v_prediction", "x0": "sample"}[parameterization],
+        clip_sample=False,
+    )
     ddim.set_timesteps(1000)
-    x0_hat = torch.stack([ddim.step(out[i : i + 1], int(t[i]), x_t[i : i + 1]).pred_original_sample[0] for i in range(len(t))])
+    x0_hat = torch.stack(
+        [ddim.step(out[i : i + 1], int(t[i]), x_t[i : i + 1]).pred_original_sample[0] for i in range(len(t))]
+    )
     snr = compute_snr(reference(cfg), t)
     x0_error = ((x0 - x0_hat) ** 2).mean(dim=(1, 2, 3))
-    per_target = {"eps": snr, "v": snr + 1, "x0": torch.ones_like(snr)}[parameterization]  # ||target error||^2 / ||x0 error||^2
+    per_target = {"eps": snr, "v": snr + 1, "x0": torch.ones_like(snr)}[
+        parameterization
+    ]  # ||target error||^2 / ||x0 error||^2
     expected = x0_error * (torch.clamp(snr, max=gamma) if gamma else per_target)
     torch.testing.assert_close(ours.loss(out, x0, x_t, noise, t, min_snr_gamma=gamma), expected, rtol=2e-3, atol=1e-5)
 
@@ -84,16 +105,23 @@ def test_learned_variance_and_mean_match_diffusers_ddpm_step():
         if ti > 0:  # at t = 0 diffusers adds no noise; improved DDPM clips beta~_0 to beta~_1
             torch.testing.assert_close(log_variance[i], ref._get_variance(ti, var_values[i]), rtol=1e-5, atol=1e-5)
         g = torch.Generator().manual_seed(i)
-        step = ref.step(torch.cat([eps[i : i + 1], var_values[i : i + 1]], dim=1), ti, x_t[i : i + 1], generator=g).prev_sample[0]
+        step = ref.step(
+            torch.cat([eps[i : i + 1], var_values[i : i + 1]], dim=1), ti, x_t[i : i + 1], generator=g
+        ).prev_sample[0]
         z = torch.randn(step.shape, generator=torch.Generator().manual_seed(i)) if ti > 0 else 0
-        torch.testing.assert_close(step, mean[i] + (torch.exp(0.5 * log_variance[i]) * z if ti > 0 else 0), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            step, mean[i] + (torch.exp(0.5 * log_variance[i]) * z if ti > 0 else 0), rtol=1e-4, atol=1e-4
+        )
 
 
 def test_kl_and_gaussian_nll_match_torch_distributions():
     g = torch.Generator().manual_seed(5)
     m1, m2, lv1, lv2, x = (torch.randn(100, generator=g) for _ in range(5))
     N = torch.distributions.Normal
-    torch.testing.assert_close(normal_kl(m1, lv1, m2, lv2), torch.distributions.kl_divergence(N(m1, (0.5 * lv1).exp()), N(m2, (0.5 * lv2).exp())))
+    torch.testing.assert_close(
+        normal_kl(m1, lv1, m2, lv2),
+        torch.distributions.kl_divergence(N(m1, (0.5 * lv1).exp()), N(m2, (0.5 * lv2).exp())),
+    )
     torch.testing.assert_close(gaussian_nll(x, m1, lv1), -N(m1, (0.5 * lv1).exp()).log_prob(x))
 
 

@@ -1,4 +1,5 @@
 """Eval metrics on inputs whose answers are worked out by hand, and the eval flow with injected generation."""
+
 import importlib.util
 import json
 import math
@@ -32,7 +33,9 @@ def test_fid_of_two_diagonal_gaussians():
     torch.testing.assert_close(s, torch.diag(torch.tensor([4.0, 1.0], dtype=torch.float64)))
     # ||mu1 - mu2||^2 + sum (sqrt s1 - sqrt s2)^2 = 25 + (2 - 1)^2 + (1 - 2)^2
     assert ev.fid(x, y) == pytest.approx(27.0, abs=1e-9)
-    rotation = torch.tensor([[0.6, -0.8], [0.8, 0.6]], dtype=torch.float64)  # FID does not change under a rotation of both
+    rotation = torch.tensor(
+        [[0.6, -0.8], [0.8, 0.6]], dtype=torch.float64
+    )  # FID does not change under a rotation of both
     assert ev.fid(x @ rotation.T, y @ rotation.T) == pytest.approx(27.0, abs=1e-9)
 
 
@@ -42,13 +45,18 @@ def test_fid_of_non_commuting_covariances():
     s1 = torch.tensor([[4.0, 0.0], [0.0, 1.0]])
     s2 = torch.tensor([[2.0, 1.0], [1.0, 2.0]])
     want = 9 + 5 + 4 - 2 * math.sqrt(10 + 2 * math.sqrt(12))
-    assert ev.fid_from_stats(torch.tensor([1.0, 2.0]), s1, torch.tensor([1.0, 5.0]), s2) == pytest.approx(want, abs=1e-9)
+    assert ev.fid_from_stats(torch.tensor([1.0, 2.0]), s1, torch.tensor([1.0, 5.0]), s2) == pytest.approx(
+        want, abs=1e-9
+    )
 
 
 def test_fid_matches_the_scipy_sqrtm_formula():
     linalg = pytest.importorskip("scipy.linalg")
     g = torch.Generator().manual_seed(1)
-    x, y = torch.randn(40, 16, generator=g, dtype=torch.float64), torch.randn(30, 16, generator=g, dtype=torch.float64) * 1.5 + 0.3
+    x, y = (
+        torch.randn(40, 16, generator=g, dtype=torch.float64),
+        torch.randn(30, 16, generator=g, dtype=torch.float64) * 1.5 + 0.3,
+    )
     mu1, mu2 = x.mean(0).numpy(), y.mean(0).numpy()
     s1, s2 = np.cov(x.numpy(), rowvar=False), np.cov(y.numpy(), rowvar=False)
     covmean = linalg.sqrtm(s1 @ s2).real  # pytorch-fid / the TF FID code
@@ -86,11 +94,25 @@ def test_resize_like_tf_by_hand():
     assert out.shape == (1, 3, 299, 299)
     want = torch.clamp(torch.arange(299, dtype=torch.float64) * 64 / 299, max=63)
     torch.testing.assert_close(out[0, 1, 5], want, rtol=0, atol=1e-9)
-    torch.testing.assert_close(out[0, 2, :, 7], torch.full((299,), 7 * 64 / 299, dtype=torch.float64), rtol=0, atol=1e-9)
+    torch.testing.assert_close(
+        out[0, 2, :, 7], torch.full((299,), 7 * 64 / 299, dtype=torch.float64), rtol=0, atol=1e-9
+    )
 
 
-COLOURS = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
-           (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (170, 110, 40)]  # fmt: skip
+COLOURS = [
+    (230, 25, 75),
+    (60, 180, 75),
+    (255, 225, 25),
+    (0, 130, 200),
+    (245, 130, 48),
+    (145, 30, 180),
+    (70, 240, 240),
+    (240, 50, 230),
+    (210, 245, 60),
+    (250, 190, 212),
+    (0, 128, 128),
+    (170, 110, 40),
+]
 
 
 @pytest.fixture
@@ -116,7 +138,18 @@ def test_evaluate_with_injected_generation(colour_folder, tmp_path):
         return [Image.new("RGB", (16, 16), COLOURS[int(p.split()[-1])]) for p in prompts]
 
     cache = tmp_path / "real.safetensors"
-    report = ev.evaluate(colour_folder, perfect, mean_colour, n=5, seed=3, batch_size=2, kid_subsets=4, save_images=tmp_path / "gen", cache=cache, progress=False)
+    report = ev.evaluate(
+        colour_folder,
+        perfect,
+        mean_colour,
+        n=5,
+        seed=3,
+        batch_size=2,
+        kid_subsets=4,
+        save_images=tmp_path / "gen",
+        cache=cache,
+        progress=False,
+    )
     assert [seed for _, seed in calls] == [3, 5, 7]  # image i of the run has seed 3 + i
     prompts = [p for batch, _ in calls for p in batch]
     assert len(set(prompts)) == 5 and all(p.startswith("colour ") for p in prompts)  # the first caption of each
@@ -126,15 +159,28 @@ def test_evaluate_with_injected_generation(colour_folder, tmp_path):
     assert report["chance_top1"] == pytest.approx(1 / 12) and report["chance_top5"] == pytest.approx(5 / 12)
     assert report["seeds"] == [3, 7] and len(list((tmp_path / "gen").glob("*.png"))) == 5
     assert math.isfinite(report["fid"]) and math.isfinite(report["kid"])
+
     def no_features(images):
         raise AssertionError("the real features must come from the cache")
 
     def features_of_generated_only(images):
         return mean_colour(images) if len(images) == 5 else no_features(images)
 
-    again = ev.evaluate(colour_folder, perfect, features_of_generated_only, n=5, seed=3, batch_size=5, kid_subsets=4, cache=cache, progress=False)
+    again = ev.evaluate(
+        colour_folder,
+        perfect,
+        features_of_generated_only,
+        n=5,
+        seed=3,
+        batch_size=5,
+        kid_subsets=4,
+        cache=cache,
+        progress=False,
+    )
     assert again == report  # same captions and numbers whatever the batch size, real features from the cache
-    Image.new("RGB", (16, 16), COLOURS[0]).save(colour_folder / "00.png", compress_level=0)  # a changed file: recomputed
+    Image.new("RGB", (16, 16), COLOURS[0]).save(
+        colour_folder / "00.png", compress_level=0
+    )  # a changed file: recomputed
     with pytest.raises(AssertionError, match="from the cache"):
         ev.evaluate(colour_folder, perfect, no_features, n=5, seed=3, cache=cache, progress=False)
 
@@ -184,7 +230,6 @@ def test_cli_bad_input(colour_folder, tmp_path, capsys):
 @pytest.fixture
 def tiny_ckpt(tiny_cfg, tmp_path):
     from conftest import randomize_
-
     from ldm.checkpoint import save_single_file
     from ldm.model import StableDiffusion
 
@@ -195,7 +240,17 @@ def tiny_ckpt(tiny_cfg, tmp_path):
 def test_generation_goes_through_txt2img(colour_folder, tiny_ckpt, tmp_path):
     """Image i of the eval is what txt2img makes for caption i alone with seed + i (per-image generators)."""
     generate = ev.pipeline_generate(str(tiny_ckpt), steps=2, scale=3.0, sampler="ddim", size=16)
-    report = ev.evaluate(colour_folder, generate, mean_colour, n=3, seed=5, batch_size=2, kid_subsets=2, save_images=tmp_path / "gen", progress=False)
+    report = ev.evaluate(
+        colour_folder,
+        generate,
+        mean_colour,
+        n=3,
+        seed=5,
+        batch_size=2,
+        kid_subsets=2,
+        save_images=tmp_path / "gen",
+        progress=False,
+    )
     saved = sorted((tmp_path / "gen").glob("*.png"))
     assert [p.name for p in saved] == ["0000_seed5.png", "0001_seed6.png", "0002_seed7.png"]
     for path, row in zip(saved, report["per_caption"]):
@@ -206,7 +261,10 @@ def test_generation_goes_through_txt2img(colour_folder, tiny_ckpt, tmp_path):
 @pytest.mark.parametrize("quantize, dtype", [("int8", "fp32"), (None, "bf16")])
 def test_generation_in_a_fast_mode(tiny_ckpt, quantize, dtype):
     """--quantize int8 (the dynamic-int8 UNet) and --dtype bf16 generate a close, not equal, image."""
-    fp32, fast = (np.asarray(ev.pipeline_generate(str(tiny_ckpt), 2, 3.0, "ddim", 16, q, d)(["a red square"], 0)[0], np.float64) for q, d in ((None, "fp32"), (quantize, dtype)))
+    fp32, fast = (
+        np.asarray(ev.pipeline_generate(str(tiny_ckpt), 2, 3.0, "ddim", 16, q, d)(["a red square"], 0)[0], np.float64)
+        for q, d in ((None, "fp32"), (quantize, dtype))
+    )
     assert 0 < ((fp32 - fast) ** 2).mean() and 10 * np.log10(255**2 / ((fp32 - fast) ** 2).mean()) >= 30
 
 
@@ -217,5 +275,7 @@ def test_cli_end_to_end(colour_folder, tiny_ckpt, tmp_path, capsys):
     assert "note: FID from 3 images (fewer than 2048" in capsys.readouterr().err  # a tiny --n is flagged
     report = json.loads(out.read_text())
     assert report["size"] == 16 and report["n_generated"] == 3 and report["n_real"] == 12
-    assert {"fid", "kid", "kid_std", "top1", "top5"} <= report.keys() and all(math.isfinite(report[k]) for k in ("fid", "kid"))
+    assert {"fid", "kid", "kid_std", "top1", "top5"} <= report.keys() and all(
+        math.isfinite(report[k]) for k in ("fid", "kid")
+    )
     assert 0 <= report["top1"] <= report["top5"] <= 1

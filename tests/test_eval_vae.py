@@ -1,11 +1,12 @@
 """The VAE evaluation's pieces: PSNR and SSIM on hand-checkable cases, the grid layout, rFID's absence said aloud.
 (rFID itself runs in tests/test_train_vae.py, through train_vae.py and python -m ldm.eval_vae.)"""
+
 import numpy as np
 import pytest
 import torch
-from conftest import randomize_
 
 import ldm.eval_vae
+from conftest import randomize_
 from ldm.eval import EvalError
 from ldm.eval_vae import evaluate, psnr, reconstruction_grid, ssim
 from ldm.vae import AutoencoderKL
@@ -37,7 +38,9 @@ def test_grid_puts_each_reconstruction_right_of_its_input():
     level = lambda v: round((v.item() + 1) / 2 * 255)  # noqa: E731
     for i in range(5):
         row, pair = divmod(i, 2)
-        assert grid[row * 4, pair * 12, 0] == level(colours[i]) and grid[row * 4, pair * 12 + 6, 0] == level(-colours[i])
+        assert grid[row * 4, pair * 12, 0] == level(colours[i]) and grid[row * 4, pair * 12 + 6, 0] == level(
+            -colours[i]
+        )
     assert (grid[8:, 12:] == 255).all()
 
 

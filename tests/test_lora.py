@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from conftest import LATENT_ATOL, PROMPT, compvis_original_config, tiny_model
 from diffusers import StableDiffusionPipeline
 from diffusers.loaders import single_file_utils as sfu
 from PIL import Image
 from safetensors.torch import save_file
 
 import txt2img
+from conftest import LATENT_ATOL, PROMPT, compvis_original_config, tiny_model
 from ldm.checkpoint import UNET, CheckpointError, save_diffusers_folder, save_single_file
 from ldm.pipeline import Pipeline
 from ldm.samplers import make_scheduler

@@ -1,10 +1,11 @@
 """VAE losses: key names against torchvision / lpips / taming, the gradient paths, hand-checked formulas."""
+
 import math
 
 import pytest
 import torch
-from conftest import randomize_
 
+from conftest import randomize_
 from ldm.checkpoint import CheckpointError
 from ldm.config import ConfigError, LossConfig
 from ldm.losses import (
@@ -21,8 +22,21 @@ from ldm.vae import AutoencoderKL
 
 # torchvision's vgg16().features: conv layers at these indices (cfg "D": 64,64,M,128,128,M,256x3,M,512x3,M,512x3,M,
 # each conv followed by a ReLU), with these (out, in) channels; the lpips package's heads lin0..4 over relu1_2..relu5_3.
-TORCHVISION_VGG16_CONVS = {0: (64, 3), 2: (64, 64), 5: (128, 64), 7: (128, 128), 10: (256, 128), 12: (256, 256), 14: (256, 256),
-                           17: (512, 256), 19: (512, 512), 21: (512, 512), 24: (512, 512), 26: (512, 512), 28: (512, 512)}  # fmt: skip
+TORCHVISION_VGG16_CONVS = {
+    0: (64, 3),
+    2: (64, 64),
+    5: (128, 64),
+    7: (128, 128),
+    10: (256, 128),
+    12: (256, 256),
+    14: (256, 256),
+    17: (512, 256),
+    19: (512, 512),
+    21: (512, 512),
+    24: (512, 512),
+    26: (512, 512),
+    28: (512, 512),
+}
 LPIPS_HEADS = {0: 64, 1: 128, 2: 256, 3: 512, 4: 512}
 
 
@@ -30,8 +44,8 @@ def expected_lpips_shapes():
     shapes = {}
     for i, (out, inp) in TORCHVISION_VGG16_CONVS.items():
         shapes[f"features.{i}.weight"], shapes[f"features.{i}.bias"] = (out, inp, 3, 3), (out,)
-    for l, c in LPIPS_HEADS.items():
-        shapes[f"lin{l}.model.1.weight"] = (1, c, 1, 1)
+    for tap, c in LPIPS_HEADS.items():
+        shapes[f"lin{tap}.model.1.weight"] = (1, c, 1, 1)
     return shapes
 
 
@@ -140,7 +154,15 @@ def test_patchgan_keys_and_pix2pix_receptive_grid():
     disc = NLayerDiscriminator(3, ndf=4, n_layers=3)
     # taming's NLayerDiscriminator: conv(+bias), lrelu, then [conv(no bias), BatchNorm, lrelu] x 3, conv(+bias)
     bn = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
-    expected = {"main.0.weight", "main.0.bias", "main.2.weight", "main.5.weight", "main.8.weight", "main.11.weight", "main.11.bias"}
+    expected = {
+        "main.0.weight",
+        "main.0.bias",
+        "main.2.weight",
+        "main.5.weight",
+        "main.8.weight",
+        "main.11.weight",
+        "main.11.bias",
+    }
     expected |= {f"main.{i}.{b}" for i in (3, 6, 9) for b in bn}
     assert set(disc.state_dict()) == expected
     # pix2pix's 70x70 PatchGAN maps a 256x256 image to a 30x30 grid of logits

@@ -1,13 +1,14 @@
 """UNet and VAE against diffusers' own models, through diffusers' own single-file converters."""
+
 import warnings
 
 import pytest
 import torch
-from conftest import compvis_original_config, randomize_
 from diffusers import AutoencoderKL as DiffusersVAE
 from diffusers import UNet2DConditionModel
 from diffusers.loaders import single_file_utils as sfu
 
+from conftest import compvis_original_config, randomize_
 from ldm.unet import UNetModel
 from ldm.vae import AutoencoderKL
 
@@ -17,7 +18,9 @@ def diffusers_unet(cfg, unet: UNetModel) -> UNet2DConditionModel:
     checkpoint = {"model.diffusion_model." + k: v for k, v in unet.state_dict().items()}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        config = sfu.create_unet_diffusers_config_from_ldm(compvis_original_config(cfg), checkpoint, image_size=cfg.vae.resolution)
+        config = sfu.create_unet_diffusers_config_from_ldm(
+            compvis_original_config(cfg), checkpoint, image_size=cfg.vae.resolution
+        )
     config["norm_num_groups"] = cfg.unet.num_groups  # CompVis hard-codes 32; our tiny config does not
     ref = UNet2DConditionModel(**config)
     ref.load_state_dict(sfu.convert_ldm_unet_checkpoint(checkpoint, config), strict=True)
@@ -28,7 +31,9 @@ def diffusers_vae(cfg, vae: AutoencoderKL) -> DiffusersVAE:
     checkpoint = {"first_stage_model." + k: v for k, v in vae.state_dict().items()}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        config = sfu.create_vae_diffusers_config_from_ldm(compvis_original_config(cfg), checkpoint, image_size=cfg.vae.resolution)
+        config = sfu.create_vae_diffusers_config_from_ldm(
+            compvis_original_config(cfg), checkpoint, image_size=cfg.vae.resolution
+        )
     config["norm_num_groups"] = cfg.vae.num_groups
     ref = DiffusersVAE(**config)
     ref.load_state_dict(sfu.convert_ldm_vae_checkpoint(checkpoint, config), strict=True)

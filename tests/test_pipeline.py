@@ -4,6 +4,7 @@ Our tiny model is exported with save_diffusers_folder and loaded by diffusers.St
 sides get the same prompt, seeds and scheduler (diffusers' own, built by ldm.samplers.make_scheduler) and
 must give the same images (mean |difference| <= 1/255) and the same final latents (max |difference| <= 1e-4).
 """
+
 import contextlib
 import copy
 from pathlib import Path
@@ -11,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import LATENT_ATOL, PROMPT, STEPS, assert_same, diffusers_run, ours_run, pixels, randomize_, tiny_model
 from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline, StableDiffusionPipeline
 from PIL import Image
 
+from conftest import LATENT_ATOL, PROMPT, STEPS, assert_same, diffusers_run, ours_run, pixels, randomize_, tiny_model
 from ldm.checkpoint import save_diffusers_folder
 from ldm.model import StableDiffusion
 from ldm.pipeline import InputError, Pipeline, estimate_memory
@@ -30,8 +31,11 @@ def models(tmp_path_factory):
         folder = tmp_path_factory.mktemp(f"unet{channels}")
         save_diffusers_folder(model, folder)
         base = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
-        refs = {"txt2img": base, "img2img": StableDiffusionImg2ImgPipeline(**base.components),
-                "inpaint": StableDiffusionInpaintPipeline(**base.components)}  # fmt: skip
+        refs = {
+            "txt2img": base,
+            "img2img": StableDiffusionImg2ImgPipeline(**base.components),
+            "inpaint": StableDiffusionInpaintPipeline(**base.components),
+        }
         for ref in refs.values():
             ref.set_progress_bar_config(disable=True)
         out[channels] = (Pipeline(model), refs)
@@ -66,12 +70,15 @@ def test_negative_prompt_and_guidance_rescale_match_diffusers(models):
     pipe, refs = models[4]
     refs["txt2img"].scheduler = make_scheduler("ddim", pipe.cfg)
     ours, trajectory = ours_run(pipe, seed=5, n=1, negative_prompt="blurry, dark", scale=9.0, guidance_rescale=0.7)
-    theirs, latents = diffusers_run(refs["txt2img"], seed=5, n=1, negative_prompt="blurry, dark", guidance_scale=9.0, guidance_rescale=0.7)
+    theirs, latents = diffusers_run(
+        refs["txt2img"], seed=5, n=1, negative_prompt="blurry, dark", guidance_scale=9.0, guidance_rescale=0.7
+    )
     assert_same(ours, theirs, trajectory[-1], latents)
 
 
 def test_the_prompt_matters(models):
-    """The parity tests mean something: the prompt, negative prompt and scale move the latents far beyond their tolerance."""
+    """The parity tests mean something: the prompt, negative prompt and scale move the latents far beyond their
+    tolerance."""
     pipe, _ = models[4]
     base = ours_run(pipe, seed=3, n=1)[1][-1]
     for change in [{"negative_prompt": "blurry"}, {"scale": 1.0}, {"scale": -6.5}]:
@@ -85,20 +92,28 @@ def test_the_prompt_matters(models):
 def test_img2img_matches_diffusers(models, init_image, sampler):
     pipe, refs = models[4]
     refs["img2img"].scheduler = make_scheduler(sampler, pipe.cfg)
-    ours, trajectory = ours_run(pipe, seed=11, n=2, mode="img2img", init_image=init_image, strength=0.6, sampler=sampler)
+    ours, trajectory = ours_run(
+        pipe, seed=11, n=2, mode="img2img", init_image=init_image, strength=0.6, sampler=sampler
+    )
     theirs, latents = diffusers_run(refs["img2img"], seed=11, n=2, image=init_image, strength=0.6)
     assert_same(ours, theirs, trajectory[-1], latents)
 
 
-@pytest.mark.parametrize("sampler, strength", [(s, 1.0) for s in SAMPLERS] + [("ddim", 0.7), ("euler_a", 0.7), ("dpmpp_2m_karras", 0.7)])
+@pytest.mark.parametrize(
+    "sampler, strength", [(s, 1.0) for s in SAMPLERS] + [("ddim", 0.7), ("euler_a", 0.7), ("dpmpp_2m_karras", 0.7)]
+)
 def test_inpainting_model_matches_diffusers(models, init_image, mask, sampler, strength):
     """9-channel UNet. One image per call: diffusers draws the masked-image latent of every image of a batch from
     the first generator, where we draw image i's from its own (so image k of a batch can be made alone).
     (strength < 1 runs through the same add_noise / begin-index code as img2img, tested there for every sampler.)"""
     pipe, refs = models[9]
     refs["inpaint"].scheduler = make_scheduler(sampler, pipe.cfg)
-    ours, trajectory = ours_run(pipe, seed=2, n=1, mode="inpaint", init_image=init_image, mask=mask, strength=strength, sampler=sampler)
-    theirs, latents = diffusers_run(refs["inpaint"], seed=2, n=1, image=init_image, mask_image=mask, strength=strength, height=16, width=16)
+    ours, trajectory = ours_run(
+        pipe, seed=2, n=1, mode="inpaint", init_image=init_image, mask=mask, strength=strength, sampler=sampler
+    )
+    theirs, latents = diffusers_run(
+        refs["inpaint"], seed=2, n=1, image=init_image, mask_image=mask, strength=strength, height=16, width=16
+    )
     repainted = np.asarray(mask) > 0  # diffusers does not paste the unmasked pixels back; we do
     assert_same(ours, theirs, trajectory[-1], latents, region=repainted)
     assert np.array_equal(pixels(ours)[0][~repainted], np.asarray(init_image, dtype=np.float64)[~repainted])
@@ -110,8 +125,12 @@ def test_latent_blending_inpainting_matches_diffusers(models, init_image, mask, 
     masked-image latent the 4-channel UNet never uses, which shifts its generators for stochastic samplers)."""
     pipe, refs = models[4]
     refs["inpaint"].scheduler = make_scheduler(sampler, pipe.cfg)
-    ours, trajectory = ours_run(pipe, seed=2, n=1, mode="inpaint", init_image=init_image, mask=mask, strength=0.8, sampler=sampler)
-    theirs, latents = diffusers_run(refs["inpaint"], seed=2, n=1, image=init_image, mask_image=mask, strength=0.8, height=16, width=16)
+    ours, trajectory = ours_run(
+        pipe, seed=2, n=1, mode="inpaint", init_image=init_image, mask=mask, strength=0.8, sampler=sampler
+    )
+    theirs, latents = diffusers_run(
+        refs["inpaint"], seed=2, n=1, image=init_image, mask_image=mask, strength=0.8, height=16, width=16
+    )
     assert_same(ours, theirs, trajectory[-1], latents, region=np.asarray(mask) > 0)
 
 
@@ -127,7 +146,9 @@ def test_image_k_of_a_batch_is_the_same_seed_alone(models, init_image, mask, mod
     batch, batch_trajectory = ours_run(pipe, seed=20, n=4, mode=call, steps=3, **kwargs)
     alone, alone_trajectory = ours_run(pipe, seed=22, n=1, mode=call, steps=3, **kwargs)
     assert torch.equal(batch_trajectory[0][2], alone_trajectory[0][0])
-    assert (batch_trajectory[-1][2] - alone_trajectory[-1][0]).abs().max() <= 1e-3  # ~1e-7 per UNet call, amplified by the steps
+    assert (
+        batch_trajectory[-1][2] - alone_trajectory[-1][0]
+    ).abs().max() <= 1e-3  # ~1e-7 per UNet call, amplified by the steps
     difference = np.abs(pixels(batch)[2] - pixels(alone)[0])
     assert difference.max() <= 1 and difference.mean() <= 0.01
     assert np.abs(pixels(batch)[1] - pixels(batch)[2]).mean() > 1  # other seeds, other images
@@ -143,7 +164,14 @@ def test_soft_mask_blends(models, init_image, channels):
     pipe = models[channels][0]
     ramp = np.tile(np.linspace(0, 255, 16).round().astype(np.uint8), (16, 1))
     soft = pipe.inpaint(PROMPT, init_image, Image.fromarray(ramp), steps=STEPS, seed=1, progress=False)[0]
-    hard = pipe.inpaint(PROMPT, init_image, Image.fromarray(np.where(ramp >= 128, 255, 0).astype(np.uint8)), steps=STEPS, seed=1, progress=False)[0]
+    hard = pipe.inpaint(
+        PROMPT,
+        init_image,
+        Image.fromarray(np.where(ramp >= 128, 255, 0).astype(np.uint8)),
+        steps=STEPS,
+        seed=1,
+        progress=False,
+    )[0]
     moved = np.abs(pixels([soft])[0] - np.asarray(init_image, dtype=np.float64)).mean(axis=(0, 2))  # per column
     assert moved[0] == 0 and moved[-1] > 10
     assert 0.1 * moved[-1] < moved[5:11].mean() < 0.9 * moved[-1]
@@ -190,7 +218,9 @@ def test_vae_slicing_and_tiling(tiny_cfg):
     calls = []
     pipe.vae.decoder.register_forward_hook(lambda module, args, out: calls.append(tuple(args[0].shape)))
     g = torch.Generator().manual_seed(0)
-    smooth = torch.nn.functional.interpolate(torch.rand(1, 3, 8, 8, generator=g) * 2 - 1, size=(64, 64), mode="bilinear")
+    smooth = torch.nn.functional.interpolate(
+        torch.rand(1, 3, 8, 8, generator=g) * 2 - 1, size=(64, 64), mode="bilinear"
+    )
     z = pipe.vae.encode(smooth).mode() * pipe.cfg.scale_factor  # (1, 4, 32, 32): the latent of a real-looking image
     with torch.no_grad():
         plain = (pipe.vae.decode(z / pipe.cfg.scale_factor) / 2 + 0.5).clamp(0, 1)
@@ -222,7 +252,11 @@ def test_an_overflowing_half_precision_vae_decode_is_redone_in_fp32(tiny_cfg, pr
     reference = full.decode(latents)
     assert reference.isfinite().all()
     if precision == "fp16":
-        pipe, latents, context = Pipeline(copy.deepcopy(model).half(), vae_tile=vae_tile, vae_tile_overlap=2), latents.half(), contextlib.nullcontext()
+        pipe, latents, context = (
+            Pipeline(copy.deepcopy(model).half(), vae_tile=vae_tile, vae_tile_overlap=2),
+            latents.half(),
+            contextlib.nullcontext(),
+        )
     else:
         pipe, context = full, torch.autocast("cpu", dtype=torch.float16)
     with context, torch.no_grad():
@@ -234,7 +268,8 @@ def test_an_overflowing_half_precision_vae_decode_is_redone_in_fp32(tiny_cfg, pr
 
 
 def test_repeated_prompts_are_encoded_once(models):
-    """The text-encoder states of recent prompts are cached: the negative prompt and a repeated prompt cost no encoding."""
+    """The text-encoder states of recent prompts are cached: the negative prompt and a repeated prompt cost no
+    encoding."""
     pipe = Pipeline(models[4][0].model)
     batches = []
     handle = pipe.text_encoder.register_forward_hook(lambda module, args, out: batches.append(len(args[0])))

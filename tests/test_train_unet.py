@@ -3,6 +3,7 @@
 Every run is a subprocess (one process, or two over gloo with `accelerate launch --multi_gpu`, which on a
 machine without GPUs runs DDP on the CPU); the bad-input checks call the script's main() in this process.
 """
+
 import errno
 import hashlib
 import json
@@ -17,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, WATCH_OPENS, check_corpus_run, run_in_process, write_bad_corpus
 from diffusers import DDIMScheduler
 from PIL import Image
 from safetensors.torch import load_file
@@ -25,6 +25,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import ldm.checkpoint
 import train_unet
+from conftest import ROOT, WATCH_OPENS, check_corpus_run, run_in_process, write_bad_corpus
 from ldm import DEFAULT_MODEL
 from ldm.checkpoint import load_model, save_single_file
 from ldm.config import load_config
@@ -33,7 +34,12 @@ from ldm.data import ImageCaptionDataset
 from ldm.model import StableDiffusion
 
 CONFIG = ROOT / "configs" / "train-unet-tiny.yaml"
-ENV = os.environ | {"OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}  # runs compared on one device kind
+ENV = os.environ | {
+    "OMP_WAIT_POLICY": "PASSIVE",
+    "HF_HUB_OFFLINE": "1",
+    "OMP_NUM_THREADS": "1",
+    "CUDA_VISIBLE_DEVICES": "",
+}  # runs compared on one device kind
 COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (40, 60, 220), "yellow": (230, 210, 40)}
 
 
@@ -62,13 +68,36 @@ def colours(tmp_path_factory):
 
 def command(*args, processes=1):
     """The command line of a run, without a tracker unless args name one."""
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"] if processes > 1 else [sys.executable]  # fmt: skip
+    launch = (
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            str(processes),
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+        ]
+        if processes > 1
+        else [sys.executable]
+    )
     return launch + [str(ROOT / "train_unet.py"), "--config", str(CONFIG), "tracker=none", *map(str, args)]
 
 
 def start(*args, processes=1):
-    return subprocess.Popen(command(*args, processes=processes), cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        command(*args, processes=processes),
+        cwd=ROOT,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def finish(proc, expect=0) -> str:
@@ -109,8 +138,19 @@ def metrics(run_dir):
 def test_resume_after_sigterm_and_a_sigkill_mid_write_is_exact(tmp_path, colours):
     """Uninterrupted vs. stopped by SIGTERM, resumed, killed with SIGKILL while writing a checkpoint, resumed:
     the same weights and EMA at the last step, bit for bit. Eps prediction, images encoded on the fly."""
-    common = [f"data.path={colours}", "max_steps=8", "save_every=1", "keep_last=2", "batch_size=4", "log_every=1",
-              "deterministic=true", "ema.decay=0.9", "min_snr_gamma=5", "optim.lr_scheduler=cosine", "optim.warmup_steps=2"]  # fmt: skip
+    common = [
+        f"data.path={colours}",
+        "max_steps=8",
+        "save_every=1",
+        "keep_last=2",
+        "batch_size=4",
+        "log_every=1",
+        "deterministic=true",
+        "ema.decay=0.9",
+        "min_snr_gamma=5",
+        "optim.lr_scheduler=cosine",
+        "optim.warmup_steps=2",
+    ]
     straight = start(*common, f"output_dir={tmp_path / 'straight'}")
     run_dir = tmp_path / "interrupted"
     checkpoints = run_dir / "checkpoints"
@@ -144,15 +184,25 @@ def test_resume_after_sigterm_and_a_sigkill_mid_write_is_exact(tmp_path, colours
 
 def start_in_terminal(*args, log: Path):
     """A run as from a terminal, in a process group of its own which a Ctrl-C signals whole (DataLoader workers too)."""
-    return subprocess.Popen(command(*args), cwd=ROOT, env=ENV, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(
+        command(*args), cwd=ROOT, env=ENV, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True
+    )
 
 
 def test_ctrl_c_saves_and_resume_is_exact_and_a_second_ctrl_c_exits_at_once(tmp_path, colours):
     """Ctrl-C (SIGINT to the run's process group, its 2 DataLoader workers included, which ignore it): the run
     finishes its step, saves a checkpoint and exits 0; --resume latest then reaches an uninterrupted run's weights
     and EMA bit for bit. A second Ctrl-C ends the process at once (here during a slow validation)."""
-    common = [f"data.path={colours}", "max_steps=6", "save_every=100", "batch_size=4", "log_every=1", "deterministic=true",
-              "ema.decay=0.9", "data.num_workers=2"]  # fmt: skip
+    common = [
+        f"data.path={colours}",
+        "max_steps=6",
+        "save_every=100",
+        "batch_size=4",
+        "log_every=1",
+        "deterministic=true",
+        "ema.decay=0.9",
+        "data.num_workers=2",
+    ]
     straight = start(*common, f"output_dir={tmp_path / 'straight'}")
     run_dir, log = tmp_path / "interrupted", tmp_path / "interrupted.log"
     proc = start_in_terminal(*common, f"output_dir={run_dir}", log=log)
@@ -162,7 +212,9 @@ def test_ctrl_c_saves_and_resume_is_exact_and_a_second_ctrl_c_exits_at_once(tmp_
     out = log.read_text()
     stopped = int(next(p.name[5:] for p in (run_dir / "checkpoints").iterdir()))
     assert "Ctrl-C: stopping after this step with a checkpoint" in out and "Traceback" not in out
-    assert f"Ctrl-C (SIGINT): stopped at step {stopped} after saving; continue with --resume latest" in out and stopped < 6
+    assert (
+        f"Ctrl-C (SIGINT): stopped at step {stopped} after saving; continue with --resume latest" in out and stopped < 6
+    )
     assert not (run_dir / "model.safetensors").exists()
 
     out = run(*common, f"output_dir={run_dir}", "--resume", "latest")
@@ -172,8 +224,16 @@ def test_ctrl_c_saves_and_resume_is_exact_and_a_second_ctrl_c_exits_at_once(tmp_
     assert_same(load_file(run_dir / "model.safetensors"), load_file(tmp_path / "straight" / "model.safetensors"))
 
     run_dir, log = tmp_path / "twice", tmp_path / "twice.log"
-    proc = start_in_terminal(f"data.path={colours}", "batch_size=2", "log_every=1", "validation.every=1", "validation.steps=1000",
-                             "validation.prompts=[red]", f"output_dir={run_dir}", log=log)  # fmt: skip
+    proc = start_in_terminal(
+        f"data.path={colours}",
+        "batch_size=2",
+        "log_every=1",
+        "validation.every=1",
+        "validation.steps=1000",
+        "validation.prompts=[red]",
+        f"output_dir={run_dir}",
+        log=log,
+    )
     wait_for((run_dir / "metrics.jsonl").exists, proc, interval=0.01)  # step 1 is logged: its validation runs
     os.killpg(proc.pid, signal.SIGINT)
     wait_for(lambda: "Ctrl-C: stopping" in log.read_text(), proc, interval=0.01)
@@ -187,14 +247,26 @@ def test_two_processes_match_one_with_twice_the_batch(tmp_path, colours):
     """DDP over gloo, batch 4 per process, against one process with batch 8; v prediction from the latent cache,
     which the first run builds and the second reuses (with gradient checkpointing, which changes no number).
     Only the main process writes checkpoints and logs."""
-    common = [f"data.path={colours}", "--cache-latents", f"cache_dir={tmp_path / 'cache'}", "model.parameterization=v",
-              "max_steps=3", "save_every=2", "log_every=1", "data.random_flip=true"]  # fmt: skip
+    common = [
+        f"data.path={colours}",
+        "--cache-latents",
+        f"cache_dir={tmp_path / 'cache'}",
+        "model.parameterization=v",
+        "max_steps=3",
+        "save_every=2",
+        "log_every=1",
+        "data.random_flip=true",
+    ]
     one = run(*common, "batch_size=8", f"output_dir={tmp_path / 'one'}")
     assert "encoding 33 images into the latent cache" in one
     two = run(*common, "batch_size=4", "model.unet.use_checkpoint=true", f"output_dir={tmp_path / 'two'}", processes=2)
     assert "encoding" not in two and two.count("saved checkpoint") == 2
     assert_same(unet_weights(tmp_path / "two", 3), unet_weights(tmp_path / "one", 3), exact=False)
-    assert_same(load_file(tmp_path / "two" / "model.safetensors"), load_file(tmp_path / "one" / "model.safetensors"), exact=False)
+    assert_same(
+        load_file(tmp_path / "two" / "model.safetensors"),
+        load_file(tmp_path / "one" / "model.safetensors"),
+        exact=False,
+    )
     assert [m["step"] for m in metrics(tmp_path / "two")] == [1, 2, 3]
     for a, b in zip(metrics(tmp_path / "two"), metrics(tmp_path / "one")):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
@@ -209,10 +281,25 @@ def test_x0_with_learned_sigma_from_a_checkpoint(tmp_path, colours, tiny_cfg):
     torch.manual_seed(0)
     init = StableDiffusion(tiny_cfg)
     save_single_file(init, tmp_path / "init.safetensors")
-    run(f"data.path={colours}", f"init_from={tmp_path / 'init.safetensors'}", "reinit_unet=true", "--learn-sigma",
-        "model.parameterization=x0", "offset_noise=0.1", "grad_accum=2", "max_steps=2", "batch_size=2", "log_every=1",
-        "validation.every=1", "validation.steps=2", "validation.sampler=ddpm", "validation.prompts=[red,blue]",
-        "mixed_precision=fp16", "tracker=tensorboard", f"output_dir={tmp_path / 'run'}")  # fmt: skip
+    run(
+        f"data.path={colours}",
+        f"init_from={tmp_path / 'init.safetensors'}",
+        "reinit_unet=true",
+        "--learn-sigma",
+        "model.parameterization=x0",
+        "offset_noise=0.1",
+        "grad_accum=2",
+        "max_steps=2",
+        "batch_size=2",
+        "log_every=1",
+        "validation.every=1",
+        "validation.steps=2",
+        "validation.sampler=ddpm",
+        "validation.prompts=[red,blue]",
+        "mixed_precision=fp16",
+        "tracker=tensorboard",
+        f"output_dir={tmp_path / 'run'}",
+    )
     model = load_model(tmp_path / "run" / "model.safetensors")
     assert model.cfg.learn_sigma and model.cfg.unet.out_channels == 8 and model.cfg.parameterization == "x0"
     assert_same(model.vae.state_dict(), init.vae.state_dict())  # frozen
@@ -225,10 +312,20 @@ def test_x0_with_learned_sigma_from_a_checkpoint(tmp_path, colours, tiny_cfg):
 
 def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path, colours):
     """lr 1e30 makes the weights infinite after step 1: later gradients are NaN, skipped, and the run gives up."""
-    proc = start(f"data.path={colours}", "optim.lr=1e30", "optim.warmup_steps=0", "max_nan_skips=1", "max_steps=5", "batch_size=2",
-                 f"output_dir={tmp_path / 'run'}")  # fmt: skip
+    proc = start(
+        f"data.path={colours}",
+        "optim.lr=1e30",
+        "optim.warmup_steps=0",
+        "max_nan_skips=1",
+        "max_steps=5",
+        "batch_size=2",
+        f"output_dir={tmp_path / 'run'}",
+    )
     out = finish(proc, expect=1)
-    assert "error: non-finite gradients for 2 steps in a row at step 3" in out and not (tmp_path / "run" / "model.safetensors").exists()
+    assert (
+        "error: non-finite gradients for 2 steps in a row at step 3" in out
+        and not (tmp_path / "run" / "model.safetensors").exists()
+    )
     assert (tmp_path / "run" / "checkpoints" / "step-000003" / "state").is_dir()  # the last good state, resumable
 
 
@@ -236,16 +333,34 @@ def test_the_bad_input_corpus_is_skipped_named_and_summed_up(tmp_path):
     """Every file of conftest.write_bad_corpus is drawn (3 steps of 8 > 18 items) and used or skipped with its reason in
     the end-of-run summary; nothing outside the folder is opened; the 10,000-character caption warns once, briefly."""
     expected = write_bad_corpus(tmp_path / "data")
-    args = [f"data.path={tmp_path / 'data'}", "max_steps=3", "batch_size=8", "caption_dropout=0", f"output_dir={tmp_path / 'run'}"]
-    out = finish(subprocess.Popen([sys.executable, "-c", WATCH_OPENS, str(tmp_path)] + command(*args)[1:], cwd=ROOT, env=ENV,
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))  # fmt: skip
+    args = [
+        f"data.path={tmp_path / 'data'}",
+        "max_steps=3",
+        "batch_size=8",
+        "caption_dropout=0",
+        f"output_dir={tmp_path / 'run'}",
+    ]
+    out = finish(
+        subprocess.Popen(
+            [sys.executable, "-c", WATCH_OPENS, str(tmp_path)] + command(*args)[1:],
+            cwd=ROOT,
+            env=ENV,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+    )
     check_corpus_run(out, expected, tmp_path)
     warned = [line for line in out.splitlines() if "truncated because CLIP" in line]
     assert len(warned) == 1 and len(warned[0]) < 400 and (tmp_path / "run" / "model.safetensors").exists()
 
 
 def folder_digest(folder):
-    return {p.relative_to(folder): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(folder): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.mark.parametrize("writer", ["safetensors", "torch.save"])
@@ -255,7 +370,16 @@ def test_disk_full_while_writing_a_checkpoint(tmp_path, colours, monkeypatch, ca
     RuntimeError while the disk has no space left. The partial folder goes, step 2 stays intact and resumable,
     and the error is one line naming it."""
     run_dir, checkpoints = tmp_path / "run", tmp_path / "run" / "checkpoints"
-    argv = ["--config", str(CONFIG), f"data.path={colours}", "max_steps=4", "save_every=2", "batch_size=2", "tracker=none", f"output_dir={run_dir}"]
+    argv = [
+        "--config",
+        str(CONFIG),
+        f"data.path={colours}",
+        "max_steps=4",
+        "save_every=2",
+        "batch_size=2",
+        "tracker=none",
+        f"output_dir={run_dir}",
+    ]
     before = {}
 
     def fill_the_disk(path):
@@ -268,17 +392,27 @@ def test_disk_full_while_writing_a_checkpoint(tmp_path, colours, monkeypatch, ca
 
     module, name = (ldm.checkpoint, "save_file") if writer == "safetensors" else (torch, "save")
     real = getattr(module, name)
-    monkeypatch.setattr(module, name, lambda obj, path, *a, **k: fill_the_disk(path) if "step-000004.tmp" in str(path) else real(obj, path, *a, **k))
+    monkeypatch.setattr(
+        module,
+        name,
+        lambda obj, path, *a, **k: fill_the_disk(path) if "step-000004.tmp" in str(path) else real(obj, path, *a, **k),
+    )
     assert run_in_process(train_unet, argv) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err == f"error: the disk is full while writing checkpoint step-000004: the previous checkpoint {checkpoints / 'step-000002'} is intact (--resume latest continues from it)"
+    assert err == (
+        "error: the disk is full while writing checkpoint step-000004: "
+        f"the previous checkpoint {checkpoints / 'step-000002'} is intact (--resume latest continues from it)"
+    )
     assert [p.name for p in checkpoints.iterdir()] == ["step-000002"] and not (run_dir / "model.safetensors").exists()
     assert before and folder_digest(checkpoints / "step-000002") == before
 
     monkeypatch.undo()
     assert run_in_process(train_unet, argv + ["--resume", "latest"]) == 0
     assert f"resumed from {checkpoints / 'step-000002'} at step 2" in capsys.readouterr().out
-    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-000002", "step-000004"] and (run_dir / "model.safetensors").exists()
+    assert (
+        sorted(p.name for p in checkpoints.iterdir()) == ["step-000002", "step-000004"]
+        and (run_dir / "model.safetensors").exists()
+    )
 
 
 def test_disk_full_while_writing_the_final_model(tmp_path, colours, monkeypatch, capsys):
@@ -292,11 +426,24 @@ def test_disk_full_while_writing_the_final_model(tmp_path, colours, monkeypatch,
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(ldm.checkpoint, "save_file", save_file)
-    argv = ["--config", str(CONFIG), f"data.path={colours}", "max_steps=2", "batch_size=2", "tracker=none", f"output_dir={run_dir}"]
+    argv = [
+        "--config",
+        str(CONFIG),
+        f"data.path={colours}",
+        "max_steps=2",
+        "batch_size=2",
+        "tracker=none",
+        f"output_dir={run_dir}",
+    ]
     assert run_in_process(train_unet, argv) == 2
     last = run_dir / "checkpoints" / "step-000002" / "model.safetensors"
-    assert capsys.readouterr().err.strip().splitlines()[-1] == f"error: the disk is full while writing {run_dir / 'model.safetensors'}: {last} is the same model"
-    assert not [p for p in run_dir.iterdir() if "model.safetensors" in p.name] and load_model(last)  # no partial file left
+    assert (
+        capsys.readouterr().err.strip().splitlines()[-1]
+        == f"error: the disk is full while writing {run_dir / 'model.safetensors'}: {last} is the same model"
+    )
+    assert not [p for p in run_dir.iterdir() if "model.safetensors" in p.name] and load_model(
+        last
+    )  # no partial file left
 
 
 @pytest.mark.compile
@@ -307,15 +454,22 @@ def test_compiled_unet_trains_as_the_eager_one(tmp_path, colours):
     run(*common, f"output_dir={tmp_path / 'eager'}")
     finish(compiled)
     for a, b in zip(metrics(tmp_path / "compiled"), metrics(tmp_path / "eager")):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-3)
-    eager, compiled = load_file(tmp_path / "eager" / "model.safetensors"), load_file(tmp_path / "compiled" / "model.safetensors")
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4) and a["grad_norm"] == pytest.approx(
+            b["grad_norm"], rel=1e-3
+        )
+    eager, compiled = (
+        load_file(tmp_path / "eager" / "model.safetensors"),
+        load_file(tmp_path / "compiled" / "model.safetensors"),
+    )
     for k in eager:
         torch.testing.assert_close(compiled[k], eager[k], rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["train-unet-tiny.yaml", "train-unet-sd-v1.yaml", "finetune-emoji.yaml"])
 def test_shipped_configs_are_valid(name):
-    cfg, _ = train_unet.load_train_config(train_unet.parse_args(["--config", str(ROOT / "configs" / name), "init_from=''"]))
+    cfg, _ = train_unet.load_train_config(
+        train_unet.parse_args(["--config", str(ROOT / "configs" / name), "init_from=''"])
+    )
     assert cfg.max_steps >= 1 and cfg.data.resolution % 2 ** (len(cfg.model.vae.ch_mult) - 1) == 0
     if name != "train-unet-sd-v1.yaml":  # a first run shows what it learns
         assert 1 <= cfg.validation.every <= cfg.max_steps
@@ -325,15 +479,34 @@ def test_the_fine_tune_config_starts_from_the_embedded_model(tmp_path, colours):
     """configs/finetune-emoji.yaml as the README runs it, for 2 steps: the embedded model's VAE and text encoder stay,
     its UNet moves, and the validation image comes from the fine-tuned model."""
     config = ROOT / "configs" / "finetune-emoji.yaml"
-    out = finish(subprocess.Popen([sys.executable, str(ROOT / "train_unet.py"), "--config", str(config), f"data.path={colours}",
-                                   "max_steps=2", "validation.every=2", "validation.steps=2", f"cache_dir={tmp_path / 'cache'}",
-                                   f"output_dir={tmp_path / 'run'}"], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, text=True))  # fmt: skip
+    out = finish(
+        subprocess.Popen(
+            [
+                sys.executable,
+                str(ROOT / "train_unet.py"),
+                "--config",
+                str(config),
+                f"data.path={colours}",
+                "max_steps=2",
+                "validation.every=2",
+                "validation.steps=2",
+                f"cache_dir={tmp_path / 'cache'}",
+                f"output_dir={tmp_path / 'run'}",
+            ],
+            cwd=ROOT,
+            env=ENV,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+    )
     embedded, tuned = load_model(DEFAULT_MODEL), load_model(tmp_path / "run" / "model.safetensors")
     assert tuned.cfg == embedded.cfg and "wrote" in out
     assert_same(tuned.vae.state_dict(), embedded.vae.state_dict())
     assert_same(tuned.text_encoder.state_dict(), embedded.text_encoder.state_dict())
-    assert not all(torch.equal(a, b) for a, b in zip(tuned.unet.state_dict().values(), embedded.unet.state_dict().values()))
+    assert not all(
+        torch.equal(a, b) for a, b in zip(tuned.unet.state_dict().values(), embedded.unet.state_dict().values())
+    )
     assert Image.open(tmp_path / "run" / "validation" / "step-000002.png").size == (4 * 32, 32)
 
 
@@ -345,10 +518,16 @@ def test_the_fine_tune_config_starts_from_the_embedded_model(tmp_path, colours):
         (["data.path=X", "model.beta_schedule=cosine"], "model.beta_schedule must be one of"),
         (["data.path=X", "model.rescale_betas_zero_snr=true"], "needs parameterization v or x0"),
         (["data.path=X", "tracker=mlflow"], "tracker must be tensorboard, wandb or none"),
-        (["data.path=X", "data.center_crop=false", "--cache-latents"], "cannot be combined with data.center_crop=false"),
+        (
+            ["data.path=X", "data.center_crop=false", "--cache-latents"],
+            "cannot be combined with data.center_crop=false",
+        ),
         (["data.path=X", "--resume", "nowhere"], "--resume nowhere: not a training checkpoint"),
         (["data.path=X", "init_from=missing.safetensors"], "checkpoint not found: missing.safetensors"),
-        (["data.path=X", "validation.sampler=plms", "model.parameterization=v", "model.rescale_betas_zero_snr=true"], "cannot sample this model"),
+        (
+            ["data.path=X", "validation.sampler=plms", "model.parameterization=v", "model.rescale_betas_zero_snr=true"],
+            "cannot sample this model",
+        ),
         (["data.path=EMPTY"], "no images with captions found"),
         (["data.path=X", "max_steps=0"], "max_steps must be >= 1, got 0"),
         (["data.path=X", "max_steps=-1"], "max_steps must be >= 1, got -1"),
@@ -367,8 +546,13 @@ def test_bad_input_is_one_line_and_exit_code_2(args, message, tmp_path, capsys):
     for name in ("step-000002.tmp", "step-000003"):  # a torn checkpoint; a folder with state/ but no config.json
         (tmp_path / name / "state").mkdir(parents=True)
     (tmp_path / "step-000002.tmp" / "config.json").write_text("{}")
-    places = {"=X": f"={tmp_path / 'none'}", "EMPTY": str(tmp_path / "empty"), "FILE": str(tmp_path / "file"),
-              "UNFINISHED": str(tmp_path / "step-000002.tmp"), "NOCONFIG": str(tmp_path / "step-000003")}  # fmt: skip
+    places = {
+        "=X": f"={tmp_path / 'none'}",
+        "EMPTY": str(tmp_path / "empty"),
+        "FILE": str(tmp_path / "file"),
+        "UNFINISHED": str(tmp_path / "step-000002.tmp"),
+        "NOCONFIG": str(tmp_path / "step-000003"),
+    }
     for key, value in places.items():
         args = [a.replace(key, value) for a in args]
     assert train_unet.main(["--config", str(CONFIG), f"output_dir={tmp_path / 'out'}", *args]) == 2
@@ -398,12 +582,26 @@ def test_learning_samples_follow_the_caption(tmp_path, colours):
         means = torch.stack([init.vae.encode(data[(i, 0)]["pixels"][None]).mean[0] for i in range(len(data))])
     init.cfg.scale_factor = float(1 / means.std())
     save_single_file(init, tmp_path / "init.safetensors")
-    run(f"data.path={colours}", f"init_from={tmp_path / 'init.safetensors'}", "--cache-latents", f"cache_dir={tmp_path / 'cache'}",
-        "model.parameterization=v", "min_snr_gamma=5", "optim.lr=2e-3", "max_steps=120", "batch_size=16", "log_every=20",
-        "save_every=1000", f"output_dir={tmp_path / 'run'}")  # fmt: skip
+    run(
+        f"data.path={colours}",
+        f"init_from={tmp_path / 'init.safetensors'}",
+        "--cache-latents",
+        f"cache_dir={tmp_path / 'cache'}",
+        "model.parameterization=v",
+        "min_snr_gamma=5",
+        "optim.lr=2e-3",
+        "max_steps=120",
+        "batch_size=16",
+        "log_every=20",
+        "save_every=1000",
+        f"output_dir={tmp_path / 'run'}",
+    )
     losses = [m["loss"] for m in metrics(tmp_path / "run")]
     assert losses[-1] < 0.5 * losses[0], losses
-    assert sorted(p.name for p in (tmp_path / "run" / "validation").iterdir()) == ["step-000050.png", "step-000100.png"]  # the tiny config's
+    assert sorted(p.name for p in (tmp_path / "run" / "validation").iterdir()) == [
+        "step-000050.png",
+        "step-000100.png",
+    ]  # the tiny config's
 
     model = load_model(tmp_path / "run" / "model.safetensors").eval()
     with torch.no_grad():
@@ -416,12 +614,21 @@ def test_learning_samples_follow_the_caption(tmp_path, colours):
         n = 6
         prompts = [caption(c) for c in COLOURS for _ in range(n)]
         cond, uncond = model.text_encoder.encode(prompts), model.text_encoder.encode([""] * len(prompts))
-        scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type="v_prediction",
-                                  clip_sample=False, set_alpha_to_one=False, steps_offset=1)  # fmt: skip
+        scheduler = DDIMScheduler(
+            beta_schedule="scaled_linear",
+            beta_start=0.00085,
+            beta_end=0.012,
+            prediction_type="v_prediction",
+            clip_sample=False,
+            set_alpha_to_one=False,
+            steps_offset=1,
+        )
         scheduler.set_timesteps(20)
         x = torch.randn(len(prompts), 4, 8, 8, generator=torch.Generator().manual_seed(0))
         for t in scheduler.timesteps:
-            out_uncond, out_cond = model.unet(torch.cat([x, x]), t.expand(2 * len(prompts)), torch.cat([uncond, cond])).chunk(2)
+            out_uncond, out_cond = model.unet(
+                torch.cat([x, x]), t.expand(2 * len(prompts)), torch.cat([uncond, cond])
+            ).chunk(2)
             x = scheduler.step(out_uncond + 2.0 * (out_cond - out_uncond), t, x).prev_sample
     predicted = torch.cdist(x.flatten(1), centroids.flatten(1)).argmin(dim=1)
     accuracy = (predicted == torch.arange(4).repeat_interleave(n)).float().mean().item()

