@@ -322,7 +322,9 @@ def test_ctrl_c_stops_with_one_line_and_keeps_the_images_written(files, tmp_path
     args = ["--ckpt", files / "tiny4.safetensors", "--prompt", "x", "--steps", "20", "--n-iter", "200", "--outdir", out]
     p = subprocess.Popen([sys.executable, "txt2img.py", *map(str, args)], cwd=ROOT, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
-    while not (out / "00001.png").exists() and p.poll() is None and time.monotonic() < deadline:
+    # 00002.png begun: 00000 and 00001 are whole (one PNG is opened after the last is closed), and a PNG cut off
+    # mid-write by Ctrl-C is removed
+    while not (out / "00002.png").exists() and p.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     p.send_signal(signal.SIGINT)
     err = p.communicate(timeout=60)[1]
