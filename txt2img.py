@@ -107,6 +107,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="merge a LoRA (kohya / AUTOMATIC1111 / diffusers file) at WEIGHT (default: 1); repeatable",
     )
     p.add_argument(
+        "--lora-dir",
+        type=Path,
+        default=Path("models/Lora"),
+        help="where a prompt's <lora:NAME:W> finds NAME.safetensors (default: models/Lora, as AUTOMATIC1111)",
+    )
+    p.add_argument(
         "--embedding",
         action="append",
         default=[],
@@ -128,6 +134,7 @@ from ldm.checkpoint import peek_config
 from ldm.config import load_config
 from ldm.lora import a1111_hash
 from ldm.pipeline import DTYPES, InputError, Pipeline, check_request, load_image
+from ldm.prompts import lora_tags
 from ldm.samplers import SAMPLERS
 
 
@@ -244,8 +251,18 @@ def save_png(image: Image.Image, path: Path, facts: dict | None) -> Path:
     return path
 
 
-def run(pipe: Pipeline, args, prompts: list[str], init_image, mask, model: dict) -> list[Path]:
-    """Make n_iter batches of n_samples images per prompt; write them (and strips, grid); return the paths."""
+def lora_facts(pipe: Pipeline, path: Path, weight: float, te_weight: float | None, no_metadata: bool) -> dict:
+    """Merge a LoRA into the pipeline's weights; what the PNG metadata says of it (A1111's hash: of the tensor data
+    of a .safetensors file, as its "addnet" hash)."""
+    pipe.load_lora(path, weight, None if te_weight == weight else te_weight)
+    hashed = None if no_metadata else a1111_hash(path, addnet=path.suffix == ".safetensors")
+    facts = {"name": path.stem, "file": str(path), "weight": weight, "hash": hashed}
+    return facts if te_weight in (None, weight) else facts | {"te_weight": te_weight}
+
+
+def run(pipe: Pipeline, args, prompts: list[str], init_image, mask, model: dict, tagged: dict) -> list[Path]:
+    """Make n_iter batches of n_samples images per prompt; write them (and strips, grid); return the paths.
+    tagged: {prompt: (its text without <lora:...> tags, [(file, text-encoder weight, UNet weight)])}."""
     options = dict(
         negative_prompt=args.negative_prompt,
         steps=args.steps,
@@ -274,10 +291,17 @@ def run(pipe: Pipeline, args, prompts: list[str], init_image, mask, model: dict)
         if mask is not None:
             run_facts |= {"mode": "inpaint", "mask": str(args.mask)}
     number, seed, written, rows, first_facts = next_number(args.outdir), args.seed, [], [], None
+    tag_loras: list[dict] = []  # the LoRAs of the last prompt's tags, merged beside those of --lora
     for prompt in prompts:
+        text, tags = tagged.get(prompt, (prompt, []))
+        if tags or tag_loras:  # the weights are --lora's alone again, then this prompt's tags are merged
+            pipe.unload_loras()
+            for lora in model.get("loras", []):
+                pipe.load_lora(lora["file"], lora["weight"])
+            tag_loras = [lora_facts(pipe, path, unet_w, te_w, args.no_metadata) for path, te_w, unet_w in tags]
         for _ in range(args.n_iter):
             trajectory = [] if args.save_intermediates else None
-            batch = pipe.generate(prompt, seed=seed, trajectory=trajectory, **options)
+            batch = pipe.generate(text, seed=seed, trajectory=trajectory, **options)
             strips = pipe.trajectory_strips(trajectory) if trajectory is not None else [None] * len(batch)
             for pos, (image, strip) in enumerate(zip(batch, strips)):
                 facts = run_facts | {
@@ -287,6 +311,8 @@ def run(pipe: Pipeline, args, prompts: list[str], init_image, mask, model: dict)
                     "height": image.height,
                     "batch_pos": pos,
                 }
+                if tag_loras:
+                    facts["loras"] = model.get("loras", []) + tag_loras
                 facts = None if args.no_metadata else facts
                 first_facts = first_facts or facts
                 written.append(save_png(image, args.outdir / f"{number:05}.png", facts))
@@ -370,6 +396,8 @@ def execute(args) -> list[Path]:
     if args.init_image is not None and args.strength is None:
         args.strength = 1.0 if args.mask is not None else 0.75
     loras = [file_spec(value, "--lora", weight=True) for value in args.lora]
+    # A1111's <lora:NAME:W> tags: taken out of each prompt, their files found now (before loading the model)
+    tagged = {p: lora_tags(p, args.lora_dir) for p in prompts} if args.prompt_syntax == "a1111" else {}
     embeddings = [file_spec(value, "--embedding", weight=False) for value in args.embedding]
     init_image = load_image(args.init_image) if args.init_image else None
     mask = load_image(args.mask, "L") if args.mask else None
@@ -385,7 +413,7 @@ def execute(args) -> list[Path]:
     config = load_config(args.config) if args.config else None
     check_request(  # before loading: a request that cannot run costs no loading time
         config or peek_config(ckpt),
-        prompts,
+        [tagged[p][0] if p in tagged else p for p in prompts],
         n_samples=args.n_samples,
         steps=args.steps,
         sampler=args.sampler,
@@ -408,15 +436,13 @@ def execute(args) -> list[Path]:
         "model_hash": None if args.no_metadata else model_hash(ckpt),
     }
     for path, weight in loras:
-        pipe.load_lora(path, weight)
-        hashed = None if args.no_metadata else a1111_hash(path, addnet=path.suffix == ".safetensors")
-        model.setdefault("loras", []).append({"name": path.stem, "file": str(path), "weight": weight, "hash": hashed})
+        model.setdefault("loras", []).append(lora_facts(pipe, path, weight, None, args.no_metadata))
     for path, token in embeddings:
         tokens = pipe.load_embedding(path, token)
         hashed = None if args.no_metadata else a1111_hash(path)
         embedding = {"token": tokens[0], "file": str(path), "vectors": len(tokens), "hash": hashed}
         model.setdefault("embeddings", []).append(embedding)
-    return run(pipe, args, prompts, init_image, mask, model)
+    return run(pipe, args, prompts, init_image, mask, model, tagged)
 
 
 if __name__ == "__main__":

@@ -109,14 +109,22 @@ def read_lora(model: StableDiffusion, path: str | Path) -> list[tuple[str, torch
 
 
 @torch.no_grad()
-def merge_lora_(model: StableDiffusion, path: str | Path, weight: float, originals: dict[str, torch.Tensor]) -> None:
-    """W += weight * alpha / rank * up @ down for every layer of the file, in place; `originals` receives a copy of
-    each weight before its first change (unmerge_loras_ puts them back)."""
+def merge_lora_(
+    model: StableDiffusion,
+    path: str | Path,
+    weight: float,
+    originals: dict[str, torch.Tensor],
+    te_weight: float | None = None,
+) -> None:
+    """W += weight * alpha / rank * up @ down for every layer of the file, in place (the text encoder's layers with
+    te_weight when given, as A1111's `<lora:NAME:TE_W:UNET_W>`); `originals` receives a copy of each weight before
+    its first change (unmerge_loras_ puts them back)."""
     for key, up, down, scale in read_lora(model, path):
         w = model.get_parameter(key)
         originals.setdefault(key, w.detach().clone())
         delta = up.to(w.device, torch.float32).flatten(1) @ down.to(w.device, torch.float32).flatten(1)
-        w += (weight * scale * delta).reshape(w.shape).to(w.dtype)
+        layer_weight = te_weight if te_weight is not None and key.startswith(TEXT) else weight
+        w += (layer_weight * scale * delta).reshape(w.shape).to(w.dtype)
 
 
 @torch.no_grad()

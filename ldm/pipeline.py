@@ -620,11 +620,12 @@ class Pipeline(nn.Module):
         decoded = [self.decode(trajectory[k]) for k in picks]
         return to_pil(torch.cat(decoded, dim=-1))
 
-    def load_lora(self, path: str | Path, weight: float = 1.0) -> None:
+    def load_lora(self, path: str | Path, weight: float = 1.0, te_weight: float | None = None) -> None:
         """Merge a LoRA file into the weights (ldm.lora: kohya / AUTOMATIC1111 with diffusers or CompVis names,
-        diffusers / PEFT): W += weight * alpha / rank * up @ down. LoRAs stack; a bad file changes nothing."""
-        merge_lora_(self.model, path, weight, self.lora_originals)
-        self.loras.append({"file": str(path), "weight": weight})
+        diffusers / PEFT): W += weight * alpha / rank * up @ down, the text encoder's layers at te_weight when given.
+        LoRAs stack; a bad file changes nothing."""
+        merge_lora_(self.model, path, weight, self.lora_originals, te_weight)
+        self.loras.append({"file": str(path), "weight": weight, "te_weight": te_weight})
         self.embeddings.clear()  # the text encoder's weights may have changed
 
     def unload_loras(self) -> None:

@@ -15,15 +15,18 @@ one is literal text; BREAK (the word, in capitals) ends the current chunk. `(x: 
 not a weight in A1111, so not here either: it reads as `(x: 1.2)` with x1.1 on the text inside.
 Syntax "plain": every character is literal (A1111's "Emphasis: None"); long prompts are still chunked.
 Training captions never come here: the trainers and the cache call the text encoder's own tokenize / encode.
-`<lora:NAME:W>` is not read here yet (LoRA loading is another module's work): it stays text.
+`<lora:NAME:W>` tags are taken out of the prompt by `lora_tags` (txt2img.py loads their files).
 """
 
 from __future__ import annotations
 
+import math
 import re
+from pathlib import Path
 
 import torch
 
+from ldm import LdmError
 from ldm.cli import SYNTAX_NAMES
 
 SYNTAXES = SYNTAX_NAMES  # "a1111" or "plain"; re-exported for ldm.pipeline
@@ -38,6 +41,35 @@ ELEMENT = re.compile(
     r"|(?P<close>[)\]])|(?P<text>[^\\()\[\]:]+|:)"
 )
 BREAK_WORD = re.compile(r"\s*\bBREAK\b\s*")
+
+
+class PromptError(LdmError):
+    """A prompt's `<lora:...>` tag that cannot be followed; the message names it."""
+
+
+LORA_TAG = re.compile(r"<lora:([^:<>]+)((?::[^:<>]*){0,2})>")
+LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt")
+
+
+def lora_tags(prompt: str, lora_dir: str | Path) -> tuple[str, list[tuple[Path, float, float]]]:
+    """AUTOMATIC1111's LoRA tags: `<lora:NAME:W>` (W for the text encoder and the UNet; no W: 1) and
+    `<lora:NAME:TE_W:UNET_W>`. -> the prompt without its tags, and [(lora_dir/NAME.safetensors (or .pt, .ckpt),
+    text-encoder weight, UNet weight)]. PromptError names a tag whose file or weight is not there."""
+    found = []
+    for m in LORA_TAG.finditer(prompt):
+        name, numbers = m[1].strip(), [w.strip() for w in m[2].split(":")[1:]]
+        try:
+            weights = [float(w) for w in numbers] or [1.0]
+        except ValueError:
+            raise PromptError(f"{m[0]}: the weights after the name must be numbers") from None
+        if not all(math.isfinite(w) for w in weights):
+            raise PromptError(f"{m[0]}: the weights must be finite numbers")
+        candidates = [Path(lora_dir) / f"{name}{suffix}" for suffix in LORA_SUFFIXES]
+        path = next((candidate for candidate in candidates if candidate.is_file()), None)
+        if path is None:
+            raise PromptError(f"{m[0]}: no {name}.safetensors (or .pt, .ckpt) in the LoRA folder {lora_dir}")
+        found.append((path, weights[0], weights[-1]))
+    return LORA_TAG.sub("", prompt), found
 
 
 def parse(prompt: str) -> list[tuple[str, float | None]]:

@@ -458,3 +458,49 @@ def test_lora_on_an_int8_unet_is_refused(base, loras, tmp_path):
     save_file(peft(loras[0][0], "unet."), tmp_path / "l.safetensors")
     with pytest.raises(CheckpointError, match="a LoRA merges into float weights, and this UNet is dynamic int8"):
         pipe.load_lora(tmp_path / "l.safetensors")
+
+
+def test_prompt_lora_tags_merge_files_from_the_lora_dir(base, loras, tmp_path, capsys):
+    """A1111's `<lora:NAME:W>` in a prompt merges LORA_DIR/NAME.safetensors at W and is taken out of the text: the
+    same image as --lora FILE:W; `<lora:NAME:TE_W:UNET_W>` weighs the text encoder apart; a missing NAME or a weight
+    that is no number is one line, exit 2; with --prompt-syntax plain the tag is text."""
+    model = base[0]
+    save_single_file(model, tmp_path / "tiny.safetensors")
+    unet, text = loras[0]
+    lora_dir = tmp_path / "Lora"
+    lora_dir.mkdir()
+    style = lora_dir / "style.safetensors"
+    save_file(kohya(unet, "lora_unet_") | kohya(text, "lora_te_text_model_"), style)
+    runs = iter(range(100))
+
+    def cli_image(*args) -> tuple[np.ndarray, dict]:
+        out = tmp_path / f"out{next(runs)}"
+        common = ["--ckpt", tmp_path / "tiny.safetensors", "--steps", STEPS, "--seed", SEED, "--lora-dir", lora_dir]
+        assert txt2img.main([str(a) for a in common + ["--outdir", out, *args]]) == 0
+        with Image.open(out / "00000.png") as image:
+            return np.asarray(image.convert("RGB")), json.loads(image.info["ldm"]) | {"text": image.info["parameters"]}
+
+    tagged, facts = cli_image("--prompt", f"{PROMPT} <lora:style:0.7>")
+    flagged, _ = cli_image("--prompt", PROMPT, "--lora", f"{style}:0.7")
+    plain, _ = cli_image("--prompt", PROMPT)
+    assert np.array_equal(tagged, flagged) and not np.array_equal(tagged, plain)  # the tiny model moves little
+    assert facts["prompt"] == f"{PROMPT} <lora:style:0.7>"
+    assert [(f["name"], f["weight"]) for f in facts["loras"]] == [("style", 0.7)]
+    assert f'Lora hashes: "style: {facts["loras"][0]["hash"]}"' in facts["text"]
+
+    split, facts = cli_image("--prompt", f"<lora:style:0.3:0.7>{PROMPT}")
+    pipe = Pipeline(copy.deepcopy(model))
+    pipe.load_lora(style, 0.7, te_weight=0.3)
+    api = np.asarray(pipe.txt2img(PROMPT, steps=STEPS, seed=SEED, progress=False)[0])
+    assert np.array_equal(split, api) and not np.array_equal(split, tagged)
+    assert facts["loras"][0]["te_weight"] == 0.3
+
+    literal, _ = cli_image("--prompt", f"{PROMPT} <lora:nope:1>", "--prompt-syntax", "plain")
+    assert not np.array_equal(literal, plain)  # the tag's characters are prompt text
+    capsys.readouterr()
+    for prompt, message in [("x <lora:nope:1>", "no nope.safetensors"), ("x <lora:style:much>", "must be numbers")]:
+        args = ["--ckpt", tmp_path / "tiny.safetensors", "--prompt", prompt, "--lora-dir", lora_dir, "--steps", 1]
+        assert txt2img.main([str(a) for a in args + ["--outdir", tmp_path / "bad"]]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: <lora:") and message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "bad").exists()
