@@ -17,8 +17,9 @@ from PIL import Image
 
 from conftest import LATENT_ATOL, PROMPT, STEPS, assert_same, diffusers_run, ours_run, pixels, randomize_, tiny_model
 from ldm.checkpoint import save_diffusers_folder
+from ldm.memory import estimate_memory
 from ldm.model import StableDiffusion
-from ldm.pipeline import InputError, Pipeline, estimate_memory
+from ldm.pipeline import InputError, Pipeline
 from ldm.samplers import SAMPLERS, make_scheduler
 
 
