@@ -2,11 +2,13 @@ r"""Train the text-conditioned UNet of ldm (Stable Diffusion v1) from scratch or
 
     python train_unet.py --config configs/train-unet-tiny.yaml data.path=my_images [key.path=value ...]
     accelerate launch --num_processes 8 train_unet.py --config my.yaml [--resume latest] [--cache-latents] \
-        [--learn-sigma]
+        [--learn-sigma] [--lora RANK]
 
 Top to bottom: config -> Accelerator -> models -> data (or the latent cache) -> optimizer -> resume -> the loop
 (noise, loss, optimizer step, EMA, logging, checkpoints) -> <output_dir>/model.safetensors, a single-file
-checkpoint (EMA weights in the UNet) that txt2img.py --ckpt and python -m ldm.convert read.
+checkpoint (EMA weights in the UNet) that txt2img.py --ckpt and python -m ldm.convert read. With --lora RANK
+only a LoRA trains (the UNet stays frozen) -> <output_dir>/lora.safetensors, a kohya file that txt2img.py --lora,
+AUTOMATIC1111, ComfyUI and diffusers read.
 """
 
 import argparse
@@ -18,6 +20,12 @@ import time
 from pathlib import Path
 
 from ldm.cli import ArgumentParser, run
+
+
+def rank(text: str) -> int:
+    if not text.lstrip("-").isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"the LoRA rank must be a whole number >= 1, got {text!r}")
+    return int(text)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -35,6 +43,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--learn-sigma",
         action="store_true",
         help="also learn the variance (2x UNet output channels, improved-DDPM hybrid loss)",
+    )
+    p.add_argument(
+        "--lora",
+        type=rank,
+        metavar="RANK",
+        help="train a LoRA of this rank on the frozen UNet (lora.rank; see lora.alpha, lora.targets)",
     )
     p.add_argument(
         "overrides", nargs="*", metavar="key.path=value", help="config overrides, e.g. optim.lr=1e-4 data.path=images"
@@ -56,6 +70,7 @@ from ldm.checkpoint import CheckpointError, load_model, load_state_strict, save_
 from ldm.config import ConfigError, TrainUNetConfig, to_dict
 from ldm.data import ImageCaptionDataset
 from ldm.diffusion import Diffusion
+from ldm.lora import add_lora, save_lora
 from ldm.model import StableDiffusion
 from ldm.pipeline import Pipeline
 from ldm.samplers import check_sampler
@@ -84,7 +99,8 @@ from ldm.training import (
 
 def load_train_config(args) -> tuple[TrainUNetConfig, StableDiffusion | None]:
     """Defaults <- YAML <- flags <- overrides (see ldm.training.read_train_config), then --learn-sigma."""
-    overrides = (["cache_latents=true"] if args.cache_latents else []) + args.overrides
+    flags = (["cache_latents=true"] if args.cache_latents else []) + ([f"lora.rank={args.lora}"] if args.lora else [])
+    overrides = flags + args.overrides
     cfg, init = read_train_config(args.config, overrides, TrainUNetConfig, lambda path, _: load_model(path))
     if args.learn_sigma:
         cfg.model.learn_sigma, cfg.model.unet.out_channels = True, 2 * cfg.model.vae.embed_dim
@@ -126,6 +142,9 @@ def train(args) -> int:
         del init
     unet, vae, text_encoder = model.unet, model.vae, model.text_encoder
     vae.requires_grad_(False).eval()
+    # what trains and what the EMA follows: the whole UNet, or only the LoRAs beside its frozen layers
+    trained = add_lora(unet, cfg.model.unet, cfg.lora) if cfg.lora.rank else unet
+    output_name = "lora.safetensors" if cfg.lora.rank else "model.safetensors"
     unet.train()
     latent_shape = cfg.model.vae.latent_shape(cfg.data.resolution, cfg.data.resolution)
 
@@ -159,7 +178,7 @@ def train(args) -> int:
 
     # ------------------------------------------------------------ optimizer, schedule, EMA, resume
     optimizer = torch.optim.AdamW(
-        unet.parameters(),
+        trained.parameters(),
         lr=cfg.optim.lr,
         betas=cfg.optim.betas,
         weight_decay=cfg.optim.weight_decay,
@@ -171,7 +190,7 @@ def train(args) -> int:
     unet_ddp, optimizer = accelerator.prepare(
         unet, optimizer
     )  # the LR scheduler is stepped once per step by us, not per process
-    ema = EMA(unet, cfg.ema.decay, cfg.ema.warmup, cfg.ema.start_step) if cfg.ema.enabled else None
+    ema = EMA(trained, cfg.ema.decay, cfg.ema.warmup, cfg.ema.start_step) if cfg.ema.enabled else None
     state = TrainState()
     accelerator.register_for_checkpointing(lr_scheduler, state, *([ema] if ema else []))
     resume_state(accelerator, resume, args.resume, checkpoints, state)
@@ -180,9 +199,12 @@ def train(args) -> int:
     accelerator.print(f"{len(train_set)} training images, {accelerator.num_processes} process(es) on {device.type}")
 
     def write_model(folder: Path) -> None:
-        """The inference checkpoint: our single-file layout with the EMA weights in the UNet, plus the run's config."""
-        with ema.applied_to(unet) if ema else contextlib.nullcontext():
-            save_single_file(model, folder / "model.safetensors")
+        """The inference checkpoint with the EMA weights: our single-file layout, or the LoRA file; plus the config."""
+        with ema.applied_to(trained) if ema else contextlib.nullcontext():
+            if cfg.lora.rank:
+                save_lora(trained, folder / output_name, f"{output_dir.name} (ldm train_unet.py)", state.step)
+            else:
+                save_single_file(model, folder / output_name)
         (folder / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
 
     def validate() -> None:
@@ -190,7 +212,7 @@ def train(args) -> int:
         logged."""
         v = cfg.validation
         unet.eval()
-        with ema.applied_to(unet) if ema else contextlib.nullcontext(), accelerator.autocast():
+        with ema.applied_to(trained) if ema else contextlib.nullcontext(), accelerator.autocast():
             images = Pipeline(model).txt2img(
                 list(v.prompts),
                 steps=v.steps,
@@ -249,7 +271,7 @@ def train(args) -> int:
             accelerator.backward(loss)
             if accelerator.sync_gradients:
                 grad_norm, skipped_step = optimizer_step(
-                    accelerator, optimizer, unet_ddp.parameters(), cfg.optim.max_grad_norm
+                    accelerator, optimizer, trained.parameters(), cfg.optim.max_grad_norm
                 )
         window_loss += loss.item() if torch.isfinite(loss) else 0.0
         window_images += cfg.batch_size
@@ -259,7 +281,7 @@ def train(args) -> int:
         state.step += 1
         lr_scheduler.step()
         if ema and not skipped_step:
-            ema.update(unet)
+            ema.update(trained)
         window_steps += 1
         progress.update(1)
 
@@ -298,12 +320,12 @@ def train(args) -> int:
     if accelerator.is_main_process:
         with writing(
             output_dir,
-            output_dir / "model.safetensors",
-            f"{list_checkpoints(checkpoints)[-1] / 'model.safetensors'} is the same model",
+            output_dir / output_name,
+            f"{list_checkpoints(checkpoints)[-1] / output_name} is the same {'LoRA' if cfg.lora.rank else 'model'}",
         ):
             write_model(output_dir)
         print(skipped_report(state.skipped))
-        print(f"wrote {output_dir / 'model.safetensors'}")
+        print(f"wrote {output_dir / output_name}")
     del unet_ddp  # before the process group goes (pytorch#56297: see ldm.training.end_training)
     return stop.end(progress)
 

@@ -336,8 +336,26 @@ class TrainConfig:
 
 
 @dataclass
+class LoRAConfig:
+    """Train a LoRA (train_unet.py --lora RANK) instead of the whole UNet: its base weights stay frozen."""
+
+    rank: int = 0  # 0: no LoRA, the whole UNet trains
+    alpha: float = 0.0  # the update is scaled by alpha / rank; 0: alpha = rank
+    # UNet layers by the end of their module path: the SpatialTransformers' attention, proj_in/proj_out and
+    # feed-forward layers; add in_layers.2 and out_layers.3 for the ResBlock convs (LoCon)
+    targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2")
+
+    def __post_init__(self):
+        check(
+            self.rank >= 0 and self.alpha >= 0, f"lora.rank and lora.alpha must be >= 0, got {self.rank}, {self.alpha}"
+        )
+        check(len(self.targets) >= 1, "lora.targets must name at least one layer")
+
+
+@dataclass
 class TrainUNetConfig(TrainConfig):
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
     reinit_unet: bool = False  # with init_from: keep its VAE and text encoder, start the UNet from random weights
     output_dir: str = "runs/unet"
     caption_dropout: float = 0.1  # share of captions replaced by "" so classifier-free guidance works

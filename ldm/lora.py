@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ldm.checkpoint import TEXT, UNET, CheckpointError, read_state_dict, rename, unet_key_map
+from ldm.checkpoint import TEXT, UNET, CheckpointError, atomic_save, read_state_dict, rename, unet_key_map
+from ldm.config import ConfigError, LoRAConfig, UNetConfig
 from ldm.model import StableDiffusion
 
 PARTS = {
@@ -45,15 +46,22 @@ UNSUPPORTED = {
 PREFIXES = {"lora_unet_": "unet_", "lora_te_": "te_", "unet.": "unet_", "text_encoder.": "te_"}
 
 
+def diffusers_layer_names(unet: nn.Module, cfg: UNetConfig) -> dict[str, str]:
+    """{CompVis module path: diffusers module path} of every Linear and Conv2d of the UNet."""
+    layers = [n for n, m in unet.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    return {
+        ours: theirs.removesuffix(".weight")
+        for theirs, ours in rename({f"{n}.weight": n for n in layers}, unet_key_map(cfg)).items()
+    }
+
+
 def layer_table(model: StableDiffusion) -> dict[str, str]:
     """{layer name with '.' written '_', under each name a file may use: state-dict key of its weight}, for every
     Linear and Conv2d of the UNet (`unet_` + diffusers or CompVis path) and of the text model (`te_` + its path,
     with or without transformers 4's `text_model.` level)."""
     table = {}
-    unet_layers = [n for n, m in model.unet.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
-    diffusers_names = rename({f"{n}.weight": n for n in unet_layers}, unet_key_map(model.cfg.unet))
-    for theirs, ours in diffusers_names.items():
-        for name in (theirs.removesuffix(".weight"), ours):
+    for ours, theirs in diffusers_layer_names(model.unet, model.cfg.unet).items():
+        for name in (theirs, ours):
             table["unet_" + name.replace(".", "_")] = f"{UNET}{ours}.weight"
     for n, m in model.text_encoder.transformer.named_modules():
         if isinstance(m, (nn.Linear, nn.Conv2d)):
@@ -145,3 +153,60 @@ def a1111_hash(path: str | Path, addnet: bool = False) -> str:
         while block := f.read(1 << 24):
             digest.update(block)
     return digest.hexdigest()[:12]
+
+
+class LoRA(nn.Module):
+    """The trainable update beside a frozen Linear or Conv2d layer, added to its output by a forward hook:
+    y = W x + alpha / rank * up(down(x)), `down` with the layer's kernel, stride and padding, `up` zero at the start
+    (Hu et al. 2021, eq. 3) so training begins from the base model."""
+
+    def __init__(self, layer: nn.Linear | nn.Conv2d, rank: int, alpha: float):
+        super().__init__()
+        if isinstance(layer, nn.Conv2d):
+            self.down = nn.Conv2d(layer.in_channels, rank, layer.kernel_size, layer.stride, layer.padding, bias=False)
+            self.up = nn.Conv2d(rank, layer.out_channels, 1, bias=False)
+        else:
+            self.down = nn.Linear(layer.in_features, rank, bias=False)
+            self.up = nn.Linear(rank, layer.out_features, bias=False)
+        nn.init.zeros_(self.up.weight)
+        self.alpha, self.scale = alpha, alpha / rank
+        layer.register_forward_hook(lambda _, inputs, output: output + self.scale * self.up(self.down(inputs[0])))
+
+
+def add_lora(unet: nn.Module, unet_cfg: UNetConfig, cfg: LoRAConfig) -> nn.ModuleDict:
+    """A LoRA on every UNet layer whose module path ends with one of cfg.targets, registered as the layer's child
+    `lora` (so DDP and checkpoints see it); the base weights are frozen. -> the LoRAs by their kohya layer name
+    (`lora_unet_` + diffusers path with '_'), what EMA, the optimizer and save_lora work on."""
+    unet.requires_grad_(False)
+    diffusers_names, layers = diffusers_layer_names(unet, unet_cfg), nn.ModuleDict()
+    for target in cfg.targets:
+        found = [n for n in diffusers_names if n == target or n.endswith("." + target)]
+        if not found:
+            raise ConfigError(f"lora.targets: {target!r} is the end of no Linear or Conv2d layer path of the UNet")
+        for name in found:
+            layer = unet.get_submodule(name)
+            layer.lora = LoRA(layer, cfg.rank, cfg.alpha or cfg.rank)
+            layers["lora_unet_" + diffusers_names[name].replace(".", "_")] = layer.lora
+    return layers
+
+
+def save_lora(layers: nn.ModuleDict, path: str | Path, title: str, steps: int) -> None:
+    """add_lora's LoRAs as a kohya file (<name>.lora_down.weight, .lora_up.weight, .alpha) with kohya's `ss_*` and
+    Stability's `modelspec.*` metadata, which AUTOMATIC1111, ComfyUI and diffusers read."""
+    tensors, first = {}, next(iter(layers.values()))
+    for name, lora in layers.items():
+        tensors[f"{name}.lora_down.weight"] = lora.down.weight.detach().float().contiguous()
+        tensors[f"{name}.lora_up.weight"] = lora.up.weight.detach().float().contiguous()
+        tensors[f"{name}.alpha"] = torch.tensor(float(lora.alpha))
+    metadata = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(first.down.weight.shape[0]),
+        "ss_network_alpha": str(first.alpha),
+        "ss_base_model_version": "sd_v1",
+        "ss_steps": str(steps),
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": "stable-diffusion-v1/lora",
+        "modelspec.implementation": "diffusers",
+        "modelspec.title": title,
+    }
+    atomic_save(tensors, path, metadata)

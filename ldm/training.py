@@ -423,7 +423,7 @@ def remove_cut_writes(output_dir: Path, checkpoints: Path) -> None:
     """Remove what writes of an earlier run of output_dir, killed midway, left behind, saying so: names of our own
     making only, never a user's file."""
     ours = [
-        (output_dir, r"\.model\.safetensors\.[a-z0-9_]{8}\.tmp"),  # atomic_save's temp file (by mkstemp)
+        (output_dir, r"\.(model|lora)\.safetensors\.[a-z0-9_]{8}\.tmp"),  # atomic_save's temp file (by mkstemp)
         (checkpoints, r"step-\d+\.tmp|\.step-\d+\.deleting"),
     ]  # a checkpoint not yet renamed; one being removed
     for folder, pattern in ours:

@@ -18,8 +18,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler
+from diffusers import DDIMScheduler, StableDiffusionPipeline
 from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -27,11 +28,13 @@ import ldm.checkpoint
 import train_unet
 from conftest import ROOT, WATCH_OPENS, check_corpus_run, run_in_process, write_bad_corpus
 from ldm import DEFAULT_MODEL
-from ldm.checkpoint import load_model, save_single_file
+from ldm.checkpoint import UNET, load_model, save_diffusers_folder, save_single_file
 from ldm.config import load_config
 from ldm.convert import main as convert
 from ldm.data import ImageCaptionDataset
+from ldm.lora import diffusers_layer_names
 from ldm.model import StableDiffusion
+from ldm.pipeline import Pipeline
 
 CONFIG = ROOT / "configs" / "train-unet-tiny.yaml"
 ENV = os.environ | {
@@ -633,3 +636,113 @@ def test_learning_samples_follow_the_caption(tmp_path, colours):
     predicted = torch.cdist(x.flatten(1), centroids.flatten(1)).argmin(dim=1)
     accuracy = (predicted == torch.arange(4).repeat_interleave(n)).float().mean().item()
     assert accuracy >= 0.75, (accuracy, predicted.tolist())
+
+
+def lora_run(tmp_path, colours, name, *args, proc=False):
+    common = [
+        f"data.path={colours}",
+        f"init_from={tmp_path / 'init.safetensors'}",
+        "--lora",
+        "4",
+        "lora.alpha=2",
+        "lora.targets=[to_q,to_k,to_v,to_out.0,proj_in,proj_out,ff.net.0.proj,ff.net.2,in_layers.2,out_layers.3]",
+        "max_steps=4",
+        "batch_size=4",
+        "save_every=1",
+        "log_every=1",
+        "deterministic=true",
+        "ema.decay=0.9",
+        "optim.lr_scheduler=cosine",
+        "optim.warmup_steps=2",
+        f"output_dir={tmp_path / name}",
+    ]
+    return (start if proc else run)(*common, *args)
+
+
+@pytest.fixture
+def lora_init(tmp_path):
+    torch.manual_seed(0)
+    init = StableDiffusion(load_config(ROOT / "configs" / "tiny.yaml"))
+    save_single_file(init, tmp_path / "init.safetensors")
+    return load_model(tmp_path / "init.safetensors")
+
+
+def test_a_trained_lora_loads_in_diffusers_with_our_merged_weights(tmp_path, colours, lora_init):
+    """train_unet.py --lora (attention, feed-forward, proj_in/out 1x1 convs, LoCon 3x3 convs with validation images
+    on the way) -> a kohya file with diffusers names: diffusers' load_lora_weights + fuse_lora on the same base model
+    gives the UNet weights our loader merges (Pipeline.load_lora); only the LoRA trained, the base is untouched."""
+    lora_run(tmp_path, colours, "run", "max_steps=2", "validation.every=2", "validation.steps=2")
+    path = tmp_path / "run" / "lora.safetensors"
+    assert not (tmp_path / "run" / "model.safetensors").exists() and path.stat().st_size < 2**20
+    assert (tmp_path / "run" / "validation" / "step-000002.png").exists()
+    with safe_open(path, "pt") as f:
+        meta, keys = f.metadata(), set(f.keys())
+    assert meta["ss_network_module"] == "networks.lora" and meta["ss_network_dim"] == "4" and meta["ss_steps"] == "2"
+    assert meta["ss_network_alpha"] == "2.0" and meta["modelspec.architecture"] == "stable-diffusion-v1/lora"
+    assert "lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight" in keys
+    assert "lora_unet_up_blocks_1_resnets_1_conv1.alpha" in keys
+    ups = [v for k, v in load_file(path).items() if k.endswith("lora_up.weight")]
+    assert all(v.abs().max() > 0 for v in ups)  # trained: up starts at zero
+
+    state = unet_weights(tmp_path / "run", 2)  # the UNet as the training checkpoint holds it: base + its LoRAs
+    base = {k: v for k, v in state.items() if ".lora." not in k}
+    assert_same(base, lora_init.unet.state_dict())  # bit for bit: only LoRA tensors changed
+    assert len(state) - len(base) == 2 * len(ups)
+
+    folder = tmp_path / "diffusers"
+    save_diffusers_folder(lora_init, folder)
+    ref = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
+    ref.load_lora_weights(str(path))
+    ref.fuse_lora()
+    ref.unload_lora_weights()
+    pipe = Pipeline(lora_init)
+    pipe.load_lora(path)
+    theirs = dict(ref.unet.named_modules())
+    changed = 0
+    for ours, name in diffusers_layer_names(lora_init.unet, lora_init.cfg.unet).items():
+        weight = lora_init.unet.get_submodule(ours).weight
+        torch.testing.assert_close(theirs[name].weight, weight, rtol=0, atol=1e-5, msg=name)
+        changed += not torch.equal(weight, pipe.lora_originals.get(f"{UNET}{ours}.weight", weight))
+    assert changed == len(ups)
+
+
+def test_a_lora_run_resumes_exactly(tmp_path, colours, lora_init):
+    """Uninterrupted vs. stopped by SIGTERM and resumed: the same LoRA file (EMA weights) bit for bit."""
+    straight = lora_run(tmp_path, colours, "straight", proc=True)
+    checkpoints = tmp_path / "interrupted" / "checkpoints"
+    proc = lora_run(tmp_path, colours, "interrupted", proc=True)
+    wait_for(lambda: (checkpoints / "step-000002").exists(), proc, interval=0.01)
+    proc.send_signal(signal.SIGTERM)
+    out = finish(proc)
+    stopped = max(int(p.name[5:]) for p in checkpoints.glob("step-??????"))
+    assert f"SIGTERM: stopped at step {stopped}" in out and stopped < 4
+    out = lora_run(tmp_path, colours, "interrupted", "--resume", "latest")
+    assert f"resumed from {checkpoints / f'step-{stopped:06d}'}" in out
+    finish(straight)
+    assert_same(unet_weights(tmp_path / "interrupted", 4), unet_weights(tmp_path / "straight", 4))
+    a, b = (tmp_path / d / "lora.safetensors" for d in ("interrupted", "straight"))
+    assert_same(load_file(a), load_file(b))
+    meta_a, meta_b = (safe_open(p, "pt").metadata() for p in (a, b))
+    assert meta_a.pop("modelspec.title") == "interrupted (ldm train_unet.py)" and meta_a["ss_steps"] == "4"
+    assert meta_b.pop("modelspec.title") == "straight (ldm train_unet.py)" and meta_a == meta_b
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--lora", "0"], "argument --lora: the LoRA rank must be a whole number >= 1, got '0'"),
+        (["--lora", "-2"], "argument --lora: the LoRA rank must be a whole number >= 1, got '-2'"),
+        (["lora.rank=-1"], "lora.rank and lora.alpha must be >= 0, got -1"),
+        (["--lora", "4", "lora.targets=[to_q,attn9]"], "lora.targets: 'attn9' is the end of no Linear or Conv2d"),
+    ],
+)
+def test_bad_lora_input_is_one_line_and_exit_code_2(args, message, tmp_path, colours, capsys):
+    argv = ["--config", str(CONFIG), f"data.path={colours}", f"output_dir={tmp_path / 'out'}", *args]
+    if args[0] == "--lora" and int(args[1]) < 1:
+        with pytest.raises(SystemExit) as exit:
+            train_unet.main(argv)
+        assert exit.value.code == 2
+    else:
+        assert train_unet.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
