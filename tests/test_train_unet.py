@@ -26,6 +26,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import ldm.checkpoint
 import train_unet
+import txt2img
 from conftest import ROOT, WATCH_OPENS, check_corpus_run, run_in_process, write_bad_corpus
 from ldm import DEFAULT_MODEL
 from ldm.checkpoint import UNET, load_model, save_diffusers_folder, save_single_file
@@ -638,7 +639,7 @@ def test_learning_samples_follow_the_caption(tmp_path, colours):
     assert accuracy >= 0.75, (accuracy, predicted.tolist())
 
 
-def lora_run(tmp_path, colours, name, *args, proc=False):
+def lora_run(tmp_path, colours, name, *args, proc=False, processes=1):
     common = [
         f"data.path={colours}",
         f"init_from={tmp_path / 'init.safetensors'}",
@@ -656,7 +657,7 @@ def lora_run(tmp_path, colours, name, *args, proc=False):
         "optim.warmup_steps=2",
         f"output_dir={tmp_path / name}",
     ]
-    return (start if proc else run)(*common, *args)
+    return (start if proc else run)(*common, *args, processes=processes)
 
 
 @pytest.fixture
@@ -704,6 +705,9 @@ def test_a_trained_lora_loads_in_diffusers_with_our_merged_weights(tmp_path, col
         torch.testing.assert_close(theirs[name].weight, weight, rtol=0, atol=1e-5, msg=name)
         changed += not torch.equal(weight, pipe.lora_originals.get(f"{UNET}{ours}.weight", weight))
     assert changed == len(ups)
+    cli = ["--ckpt", tmp_path / "init.safetensors", "--prompt", "red", "--lora", path, "--H", 16, "--W", 16]
+    assert txt2img.main([str(a) for a in [*cli, "--steps", 2, "--outdir", tmp_path / "out"]]) == 0
+    assert 'Lora hashes: "lora: ' in Image.open(tmp_path / "out" / "00000.png").info["parameters"]
 
 
 def test_a_lora_run_resumes_exactly(tmp_path, colours, lora_init):
@@ -746,3 +750,11 @@ def test_bad_lora_input_is_one_line_and_exit_code_2(args, message, tmp_path, col
         assert train_unet.main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err, err
+
+
+def test_a_lora_trains_on_two_processes_as_on_one_with_twice_the_batch(tmp_path, colours, lora_init):
+    """DDP over gloo with only the LoRAs trainable, from the latent cache: the same LoRA file as one process."""
+    common = ["--cache-latents", f"cache_dir={tmp_path / 'cache'}", "max_steps=2"]
+    lora_run(tmp_path, colours, "one", *common, "batch_size=8")
+    lora_run(tmp_path, colours, "two", *common, "batch_size=4", processes=2)
+    assert_same(*(load_file(tmp_path / d / "lora.safetensors") for d in ("two", "one")), exact=False)
