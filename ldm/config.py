@@ -377,6 +377,10 @@ class TrainUNetConfig(TrainConfig):
             "reinit_unet needs init_from (a checkpoint to take the VAE and text encoder from)",
         )
         check(
+            not self.lora.rank or (self.init_from and not self.reinit_unet),
+            "a LoRA (lora.rank) adapts a trained UNet: it needs init_from, without reinit_unet",
+        )
+        check(
             not (self.cache_latents and not self.data.center_crop),
             "cache_latents stores center crops: it cannot be combined with data.center_crop=false",
         )

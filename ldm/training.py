@@ -4,10 +4,10 @@
 Training checkpoints are folders <output_dir>/checkpoints/step-000123/ holding `state/` (Accelerate's
 save_state: model, optimizers, grad scaler, RNG states of every process, and the registered objects such as
 EMA, LR scheduler and TrainState) plus whatever the script writes beside it (train_unet.py: model.safetensors,
-the inference checkpoint). A checkpoint is written to step-000123.tmp/ and renamed when complete, so a crash
-or SIGKILL never leaves a broken latest checkpoint: `--resume latest` takes the newest complete one. A write that
-fails (the disk is full) removes its partial folder and stops the run with a one-line CheckpointError naming the
-previous checkpoint, which is intact.
+the inference checkpoint, or lora.safetensors). A checkpoint is written to step-000123.tmp/ and renamed when
+complete, so a crash or SIGKILL never leaves a broken latest checkpoint: `--resume latest` takes the newest complete
+one. A write that fails (the disk is full) removes its partial folder and stops the run with a one-line
+CheckpointError naming the previous checkpoint, which is intact.
 """
 
 from __future__ import annotations

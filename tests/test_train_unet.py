@@ -737,10 +737,13 @@ def test_a_lora_run_resumes_exactly(tmp_path, colours, lora_init):
         (["--lora", "0"], "argument --lora: the LoRA rank must be a whole number >= 1, got '0'"),
         (["--lora", "-2"], "argument --lora: the LoRA rank must be a whole number >= 1, got '-2'"),
         (["lora.rank=-1"], "lora.rank and lora.alpha must be >= 0, got -1"),
-        (["--lora", "4", "lora.targets=[to_q,attn9]"], "lora.targets: 'attn9' is the end of no Linear or Conv2d"),
+        (["--lora", "4", "INIT", "lora.targets=[to_q,attn9]"], "lora.targets: 'attn9' is the end of no Linear"),
+        (["--lora", "4"], "a LoRA (lora.rank) adapts a trained UNet: it needs init_from, without reinit_unet"),
+        (["--lora", "4", "INIT", "reinit_unet=true"], "it needs init_from, without reinit_unet"),
     ],
 )
-def test_bad_lora_input_is_one_line_and_exit_code_2(args, message, tmp_path, colours, capsys):
+def test_bad_lora_input_is_one_line_and_exit_code_2(args, message, tmp_path, colours, lora_init, capsys):
+    args = [f"init_from={tmp_path / 'init.safetensors'}" if a == "INIT" else a for a in args]
     argv = ["--config", str(CONFIG), f"data.path={colours}", f"output_dir={tmp_path / 'out'}", *args]
     if args[0] == "--lora" and int(args[1]) < 1:
         with pytest.raises(SystemExit) as exit:
