@@ -141,7 +141,8 @@ def start_run(cfg, resume_spec: str | None) -> tuple[Path, Path, Path | None]:
     resume = resolve_resume(resume_spec, checkpoints)
     if resume is not None:
         try:
-            saved = json.loads((resume / "config.json").read_text())["model"]
+            run = json.loads((resume / "config.json").read_text())
+            saved, lora = run["model"], run.get("lora", {"rank": 0})
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ConfigError(f"--resume {resume}: its config.json is unreadable ({type(e).__name__}: {e})") from None
         current = to_dict(cfg.model)
@@ -150,7 +151,17 @@ def start_run(cfg, resume_spec: str | None) -> tuple[Path, Path, Path | None]:
             raise ConfigError(
                 f"--resume {resume}: it was trained with another model config (model.{', model.'.join(changed)} differ)"
             )
+        if hasattr(cfg, "lora") and lora_layers(lora) != lora_layers(to_dict(cfg.lora)):  # train_unet.py's LoRAs
+            raise ConfigError(
+                f"--resume {resume}: it trained {lora_layers(lora) or 'the whole UNet'}, "
+                f"this run {lora_layers(to_dict(cfg.lora)) or 'the whole UNet'} (lora.rank, lora.targets)"
+            )
     return output_dir, checkpoints, resume
+
+
+def lora_layers(lora: dict) -> str:
+    """What a train_unet.py config's `lora` section trains beside the frozen UNet ('' for the whole UNet)."""
+    return f"a LoRA of rank {lora['rank']} on {', '.join(lora['targets'])}" if lora["rank"] else ""
 
 
 def resume_state(

@@ -761,3 +761,13 @@ def test_a_lora_trains_on_two_processes_as_on_one_with_twice_the_batch(tmp_path,
     lora_run(tmp_path, colours, "one", *common, "batch_size=8")
     lora_run(tmp_path, colours, "two", *common, "batch_size=4", processes=2)
     assert_same(*(load_file(tmp_path / d / "lora.safetensors") for d in ("two", "one")), exact=False)
+
+
+def test_a_lora_run_does_not_resume_a_full_run(tmp_path, colours, lora_init, capsys):
+    """The checkpoint of a whole-UNet run is not resumed as a LoRA run (nor the other way): one line, exit 2."""
+    common = [f"data.path={colours}", f"init_from={tmp_path / 'init.safetensors'}", f"output_dir={tmp_path / 'run'}"]
+    run(*common, "max_steps=1", "batch_size=2", "validation.every=0")
+    argv = ["--config", str(CONFIG), "tracker=none", *common, "--lora", "4", "--resume", "latest"]
+    assert train_unet.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "it trained the whole UNet, this run a LoRA of rank 4 on to_q, to_k" in err, err
