@@ -166,9 +166,8 @@ def train(args) -> int:
                 )
             vae.to("cpu"), text_encoder.to("cpu")
         accelerator.wait_for_everyone()
-        train_set = LatentCache(
-            folder
-        )  # the VAE encoder stays on the CPU, unused; validation needs the decoder and the text encoder
+        # the VAE encoder stays on the CPU, unused; validation needs the decoder and the text encoder
+        train_set = LatentCache(folder)
         empty_context = train_set.empty_context.to(device)
         if cfg.validation.every:
             vae.decoder.to(device), vae.post_quant_conv.to(device), text_encoder.to(device)
@@ -187,9 +186,8 @@ def train(args) -> int:
     lr_scheduler = get_scheduler(
         cfg.optim.lr_scheduler, optimizer, num_warmup_steps=cfg.optim.warmup_steps, num_training_steps=cfg.max_steps
     )
-    unet_ddp, optimizer = accelerator.prepare(
-        unet, optimizer
-    )  # the LR scheduler is stepped once per step by us, not per process
+    # the LR scheduler is stepped once per step by us, not per process
+    unet_ddp, optimizer = accelerator.prepare(unet, optimizer)
     ema = EMA(trained, cfg.ema.decay, cfg.ema.warmup, cfg.ema.start_step) if cfg.ema.enabled else None
     state = TrainState()
     accelerator.register_for_checkpointing(lr_scheduler, state, *([ema] if ema else []))

@@ -97,9 +97,8 @@ class Diffusion:
         # q(x_{t-1} | x_t, x_0) = N(c1 x_0 + c2 x_t, beta~_t), beta~_t = beta_t (1 - abar_{t-1}) / (1 - abar_t)
         # (Ho et al. eq. 6-7)
         variance = self.betas * (1.0 - prev) / (1.0 - self.alphas_cumprod)
-        self.posterior_log_variance = torch.log(
-            torch.cat([variance[1:2], variance[1:]])
-        )  # beta~_0 = 0: use beta~_1 (improved DDPM)
+        # beta~_0 = 0: use beta~_1 (improved DDPM)
+        self.posterior_log_variance = torch.log(torch.cat([variance[1:2], variance[1:]]))
         self.posterior_mean_coef1 = self.betas * prev.sqrt() / (1.0 - self.alphas_cumprod)
         self.posterior_mean_coef2 = (1.0 - prev) * (1.0 - self.betas).sqrt() / (1.0 - self.alphas_cumprod)
 

@@ -290,9 +290,8 @@ class Pipeline(nn.Module):
                 )
             quantize_int8_(self.unet)
         if compile:
-            self.unet.forward = torch.compile(
-                self.unet.forward
-            )  # on the forward, so the module, its hooks and names stay
+            # on the forward, so the module, its hooks and names stay
+            self.unet.forward = torch.compile(self.unet.forward)
 
     unet = property(lambda self: self.model.unet)
     vae = property(lambda self: self.model.vae)

@@ -87,9 +87,8 @@ class Sampler:
         self.step_kwargs = {"eta": eta} if "eta" in accepts else {}
         self.takes_generator = "generator" in accepts
         self.x0_to_eps = isinstance(self.scheduler, PNDMScheduler) and cfg.parameterization == "x0"
-        self.drop_variance = cfg.learn_sigma and not isinstance(
-            self.scheduler, DDPMScheduler
-        )  # only DDPM samples with it
+        # a learned variance: only DDPM samples with it
+        self.drop_variance = cfg.learn_sigma and not isinstance(self.scheduler, DDPMScheduler)
 
     def scale_input(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The UNet's input for x_t (x_t / sqrt(sigma^2 + 1) for the sigma-based samplers, else x_t)."""
