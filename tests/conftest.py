@@ -7,6 +7,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import json  # noqa: E402
 import re  # noqa: E402
 import struct  # noqa: E402
+import sys  # noqa: E402
 import zlib  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -43,6 +44,28 @@ def randomize_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
                 + 0.01 * torch.randn(p.shape, generator=g)
             )
     return module
+
+
+def launcher(processes: int) -> list[str]:
+    """The command line that starts a training script on `processes` CPU processes: python itself for one, else
+    `accelerate launch --multi_gpu` (`--cpu --num_processes 2` starts ONE process: Accelerate 1.15 runs several CPU
+    processes only through MPI; `--multi_gpu` goes through torchrun, which without GPUs gives gloo CPU processes)."""
+    if processes == 1:
+        return [sys.executable]
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        str(processes),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+    ]
 
 
 def run_in_process(script, argv) -> int:

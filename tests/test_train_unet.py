@@ -27,7 +27,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 import ldm.checkpoint
 import train_unet
 import txt2img
-from conftest import ROOT, WATCH_OPENS, check_corpus_run, run_in_process, write_bad_corpus
+from conftest import ROOT, WATCH_OPENS, check_corpus_run, launcher, run_in_process, write_bad_corpus
 from ldm import DEFAULT_MODEL
 from ldm.checkpoint import UNET, load_model, save_diffusers_folder, save_single_file
 from ldm.config import load_config
@@ -72,25 +72,7 @@ def colours(tmp_path_factory):
 
 def command(*args, processes=1):
     """The command line of a run, without a tracker unless args name one."""
-    launch = (
-        [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--multi_gpu",
-            "--num_processes",
-            str(processes),
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-        ]
-        if processes > 1
-        else [sys.executable]
-    )
-    return launch + [str(ROOT / "train_unet.py"), "--config", str(CONFIG), "tracker=none", *map(str, args)]
+    return launcher(processes) + [str(ROOT / "train_unet.py"), "--config", str(CONFIG), "tracker=none", *map(str, args)]
 
 
 def start(*args, processes=1):

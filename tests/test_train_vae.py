@@ -16,7 +16,16 @@ import ldm.eval_vae
 import train_unet
 import train_vae
 import txt2img
-from conftest import CAPTION_PROBLEMS, ROOT, WATCH_OPENS, check_corpus_run, randomize_, run_in_process, write_bad_corpus
+from conftest import (
+    CAPTION_PROBLEMS,
+    ROOT,
+    WATCH_OPENS,
+    check_corpus_run,
+    launcher,
+    randomize_,
+    run_in_process,
+    write_bad_corpus,
+)
 from ldm import load_pipeline
 from ldm.checkpoint import load_model, save_single_file
 from ldm.config import load_config
@@ -67,28 +76,8 @@ def lpips_files(tmp_path_factory):
 
 
 def run_cli(args, processes=1) -> subprocess.CompletedProcess:
-    # `--cpu --num_processes 2` starts ONE process (Accelerate 1.15 runs several CPU processes only through MPI);
-    # `--multi_gpu` goes through torchrun, which on a machine without GPUs gives CPU processes talking over gloo
-    launch = (
-        [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--multi_gpu",
-            "--num_processes",
-            str(processes),
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-        ]
-        if processes > 1
-        else [sys.executable]
-    )
     return subprocess.run(
-        launch + ["train_vae.py", *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600
+        launcher(processes) + ["train_vae.py", *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600
     )
 
 
