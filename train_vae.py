@@ -55,7 +55,7 @@ from tqdm.auto import tqdm
 
 from ldm.checkpoint import load_model_or_vae, load_state_strict, save_single_file
 from ldm.config import ConfigError, TrainVAEConfig, to_dict
-from ldm.data import ImageCaptionDataset, holdout_split
+from ldm.data import ImageCaptionDataset, holdout_split, rotate_hue
 from ldm.eval_vae import evaluate, image_batches
 from ldm.losses import GeneratorLoss, NLayerDiscriminator, discriminator_loss, load_lpips
 from ldm.model import StableDiffusion
@@ -188,7 +188,10 @@ def train(args) -> int:
         state.skipped |= dict(batch["skipped"])
         x = batch["pixels"].to(device)
         # z = mean + std * noise with each sample's own noise: the same whatever the process count, and on resume
-        noise = randn_like_per_sample(per_sample_generators(batch["seed"]), latent_shape).to(device)
+        generators = per_sample_generators(batch["seed"])
+        noise = randn_like_per_sample(generators, latent_shape).to(device)
+        if cfg.hue_augment:  # an angle in [0, 360) from each sample's own generator, after its noise
+            x = rotate_hue(x, torch.cat([torch.rand(1, generator=g) for g in generators]).to(device) * 360)
         gan = state.step >= cfg.loss.disc_start
 
         with accelerator.accumulate(vae_ddp, disc_ddp):

@@ -44,9 +44,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="an SD v1 .safetensors/.ckpt, a diffusers folder or one of ours (default: the embedded model)",
     )
     p.add_argument("--config", type=Path, help="architecture YAML, for a single file that does not carry its config")
-    p.add_argument("--sampler", default="ddim", choices=cli.SAMPLER_NAMES, help="default: ddim")
-    p.add_argument("--steps", "--ddim_steps", type=int, default=50, help="sampling steps (default: 50)")
-    p.add_argument("--scale", type=float, default=7.5, help="classifier-free guidance scale (default: 7.5; 1: none)")
+    p.add_argument("--sampler", choices=cli.SAMPLER_NAMES, help="default: the model's (SD v1: ddim)")
+    p.add_argument("--steps", "--ddim_steps", type=int, help="sampling steps (default: the model's; SD v1: 50)")
+    p.add_argument(
+        "--scale", type=float, help="classifier-free guidance scale; 1: none (default: the model's; SD v1: 7.5)"
+    )
     p.add_argument(
         "--prompt-syntax",
         choices=cli.SYNTAX_NAMES,
@@ -411,8 +413,10 @@ def execute(args) -> list[Path]:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InputError("--device cuda, but no CUDA device is available")
     config = load_config(args.config) if args.config else None
+    model_config = config or peek_config(ckpt)
+    args.sampler, args.steps, args.scale = model_config.sampling.fill(args.sampler, args.steps, args.scale)
     check_request(  # before loading: a request that cannot run costs no loading time
-        config or peek_config(ckpt),
+        model_config,
         [tagged[p][0] if p in tagged else p for p in prompts],
         n_samples=args.n_samples,
         steps=args.steps,

