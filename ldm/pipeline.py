@@ -25,6 +25,7 @@ from __future__ import annotations
 import warnings
 from collections import OrderedDict
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -350,6 +351,7 @@ class Pipeline(nn.Module):
         trajectory: list[torch.Tensor] | None = None,
         prompt_syntax: str = "a1111",
         clip_skip: int = 1,
+        callback: Callable[[int, int, torch.Tensor], None] | None = None,
     ) -> list[Image.Image]:
         """n_samples images per prompt (prompt-major order); image i uses a CPU generator seeded seed + i.
 
@@ -363,6 +365,8 @@ class Pipeline(nn.Module):
         prompt_syntax: "a1111" reads AUTOMATIC1111's prompt syntax (weights, BREAK), "plain" takes every character
         literally; both take prompts of any length, in chunks of 75 tokens (ldm.prompts). clip_skip: the text
         encoder's hidden state that conditions, counted from the end (1: the last).
+        callback(i, steps, z_t): called after step i (from 0) of each sub-batch's `steps` with its latents (a progress
+        bar, previews); an exception it raises stops the run there (an interrupt).
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         sampler, steps, scale = self.cfg.sampling.fill(sampler, steps, scale)
@@ -401,15 +405,17 @@ class Pipeline(nn.Module):
             sub = mode(self, run, generators, self.cfg.vae.latent_shape(height, width), **images, strength=strength)
             trajectories.append([] if trajectory is not None else None)
             desc = None if not progress else f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {seeds[0]}-{seeds[-1]}"
-            batch_images = self.sample(sub, run, generators, context, scale, guidance_rescale, desc, trajectories[-1])
+            batch_images = self.sample(
+                sub, run, generators, context, scale, guidance_rescale, desc, trajectories[-1], callback
+            )
             results += to_pil(batch_images)
         if trajectory is not None:
             trajectory += [torch.cat(step) for step in zip(*trajectories)]
         return results
 
-    def sample(self, mode: Txt2Img, run: Sampler, generators, context, scale, rescale, desc, trajectory):
+    def sample(self, mode: Txt2Img, run: Sampler, generators, context, scale, rescale, desc, trajectory, callback=None):
         """Steps 2-7 of the loop in the module docstring for one sub-batch: its images, (B, 3, H, W) in [0, 1];
-        desc: the progress bar's (None: no bar)."""
+        desc: the progress bar's (None: no bar); callback: generate's."""
         latents = mode.start
         for i, t in enumerate(tqdm(run.timesteps, desc=desc, disable=desc is None)):
             x = run.scale_input(latents, t)
@@ -418,6 +424,8 @@ class Pipeline(nn.Module):
             e = self.predict(mode.unet_input(x), t, context, scale, rescale)  # 2. - 4.
             latents = run.step(e, t, latents, generators)  # 5.
             latents = mode.after_step(latents, i)  # 6.
+            if callback is not None:
+                callback(i, len(run.timesteps), latents)
         if trajectory is not None:
             trajectory.append(latents)
         return mode.finish(self.decode(latents))  # 7.

@@ -355,3 +355,24 @@ def test_a_10000_image_request_runs_in_sub_batches_of_bounded_memory(models):
     grown = status("VmHWM") - base
     assert calls == [100, 100]
     assert grown <= estimate_memory(cfg, 50, 16, 16) < estimate_memory(cfg, 10_000, 16, 16) / 100, grown
+
+
+def test_the_step_callback_sees_every_step_changes_nothing_and_can_stop_the_run():
+    pipe = Pipeline(tiny_model()).eval()
+    plain = pipe.txt2img(PROMPT, steps=4, seed=0, n_samples=2, progress=False)
+    seen = []
+    watched = pipe.txt2img(
+        PROMPT, steps=4, seed=0, n_samples=2, progress=False, callback=lambda i, n, z: seen.append((i, n, z.shape))
+    )
+    assert seen == [(i, 4, (2, 4, 8, 8)) for i in range(4)]
+    assert np.array_equal(pixels(plain), pixels(watched))
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_step_1(i, n, z):
+        if i == 1:
+            raise Stop
+
+    with pytest.raises(Stop):
+        pipe.txt2img(PROMPT, steps=4, seed=0, progress=False, callback=stop_at_step_1)

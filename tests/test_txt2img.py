@@ -25,6 +25,7 @@ from ldm import cli as cli_names
 from ldm.checkpoint import save_single_file
 from ldm.config import ModelConfig, load_config, to_dict
 from ldm.model import StableDiffusion
+from ldm.outputs import save_png
 from ldm.pipeline import DTYPES, QUANTIZE
 from ldm.samplers import SAMPLERS
 
@@ -434,7 +435,7 @@ def test_png_parameters_round_trip(prompt, negative, model, seed, scale, sampler
     }
     with (
         tempfile.TemporaryDirectory() as folder,
-        Image.open(txt2img.save_png(Image.new("RGB", (1, 1)), Path(folder) / "x.png", facts)) as png,
+        Image.open(save_png(Image.new("RGB", (1, 1)), Path(folder) / "x.png", facts)) as png,
     ):
         png.load()
         assert json.loads(png.text["ldm"]) == facts

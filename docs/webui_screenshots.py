@@ -1,0 +1,102 @@
+"""docs/webui-*.png: a screenshot of each tab of python -m ldm.webui (embedded model), in headless chromium.
+
+apt-get install chromium chromium-driver && pip install -e ".[test]"
+python docs/webui_screenshots.py
+"""
+
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from PIL import Image
+from selenium import webdriver
+from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
+from selenium.webdriver.support.ui import WebDriverWait
+
+DOCS = Path(__file__).resolve().parent
+PORT = 7870
+
+
+def fill(browser, elem_id: str, value) -> None:
+    box = browser.find_element(By.CSS_SELECTOR, f"#{elem_id} textarea, #{elem_id} input[type=number]")
+    box.send_keys(Keys.CONTROL, "a")
+    box.send_keys(str(value), Keys.TAB)
+
+
+def click(browser, element) -> None:
+    """A click that Gradio's loading overlays cannot intercept."""
+    browser.execute_script("arguments[0].click()", element)
+
+
+def tab(browser, name: str) -> None:
+    click(browser, browser.find_element(By.XPATH, f"//button[@role='tab'][normalize-space()='{name}']"))
+    time.sleep(1)
+
+
+def shoot(browser, name: str) -> None:
+    """The page as a small PNG (256-colour palette)."""
+    path = DOCS / f"webui-{name}.png"
+    browser.save_screenshot(str(path))
+    Image.open(path).convert("RGB").quantize(256).save(path, optimize=True)
+
+
+def main() -> None:
+    work = Path(tempfile.mkdtemp())
+    command = [sys.executable, "-m", "ldm.webui", "--port", str(PORT), "--outdir", str(work / "out")]
+    server = subprocess.Popen(command + ["--models-dir", str(work / "models")], cwd=DOCS.parent)
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium")
+    for flag in ("--headless=new", "--no-sandbox", "--window-size=1100,900", "--force-device-scale-factor=1"):
+        options.add_argument(flag)
+    browser = webdriver.Chrome(service=webdriver.ChromeService(shutil.which("chromedriver")), options=options)
+    try:
+        for _ in range(600):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{PORT}", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.5)
+        browser.get(f"http://127.0.0.1:{PORT}")
+        wait = WebDriverWait(browser, 300)
+        wait.until(lambda b: b.find_elements(By.ID, "txt2img-generate"))
+        fill(browser, "txt2img-prompt", "a red apple")
+        fill(browser, "txt2img-size", 4)
+        click(browser, browser.find_element(By.ID, "txt2img-generate"))
+        wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "#txt2img-gallery img")) >= 4)
+        shoot(browser, "txt2img")
+        first = sorted((work / "out").glob("0*.png"))[0]
+        tab(browser, "img2img")
+        browser.find_element(By.CSS_SELECTOR, "#img2img-image input[type=file]").send_keys(str(first))
+        fill(browser, "img2img-prompt", "a green apple")
+        click(browser, browser.find_element(By.ID, "img2img-generate"))
+        wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#img2img-gallery img"))
+        shoot(browser, "img2img")
+        tab(browser, "inpaint")
+        shoot(browser, "inpaint")
+        tab(browser, "PNG info")
+        browser.find_element(By.CSS_SELECTOR, "#png-file input[type=file]").send_keys(str(first))
+        wait.until(
+            lambda b: "apple" in b.find_element(By.CSS_SELECTOR, "#png-parameters textarea").get_attribute("value")
+        )
+        shoot(browser, "png-info")
+        tab(browser, "Models")
+        shoot(browser, "models")
+        tab(browser, "Diffusion explorer")
+        browser.find_element(By.CSS_SELECTOR, "#explorer-image input[type=file]").send_keys(str(first))
+        click(browser, browser.find_element(By.ID, "explorer-noise"))
+        click(browser, browser.find_element(By.ID, "explorer-generate"))
+        wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "#explorer-forward img, #explorer-reverse img")) >= 2)
+        time.sleep(2)
+        shoot(browser, "explorer")
+    finally:
+        browser.quit()
+        server.terminate()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""python -m ldm.webui: a Gradio web UI over the Pipeline API (txt2img, img2img, inpainting, LoRA and embedding
+pickers, PNG info, models, a diffusion explorer).
+
+    python -m ldm.webui                                   # the embedded model, http://127.0.0.1:7860
+    python -m ldm.webui --ckpt v1-5-pruned-emaonly.safetensors --models-dir models --port 7861
+
+It generates through ldm.outputs.make_images, as txt2img.py does: the same parameters make the same image, written
+the same way (numbered PNGs with their parameters, in --outdir). It binds 127.0.0.1 unless --listen, never opens a
+share link, sends no analytics, and serves no file but those in --outdir and Gradio's upload cache. One generation
+runs at a time (Gradio's queue); bad input is the CLI's one-line message in the page.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from ldm import LdmError, cli
+
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before gradio is imported: it reads this at import
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = cli.ArgumentParser(prog="python -m ldm.webui", description=__doc__.split("\n\n")[0])
+    p.add_argument("--ckpt", type=Path, help="the model to start with (default: the embedded model)")
+    p.add_argument(
+        "--models-dir",
+        type=Path,
+        default=Path("models"),
+        help="checkpoints to switch between (SD v1 files, diffusers folders, ours), with Lora/ and embeddings/ "
+        "inside (default: models)",
+    )
+    p.add_argument("--outdir", type=Path, default=Path("outputs/txt2img-samples"), help="where the PNGs go")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--listen", action="store_true", help="bind 0.0.0.0 (every network interface), not 127.0.0.1")
+    p.add_argument("--device", help="cpu, cuda, mps... (default: cuda when there is one, else cpu)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    return cli.run(lambda: serve(args))
+
+
+def serve(args) -> int:
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        raise LdmError("the web UI needs gradio: pip install 'ldm[webui]'") from None
+    from ldm.webui_app import CSS, Session, build  # gradio and torch: seconds
+
+    demo = build(Session(args))
+    demo.queue(default_concurrency_limit=1)
+    demo.launch(
+        server_name="0.0.0.0" if args.listen else "127.0.0.1",
+        server_port=args.port,
+        share=False,
+        ssr_mode=False,
+        allowed_paths=[str(args.outdir.resolve())],
+        blocked_paths=[str(args.models_dir.resolve())],
+        footer_links=[],
+        css=CSS,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,426 @@
+"""The page of python -m ldm.webui (Gradio): txt2img, img2img and inpaint tabs with LoRA and embedding pickers,
+PNG info, Models, the diffusion explorer. Generation goes through ldm.outputs.make_images, as txt2img.py's does."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import queue
+import random
+import threading
+from pathlib import Path
+
+import gradio as gr
+import torch
+from PIL import Image, ImageFilter
+
+from ldm import DEFAULT_MODEL, LdmError, load_pipeline
+from ldm.cli import SAMPLER_NAMES, SYNTAX_NAMES
+from ldm.explorer import forward_process, reverse_process, step_view
+from ldm.outputs import embedding_facts, make_images, model_facts, next_number, save_png
+from ldm.pipeline import load_image, to_pil
+from ldm.prompts import LORA_SUFFIXES, lora_tags
+
+CSS = "img { image-rendering: pixelated; }"  # the embedded model's 32x32 images, shown large without blur
+FIELDS = (
+    "prompt",
+    "negative_prompt",
+    "sampler",
+    "steps",
+    "scale",
+    "seed",
+    "width",
+    "height",
+    "batch_count",
+    "batch_size",
+    "eta",
+    "guidance_rescale",
+    "clip_skip",
+    "prompt_syntax",
+)
+
+
+class Interrupted(Exception):
+    """Raised by the step callback when Interrupt was pressed: the run stops at its next step."""
+
+
+class Session:
+    """The model being served, what its PNGs say of it (model_facts, with embeddings once added), and the stop flag."""
+
+    def __init__(self, args):
+        self.args = args
+        self.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.stop = threading.Event()
+        self.load(args.ckpt)
+
+    def load(self, ckpt: Path | None) -> None:
+        path = DEFAULT_MODEL if ckpt is None else Path(ckpt)
+        self.pipe = load_pipeline(path, self.device)
+        self.ckpt, self.model = ckpt, model_facts(path, ckpt is None)
+
+    def models(self) -> list[str]:
+        """The embedded model and the checkpoints in --models-dir: single files and diffusers folders."""
+        folder = self.args.models_dir
+        found = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.ckpt"))
+        found += sorted(p for p in folder.glob("*/") if (p / "model_index.json").is_file())
+        return [EMBEDDED] + [str(p) for p in found]
+
+    def files(self, kind: str, suffixes: tuple[str, ...]) -> list[str]:
+        folder = self.args.models_dir / kind
+        return sorted(p.name for p in folder.glob("*") if p.suffix in suffixes) if folder.is_dir() else []
+
+
+EMBEDDED = "ldm-emoji (embedded)"
+
+
+def run_args(session: Session, values: dict, init_image, mask, strength) -> argparse.Namespace:
+    """The arguments txt2img.py would have for these page values (what make_images reads)."""
+    seed = int(values["seed"])
+    return argparse.Namespace(
+        negative_prompt=values["negative_prompt"],
+        steps=int(values["steps"]),
+        scale=float(values["scale"]),
+        sampler=values["sampler"],
+        H=int(values["height"]),
+        W=int(values["width"]),
+        eta=float(values["eta"]),
+        n_samples=int(values["batch_size"]),
+        n_iter=int(values["batch_count"]),
+        guidance_rescale=float(values["guidance_rescale"]),
+        prompt_syntax=values["prompt_syntax"],
+        clip_skip=int(values["clip_skip"]),
+        seed=random.randrange(2**32) if seed == -1 else seed,
+        dtype="fp32",
+        device=session.device,
+        quantize=None,
+        init_image=init_image,
+        mask=mask,
+        strength=strength,
+        outdir=session.args.outdir,
+        no_metadata=False,
+        save_intermediates=False,
+        skip_grid=False,
+    )
+
+
+def generate(session: Session, values: dict, progress, init_image=None, mask=None, mask_blur=0, strength=None):
+    """Run make_images in a worker thread; yield (preview, gallery, info) as steps, previews and images come.
+    init_image: a file; mask: a file, or a PIL image (drawn); mask_blur: A1111's, a Gaussian blur radius in pixels."""
+    session.stop.clear()
+    prompt, mask_file = values["prompt"], mask
+    try:
+        image = load_image(init_image) if init_image else None
+        if isinstance(mask, (str, Path)):
+            mask = load_image(mask, "L")
+        if mask is not None and (mask_blur or mask_file is None):  # the mask used, beside the images for the PNGs
+            mask = mask.filter(ImageFilter.GaussianBlur(mask_blur))
+            folder = session.args.outdir / "masks"
+            mask_file = save_png(mask, folder / f"{next_number(folder):05}-mask.png", None)
+        args = run_args(session, values, init_image, None if mask is None else str(mask_file), strength)
+        tagged = {prompt: lora_tags(prompt, session.args.models_dir / "Lora")} if args.prompt_syntax == "a1111" else {}
+    except LdmError as e:
+        raise gr.Error(str(e), print_exception=False) from None
+    every, events = int(values["preview_every"]), queue.Queue()
+
+    def callback(i, steps, latents):
+        if session.stop.is_set():
+            raise Interrupted
+        preview = every and (i + 1) % every == 0 and i + 1 < steps
+        events.put(("step", i + 1, steps, to_pil(session.pipe.decode(latents[:1]))[0] if preview else None))
+
+    def work():
+        try:
+            for path in make_images(session.pipe, args, [prompt], image, mask, session.model, tagged, callback):
+                events.put(("image", path))
+        except Interrupted:
+            events.put(("interrupted",))
+        except LdmError as e:
+            events.put(("error", gr.Error(str(e), print_exception=False)))
+        except Exception as e:  # a bug: its traceback goes to the server's log, "Error" to the page
+            events.put(("error", e))
+        finally:
+            events.put(("done",))
+
+    threading.Thread(target=work, daemon=True).start()
+    preview, images, note, batch = None, [], "", 0
+    while (event := events.get())[0] != "done":
+        if event[0] == "step":
+            _, i, steps, picture = event
+            batch += i == 1
+            progress((i, steps), desc=f"batch {batch} of {args.n_iter}: step {i}/{steps}", unit="steps")
+            if picture is None:
+                continue
+            preview = picture
+        elif event[0] == "image":
+            images += [] if event[1].name.startswith("grid-") else [str(event[1])]
+        elif event[0] == "interrupted":
+            note = "Interrupted: the images finished before it are kept.\n"
+        else:
+            raise event[1]
+        yield preview, images, note + info(images)
+
+
+def info(images: list[str]) -> str:
+    """The parameters text of the first image (its seed shows the seed used)."""
+    if not images:
+        return ""
+    with Image.open(images[0]) as png:
+        return png.text.get("parameters", "")
+
+
+def settings(prefix: str) -> dict:
+    """The generation fields of one tab (elem_ids prefix-name), the LoRA and embedding pickers above them."""
+    c = {}
+    c["prompt"] = gr.Textbox(label="Prompt", lines=2, elem_id=f"{prefix}-prompt")
+    c["negative_prompt"] = gr.Textbox(label="Negative prompt", elem_id=f"{prefix}-negative")
+    with gr.Row():
+        c["sampler"] = gr.Dropdown(list(SAMPLER_NAMES), value="ddim", label="Sampler", elem_id=f"{prefix}-sampler")
+        c["steps"] = gr.Slider(1, 150, value=50, step=1, label="Steps", elem_id=f"{prefix}-steps")
+        c["scale"] = gr.Slider(1, 30, value=7.5, step=0.5, label="CFG scale", elem_id=f"{prefix}-scale")
+    with gr.Row():
+        c["seed"] = gr.Number(42, precision=0, label="Seed (-1: random)", elem_id=f"{prefix}-seed")
+        c["width"] = gr.Number(32, precision=0, label="Width", elem_id=f"{prefix}-width")
+        c["height"] = gr.Number(32, precision=0, label="Height", elem_id=f"{prefix}-height")
+        c["batch_count"] = gr.Slider(1, 16, value=1, step=1, label="Batch count", elem_id=f"{prefix}-count")
+        c["batch_size"] = gr.Slider(1, 8, value=1, step=1, label="Batch size", elem_id=f"{prefix}-size")
+    with gr.Accordion("More", open=False):
+        with gr.Row():
+            c["eta"] = gr.Number(0.0, label="DDIM eta", elem_id=f"{prefix}-eta")
+            c["guidance_rescale"] = gr.Slider(0, 1, value=0, step=0.05, label="Guidance rescale")
+            c["clip_skip"] = gr.Number(1, precision=0, label="Clip skip", elem_id=f"{prefix}-clip-skip")
+            c["prompt_syntax"] = gr.Radio(list(SYNTAX_NAMES), value="a1111", label="Prompt syntax")
+            c["preview_every"] = gr.Number(5, precision=0, label="Preview every N steps (0: none)")
+    return c
+
+
+def pickers(session: Session, prompt) -> None:
+    """LoRA and embedding pickers that add A1111's <lora:NAME:W> or an embedding's (token:W) to the prompt."""
+
+    def add_lora(text, name, weight):
+        return text if not name else f"{text} <lora:{Path(name).stem}:{weight:g}>".strip()
+
+    def add_embedding(text, name, weight):
+        if not name:
+            return text
+        path = session.args.models_dir / "embeddings" / name
+        known = {e["file"]: e["token"] for e in session.model.get("embeddings", [])}
+        if str(path) not in known:
+            try:
+                facts = embedding_facts(session.pipe, path, None, False)
+            except LdmError as e:
+                raise gr.Error(str(e), print_exception=False) from None
+            session.model.setdefault("embeddings", []).append(facts)
+            known[str(path)] = facts["token"]
+        word = known[str(path)] if weight == 1 else f"({known[str(path)]}:{weight:g})"
+        return f"{text} {word}".strip()
+
+    with gr.Accordion("LoRA and embeddings", open=False), gr.Row():
+        lora = gr.Dropdown(session.files("Lora", LORA_SUFFIXES), label="LoRA (models/Lora)", scale=2)
+        lora_weight = gr.Slider(-2, 2, value=1, step=0.05, label="weight")
+        gr.Button("Add LoRA").click(add_lora, [prompt, lora, lora_weight], prompt)
+        embedding = gr.Dropdown(session.files("embeddings", (".pt", ".safetensors", ".bin")), label="Embedding")
+        embedding_weight = gr.Slider(0, 2, value=1, step=0.05, label="weight")
+        gr.Button("Add embedding").click(add_embedding, [prompt, embedding, embedding_weight], prompt)
+
+
+def generation_tab(session: Session, mode: str) -> dict:
+    """One of the txt2img / img2img / inpaint tabs: its fields, Generate and Interrupt, preview, gallery, parameters."""
+    with gr.Row():
+        with gr.Column():
+            c = settings(mode)
+            pickers(session, c["prompt"])
+            extra = []
+            if mode == "img2img":
+                extra = [gr.File(label="Image", file_types=["image"], elem_id="img2img-image")]
+            if mode == "inpaint":
+                editor = gr.ImageEditor(
+                    label="Image: paint the mask (white: repaint)",
+                    type="pil",
+                    image_mode="RGBA",
+                    brush=gr.Brush(colors=["#ffffff"], color_mode="fixed"),
+                    format="png",
+                    elem_id="inpaint-editor",
+                )
+                with gr.Row():
+                    image = gr.File(label="...or upload the image", file_types=["image"], elem_id="inpaint-image")
+                    mask = gr.File(label="and a mask (white: repaint)", file_types=["image"], elem_id="inpaint-mask")
+                blur = gr.Slider(0, 16, value=0, step=1, label="Mask blur (pixels)", elem_id="inpaint-blur")
+                extra = [editor, image, mask, blur]
+            if mode != "txt2img":
+                default = 1.0 if mode == "inpaint" else 0.75
+                extra.append(gr.Slider(0.01, 1, value=default, step=0.01, label="Strength", elem_id=f"{mode}-strength"))
+        with gr.Column():
+            with gr.Row():
+                go = gr.Button("Generate", variant="primary", elem_id=f"{mode}-generate")
+                stop = gr.Button("Interrupt", elem_id=f"{mode}-interrupt")
+            preview = gr.Image(label="Preview", format="png", interactive=False, height=160, elem_id=f"{mode}-preview")
+            gallery = gr.Gallery(label="Images", format="png", columns=4, elem_id=f"{mode}-gallery")
+            text = gr.Textbox(label="Parameters", lines=4, interactive=False, elem_id=f"{mode}-info")
+    names = list(c)
+
+    def run(*values, progress=gr.Progress()):
+        fields = dict(zip(names, values))
+        rest = values[len(names) :]
+        if mode == "txt2img":
+            yield from generate(session, fields, progress)
+        elif mode == "img2img":
+            yield from generate(session, fields, progress, init_image=rest[0], strength=rest[1])
+        else:
+            drawn, image, mask, blur, strength = rest
+            if image is None and drawn is not None and drawn.get("background") is not None:
+                image = save_drawn(session, drawn["background"].convert("RGB"))
+                layers = drawn.get("layers") or []
+                mask = layers[0].getchannel("A").point(lambda a: 255 if a else 0) if layers else None
+            if image is None or mask is None:
+                raise gr.Error("inpainting needs an image and a mask: paint one on the image, or upload both")
+            yield from generate(
+                session, fields, progress, init_image=image, mask=mask, mask_blur=blur, strength=strength
+            )
+
+    go.click(run, list(c.values()) + extra, [preview, gallery, text], concurrency_id="generate", concurrency_limit=1)
+    stop.click(session.stop.set, queue=False)
+    return c
+
+
+def save_drawn(session: Session, image) -> str:
+    """An image drawn on in the editor, written beside the images (the PNGs name it as their init image)."""
+    folder = session.args.outdir / "masks"
+    return str(save_png(image, folder / f"{next_number(folder):05}-image.png", None))
+
+
+def png_info(path: str | None) -> tuple[str, dict | None]:
+    """A PNG's A1111 `parameters` text and its `ldm` JSON chunk."""
+    if not path:
+        return "", None
+    load_image(path)  # a broken file: its one-line error
+    with Image.open(path) as png:
+        text = getattr(png, "text", {})
+    try:
+        facts = json.loads(text["ldm"]) if "ldm" in text else None
+    except json.JSONDecodeError:
+        raise gr.Error(f"{path}: its ldm parameters chunk is not JSON", print_exception=False) from None
+    return text.get("parameters", "(no parameters in this image)"), facts
+
+
+def send_to_txt2img(facts: dict | None, fields: dict) -> dict:
+    """The txt2img fields that remake the image: its batch's first seed and batch size, its position within it."""
+    if not facts:
+        raise gr.Error("this image has no ldm parameters (made by txt2img.py or this page) to send")
+    values = {key: facts[key] for key in ("prompt", "negative_prompt", "sampler", "steps", "scale", "width", "height")}
+    values |= {"seed": facts["seed"] - facts["batch_pos"], "batch_size": facts["batch_size"], "batch_count": 1}
+    values |= {key: facts.get(key, default) for key, default in FIELD_DEFAULTS.items()}
+    return {fields[key]: value for key, value in values.items()}
+
+
+FIELD_DEFAULTS = {"eta": 0.0, "guidance_rescale": 0.0, "clip_skip": 1, "prompt_syntax": "a1111"}
+
+
+def build(session: Session):
+    def guard(fn):
+        """fn with bad input (ldm.LdmError) shown as its one line in the page."""
+
+        def guarded(*args):
+            try:
+                return fn(*args)
+            except LdmError as e:
+                raise gr.Error(str(e), print_exception=False) from None
+
+        return guarded
+
+    with gr.Blocks(title="ldm") as demo:
+        with gr.Tabs() as tabs:
+            with gr.Tab("txt2img", id="txt2img"):
+                fields = generation_tab(session, "txt2img")
+            with gr.Tab("img2img", id="img2img"):
+                generation_tab(session, "img2img")
+            with gr.Tab("inpaint", id="inpaint"):
+                generation_tab(session, "inpaint")
+            with gr.Tab("PNG info", id="png-info"):
+                with gr.Row():
+                    png = gr.File(label="PNG", file_types=[".png"], elem_id="png-file")
+                    with gr.Column():
+                        text = gr.Textbox(label="parameters (AUTOMATIC1111)", lines=4, elem_id="png-parameters")
+                        facts = gr.JSON(label="ldm (JSON)")
+                        send = gr.Button("Send to txt2img", elem_id="png-send")
+                png.change(guard(png_info), png, [text, facts])
+                targets = [fields[k] for k in FIELDS]
+                send.click(lambda f: send_to_txt2img(f, fields), facts, targets).then(
+                    lambda: gr.Tabs(selected="txt2img"), None, tabs
+                )
+            with gr.Tab("Models", id="models"):
+                models_tab(session, guard)
+            with gr.Tab("Diffusion explorer", id="explorer"):
+                explorer_tab(session, guard)
+    return demo
+
+
+def models_tab(session: Session, guard) -> None:
+    def current() -> str:
+        return f"Loaded: **{session.model['model']}** ({session.pipe.cfg.image_size * session.pipe.vae_factor} px)"
+
+    def load(choice):
+        session.load(None if choice == EMBEDDED else Path(choice))
+        return current()
+
+    with gr.Row():
+        choice = gr.Dropdown(
+            session.models(), value=str(session.ckpt or EMBEDDED), label=f"Models in {session.args.models_dir}"
+        )
+        refresh = gr.Button("Refresh")
+        button = gr.Button("Load", variant="primary")
+    status = gr.Markdown(current())
+    refresh.click(lambda: gr.Dropdown(choices=session.models()), None, choice)
+    button.click(guard(load), choice, status, concurrency_id="generate", concurrency_limit=1)
+
+
+def step_slider(last: int):
+    return gr.Slider(0, last, value=last, step=1, label=f"step (0: z_T, pure noise; {last}: z_0)")
+
+
+def explorer_tab(session: Session, guard) -> None:
+    gr.Markdown(
+        "**Forward process** q(x_t | x_0), a column per t; rows: the latent z_t (channels 1-3), its decoding, the "
+        "same noise on the pixels."
+    )
+    with gr.Row():
+        image = gr.Image(label="Image", type="filepath", height=200, elem_id="explorer-image")
+        with gr.Column():
+            timesteps = gr.Textbox("0, 100, 250, 400, 600, 800, 999", label="timesteps t")
+            seed = gr.Number(0, precision=0, label="Seed")
+            noise = gr.Button("Noise it", elem_id="explorer-noise")
+        forward = gr.Image(label="q(x_t | x_0)", format="png", interactive=False, elem_id="explorer-forward")
+    noise.click(
+        guard(lambda *a: forward_process(session.pipe, *a)),
+        [image, timesteps, seed],
+        forward,
+        concurrency_id="generate",
+        concurrency_limit=1,
+    )
+    gr.Markdown("**Reverse process**: a generation's latents z_t, step by step; rows: the latent, its decoding.")
+    with gr.Row():
+        with gr.Column():
+            prompt = gr.Textbox("a red apple", label="Prompt")
+            with gr.Row():
+                reverse_seed = gr.Number(42, precision=0, label="Seed")
+                steps = gr.Slider(1, 150, value=25, step=1, label="Steps")
+                sampler = gr.Dropdown(list(SAMPLER_NAMES), value="ddim", label="Sampler")
+            run = gr.Button("Generate", elem_id="explorer-generate")
+        overview = gr.Image(label="trajectory", format="png", interactive=False, elem_id="explorer-reverse")
+    trajectory = gr.State([])
+    with gr.Row():
+        step = step_slider(1)
+        frame = gr.Image(label="this step", format="png", interactive=False, height=200)
+
+    def reverse(*values):
+        latents, picture = reverse_process(session.pipe, *values)
+        last = len(latents) - 1
+        return latents, picture, step_slider(last), step_view(session.pipe, latents, last)
+
+    run.click(
+        guard(reverse),
+        [prompt, reverse_seed, steps, sampler],
+        [trajectory, overview, step, frame],
+        concurrency_id="generate",
+        concurrency_limit=1,
+    )
+    step.change(lambda latents, k: step_view(session.pipe, latents, k), [trajectory, step], frame)
