@@ -95,6 +95,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--compile", action="store_true", help="torch.compile the UNet (the first image pays the compile time)"
     )
     p.add_argument(
+        "--deepcache",
+        type=int,
+        metavar="N",
+        help="DeepCache: the whole UNet every N-th call, its deep features reused between (faster, close image)",
+    )
+    p.add_argument(
+        "--deepcache-branch",
+        type=int,
+        default=0,
+        help="DeepCache's skip branch: 0 (default) recomputes the least; higher stays closer to the full call",
+    )
+    p.add_argument(
         "--save-intermediates", action="store_true", help="also save a strip of each image's denoising trajectory"
     )
     p.add_argument("--skip-grid", "--skip_grid", action="store_true", help="no grid image")
@@ -275,6 +287,8 @@ def run(pipe: Pipeline, args, prompts: list[str], init_image, mask, model: dict,
         guidance_rescale=args.guidance_rescale,
         prompt_syntax=args.prompt_syntax,
         clip_skip=args.clip_skip,
+        deepcache=args.deepcache,
+        deepcache_branch=args.deepcache_branch,
     )
     run_facts = {
         "mode": "txt2img",
@@ -427,6 +441,8 @@ def execute(args) -> list[Path]:
         width=args.W,
         device=device,
         dtype=DTYPES[args.dtype],
+        deepcache=args.deepcache,
+        deepcache_branch=args.deepcache_branch,
     )
     pipe = load_pipeline(ckpt, device, DTYPES[args.dtype], config, args.quantize, args.compile)
     if args.compile:
