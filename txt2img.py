@@ -84,7 +84,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--mask", type=Path, help="inpainting: white = repaint, black = keep, grey = blend (the init image's size)"
     )
-    p.add_argument("--dtype", choices=cli.DTYPE_NAMES, default="fp32")
+    p.add_argument(
+        "--dtype",
+        choices=cli.DTYPE_NAMES,
+        default="fp32",
+        help="fp32 (default), fp16, bf16, or auto: bf16 on CPUs with AMX / AVX512-BF16, fp32 on others, fp16 on CUDA",
+    )
     p.add_argument("--device", help="cpu, cuda, cuda:1, mps... (default: cuda when there is one, else cpu)")
     p.add_argument(
         "--quantize",
@@ -145,7 +150,7 @@ from ldm import DEFAULT_MODEL, load_pipeline
 from ldm.checkpoint import peek_config
 from ldm.config import load_config
 from ldm.lora import a1111_hash
-from ldm.pipeline import DTYPES, InputError, Pipeline, check_request, load_image
+from ldm.pipeline import DTYPES, InputError, Pipeline, auto_dtype, check_request, load_image
 from ldm.prompts import lora_tags
 from ldm.samplers import SAMPLERS
 
@@ -424,6 +429,9 @@ def execute(args) -> list[Path]:
         raise InputError(f"unknown --device '{args.device}'") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InputError("--device cuda, but no CUDA device is available")
+    if args.dtype == "auto":
+        args.dtype, why = auto_dtype(device)
+        print(f"note: --dtype auto: {args.dtype} ({why})", file=sys.stderr)
     config = load_config(args.config) if args.config else None
     check_request(  # before loading: a request that cannot run costs no loading time
         config or peek_config(ckpt),
