@@ -83,7 +83,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--mask", type=Path, help="inpainting: white = repaint, black = keep, grey = blend (the init image's size)"
     )
-    p.add_argument("--dtype", choices=cli.DTYPE_NAMES, default="fp32")
+    p.add_argument(
+        "--dtype",
+        choices=cli.DTYPE_NAMES,
+        default="fp32",
+        help="fp32 (default), fp16, bf16, or auto: bf16 on CPUs with AMX / AVX512-BF16, fp32 on others, fp16 on CUDA",
+    )
     p.add_argument("--device", help="cpu, cuda, cuda:1, mps... (default: cuda when there is one, else cpu)")
     p.add_argument(
         "--quantize",
@@ -92,6 +97,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument(
         "--compile", action="store_true", help="torch.compile the UNet (the first image pays the compile time)"
+    )
+    p.add_argument(
+        "--deepcache",
+        type=int,
+        metavar="N",
+        help="DeepCache: the whole UNet every N-th call, its deep features reused between (faster, close image)",
+    )
+    p.add_argument(
+        "--deepcache-branch",
+        type=int,
+        default=0,
+        help="DeepCache's skip branch: 0 (default) recomputes the least; higher stays closer to the full call",
     )
     p.add_argument(
         "--save-intermediates", action="store_true", help="also save a strip of each image's denoising trajectory"
@@ -130,7 +147,7 @@ from ldm import DEFAULT_MODEL, load_pipeline
 from ldm.checkpoint import peek_config
 from ldm.config import load_config
 from ldm.outputs import embedding_facts, lora_facts, make_images, model_facts
-from ldm.pipeline import DTYPES, InputError, check_request, load_image
+from ldm.pipeline import DTYPES, InputError, auto_dtype, check_request, load_image
 from ldm.prompts import lora_tags
 
 
@@ -254,6 +271,9 @@ def execute(args) -> list[Path]:
         raise InputError(f"unknown --device '{args.device}'") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InputError("--device cuda, but no CUDA device is available")
+    if args.dtype == "auto":
+        args.dtype, why = auto_dtype(device)
+        print(f"note: --dtype auto: {args.dtype} ({why})", file=sys.stderr)
     config = load_config(args.config) if args.config else None
     model_config = config or peek_config(ckpt)
     args.sampler, args.steps, args.scale = model_config.sampling.fill(args.sampler, args.steps, args.scale)
@@ -273,6 +293,8 @@ def execute(args) -> list[Path]:
         width=args.W,
         device=device,
         dtype=DTYPES[args.dtype],
+        deepcache=args.deepcache,
+        deepcache_branch=args.deepcache_branch,
     )
     pipe = load_pipeline(ckpt, device, DTYPES[args.dtype], config, args.quantize, args.compile)
     if args.compile:

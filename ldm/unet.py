@@ -168,6 +168,34 @@ class TimestepEmbedSequential(nn.Sequential):
         return x
 
 
+class DeepCache:
+    """DeepCache (Ma et al. 2023): the UNet's deep features change little from one denoising step to the next, so a
+    full call every `interval` calls keeps the up path's feature that is concatenated with skip `branch`, and the
+    interval - 1 calls in between run only the shallow branch around it (input_blocks[:branch + 1], then the last
+    branch + 1 output blocks), the deep part taken from the cache:
+
+        full call t:     F_deep = U_{b+1}(...(middle(D_L(...D_0(x_t)))))     kept
+        cached call s:   h = U_b(cat(F_deep, D_b(...D_0(x_s))))               then the shallow up blocks as usual
+
+    branch 0 (the default) recomputes only the first conv and the last output block: the most saved; a higher branch
+    recomputes more of the UNet and stays closer to the full call. One DeepCache serves one sampling run, its calls
+    in order."""
+
+    def __init__(self, interval: int, branch: int = 0):
+        self.interval, self.branch = interval, branch
+        self.calls, self.deep = 0, None
+
+    def next_is_full(self) -> bool:
+        """Counts a call: True when it must run the whole UNet (every interval-th call, the first included)."""
+        self.calls += 1
+        return (self.calls - 1) % self.interval == 0
+
+
+def skip_branches(cfg: UNetConfig) -> int:
+    """The UNet's skip connections (len(input_blocks)): DeepCache's branch is one of range(skip_branches(cfg))."""
+    return len(cfg.channel_mult) * (cfg.num_res_blocks + 1)
+
+
 class UNetModel(nn.Module):
     def __init__(self, cfg: UNetConfig):
         super().__init__()
@@ -210,8 +238,11 @@ class UNetModel(nn.Module):
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
         self.out = nn.Sequential(GroupNorm32(groups, ch), nn.SiLU(), nn.Conv2d(mc, cfg.out_channels, 3, padding=1))
 
-    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """x: (B, C, H, W) noisy latents, timesteps: (B,) or scalar, context: (B, 77, context_dim)."""
+    def forward(
+        self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, cache: DeepCache | None = None
+    ) -> torch.Tensor:
+        """x: (B, C, H, W) noisy latents, timesteps: (B,) or scalar, context: (B, 77, context_dim).
+        cache: a DeepCache: this call runs the whole UNet or only its shallow branch, as the cache says."""
         timesteps = torch.as_tensor(timesteps, device=x.device).expand(x.shape[0])
         emb = self.time_embed(timestep_embedding(timesteps, self.cfg.model_channels).to(x.dtype))  # (B, 4 * mc)
 
@@ -220,12 +251,15 @@ class UNetModel(nn.Module):
                 return checkpoint(block, h, emb, context, upsample_size, use_reentrant=False)
             return block(h, emb, context, upsample_size)
 
+        shallow = cache is not None and not cache.next_is_full()
         skips, h = [], x
-        for block in self.input_blocks:
+        for block in self.input_blocks[: cache.branch + 1] if shallow else self.input_blocks:
             h = run(block, h)  # (B, model_channels * channel_mult[level], H / 2^level, W / 2^level)
             skips.append(h)
-        h = run(self.middle_block, h)
-        for block in self.output_blocks:
+        h = cache.deep if shallow else run(self.middle_block, h)
+        for block in self.output_blocks[-len(skips) :]:
+            if cache is not None and len(skips) == cache.branch + 1:
+                cache.deep = h  # the deep feature that meets skip `branch` (DeepCache)
             h = torch.cat([h, skips.pop()], dim=1)  # (B, C + C_skip, h, w)
             h = run(block, h, skips[-1].shape[-2:] if skips else None)  # upsample to the next skip's size
         return self.out(h)  # (B, out_channels, H, W)

@@ -89,6 +89,8 @@ def run_args(session: Session, values: dict, init_image, mask, strength) -> argp
         guidance_rescale=float(values["guidance_rescale"]),
         prompt_syntax=values["prompt_syntax"],
         clip_skip=int(values["clip_skip"]),
+        deepcache=None,
+        deepcache_branch=0,
         seed=random.randrange(2**32) if seed == -1 else seed,
         dtype="fp32",
         device=session.device,

@@ -7,9 +7,10 @@ import torch
 from diffusers import AutoencoderKL as DiffusersVAE
 from diffusers import UNet2DConditionModel
 from diffusers.loaders import single_file_utils as sfu
+from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import compvis_original_config, randomize_
-from ldm.unet import UNetModel
+from ldm.unet import DeepCache, UNetModel, skip_branches
 from ldm.vae import AutoencoderKL
 
 
@@ -101,6 +102,43 @@ def test_unet_gradient_checkpointing_same_gradients(tiny_cfg):
     unet(x, t, c).square().mean().backward()
     for a, p in zip(plain, unet.parameters()):
         assert torch.allclose(a, p.grad, atol=1e-6)
+
+
+def test_deepcache_shallow_call_on_its_own_deep_features_is_the_full_call(tiny_cfg):
+    """For every skip branch: a cached (shallow) call on the same input as the full call before it reuses exactly the
+    deep features that call made, so its output is the full call's, bit for bit: the shallow path takes the right
+    skips and the right blocks. A full call is what diffusers' UNet gives (test_unet_matches_diffusers)."""
+    unet = randomize_(UNetModel(tiny_cfg.unet)).eval()
+    x, t, c = torch.randn(2, 4, 10, 6), torch.tensor([3, 700]), torch.randn(2, 77, tiny_cfg.unet.context_dim)
+    middle = []
+    unet.middle_block.register_forward_hook(lambda *_: middle.append(1))
+    with torch.inference_mode():
+        full = unet(x, t, c)
+        for branch in range(skip_branches(tiny_cfg.unet)):
+            cache = DeepCache(2, branch)
+            assert torch.equal(unet(x, t, c, cache), full)
+            middle.clear()
+            assert torch.equal(unet(x, t, c, cache), full) and not middle  # shallow: the middle block did not run
+            assert not torch.equal(unet(x * 0.9, t, c, cache), full) and middle  # the third call: a full one
+
+
+def test_deepcache_3_makes_over_2x_fewer_unet_flops_at_sd_v1_shapes(sd_cfg):
+    """torch's FLOP counter over three calls of the SD v1 UNet (batch 2 for CFG, 64x64 latents, 77 tokens), built on
+    the meta device (shapes only, nothing computed): DeepCache N=3 on branch 0 runs one full call (1.61 TFLOP) and two
+    shallow ones (0.13 TFLOP each): 2.6x fewer FLOPs per step than no caching; branch 1 saves less (2.1x)."""
+    with torch.device("meta"):
+        unet = UNetModel(sd_cfg.unet).eval()
+        x, t, c = torch.randn(2, 4, 64, 64), torch.tensor(500), torch.randn(2, 77, 768)
+    saved = []
+    for branch in (0, 1):
+        cache, calls = DeepCache(3, branch), []
+        for _ in range(3):
+            with FlopCounterMode(display=False) as counter:
+                unet(x, t, c, cache)
+            calls.append(counter.get_total_flops())
+        assert calls[0] > 1.5e12 and calls[1] == calls[2]  # the first call: the whole UNet
+        saved.append(3 * calls[0] / sum(calls))  # no caching: three full calls
+    assert saved[0] >= 2.5 and 2 <= saved[1] < saved[0]
 
 
 def test_vae_matches_diffusers(tiny_cfg):

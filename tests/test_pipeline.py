@@ -298,6 +298,51 @@ def test_int8_quantized_pipeline_stays_close_to_fp32(models):
         Pipeline(copy.deepcopy(model).double(), quantize="int8")
 
 
+@pytest.mark.parametrize(
+    "mode, channels, sampler",
+    [
+        ("txt2img", 4, "ddim"),
+        ("txt2img", 4, "heun"),
+        ("txt2img", 4, "dpmpp_2m_karras"),
+        ("img2img", 4, "euler_a"),
+        ("inpaint", 4, "plms"),
+        ("inpaint", 9, "unipc"),
+    ],
+)
+def test_deepcache_1_is_no_caching_and_n_runs_the_whole_unet_every_nth_call(
+    models, init_image, mask, mode, channels, sampler
+):
+    """deepcache=1: every call whole, the same images and latents as without caching, bit for bit. deepcache=3: the
+    UNet's middle block (the deep part) runs at calls 1, 4, 7... only (counted; Heun calls the UNet twice a step),
+    and the latents move (the quality is checked on the embedded model in test_default_model)."""
+    pipe = models[channels][0]
+    kwargs = {"sampler": sampler, "steps": 6}
+    if mode != "txt2img":
+        kwargs |= {"init_image": init_image, "strength": 0.7 if mode == "img2img" else 1.0}
+    if mode == "inpaint":
+        kwargs["mask"] = mask
+    plain, plain_trajectory = ours_run(pipe, seed=4, n=2, mode="generate", **kwargs)
+    same, trajectory = ours_run(pipe, seed=4, n=2, mode="generate", deepcache=1, **kwargs)
+    assert np.array_equal(pixels(plain), pixels(same))
+    assert all(torch.equal(a, b) for a, b in zip(plain_trajectory, trajectory, strict=True))
+    calls, whole = [], []
+    hooks = [
+        pipe.unet.register_forward_hook(lambda *_: calls.append(1)),
+        pipe.unet.middle_block.register_forward_hook(lambda *_: whole.append(1)),
+    ]
+    _, cached = ours_run(pipe, seed=4, n=2, mode="generate", deepcache=3, **kwargs)
+    for hook in hooks:
+        hook.remove()
+    assert len(calls) >= 4 and len(whole) == (len(calls) + 2) // 3  # img2img at strength 0.7: 4 steps
+    assert not torch.equal(cached[-1], plain_trajectory[-1])
+
+
+@pytest.mark.parametrize("kwargs, message", [({"deepcache": 0}, "at least 1"), ({"deepcache_branch": 6}, "0 to 5")])
+def test_bad_deepcache_settings_are_clear_errors(models, kwargs, message):
+    with pytest.raises(InputError, match=message):
+        models[4][0].generate(PROMPT, steps=2, progress=False, **kwargs)
+
+
 @pytest.mark.parametrize("mode, sampler", [("txt2img", "euler_a"), ("inpaint", "ddim")])
 def test_sub_batches_make_the_images_of_separate_calls(models, init_image, mask, mode, sampler):
     """A call runs in sub-batches of what fits batch_memory (here: 2 images); each image keeps its generator (seed + i)

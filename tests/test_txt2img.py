@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 import txt2img
 from conftest import ROOT, a1111, cli, randomize_
 from ldm import cli as cli_names
+from ldm import pipeline
 from ldm.checkpoint import save_single_file
 from ldm.config import ModelConfig, load_config, to_dict
 from ldm.model import StableDiffusion
@@ -349,7 +350,7 @@ def test_help_imports_neither_torch_nor_diffusers():
 
 def test_the_choices_known_before_torch_loads_are_the_pipelines():
     assert cli_names.SAMPLER_NAMES == tuple(SAMPLERS)
-    assert cli_names.DTYPE_NAMES == tuple(DTYPES) and cli_names.QUANTIZE_NAMES == QUANTIZE
+    assert cli_names.DTYPE_NAMES == (*DTYPES, "auto") and cli_names.QUANTIZE_NAMES == QUANTIZE
 
 
 def test_the_readme_api_snippet_runs():
@@ -488,3 +489,22 @@ def test_the_models_sampling_defaults_fill_what_is_not_given(files, tmp_path):
     assert cli(*sd, "--steps", "2") == 0
     facts = json.loads(Image.open(tmp_path / "00000.png").text["ldm"])
     assert (facts["sampler"], facts["scale"]) == ("ddim", 7.5) and ModelConfig().sampling.steps == 50
+
+
+@pytest.mark.parametrize(
+    "flags, dtype",
+    [("fpu sse avx512f avx512_bf16 amx_tile", "bf16"), ("fpu amx_bf16 amx_tile", "bf16"), ("fpu avx2 avx512f", "fp32")],
+)
+def test_dtype_auto_picks_bf16_where_the_cpu_has_bf16_kernels(files, tmp_path, monkeypatch, capsys, flags, dtype):
+    """--dtype auto reads the CPU's flags (here a made-up /proc/cpuinfo), says once what it chose and why, and the PNG
+    records the dtype it ran in."""
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n")
+    monkeypatch.setattr(pipeline, "CPUINFO", cpuinfo)
+    assert pipeline.auto_dtype("cpu")[0] == dtype and pipeline.auto_dtype("cuda")[0] == "fp16"
+    out = tmp_path / "out"
+    args = ["--ckpt", files / "tiny4.safetensors", "--prompt", "x", "--steps", 1, "--dtype", "auto", "--outdir", out]
+    assert cli(*args, "--n-samples", 2, "--skip-grid") == 0
+    err = capsys.readouterr().err
+    assert err.count("note: --dtype auto") == 1 and f"auto: {dtype} (this CPU has " in err
+    assert json.loads(Image.open(out / "00001.png").text["ldm"])["dtype"] == dtype
