@@ -154,14 +154,16 @@ def start_run(cfg, resume_spec: str | None) -> tuple[Path, Path, Path | None]:
         if hasattr(cfg, "lora") and lora_layers(lora) != lora_layers(to_dict(cfg.lora)):  # train_unet.py's LoRAs
             raise ConfigError(
                 f"--resume {resume}: it trained {lora_layers(lora) or 'the whole UNet'}, "
-                f"this run {lora_layers(to_dict(cfg.lora)) or 'the whole UNet'} (lora.rank, lora.targets)"
+                f"this run {lora_layers(to_dict(cfg.lora)) or 'the whole UNet'} "
+                "(lora.rank, lora.targets, lora.text_encoder)"
             )
     return output_dir, checkpoints, resume
 
 
 def lora_layers(lora: dict) -> str:
     """What a train_unet.py config's `lora` section trains beside the frozen UNet ('' for the whole UNet)."""
-    return f"a LoRA of rank {lora['rank']} on {', '.join(lora['targets'])}" if lora["rank"] else ""
+    text = " and the text encoder's attention" if lora.get("text_encoder") else ""
+    return f"a LoRA of rank {lora['rank']} on {', '.join(lora['targets'])}{text}" if lora["rank"] else ""
 
 
 def resume_state(

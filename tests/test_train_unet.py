@@ -29,7 +29,7 @@ import train_unet
 import txt2img
 from conftest import ROOT, WATCH_OPENS, check_corpus_run, launcher, run_in_process, write_bad_corpus
 from ldm import DEFAULT_MODEL
-from ldm.checkpoint import UNET, load_model, save_diffusers_folder, save_single_file
+from ldm.checkpoint import TEXT, UNET, load_model, save_diffusers_folder, save_single_file
 from ldm.config import load_config
 from ldm.convert import main as convert
 from ldm.data import ImageCaptionDataset
@@ -650,11 +650,14 @@ def lora_init(tmp_path):
     return load_model(tmp_path / "init.safetensors")
 
 
-def test_a_trained_lora_loads_in_diffusers_with_our_merged_weights(tmp_path, colours, lora_init):
+@pytest.mark.parametrize("text_encoder", [False, True])
+def test_a_trained_lora_loads_in_diffusers_with_our_merged_weights(tmp_path, colours, lora_init, text_encoder):
     """train_unet.py --lora (attention, feed-forward, proj_in/out 1x1 convs, LoCon 3x3 convs with validation images
-    on the way) -> a kohya file with diffusers names: diffusers' load_lora_weights + fuse_lora on the same base model
-    gives the UNet weights our loader merges (Pipeline.load_lora); only the LoRA trained, the base is untouched."""
-    lora_run(tmp_path, colours, "run", "max_steps=2", "validation.every=2", "validation.steps=2")
+    on the way; with lora.text_encoder=true also the CLIP text encoder's q/k/v/out projections) -> a kohya file with
+    diffusers names: diffusers' load_lora_weights + fuse_lora on the same base model gives the UNet and text encoder
+    weights our loader merges (Pipeline.load_lora); only the LoRA trained, the base is untouched."""
+    flag = f"lora.text_encoder={str(text_encoder).lower()}"
+    lora_run(tmp_path, colours, "run", "max_steps=2", "validation.every=2", "validation.steps=2", flag)
     path = tmp_path / "run" / "lora.safetensors"
     assert not (tmp_path / "run" / "model.safetensors").exists() and path.stat().st_size < 2**20
     assert (tmp_path / "run" / "validation" / "step-000002.png").exists()
@@ -664,13 +667,16 @@ def test_a_trained_lora_loads_in_diffusers_with_our_merged_weights(tmp_path, col
     assert meta["ss_network_alpha"] == "2.0" and meta["modelspec.architecture"] == "stable-diffusion-v1/lora"
     assert "lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight" in keys
     assert "lora_unet_up_blocks_1_resnets_1_conv1.alpha" in keys
+    text_keys = {k for k in keys if k.startswith("lora_te_")}
+    assert ("lora_te_text_model_encoder_layers_1_self_attn_out_proj.lora_up.weight" in text_keys) == text_encoder
+    assert len(text_keys) == 3 * 4 * 2 * text_encoder  # q, k, v, out of both layers
     ups = [v for k, v in load_file(path).items() if k.endswith("lora_up.weight")]
     assert all(v.abs().max() > 0 for v in ups)  # trained: up starts at zero
 
     state = unet_weights(tmp_path / "run", 2)  # the UNet as the training checkpoint holds it: base + its LoRAs
     base = {k: v for k, v in state.items() if ".lora." not in k}
     assert_same(base, lora_init.unet.state_dict())  # bit for bit: only LoRA tensors changed
-    assert len(state) - len(base) == 2 * len(ups)
+    assert len(state) - len(base) == 2 * (len(ups) - len(text_keys) // 3)
 
     folder = tmp_path / "diffusers"
     save_diffusers_folder(lora_init, folder)
@@ -686,6 +692,11 @@ def test_a_trained_lora_loads_in_diffusers_with_our_merged_weights(tmp_path, col
         weight = lora_init.unet.get_submodule(ours).weight
         torch.testing.assert_close(theirs[name].weight, weight, rtol=0, atol=1e-5, msg=name)
         changed += not torch.equal(weight, pipe.lora_originals.get(f"{UNET}{ours}.weight", weight))
+    theirs = dict(ref.text_encoder.named_modules())
+    for name, layer in lora_init.text_encoder.transformer.named_modules():
+        if isinstance(layer, torch.nn.Linear):
+            torch.testing.assert_close(theirs[name].weight, layer.weight, rtol=0, atol=1e-5, msg=name)
+            changed += not torch.equal(layer.weight, pipe.lora_originals.get(f"{TEXT}{name}.weight", layer.weight))
     assert changed == len(ups)
     cli = ["--ckpt", tmp_path / "init.safetensors", "--prompt", "red", "--lora", path, "--H", 16, "--W", 16]
     assert txt2img.main([str(a) for a in [*cli, "--steps", 2, "--outdir", tmp_path / "out"]]) == 0
@@ -722,6 +733,8 @@ def test_a_lora_run_resumes_exactly(tmp_path, colours, lora_init):
         (["--lora", "4", "INIT", "lora.targets=[to_q,attn9]"], "lora.targets: 'attn9' is the end of no Linear"),
         (["--lora", "4"], "a LoRA (lora.rank) adapts a trained UNet: it needs init_from, without reinit_unet"),
         (["--lora", "4", "INIT", "reinit_unet=true"], "it needs init_from, without reinit_unet"),
+        (["INIT", "lora.text_encoder=true"], "lora.text_encoder=true needs a LoRA rank (--lora RANK)"),
+        (["--lora", "4", "INIT", "lora.text_encoder=true", "--cache-latents"], "set cache_latents=false"),
     ],
 )
 def test_bad_lora_input_is_one_line_and_exit_code_2(args, message, tmp_path, colours, lora_init, capsys):
@@ -737,9 +750,14 @@ def test_bad_lora_input_is_one_line_and_exit_code_2(args, message, tmp_path, col
     assert err.count("\n") == 1 and message in err, err
 
 
-def test_a_lora_trains_on_two_processes_as_on_one_with_twice_the_batch(tmp_path, colours, lora_init):
-    """DDP over gloo with only the LoRAs trainable, from the latent cache: the same LoRA file as one process."""
-    common = ["--cache-latents", f"cache_dir={tmp_path / 'cache'}", "max_steps=2"]
+@pytest.mark.parametrize("text_encoder", [False, True])
+def test_a_lora_trains_on_two_processes_as_on_one_with_twice_the_batch(tmp_path, colours, lora_init, text_encoder):
+    """DDP over gloo with only the LoRAs trainable, from the latent cache (or, with the text encoder's LoRAs, from the
+    images): the same LoRA file as one process."""
+    if text_encoder:
+        common = ["lora.text_encoder=true", "max_steps=2"]
+    else:
+        common = ["--cache-latents", f"cache_dir={tmp_path / 'cache'}", "max_steps=2"]
     lora_run(tmp_path, colours, "one", *common, "batch_size=8")
     lora_run(tmp_path, colours, "two", *common, "batch_size=4", processes=2)
     assert_same(*(load_file(tmp_path / d / "lora.safetensors") for d in ("two", "one")), exact=False)
