@@ -79,6 +79,7 @@ from ldm.training import (
     Stop,
     TrainState,
     checkpoint_run,
+    checkpoint_trainable_only,
     flat_config,
     gather_skipped,
     list_checkpoints,
@@ -192,6 +193,8 @@ def train(args) -> int:
         unet_ddp, text_encoder_ddp, optimizer = accelerator.prepare(unet, text_encoder, optimizer)
     else:
         (unet_ddp, optimizer), text_encoder_ddp = accelerator.prepare(unet, optimizer), text_encoder
+    if cfg.lora.rank:  # checkpoints hold the LoRAs alone: on resume the frozen weights come from init_from again
+        checkpoint_trainable_only(accelerator)
     ema = EMA(trained, cfg.ema.decay, cfg.ema.warmup, cfg.ema.start_step) if cfg.ema.enabled else None
     state = TrainState()
     accelerator.register_for_checkpointing(lr_scheduler, state, *([ema] if ema else []))

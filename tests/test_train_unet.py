@@ -621,8 +621,8 @@ def test_learning_samples_follow_the_caption(tmp_path, colours):
     assert accuracy >= 0.75, (accuracy, predicted.tolist())
 
 
-def lora_run(tmp_path, colours, name, *args, proc=False, processes=1):
-    common = [
+def lora_args(tmp_path, colours, name, *args) -> list[str]:
+    return [
         f"data.path={colours}",
         f"init_from={tmp_path / 'init.safetensors'}",
         "--lora",
@@ -638,8 +638,12 @@ def lora_run(tmp_path, colours, name, *args, proc=False, processes=1):
         "optim.lr_scheduler=cosine",
         "optim.warmup_steps=2",
         f"output_dir={tmp_path / name}",
+        *args,
     ]
-    return (start if proc else run)(*common, *args, processes=processes)
+
+
+def lora_run(tmp_path, colours, name, *args, proc=False, processes=1):
+    return (start if proc else run)(*lora_args(tmp_path, colours, name, *args), processes=processes)
 
 
 @pytest.fixture
@@ -655,7 +659,7 @@ def test_a_trained_lora_loads_in_diffusers_with_our_merged_weights(tmp_path, col
     """train_unet.py --lora (attention, feed-forward, proj_in/out 1x1 convs, LoCon 3x3 convs with validation images
     on the way; with lora.text_encoder=true also the CLIP text encoder's q/k/v/out projections) -> a kohya file with
     diffusers names: diffusers' load_lora_weights + fuse_lora on the same base model gives the UNet and text encoder
-    weights our loader merges (Pipeline.load_lora); only the LoRA trained, the base is untouched."""
+    weights our loader merges (Pipeline.load_lora); the training checkpoints hold the LoRA tensors only."""
     flag = f"lora.text_encoder={str(text_encoder).lower()}"
     lora_run(tmp_path, colours, "run", "max_steps=2", "validation.every=2", "validation.steps=2", flag)
     path = tmp_path / "run" / "lora.safetensors"
@@ -673,10 +677,13 @@ def test_a_trained_lora_loads_in_diffusers_with_our_merged_weights(tmp_path, col
     ups = [v for k, v in load_file(path).items() if k.endswith("lora_up.weight")]
     assert all(v.abs().max() > 0 for v in ups)  # trained: up starts at zero
 
-    state = unet_weights(tmp_path / "run", 2)  # the UNet as the training checkpoint holds it: base + its LoRAs
-    base = {k: v for k, v in state.items() if ".lora." not in k}
-    assert_same(base, lora_init.unet.state_dict())  # bit for bit: only LoRA tensors changed
-    assert len(state) - len(base) == 2 * (len(ups) - len(text_keys) // 3)
+    state = tmp_path / "run" / "checkpoints" / "step-000002" / "state"  # the training checkpoint: LoRA tensors only
+    files = ["model.safetensors"] + ["model_1.safetensors"] * text_encoder  # the UNet's, the text encoder's
+    assert sorted(p.name for p in state.glob("model*.safetensors")) == files
+    saved = [load_file(state / f) for f in files]
+    assert all(k.endswith((".lora.down.weight", ".lora.up.weight")) for part in saved for k in part)
+    text_layers = len(text_keys) // 3
+    assert [len(part) for part in saved] == [2 * (len(ups) - text_layers)] + [2 * text_layers] * text_encoder
 
     folder = tmp_path / "diffusers"
     save_diffusers_folder(lora_init, folder)
@@ -704,24 +711,47 @@ def test_a_trained_lora_loads_in_diffusers_with_our_merged_weights(tmp_path, col
 
 
 def test_a_lora_run_resumes_exactly(tmp_path, colours, lora_init):
-    """Uninterrupted vs. stopped by SIGTERM and resumed: the same LoRA file (EMA weights) bit for bit."""
-    straight = lora_run(tmp_path, colours, "straight", proc=True)
+    """Uninterrupted vs. stopped by SIGTERM and resumed, a LoRA on the UNet and the text encoder: the same checkpoints
+    and LoRA file (EMA weights) bit for bit. A checkpoint holds the LoRA tensors, their optimizer and EMA state, not
+    the frozen models (smaller than the UNet's weights alone)."""
+    flag = "lora.text_encoder=true"
+    straight = lora_run(tmp_path, colours, "straight", flag, proc=True)
     checkpoints = tmp_path / "interrupted" / "checkpoints"
-    proc = lora_run(tmp_path, colours, "interrupted", proc=True)
+    proc = lora_run(tmp_path, colours, "interrupted", flag, proc=True)
     wait_for(lambda: (checkpoints / "step-000002").exists(), proc, interval=0.01)
     proc.send_signal(signal.SIGTERM)
     out = finish(proc)
     stopped = max(int(p.name[5:]) for p in checkpoints.glob("step-??????"))
     assert f"SIGTERM: stopped at step {stopped}" in out and stopped < 4
-    out = lora_run(tmp_path, colours, "interrupted", "--resume", "latest")
+    out = lora_run(tmp_path, colours, "interrupted", flag, "--resume", "latest")
     assert f"resumed from {checkpoints / f'step-{stopped:06d}'}" in out
     finish(straight)
-    assert_same(unet_weights(tmp_path / "interrupted", 4), unet_weights(tmp_path / "straight", 4))
+    for name in ("model.safetensors", "model_1.safetensors"):
+        a, b = (
+            load_file(tmp_path / d / "checkpoints" / "step-000004" / "state" / name)
+            for d in ("interrupted", "straight")
+        )
+        assert_same(a, b)
+        assert all(".lora." in k for k in a)
+    unet_bytes = sum(v.numel() * 4 for v in lora_init.unet.state_dict().values())
+    assert sum(f.stat().st_size for f in (checkpoints / "step-000004").rglob("*") if f.is_file()) < unet_bytes
     a, b = (tmp_path / d / "lora.safetensors" for d in ("interrupted", "straight"))
     assert_same(load_file(a), load_file(b))
     meta_a, meta_b = (safe_open(p, "pt").metadata() for p in (a, b))
     assert meta_a.pop("modelspec.title") == "interrupted (ldm train_unet.py)" and meta_a["ss_steps"] == "4"
     assert meta_b.pop("modelspec.title") == "straight (ldm train_unet.py)" and meta_a == meta_b
+
+
+def test_only_the_lora_trains(tmp_path, colours, lora_init, monkeypatch):
+    """After a LoRA run on the UNet and the text encoder, every weight of the three models but the LoRAs' is bit for
+    bit init_from's."""
+    built = []
+    monkeypatch.setattr(train_unet, "StableDiffusion", lambda cfg: built.append(StableDiffusion(cfg)) or built[-1])
+    args = lora_args(tmp_path, colours, "run", "max_steps=2", "validation.every=0", "lora.text_encoder=true")
+    assert run_in_process(train_unet, ["--config", str(CONFIG), "tracker=none", *args]) == 0
+    state = built[0].state_dict()
+    assert_same({k: v for k, v in state.items() if ".lora." not in k}, lora_init.state_dict())
+    assert any(".lora." in k for k in state)
 
 
 @pytest.mark.parametrize(
