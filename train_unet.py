@@ -79,6 +79,7 @@ from ldm.training import (
     Stop,
     TrainState,
     checkpoint_run,
+    checkpoint_trainable_only,
     flat_config,
     gather_skipped,
     list_checkpoints,
@@ -142,8 +143,9 @@ def train(args) -> int:
         del init
     unet, vae, text_encoder = model.unet, model.vae, model.text_encoder
     vae.requires_grad_(False).eval()
-    # what trains and what the EMA follows: the whole UNet, or only the LoRAs beside its frozen layers
-    trained = add_lora(unet, cfg.model.unet, cfg.lora) if cfg.lora.rank else unet
+    # what trains and what the EMA follows: the whole UNet, or only the LoRAs beside its frozen layers (and the text
+    # encoder's with lora.text_encoder)
+    trained = add_lora(model, cfg.lora) if cfg.lora.rank else unet
     output_name = "lora.safetensors" if cfg.lora.rank else "model.safetensors"
     unet.train()
     latent_shape = cfg.model.vae.latent_shape(cfg.data.resolution, cfg.data.resolution)
@@ -187,7 +189,12 @@ def train(args) -> int:
         cfg.optim.lr_scheduler, optimizer, num_warmup_steps=cfg.optim.warmup_steps, num_training_steps=cfg.max_steps
     )
     # the LR scheduler is stepped once per step by us, not per process
-    unet_ddp, optimizer = accelerator.prepare(unet, optimizer)
+    if cfg.lora.text_encoder:  # its LoRAs train: through DDP as the UNet, so their gradients are averaged too
+        unet_ddp, text_encoder_ddp, optimizer = accelerator.prepare(unet, text_encoder, optimizer)
+    else:
+        (unet_ddp, optimizer), text_encoder_ddp = accelerator.prepare(unet, optimizer), text_encoder
+    if cfg.lora.rank:  # checkpoints hold the LoRAs alone: on resume the frozen weights come from init_from again
+        checkpoint_trainable_only(accelerator)
     ema = EMA(trained, cfg.ema.decay, cfg.ema.warmup, cfg.ema.start_step) if cfg.ema.enabled else None
     state = TrainState()
     accelerator.register_for_checkpointing(lr_scheduler, state, *([ema] if ema else []))
@@ -258,12 +265,15 @@ def train(args) -> int:
                 posterior = vae.encode(batch["pixels"].to(device))
                 mean, std = posterior.mean.float(), posterior.std.float()
                 captions = ["" if d else c for c, d in zip(batch["caption"], drop)]
-                context = text_encoder(text_encoder.tokenize(captions).to(device))
+                tokens = text_encoder.tokenize(captions).to(device)
             latents = model.get_first_stage_encoding(mean + std * posterior_noise)  # z ~ q(z | x), scaled
             noise = noise + cfg.offset_noise * offset  # offset noise: a per-channel constant shift (Guttenberg 2023)
             x_t = diffusion.q_sample(latents, t, noise)
 
-        with accelerator.accumulate(unet_ddp):
+        with accelerator.accumulate(unet_ddp, text_encoder_ddp):
+            if not cfg.cache_latents:  # the prompts' states, with their gradient when the text encoder's LoRAs train
+                with torch.set_grad_enabled(cfg.lora.text_encoder), accelerator.autocast():
+                    context = text_encoder_ddp(tokens)
             out = unet_ddp(x_t, t, context)
             loss = diffusion.loss(out, latents, x_t, noise, t, cfg.min_snr_gamma, cfg.vlb_weight).mean()
             accelerator.backward(loss)
@@ -309,7 +319,10 @@ def train(args) -> int:
         if state.step % cfg.save_every == 0 or state.step == cfg.max_steps or stopping:
             checkpoint_run(accelerator, checkpoints, state, cfg.keep_last, write_model, progress)
         if stopping:
-            del unet_ddp  # before the process group goes (pytorch#56297: see ldm.training.end_training)
+            del (
+                unet_ddp,
+                text_encoder_ddp,
+            )  # before the process group goes (pytorch#56297: see ldm.training.end_training)
             return stop.end(progress)
 
     # ------------------------------------------------------------ the end: the single-file model, what was skipped
@@ -324,7 +337,7 @@ def train(args) -> int:
             write_model(output_dir)
         print(skipped_report(state.skipped))
         print(f"wrote {output_dir / output_name}")
-    del unet_ddp  # before the process group goes (pytorch#56297: see ldm.training.end_training)
+    del unet_ddp, text_encoder_ddp  # before the process group goes (pytorch#56297: see ldm.training.end_training)
     return stop.end(progress)
 
 

@@ -366,6 +366,7 @@ class LoRAConfig:
     # UNet layers by the end of their module path: the SpatialTransformers' attention, proj_in/proj_out and
     # feed-forward layers; add in_layers.2 and out_layers.3 for the ResBlock convs (LoCon)
     targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2")
+    text_encoder: bool = False  # also a LoRA on the text encoder's attention projections (q, k, v, out)
 
     def __post_init__(self):
         check(
@@ -405,6 +406,12 @@ class TrainUNetConfig(TrainConfig):
         check(
             not (self.cache_latents and not self.data.center_crop),
             "cache_latents stores center crops: it cannot be combined with data.center_crop=false",
+        )
+        check(not self.lora.text_encoder or self.lora.rank, "lora.text_encoder=true needs a LoRA rank (--lora RANK)")
+        check(
+            not (self.lora.text_encoder and self.cache_latents),
+            "lora.text_encoder=true trains the text encoder, so its states cannot come from the latent cache: "
+            "set cache_latents=false",
         )
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from transformers import CLIPTextModel
 
 from ldm.checkpoint import TEXT, UNET, CheckpointError, atomic_save, read_state_dict, rename, unet_key_map
 from ldm.config import ConfigError, LoRAConfig, UNetConfig
@@ -173,20 +174,43 @@ class LoRA(nn.Module):
         layer.register_forward_hook(lambda _, inputs, output: output + self.scale * self.up(self.down(inputs[0])))
 
 
-def add_lora(unet: nn.Module, unet_cfg: UNetConfig, cfg: LoRAConfig) -> nn.ModuleDict:
-    """A LoRA on every UNet layer whose module path ends with one of cfg.targets, registered as the layer's child
-    `lora` (so DDP and checkpoints see it); the base weights are frozen. -> the LoRAs by their kohya layer name
-    (`lora_unet_` + diffusers path with '_'), what EMA, the optimizer and save_lora work on."""
-    unet.requires_grad_(False)
-    diffusers_names, layers = diffusers_layer_names(unet, unet_cfg), nn.ModuleDict()
+# The text encoder's attention projections: CLIP's (q/k/v/out_proj) and BERT's (MiniLM: query/key/value and the
+# attention's output dense layer), by the end of their module path
+TEXT_TARGETS = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.out_proj",
+    "attention.self.query",
+    "attention.self.key",
+    "attention.self.value",
+    "attention.output.dense",
+)
+
+
+def add_lora(model: StableDiffusion, cfg: LoRAConfig) -> nn.ModuleDict:
+    """A LoRA on every UNet layer whose module path ends with one of cfg.targets and, with cfg.text_encoder, on the
+    text encoder's attention projections (TEXT_TARGETS), each registered as its layer's child `lora` (so DDP and
+    checkpoints see it); the base weights are frozen. -> the LoRAs by their kohya layer name, what EMA, the optimizer
+    and save_lora work on: `lora_unet_` + diffusers path, `lora_te_` + text model path, both with '_' for '.'
+    (CLIP's path as kohya and diffusers write it, with transformers 4's `text_model.` level)."""
+    model.unet.requires_grad_(False)
+    diffusers_names, found = diffusers_layer_names(model.unet, model.cfg.unet), {}
     for target in cfg.targets:
-        found = [n for n in diffusers_names if n == target or n.endswith("." + target)]
-        if not found:
+        names = [n for n in diffusers_names if n == target or n.endswith("." + target)]
+        if not names:
             raise ConfigError(f"lora.targets: {target!r} is the end of no Linear or Conv2d layer path of the UNet")
-        for name in found:
-            layer = unet.get_submodule(name)
-            layer.lora = LoRA(layer, cfg.rank, cfg.alpha or cfg.rank)
-            layers["lora_unet_" + diffusers_names[name].replace(".", "_")] = layer.lora
+        found |= {"lora_unet_" + diffusers_names[n].replace(".", "_"): model.unet.get_submodule(n) for n in names}
+    if cfg.text_encoder:
+        text = model.text_encoder.transformer
+        names = [n for n, m in text.named_modules() if isinstance(m, nn.Linear) and n.endswith(TEXT_TARGETS)]
+        if not names:
+            raise ConfigError(f"lora.text_encoder: {type(text).__name__} has no attention projection ldm knows")
+        prefix = "lora_te_text_model_" if isinstance(text, CLIPTextModel) else "lora_te_"
+        found |= {prefix + n.replace(".", "_"): text.get_submodule(n) for n in names}
+    layers = nn.ModuleDict()
+    for name, layer in found.items():
+        layer.lora = layers[name] = LoRA(layer, cfg.rank, cfg.alpha or cfg.rank)
     return layers
 
 

@@ -1,13 +1,13 @@
 """What the training scripts share: the Accelerator, EMA, per-sample noise, checkpoints and resume, stopping
 (SIGTERM, Ctrl-C, non-finite steps), logging.
 
-Training checkpoints are folders <output_dir>/checkpoints/step-000123/ holding `state/` (Accelerate's
-save_state: model, optimizers, grad scaler, RNG states of every process, and the registered objects such as
-EMA, LR scheduler and TrainState) plus whatever the script writes beside it (train_unet.py: model.safetensors,
-the inference checkpoint, or lora.safetensors). A checkpoint is written to step-000123.tmp/ and renamed when
-complete, so a crash or SIGKILL never leaves a broken latest checkpoint: `--resume latest` takes the newest complete
-one. A write that fails (the disk is full) removes its partial folder and stops the run with a one-line
-CheckpointError naming the previous checkpoint, which is intact.
+Training checkpoints are folders <output_dir>/checkpoints/step-000123/ holding `state/` (Accelerate's save_state:
+models (or only their trainable tensors: checkpoint_trainable_only), optimizers, grad scaler, RNG states of every
+process, and the registered objects such as EMA, LR scheduler and TrainState) plus whatever the script writes beside
+it (train_unet.py: model.safetensors, the inference checkpoint, or lora.safetensors). A checkpoint is written to
+step-000123.tmp/ and renamed when complete, so a crash or SIGKILL never leaves a broken latest checkpoint: `--resume
+latest` takes the newest complete one. A write that fails (the disk is full) removes its partial folder and stops
+the run with a one-line CheckpointError naming the previous checkpoint, which is intact.
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ import torch
 import torch.nn as nn
 from accelerate import Accelerator, InitProcessGroupKwargs
 from accelerate.tracking import GeneralTracker, on_main_process
-from accelerate.utils import ProjectConfiguration, gather_object
+from accelerate.utils import SAFE_MODEL_NAME, ProjectConfiguration, gather_object
+from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
 from ldm.checkpoint import CheckpointError
@@ -154,14 +155,46 @@ def start_run(cfg, resume_spec: str | None) -> tuple[Path, Path, Path | None]:
         if hasattr(cfg, "lora") and lora_layers(lora) != lora_layers(to_dict(cfg.lora)):  # train_unet.py's LoRAs
             raise ConfigError(
                 f"--resume {resume}: it trained {lora_layers(lora) or 'the whole UNet'}, "
-                f"this run {lora_layers(to_dict(cfg.lora)) or 'the whole UNet'} (lora.rank, lora.targets)"
+                f"this run {lora_layers(to_dict(cfg.lora)) or 'the whole UNet'} "
+                "(lora.rank, lora.targets, lora.text_encoder)"
             )
     return output_dir, checkpoints, resume
 
 
 def lora_layers(lora: dict) -> str:
     """What a train_unet.py config's `lora` section trains beside the frozen UNet ('' for the whole UNet)."""
-    return f"a LoRA of rank {lora['rank']} on {', '.join(lora['targets'])}" if lora["rank"] else ""
+    text = " and the text encoder's attention" if lora.get("text_encoder") else ""
+    return f"a LoRA of rank {lora['rank']} on {', '.join(lora['targets'])}{text}" if lora["rank"] else ""
+
+
+def checkpoint_trainable_only(accelerator: Accelerator) -> None:
+    """From now on the Accelerator's checkpoints hold, of each prepared model, only the parameters that train (a LoRA
+    run: the LoRAs, not the frozen UNet and text encoder they sit on, which init_from gives back on resume):
+    save_state writes those alone into state/model[_i].safetensors and load_state puts them back; a file with other
+    tensors is a CheckpointError. The optimizer, EMA, RNG states and the rest are saved as ever."""
+
+    def trainable(model: nn.Module) -> set[str]:
+        return {name for name, p in model.named_parameters() if p.requires_grad}
+
+    def keep_trainable(models: list[nn.Module], weights: list[dict], output_dir: str) -> None:
+        for model, state in zip(models, weights):  # weights: the state dicts Accelerate is about to write
+            for key in state.keys() - trainable(model):
+                del state[key]
+
+    def load_trainable(models: list[nn.Module], input_dir: str) -> None:
+        for i, model in enumerate(models):
+            path = Path(input_dir) / f"{SAFE_MODEL_NAME}{f'_{i}' if i else ''}.safetensors"
+            state = load_file(path)
+            if state.keys() != trainable(model):
+                raise CheckpointError(
+                    f"{path} holds {len(state)} tensors, not the {len(trainable(model))} this run trains "
+                    "(resume with the LoRA settings it was trained with)"
+                )
+            model.load_state_dict(state, strict=False)
+        models.clear()  # loaded: Accelerate's own load would ask for every tensor of the models
+
+    accelerator.register_save_state_pre_hook(keep_trainable)
+    accelerator.register_load_state_pre_hook(load_trainable)
 
 
 def resume_state(

@@ -29,7 +29,7 @@ import train_unet
 import txt2img
 from conftest import ROOT, WATCH_OPENS, check_corpus_run, launcher, run_in_process, write_bad_corpus
 from ldm import DEFAULT_MODEL
-from ldm.checkpoint import UNET, load_model, save_diffusers_folder, save_single_file
+from ldm.checkpoint import TEXT, UNET, load_model, save_diffusers_folder, save_single_file
 from ldm.config import load_config
 from ldm.convert import main as convert
 from ldm.data import ImageCaptionDataset
@@ -621,8 +621,8 @@ def test_learning_samples_follow_the_caption(tmp_path, colours):
     assert accuracy >= 0.75, (accuracy, predicted.tolist())
 
 
-def lora_run(tmp_path, colours, name, *args, proc=False, processes=1):
-    common = [
+def lora_args(tmp_path, colours, name, *args) -> list[str]:
+    return [
         f"data.path={colours}",
         f"init_from={tmp_path / 'init.safetensors'}",
         "--lora",
@@ -638,8 +638,12 @@ def lora_run(tmp_path, colours, name, *args, proc=False, processes=1):
         "optim.lr_scheduler=cosine",
         "optim.warmup_steps=2",
         f"output_dir={tmp_path / name}",
+        *args,
     ]
-    return (start if proc else run)(*common, *args, processes=processes)
+
+
+def lora_run(tmp_path, colours, name, *args, proc=False, processes=1):
+    return (start if proc else run)(*lora_args(tmp_path, colours, name, *args), processes=processes)
 
 
 @pytest.fixture
@@ -650,11 +654,14 @@ def lora_init(tmp_path):
     return load_model(tmp_path / "init.safetensors")
 
 
-def test_a_trained_lora_loads_in_diffusers_with_our_merged_weights(tmp_path, colours, lora_init):
+@pytest.mark.parametrize("text_encoder", [False, True])
+def test_a_trained_lora_loads_in_diffusers_with_our_merged_weights(tmp_path, colours, lora_init, text_encoder):
     """train_unet.py --lora (attention, feed-forward, proj_in/out 1x1 convs, LoCon 3x3 convs with validation images
-    on the way) -> a kohya file with diffusers names: diffusers' load_lora_weights + fuse_lora on the same base model
-    gives the UNet weights our loader merges (Pipeline.load_lora); only the LoRA trained, the base is untouched."""
-    lora_run(tmp_path, colours, "run", "max_steps=2", "validation.every=2", "validation.steps=2")
+    on the way; with lora.text_encoder=true also the CLIP text encoder's q/k/v/out projections) -> a kohya file with
+    diffusers names: diffusers' load_lora_weights + fuse_lora on the same base model gives the UNet and text encoder
+    weights our loader merges (Pipeline.load_lora); the training checkpoints hold the LoRA tensors only."""
+    flag = f"lora.text_encoder={str(text_encoder).lower()}"
+    lora_run(tmp_path, colours, "run", "max_steps=2", "validation.every=2", "validation.steps=2", flag)
     path = tmp_path / "run" / "lora.safetensors"
     assert not (tmp_path / "run" / "model.safetensors").exists() and path.stat().st_size < 2**20
     assert (tmp_path / "run" / "validation" / "step-000002.png").exists()
@@ -664,13 +671,19 @@ def test_a_trained_lora_loads_in_diffusers_with_our_merged_weights(tmp_path, col
     assert meta["ss_network_alpha"] == "2.0" and meta["modelspec.architecture"] == "stable-diffusion-v1/lora"
     assert "lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight" in keys
     assert "lora_unet_up_blocks_1_resnets_1_conv1.alpha" in keys
+    text_keys = {k for k in keys if k.startswith("lora_te_")}
+    assert ("lora_te_text_model_encoder_layers_1_self_attn_out_proj.lora_up.weight" in text_keys) == text_encoder
+    assert len(text_keys) == 3 * 4 * 2 * text_encoder  # q, k, v, out of both layers
     ups = [v for k, v in load_file(path).items() if k.endswith("lora_up.weight")]
     assert all(v.abs().max() > 0 for v in ups)  # trained: up starts at zero
 
-    state = unet_weights(tmp_path / "run", 2)  # the UNet as the training checkpoint holds it: base + its LoRAs
-    base = {k: v for k, v in state.items() if ".lora." not in k}
-    assert_same(base, lora_init.unet.state_dict())  # bit for bit: only LoRA tensors changed
-    assert len(state) - len(base) == 2 * len(ups)
+    state = tmp_path / "run" / "checkpoints" / "step-000002" / "state"  # the training checkpoint: LoRA tensors only
+    files = ["model.safetensors"] + ["model_1.safetensors"] * text_encoder  # the UNet's, the text encoder's
+    assert sorted(p.name for p in state.glob("model*.safetensors")) == files
+    saved = [load_file(state / f) for f in files]
+    assert all(k.endswith((".lora.down.weight", ".lora.up.weight")) for part in saved for k in part)
+    text_layers = len(text_keys) // 3
+    assert [len(part) for part in saved] == [2 * (len(ups) - text_layers)] + [2 * text_layers] * text_encoder
 
     folder = tmp_path / "diffusers"
     save_diffusers_folder(lora_init, folder)
@@ -686,6 +699,11 @@ def test_a_trained_lora_loads_in_diffusers_with_our_merged_weights(tmp_path, col
         weight = lora_init.unet.get_submodule(ours).weight
         torch.testing.assert_close(theirs[name].weight, weight, rtol=0, atol=1e-5, msg=name)
         changed += not torch.equal(weight, pipe.lora_originals.get(f"{UNET}{ours}.weight", weight))
+    theirs = dict(ref.text_encoder.named_modules())
+    for name, layer in lora_init.text_encoder.transformer.named_modules():
+        if isinstance(layer, torch.nn.Linear):
+            torch.testing.assert_close(theirs[name].weight, layer.weight, rtol=0, atol=1e-5, msg=name)
+            changed += not torch.equal(layer.weight, pipe.lora_originals.get(f"{TEXT}{name}.weight", layer.weight))
     assert changed == len(ups)
     cli = ["--ckpt", tmp_path / "init.safetensors", "--prompt", "red", "--lora", path, "--H", 16, "--W", 16]
     assert txt2img.main([str(a) for a in [*cli, "--steps", 2, "--outdir", tmp_path / "out"]]) == 0
@@ -693,24 +711,47 @@ def test_a_trained_lora_loads_in_diffusers_with_our_merged_weights(tmp_path, col
 
 
 def test_a_lora_run_resumes_exactly(tmp_path, colours, lora_init):
-    """Uninterrupted vs. stopped by SIGTERM and resumed: the same LoRA file (EMA weights) bit for bit."""
-    straight = lora_run(tmp_path, colours, "straight", proc=True)
+    """Uninterrupted vs. stopped by SIGTERM and resumed, a LoRA on the UNet and the text encoder: the same checkpoints
+    and LoRA file (EMA weights) bit for bit. A checkpoint holds the LoRA tensors, their optimizer and EMA state, not
+    the frozen models (smaller than the UNet's weights alone)."""
+    flag = "lora.text_encoder=true"
+    straight = lora_run(tmp_path, colours, "straight", flag, proc=True)
     checkpoints = tmp_path / "interrupted" / "checkpoints"
-    proc = lora_run(tmp_path, colours, "interrupted", proc=True)
+    proc = lora_run(tmp_path, colours, "interrupted", flag, proc=True)
     wait_for(lambda: (checkpoints / "step-000002").exists(), proc, interval=0.01)
     proc.send_signal(signal.SIGTERM)
     out = finish(proc)
     stopped = max(int(p.name[5:]) for p in checkpoints.glob("step-??????"))
     assert f"SIGTERM: stopped at step {stopped}" in out and stopped < 4
-    out = lora_run(tmp_path, colours, "interrupted", "--resume", "latest")
+    out = lora_run(tmp_path, colours, "interrupted", flag, "--resume", "latest")
     assert f"resumed from {checkpoints / f'step-{stopped:06d}'}" in out
     finish(straight)
-    assert_same(unet_weights(tmp_path / "interrupted", 4), unet_weights(tmp_path / "straight", 4))
+    for name in ("model.safetensors", "model_1.safetensors"):
+        a, b = (
+            load_file(tmp_path / d / "checkpoints" / "step-000004" / "state" / name)
+            for d in ("interrupted", "straight")
+        )
+        assert_same(a, b)
+        assert all(".lora." in k for k in a)
+    unet_bytes = sum(v.numel() * 4 for v in lora_init.unet.state_dict().values())
+    assert sum(f.stat().st_size for f in (checkpoints / "step-000004").rglob("*") if f.is_file()) < unet_bytes
     a, b = (tmp_path / d / "lora.safetensors" for d in ("interrupted", "straight"))
     assert_same(load_file(a), load_file(b))
     meta_a, meta_b = (safe_open(p, "pt").metadata() for p in (a, b))
     assert meta_a.pop("modelspec.title") == "interrupted (ldm train_unet.py)" and meta_a["ss_steps"] == "4"
     assert meta_b.pop("modelspec.title") == "straight (ldm train_unet.py)" and meta_a == meta_b
+
+
+def test_only_the_lora_trains(tmp_path, colours, lora_init, monkeypatch):
+    """After a LoRA run on the UNet and the text encoder, every weight of the three models but the LoRAs' is bit for
+    bit init_from's."""
+    built = []
+    monkeypatch.setattr(train_unet, "StableDiffusion", lambda cfg: built.append(StableDiffusion(cfg)) or built[-1])
+    args = lora_args(tmp_path, colours, "run", "max_steps=2", "validation.every=0", "lora.text_encoder=true")
+    assert run_in_process(train_unet, ["--config", str(CONFIG), "tracker=none", *args]) == 0
+    state = built[0].state_dict()
+    assert_same({k: v for k, v in state.items() if ".lora." not in k}, lora_init.state_dict())
+    assert any(".lora." in k for k in state)
 
 
 @pytest.mark.parametrize(
@@ -722,6 +763,8 @@ def test_a_lora_run_resumes_exactly(tmp_path, colours, lora_init):
         (["--lora", "4", "INIT", "lora.targets=[to_q,attn9]"], "lora.targets: 'attn9' is the end of no Linear"),
         (["--lora", "4"], "a LoRA (lora.rank) adapts a trained UNet: it needs init_from, without reinit_unet"),
         (["--lora", "4", "INIT", "reinit_unet=true"], "it needs init_from, without reinit_unet"),
+        (["INIT", "lora.text_encoder=true"], "lora.text_encoder=true needs a LoRA rank (--lora RANK)"),
+        (["--lora", "4", "INIT", "lora.text_encoder=true", "--cache-latents"], "set cache_latents=false"),
     ],
 )
 def test_bad_lora_input_is_one_line_and_exit_code_2(args, message, tmp_path, colours, lora_init, capsys):
@@ -737,9 +780,14 @@ def test_bad_lora_input_is_one_line_and_exit_code_2(args, message, tmp_path, col
     assert err.count("\n") == 1 and message in err, err
 
 
-def test_a_lora_trains_on_two_processes_as_on_one_with_twice_the_batch(tmp_path, colours, lora_init):
-    """DDP over gloo with only the LoRAs trainable, from the latent cache: the same LoRA file as one process."""
-    common = ["--cache-latents", f"cache_dir={tmp_path / 'cache'}", "max_steps=2"]
+@pytest.mark.parametrize("text_encoder", [False, True])
+def test_a_lora_trains_on_two_processes_as_on_one_with_twice_the_batch(tmp_path, colours, lora_init, text_encoder):
+    """DDP over gloo with only the LoRAs trainable, from the latent cache (or, with the text encoder's LoRAs, from the
+    images): the same LoRA file as one process."""
+    if text_encoder:
+        common = ["lora.text_encoder=true", "max_steps=2"]
+    else:
+        common = ["--cache-latents", f"cache_dir={tmp_path / 'cache'}", "max_steps=2"]
     lora_run(tmp_path, colours, "one", *common, "batch_size=8")
     lora_run(tmp_path, colours, "two", *common, "batch_size=4", processes=2)
     assert_same(*(load_file(tmp_path / d / "lora.safetensors") for d in ("two", "one")), exact=False)
