@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import warnings
 from collections import OrderedDict
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,7 @@ from tqdm.auto import tqdm
 
 from ldm import LdmError
 from ldm.config import ModelConfig
+from ldm.controlnet import Control, ControlNet, control_residuals, load_controlnet
 from ldm.embeddings import add_embedding_
 from ldm.lora import merge_lora_, unmerge_loras_
 from ldm.memory import VAE_TILE, estimate_memory, machine_memory
@@ -350,6 +352,9 @@ class Pipeline(nn.Module):
         trajectory: list[torch.Tensor] | None = None,
         prompt_syntax: str = "a1111",
         clip_skip: int = 1,
+        controls: list[Control] = (),
+        guess_mode: bool = False,
+        control_maps: list[Image.Image] | None = None,
     ) -> list[Image.Image]:
         """n_samples images per prompt (prompt-major order); image i uses a CPU generator seeded seed + i.
 
@@ -362,6 +367,9 @@ class Pipeline(nn.Module):
         prompt_syntax: "a1111" reads AUTOMATIC1111's prompt syntax (weights, BREAK), "plain" takes every character
         literally; both take prompts of any length, in chunks of 75 tokens (ldm.prompts). clip_skip: the text
         encoder's hidden state that conditions, counted from the end (1: the last).
+        controls: ControlNets with their control images (ldm.controlnet.Control), their residuals summed; guess_mode:
+        they see the conditional half of the batch only, their residuals scaled 0.1 .. 1 from shallow to deep.
+        control_maps: a list that receives the control maps used, one per control (at the output size).
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         guided = scale != 1
@@ -383,6 +391,12 @@ class Pipeline(nn.Module):
             dtype=self.dtype,
         )
         images = self.prepare_images(init_image, mask, height, width)
+        for control in controls:
+            control.check()
+        maps = [control.control_map(height, width) for control in controls]
+        hints = [to_tensor(m).to(self.device, self.dtype) for m in maps]
+        if control_maps is not None:
+            control_maps += maps
         inpaint = Inpaint if self.is_inpainting_model else BlendedInpaint
         mode = Txt2Img if init_image is None else Img2Img if mask is None else inpaint
         per_image = [p for p in prompts for _ in range(n_samples)]
@@ -399,21 +413,33 @@ class Pipeline(nn.Module):
             sub = mode(self, run, generators, self.cfg.vae.latent_shape(height, width), **images, strength=strength)
             trajectories.append([] if trajectory is not None else None)
             desc = None if not progress else f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {seeds[0]}-{seeds[-1]}"
-            batch_images = self.sample(sub, run, generators, context, scale, guidance_rescale, desc, trajectories[-1])
+            control = partial(control_residuals, controls, hints, context=context, guess_mode=guess_mode)
+            batch_images = self.sample(
+                sub,
+                run,
+                generators,
+                context,
+                scale,
+                guidance_rescale,
+                desc,
+                trajectories[-1],
+                control if controls else None,
+            )
             results += to_pil(batch_images)
         if trajectory is not None:
             trajectory += [torch.cat(step) for step in zip(*trajectories)]
         return results
 
-    def sample(self, mode: Txt2Img, run: Sampler, generators, context, scale, rescale, desc, trajectory):
+    def sample(self, mode: Txt2Img, run: Sampler, generators, context, scale, rescale, desc, trajectory, control=None):
         """Steps 2-7 of the loop in the module docstring for one sub-batch: its images, (B, 3, H, W) in [0, 1];
-        desc: the progress bar's (None: no bar)."""
+        desc: the progress bar's (None: no bar); control(x, t, i, steps): ControlNet residuals for the UNet, or None."""
         latents = mode.start
         for i, t in enumerate(tqdm(run.timesteps, desc=desc, disable=desc is None)):
             x = run.scale_input(latents, t)
             if trajectory is not None:
                 trajectory.append(x)
-            e = self.predict(mode.unet_input(x), t, context, scale, rescale)  # 2. - 4.
+            residuals = control(x, t, i, len(run.timesteps)) if control is not None else None
+            e = self.predict(mode.unet_input(x), t, context, scale, rescale, residuals)  # 2. - 4.
             latents = run.step(e, t, latents, generators)  # 5.
             latents = mode.after_step(latents, i)  # 6.
         if trajectory is not None:
@@ -485,12 +511,13 @@ class Pipeline(nn.Module):
         return self.model.get_first_stage_encoding(torch.cat([posterior.sample(g) for g in generators]))
 
     def predict(
-        self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, scale: float, rescale: float
+        self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, scale: float, rescale: float, control=None
     ) -> torch.Tensor:
-        """The guided UNet prediction; cond and uncond go through the UNet as one batch."""
+        """The guided UNet prediction; cond and uncond go through the UNet as one batch. control: ControlNet
+        residuals for that batch (ldm.unet.UNetModel.forward)."""
         if len(context) == len(x):
-            return self.unet(x, t, context)
-        e_uncond, e_cond = self.unet(torch.cat([x, x]), t, context).chunk(2)
+            return self.unet(x, t, context, control)
+        e_uncond, e_cond = self.unet(torch.cat([x, x]), t, context, control).chunk(2)
         variance = None
         if self.cfg.learn_sigma:  # guide the prediction; the variance is the conditional branch's (as DiT samples)
             (e_uncond, _), (e_cond, variance) = e_uncond.chunk(2, dim=1), e_cond.chunk(2, dim=1)
@@ -563,6 +590,11 @@ class Pipeline(nn.Module):
         unmerge_loras_(self.model, self.lora_originals)
         self.loras.clear()
         self.embeddings.clear()
+
+    def load_controlnet(self, path: str | Path) -> ControlNet:
+        """A ControlNet file or diffusers folder (ldm.controlnet.load_controlnet) for this pipeline's model, on its
+        device and in its dtype; use it with `Control(net, image, ...)` in `controls=`."""
+        return load_controlnet(path, self.cfg).to(self.device, self.dtype)
 
     def load_embedding(self, path: str | Path, token: str | None = None) -> list[str]:
         """A textual-inversion embedding (ldm.embeddings) as new words of the text encoder; returns its tokens (the

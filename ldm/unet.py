@@ -168,26 +168,24 @@ class TimestepEmbedSequential(nn.Sequential):
         return x
 
 
-class UNetModel(nn.Module):
-    def __init__(self, cfg: UNetConfig):
+class UNetEncoder(nn.Module):
+    """The UNet's time embedding, input blocks and middle block, which a ControlNet copies (ldm.controlnet).
+    skip_channels: the channels of each input block's output, the skip connections of the output blocks."""
+
+    def __init__(self, cfg: UNetConfig, in_channels: int):
         super().__init__()
         self.cfg = cfg
         mc, groups = cfg.model_channels, cfg.num_groups
         emb_dim = mc * 4
-
-        def transformer(ch):
-            heads = ch // cfg.num_head_channels if cfg.num_head_channels > 0 else cfg.num_heads
-            return SpatialTransformer(ch, heads, ch // heads, cfg.transformer_depth, cfg.context_dim, groups)
-
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
-        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))])
+        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(in_channels, mc, 3, padding=1))])
         skip_channels, ch, ds = [mc], mc, 1
         for level, mult in enumerate(cfg.channel_mult):
             for _ in range(cfg.num_res_blocks):
                 layers = [ResBlock(ch, emb_dim, mc * mult, groups)]
                 ch = mc * mult
                 if ds in cfg.attention_resolutions:
-                    layers.append(transformer(ch))
+                    layers.append(self.transformer(ch))
                 self.input_blocks.append(TimestepEmbedSequential(*layers))
                 skip_channels.append(ch)
             if level != len(cfg.channel_mult) - 1:
@@ -195,25 +193,46 @@ class UNetModel(nn.Module):
                 skip_channels.append(ch)
                 ds *= 2
         self.middle_block = TimestepEmbedSequential(
-            ResBlock(ch, emb_dim, ch, groups), transformer(ch), ResBlock(ch, emb_dim, ch, groups)
+            ResBlock(ch, emb_dim, ch, groups), self.transformer(ch), ResBlock(ch, emb_dim, ch, groups)
         )
+        self.skip_channels = skip_channels
+
+    def transformer(self, ch: int) -> SpatialTransformer:
+        cfg = self.cfg
+        heads = ch // cfg.num_head_channels if cfg.num_head_channels > 0 else cfg.num_heads
+        return SpatialTransformer(ch, heads, ch // heads, cfg.transformer_depth, cfg.context_dim, cfg.num_groups)
+
+    def time_embedding(self, timesteps: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """(B, 4 * model_channels) embedding of timesteps (B,) or a scalar, for x's batch and dtype."""
+        timesteps = torch.as_tensor(timesteps, device=x.device).expand(x.shape[0])
+        return self.time_embed(timestep_embedding(timesteps, self.cfg.model_channels).to(x.dtype))
+
+
+class UNetModel(UNetEncoder):
+    def __init__(self, cfg: UNetConfig):
+        super().__init__(cfg, cfg.in_channels)
+        mc, groups, emb_dim = cfg.model_channels, cfg.num_groups, cfg.model_channels * 4
+        skip_channels, ch, ds = list(self.skip_channels), self.skip_channels[-1], 2 ** (len(cfg.channel_mult) - 1)
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(cfg.channel_mult))):
             for i in range(cfg.num_res_blocks + 1):
                 layers = [ResBlock(ch + skip_channels.pop(), emb_dim, mc * mult, groups)]
                 ch = mc * mult
                 if ds in cfg.attention_resolutions:
-                    layers.append(transformer(ch))
+                    layers.append(self.transformer(ch))
                 if level and i == cfg.num_res_blocks:
                     layers.append(Upsample(ch))
                     ds //= 2
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
         self.out = nn.Sequential(GroupNorm32(groups, ch), nn.SiLU(), nn.Conv2d(mc, cfg.out_channels, 3, padding=1))
 
-    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """x: (B, C, H, W) noisy latents, timesteps: (B,) or scalar, context: (B, 77, context_dim)."""
-        timesteps = torch.as_tensor(timesteps, device=x.device).expand(x.shape[0])
-        emb = self.time_embed(timestep_embedding(timesteps, self.cfg.model_channels).to(x.dtype))  # (B, 4 * mc)
+    def forward(
+        self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, control: list | None = None
+    ) -> torch.Tensor:
+        """x: (B, C, H, W) noisy latents, timesteps: (B,) or scalar, context: (B, 77, context_dim).
+        control: a ControlNet's residuals (ldm.controlnet), one per input block and one for the middle block, added
+        to the skip connections and to the middle block's output (ControlNet's ControlledUnetModel)."""
+        emb = self.time_embedding(timesteps, x)  # (B, 4 * mc)
 
         def run(block, h, upsample_size=None):
             if self.cfg.use_checkpoint and self.training:
@@ -225,6 +244,9 @@ class UNetModel(nn.Module):
             h = run(block, h)  # (B, model_channels * channel_mult[level], H / 2^level, W / 2^level)
             skips.append(h)
         h = run(self.middle_block, h)
+        if control is not None:
+            h = h + control[-1]
+            skips = [skip + residual for skip, residual in zip(skips, control)]
         for block in self.output_blocks:
             h = torch.cat([h, skips.pop()], dim=1)  # (B, C + C_skip, h, w)
             h = run(block, h, skips[-1].shape[-2:] if skips else None)  # upsample to the next skip's size
