@@ -8,6 +8,8 @@ r"""txt2img.py: text-to-image, img2img and inpainting with a Stable Diffusion v1
     python txt2img.py --ckpt sd-v1-5-inpainting.ckpt --prompt "a vase of tulips" --init-image room.png --mask mask.png
     python txt2img.py --ckpt sd15.safetensors --prompt "a fox, in mystyle" \
         --lora detail.safetensors:0.6 --embedding mystyle.pt
+    python txt2img.py --ckpt sd15.safetensors --prompt "a house" \
+        --controlnet control_v11p_sd15_canny.pth --control-image photo.png --control-preprocess canny
 
 Writes one PNG per image into --outdir, numbered after the PNGs already there (nothing is overwritten), and a
 grid when a run makes more than one image. Each PNG carries its generation parameters: AUTOMATIC1111's
@@ -119,6 +121,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="FILE[:TOKEN]",
         help="a textual-inversion embedding, its trigger word TOKEN (default: the file's); repeatable",
     )
+    control = p.add_argument_group(
+        "ControlNet", "repeat the group for several ControlNets; a setting given once per --controlnet, in order"
+    )
+    control.add_argument(
+        "--controlnet", action="append", default=[], metavar="FILE", help="a ControlNet file or folder"
+    )
+    control.add_argument("--control-image", action="append", default=[], type=Path, metavar="IMG", help="its image")
+    control.add_argument(
+        "--control-preprocess",
+        action="append",
+        default=[],
+        choices=cli.CONTROL_PREPROCESS_NAMES,
+        help="none (default): the image is the control map; canny: its edges (OpenCV, thresholds 100/200)",
+    )
+    control.add_argument("--control-scale", action="append", default=[], type=float, help="residual scale (1)")
+    control.add_argument("--control-start", action="append", default=[], type=float, help="first step, 0..1 (0)")
+    control.add_argument("--control-end", action="append", default=[], type=float, help="last step, 0..1 (1)")
+    control.add_argument(
+        "--guess-mode", action="store_true", help="the ControlNets see the conditional half only, scaled 0.1..1"
+    )
+    control.add_argument("--save-control", action="store_true", help="also save the control maps used")
     return p.parse_args(argv)
 
 
@@ -132,6 +155,7 @@ from PIL.PngImagePlugin import PngInfo
 from ldm import DEFAULT_MODEL, load_pipeline
 from ldm.checkpoint import peek_config
 from ldm.config import load_config
+from ldm.controlnet import Control
 from ldm.lora import a1111_hash
 from ldm.pipeline import DTYPES, InputError, Pipeline, check_request, load_image
 from ldm.prompts import lora_tags
@@ -202,6 +226,12 @@ def a1111_text(facts: dict) -> str:
     }
     pairs["Lora hashes"] = ", ".join(f"{lora['name']}: {lora['hash']}" for lora in facts.get("loras", [])) or None
     pairs["TI hashes"] = ", ".join(f"{e['token']}: {e['hash']}" for e in facts.get("embeddings", [])) or None
+    for k, unit in enumerate(facts.get("controlnets", [])):  # as the sd-webui-controlnet extension writes a unit
+        guess = ", Guess Mode: True" if facts.get("guess_mode") else ""
+        pairs[f"ControlNet {k}"] = (
+            f"Module: {unit['preprocess']}, Model: {unit['model']} [{unit['hash']}], Weight: {unit['scale']}, "
+            f"Guidance Start: {unit['start']}, Guidance End: {unit['end']}{guess}"
+        )
     lines = [facts["prompt"]] + ([f"Negative prompt: {facts['negative_prompt']}"] if facts["negative_prompt"] else [])
     return "\n".join(lines + [", ".join(f"{k}: {quote(v)}" for k, v in pairs.items() if v is not None)])
 
@@ -260,7 +290,44 @@ def lora_facts(pipe: Pipeline, path: Path, weight: float, te_weight: float | Non
     return facts if te_weight in (None, weight) else facts | {"te_weight": te_weight}
 
 
-def run(pipe: Pipeline, args, prompts: list[str], init_image, mask, model: dict, tagged: dict) -> list[Path]:
+def control_units(args) -> list[tuple[dict, Control]]:
+    """The --controlnet groups, checked (one --control-image per --controlnet, each other setting given never or
+    once per --controlnet): what the PNG metadata says of each, and its Control, whose net is loaded later."""
+    n = len(args.controlnet)
+    settings = {
+        "--control-image": args.control_image,
+        "--control-preprocess": args.control_preprocess,
+        "--control-scale": args.control_scale,
+        "--control-start": args.control_start,
+        "--control-end": args.control_end,
+    }
+    if not n and (any(settings.values()) or args.guess_mode or args.save_control):
+        raise InputError("the ControlNet settings need --controlnet FILE")
+    for flag, values in settings.items():
+        if len(values) != n and (values or flag == "--control-image"):
+            raise InputError(f"{flag} is given {len(values)} time(s) for {n} --controlnet: give it once for each")
+    units = []
+    for k, path in enumerate(args.controlnet):
+        unit = {
+            "file": path,
+            "image": args.control_image[k],
+            "preprocess": args.control_preprocess[k] if args.control_preprocess else "none",
+            "scale": args.control_scale[k] if args.control_scale else 1.0,
+            "start": args.control_start[k] if args.control_start else 0.0,
+            "end": args.control_end[k] if args.control_end else 1.0,
+        }
+        if not Path(path).exists():
+            raise InputError(f"--controlnet {path}: no such file or folder")
+        image = load_image(unit["image"])
+        control = Control(None, image, unit["preprocess"], unit["scale"], unit["start"], unit["end"])
+        control.check()
+        units.append((unit | {"image": str(unit["image"])}, control))
+    return units
+
+
+def run(
+    pipe: Pipeline, args, prompts: list[str], init_image, mask, model: dict, tagged: dict, controls: list[Control]
+) -> list[Path]:
     """Make n_iter batches of n_samples images per prompt; write them (and strips, grid); return the paths.
     tagged: {prompt: (its text without <lora:...> tags, [(file, text-encoder weight, UNet weight)])}."""
     options = dict(
@@ -290,7 +357,11 @@ def run(pipe: Pipeline, args, prompts: list[str], init_image, mask, model: dict,
         run_facts |= {"mode": "img2img", "init_image": str(args.init_image), "strength": args.strength}
         if mask is not None:
             run_facts |= {"mode": "inpaint", "mask": str(args.mask)}
+    if controls:
+        options |= dict(controls=controls, guess_mode=args.guess_mode)
+        run_facts["guess_mode"] = args.guess_mode
     number, seed, written, rows, first_facts = next_number(args.outdir), args.seed, [], [], None
+    maps = [] if args.save_control else None
     tag_loras: list[dict] = []  # the LoRAs of the last prompt's tags, merged beside those of --lora
     for prompt in prompts:
         text, tags = tagged.get(prompt, (prompt, []))
@@ -301,7 +372,10 @@ def run(pipe: Pipeline, args, prompts: list[str], init_image, mask, model: dict,
             tag_loras = [lora_facts(pipe, path, unet_w, te_w, args.no_metadata) for path, te_w, unet_w in tags]
         for _ in range(args.n_iter):
             trajectory = [] if args.save_intermediates else None
-            batch = pipe.generate(text, seed=seed, trajectory=trajectory, **options)
+            batch = pipe.generate(text, seed=seed, trajectory=trajectory, control_maps=maps, **options)
+            for k, control_map in enumerate(maps or []):  # the maps of the first call (all calls use the same)
+                written.append(save_png(control_map, args.outdir / f"{number:05}-control-{k}.png", None))
+            maps = None
             strips = pipe.trajectory_strips(trajectory) if trajectory is not None else [None] * len(batch)
             for pos, (image, strip) in enumerate(zip(batch, strips)):
                 facts = run_facts | {
@@ -396,6 +470,7 @@ def execute(args) -> list[Path]:
     if args.init_image is not None and args.strength is None:
         args.strength = 1.0 if args.mask is not None else 0.75
     loras = [file_spec(value, "--lora", weight=True) for value in args.lora]
+    controlnets = control_units(args)
     # A1111's <lora:NAME:W> tags: taken out of each prompt, their files found now (before loading the model)
     tagged = {p: lora_tags(p, args.lora_dir) for p in prompts} if args.prompt_syntax == "a1111" else {}
     embeddings = [file_spec(value, "--embedding", weight=False) for value in args.embedding]
@@ -442,7 +517,11 @@ def execute(args) -> list[Path]:
         hashed = None if args.no_metadata else a1111_hash(path)
         embedding = {"token": tokens[0], "file": str(path), "vectors": len(tokens), "hash": hashed}
         model.setdefault("embeddings", []).append(embedding)
-    return run(pipe, args, prompts, init_image, mask, model, tagged)
+    for unit, control in controlnets:
+        control.net = pipe.load_controlnet(unit["file"])
+        hashed = None if args.no_metadata else model_hash(Path(unit["file"]))
+        model.setdefault("controlnets", []).append(unit | {"model": Path(unit["file"]).stem, "hash": hashed})
+    return run(pipe, args, prompts, init_image, mask, model, tagged, [control for _, control in controlnets])
 
 
 if __name__ == "__main__":

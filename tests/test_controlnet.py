@@ -6,6 +6,7 @@ The tiny model here has an 8x VAE (64x64 images, 8x8 latents), as SD v1: lllyasv
 map three times, and diffusers' single-file converter knows only that layout.
 """
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -22,9 +23,21 @@ from diffusers import (
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from conftest import LATENT_ATOL, PROMPT, assert_same, diffusers_run, ours_run, pixels, randomize_, tiny_model
+import txt2img
+from conftest import (
+    LATENT_ATOL,
+    PROMPT,
+    a1111,
+    assert_same,
+    cli,
+    diffusers_run,
+    ours_run,
+    pixels,
+    randomize_,
+    tiny_model,
+)
 from ldm import LdmError
-from ldm.checkpoint import CheckpointError, diffusers_configs, save_diffusers_folder
+from ldm.checkpoint import CheckpointError, diffusers_configs, save_diffusers_folder, save_single_file
 from ldm.controlnet import CANNY_THRESHOLDS, Control, ControlNet, canny, load_controlnet, save_controlnet
 from ldm.pipeline import Pipeline
 from ldm.samplers import make_scheduler
@@ -283,12 +296,10 @@ def test_the_unet_is_the_encoder_plus_its_decoder(tiny_cfg):
 
 
 def test_canny_is_opencvs_with_the_stated_thresholds(setup):
-    import cv2
-
     image = smooth_image(5, 40, 40).resize((SIZE, SIZE), Image.NEAREST)  # blocky: sharp edges
     control = Control(setup[1][0], image, preprocess="canny")
     edges = np.asarray(control.control_map(SIZE, SIZE))
-    expected = cv2.Canny(np.asarray(image), *CANNY_THRESHOLDS)
+    expected = cv2_canny(image)
     assert CANNY_THRESHOLDS == (100, 200) and edges.shape == (SIZE, SIZE, 3)
     assert np.array_equal(edges[..., 0], expected) and 0 < (expected > 0).mean() < 0.5
     assert np.array_equal(np.asarray(canny(image))[..., 2], expected)
@@ -319,3 +330,115 @@ def test_a_controlnet_needs_a_vae_of_at_most_8x(tiny_cfg):
 def test_path_of_a_missing_file(setup):
     with pytest.raises(CheckpointError, match="not found"):
         load_controlnet(Path("/nonexistent/control.safetensors"), setup[0].cfg)
+
+
+# ---------------------------------------------------------------- txt2img.py
+
+
+@pytest.fixture(scope="module")
+def ckpt(setup, tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "tiny8.safetensors"
+    save_single_file(setup[0].model, path)
+    return path
+
+
+def test_cli_matches_diffusers_and_records_the_controlnet(setup, ckpt, tmp_path, capsys):
+    pipe, ours, theirs, base, hints, files = setup
+    hints[0].save(hint := tmp_path / "hint.png")
+    args = ["--ckpt", ckpt, "--prompt", PROMPT, "--steps", 5, "--seed", 5, "--outdir", tmp_path / "out"]
+    control = ["--controlnet", files[0], "--control-image", hint, "--control-scale", 0.5]
+    assert cli(*args, *control, "--control-start", 0.2, "--control-end", 0.8, "--guess-mode", "--save-control") == 0
+    assert "note: control image resized from 48x40 to 64x64" in capsys.readouterr().err
+    theirs_images, _ = diffusers_run(
+        reference(base, theirs[0]),
+        5,
+        1,
+        image=hints[0],
+        controlnet_conditioning_scale=0.5,
+        control_guidance_start=0.2,
+        control_guidance_end=0.8,
+        guess_mode=True,
+        height=SIZE,
+        width=SIZE,
+    )
+    image = Image.open(tmp_path / "out" / "00000.png")
+    assert np.abs(pixels([image]) - pixels(theirs_images)).mean() <= 1
+    facts = json.loads(image.text["ldm"])
+    unit = facts["controlnets"][0]
+    assert facts["guess_mode"] and unit["file"] == str(files[0]) and unit["image"] == str(hint)
+    assert (unit["model"], unit["preprocess"], unit["scale"], unit["start"], unit["end"]) == (
+        "control1",
+        "none",
+        0.5,
+        0.2,
+        0.8,
+    )
+    assert unit["hash"] == txt2img.model_hash(files[0])
+    text = a1111(image.text["parameters"])["ControlNet 0"]
+    assert text == f"Module: none, Model: control1 [{unit['hash']}], Weight: 0.5, Guidance Start: 0.2, " + (
+        "Guidance End: 0.8, Guess Mode: True"
+    )
+    saved = Image.open(tmp_path / "out" / "00000-control-0.png")
+    assert saved.size == (SIZE, SIZE) and np.array_equal(
+        np.asarray(saved), np.asarray(hints[0].resize((SIZE, SIZE), Image.LANCZOS))
+    )
+
+
+def test_cli_canny_two_controlnets_img2img(setup, ckpt, tmp_path):
+    """Two groups, canny on the first; with img2img. The saved canny map is OpenCV's edges of the resized image."""
+    pipe, ours, _, _, hints, files = setup
+    picture = smooth_image(5, 40, 40).resize((SIZE, SIZE), Image.NEAREST)
+    picture.save(first := tmp_path / "picture.png")
+    hints[1].save(second := tmp_path / "hint.png")
+    init = smooth_image(8, SIZE, SIZE)
+    init.save(init_path := tmp_path / "init.png")
+    args = ["--ckpt", ckpt, "--prompt", PROMPT, "--steps", 4, "--seed", 2, "--outdir", tmp_path / "out"]
+    args += ["--init-image", init_path, "--strength", 0.6, "--save-control"]
+    args += ["--controlnet", files[0], "--control-image", first, "--control-preprocess", "canny"]
+    args += ["--controlnet", files[1], "--control-image", second, "--control-preprocess", "none"]
+    assert cli(*args) == 0
+    edges = cv2_canny(picture)
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "out" / "00000-control-0.png"))[..., 1], edges)
+    controls = [Control(ours[0], picture, "canny"), Control(ours[1], hints[1])]
+    api = pipe.img2img(PROMPT, init, strength=0.6, steps=4, seed=2, progress=False, controls=controls)
+    assert np.array_equal(pixels(api), pixels([Image.open(tmp_path / "out" / "00000.png")]))
+    facts = json.loads(Image.open(tmp_path / "out" / "00000.png").text["ldm"])
+    assert [u["preprocess"] for u in facts["controlnets"]] == ["canny", "none"] and facts["mode"] == "img2img"
+
+
+def cv2_canny(image: Image.Image) -> np.ndarray:
+    """OpenCV's Canny edges of an RGB image at the thresholds the README states."""
+    import cv2
+
+    return cv2.Canny(np.asarray(image.convert("RGB")), 100, 200)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--control-image", "HINT"], "the ControlNet settings need --controlnet FILE"),
+        (["--guess-mode"], "the ControlNet settings need --controlnet FILE"),
+        (["--controlnet", "CN"], "--control-image is given 0 time(s) for 1 --controlnet"),
+        (
+            ["--controlnet", "CN", "--control-image", "HINT", "--control-scale", "1", "--control-scale", "2"],
+            "--control-scale is given 2",
+        ),
+        (
+            ["--controlnet", "CN", "--control-image", "HINT", "--control-start", "0.9", "--control-end", "0.1"],
+            "0 <= start < end <= 1",
+        ),
+        (["--controlnet", "CN", "--control-image", "HINT", "--control-scale", "nan"], "finite"),
+        (["--controlnet", "missing.pth", "--control-image", "HINT"], "--controlnet missing.pth: no such file"),
+        (["--controlnet", "CN", "--control-image", "missing.png"], "image not found: missing.png"),
+        (["--controlnet", "CN", "--control-image", "HINT", "--control-preprocess", "depth"], "invalid choice: 'depth'"),
+    ],
+)
+def test_cli_bad_control_input_is_one_line_and_exit_2(setup, ckpt, tmp_path, capsys, extra, message):
+    smooth_image(1, 8, 8).save(hint := tmp_path / "hint.png")
+    extra = [str(hint) if a == "HINT" else str(setup[5][0]) if a == "CN" else a for a in extra]
+    with pytest.raises(SystemExit) if "invalid choice" in message else contextlib.nullcontext() as exit_info:
+        code = cli("--ckpt", ckpt, "--prompt", PROMPT, "--steps", 2, "--outdir", tmp_path / "out", *extra)
+    code = exit_info.value.code if exit_info else code
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not list((tmp_path / "out").glob("*.png"))
