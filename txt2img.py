@@ -86,6 +86,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--mask", type=Path, help="inpainting: white = repaint, black = keep, grey = blend (the init image's size)"
     )
+    p.add_argument(
+        "--outpaint",
+        metavar="LEFT,TOP,RIGHT,BOTTOM",
+        help="extend the init image by these pixels (rounded up to the VAE factor) and inpaint the new area",
+    )
+    p.add_argument("--mask-blur", type=int, help="outpainting: the mask's feathered border in pixels (default: 4)")
     p.add_argument("--dtype", choices=cli.DTYPE_NAMES, default="fp32")
     p.add_argument("--device", help="cpu, cuda, cuda:1, mps... (default: cuda when there is one, else cpu)")
     p.add_argument(
@@ -157,7 +163,7 @@ from ldm.checkpoint import peek_config
 from ldm.config import load_config
 from ldm.controlnet import Control
 from ldm.lora import a1111_hash
-from ldm.pipeline import DTYPES, InputError, Pipeline, check_request, load_image
+from ldm.pipeline import DTYPES, InputError, Pipeline, check_request, load_image, outpaint_canvas
 from ldm.prompts import lora_tags
 from ldm.samplers import SAMPLERS
 
@@ -223,6 +229,8 @@ def a1111_text(facts: dict) -> str:
         "Batch size": facts["batch_size"] if facts["batch_size"] > 1 else None,
         "Batch pos": facts["batch_pos"] if facts["batch_size"] > 1 else None,
         "Emphasis": "None" if facts.get("prompt_syntax") == "plain" else None,  # A1111's name for "plain"
+        "Mask blur": facts.get("mask_blur"),
+        "Outpaint": ",".join(map(str, facts["outpaint"])) if "outpaint" in facts else None,
     }
     pairs["Lora hashes"] = ", ".join(f"{lora['name']}: {lora['hash']}" for lora in facts.get("loras", [])) or None
     pairs["TI hashes"] = ", ".join(f"{e['token']}: {e['hash']}" for e in facts.get("embeddings", [])) or None
@@ -355,7 +363,9 @@ def run(
     if init_image is not None:
         options |= dict(init_image=init_image, mask=mask, strength=args.strength)
         run_facts |= {"mode": "img2img", "init_image": str(args.init_image), "strength": args.strength}
-        if mask is not None:
+        if args.outpaint is not None:
+            run_facts |= {"mode": "outpaint", "outpaint": list(args.outpaint), "mask_blur": args.mask_blur}
+        elif mask is not None:
             run_facts |= {"mode": "inpaint", "mask": str(args.mask)}
     if controls:
         options |= dict(controls=controls, guess_mode=args.guess_mode)
@@ -444,6 +454,20 @@ def check_writable(outdir: Path) -> None:
                 folder.rmdir()
 
 
+def outpaint(args, init_image, mask, cfg) -> tuple:
+    """--outpaint: the canvas and the mask that inpaint it (ldm.pipeline.outpaint_canvas); args.outpaint becomes the
+    padding after rounding."""
+    if init_image is None or mask is not None:
+        raise InputError("--outpaint needs --init-image (the picture to extend) and no --mask")
+    args.mask_blur = 4 if args.mask_blur is None else args.mask_blur
+    try:
+        padding = tuple(int(value) for value in args.outpaint.split(","))
+    except ValueError:
+        raise InputError(f"--outpaint takes LEFT,TOP,RIGHT,BOTTOM in whole pixels, got '{args.outpaint}'") from None
+    canvas, mask, args.outpaint = outpaint_canvas(init_image, padding, cfg.vae.factor, args.mask_blur)
+    return canvas, mask
+
+
 def execute(args) -> list[Path]:
     """Check the input, load the model, generate and write the images; return the paths written."""
     prompts = read_prompts(args)
@@ -468,7 +492,7 @@ def execute(args) -> list[Path]:
     if args.strength is not None and args.init_image is None:
         raise InputError("--strength needs --init-image")
     if args.init_image is not None and args.strength is None:
-        args.strength = 1.0 if args.mask is not None else 0.75
+        args.strength = 1.0 if args.mask is not None or args.outpaint is not None else 0.75
     loras = [file_spec(value, "--lora", weight=True) for value in args.lora]
     controlnets = control_units(args)
     # A1111's <lora:NAME:W> tags: taken out of each prompt, their files found now (before loading the model)
@@ -476,6 +500,12 @@ def execute(args) -> list[Path]:
     embeddings = [file_spec(value, "--embedding", weight=False) for value in args.embedding]
     init_image = load_image(args.init_image) if args.init_image else None
     mask = load_image(args.mask, "L") if args.mask else None
+    if args.mask_blur is not None and args.outpaint is None:
+        raise InputError("--mask-blur applies to --outpaint only")
+    if args.outpaint is not None:
+        init_image, mask = outpaint(
+            args, init_image, mask, peek_config(DEFAULT_MODEL if args.ckpt is None else args.ckpt)
+        )
     ckpt = DEFAULT_MODEL if args.ckpt is None else args.ckpt
     check_writable(args.outdir)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

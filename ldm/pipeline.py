@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from ldm import LdmError
@@ -113,6 +113,40 @@ def output_size(cfg: ModelConfig, init_image: Image.Image | None, height: int | 
     if height <= 0 or width <= 0 or height % f or width % f:
         raise InputError(f"height and width must be positive multiples of {f} for this model, got {width}x{height}")
     return height, width
+
+
+def outpaint_canvas(
+    image: Image.Image, padding: tuple[int, int, int, int], factor: int, mask_blur: int = 4
+) -> tuple[Image.Image, Image.Image, tuple[int, int, int, int]]:
+    """The canvas, mask and padding of outpainting `image` by padding = (left, top, right, bottom) pixels.
+
+    Left and top are rounded up to multiples of the VAE factor, right and bottom up so that the canvas sides are
+    multiples too. The new area is pre-filled with the image's border colours carried outwards and blurred over about
+    an eighth of the canvas (AUTOMATIC1111's "fill" masked content, applied to the new area only; not mk2's
+    spectral noise): a plain start that the sampler repaints. The mask is 0 over the original, so its pixels come
+    back exactly, and rises from 0 at its border to 1 at mask_blur pixels from it (the feathered border: the first
+    pixels outside are mostly the fill, which is the original's edge, then more and more the generated picture)."""
+    if len(padding) != 4 or any(not isinstance(p, int) or p < 0 for p in padding) or not any(padding):
+        raise InputError(f"outpainting needs 4 non-negative whole numbers of pixels, not all 0, got {padding}")
+    if mask_blur < 0:
+        raise InputError(f"mask blur must be >= 0 pixels, got {mask_blur}")
+    image = image.convert("RGB")
+    left, top = (-(-padding[0] // factor) * factor, -(-padding[1] // factor) * factor)
+    width = -(-(left + image.width + padding[2]) // factor) * factor
+    height = -(-(top + image.height + padding[3]) // factor) * factor
+    right, bottom = width - left - image.width, height - top - image.height
+    array = np.asarray(image)
+    filled = np.pad(array, ((top, bottom), (left, right), (0, 0)), mode="edge")
+    blurred = Image.fromarray(filled).filter(ImageFilter.GaussianBlur(max(width, height) / 8))
+    canvas = np.asarray(blurred).copy()
+    canvas[top : top + image.height, left : left + image.width] = array
+    y, x = np.mgrid[:height, :width] + 0.5
+    dx = np.maximum.reduce([left - x, np.zeros_like(x), x - left - image.width])
+    dy = np.maximum.reduce([top - y, np.zeros_like(y), y - top - image.height])
+    distance = np.hypot(dx, dy)  # from the original's rectangle, in pixels (0 inside it, >= 0.5 outside)
+    mask = np.clip(distance / mask_blur, 0, 1) if mask_blur else (distance > 0).astype(np.float64)
+    mask_image = Image.fromarray((mask * 255).round().astype(np.uint8))
+    return Image.fromarray(canvas), mask_image, (left, top, right, bottom)
 
 
 def check_request(
@@ -329,6 +363,21 @@ class Pipeline(nn.Module):
     ) -> list[Image.Image]:
         """Repaint where `mask` is white (grey: partly); options as in `generate`."""
         return self.generate(prompts, init_image=init_image, mask=mask, strength=strength, **options)
+
+    def outpaint(
+        self,
+        prompts: str | list[str],
+        init_image: Image.Image,
+        padding: tuple[int, int, int, int],
+        mask_blur: int = 4,
+        strength: float = 1.0,
+        **options,
+    ) -> list[Image.Image]:
+        """Extend `init_image` by padding = (left, top, right, bottom) pixels (rounded up to the VAE factor): the
+        image on a bigger canvas (outpaint_canvas: the new area pre-filled, a mask feathered over mask_blur pixels),
+        inpainted with the prompt; the original's pixels come back exactly. Options as in `generate`."""
+        canvas, mask, _ = outpaint_canvas(init_image, padding, self.vae_factor, mask_blur)
+        return self.generate(prompts, init_image=canvas, mask=mask, strength=strength, **options)
 
     @torch.inference_mode()
     def generate(
