@@ -8,6 +8,8 @@ r"""txt2img.py: text-to-image, img2img and inpainting with a Stable Diffusion v1
     python txt2img.py --ckpt sd-v1-5-inpainting.ckpt --prompt "a vase of tulips" --init-image room.png --mask mask.png
     python txt2img.py --ckpt sd15.safetensors --prompt "a fox, in mystyle" \
         --lora detail.safetensors:0.6 --embedding mystyle.pt
+    python txt2img.py --ckpt sd15.safetensors --prompt "a house" \
+        --controlnet control_v11p_sd15_canny.pth --control-image photo.png --control-preprocess canny
 
 Writes one PNG per image into --outdir, numbered after the PNGs already there (nothing is overwritten), and a
 grid when a run makes more than one image. Each PNG carries its generation parameters: AUTOMATIC1111's
@@ -84,6 +86,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--mask", type=Path, help="inpainting: white = repaint, black = keep, grey = blend (the init image's size)"
     )
     p.add_argument(
+        "--outpaint",
+        metavar="LEFT,TOP,RIGHT,BOTTOM",
+        help="extend the init image by these pixels (rounded up to the VAE factor) and inpaint the new area",
+    )
+    p.add_argument("--mask-blur", type=int, help="outpainting: the mask's feathered border in pixels (default: 4)")
+    p.add_argument(
         "--dtype",
         choices=cli.DTYPE_NAMES,
         default="fp32",
@@ -135,6 +143,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="FILE[:TOKEN]",
         help="a textual-inversion embedding, its trigger word TOKEN (default: the file's); repeatable",
     )
+    control = p.add_argument_group(
+        "ControlNet", "repeat the group for several ControlNets; a setting given once per --controlnet, in order"
+    )
+    control.add_argument(
+        "--controlnet", action="append", default=[], metavar="FILE", help="a ControlNet file or folder"
+    )
+    control.add_argument("--control-image", action="append", default=[], type=Path, metavar="IMG", help="its image")
+    control.add_argument(
+        "--control-preprocess",
+        action="append",
+        default=[],
+        choices=cli.CONTROL_PREPROCESS_NAMES,
+        help="none (default): the image is the control map; canny: its edges (OpenCV, thresholds 100/200)",
+    )
+    control.add_argument("--control-scale", action="append", default=[], type=float, help="residual scale (1)")
+    control.add_argument("--control-start", action="append", default=[], type=float, help="first step, 0..1 (0)")
+    control.add_argument("--control-end", action="append", default=[], type=float, help="last step, 0..1 (1)")
+    control.add_argument(
+        "--guess-mode", action="store_true", help="the ControlNets see the conditional half only, scaled 0.1..1"
+    )
+    control.add_argument("--save-control", action="store_true", help="also save the control maps used")
     return p.parse_args(argv)
 
 
@@ -146,8 +175,9 @@ import torch
 from ldm import DEFAULT_MODEL, load_pipeline
 from ldm.checkpoint import peek_config
 from ldm.config import load_config
-from ldm.outputs import embedding_facts, lora_facts, make_images, model_facts
-from ldm.pipeline import DTYPES, InputError, auto_dtype, check_request, load_image
+from ldm.controlnet import Control
+from ldm.outputs import embedding_facts, lora_facts, make_images, model_facts, model_hash
+from ldm.pipeline import DTYPES, InputError, auto_dtype, check_request, load_image, outpaint_canvas
 from ldm.prompts import lora_tags
 
 
@@ -193,6 +223,41 @@ def file_spec(value: str, flag: str, weight: bool) -> tuple[Path, float | str | 
     return Path(path), number
 
 
+def control_units(args) -> list[tuple[dict, Control]]:
+    """The --controlnet groups, checked (one --control-image per --controlnet, each other setting given never or
+    once per --controlnet): what the PNG metadata says of each, and its Control, whose net is loaded later."""
+    n = len(args.controlnet)
+    settings = {
+        "--control-image": args.control_image,
+        "--control-preprocess": args.control_preprocess,
+        "--control-scale": args.control_scale,
+        "--control-start": args.control_start,
+        "--control-end": args.control_end,
+    }
+    if not n and (any(settings.values()) or args.guess_mode or args.save_control):
+        raise InputError("the ControlNet settings need --controlnet FILE")
+    for flag, values in settings.items():
+        if len(values) != n and (values or flag == "--control-image"):
+            raise InputError(f"{flag} is given {len(values)} time(s) for {n} --controlnet: give it once for each")
+    units = []
+    for k, path in enumerate(args.controlnet):
+        unit = {
+            "file": path,
+            "image": args.control_image[k],
+            "preprocess": args.control_preprocess[k] if args.control_preprocess else "none",
+            "scale": args.control_scale[k] if args.control_scale else 1.0,
+            "start": args.control_start[k] if args.control_start else 0.0,
+            "end": args.control_end[k] if args.control_end else 1.0,
+        }
+        if not Path(path).exists():
+            raise InputError(f"--controlnet {path}: no such file or folder")
+        image = load_image(unit["image"])
+        control = Control(None, image, unit["preprocess"], unit["scale"], unit["start"], unit["end"])
+        control.check()
+        units.append((unit | {"image": str(unit["image"])}, control))
+    return units
+
+
 def show_note(message, *_):
     print(f"note: {message}", file=sys.stderr)
 
@@ -231,6 +296,20 @@ def check_writable(outdir: Path) -> None:
                 folder.rmdir()
 
 
+def outpaint(args, init_image, mask, cfg) -> tuple:
+    """--outpaint: the canvas and the mask that inpaint it (ldm.pipeline.outpaint_canvas); args.outpaint becomes the
+    padding after rounding."""
+    if init_image is None or mask is not None:
+        raise InputError("--outpaint needs --init-image (the picture to extend) and no --mask")
+    args.mask_blur = 4 if args.mask_blur is None else args.mask_blur
+    try:
+        padding = tuple(int(value) for value in args.outpaint.split(","))
+    except ValueError:
+        raise InputError(f"--outpaint takes LEFT,TOP,RIGHT,BOTTOM in whole pixels, got '{args.outpaint}'") from None
+    canvas, mask, args.outpaint = outpaint_canvas(init_image, padding, cfg.vae.factor, args.mask_blur)
+    return canvas, mask
+
+
 def execute(args) -> list[Path]:
     """Check the input, load the model, generate and write the images; return the paths written."""
     prompts = read_prompts(args)
@@ -255,13 +334,20 @@ def execute(args) -> list[Path]:
     if args.strength is not None and args.init_image is None:
         raise InputError("--strength needs --init-image")
     if args.init_image is not None and args.strength is None:
-        args.strength = 1.0 if args.mask is not None else 0.75
+        args.strength = 1.0 if args.mask is not None or args.outpaint is not None else 0.75
     loras = [file_spec(value, "--lora", weight=True) for value in args.lora]
+    controlnets = control_units(args)
     # A1111's <lora:NAME:W> tags: taken out of each prompt, their files found now (before loading the model)
     tagged = {p: lora_tags(p, args.lora_dir) for p in prompts} if args.prompt_syntax == "a1111" else {}
     embeddings = [file_spec(value, "--embedding", weight=False) for value in args.embedding]
     init_image = load_image(args.init_image) if args.init_image else None
     mask = load_image(args.mask, "L") if args.mask else None
+    if args.mask_blur is not None and args.outpaint is None:
+        raise InputError("--mask-blur applies to --outpaint only")
+    if args.outpaint is not None:
+        init_image, mask = outpaint(
+            args, init_image, mask, peek_config(DEFAULT_MODEL if args.ckpt is None else args.ckpt)
+        )
     ckpt = DEFAULT_MODEL if args.ckpt is None else args.ckpt
     check_writable(args.outdir)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -304,7 +390,12 @@ def execute(args) -> list[Path]:
         model.setdefault("loras", []).append(lora_facts(pipe, path, weight, None, args.no_metadata))
     for path, token in embeddings:
         model.setdefault("embeddings", []).append(embedding_facts(pipe, path, token, args.no_metadata))
-    return list(make_images(pipe, args, prompts, init_image, mask, model, tagged))
+    for unit, control in controlnets:
+        control.net = pipe.load_controlnet(unit["file"])
+        hashed = None if args.no_metadata else model_hash(Path(unit["file"]))
+        model.setdefault("controlnets", []).append(unit | {"model": Path(unit["file"]).stem, "hash": hashed})
+    controls = [control for _, control in controlnets]
+    return list(make_images(pipe, args, prompts, init_image, mask, model, tagged, controls=controls))
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from ldm import LdmError
 SAMPLER_NAMES = ("ddim", "plms", "euler", "euler_a", "heun", "dpmpp_2m", "dpmpp_2m_karras", "unipc", "ddpm")
 DTYPE_NAMES = ("fp32", "fp16", "bf16", "auto")  # auto: ldm.pipeline.auto_dtype
 QUANTIZE_NAMES = ("int8",)
+CONTROL_PREPROCESS_NAMES = ("none", "canny")  # ldm.controlnet.PREPROCESSORS
 SYNTAX_NAMES = ("a1111", "plain")  # ldm.prompts.SYNTAXES: AUTOMATIC1111's prompt syntax, or every character literal
 
 

@@ -13,6 +13,7 @@ from typing import Callable, Iterator
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from ldm.controlnet import Control
 from ldm.lora import a1111_hash
 from ldm.pipeline import InputError, Pipeline
 from ldm.samplers import SAMPLERS
@@ -54,9 +55,17 @@ def a1111_text(facts: dict) -> str:
         "Batch size": facts["batch_size"] if facts["batch_size"] > 1 else None,
         "Batch pos": facts["batch_pos"] if facts["batch_size"] > 1 else None,
         "Emphasis": "None" if facts.get("prompt_syntax") == "plain" else None,  # A1111's name for "plain"
+        "Mask blur": facts.get("mask_blur"),
+        "Outpaint": ",".join(map(str, facts["outpaint"])) if "outpaint" in facts else None,
     }
     pairs["Lora hashes"] = ", ".join(f"{lora['name']}: {lora['hash']}" for lora in facts.get("loras", [])) or None
     pairs["TI hashes"] = ", ".join(f"{e['token']}: {e['hash']}" for e in facts.get("embeddings", [])) or None
+    for k, unit in enumerate(facts.get("controlnets", [])):  # as the sd-webui-controlnet extension writes a unit
+        guess = ", Guess Mode: True" if facts.get("guess_mode") else ""
+        pairs[f"ControlNet {k}"] = (
+            f"Module: {unit['preprocess']}, Model: {unit['model']} [{unit['hash']}], Weight: {unit['scale']}, "
+            f"Guidance Start: {unit['start']}, Guidance End: {unit['end']}{guess}"
+        )
     lines = [facts["prompt"]] + ([f"Negative prompt: {facts['negative_prompt']}"] if facts["negative_prompt"] else [])
     return "\n".join(lines + [", ".join(f"{k}: {quote(v)}" for k, v in pairs.items() if v is not None)])
 
@@ -107,12 +116,13 @@ def make_images(
     model: dict,
     tagged: dict,
     callback: Callable | None = None,
+    controls: list[Control] = (),
 ) -> Iterator[Path]:
     """Make n_iter batches of n_samples images per prompt; write them (and strips, grid), yielding each path once
     written. args: txt2img.py's arguments (the webui fills the same fields); model: the "model" facts of the PNGs
     (model_facts, with "loras" and "embeddings" once loaded); tagged: {prompt: (its text without <lora:...> tags,
     [(file, text-encoder weight, UNet weight)])}; callback: Pipeline.generate's (an exception it raises stops the run,
-    and the images written before stay)."""
+    and the images written before stay); controls: the ControlNets (ldm.controlnet.Control), their nets loaded."""
     options = dict(
         negative_prompt=args.negative_prompt,
         steps=args.steps,
@@ -140,9 +150,15 @@ def make_images(
     if init_image is not None:
         options |= dict(init_image=init_image, mask=mask, strength=args.strength)
         run_facts |= {"mode": "img2img", "init_image": str(args.init_image), "strength": args.strength}
-        if mask is not None:
+        if args.outpaint is not None:
+            run_facts |= {"mode": "outpaint", "outpaint": list(args.outpaint), "mask_blur": args.mask_blur}
+        elif mask is not None:
             run_facts |= {"mode": "inpaint", "mask": str(args.mask)}
+    if controls:
+        options |= dict(controls=controls, guess_mode=args.guess_mode)
+        run_facts["guess_mode"] = args.guess_mode
     number, seed, rows, first_facts = next_number(args.outdir), args.seed, [], None
+    maps = [] if args.save_control else None
     tag_loras: list[dict] = []  # the LoRAs of the last prompt's tags, merged beside those of --lora
     for prompt in prompts:
         text, tags = tagged.get(prompt, (prompt, []))
@@ -153,7 +169,12 @@ def make_images(
             tag_loras = [lora_facts(pipe, path, unet_w, te_w, args.no_metadata) for path, te_w, unet_w in tags]
         for _ in range(args.n_iter):
             trajectory = [] if args.save_intermediates else None
-            batch = pipe.generate(text, seed=seed, trajectory=trajectory, callback=callback, **options)
+            batch = pipe.generate(
+                text, seed=seed, trajectory=trajectory, callback=callback, control_maps=maps, **options
+            )
+            for k, control_map in enumerate(maps or []):  # the maps of the first call (all calls use the same)
+                yield save_png(control_map, args.outdir / f"{number:05}-control-{k}.png", None)
+            maps = None
             strips = pipe.trajectory_strips(trajectory) if trajectory is not None else [None] * len(batch)
             for pos, (image, strip) in enumerate(zip(batch, strips)):
                 facts = run_facts | {

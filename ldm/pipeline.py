@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import warnings
 from collections import OrderedDict
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -31,11 +32,12 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from ldm import LdmError
 from ldm.config import ModelConfig
+from ldm.controlnet import Control, ControlNet, control_residuals, load_controlnet
 from ldm.embeddings import add_embedding_
 from ldm.lora import merge_lora_, unmerge_loras_
 from ldm.memory import VAE_TILE, estimate_memory, machine_memory
@@ -132,6 +134,40 @@ def output_size(cfg: ModelConfig, init_image: Image.Image | None, height: int | 
     if height <= 0 or width <= 0 or height % f or width % f:
         raise InputError(f"height and width must be positive multiples of {f} for this model, got {width}x{height}")
     return height, width
+
+
+def outpaint_canvas(
+    image: Image.Image, padding: tuple[int, int, int, int], factor: int, mask_blur: int = 4
+) -> tuple[Image.Image, Image.Image, tuple[int, int, int, int]]:
+    """The canvas, mask and padding of outpainting `image` by padding = (left, top, right, bottom) pixels.
+
+    Left and top are rounded up to multiples of the VAE factor, right and bottom up so that the canvas sides are
+    multiples too. The new area is pre-filled with the image's border colours carried outwards and blurred over about
+    an eighth of the canvas (AUTOMATIC1111's "fill" masked content, applied to the new area only; not mk2's
+    spectral noise): a plain start that the sampler repaints. The mask is 0 over the original, so its pixels come
+    back exactly, and rises from 0 at its border to 1 at mask_blur pixels from it (the feathered border: the first
+    pixels outside are mostly the fill, which is the original's edge, then more and more the generated picture)."""
+    if len(padding) != 4 or any(not isinstance(p, int) or p < 0 for p in padding) or not any(padding):
+        raise InputError(f"outpainting needs 4 non-negative whole numbers of pixels, not all 0, got {padding}")
+    if mask_blur < 0:
+        raise InputError(f"mask blur must be >= 0 pixels, got {mask_blur}")
+    image = image.convert("RGB")
+    left, top = (-(-padding[0] // factor) * factor, -(-padding[1] // factor) * factor)
+    width = -(-(left + image.width + padding[2]) // factor) * factor
+    height = -(-(top + image.height + padding[3]) // factor) * factor
+    right, bottom = width - left - image.width, height - top - image.height
+    array = np.asarray(image)
+    filled = np.pad(array, ((top, bottom), (left, right), (0, 0)), mode="edge")
+    blurred = Image.fromarray(filled).filter(ImageFilter.GaussianBlur(max(width, height) / 8))
+    canvas = np.asarray(blurred).copy()
+    canvas[top : top + image.height, left : left + image.width] = array
+    y, x = np.mgrid[:height, :width] + 0.5
+    dx = np.maximum.reduce([left - x, np.zeros_like(x), x - left - image.width])
+    dy = np.maximum.reduce([top - y, np.zeros_like(y), y - top - image.height])
+    distance = np.hypot(dx, dy)  # from the original's rectangle, in pixels (0 inside it, >= 0.5 outside)
+    mask = np.clip(distance / mask_blur, 0, 1) if mask_blur else (distance > 0).astype(np.float64)
+    mask_image = Image.fromarray((mask * 255).round().astype(np.uint8))
+    return Image.fromarray(canvas), mask_image, (left, top, right, bottom)
 
 
 def check_request(
@@ -356,6 +392,21 @@ class Pipeline(nn.Module):
         """Repaint where `mask` is white (grey: partly); options as in `generate`."""
         return self.generate(prompts, init_image=init_image, mask=mask, strength=strength, **options)
 
+    def outpaint(
+        self,
+        prompts: str | list[str],
+        init_image: Image.Image,
+        padding: tuple[int, int, int, int],
+        mask_blur: int = 4,
+        strength: float = 1.0,
+        **options,
+    ) -> list[Image.Image]:
+        """Extend `init_image` by padding = (left, top, right, bottom) pixels (rounded up to the VAE factor): the
+        image on a bigger canvas (outpaint_canvas: the new area pre-filled, a mask feathered over mask_blur pixels),
+        inpainted with the prompt; the original's pixels come back exactly. Options as in `generate`."""
+        canvas, mask, _ = outpaint_canvas(init_image, padding, self.vae_factor, mask_blur)
+        return self.generate(prompts, init_image=canvas, mask=mask, strength=strength, **options)
+
     @torch.inference_mode()
     def generate(
         self,
@@ -381,6 +432,9 @@ class Pipeline(nn.Module):
         callback: Callable[[int, int, torch.Tensor], None] | None = None,
         deepcache: int | None = None,
         deepcache_branch: int = 0,
+        controls: list[Control] = (),
+        guess_mode: bool = False,
+        control_maps: list[Image.Image] | None = None,
     ) -> list[Image.Image]:
         """n_samples images per prompt (prompt-major order); image i uses a CPU generator seeded seed + i.
 
@@ -399,6 +453,9 @@ class Pipeline(nn.Module):
         deepcache N: the whole UNet runs every N-th call only, the calls between reuse its deep features and run the
         shallow branch `deepcache_branch` (ldm.unet.DeepCache; None or 1: every call is whole). Faster, a slightly
         different image.
+        controls: ControlNets with their control images (ldm.controlnet.Control), their residuals summed; guess_mode:
+        they see the conditional half of the batch only, their residuals scaled 0.1 .. 1 from shallow to deep.
+        control_maps: a list that receives the control maps used, one per control (at the output size).
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         sampler, steps, scale = self.cfg.sampling.fill(sampler, steps, scale)
@@ -423,6 +480,12 @@ class Pipeline(nn.Module):
             deepcache_branch=deepcache_branch,
         )
         images = self.prepare_images(init_image, mask, height, width)
+        for control in controls:
+            control.check()
+        maps = [control.control_map(height, width) for control in controls]
+        hints = [to_tensor(m).to(self.device, self.dtype) for m in maps]
+        if control_maps is not None:
+            control_maps += maps
         inpaint = Inpaint if self.is_inpainting_model else BlendedInpaint
         mode = Txt2Img if init_image is None else Img2Img if mask is None else inpaint
         per_image = [p for p in prompts for _ in range(n_samples)]
@@ -440,8 +503,19 @@ class Pipeline(nn.Module):
             trajectories.append([] if trajectory is not None else None)
             desc = None if not progress else f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {seeds[0]}-{seeds[-1]}"
             cache = DeepCache(deepcache, deepcache_branch) if deepcache else None
+            control = partial(control_residuals, controls, hints, context=context, guess_mode=guess_mode)
             batch_images = self.sample(
-                sub, run, generators, context, scale, guidance_rescale, desc, trajectories[-1], callback, cache
+                sub,
+                run,
+                generators,
+                context,
+                scale,
+                guidance_rescale,
+                desc,
+                trajectories[-1],
+                callback,
+                cache,
+                control if controls else None,
             )
             results += to_pil(batch_images)
         if trajectory is not None:
@@ -449,16 +523,29 @@ class Pipeline(nn.Module):
         return results
 
     def sample(
-        self, mode: Txt2Img, run: Sampler, generators, context, scale, rescale, desc, trajectory, callback, cache
+        self,
+        mode: Txt2Img,
+        run: Sampler,
+        generators,
+        context,
+        scale,
+        rescale,
+        desc,
+        trajectory,
+        callback,
+        cache,
+        control,
     ):
         """Steps 2-7 of the loop in the module docstring for one sub-batch: its images, (B, 3, H, W) in [0, 1];
-        desc: the progress bar's (None: no bar); callback: generate's; cache: the run's DeepCache, if any."""
+        desc: the progress bar's (None: no bar); callback: generate's; cache: the run's DeepCache, if any;
+        control(x, t, i, steps): ControlNet residuals for the UNet, or None."""
         latents = mode.start
         for i, t in enumerate(tqdm(run.timesteps, desc=desc, disable=desc is None)):
             x = run.scale_input(latents, t)
             if trajectory is not None:
                 trajectory.append(x)
-            e = self.predict(mode.unet_input(x), t, context, scale, rescale, cache)  # 2. - 4.
+            residuals = control(x, t, i, len(run.timesteps)) if control is not None else None
+            e = self.predict(mode.unet_input(x), t, context, scale, rescale, residuals, cache)  # 2. - 4.
             latents = run.step(e, t, latents, generators)  # 5.
             latents = mode.after_step(latents, i)  # 6.
             if callback is not None:
@@ -532,12 +619,20 @@ class Pipeline(nn.Module):
         return self.model.get_first_stage_encoding(torch.cat([posterior.sample(g) for g in generators]))
 
     def predict(
-        self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, scale: float, rescale: float, cache=None
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        context: torch.Tensor,
+        scale: float,
+        rescale: float,
+        control=None,
+        cache=None,
     ) -> torch.Tensor:
-        """The guided UNet prediction; cond and uncond go through the UNet as one batch (cache: a DeepCache)."""
+        """The guided UNet prediction; cond and uncond go through the UNet as one batch. control: ControlNet
+        residuals for that batch (ldm.unet.UNetModel.forward); cache: a DeepCache."""
         if len(context) == len(x):
-            return self.unet(x, t, context, cache)
-        e_uncond, e_cond = self.unet(torch.cat([x, x]), t, context, cache).chunk(2)
+            return self.unet(x, t, context, control=control, cache=cache)
+        e_uncond, e_cond = self.unet(torch.cat([x, x]), t, context, control=control, cache=cache).chunk(2)
         variance = None
         if self.cfg.learn_sigma:  # guide the prediction; the variance is the conditional branch's (as DiT samples)
             (e_uncond, _), (e_cond, variance) = e_uncond.chunk(2, dim=1), e_cond.chunk(2, dim=1)
@@ -610,6 +705,11 @@ class Pipeline(nn.Module):
         unmerge_loras_(self.model, self.lora_originals)
         self.loras.clear()
         self.embeddings.clear()
+
+    def load_controlnet(self, path: str | Path) -> ControlNet:
+        """A ControlNet file or diffusers folder (ldm.controlnet.load_controlnet) for this pipeline's model, on its
+        device and in its dtype; use it with `Control(net, image, ...)` in `controls=`."""
+        return load_controlnet(path, self.cfg).to(self.device, self.dtype)
 
     def load_embedding(self, path: str | Path, token: str | None = None) -> list[str]:
         """A textual-inversion embedding (ldm.embeddings) as new words of the text encoder; returns its tokens (the

@@ -196,26 +196,24 @@ def skip_branches(cfg: UNetConfig) -> int:
     return len(cfg.channel_mult) * (cfg.num_res_blocks + 1)
 
 
-class UNetModel(nn.Module):
-    def __init__(self, cfg: UNetConfig):
+class UNetEncoder(nn.Module):
+    """The UNet's time embedding, input blocks and middle block, which a ControlNet copies (ldm.controlnet).
+    skip_channels: the channels of each input block's output, the skip connections of the output blocks."""
+
+    def __init__(self, cfg: UNetConfig, in_channels: int):
         super().__init__()
         self.cfg = cfg
         mc, groups = cfg.model_channels, cfg.num_groups
         emb_dim = mc * 4
-
-        def transformer(ch):
-            heads = ch // cfg.num_head_channels if cfg.num_head_channels > 0 else cfg.num_heads
-            return SpatialTransformer(ch, heads, ch // heads, cfg.transformer_depth, cfg.context_dim, groups)
-
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
-        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))])
+        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(in_channels, mc, 3, padding=1))])
         skip_channels, ch, ds = [mc], mc, 1
         for level, mult in enumerate(cfg.channel_mult):
             for _ in range(cfg.num_res_blocks):
                 layers = [ResBlock(ch, emb_dim, mc * mult, groups)]
                 ch = mc * mult
                 if ds in cfg.attention_resolutions:
-                    layers.append(transformer(ch))
+                    layers.append(self.transformer(ch))
                 self.input_blocks.append(TimestepEmbedSequential(*layers))
                 skip_channels.append(ch)
             if level != len(cfg.channel_mult) - 1:
@@ -223,15 +221,33 @@ class UNetModel(nn.Module):
                 skip_channels.append(ch)
                 ds *= 2
         self.middle_block = TimestepEmbedSequential(
-            ResBlock(ch, emb_dim, ch, groups), transformer(ch), ResBlock(ch, emb_dim, ch, groups)
+            ResBlock(ch, emb_dim, ch, groups), self.transformer(ch), ResBlock(ch, emb_dim, ch, groups)
         )
+        self.skip_channels = skip_channels
+
+    def transformer(self, ch: int) -> SpatialTransformer:
+        cfg = self.cfg
+        heads = ch // cfg.num_head_channels if cfg.num_head_channels > 0 else cfg.num_heads
+        return SpatialTransformer(ch, heads, ch // heads, cfg.transformer_depth, cfg.context_dim, cfg.num_groups)
+
+    def time_embedding(self, timesteps: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """(B, 4 * model_channels) embedding of timesteps (B,) or a scalar, for x's batch and dtype."""
+        timesteps = torch.as_tensor(timesteps, device=x.device).expand(x.shape[0])
+        return self.time_embed(timestep_embedding(timesteps, self.cfg.model_channels).to(x.dtype))
+
+
+class UNetModel(UNetEncoder):
+    def __init__(self, cfg: UNetConfig):
+        super().__init__(cfg, cfg.in_channels)
+        mc, groups, emb_dim = cfg.model_channels, cfg.num_groups, cfg.model_channels * 4
+        skip_channels, ch, ds = list(self.skip_channels), self.skip_channels[-1], 2 ** (len(cfg.channel_mult) - 1)
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(cfg.channel_mult))):
             for i in range(cfg.num_res_blocks + 1):
                 layers = [ResBlock(ch + skip_channels.pop(), emb_dim, mc * mult, groups)]
                 ch = mc * mult
                 if ds in cfg.attention_resolutions:
-                    layers.append(transformer(ch))
+                    layers.append(self.transformer(ch))
                 if level and i == cfg.num_res_blocks:
                     layers.append(Upsample(ch))
                     ds //= 2
@@ -239,12 +255,18 @@ class UNetModel(nn.Module):
         self.out = nn.Sequential(GroupNorm32(groups, ch), nn.SiLU(), nn.Conv2d(mc, cfg.out_channels, 3, padding=1))
 
     def forward(
-        self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, cache: DeepCache | None = None
+        self,
+        x: torch.Tensor,
+        timesteps: torch.Tensor,
+        context: torch.Tensor,
+        control: list | None = None,
+        cache: DeepCache | None = None,
     ) -> torch.Tensor:
         """x: (B, C, H, W) noisy latents, timesteps: (B,) or scalar, context: (B, 77, context_dim).
+        control: a ControlNet's residuals (ldm.controlnet), one per input block and one for the middle block, added
+        to the skip connections and to the middle block's output (ControlNet's ControlledUnetModel).
         cache: a DeepCache: this call runs the whole UNet or only its shallow branch, as the cache says."""
-        timesteps = torch.as_tensor(timesteps, device=x.device).expand(x.shape[0])
-        emb = self.time_embed(timestep_embedding(timesteps, self.cfg.model_channels).to(x.dtype))  # (B, 4 * mc)
+        emb = self.time_embedding(timesteps, x)  # (B, 4 * mc)
 
         def run(block, h, upsample_size=None):
             if self.cfg.use_checkpoint and self.training:
@@ -256,7 +278,13 @@ class UNetModel(nn.Module):
         for block in self.input_blocks[: cache.branch + 1] if shallow else self.input_blocks:
             h = run(block, h)  # (B, model_channels * channel_mult[level], H / 2^level, W / 2^level)
             skips.append(h)
-        h = cache.deep if shallow else run(self.middle_block, h)
+        if control is not None:
+            skips = [skip + residual for skip, residual in zip(skips, control)]
+        if shallow:
+            h = cache.deep
+        else:
+            h = run(self.middle_block, h)
+            h = h + control[-1] if control is not None else h
         for block in self.output_blocks[-len(skips) :]:
             if cache is not None and len(skips) == cache.branch + 1:
                 cache.deep = h  # the deep feature that meets skip `branch` (DeepCache)

@@ -126,11 +126,11 @@ STEPS = 5
 LATENT_ATOL = 1e-4
 
 
-def tiny_model(in_channels: int = 4, parameterization: str = "eps") -> StableDiffusion:
+def tiny_model(in_channels: int = 4, parameterization: str = "eps", overrides: tuple[str, ...] = ()) -> StableDiffusion:
     """randomize_'s weights, cross-attention scaled up 10x: with plain random weights the UNet attends almost
     uniformly over the 77 tokens and the prompt barely moves the result, so a wrong prompt, negative prompt or
-    guidance would go unnoticed (test_the_prompt_matters checks that it does not)."""
-    overrides = [f"unet.in_channels={in_channels}", f"parameterization={parameterization}"]
+    guidance would go unnoticed (test_the_prompt_matters checks that it does not). overrides: more config keys."""
+    overrides = [f"unet.in_channels={in_channels}", f"parameterization={parameterization}", *overrides]
     cfg = load_config(ROOT / "configs" / "tiny.yaml", overrides)
     model = randomize_(StableDiffusion(cfg)).eval()
     with torch.no_grad():

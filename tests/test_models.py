@@ -116,10 +116,10 @@ def test_deepcache_shallow_call_on_its_own_deep_features_is_the_full_call(tiny_c
         full = unet(x, t, c)
         for branch in range(skip_branches(tiny_cfg.unet)):
             cache = DeepCache(2, branch)
-            assert torch.equal(unet(x, t, c, cache), full)
+            assert torch.equal(unet(x, t, c, cache=cache), full)
             middle.clear()
-            assert torch.equal(unet(x, t, c, cache), full) and not middle  # shallow: the middle block did not run
-            assert not torch.equal(unet(x * 0.9, t, c, cache), full) and middle  # the third call: a full one
+            assert torch.equal(unet(x, t, c, cache=cache), full) and not middle  # shallow: the middle block did not run
+            assert not torch.equal(unet(x * 0.9, t, c, cache=cache), full) and middle  # the third call: a full one
 
 
 def test_deepcache_3_makes_over_2x_fewer_unet_flops_at_sd_v1_shapes(sd_cfg):
@@ -134,7 +134,7 @@ def test_deepcache_3_makes_over_2x_fewer_unet_flops_at_sd_v1_shapes(sd_cfg):
         cache, calls = DeepCache(3, branch), []
         for _ in range(3):
             with FlopCounterMode(display=False) as counter:
-                unet(x, t, c, cache)
+                unet(x, t, c, cache=cache)
             calls.append(counter.get_total_flops())
         assert calls[0] > 1.5e12 and calls[1] == calls[2]  # the first call: the whole UNet
         saved.append(3 * calls[0] / sum(calls))  # no caching: three full calls
