@@ -232,6 +232,36 @@ def test_inpainting_matches_diffusers(setup):
     assert np.array_equal(pixels(mine)[0][keep], np.asarray(init, dtype=np.float64)[keep])
 
 
+@pytest.mark.parametrize("guess_mode", [False, True])
+def test_inpainting_model_matches_diffusers(setup, tmp_path, guess_mode):
+    """9-channel UNet: the ControlNet sees the 4-channel latents, the UNet them with the mask and the masked image."""
+    _, _, theirs, _, hints, files = setup
+    model = tiny_model(9, overrides=FACTOR8)
+    save_diffusers_folder(model, tmp_path / "sd9")
+    base = StableDiffusionPipeline.from_pretrained(tmp_path / "sd9", safety_checker=None)
+    base.scheduler = make_scheduler("ddim", model.cfg)
+    pipe = Pipeline(model)
+    init, m = smooth_image(9, SIZE, SIZE), np.zeros((SIZE, SIZE), np.uint8)
+    m[16:48, 8:40] = 255
+    control = Control(pipe.load_controlnet(files[0]), hints[1], scale=0.7)
+    mine, trajectory = ours_run(
+        pipe, 6, 1, mode="inpaint", init_image=init, mask=Image.fromarray(m), controls=[control], guess_mode=guess_mode
+    )
+    theirs_images, latents = diffusers_run(
+        reference(base, theirs[0], StableDiffusionControlNetInpaintPipeline),
+        6,
+        1,
+        image=init,
+        mask_image=Image.fromarray(m),
+        control_image=hints[1],
+        controlnet_conditioning_scale=0.7,
+        guess_mode=guess_mode,
+        height=SIZE,
+        width=SIZE,
+    )
+    assert_same(mine, theirs_images, trajectory[-1], latents, region=m > 0)
+
+
 # ---------------------------------------------------------------- loading
 
 
