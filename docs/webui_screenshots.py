@@ -41,6 +41,8 @@ def tab(browser, name: str) -> None:
 def shoot(browser, name: str) -> None:
     """The page as a small PNG (256-colour palette)."""
     path = DOCS / f"webui-{name}.png"
+    browser.execute_script("document.activeElement.blur(); window.scrollTo(0, 0)")
+    time.sleep(1)
     browser.save_screenshot(str(path))
     Image.open(path).convert("RGB").quantize(256).save(path, optimize=True)
 
@@ -48,7 +50,7 @@ def shoot(browser, name: str) -> None:
 def main() -> None:
     work = Path(tempfile.mkdtemp())
     command = [sys.executable, "-m", "ldm.webui", "--port", str(PORT), "--outdir", str(work / "out")]
-    server = subprocess.Popen(command + ["--models-dir", str(work / "models")], cwd=DOCS.parent)
+    server = subprocess.Popen(command, cwd=DOCS.parent)  # --models-dir: models/, as a user's
     options = webdriver.ChromeOptions()
     options.binary_location = shutil.which("chromium")
     for flag in ("--headless=new", "--no-sandbox", "--window-size=1100,900", "--force-device-scale-factor=1"):
@@ -66,6 +68,7 @@ def main() -> None:
         wait.until(lambda b: b.find_elements(By.ID, "txt2img-generate"))
         fill(browser, "txt2img-prompt", "a red apple")
         fill(browser, "txt2img-size", 4)
+        fill(browser, "txt2img-steps", 20)
         click(browser, browser.find_element(By.ID, "txt2img-generate"))
         wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "#txt2img-gallery img")) >= 4)
         shoot(browser, "txt2img")
@@ -73,10 +76,14 @@ def main() -> None:
         tab(browser, "img2img")
         browser.find_element(By.CSS_SELECTOR, "#img2img-image input[type=file]").send_keys(str(first))
         fill(browser, "img2img-prompt", "a green apple")
+        fill(browser, "img2img-steps", 20)
         click(browser, browser.find_element(By.ID, "img2img-generate"))
         wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#img2img-gallery img"))
         shoot(browser, "img2img")
         tab(browser, "inpaint")
+        browser.find_element(By.CSS_SELECTOR, "#inpaint-editor input[type=file]").send_keys(str(first))
+        fill(browser, "inpaint-prompt", "a red apple with a leaf")
+        time.sleep(3)
         shoot(browser, "inpaint")
         tab(browser, "PNG info")
         browser.find_element(By.CSS_SELECTOR, "#png-file input[type=file]").send_keys(str(first))

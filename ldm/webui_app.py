@@ -233,8 +233,6 @@ def generation_tab(session: Session, mode: str) -> dict:
     """One of the txt2img / img2img / inpaint tabs: its fields, Generate and Interrupt, preview, gallery, parameters."""
     with gr.Row():
         with gr.Column():
-            c = settings(mode)
-            pickers(session, c["prompt"])
             extra = []
             if mode == "img2img":
                 extra = [gr.File(label="Image", file_types=["image"], elem_id="img2img-image")]
@@ -255,6 +253,8 @@ def generation_tab(session: Session, mode: str) -> dict:
             if mode != "txt2img":
                 default = 1.0 if mode == "inpaint" else 0.75
                 extra.append(gr.Slider(0.01, 1, value=default, step=0.01, label="Strength", elem_id=f"{mode}-strength"))
+            c = settings(mode)
+            pickers(session, c["prompt"])
         with gr.Column():
             with gr.Row():
                 go = gr.Button("Generate", variant="primary", elem_id=f"{mode}-generate")
@@ -343,11 +343,12 @@ def build(session: Session):
                 generation_tab(session, "inpaint")
             with gr.Tab("PNG info", id="png-info"):
                 with gr.Row():
-                    png = gr.File(label="PNG", file_types=[".png"], elem_id="png-file")
+                    with gr.Column():
+                        png = gr.File(label="PNG", file_types=[".png"], elem_id="png-file")
+                        send = gr.Button("Send to txt2img", elem_id="png-send")
                     with gr.Column():
                         text = gr.Textbox(label="parameters (AUTOMATIC1111)", lines=4, elem_id="png-parameters")
                         facts = gr.JSON(label="ldm (JSON)")
-                        send = gr.Button("Send to txt2img", elem_id="png-send")
                 png.change(guard(png_info), png, [text, facts])
                 targets = [fields[k] for k in FIELDS]
                 send.click(lambda f: send_to_txt2img(f, fields), facts, targets).then(
