@@ -16,6 +16,7 @@ from PIL import Image, ImageFilter
 
 from ldm import DEFAULT_MODEL, LdmError, load_pipeline
 from ldm.cli import SAMPLER_NAMES, SYNTAX_NAMES
+from ldm.config import ModelConfig
 from ldm.explorer import forward_process, reverse_process, step_view
 from ldm.outputs import embedding_facts, make_images, model_facts, next_number, save_png
 from ldm.pipeline import load_image, to_pil
@@ -174,19 +175,23 @@ def info(images: list[str]) -> str:
         return png.text.get("parameters", "")
 
 
-def settings(prefix: str) -> dict:
-    """The generation fields of one tab (elem_ids prefix-name), the LoRA and embedding pickers above them."""
-    c = {}
+def settings(prefix: str, cfg: ModelConfig) -> dict:
+    """The generation fields of one tab (elem_ids prefix-name), the LoRA and embedding pickers above them; sampler,
+    steps, scale and size start at the model's defaults (cfg.sampling, its image size)."""
+    c, side = {}, cfg.image_size * cfg.vae.factor
     c["prompt"] = gr.Textbox(label="Prompt", lines=2, elem_id=f"{prefix}-prompt")
     c["negative_prompt"] = gr.Textbox(label="Negative prompt", elem_id=f"{prefix}-negative")
     with gr.Row():
-        c["sampler"] = gr.Dropdown(list(SAMPLER_NAMES), value="ddim", label="Sampler", elem_id=f"{prefix}-sampler")
-        c["steps"] = gr.Slider(1, 150, value=50, step=1, label="Steps", elem_id=f"{prefix}-steps")
-        c["scale"] = gr.Slider(1, 30, value=7.5, step=0.5, label="CFG scale", elem_id=f"{prefix}-scale")
+        sampling = cfg.sampling
+        c["sampler"] = gr.Dropdown(
+            list(SAMPLER_NAMES), value=sampling.sampler, label="Sampler", elem_id=f"{prefix}-sampler"
+        )
+        c["steps"] = gr.Slider(1, 150, value=sampling.steps, step=1, label="Steps", elem_id=f"{prefix}-steps")
+        c["scale"] = gr.Slider(1, 30, value=sampling.scale, step=0.5, label="CFG scale", elem_id=f"{prefix}-scale")
     with gr.Row():
         c["seed"] = gr.Number(42, precision=0, label="Seed (-1: random)", elem_id=f"{prefix}-seed")
-        c["width"] = gr.Number(32, precision=0, label="Width", elem_id=f"{prefix}-width")
-        c["height"] = gr.Number(32, precision=0, label="Height", elem_id=f"{prefix}-height")
+        c["width"] = gr.Number(side, precision=0, label="Width", elem_id=f"{prefix}-width")
+        c["height"] = gr.Number(side, precision=0, label="Height", elem_id=f"{prefix}-height")
         c["batch_count"] = gr.Slider(1, 16, value=1, step=1, label="Batch count", elem_id=f"{prefix}-count")
         c["batch_size"] = gr.Slider(1, 8, value=1, step=1, label="Batch size", elem_id=f"{prefix}-size")
     with gr.Accordion("More", open=False):
@@ -253,7 +258,7 @@ def generation_tab(session: Session, mode: str) -> dict:
             if mode != "txt2img":
                 default = 1.0 if mode == "inpaint" else 0.75
                 extra.append(gr.Slider(0.01, 1, value=default, step=0.01, label="Strength", elem_id=f"{mode}-strength"))
-            c = settings(mode)
+            c = settings(mode, session.pipe.cfg)
             pickers(session, c["prompt"])
         with gr.Column():
             with gr.Row():
