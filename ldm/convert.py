@@ -24,6 +24,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         action="store_true",
         help="leave out a pretrained text encoder's weights (loading takes them from its package)",
     )
+    p.add_argument(
+        "--sampling",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="the generation defaults DST carries (sampler=, steps=, scale=; txt2img.py's when its flags are not given)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     return p.parse_args(argv)
 
@@ -34,7 +41,7 @@ if __name__ == "__main__":
 import torch
 
 from ldm.checkpoint import CheckpointError, load_model, save_diffusers_folder, save_single_file
-from ldm.config import load_config
+from ldm.config import ModelConfig, apply_overrides, from_dict, load_config, to_dict
 
 
 def main(argv=None) -> int:
@@ -49,6 +56,10 @@ def convert(args) -> int:
         raise CheckpointError("SRC and DST are the same path")
     cfg = load_config(args.config) if args.config else None
     model = load_model(args.src, cfg, use_ema=not args.no_ema)
+    if args.sampling:  # only the sampling section: the architecture is the weights'
+        raw = to_dict(model.cfg)
+        apply_overrides(raw["sampling"], args.sampling)
+        model.cfg = from_dict(ModelConfig, raw)
     if args.dst.suffix == ".safetensors":
         save_single_file(model, args.dst, torch.float16 if args.half else None, text_encoder=not args.no_text_encoder)
     else:

@@ -327,6 +327,22 @@ def run_convert(*args):
     )
 
 
+def test_convert_sets_the_sampling_defaults_only(tmp_path, capsys):
+    """--sampling writes the generation defaults into DST's config; weights and the rest of the config stay; a key
+    outside the sampling section, or a bad value, is a one-line error and writes nothing."""
+    src, dst = tmp_path / "src.safetensors", tmp_path / "dst.safetensors"
+    save_single_file(randomize_(StableDiffusion(load_config(ROOT / "configs" / "tiny.yaml"))), src)
+    assert convert.main([str(src), str(dst), "--sampling", "steps=25", "scale=5", "sampler=euler"]) == 0
+    before, after = load_model(src), load_model(dst)
+    assert (after.cfg.sampling.steps, after.cfg.sampling.scale, after.cfg.sampling.sampler) == (25, 5.0, "euler")
+    assert dataclasses.replace(after.cfg, sampling=before.cfg.sampling) == before.cfg
+    assert_same_tensors(load_file(src), load_file(dst))
+    for bad in (["unet.model_channels=8"], ["steps=0"]):
+        assert convert.main([str(src), str(tmp_path / "bad.safetensors"), "--sampling", *bad]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("error:") and not (tmp_path / "bad.safetensors").exists()
+
+
 def test_convert_cli_both_ways(diffusers_folder, tmp_path):
     r = run_convert(diffusers_folder, tmp_path / "one.safetensors")
     assert r.returncode == 0, r.stderr
