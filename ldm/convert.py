@@ -29,7 +29,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         nargs="+",
         default=[],
         metavar="KEY=VALUE",
-        help="the generation defaults DST carries (sampler=, steps=, scale=; txt2img.py's when its flags are not given)",
+        help="the generation defaults DST carries (sampler=, steps=, scale=: txt2img.py's when no flag says)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     return p.parse_args(argv)
