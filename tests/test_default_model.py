@@ -58,3 +58,20 @@ def test_quickstart_command_writes_the_png(tmp_path, monkeypatch):
     assert txt2img.main(["--prompt", "a red apple", "--steps", "10"]) == 0
     image = Image.open(tmp_path / "outputs" / "txt2img-samples" / "00000.png")
     assert image.size == (32, 32) and json.loads(image.text["ldm"])["model"] == "ldm-emoji"
+
+
+def test_the_shipped_lora_is_small_and_turns_the_pictures_green():
+    """ldm/assets/emoji-gameboy (<= 2 MB): every layer merges into the embedded model; weight 0 is the base picture, and
+    at weight 1 the apple moves from red towards the Game Boy palette's greens."""
+    path = ldm.DEFAULT_MODEL.parent.parent / "emoji-gameboy" / "lora.safetensors"
+    assert path.stat().st_size <= 2 * 2**20
+    pipe = ldm.load_pipeline()
+    base = np.asarray(pipe.txt2img("a red apple", steps=20, seed=0, progress=False)[0], dtype=np.float32)
+    images = []
+    for weight in (0.0, 1.0):
+        pipe.load_lora(path, weight)
+        images.append(np.asarray(pipe.txt2img("a red apple", steps=20, seed=0, progress=False)[0], dtype=np.float32))
+        pipe.unload_loras()
+    assert np.array_equal(images[0], base) and len(pipe.lora_originals) == 0
+    green = [(im[..., 1] - im[..., 0]).mean() for im in (base, images[1])]
+    assert green[1] > green[0] + 20, green
