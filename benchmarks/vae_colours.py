@@ -1,11 +1,12 @@
 """How well a model's VAE keeps colours: solid shapes of 12 hues (and black, grey) on white, encoded and decoded.
 
     python benchmarks/vae_colours.py                       # the embedded emoji model
-    python benchmarks/vae_colours.py --ckpt runs/vae-emoji/model.safetensors --size 32
+    python benchmarks/vae_colours.py --ckpt runs/vae-emoji/model.safetensors --size 32 --grid colours.png
 
 For each colour, a filled triangle on white is encoded to its posterior mode and decoded; the table gives the mean
 colour of the shape's pixels before and after, and the mean absolute error per channel (0-255) on those pixels.
-The embedded model's target (issue #19): every row within 20/255.
+The embedded model's target (issue #19): every row within 20/255. --grid writes the shapes (top row) and their
+reconstructions (bottom row), shown 3x.
 """
 
 import argparse
@@ -45,21 +46,30 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt", help="a model (default: the embedded emoji model)")
     p.add_argument("--size", type=int, help="image side (default: the model's)")
+    p.add_argument("--grid", help="also write a PNG: the shapes above, their reconstructions below")
     args = p.parse_args()
     pipe = ldm.load_pipeline(args.ckpt)
     size = args.size or pipe.cfg.image_size * 2 ** (len(pipe.cfg.vae.ch_mult) - 1)
     print(f"{'colour':10} {'input':>15} {'reconstructed':>15} {'MAE/channel':>12}")
-    worst = 0.0
+    worst, pairs = 0.0, []
     for name, colour in colours().items():
         image, mask = shape(colour, size)
         with torch.no_grad():
             z = pipe.vae.encode(2 * to_tensor(image) - 1).mode()
-            out = np.asarray(to_pil((pipe.vae.decode(z) / 2 + 0.5).clamp(0, 1))[0], dtype=np.float64)
+            decoded = to_pil((pipe.vae.decode(z) / 2 + 0.5).clamp(0, 1))[0]
+        pairs.append((image, decoded))
+        out = np.asarray(decoded, dtype=np.float64)
         mae = np.abs(out[mask] - np.asarray(colour, dtype=np.float64)).mean()
         worst = max(worst, mae)
         got = tuple(int(c) for c in out[mask].mean(axis=0).round())
         print(f"{name:10} {str(colour):>15} {str(got):>15} {mae:12.1f}{'' if mae <= TARGET else '  > target'}")
     print(f"worst {worst:.1f} (target <= {TARGET})")
+    if args.grid:
+        grid = Image.new("RGB", (size * len(pairs), 2 * size), "white")
+        for i, (image, decoded) in enumerate(pairs):
+            grid.paste(image, (i * size, 0))
+            grid.paste(decoded, (i * size, size))
+        grid.resize((3 * grid.width, 3 * grid.height), Image.NEAREST).save(args.grid)
 
 
 if __name__ == "__main__":

@@ -54,8 +54,8 @@ def main() -> None:
     size = load_images(paths[:1])[0].width
     features = inception_features(load_inception())
     real = real_features(paths, features, args.real_cache)
-    print(f"{args.prompts} captions x {args.seeds} seeds, {args.sampler}, {size}x{size}")
-    print(f"{'scale':>6} {'steps':>6} {'variety':>8} {'top-5':>6}")
+    print(f"{args.prompts} captions x {args.seeds} seeds, {args.sampler}, {size}x{size}", flush=True)
+    print(f"{'scale':>6} {'steps':>6} {'variety':>8} {'top-5':>6}", flush=True)
     for scale, steps in itertools.product(args.scales, args.steps):
         generate = pipeline_generate(args.ckpt, steps, scale, args.sampler, size)
         per_prompt = [generate([captions[t]] * args.seeds, 0) for t in targets]
@@ -65,7 +65,7 @@ def main() -> None:
             real,
             [t for t in targets for _ in range(args.seeds)],
         )
-        print(f"{scale:6.1f} {steps:6d} {spread:8.2f} {100 * top_k(ranks, 5):5.1f}%")
+        print(f"{scale:6.1f} {steps:6d} {spread:8.2f} {100 * top_k(ranks, 5):5.1f}%", flush=True)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ PROMPTS = [
 CELL, ZOOM, LABEL = 32, 4, 16
 
 pipe = ldm.load_pipeline()
-images = [pipe.txt2img(prompt, seed=0, progress=False)[0] for prompt in PROMPTS]  # steps 50, scale 7.5, ddim
+images = [pipe.txt2img(prompt, seed=0, progress=False)[0] for prompt in PROMPTS]  # the model's defaults
 side = CELL * ZOOM
 grid = Image.new("RGB", (4 * side, 4 * (side + LABEL)), "white")
 draw = ImageDraw.Draw(grid)
