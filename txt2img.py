@@ -97,6 +97,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default="fp32",
         help="fp32 (default), fp16, bf16, or auto: bf16 on CPUs with AMX / AVX512-BF16, fp32 on others, fp16 on CUDA",
     )
+    p.add_argument(
+        "--backend",
+        choices=("torch", "openvino"),
+        default="torch",
+        help="openvino: the UNet and VAE decoder converted to OpenVINO (once per weights, cached), in --dtype fp32 or "
+        "bf16, or with int8 weights (--quantize int8); pip install 'ldm[openvino]'",
+    )
     p.add_argument("--device", help="cpu, cuda, cuda:1, mps... (default: cuda when there is one, else cpu)")
     p.add_argument(
         "--quantize",
@@ -382,7 +389,13 @@ def execute(args) -> list[Path]:
         deepcache=args.deepcache,
         deepcache_branch=args.deepcache_branch,
     )
-    pipe = load_pipeline(ckpt, device, DTYPES[args.dtype], config, args.quantize, args.compile)
+    openvino = args.backend == "openvino"
+    if openvino and (device.type != "cpu" or args.dtype == "fp16" or args.compile):
+        raise InputError("--backend openvino runs on the CPU in --dtype fp32 or bf16, without --compile")
+    precision = args.quantize or args.dtype
+    dtype = torch.float32 if openvino else DTYPES[args.dtype]  # (the text encoder stays torch, in fp32)
+    quantize = None if openvino else args.quantize
+    pipe = load_pipeline(ckpt, device, dtype, config, quantize, args.compile, args.backend, precision)
     if args.compile:
         print("note: compiling the UNet on its first call (~2-3 min on a CPU, less on a GPU)...", file=sys.stderr)
     model = model_facts(ckpt, args.ckpt is None, args.no_metadata)

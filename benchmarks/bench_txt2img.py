@@ -58,8 +58,18 @@ def save_model(cfg, folder: Path) -> None:
     save_diffusers_folder(model, folder / "diffusers")
 
 
+OPENVINO = {"ov-fp32": "fp32", "ov-bf16": "bf16", "ov-int8": "int8", "ov-alone": "default"}
+SIDES = ["diffusers", "int8", "bf16", "compile", "deepcache", *OPENVINO]
+
+
 def build(side: str, folder: Path, cfg):
-    """(pipeline, its UNet module): diffusers' from its folder, ours (fp32, int8, bf16 or compiled) from our file."""
+    """(pipeline, its UNet module): diffusers' from its folder, ours (fp32, int8, bf16, compiled, DeepCache N=3 or
+    OpenVINO: the UNet "module" is then a wrapper of the backend's UNet call) from our file."""
+    if side in OPENVINO:
+        pipe = ldm.load_pipeline(folder / "model.safetensors", backend="openvino", backend_precision=OPENVINO[side])
+        call = Timed(pipe.openvino.unet)
+        pipe.openvino.unet = call
+        return pipe, call
     if side == "diffusers":
         pipe = StableDiffusionPipeline.from_pretrained(folder / "diffusers", safety_checker=None)
         pipe.scheduler = make_scheduler("ddim", cfg)
@@ -81,8 +91,23 @@ def generate(side: str, pipe, size: int, steps: int) -> np.ndarray:
             PROMPT, num_inference_steps=steps, height=size, width=size, generator=torch.Generator().manual_seed(0)
         ).images[0]
     else:
-        image = pipe.txt2img(PROMPT, steps=steps, sampler="ddim", height=size, width=size, seed=0, progress=False)[0]
+        extra = {"deepcache": 3} if side == "deepcache" else {}
+        image = pipe.txt2img(
+            PROMPT, steps=steps, sampler="ddim", height=size, width=size, seed=0, progress=False, **extra
+        )
+        image = image[0]
     return np.asarray(image, dtype=np.float64)
+
+
+class Timed(torch.nn.Module):
+    """A plain function as a module, so that UNetTimer's hooks time it (the OpenVINO backend's UNet call)."""
+
+    def __init__(self, function):
+        super().__init__()
+        self.function = function
+
+    def forward(self, *args):
+        return self.function(*args)
 
 
 class UNetTimer:
@@ -125,6 +150,15 @@ def peak_rss(side: str, args, folder: Path) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def cpu_flags() -> str:
+    """lscpu's flags that decide the fast paths: AVX-512, bf16 (AVX512-BF16, AMX), VNNI (int8)."""
+    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    flags = next((line.split(":", 1)[1].split() for line in out.splitlines() if line.startswith("Flags")), [])
+    model = next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")), "")
+    keep = [f for f in flags if f.startswith(("avx512", "amx", "avx_vnni")) or f in ("avx2", "fma")]
+    return f"{model}: {' '.join(keep) or 'none of avx2/avx512/amx'}"
+
+
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
     mse = ((a - b) ** 2).mean()
     return float("inf") if mse == 0 else 10 * np.log10(255**2 / mse)
@@ -135,13 +169,13 @@ def main():
     p.add_argument(
         "--against",
         nargs="*",
-        choices=["diffusers", "int8", "bf16", "compile"],
+        choices=SIDES,
         default=["diffusers"],
         help="the sides compared with ours (none: only ours, with --rss-only)",
     )
     p.add_argument("--size", type=int, default=512)
     p.add_argument("--steps", type=int, default=20, help="the step count reported (extrapolated)")
-    p.add_argument("--measured-steps", type=int, default=2, help="the step count run")
+    p.add_argument("--measured-steps", type=int, default=2, help="the step count run (with deepcache: a multiple of 3)")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--config", type=Path, default=ROOT / "configs" / "sd-v1.yaml")
     p.add_argument(
@@ -211,12 +245,9 @@ def main():
                     f"(measured {total:.1f} s, UNet {per_step[side][-1]:.2f} s/step)",
                     flush=True,
                 )
+        conversion = {side: pipes[side][0].openvino.conversion_seconds for side in sides if side in OPENVINO}
         del pipes
-        rss = (
-            {}
-            if args.no_rss
-            else {side: peak_rss(side, args, folder) for side in sides if side in ("ours", "diffusers")}
-        )
+        rss = {} if args.no_rss else {side: peak_rss(side, args, folder) for side in sides}
     rate = statistics.median(gemm)
     print(
         f"{args.steps} steps extrapolated from {args.measured_steps} measured; {flops / 1e12:.1f} TFLOP per image "
@@ -233,11 +264,18 @@ def main():
             f"{side}: {t:.1f} s per image ({flops / t / 1e9:.0f} GFLOP/s, {flops / t / 1e9 / rate:.2f} of GEMM) | "
             f"UNet {statistics.median(per_step[side]):.2f} s/step{memory}"
         )
-    for side in args.against:
-        ratios = [a / b for a, b in zip(times["ours"], times[side])]
+    base = "diffusers" if "diffusers" in sides else "ours"
+    print(f"\nCPU flags (lscpu): {cpu_flags()}")
+    print(f"| side | s per image | ratio to {base}, median [min..max] | PSNR to ldm fp32 | peak RSS | conversion |")
+    print("|---|---|---|---|---|---|")
+    for side in sides:
+        ratios = [a / b for a, b in zip(times[side], times[base])]
+        memory = f"{rss[side]['peak_rss_gib']:.2f} GiB" if side in rss else "-"
         print(
-            f"ratio ours/{side} {statistics.median(ratios):.3f} [{min(ratios):.3f}..{max(ratios):.3f}] | "
-            f"PSNR of {side}'s image against ours: {quality[side]:.1f} dB"
+            f"| {'ldm fp32' if side == 'ours' else side} | {statistics.median(times[side]):.1f} | "
+            f"{statistics.median(ratios):.3f} [{min(ratios):.3f}..{max(ratios):.3f}] | "
+            f"{quality.get(side, float('inf')):.1f} dB | {memory} | "
+            f"{f'{conversion[side]:.1f} s' if side in conversion else '-'} |"
         )
     if "compile" in args.against:
         saved = args.steps * (statistics.median(per_step["ours"]) - statistics.median(per_step["compile"]))

@@ -51,13 +51,16 @@ def load_pipeline(
     config=None,
     quantize: str | None = None,
     compile: bool = False,
+    backend: str = "torch",
+    backend_precision: str = "fp32",
 ):
     """A checkpoint's models in eval mode, with txt2img / img2img / inpaint: `.unet .vae .text_encoder .tokenizer .cfg`.
 
     path: an original SD v1 single file (.safetensors, or .ckpt read without running code), one of our
     checkpoints, or a diffusers folder; None: the embedded emoji model (DEFAULT_MODEL). dtype: a torch dtype
     (default float32). config: the architecture (a ModelConfig), when a single file does not carry it.
-    quantize="int8": a dynamic-int8 UNet (CPU, fp32); compile: torch.compile the UNet (see Pipeline).
+    quantize="int8": a dynamic-int8 UNet (CPU, fp32); compile: torch.compile the UNet; backend="openvino": the UNet
+    and VAE decoder run converted to OpenVINO in backend_precision (fp32, bf16, int8, default; see Pipeline).
     An in-memory StableDiffusion model becomes a pipeline with `Pipeline(model)`.
     """
     import torch
@@ -67,4 +70,6 @@ def load_pipeline(
 
     model = load_model(DEFAULT_MODEL if path is None else path, config)
     model = model.to(device=device, dtype=torch.float32 if dtype is None else dtype).eval()
-    return Pipeline(model, quantize=quantize, compile=compile).eval()
+    return Pipeline(
+        model, quantize=quantize, compile=compile, backend=backend, backend_precision=backend_precision
+    ).eval()

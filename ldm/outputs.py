@@ -146,6 +146,7 @@ def make_images(
         "dtype": args.dtype,
         "device": args.device,
         "quantize": args.quantize,
+        "backend": args.backend,
     }
     if init_image is not None:
         options |= dict(init_image=init_image, mask=mask, strength=args.strength)

@@ -42,6 +42,7 @@ from ldm.embeddings import add_embedding_
 from ldm.lora import merge_lora_, unmerge_loras_
 from ldm.memory import VAE_TILE, estimate_memory, machine_memory
 from ldm.model import StableDiffusion
+from ldm.openvino import OpenVINO
 from ldm.prompts import SYNTAXES, prompt_contexts
 from ldm.samplers import Sampler, check_sampler
 from ldm.unet import DeepCache, skip_branches
@@ -322,7 +323,9 @@ class Pipeline(nn.Module):
 
     Speed: quantize="int8" turns the model's UNet into a dynamic-int8 one (in place; CPU, fp32, inference only;
     activation ranges are taken per call, so image k of a batch then depends slightly on the rest of the batch);
-    compile=True runs the UNet's forward through torch.compile (the first call compiles). The text encoder is
+    compile=True runs the UNet's forward through torch.compile (the first call compiles); backend="openvino" runs
+    the UNet and VAE decoder converted to OpenVINO in `backend_precision` (ldm.openvino; converted at the first call
+    after the weights change, cached on disk). The text encoder is
     frozen, so the embeddings of the last EMBEDDING_CACHE prompts are kept (`pipe.embeddings.clear()` after
     loading other text-encoder weights into the model).
     """
@@ -335,6 +338,8 @@ class Pipeline(nn.Module):
         quantize: str | None = None,
         compile: bool = False,
         batch_memory: int | None = None,
+        backend: str = "torch",
+        backend_precision: str = "fp32",
     ):
         super().__init__()
         self.model = model
@@ -353,6 +358,9 @@ class Pipeline(nn.Module):
                     f"CPU and fp32 only, not {self.device.type} {self.dtype}"
                 )
             quantize_int8_(self.unet)
+        if backend not in ("torch", "openvino"):
+            raise InputError(f"unknown backend '{backend}' (known: torch, openvino)")
+        self.openvino = OpenVINO(backend_precision) if backend == "openvino" else None
         if compile:
             # on the forward, so the module, its hooks and names stay
             self.unet.forward = torch.compile(self.unet.forward)
@@ -479,6 +487,11 @@ class Pipeline(nn.Module):
             deepcache=deepcache,
             deepcache_branch=deepcache_branch,
         )
+        if self.openvino is not None:
+            if deepcache or controls:
+                what = "deepcache" if deepcache else "ControlNet"
+                raise InputError(f"{what} runs on the torch UNet, not with the OpenVINO backend")
+            self.openvino.prepare(self.model)  # converts only when the weights changed (a LoRA, another model)
         images = self.prepare_images(init_image, mask, height, width)
         for control in controls:
             control.check()
@@ -629,10 +642,17 @@ class Pipeline(nn.Module):
         cache=None,
     ) -> torch.Tensor:
         """The guided UNet prediction; cond and uncond go through the UNet as one batch. control: ControlNet
-        residuals for that batch (ldm.unet.UNetModel.forward); cache: a DeepCache."""
-        if len(context) == len(x):
+        residuals for that batch (ldm.unet.UNetModel.forward); cache: a DeepCache (neither with the OpenVINO backend,
+        refused before: generate)."""
+
+        def unet(x):
+            if self.openvino is not None:
+                return self.openvino.unet(x, t, context)
             return self.unet(x, t, context, control=control, cache=cache)
-        e_uncond, e_cond = self.unet(torch.cat([x, x]), t, context, control=control, cache=cache).chunk(2)
+
+        if len(context) == len(x):
+            return unet(x)
+        e_uncond, e_cond = unet(torch.cat([x, x])).chunk(2)
         variance = None
         if self.cfg.learn_sigma:  # guide the prediction; the variance is the conditional branch's (as DiT samples)
             (e_uncond, _), (e_cond, variance) = e_uncond.chunk(2, dim=1), e_cond.chunk(2, dim=1)
@@ -650,7 +670,7 @@ class Pipeline(nn.Module):
         An image whose half-precision decode (fp16 / bf16 weights, or autocast) overflows to inf / NaN, as SD's VAE
         does in fp16 (the black images), is decoded again with the VAE in fp32, saying so once."""
         z = latents
-        decode = self.decode_tiled if max(z.shape[-2:]) > self.vae_tile else self.model.decode_first_stage
+        decode = self.decode_tiled if max(z.shape[-2:]) > self.vae_tile else self.decode_first_stage
         images = [decode(z[i : i + 1]) for i in range(len(z))]
         dtype = next(self.vae.parameters()).dtype
         half = dtype != torch.float32 or torch.is_autocast_enabled(z.device.type)
@@ -668,6 +688,10 @@ class Pipeline(nn.Module):
                 self.vae.to(dtype)
         return (torch.cat([image.float() for image in images]).cpu() / 2 + 0.5).clamp(0, 1)
 
+    def decode_first_stage(self, z: torch.Tensor) -> torch.Tensor:
+        """D(z_0 / scale_factor) by the torch VAE or the OpenVINO backend's decoder."""
+        return self.model.decode_first_stage(z) if self.openvino is None else self.openvino.decode_first_stage(z)
+
     def decode_tiled(self, z: torch.Tensor) -> torch.Tensor:
         """Decode latents (1, C, h, w) in vae_tile-sized tiles overlapping by vae_tile_overlap, as the weighted mean of
         the tiles covering each pixel (weights ramp up linearly over the overlap, so seams fade out). GroupNorm
@@ -679,7 +703,7 @@ class Pipeline(nn.Module):
         weight = torch.zeros(1, 1, h * f, w * f)
         for y in tile_starts(h, tile, stride):
             for x in tile_starts(w, tile, stride):
-                piece = self.model.decode_first_stage(z[..., y : y + tile, x : x + tile]).float().cpu()
+                piece = self.decode_first_stage(z[..., y : y + tile, x : x + tile]).float().cpu()
                 ph, pw = piece.shape[-2:]
                 wgt = ramp(ph, self.vae_tile_overlap * f)[:, None] * ramp(pw, self.vae_tile_overlap * f)[None, :]
                 out[..., y * f : y * f + ph, x * f : x * f + pw] += piece * wgt

@@ -100,6 +100,7 @@ def run_args(session: Session, values: dict, init_image, mask, strength) -> argp
         dtype="fp32",
         device=session.device,
         quantize=None,
+        backend="torch",
         init_image=init_image,
         mask=mask,
         strength=strength,

@@ -421,3 +421,29 @@ def test_the_step_callback_sees_every_step_changes_nothing_and_can_stop_the_run(
 
     with pytest.raises(Stop):
         pipe.txt2img(PROMPT, steps=4, seed=0, progress=False, callback=stop_at_step_1)
+
+
+def test_openvino_fp32_backend_gives_the_torch_image(models, tmp_path, monkeypatch, capsys):
+    """backend="openvino" in fp32: the UNet and VAE decoder converted to OpenVINO give torch's final latents and
+    decoded image within 1e-4 (OpenVINO f32 runs the same arithmetic in another order); the converted files are cached
+    by the weights' hash, so a second pipeline converts nothing, and a LoRA-like weight change converts again."""
+    pytest.importorskip("openvino", reason="the OpenVINO backend needs openvino: pip install 'ldm[openvino]'")
+    import ldm.openvino
+
+    monkeypatch.setattr(ldm.openvino, "CACHE", tmp_path)
+    pipe = models[4][0]
+    model = copy.deepcopy(pipe.model)
+    ov = Pipeline(model, backend="openvino", backend_precision="fp32")
+    _, trajectory = ours_run(pipe, seed=1, n=2)
+    _, ov_trajectory = ours_run(ov, seed=1, n=2)
+    assert capsys.readouterr().err.count("note: converting the") == 2 and len(list(tmp_path.glob("*.xml"))) == 2
+    assert (trajectory[-1] - ov_trajectory[-1]).abs().max() <= 1e-4
+    assert (pipe.decode(trajectory[-1]) - ov.decode(trajectory[-1])).abs().max() <= 1e-4
+    ours_run(Pipeline(model, backend="openvino"), seed=1, n=1, steps=1)
+    assert "converting" not in capsys.readouterr().err
+    with torch.no_grad():
+        model.unet.out[2].bias.add_(0.1)
+    ours_run(ov, seed=1, n=1, steps=1)
+    assert capsys.readouterr().err.count("note: converting the unet") == 1
+    with pytest.raises(InputError, match="deepcache runs on the torch UNet"):
+        ov.generate(PROMPT, steps=2, deepcache=2, progress=False)

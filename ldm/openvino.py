@@ -1,0 +1,134 @@
+"""The OpenVINO backend (`Pipeline(backend="openvino")`, txt2img.py --backend openvino; `pip install ldm[openvino]`).
+
+The loaded model's UNet and VAE decoder, weights as they are (LoRAs merged), are converted once with
+openvino.convert_model and cached on disk, keyed by a hash of their weights and the precision; the pipeline then
+calls them where it would call the torch modules, so samplers, guidance, masks and metadata stay ldm's. The
+precision is explicit: "fp32" runs f32 (OpenVINO would run bf16 by default on a CPU with bf16 kernels), "bf16" runs
+bf16, "int8" compresses the weights to int8 (nncf.compress_weights) and runs f32; "default" leaves OpenVINO's own
+choice (the "OpenVINO alone" row of benchmarks/bench_txt2img.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ldm import LdmError
+
+PRECISIONS = {"fp32": "f32", "bf16": "bf16", "int8": "f32", "default": None}  # -> INFERENCE_PRECISION_HINT
+CACHE = Path(os.environ.get("LDM_OPENVINO_CACHE", Path.home() / ".cache" / "ldm" / "openvino"))
+
+
+class BackendError(LdmError):
+    """The OpenVINO backend cannot run as asked (not installed, an unknown precision...)."""
+
+
+def weights_hash(module: nn.Module) -> str:
+    """SHA-256 of a module's parameter names, shapes, dtypes and bytes: the converted files' cache key."""
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+        digest.update(tensor.detach().float().contiguous().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+class UNetCall(nn.Module):
+    """The UNet as traced: timesteps as a (B,) tensor."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, x, timesteps, context):
+        return self.unet(x, timesteps, context)
+
+
+class DecodeCall(nn.Module):
+    """Latents -> images, as StableDiffusion.decode_first_stage: D(z_0 / scale_factor)."""
+
+    def __init__(self, vae, scale_factor: float):
+        super().__init__()
+        self.vae, self.scale_factor = vae, scale_factor
+
+    def forward(self, z):
+        return self.vae.decode(z / self.scale_factor)
+
+
+class OpenVINO:
+    """The converted UNet and VAE decoder of a StableDiffusion model, on OpenVINO's CPU device."""
+
+    def __init__(self, precision: str = "fp32", cache: Path | None = None):
+        try:
+            import openvino
+        except ImportError:
+            raise BackendError("the OpenVINO backend needs openvino: pip install 'ldm[openvino]'") from None
+        if precision not in PRECISIONS:
+            raise BackendError(f"unknown OpenVINO precision '{precision}' (known: {', '.join(PRECISIONS)})")
+        self.ov, self.core, self.precision = openvino, openvino.Core(), precision
+        self.cache = Path(cache or CACHE)
+        self.parts: dict[str, tuple[str, object]] = {}  # part -> (weights hash, compiled model)
+        self.conversion_seconds = 0.0
+
+    def prepare(self, model) -> None:
+        """Convert (or load from the cache) and compile the UNet and decoder of `model` as its weights are now."""
+        cfg = model.cfg
+        h, w, d = cfg.image_size, cfg.image_size, cfg.unet.context_dim
+        unet_example = (torch.randn(2, cfg.unet.in_channels, h, w), torch.tensor([500, 500]), torch.randn(2, 77, d))
+        decoder = nn.ModuleList([model.vae.post_quant_conv, model.vae.decoder])
+        self.compile_part("unet", model.unet, UNetCall(model.unet), unet_example)
+        self.compile_part(
+            "decoder", decoder, DecodeCall(model.vae, cfg.scale_factor), (torch.randn(1, cfg.vae.embed_dim, h, w),)
+        )
+
+    def compile_part(self, part: str, weights: nn.Module, call: nn.Module, example: tuple) -> None:
+        key = weights_hash(weights)
+        if self.parts.get(part, (None,))[0] == key:
+            return
+        path = self.cache / f"{part}-{key}-{self.precision}.xml"
+        if not path.exists():
+            start = time.perf_counter()
+            print(
+                f"note: converting the {part} to OpenVINO ({self.precision}), once for these weights...",
+                file=sys.stderr,
+            )
+            shapes = [
+                self.ov.PartialShape([-1 if i != 1 or t.ndim < 3 else t.shape[1] for i in range(t.ndim)])
+                for t in example
+            ]
+            with torch.no_grad():
+                ov_model = self.ov.convert_model(call.float().eval(), example_input=example, input=shapes)
+            if self.precision == "int8":
+                ov_model = compress_int8(ov_model)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.ov.save_model(ov_model, path, compress_to_fp16=False)
+            self.conversion_seconds += time.perf_counter() - start
+        hint = PRECISIONS[self.precision]
+        config = {"INFERENCE_PRECISION_HINT": hint} if hint else {}
+        self.parts[part] = (key, self.core.compile_model(self.core.read_model(path), "CPU", config))
+
+    def run(self, part: str, *inputs: torch.Tensor) -> torch.Tensor:
+        compiled = self.parts[part][1]
+        out = compiled([t.detach().float().cpu().numpy() for t in inputs])[0]
+        return torch.from_numpy(np.ascontiguousarray(out))
+
+    def unet(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """The UNet call the samplers make (DeepCache and ControlNet are refused before: Pipeline.generate)."""
+        timesteps = torch.as_tensor(t).reshape(-1).expand(x.shape[0]).to(torch.int64)
+        return self.run("unet", x, timesteps, context).to(x.device, x.dtype)
+
+    def decode_first_stage(self, z: torch.Tensor) -> torch.Tensor:
+        return self.run("decoder", z).to(z.device, z.dtype)
+
+
+def compress_int8(ov_model):
+    """int8 weights, one scale per output channel (nncf.compress_weights, INT8_ASYM); activations stay f32."""
+    import nncf
+
+    return nncf.compress_weights(ov_model, mode=nncf.CompressWeightsMode.INT8_ASYM)
