@@ -22,13 +22,23 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ldm import LdmError
-from ldm.config import ConfigError, ModelConfig, TextEncoderConfig, UNetConfig, VAEConfig, from_dict, to_dict
+from ldm.config import (
+    ConfigError,
+    ModelConfig,
+    SamplingConfig,
+    TextEncoderConfig,
+    UNetConfig,
+    VAEConfig,
+    from_dict,
+    to_dict,
+)
 from ldm.diffusion import PARAMETERIZATION_TO_DIFFUSERS, scheduler_config
 from ldm.model import StableDiffusion
 
 TEXT = "cond_stage_model.transformer."
 UNET = "model.diffusion_model."
 VAE = "first_stage_model."
+SAMPLING_FILE = "ldm_sampling.json"  # a diffusers folder's generation defaults (ModelConfig.sampling), ours
 # Keys that real SD v1 files carry beside the weights: the training schedule buffers, the EMA
 # bookkeeping, the learned-logvar vector and the text model's position ids. Accepted and ignored.
 SCHEDULE_KEYS = {
@@ -458,6 +468,8 @@ def config_from_diffusers(folder: Path) -> ModelConfig:
     else:
         raise CheckpointError(f"{folder}: a {t['model_type']} text encoder; ldm reads CLIP and the ones it exported")
     prediction = {b: a for a, b in PARAMETERIZATION_TO_DIFFUSERS.items()}[s.get("prediction_type", "epsilon")]
+    # our generation defaults, beside diffusers' files (which have no place for them); SD's without the file
+    sampling = read(SAMPLING_FILE) if (folder / SAMPLING_FILE).exists() else {}
     return ModelConfig(
         unet=unet,
         vae=vae,
@@ -471,6 +483,7 @@ def config_from_diffusers(folder: Path) -> ModelConfig:
         image_size=u.get("sample_size", 64),
         rescale_betas_zero_snr=s.get("rescale_betas_zero_snr", False),
         learn_sigma=s.get("variance_type") == "learned_range",
+        sampling=from_dict(SamplingConfig, sampling, "sampling."),
     )
 
 
@@ -539,6 +552,7 @@ def save_diffusers_folder(model: StableDiffusion, folder: str | Path) -> None:
         "requires_safety_checker": False,
     }
     (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+    (folder / SAMPLING_FILE).write_text(json.dumps(to_dict(cfg.sampling), indent=2))
 
 
 def load_model(path: str | Path, cfg: ModelConfig | None = None, use_ema: bool = True) -> StableDiffusion:
