@@ -645,10 +645,12 @@ class Pipeline(nn.Module):
         residuals for that batch (ldm.unet.UNetModel.forward); cache: a DeepCache (neither with the OpenVINO backend,
         refused before: generate)."""
 
+        extra = {k: v for k, v in (("control", control), ("cache", cache)) if v is not None}  # a plain call without
+
         def unet(x):
             if self.openvino is not None:
                 return self.openvino.unet(x, t, context)
-            return self.unet(x, t, context, control=control, cache=cache)
+            return self.unet(x, t, context, **extra)
 
         if len(context) == len(x):
             return unet(x)
