@@ -2,13 +2,15 @@ r"""Train the text-conditioned UNet of ldm (Stable Diffusion v1) from scratch or
 
     python train_unet.py --config configs/train-unet-tiny.yaml data.path=my_images [key.path=value ...]
     accelerate launch --num_processes 8 train_unet.py --config my.yaml [--resume latest] [--cache-latents] \
-        [--learn-sigma] [--lora RANK]
+        [--learn-sigma] [--lora RANK] [--controlnet]
 
 Top to bottom: config -> Accelerator -> models -> data (or the latent cache) -> optimizer -> resume -> the loop
 (noise, loss, optimizer step, EMA, logging, checkpoints) -> <output_dir>/model.safetensors, a single-file
 checkpoint (EMA weights in the UNet) that txt2img.py --ckpt and python -m ldm.convert read. With --lora RANK
 only a LoRA trains (the UNet stays frozen) -> <output_dir>/lora.safetensors, a kohya file that txt2img.py --lora,
-AUTOMATIC1111, ComfyUI and diffusers read.
+AUTOMATIC1111, ComfyUI and diffusers read. With --controlnet only a ControlNet trains (the whole model of init_from
+stays frozen; its control maps: the `conditioning_image` column of the data, or controlnet.preprocess=canny)
+-> <output_dir>/controlnet.safetensors in lllyasviel's layout, which txt2img.py --controlnet and diffusers read.
 """
 
 import argparse
@@ -51,6 +53,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="train a LoRA of this rank on the frozen UNet (lora.rank; see lora.alpha, lora.targets)",
     )
     p.add_argument(
+        "--controlnet",
+        action="store_true",
+        help="train a ControlNet beside the frozen model of init_from (controlnet.*; optim.lr 1e-5 unless set)",
+    )
+    p.add_argument(
         "overrides", nargs="*", metavar="key.path=value", help="config overrides, e.g. optim.lr=1e-4 data.path=images"
     )
     return p.parse_intermixed_args(argv)
@@ -68,6 +75,7 @@ from tqdm.auto import tqdm
 from ldm.cache import LatentCache, build_cache, cache_key
 from ldm.checkpoint import CheckpointError, load_model, load_state_strict, save_single_file
 from ldm.config import ConfigError, TrainUNetConfig, to_dict
+from ldm.controlnet import Control, ControlNet, save_controlnet
 from ldm.data import ImageCaptionDataset
 from ldm.diffusion import Diffusion
 from ldm.lora import add_lora, save_lora
@@ -99,10 +107,18 @@ from ldm.training import (
 
 
 def load_train_config(args) -> tuple[TrainUNetConfig, StableDiffusion | None]:
-    """Defaults <- YAML <- flags <- overrides (see ldm.training.read_train_config), then --learn-sigma."""
+    """Defaults <- a ControlNet's lr 1e-5 (the ControlNet paper's) <- YAML <- flags <- overrides (see
+    ldm.training.read_train_config), then --learn-sigma."""
     flags = (["cache_latents=true"] if args.cache_latents else []) + ([f"lora.rank={args.lora}"] if args.lora else [])
-    overrides = flags + args.overrides
-    cfg, init = read_train_config(args.config, overrides, TrainUNetConfig, lambda path, _: load_model(path))
+    overrides = flags + (["controlnet.enabled=true"] if args.controlnet else []) + args.overrides
+
+    def mode_defaults(raw: dict) -> dict:
+        controlnet = raw.get("controlnet")
+        return {"optim": {"lr": 1e-5}} if isinstance(controlnet, dict) and controlnet.get("enabled") is True else {}
+
+    cfg, init = read_train_config(
+        args.config, overrides, TrainUNetConfig, lambda path, _: load_model(path), mode_defaults
+    )
     if args.learn_sigma:
         cfg.model.learn_sigma, cfg.model.unet.out_channels = True, 2 * cfg.model.vae.embed_dim
     return cfg, init
@@ -126,6 +142,11 @@ def train(args) -> int:
         cfg.data.random_flip,
         cfg.data.image_column,
         cfg.data.caption_column,
+        control=(
+            cfg.controlnet.preprocess if cfg.controlnet.preprocess != "none" else cfg.controlnet.conditioning_column
+        )
+        if cfg.controlnet.enabled
+        else "",
     )
     accelerator = make_accelerator(output_dir, cfg.mixed_precision, cfg.grad_accum, cfg.tracker, cfg.compile)
     device = accelerator.device
@@ -144,9 +165,13 @@ def train(args) -> int:
     unet, vae, text_encoder = model.unet, model.vae, model.text_encoder
     vae.requires_grad_(False).eval()
     # what trains and what the EMA follows: the whole UNet, or only the LoRAs beside its frozen layers (and the text
-    # encoder's with lora.text_encoder)
-    trained = add_lora(model, cfg.lora) if cfg.lora.rank else unet
-    output_name = "lora.safetensors" if cfg.lora.rank else "model.safetensors"
+    # encoder's with lora.text_encoder), or a ControlNet beside the frozen UNet
+    controlnet = ControlNet.from_unet(unet, cfg.model) if cfg.controlnet.enabled else None
+    if controlnet:
+        unet.requires_grad_(False).to(device)
+    trained = add_lora(model, cfg.lora) if cfg.lora.rank else controlnet or unet
+    what = "LoRA" if cfg.lora.rank else "ControlNet" if controlnet else "model"
+    output_name = f"{what.lower()}.safetensors"
     unet.train()
     latent_shape = cfg.model.vae.latent_shape(cfg.data.resolution, cfg.data.resolution)
 
@@ -189,10 +214,11 @@ def train(args) -> int:
         cfg.optim.lr_scheduler, optimizer, num_warmup_steps=cfg.optim.warmup_steps, num_training_steps=cfg.max_steps
     )
     # the LR scheduler is stepped once per step by us, not per process
+    net = controlnet or unet  # the network the gradient goes through, under DDP (checkpoints hold it alone)
     if cfg.lora.text_encoder:  # its LoRAs train: through DDP as the UNet, so their gradients are averaged too
-        unet_ddp, text_encoder_ddp, optimizer = accelerator.prepare(unet, text_encoder, optimizer)
+        net_ddp, text_encoder_ddp, optimizer = accelerator.prepare(net, text_encoder, optimizer)
     else:
-        (unet_ddp, optimizer), text_encoder_ddp = accelerator.prepare(unet, optimizer), text_encoder
+        (net_ddp, optimizer), text_encoder_ddp = accelerator.prepare(net, optimizer), text_encoder
     if cfg.lora.rank:  # checkpoints hold the LoRAs alone: on resume the frozen weights come from init_from again
         checkpoint_trainable_only(accelerator)
     ema = EMA(trained, cfg.ema.decay, cfg.ema.warmup, cfg.ema.start_step) if cfg.ema.enabled else None
@@ -208,27 +234,34 @@ def train(args) -> int:
         with ema.applied_to(trained) if ema else contextlib.nullcontext():
             if cfg.lora.rank:
                 save_lora(trained, folder / output_name, f"{output_dir.name} (ldm train_unet.py)", state.step)
+            elif controlnet:
+                save_controlnet(controlnet, folder / output_name)
             else:
                 save_single_file(model, folder / output_name)
         (folder / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
 
     def validate() -> None:
         """One image per validation prompt, each with its fixed seed, from the EMA weights: saved as a PNG row,
-        logged."""
+        logged. A ControlNet's: for prompt i the control map of training item i, then the image drawn with it."""
         v = cfg.validation
-        unet.eval()
+        options = dict(steps=v.steps, scale=v.guidance_scale, sampler=v.sampler, progress=False)
+        options |= dict(height=cfg.data.resolution, width=cfg.data.resolution)
+        unet.eval(), trained.eval()
         with ema.applied_to(trained) if ema else contextlib.nullcontext(), accelerator.autocast():
-            images = Pipeline(model).txt2img(
-                list(v.prompts),
-                steps=v.steps,
-                scale=v.guidance_scale,
-                sampler=v.sampler,
-                seed=v.seed,
-                height=cfg.data.resolution,
-                width=cfg.data.resolution,
-                progress=False,
-            )
-        unet.train()
+            if controlnet:
+                images = []
+                for i, prompt in enumerate(v.prompts):
+                    hint = dataset[(i % len(dataset), v.seed)]["hint"]
+                    control = Image.fromarray((hint * 255).round().byte().permute(1, 2, 0).numpy())
+                    images += [
+                        control,
+                        *Pipeline(model).txt2img(
+                            [prompt], seed=v.seed + i, **options, controls=[Control(controlnet, control)]
+                        ),
+                    ]
+            else:
+                images = Pipeline(model).txt2img(list(v.prompts), seed=v.seed, **options)
+        unet.train(), trained.train()
         grid = Image.new("RGB", (sum(im.width for im in images), images[0].height))
         for i, im in enumerate(images):
             grid.paste(im, (i * im.width, 0))
@@ -257,6 +290,7 @@ def train(args) -> int:
         drop = [bool(torch.rand((), generator=g) < cfg.caption_dropout) for g in gens]
         offset = randn_like_per_sample(gens, (latent_shape[0], 1, 1)).to(device)
 
+        hint = batch["hint"].to(device) if controlnet else None  # the control maps, (B, 3, H, W) in [0, 1]
         with torch.no_grad(), accelerator.autocast():
             if cfg.cache_latents:
                 mean, std, context = batch["mean"].to(device), batch["std"].to(device), batch["context"].to(device)
@@ -270,11 +304,15 @@ def train(args) -> int:
             noise = noise + cfg.offset_noise * offset  # offset noise: a per-channel constant shift (Guttenberg 2023)
             x_t = diffusion.q_sample(latents, t, noise)
 
-        with accelerator.accumulate(unet_ddp, text_encoder_ddp):
+        with accelerator.accumulate(net_ddp, text_encoder_ddp):
             if not cfg.cache_latents:  # the prompts' states, with their gradient when the text encoder's LoRAs train
                 with torch.set_grad_enabled(cfg.lora.text_encoder), accelerator.autocast():
                     context = text_encoder_ddp(tokens)
-            out = unet_ddp(x_t, t, context)
+            if controlnet:  # the frozen UNet, its skips and middle block plus the ControlNet's residuals
+                with accelerator.autocast():
+                    out = unet(x_t, t, context, control=net_ddp(x_t, hint, t, context))
+            else:
+                out = net_ddp(x_t, t, context)
             loss = diffusion.loss(out, latents, x_t, noise, t, cfg.min_snr_gamma, cfg.vlb_weight).mean()
             accelerator.backward(loss)
             if accelerator.sync_gradients:
@@ -320,7 +358,7 @@ def train(args) -> int:
             checkpoint_run(accelerator, checkpoints, state, cfg.keep_last, write_model, progress)
         if stopping:
             del (
-                unet_ddp,
+                net_ddp,
                 text_encoder_ddp,
             )  # before the process group goes (pytorch#56297: see ldm.training.end_training)
             return stop.end(progress)
@@ -332,12 +370,12 @@ def train(args) -> int:
         with writing(
             output_dir,
             output_dir / output_name,
-            f"{list_checkpoints(checkpoints)[-1] / output_name} is the same {'LoRA' if cfg.lora.rank else 'model'}",
+            f"{list_checkpoints(checkpoints)[-1] / output_name} is the same {what}",
         ):
             write_model(output_dir)
         print(skipped_report(state.skipped))
         print(f"wrote {output_dir / output_name}")
-    del unet_ddp, text_encoder_ddp  # before the process group goes (pytorch#56297: see ldm.training.end_training)
+    del net_ddp, text_encoder_ddp  # before the process group goes (pytorch#56297: see ldm.training.end_training)
     return stop.end(progress)
 
 

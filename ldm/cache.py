@@ -2,7 +2,8 @@
 
 For every readable image the VAE posterior's mean and std are stored (of its mirror image too with
 random_flip), so training from the cache still samples z = mean + std * noise; every distinct caption and
-the empty prompt are encoded once. A cache lives in <cache_dir>/<key>/ where the key hashes the VAE
+the empty prompt are encoded once. A dataset with control maps (ControlNet training) has them stored too, as bytes.
+A cache lives in <cache_dir>/<key>/ where the key hashes the VAE
 encoder's and the text encoder's weights, the resolution, the flip setting and the dataset's fingerprint:
 change any of them and a new cache is built, while runs that agree share one. It is written to a temporary
 folder and renamed into place, so a killed build leaves nothing half-written.
@@ -47,8 +48,8 @@ def cache_key(dataset: ImageCaptionDataset, vae: AutoencoderKL, text_encoder: Fr
 
 def _decode(dataset: ImageCaptionDataset, flips: tuple[bool, ...], indices: list[int]):
     """DataLoader collate_fn: decode a chunk of images (center crop, and mirrored)
-    -> (pixels, captions, names, skipped)."""
-    pixels, captions, names, skipped = [], [], [], []
+    -> (pixels, control maps as uint8 or None, captions, names, skipped)."""
+    pixels, hints, captions, names, skipped = [], [], [], [], []
     for i in indices:
         try:
             img, caps = dataset.read(i)
@@ -56,9 +57,13 @@ def _decode(dataset: ImageCaptionDataset, flips: tuple[bool, ...], indices: list
             skipped.append((dataset.name(i), unreadable(e)))
             continue
         pixels.append(torch.stack([transform(img, dataset.resolution, True, flip, random.Random(0)) for flip in flips]))
+        if dataset.control:
+            crop = random.Random(0).getstate()
+            hint = [dataset.control_map(i, p, flip, crop) for p, flip in zip(pixels[-1], flips)]
+            hints.append((torch.stack(hint) * 255).round().byte())
         captions.append(caps)
         names.append(dataset.name(i))
-    return (torch.stack(pixels) if pixels else None), captions, names, skipped
+    return (torch.stack(pixels) if pixels else None), (torch.stack(hints) if hints else None), captions, names, skipped
 
 
 @torch.no_grad()
@@ -78,14 +83,15 @@ def build_cache(
     loader = DataLoader(
         range(len(dataset)), batch_size, num_workers=num_workers, collate_fn=functools.partial(_decode, dataset, flips)
     )
-    means, stds, item_captions, names, skipped = [], [], [], [], list(dataset.skipped)
-    for pixels, captions, chunk_names, bad in progress(loader):
+    means, stds, hints, item_captions, names, skipped = [], [], [], [], [], list(dataset.skipped)
+    for pixels, hint, captions, chunk_names, bad in progress(loader):
         skipped += bad
         if pixels is None:
             continue
         posterior = vae.encode(pixels.flatten(0, 1).to(device, dtype))
         means.append(posterior.mean.float().cpu().unflatten(0, pixels.shape[:2]))
         stds.append(posterior.std.float().cpu().unflatten(0, pixels.shape[:2]))
+        hints += [] if hint is None else [hint]
         item_captions += captions
         names += chunk_names
     if not names:
@@ -96,7 +102,8 @@ def build_cache(
     tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file({"mean": torch.cat(means), "std": torch.cat(stds)}, tmp / "latents.safetensors")
+    latents = {"mean": torch.cat(means), "std": torch.cat(stds)} | ({"hint": torch.cat(hints)} if hints else {})
+    save_file(latents, tmp / "latents.safetensors")
     save_file({"context": torch.cat(contexts)}, tmp / "text.safetensors")
     index = {
         "captions": [[ids[c] for c in caps] for caps in item_captions],
@@ -114,7 +121,7 @@ def build_cache(
 
 class LatentCache(Dataset):
     """(index, seed) -> {"mean", "std": (C, h, w) posterior of image index, "context": (77, D) of one of its
-    captions, "seed"}."""
+    captions, "seed"}, and "hint": (3, H, W) its control map in [0, 1] when the cache holds them."""
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
@@ -131,7 +138,10 @@ class LatentCache(Dataset):
         caption, flip = choose(random.Random(seed), len(self.captions[index]), self.flip)
         text_id = self.captions[index][caption]
         with safe_open(str(self.folder / "latents.safetensors"), "pt") as f:
-            mean, std = (f.get_slice(name)[index : index + 1][0, int(flip)] for name in ("mean", "std"))
+            names = [name for name in ("mean", "std", "hint") if name in f.keys()]
+            item = {name: f.get_slice(name)[index : index + 1][0, int(flip)] for name in names}
         with safe_open(str(self.folder / "text.safetensors"), "pt") as f:
             context = f.get_slice("context")[text_id : text_id + 1][0]
-        return {"mean": mean, "std": std, "context": context, "seed": seed, "skipped": []}
+        if "hint" in item:
+            item["hint"] = item["hint"].float() / 255
+        return item | {"context": context, "seed": seed, "skipped": []}

@@ -376,9 +376,28 @@ class LoRAConfig:
 
 
 @dataclass
+class ControlNetTrainConfig:
+    """Train a ControlNet (train_unet.py --controlnet) beside the frozen model of init_from."""
+
+    enabled: bool = False
+    # the control maps: "none", the images of the metadata column `conditioning_column` (diffusers' fill50k
+    # convention); "canny", the edges of each training image
+    preprocess: str = "none"
+    conditioning_column: str = "conditioning_image"
+
+    def __post_init__(self):
+        known = ("none", "canny")
+        check(
+            self.preprocess in known,
+            f"controlnet.preprocess must be one of {', '.join(known)}, got {self.preprocess!r}",
+        )
+
+
+@dataclass
 class TrainUNetConfig(TrainConfig):
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    controlnet: ControlNetTrainConfig = field(default_factory=ControlNetTrainConfig)
     reinit_unet: bool = False  # with init_from: keep its VAE and text encoder, start the UNet from random weights
     output_dir: str = "runs/unet"
     caption_dropout: float = 0.1  # share of captions replaced by "" so classifier-free guidance works
@@ -408,6 +427,11 @@ class TrainUNetConfig(TrainConfig):
             "cache_latents stores center crops: it cannot be combined with data.center_crop=false",
         )
         check(not self.lora.text_encoder or self.lora.rank, "lora.text_encoder=true needs a LoRA rank (--lora RANK)")
+        check(
+            not self.controlnet.enabled or (self.init_from and not self.reinit_unet and not self.lora.rank),
+            "a ControlNet (controlnet.enabled) trains beside a trained, frozen model: it needs init_from, "
+            "without reinit_unet or a LoRA",
+        )
         check(
             not (self.lora.text_encoder and self.cache_latents),
             "lora.text_encoder=true trains the text encoder, so its states cannot come from the latent cache: "

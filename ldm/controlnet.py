@@ -68,6 +68,18 @@ class ControlNet(UNetEncoder):
         self.zero_convs = nn.ModuleList(nn.Sequential(nn.Conv2d(c, c, 1)) for c in self.skip_channels)
         self.middle_block_out = nn.Sequential(nn.Conv2d(self.skip_channels[-1], self.skip_channels[-1], 1))
 
+    @classmethod
+    def from_unet(cls, unet: nn.Module, cfg: ModelConfig) -> ControlNet:
+        """The ControlNet paper's start for training: the encoder and middle block copied from the UNet (their names
+        are shared: UNetEncoder), zero convs and middle_block_out zero, so the residuals are zero and the UNet's
+        output is unchanged at first; the hint block random."""
+        net = cls(cfg)
+        encoder = net.state_dict().keys()
+        net.load_state_dict({k: v for k, v in unet.state_dict().items() if k in encoder}, strict=False)
+        for conv in [*(z[0] for z in net.zero_convs), net.middle_block_out[0]]:
+            nn.init.zeros_(conv.weight), nn.init.zeros_(conv.bias)
+        return net
+
     def forward(self, x: torch.Tensor, hint: torch.Tensor, timesteps, context: torch.Tensor) -> list[torch.Tensor]:
         """x: (B, 4, h, w) latents as the UNet sees them, hint: (B, 3, H, W) control map in [0, 1] at the image's
         size, context: (B, 77, d). The residuals: one per input block, then the middle block's."""

@@ -6,7 +6,10 @@
     a `file_name` column relative to the metadata file, and a caption column), in any subfolder;
   - an image folder with captions in `name.txt` beside `name.png` (one caption per non-empty line);
   - anything else `datasets.load_dataset(path, split="train")` reads (parquet / csv / json files, ...).
-A caption may be a list: one is picked at random each time the image is drawn. Images are converted to 8-bit
+A caption may be a list: one is picked at random each time the image is drawn. For ControlNet training each item
+also has a control map (`control=`): "canny", the edges of the image as it is cropped, or a column naming a control
+image (diffusers' fill50k `conditioning_image`: a path relative to the metadata file's folder), cropped and flipped
+as the image. Images are converted to 8-bit
 RGB correctly whatever their mode. Whatever cannot be used is skipped and counted with its reason, never a crash
 mid-epoch: unreadable files (corrupt, truncated, not images, over Pillow's decompression-bomb limit), images without
 a caption (missing, empty, not UTF-8), lines of metadata.jsonl that are not JSON objects, images no metadata file
@@ -37,6 +40,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import Dataset, Sampler
 
 from ldm import LdmError
+from ldm.controlnet import canny
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
@@ -302,8 +306,10 @@ class ImageCaptionDataset(Dataset):
         image_column: str = "image",
         caption_column: str = "text",
         require_captions: bool = True,
+        control: str = "",
     ):
         self.resolution, self.center_crop, self.random_flip = resolution, center_crop, random_flip
+        self.control = control  # "": no control map; "canny"; or the column of the control images
         self.image_column, self.caption_column, self.require_captions = image_column, caption_column, require_captions
         self.skipped: list[tuple[str, str]] = []
         local = Path(path).expanduser()
@@ -323,6 +329,28 @@ class ImageCaptionDataset(Dataset):
                 else ""
             )
             raise DataError(f"no images with captions found in {path}{detail}")
+        self.controls = self._control_files() if self.control not in ("", "canny") and self.files else None
+
+    def _control_files(self) -> dict[Path, Path]:
+        """Image path -> its control image, from the metadata files' `control` column; a missing one is an error."""
+        controls = {}
+        for meta in sorted(p for name in METADATA_FILES for p in self.root.rglob(name) if p.is_file()):
+            for row in _read_metadata(meta, self.root)[0]:
+                image, control = meta.parent / str(row.get("file_name") or ""), row.get(self.control)
+                if not isinstance(control, str) or not control:
+                    continue
+                file = meta.parent / control
+                if Path(control).is_absolute() or not _inside(self.root, file) or not file.is_file():
+                    where = "outside the dataset folder" if file.is_file() else "not found"
+                    raise DataError(f"{meta}: {self.control} {control!r} of {row.get('file_name')!r} is {where}")
+                controls[image.resolve()] = file
+        used = {file.resolve() for file in controls.values()}  # listed, in the control column
+        self.skipped = [(name, why) for name, why in self.skipped if (self.root / name).resolve() not in used]
+        missing = [path for path, _ in self.files if path not in controls]
+        if missing:
+            name = missing[0].relative_to(self.root)
+            raise DataError(f"{name} has no '{self.control}' in its metadata ({len(missing)} images lack one)")
+        return controls
 
     def __len__(self) -> int:
         return len(self.files) if self.files is not None else len(self.hf)
@@ -337,11 +365,12 @@ class ImageCaptionDataset(Dataset):
         found = _captions(self.hf[i][self.caption_column]) if self.caption_column in self.hf.column_names else []
         return found or ([] if self.require_captions else [""])
 
-    def image(self, i: int) -> Image.Image:
-        """Image i as RGB; raises on anything unreadable (the callers count it)."""
+    def image(self, i: int, column: str | None = None) -> Image.Image:
+        """Image i (or its control image: column=self.control) as RGB; raises on anything unreadable (the callers
+        count it)."""
         if self.files is not None:
-            return open_rgb(self.files[i][0])
-        cell = self.hf[i][self.image_column]
+            return open_rgb(self.files[i][0] if column is None else self.controls[self.files[i][0]])
+        cell = self.hf[i][column or self.image_column]
         if isinstance(cell, Image.Image):
             cell.load()
             return open_rgb(_png_bytes(cell))
@@ -361,10 +390,24 @@ class ImageCaptionDataset(Dataset):
             raise ValueError(f"no caption in column '{self.caption_column}'")
         return self.image(i), captions
 
-    def load(self, i: int, rng: random.Random) -> tuple[torch.Tensor, str]:
+    def load(self, i: int, rng: random.Random) -> tuple[torch.Tensor, str, torch.Tensor | None]:
         img, captions = self.read(i)
         caption, flip = choose(rng, len(captions), self.random_flip)
-        return transform(img, self.resolution, self.center_crop, flip, rng), captions[caption]
+        crop = rng.getstate()
+        pixels = transform(img, self.resolution, self.center_crop, flip, rng)
+        return pixels, captions[caption], self.control_map(i, pixels, flip, crop)
+
+    def control_map(self, i: int, pixels: torch.Tensor, flip: bool, crop) -> torch.Tensor | None:
+        """The (3, R, R) control map in [0, 1] of item i, whose transformed image is `pixels`: its canny edges, or
+        its control image under the same crop (`crop`: the random state the image's crop was drawn from) and flip."""
+        if not self.control:
+            return None
+        if self.control == "canny":
+            image = Image.fromarray(((pixels + 1) * 127.5).round().byte().permute(1, 2, 0).numpy())
+            return torch.from_numpy(np.array(canny(image))).permute(2, 0, 1).float() / 255
+        rng = random.Random()
+        rng.setstate(crop)
+        return transform(self.image(i, self.control), self.resolution, self.center_crop, flip, rng) / 2 + 0.5
 
     def __getitem__(self, key) -> dict:
         index, seed = key if isinstance(key, tuple) else (key, 0)
@@ -372,23 +415,29 @@ class ImageCaptionDataset(Dataset):
         for k in range(len(self)):
             i = (index + k) % len(self)
             try:
-                pixels, caption = self.load(i, random.Random(seed))
+                pixels, caption, hint = self.load(i, random.Random(seed))
             except Exception as e:  # a corrupt file can raise almost anything inside a decoder
                 skipped.append((self.name(i), unreadable(e)))
                 continue
-            return {"pixels": pixels, "caption": caption, "seed": seed, "skipped": skipped}
+            item = {"pixels": pixels, "caption": caption, "seed": seed, "skipped": skipped}
+            return item | ({"hint": hint} if self.control else {})
         raise DataError(
             f"none of the {len(self)} images in the dataset could be read (first: {skipped[0][0]}: {skipped[0][1]})"
         )
 
     def fingerprint(self) -> str:
         """Changes when a file, a caption or the dataset's content changes (for cache invalidation)."""
-        h = hashlib.sha256(f"{self.image_column}|{self.caption_column}".encode())
+        h = hashlib.sha256(f"{self.image_column}|{self.caption_column}|{self.control}".encode())
         if self.files is None:
             h.update(self.hf._fingerprint.encode())
         for path, captions in self.files or ():
             st = path.stat()
             h.update(json.dumps([str(path.relative_to(self.root)), st.st_size, st.st_mtime_ns, captions]).encode())
+            if self.controls:
+                st = self.controls[path].stat()
+                h.update(
+                    json.dumps([str(self.controls[path].relative_to(self.root)), st.st_size, st.st_mtime_ns]).encode()
+                )
         return h.hexdigest()
 
 

@@ -107,14 +107,21 @@ def merge(base: dict, over: dict) -> dict:
     }
 
 
-def read_train_config(path: Path, overrides: list[str], cls, load_init: Callable[[str, ModelConfig], StableDiffusion]):
-    """Defaults <- YAML (`model:` may name a model YAML beside it) <- overrides, into dataclass `cls`; with
-    init_from, load_init(init_from, the YAML's model config) gives the start model, whose own config is the base
-    of `model`. Returns the config and the init_from model, if any."""
+def read_train_config(
+    path: Path,
+    overrides: list[str],
+    cls,
+    load_init: Callable[[str, ModelConfig], StableDiffusion],
+    mode_defaults: Callable[[dict], dict] = lambda raw: {},
+):
+    """Defaults <- mode_defaults(the settings) <- YAML (`model:` may name a model YAML beside it) <- overrides, into
+    dataclass `cls`; with init_from, load_init(init_from, the YAML's model config) gives the start model, whose own
+    config is the base of `model`. Returns the config and the init_from model, if any."""
     raw = load_yaml(path)
     if isinstance(raw.get("model"), str):
         raw["model"] = load_yaml(Path(path).parent / raw["model"])
     apply_overrides(raw, overrides)
+    raw = merge(mode_defaults(raw), raw)
     cfg = from_dict(cls, raw)
     init = None
     if cfg.init_from:
@@ -151,6 +158,13 @@ def start_run(cfg, resume_spec: str | None) -> tuple[Path, Path, Path | None]:
             changed = sorted(k for k in saved if saved[k] != current.get(k))
             raise ConfigError(
                 f"--resume {resume}: it was trained with another model config (model.{', model.'.join(changed)} differ)"
+            )
+        controlnet = run.get("controlnet", {}).get("enabled", False)
+        if hasattr(cfg, "controlnet") and controlnet != cfg.controlnet.enabled:  # train_unet.py's ControlNet mode
+            trained = ("a ControlNet", "the UNet")
+            raise ConfigError(
+                f"--resume {resume}: it trained {trained[not controlnet]}, "
+                f"this run {trained[not cfg.controlnet.enabled]} (controlnet.enabled)"
             )
         if hasattr(cfg, "lora") and lora_layers(lora) != lora_layers(to_dict(cfg.lora)):  # train_unet.py's LoRAs
             raise ConfigError(
