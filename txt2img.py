@@ -182,9 +182,8 @@ import torch
 from ldm import DEFAULT_MODEL, load_pipeline
 from ldm.checkpoint import peek_config
 from ldm.config import load_config
-from ldm.controlnet import Control
-from ldm.outputs import embedding_facts, lora_facts, make_images, model_facts, model_hash
-from ldm.pipeline import DTYPES, InputError, auto_dtype, check_request, load_image, outpaint_canvas
+from ldm.outputs import control_units, embedding_facts, load_controls, lora_facts, make_images, model_facts, outpaint
+from ldm.pipeline import DTYPES, InputError, auto_dtype, check_request, load_image
 from ldm.prompts import lora_tags
 
 
@@ -230,41 +229,6 @@ def file_spec(value: str, flag: str, weight: bool) -> tuple[Path, float | str | 
     return Path(path), number
 
 
-def control_units(args) -> list[tuple[dict, Control]]:
-    """The --controlnet groups, checked (one --control-image per --controlnet, each other setting given never or
-    once per --controlnet): what the PNG metadata says of each, and its Control, whose net is loaded later."""
-    n = len(args.controlnet)
-    settings = {
-        "--control-image": args.control_image,
-        "--control-preprocess": args.control_preprocess,
-        "--control-scale": args.control_scale,
-        "--control-start": args.control_start,
-        "--control-end": args.control_end,
-    }
-    if not n and (any(settings.values()) or args.guess_mode or args.save_control):
-        raise InputError("the ControlNet settings need --controlnet FILE")
-    for flag, values in settings.items():
-        if len(values) != n and (values or flag == "--control-image"):
-            raise InputError(f"{flag} is given {len(values)} time(s) for {n} --controlnet: give it once for each")
-    units = []
-    for k, path in enumerate(args.controlnet):
-        unit = {
-            "file": path,
-            "image": args.control_image[k],
-            "preprocess": args.control_preprocess[k] if args.control_preprocess else "none",
-            "scale": args.control_scale[k] if args.control_scale else 1.0,
-            "start": args.control_start[k] if args.control_start else 0.0,
-            "end": args.control_end[k] if args.control_end else 1.0,
-        }
-        if not Path(path).exists():
-            raise InputError(f"--controlnet {path}: no such file or folder")
-        image = load_image(unit["image"])
-        control = Control(None, image, unit["preprocess"], unit["scale"], unit["start"], unit["end"])
-        control.check()
-        units.append((unit | {"image": str(unit["image"])}, control))
-    return units
-
-
 def show_note(message, *_):
     print(f"note: {message}", file=sys.stderr)
 
@@ -301,20 +265,6 @@ def check_writable(outdir: Path) -> None:
         for folder in made:
             with contextlib.suppress(OSError):  # one that was never made
                 folder.rmdir()
-
-
-def outpaint(args, init_image, mask, cfg) -> tuple:
-    """--outpaint: the canvas and the mask that inpaint it (ldm.pipeline.outpaint_canvas); args.outpaint becomes the
-    padding after rounding."""
-    if init_image is None or mask is not None:
-        raise InputError("--outpaint needs --init-image (the picture to extend) and no --mask")
-    args.mask_blur = 4 if args.mask_blur is None else args.mask_blur
-    try:
-        padding = tuple(int(value) for value in args.outpaint.split(","))
-    except ValueError:
-        raise InputError(f"--outpaint takes LEFT,TOP,RIGHT,BOTTOM in whole pixels, got '{args.outpaint}'") from None
-    canvas, mask, args.outpaint = outpaint_canvas(init_image, padding, cfg.vae.factor, args.mask_blur)
-    return canvas, mask
 
 
 def execute(args) -> list[Path]:
@@ -403,11 +353,7 @@ def execute(args) -> list[Path]:
         model.setdefault("loras", []).append(lora_facts(pipe, path, weight, None, args.no_metadata))
     for path, token in embeddings:
         model.setdefault("embeddings", []).append(embedding_facts(pipe, path, token, args.no_metadata))
-    for unit, control in controlnets:
-        control.net = pipe.load_controlnet(unit["file"])
-        hashed = None if args.no_metadata else model_hash(Path(unit["file"]))
-        model.setdefault("controlnets", []).append(unit | {"model": Path(unit["file"]).stem, "hash": hashed})
-    controls = [control for _, control in controlnets]
+    controls = load_controls(pipe, controlnets, model, args.no_metadata)
     return list(make_images(pipe, args, prompts, init_image, mask, model, tagged, controls=controls))
 
 

@@ -38,10 +38,10 @@ def tab(browser, name: str) -> None:
     time.sleep(1)
 
 
-def shoot(browser, name: str) -> None:
-    """The page as a small PNG (256-colour palette)."""
+def shoot(browser, name: str, scroll: int = 0) -> None:
+    """The page scrolled down by `scroll` pixels, as a small PNG (256-colour palette)."""
     path = DOCS / f"webui-{name}.png"
-    browser.execute_script("document.activeElement.blur(); window.scrollTo(0, 0)")
+    browser.execute_script(f"document.activeElement.blur(); window.scrollTo(0, {scroll})")
     time.sleep(1)
     browser.save_screenshot(str(path))
     Image.open(path).convert("RGB").quantize(256).save(path, optimize=True)
@@ -85,6 +85,23 @@ def main() -> None:
         fill(browser, "inpaint-prompt", "a red apple with a leaf")
         time.sleep(3)
         shoot(browser, "inpaint")
+        tab(browser, "outpaint")
+        browser.find_element(By.CSS_SELECTOR, "#outpaint-image input[type=file]").send_keys(str(first))
+        fill(browser, "outpaint-prompt", "a red apple on a table")
+        for side in ("left", "right"):
+            fill(browser, f"outpaint-{side}", 16)
+        fill(browser, "outpaint-steps", 20)
+        click(browser, browser.find_element(By.ID, "outpaint-generate"))
+        wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#outpaint-gallery img"))
+        shoot(browser, "outpaint")
+        tab(browser, "txt2img")
+        click(browser, browser.find_element(By.CSS_SELECTOR, "#txt2img-controlnet-panel button"))
+        wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#txt2img-control-image input[type=file]"))
+        browser.find_element(By.CSS_SELECTOR, "#txt2img-control-image input[type=file]").send_keys(str(first))
+        click(browser, browser.find_element(By.XPATH, "//*[@id='txt2img-controlnet-panel']//input[@value='canny']"))
+        click(browser, browser.find_element(By.ID, "txt2img-show-canny"))
+        wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#txt2img-canny img"))
+        shoot(browser, "controlnet", browser.find_element(By.ID, "txt2img-controlnet-panel").location["y"] - 20)
         tab(browser, "PNG info")
         browser.find_element(By.CSS_SELECTOR, "#png-file input[type=file]").send_keys(str(first))
         wait.until(

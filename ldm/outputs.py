@@ -15,7 +15,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from ldm.controlnet import Control
 from ldm.lora import a1111_hash
-from ldm.pipeline import InputError, Pipeline
+from ldm.pipeline import InputError, Pipeline, load_image, outpaint_canvas
 from ldm.samplers import SAMPLERS
 
 
@@ -105,6 +105,65 @@ def lora_facts(pipe: Pipeline, path: Path, weight: float, te_weight: float | Non
     hashed = None if no_metadata else a1111_hash(path, addnet=path.suffix == ".safetensors")
     facts = {"name": path.stem, "file": str(path), "weight": weight, "hash": hashed}
     return facts if te_weight in (None, weight) else facts | {"te_weight": te_weight}
+
+
+def outpaint(args, init_image, mask, cfg) -> tuple:
+    """--outpaint: the canvas and the mask that inpaint it (ldm.pipeline.outpaint_canvas); args.outpaint becomes the
+    padding after rounding."""
+    if init_image is None or mask is not None:
+        raise InputError("--outpaint needs --init-image (the picture to extend) and no --mask")
+    args.mask_blur = 4 if args.mask_blur is None else args.mask_blur
+    try:
+        padding = tuple(int(value) for value in args.outpaint.split(","))
+    except ValueError:
+        raise InputError(f"--outpaint takes LEFT,TOP,RIGHT,BOTTOM in whole pixels, got '{args.outpaint}'") from None
+    canvas, mask, args.outpaint = outpaint_canvas(init_image, padding, cfg.vae.factor, args.mask_blur)
+    return canvas, mask
+
+
+def control_units(args) -> list[tuple[dict, Control]]:
+    """The --controlnet groups, checked (one --control-image per --controlnet, each other setting given never or
+    once per --controlnet): what the PNG metadata says of each, and its Control, whose net is loaded later."""
+    n = len(args.controlnet)
+    settings = {
+        "--control-image": args.control_image,
+        "--control-preprocess": args.control_preprocess,
+        "--control-scale": args.control_scale,
+        "--control-start": args.control_start,
+        "--control-end": args.control_end,
+    }
+    if not n and (any(settings.values()) or args.guess_mode or args.save_control):
+        raise InputError("the ControlNet settings need --controlnet FILE")
+    for flag, values in settings.items():
+        if len(values) != n and (values or flag == "--control-image"):
+            raise InputError(f"{flag} is given {len(values)} time(s) for {n} --controlnet: give it once for each")
+    units = []
+    for k, path in enumerate(args.controlnet):
+        unit = {
+            "file": path,
+            "image": args.control_image[k],
+            "preprocess": args.control_preprocess[k] if args.control_preprocess else "none",
+            "scale": args.control_scale[k] if args.control_scale else 1.0,
+            "start": args.control_start[k] if args.control_start else 0.0,
+            "end": args.control_end[k] if args.control_end else 1.0,
+        }
+        if not Path(path).exists():
+            raise InputError(f"--controlnet {path}: no such file or folder")
+        image = load_image(unit["image"])
+        control = Control(None, image, unit["preprocess"], unit["scale"], unit["start"], unit["end"])
+        control.check()
+        units.append((unit | {"image": str(unit["image"])}, control))
+    return units
+
+
+def load_controls(pipe: Pipeline, units: list[tuple[dict, Control]], model: dict, no_metadata: bool) -> list[Control]:
+    """Load the nets of control_units' Controls into the pipeline's device and dtype; model["controlnets"] says
+    what the PNG metadata says of each (its file's stem and A1111 hash)."""
+    for unit, control in units:
+        control.net = pipe.load_controlnet(unit["file"])
+        hashed = None if no_metadata else model_hash(Path(unit["file"]))
+        model.setdefault("controlnets", []).append(unit | {"model": Path(unit["file"]).stem, "hash": hashed})
+    return [control for _, control in units]
 
 
 def make_images(

@@ -1,5 +1,5 @@
-"""python -m ldm.webui: a Gradio web UI over the Pipeline API (txt2img, img2img, inpainting, LoRA and embedding
-pickers, PNG info, models, a diffusion explorer).
+"""python -m ldm.webui: a Gradio web UI over the Pipeline API (txt2img, img2img, inpainting, outpainting, LoRA and
+embedding pickers, ControlNet, PNG info, models, a diffusion explorer).
 
     python -m ldm.webui                                   # the embedded model, http://127.0.0.1:7860
     python -m ldm.webui --ckpt v1-5-pruned-emaonly.safetensors --models-dir models --port 7861
@@ -29,8 +29,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--models-dir",
         type=Path,
         default=Path("models"),
-        help="checkpoints to switch between (SD v1 files, diffusers folders, ours), with Lora/ and embeddings/ "
-        "inside (default: models)",
+        help="checkpoints to switch between (SD v1 files, diffusers folders, ours), with Lora/, embeddings/ and "
+        "ControlNet/ inside (default: models)",
     )
     p.add_argument("--outdir", type=Path, default=Path("outputs/txt2img-samples"), help="where the PNGs go")
     p.add_argument("--port", type=int, default=7860)

@@ -1,5 +1,6 @@
-"""The page of python -m ldm.webui (Gradio): txt2img, img2img and inpaint tabs with LoRA and embedding pickers,
-PNG info, Models, the diffusion explorer. Generation goes through ldm.outputs.make_images, as txt2img.py's does."""
+"""The page of python -m ldm.webui (Gradio): txt2img, img2img, inpaint and outpaint tabs with LoRA and embedding
+pickers and a ControlNet, PNG info, Models, the diffusion explorer. Generation goes through ldm.outputs.make_images,
+as txt2img.py's does."""
 
 from __future__ import annotations
 
@@ -15,10 +16,20 @@ import torch
 from PIL import Image, ImageFilter
 
 from ldm import DEFAULT_MODEL, LdmError, load_pipeline
-from ldm.cli import SAMPLER_NAMES, SYNTAX_NAMES
+from ldm.cli import CONTROL_PREPROCESS_NAMES, SAMPLER_NAMES, SYNTAX_NAMES
 from ldm.config import ModelConfig
+from ldm.controlnet import canny
 from ldm.explorer import forward_process, reverse_process, step_view
-from ldm.outputs import embedding_facts, make_images, model_facts, next_number, save_png
+from ldm.outputs import (
+    control_units,
+    embedding_facts,
+    load_controls,
+    make_images,
+    model_facts,
+    next_number,
+    outpaint,
+    save_png,
+)
 from ldm.pipeline import load_image, to_pil
 from ldm.prompts import LORA_SUFFIXES, lora_tags
 
@@ -74,16 +85,24 @@ class Session:
 EMBEDDED = "ldm-emoji (embedded)"
 
 
+CONTROLNET_SUFFIXES = (".safetensors", ".pth", ".ckpt")
+CONTROL_SETTINGS = {"control_preprocess": str, "control_scale": float, "control_start": float, "control_end": float}
+
+
 def run_args(session: Session, values: dict, init_image, mask, strength) -> argparse.Namespace:
-    """The arguments txt2img.py would have for these page values (what make_images reads)."""
+    """The arguments txt2img.py would have for these page values (what make_images and control_units read)."""
     seed = int(values["seed"])
+    net, control_image = values.get("controlnet"), values.get("control_image")
+    if net and not control_image:
+        raise LdmError("a ControlNet needs a control image: upload one")
+    control = {key: [kind(values[key])] if net else [] for key, kind in CONTROL_SETTINGS.items()}  # a unit, or none
     return argparse.Namespace(
         negative_prompt=values["negative_prompt"],
         steps=int(values["steps"]),
         scale=float(values["scale"]),
         sampler=values["sampler"],
-        H=int(values["height"]),
-        W=int(values["width"]),
+        H=None if values.get("height") is None else int(values["height"]),
+        W=None if values.get("width") is None else int(values["width"]),
         eta=float(values["eta"]),
         n_samples=int(values["batch_size"]),
         n_iter=int(values["batch_count"]),
@@ -94,7 +113,10 @@ def run_args(session: Session, values: dict, init_image, mask, strength) -> argp
         deepcache_branch=0,
         outpaint=None,
         mask_blur=None,
-        guess_mode=False,
+        controlnet=[str(session.args.models_dir / "ControlNet" / net)] if net else [],
+        control_image=[Path(control_image)] if net else [],
+        **control,
+        guess_mode=bool(net and values["guess_mode"]),
         save_control=False,
         seed=random.randrange(2**32) if seed == -1 else seed,
         dtype="fp32",
@@ -111,11 +133,14 @@ def run_args(session: Session, values: dict, init_image, mask, strength) -> argp
     )
 
 
-def generate(session: Session, values: dict, progress, init_image=None, mask=None, mask_blur=0, strength=None):
+def generate(
+    session: Session, values: dict, progress, init_image=None, mask=None, mask_blur=0, strength=None, padding=None
+):
     """Run make_images in a worker thread; yield (preview, gallery, info) as steps, previews and images come.
-    init_image: a file; mask: a file, or a PIL image (drawn); mask_blur: A1111's, a Gaussian blur radius in pixels."""
+    init_image: a file; mask: a file, or a PIL image (drawn); mask_blur: A1111's, a Gaussian blur radius in pixels;
+    padding: outpaint init_image by (left, top, right, bottom) pixels, its mask feathered over mask_blur pixels."""
     session.stop.clear()
-    prompt, mask_file = values["prompt"], mask
+    prompt, mask_file, model = values["prompt"], mask, dict(session.model)
     try:
         image = load_image(init_image) if init_image else None
         if isinstance(mask, (str, Path)):
@@ -125,7 +150,11 @@ def generate(session: Session, values: dict, progress, init_image=None, mask=Non
             folder = session.args.outdir / "masks"
             mask_file = save_png(mask, folder / f"{next_number(folder):05}-mask.png", None)
         args = run_args(session, values, init_image, None if mask is None else str(mask_file), strength)
+        if padding is not None:  # as txt2img.py --outpaint LEFT,TOP,RIGHT,BOTTOM --mask-blur N
+            args.outpaint, args.mask_blur = ",".join(map(str, padding)), int(mask_blur)
+            image, mask = outpaint(args, image, None, session.pipe.cfg)
         tagged = {prompt: lora_tags(prompt, session.args.models_dir / "Lora")} if args.prompt_syntax == "a1111" else {}
+        controls = load_controls(session.pipe, control_units(args), model, args.no_metadata)
     except LdmError as e:
         raise gr.Error(str(e), print_exception=False) from None
     every, events = int(values["preview_every"]), queue.Queue()
@@ -138,7 +167,7 @@ def generate(session: Session, values: dict, progress, init_image=None, mask=Non
 
     def work():
         try:
-            for path in make_images(session.pipe, args, [prompt], image, mask, session.model, tagged, callback):
+            for path in make_images(session.pipe, args, [prompt], image, mask, model, tagged, callback, controls):
                 events.put(("image", path))
         except Interrupted:
             events.put(("interrupted",))
@@ -176,9 +205,10 @@ def info(images: list[str]) -> str:
         return png.text.get("parameters", "")
 
 
-def settings(prefix: str, cfg: ModelConfig) -> dict:
+def settings(prefix: str, cfg: ModelConfig, size: bool = True) -> dict:
     """The generation fields of one tab (elem_ids prefix-name), the LoRA and embedding pickers above them; sampler,
-    steps, scale and size start at the model's defaults (cfg.sampling, its image size)."""
+    steps, scale and size (unless not size: outpainting's is the canvas's) start at the model's defaults
+    (cfg.sampling, its image size)."""
     c, side = {}, cfg.image_size * cfg.vae.factor
     c["prompt"] = gr.Textbox(label="Prompt", lines=2, elem_id=f"{prefix}-prompt")
     c["negative_prompt"] = gr.Textbox(label="Negative prompt", elem_id=f"{prefix}-negative")
@@ -191,8 +221,9 @@ def settings(prefix: str, cfg: ModelConfig) -> dict:
         c["scale"] = gr.Slider(1, 30, value=sampling.scale, step=0.5, label="CFG scale", elem_id=f"{prefix}-scale")
     with gr.Row():
         c["seed"] = gr.Number(42, precision=0, label="Seed (-1: random)", elem_id=f"{prefix}-seed")
-        c["width"] = gr.Number(side, precision=0, label="Width", elem_id=f"{prefix}-width")
-        c["height"] = gr.Number(side, precision=0, label="Height", elem_id=f"{prefix}-height")
+        if size:
+            c["width"] = gr.Number(side, precision=0, label="Width", elem_id=f"{prefix}-width")
+            c["height"] = gr.Number(side, precision=0, label="Height", elem_id=f"{prefix}-height")
         c["batch_count"] = gr.Slider(1, 16, value=1, step=1, label="Batch count", elem_id=f"{prefix}-count")
         c["batch_size"] = gr.Slider(1, 8, value=1, step=1, label="Batch size", elem_id=f"{prefix}-size")
     with gr.Accordion("More", open=False):
@@ -235,8 +266,33 @@ def pickers(session: Session, prompt) -> None:
         gr.Button("Add embedding").click(add_embedding, [prompt, embedding, embedding_weight], prompt)
 
 
+def controlnet(session: Session, prefix: str) -> dict:
+    """A ControlNet from models/ControlNet, its control image (with its canny map shown), preprocessing, scale,
+    start, end and guess mode: txt2img.py's --controlnet group."""
+    c = {}
+    with gr.Accordion("ControlNet", open=False, elem_id=f"{prefix}-controlnet-panel"):
+        with gr.Row():
+            files = session.files("ControlNet", CONTROLNET_SUFFIXES)
+            c["controlnet"] = gr.Dropdown(
+                [("none", "")] + files, value="", label="ControlNet (models/ControlNet)", elem_id=f"{prefix}-controlnet"
+            )
+            c["control_preprocess"] = gr.Radio(list(CONTROL_PREPROCESS_NAMES), value="none", label="Preprocess")
+            c["guess_mode"] = gr.Checkbox(False, label="Guess mode")
+        with gr.Row():
+            c["control_image"] = gr.File(label="Control image", file_types=["image"], elem_id=f"{prefix}-control-image")
+            edges = gr.Image(label="Canny map", format="png", interactive=False, height=160, elem_id=f"{prefix}-canny")
+        show = gr.Button("Show the canny map", elem_id=f"{prefix}-show-canny")
+        with gr.Row():
+            c["control_scale"] = gr.Slider(0, 2, value=1, step=0.05, label="Scale", elem_id=f"{prefix}-control-scale")
+            c["control_start"] = gr.Slider(0, 1, value=0, step=0.05, label="Start", elem_id=f"{prefix}-control-start")
+            c["control_end"] = gr.Slider(0, 1, value=1, step=0.05, label="End", elem_id=f"{prefix}-control-end")
+    show.click(guard(lambda path: canny(load_image(path)) if path else None), c["control_image"], edges)
+    return c
+
+
 def generation_tab(session: Session, mode: str) -> dict:
-    """One of the txt2img / img2img / inpaint tabs: its fields, Generate and Interrupt, preview, gallery, parameters."""
+    """One of the txt2img / img2img / inpaint / outpaint tabs: its fields, Generate and Interrupt, preview, gallery,
+    parameters."""
     with gr.Row():
         with gr.Column():
             extra = []
@@ -256,11 +312,18 @@ def generation_tab(session: Session, mode: str) -> dict:
                     mask = gr.File(label="and a mask (white: repaint)", file_types=["image"], elem_id="inpaint-mask")
                 blur = gr.Slider(0, 16, value=0, step=1, label="Mask blur (pixels)", elem_id="inpaint-blur")
                 extra = [editor, image, mask, blur]
+            if mode == "outpaint":
+                extra = [gr.File(label="Image", file_types=["image"], elem_id="outpaint-image")]
+                with gr.Row():
+                    for side in ("left", "top", "right", "bottom"):
+                        extra.append(gr.Number(0, precision=0, label=f"{side} (pixels)", elem_id=f"outpaint-{side}"))
+                extra.append(gr.Slider(0, 64, value=4, step=1, label="Mask blur (pixels)", elem_id="outpaint-blur"))
             if mode != "txt2img":
-                default = 1.0 if mode == "inpaint" else 0.75
+                default = 0.75 if mode == "img2img" else 1.0
                 extra.append(gr.Slider(0.01, 1, value=default, step=0.01, label="Strength", elem_id=f"{mode}-strength"))
-            c = settings(mode, session.pipe.cfg)
+            c = settings(mode, session.pipe.cfg, size=mode != "outpaint")
             pickers(session, c["prompt"])
+            c |= controlnet(session, mode)
         with gr.Column():
             with gr.Row():
                 go = gr.Button("Generate", variant="primary", elem_id=f"{mode}-generate")
@@ -277,6 +340,11 @@ def generation_tab(session: Session, mode: str) -> dict:
             yield from generate(session, fields, progress)
         elif mode == "img2img":
             yield from generate(session, fields, progress, init_image=rest[0], strength=rest[1])
+        elif mode == "outpaint":
+            image, *padding, blur, strength = rest
+            yield from generate(
+                session, fields, progress, init_image=image, mask_blur=blur, strength=strength, padding=padding
+            )
         else:
             drawn, image, mask, blur, strength = rest
             if image is None and drawn is not None and drawn.get("background") is not None:
@@ -327,18 +395,19 @@ def send_to_txt2img(facts: dict | None, fields: dict) -> dict:
 FIELD_DEFAULTS = {"eta": 0.0, "guidance_rescale": 0.0, "clip_skip": 1, "prompt_syntax": "a1111"}
 
 
+def guard(fn):
+    """fn with bad input (ldm.LdmError) shown as its one line in the page."""
+
+    def guarded(*args):
+        try:
+            return fn(*args)
+        except LdmError as e:
+            raise gr.Error(str(e), print_exception=False) from None
+
+    return guarded
+
+
 def build(session: Session):
-    def guard(fn):
-        """fn with bad input (ldm.LdmError) shown as its one line in the page."""
-
-        def guarded(*args):
-            try:
-                return fn(*args)
-            except LdmError as e:
-                raise gr.Error(str(e), print_exception=False) from None
-
-        return guarded
-
     with gr.Blocks(title="ldm") as demo:
         with gr.Tabs() as tabs:
             with gr.Tab("txt2img", id="txt2img"):
@@ -347,6 +416,8 @@ def build(session: Session):
                 generation_tab(session, "img2img")
             with gr.Tab("inpaint", id="inpaint"):
                 generation_tab(session, "inpaint")
+            with gr.Tab("outpaint", id="outpaint"):
+                generation_tab(session, "outpaint")
             with gr.Tab("PNG info", id="png-info"):
                 with gr.Row():
                     with gr.Column():

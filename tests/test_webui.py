@@ -1,6 +1,7 @@
 """python -m ldm.webui in a real headless browser (Debian's chromium + chromedriver, driven by selenium), on the
-embedded model: what a user clicks gives txt2img.py's images and PNGs, Interrupt stops, PNG info remakes an image,
-inpainting keeps the unmasked pixels, bad input is one line in the page; and the server's exposure."""
+embedded model: what a user clicks gives txt2img.py's images and PNGs (outpainting and a ControlNet included),
+Interrupt stops, PNG info remakes an image, inpainting keeps the unmasked pixels, bad input is one line in the page;
+and the server's exposure."""
 
 import io
 import json
@@ -16,9 +17,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from conftest import ROOT, cli
+from ldm import DEFAULT_MODEL
+from ldm.checkpoint import peek_config
+from ldm.controlnet import ControlNet, save_controlnet
 
 pytest.importorskip("gradio", reason="the web UI needs gradio: pip install -e '.[webui]'")
 webdriver = pytest.importorskip("selenium.webdriver", reason="the browser tests need selenium (the test extra)")
@@ -45,6 +50,8 @@ def server(tmp_path_factory):
     outdir, models = root / "outputs", root / "models"
     models.mkdir()
     (models / "secret.txt").write_text("not to be served")
+    torch.manual_seed(0)  # a ControlNet for the embedded model, random weights (the tests check the wiring)
+    save_controlnet(ControlNet(peek_config(DEFAULT_MODEL)), models / "ControlNet" / "tiny.safetensors")
     port = free_port()
     command = [sys.executable, "-m", "ldm.webui", "--port", str(port), "--outdir", str(outdir)]
     env = os.environ | {"PYTHONUNBUFFERED": "1", "GRADIO_TEMP_DIR": str(root / "cache")}
@@ -247,3 +254,61 @@ def test_default_bind_is_localhost_and_files_outside_the_allowed_folders_are_ref
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(f"{url}/gradio_api/file={path}")
         assert refused.value.code in (403, 404)
+
+
+def random_image(path: Path, seed: int) -> np.ndarray:
+    pixels = np.random.default_rng(seed).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+    return pixels
+
+
+def same_run(page_png: Image.Image, cli_png: Image.Image, *files: str) -> None:
+    """Same pixels, same parameters but the paths of the uploaded files (the page's are in Gradio's cache)."""
+    assert np.array_equal(np.asarray(page_png), np.asarray(cli_png))
+    ours, theirs = json.loads(page_png.text["ldm"]), json.loads(cli_png.text["ldm"])
+    for facts in (ours, theirs):
+        facts.pop("init_image", None)
+        for unit in facts.get("controlnets", []):
+            unit.pop("image")
+    assert ours == theirs
+
+
+def test_outpaint_gives_txt2img_s_png_and_keeps_the_original(page, server, tmp_path):
+    init = random_image(tmp_path / "init.png", 2)
+    tab(page, "outpaint")
+    fill(page, "outpaint-prompt", PROMPT)
+    fill(page, "outpaint-steps", 2)
+    fill(page, "outpaint-left", 8)
+    fill(page, "outpaint-bottom", 5)
+    upload(page, "outpaint-image", tmp_path / "init.png")
+    png = download(click_generate(page, "outpaint", server[1])[0])
+    args = ("--prompt", PROMPT, "--steps", 2, "--init-image", tmp_path / "init.png", "--outpaint", "8,0,0,5")
+    assert cli(*args, "--outdir", tmp_path / "cli") == 0
+    same_run(png, Image.open(tmp_path / "cli" / "00000.png"))
+    facts = json.loads(png.text["ldm"])
+    assert (facts["mode"], facts["outpaint"], facts["mask_blur"], png.size) == ("outpaint", [8, 0, 0, 8], 4, (40, 40))
+    assert np.array_equal(np.asarray(png)[:32, 8:], init)
+
+
+def test_controlnet_gives_txt2img_s_png_and_shows_the_canny_map(page, server, tmp_path):
+    random_image(tmp_path / "control.png", 3)
+    models = server[2]
+    click(page, page.find_element(By.CSS_SELECTOR, "#txt2img-controlnet-panel button"))
+    dropdown = WebDriverWait(page, 30).until(lambda b: b.find_element(By.CSS_SELECTOR, "#txt2img-controlnet input"))
+    dropdown.click()
+    WebDriverWait(page, 30).until(
+        lambda b: b.find_element(By.CSS_SELECTOR, "li[aria-label='tiny.safetensors']")
+    ).click()
+    WebDriverWait(page, 30).until(lambda b: dropdown.get_attribute("value") == "tiny.safetensors")
+    upload(page, "txt2img-control-image", tmp_path / "control.png")
+    fill(page, "txt2img-control-scale", 0.5)
+    click(page, page.find_element(By.ID, "txt2img-show-canny"))
+    WebDriverWait(page, 30).until(lambda b: b.find_elements(By.CSS_SELECTOR, "#txt2img-canny img"))
+    png = download(generate_txt2img(page, server[1], steps=2)[0])
+    net = models / "ControlNet" / "tiny.safetensors"
+    args = ("--prompt", PROMPT, "--seed", SEED, "--steps", 2, "--controlnet", net, "--control-image")
+    assert cli(*args, tmp_path / "control.png", "--control-scale", 0.5, "--outdir", tmp_path / "cli") == 0
+    same_run(png, Image.open(tmp_path / "cli" / "00000.png"))
+    assert 'ControlNet 0: "Module: none, Model: tiny [' in png.text["parameters"]
+    assert cli("--prompt", PROMPT, "--seed", SEED, "--steps", 2, "--outdir", tmp_path / "plain") == 0
+    assert not np.array_equal(np.asarray(png), np.asarray(Image.open(tmp_path / "plain" / "00000.png")))
