@@ -645,7 +645,8 @@ class Pipeline(nn.Module):
         residuals for that batch (ldm.unet.UNetModel.forward); cache: a DeepCache (neither with the OpenVINO backend,
         refused before: generate)."""
 
-        extra = {k: v for k, v in (("control", control), ("cache", cache)) if v is not None}  # a plain call without
+        # only what is set, so that a UNet stand-in taking (x, t, context) still works
+        extra = {k: v for k, v in (("control", control), ("cache", cache)) if v is not None}
 
         def unet(x):
             if self.openvino is not None:
