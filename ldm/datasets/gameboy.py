@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ldm import LdmError
 from ldm.cli import ArgumentParser, run
+from ldm.datasets import DatasetError
 
 PALETTE = np.array([(8, 24, 32), (52, 104, 86), (136, 192, 112), (224, 248, 208)], dtype=np.float64)
 PALETTE_TOLERANCE = 24.0  # Euclidean distance in 0..255 RGB; the shades are 91 to 140 apart
@@ -43,10 +43,6 @@ def palette_distance(images: list[Image.Image]) -> np.ndarray:
 def palette_share(images: list[Image.Image]) -> float:
     """The share of all pixels of the images within PALETTE_TOLERANCE of a palette colour."""
     return float((palette_distance(images) <= PALETTE_TOLERANCE).mean())
-
-
-class DatasetError(LdmError):
-    """A source folder that cannot be read, or an output folder that is not empty."""
 
 
 def build(src: Path, out: Path) -> int:
