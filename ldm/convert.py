@@ -3,6 +3,9 @@
 SRC: a .safetensors / .ckpt single file or a diffusers folder. DST ending in .safetensors: the original
 SD v1 single-file layout, with our config in its metadata; any other DST: a diffusers folder that
 diffusers.StableDiffusionPipeline.from_pretrained loads.
+
+A ControlNet .safetensors (lllyasviel's `control_model.*` layout, as train_unet.py --controlnet writes) is copied
+with --half casting its tensors to fp16 (names and metadata kept), as the shipped emoji ControlNet was made.
 """
 
 import argparse
@@ -39,9 +42,11 @@ if __name__ == "__main__":
     parse_args()  # --help and a mistyped flag answer here, before the imports below take seconds (torch, diffusers)
 
 import torch
+from safetensors import safe_open
 
-from ldm.checkpoint import CheckpointError, load_model, save_diffusers_folder, save_single_file
+from ldm.checkpoint import CheckpointError, atomic_save, load_model, save_diffusers_folder, save_single_file
 from ldm.config import ModelConfig, apply_overrides, from_dict, load_config, to_dict
+from ldm.controlnet import PREFIX
 
 
 def main(argv=None) -> int:
@@ -54,6 +59,8 @@ def convert(args) -> int:
         raise CheckpointError(f"{args.dst} exists; pass --overwrite to replace it")
     if args.dst.resolve() == args.src.resolve():
         raise CheckpointError("SRC and DST are the same path")
+    if is_controlnet_file(args.src):
+        return convert_controlnet(args)
     cfg = load_config(args.config) if args.config else None
     model = load_model(args.src, cfg, use_ema=not args.no_ema)
     if args.sampling:  # only the sampling section: the architecture is the weights'
@@ -64,6 +71,27 @@ def convert(args) -> int:
         save_single_file(model, args.dst, torch.float16 if args.half else None, text_encoder=not args.no_text_encoder)
     else:
         save_diffusers_folder(model, args.dst)
+    print(f"wrote {args.dst}")
+    return 0
+
+
+def is_controlnet_file(path: Path) -> bool:
+    if path.suffix != ".safetensors" or not path.is_file():
+        return False
+    with safe_open(str(path), framework="pt") as f:
+        return all(key.startswith(PREFIX) for key in f.keys())
+
+
+def convert_controlnet(args) -> int:
+    if args.dst.suffix != ".safetensors" or args.sampling or args.no_ema or args.config:
+        raise CheckpointError("a ControlNet converts to a .safetensors file, with --half only")
+    with safe_open(str(args.src), framework="pt") as f:
+        metadata = f.metadata() or {"format": "pt"}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    dtype = torch.float16 if args.half else None
+    atomic_save(
+        {k: v.to(dtype) if dtype and v.is_floating_point() else v for k, v in tensors.items()}, args.dst, metadata
+    )
     print(f"wrote {args.dst}")
     return 0
 

@@ -312,6 +312,25 @@ def test_bad_files_name_the_tensor(setup, tmp_path):
         load_controlnet(tmp_path, pipe.cfg)
 
 
+def test_convert_half_writes_what_diffusers_reads_in_fp16(setup, tmp_path, capsys):
+    """python -m ldm.convert CONTROLNET DST --half (the shipped ControlNet's last step): every tensor cast to fp16
+    under its name; diffusers' from_single_file reads the file as the fp16 rounding of the original ControlNet."""
+    from ldm.convert import main as convert
+
+    _, _, theirs, _, _, files = setup
+    assert convert([str(files[0]), str(path := tmp_path / "half.safetensors"), "--half"]) == 0
+    state = load_file(path)
+    assert state.keys() == load_file(files[0]).keys() and {v.dtype for v in state.values()} == {torch.float16}
+    config = files[0].parent / "config"
+    half = ControlNetModel.from_single_file(str(path), config=str(config), local_files_only=True)
+    for (name, value), theirs_value in zip(half.state_dict().items(), theirs[0].state_dict().values()):
+        assert torch.equal(value, theirs_value.half()), name
+    capsys.readouterr()
+    assert convert([str(files[0]), str(path), "--half"]) == 2  # exists: not overwritten
+    assert convert([str(files[0]), str(tmp_path / "folder"), "--half"]) == 2
+    assert "a ControlNet converts to a .safetensors file" in capsys.readouterr().err
+
+
 def test_the_unet_is_the_encoder_plus_its_decoder(tiny_cfg):
     """Building the encoder apart left the UNet's names, shapes and order as they were (CompVis's)."""
     names = list(UNetModel(tiny_cfg.unet).state_dict())
