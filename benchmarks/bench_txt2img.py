@@ -47,6 +47,7 @@ from conftest import ROOT, randomize_  # noqa: E402
 from ldm.checkpoint import save_diffusers_folder, save_single_file  # noqa: E402
 from ldm.config import load_config  # noqa: E402
 from ldm.model import StableDiffusion  # noqa: E402
+from ldm.openvino import OpenVINO  # noqa: E402
 from ldm.samplers import make_scheduler  # noqa: E402
 
 PROMPT = "a lighthouse on a cliff at dusk, oil painting"
@@ -62,19 +63,23 @@ OPENVINO = {"ov-fp32": "fp32", "ov-bf16": "bf16", "ov-int8": "int8", "ov-alone":
 SIDES = ["diffusers", "int8", "bf16", "compile", "deepcache", *OPENVINO]
 
 
-def build(side: str, folder: Path, cfg):
-    """(pipeline, its UNet module): diffusers' from its folder, ours (fp32, int8, bf16, compiled, DeepCache N=3 or
-    OpenVINO: the UNet "module" is then a wrapper of the backend's UNet call) from our file."""
-    if side in OPENVINO:
-        pipe = ldm.load_pipeline(folder / "model.safetensors", backend="openvino", backend_precision=OPENVINO[side])
-        call = Timed(pipe.openvino.unet)
-        pipe.openvino.unet = call
-        return pipe, call
+def build(side: str, folder: Path, cfg, ours: tuple | None = None) -> tuple:
+    """(pipeline, its UNet module, OpenVINO backend or None): diffusers' from its folder, ours (fp32, int8, bf16,
+    compiled) from our file. DeepCache N=3 and the OpenVINO sides run on ours' pipeline (`ours`, built if not
+    given), so the weights are in memory once: an OpenVINO side is its own ldm.openvino.OpenVINO object, made the
+    pipeline's backend for its turn (generate); its UNet "module" is a wrapper of that backend's UNet call."""
+    if side == "deepcache" or side in OPENVINO:
+        pipe = (ours or build("ours", folder, cfg))[0]
+        if side == "deepcache":
+            return pipe, pipe.unet, None
+        backend = OpenVINO(OPENVINO[side])
+        backend.unet = Timed(backend.unet)
+        return pipe, backend.unet, backend
     if side == "diffusers":
         pipe = StableDiffusionPipeline.from_pretrained(folder / "diffusers", safety_checker=None)
         pipe.scheduler = make_scheduler("ddim", cfg)
         pipe.set_progress_bar_config(disable=True)
-        return pipe, pipe.unet
+        return pipe, pipe.unet, None
     dtype = torch.bfloat16 if side == "bf16" else torch.float32
     pipe = ldm.load_pipeline(
         folder / "model.safetensors",
@@ -82,16 +87,18 @@ def build(side: str, folder: Path, cfg):
         quantize="int8" if side == "int8" else None,
         compile=side == "compile",
     )
-    return pipe, pipe.unet
+    return pipe, pipe.unet, None
 
 
-def generate(side: str, pipe, size: int, steps: int) -> np.ndarray:
+def generate(side: str, pipe, size: int, steps: int, backend=None) -> np.ndarray:
+    """One image of `steps` steps; `backend`: an OpenVINO side's backend (None: the torch UNet and decoder)."""
     if side == "diffusers":
         image = pipe(
             PROMPT, num_inference_steps=steps, height=size, width=size, generator=torch.Generator().manual_seed(0)
         ).images[0]
     else:
         extra = {"deepcache": 3} if side == "deepcache" else {}
+        pipe.openvino = backend
         image = pipe.txt2img(
             PROMPT, steps=steps, sampler="ddim", height=size, width=size, seed=0, progress=False, **extra
         )
@@ -119,11 +126,12 @@ class UNetTimer:
         module.register_forward_hook(lambda *_: setattr(self, "total", self.total + time.perf_counter() - self.start))
 
 
-def timed(side: str, pipe, timer: UNetTimer, args) -> tuple[float, float, np.ndarray]:
+def timed(side: str, built: tuple, timer: UNetTimer, args) -> tuple[float, float, np.ndarray]:
     """(whole call, UNet part) in seconds, and the image, for one image with the measured steps."""
+    pipe, _, backend = built
     timer.total = 0.0
     t0 = time.perf_counter()
-    image = generate(side, pipe, args.size, args.measured_steps)
+    image = generate(side, pipe, args.size, args.measured_steps, backend)
     return time.perf_counter() - t0, timer.total, image
 
 
@@ -189,11 +197,11 @@ def main():
     diffusers_logging.disable_progress_bar()
     if args.rss_of:
         side, folder = args.rss_of[0], Path(args.rss_of[1])
-        pipe, _ = build(side, folder, cfg)
+        pipe, _, backend = build(side, folder, cfg)
         loading = hwm_gib()
         Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
         with torch.inference_mode():
-            generate(side, pipe, args.size, args.measured_steps)
+            generate(side, pipe, args.size, args.measured_steps, backend)
         print(json.dumps({"peak_rss_gib": hwm_gib(), "loading_peak_rss_gib": loading}))
         return
     with tempfile.TemporaryDirectory() as tmp:
@@ -216,15 +224,16 @@ def main():
                 )
             return
         sides = ["ours", *args.against]
-        pipes = {side: build(side, folder, cfg) for side in sides}
-        timers = {side: UNetTimer(unet) for side, (_, unet) in pipes.items()}
+        pipes = {"ours": build("ours", folder, cfg)}
+        pipes |= {side: build(side, folder, cfg, pipes["ours"]) for side in args.against}
+        timers = {side: UNetTimer(unet) for side, (_, unet, _) in pipes.items()}
         with FlopCounterMode(display=False) as counter:  # also ours' warm-up
             image = generate("ours", pipes["ours"][0], args.size, args.measured_steps)
         unet_flops = sum(counter.get_flop_counts()["UNetModel"].values()) / args.measured_steps
         flops = counter.get_total_flops() + (args.steps - args.measured_steps) * unet_flops
         first, quality = {}, {}
         for side in args.against:  # warm-up (compile: compiling)
-            first[side], _, other = timed(side, pipes[side][0], timers[side], args)
+            first[side], _, other = timed(side, pipes[side], timers[side], args)
             quality[side] = psnr(image, other)
             print(
                 f"warm-up {side}: {first[side]:.1f} s, PSNR of its image against ours {quality[side]:.1f} dB",
@@ -237,7 +246,7 @@ def main():
             gemm.append(gemm_rate())
             print(f"repeat: GEMM {gemm[-1]:.0f} GFLOP/s", flush=True)
             for side in sides:
-                total, unet, _ = timed(side, pipes[side][0], timers[side], args)
+                total, unet, _ = timed(side, pipes[side], timers[side], args)
                 per_step[side].append(unet / args.measured_steps)
                 times[side].append(total + (args.steps - args.measured_steps) * per_step[side][-1])
                 print(
@@ -245,7 +254,7 @@ def main():
                     f"(measured {total:.1f} s, UNet {per_step[side][-1]:.2f} s/step)",
                     flush=True,
                 )
-        conversion = {side: pipes[side][0].openvino.conversion_seconds for side in sides if side in OPENVINO}
+        conversion = {side: pipes[side][2].conversion_seconds for side in sides if side in OPENVINO}
         del pipes
         rss = {} if args.no_rss else {side: peak_rss(side, args, folder) for side in sides}
     rate = statistics.median(gemm)
