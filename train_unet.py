@@ -75,7 +75,7 @@ from tqdm.auto import tqdm
 from ldm.cache import LatentCache, build_cache, cache_key
 from ldm.checkpoint import CheckpointError, load_model, load_state_strict, save_single_file
 from ldm.config import ConfigError, TrainUNetConfig, to_dict
-from ldm.controlnet import Control, ControlNet, save_controlnet
+from ldm.controlnet import Control, ControlNet, load_controlnet, save_controlnet
 from ldm.data import ImageCaptionDataset
 from ldm.diffusion import Diffusion
 from ldm.lora import add_lora, save_lora
@@ -166,7 +166,11 @@ def train(args) -> int:
     vae.requires_grad_(False).eval()
     # what trains and what the EMA follows: the whole UNet, or only the LoRAs beside its frozen layers (and the text
     # encoder's with lora.text_encoder), or a ControlNet beside the frozen UNet
-    controlnet = ControlNet.from_unet(unet, cfg.model) if cfg.controlnet.enabled else None
+    controlnet = None
+    if cfg.controlnet.enabled and cfg.controlnet.init_from:
+        controlnet = load_controlnet(cfg.controlnet.init_from, cfg.model).train()
+    elif cfg.controlnet.enabled:
+        controlnet = ControlNet.from_unet(unet, cfg.model)
     if controlnet:
         unet.requires_grad_(False).to(device)
     trained = add_lora(model, cfg.lora) if cfg.lora.rank else controlnet or unet

@@ -384,6 +384,8 @@ class ControlNetTrainConfig:
     # convention); "canny", the edges of each training image
     preprocess: str = "none"
     conditioning_column: str = "conditioning_image"
+    # a ControlNet file to start from (to train one further) instead of the UNet's copy with zero convs
+    init_from: str = ""
 
     def __post_init__(self):
         known = ("none", "canny")

@@ -1,11 +1,12 @@
 """The OpenVINO backend (`Pipeline(backend="openvino")`, txt2img.py --backend openvino; `pip install ldm[openvino]`).
 
 The loaded model's UNet and VAE decoder, weights as they are (LoRAs merged), are converted once with
-openvino.convert_model and cached on disk, keyed by a hash of their weights and the precision; the pipeline then
-calls them where it would call the torch modules, so samplers, guidance, masks and metadata stay ldm's. The
-precision is explicit: "fp32" runs f32 (OpenVINO would run bf16 by default on a CPU with bf16 kernels), "bf16" runs
-bf16, "int8" compresses the weights to int8 (nncf.compress_weights) and runs f32; "default" leaves OpenVINO's own
-choice (the "OpenVINO alone" row of benchmarks/bench_txt2img.py).
+openvino.convert_model and cached on disk, keyed by a hash of their weights (one f32 graph, and one with int8 weights
+for "int8": the other precisions are a compile-time hint on the f32 graph); the pipeline then calls them where it
+would call the torch modules, so samplers, guidance, masks and metadata stay ldm's. The precision is explicit:
+"fp32" runs f32 (OpenVINO would run bf16 by default on a CPU with bf16 kernels), "bf16" runs bf16, "int8" compresses
+the weights to int8 (nncf.compress_weights) and runs f32; "default" leaves OpenVINO's own choice (the "OpenVINO
+alone" row of benchmarks/bench_txt2img.py).
 """
 
 from __future__ import annotations
@@ -91,7 +92,8 @@ class OpenVINO:
         key = weights_hash(weights)
         if self.parts.get(part, (None,))[0] == key:
             return
-        path = self.cache / f"{part}-{key}-{self.precision}.xml"
+        # the converted graph is f32 for every precision but int8 (the others are a compile-time hint): one file
+        path = self.cache / f"{part}-{key}-{'int8' if self.precision == 'int8' else 'f32'}.xml"
         if not path.exists():
             start = time.perf_counter()
             print(

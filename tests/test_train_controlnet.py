@@ -121,6 +121,33 @@ def test_only_the_controlnet_trains_and_its_checkpoints_hold_it_alone(tmp_path, 
     assert "0 files skipped" in capsys.readouterr().out  # the control images are listed, in their column
 
 
+def test_a_run_can_start_from_a_controlnet_file(tmp_path, shapes, init, monkeypatch):
+    """controlnet.init_from: the ControlNet starts as the file (here an fp16 copy of an earlier run's), bit for bit
+    after the cast, and trains from there (a missing file: test_bad_input_is_one_line_and_exit_code_2)."""
+    first = tmp_path / "first"
+    assert run_in_process(train_unet, ["--config", str(CONFIG), "tracker=none", *args(shapes, init, first)]) == 0
+    from ldm.convert import main as convert
+
+    assert convert([str(first / "controlnet.safetensors"), str(half := tmp_path / "half.safetensors"), "--half"]) == 0
+    started, load = [], train_unet.load_controlnet
+
+    def recording(*a):
+        net = load(*a)
+        started.append({k: v.clone() for k, v in net.state_dict().items()})  # before training changes it
+        return net
+
+    monkeypatch.setattr(train_unet, "load_controlnet", recording)
+    out = tmp_path / "again"
+    argv = ["--config", str(CONFIG), "tracker=none", *args(shapes, init, out, f"controlnet.init_from={half}")]
+    assert run_in_process(train_unet, argv) == 0
+    (start,) = started
+    assert {PREFIX + k for k in start} == load_file(half).keys()
+    for key, value in load_file(half).items():
+        assert torch.equal(start[key.removeprefix(PREFIX)].half(), value), key
+    trained = load_file(out / "controlnet.safetensors")
+    assert any(not torch.equal(trained[k].half(), v) for k, v in load_file(half).items())  # it trained on
+
+
 def test_the_default_lr_of_the_mode_is_1e_5_unless_set(tmp_path, init):
     (tmp_path / "train.yaml").write_text("max_steps: 1\n")
     for extra, lr in (([], 1e-5), (["optim.lr=3e-5"], 3e-5)):
@@ -192,6 +219,7 @@ def test_a_canny_controlnet_loads_in_txt2img_and_in_diffusers(tmp_path, shapes):
         ("controlnet.preprocess=sobel", "controlnet.preprocess must be one of none, canny, got 'sobel'"),
         ("no-init", "a ControlNet (controlnet.enabled) trains beside a trained, frozen model: it needs init_from"),
         ("controlnet.conditioning_column=depth", "00.png has no 'depth' in its metadata (12 images lack one)"),
+        ("controlnet.init_from=nowhere.safetensors", "checkpoint not found: nowhere.safetensors"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_code_2(change, message, tmp_path, shapes, init, capsys):
