@@ -1,8 +1,9 @@
-r"""Whole txt2img on CPU: ours (fp32) against diffusers' StableDiffusionPipeline (fp32), or against our own faster
-variants (int8: --quantize int8; bf16: --dtype bf16; compile: --compile), on the same random SD v1 weights, in one run.
+r"""Whole txt2img on CPU: ours (fp32) against diffusers' StableDiffusionPipeline (fp32), and our faster modes (int8:
+--quantize int8; bf16: --dtype bf16; compile: --compile; deepcache: DeepCache N=3; ov-fp32 / ov-bf16 / ov-int8: the
+OpenVINO backend; ov-alone: OpenVINO with its default precision), on the same random SD v1 weights, in one run.
 
-    python benchmarks/bench_txt2img.py [--against diffusers|int8|bf16|compile ...] [--size 512] [--steps 20] \
-        [--measured-steps 2] [--repeats 2]
+    python benchmarks/bench_txt2img.py [--against diffusers|int8|bf16|compile|deepcache|ov-... ...] [--size 512] \
+        [--steps 20] [--measured-steps 3] [--repeats 2]
     # ours' peak memory at 1024x1024
     python benchmarks/bench_txt2img.py --rss-only --size 1024 --measured-steps 1 --against
 
@@ -15,10 +16,10 @@ repeat makes one DDIM image per side (guidance 7.5, empty negative prompt, seed 
 
 (the scheduler's own per-step work, milliseconds, is counted for the measured steps only). FLOPs are counted by
 torch.utils.flop_counter in one call of ours and extrapolated the same way; a GEMM rate is measured before each
-repeat. Peak RSS (of ours and diffusers, the fp32 pair): a fresh subprocess per side loads its own files, then
-makes one image; printed are the high-water mark of the generation (reset after loading) and that of the loading.
-The PSNR of each other side's image against ours (same seed, measured steps) is printed: ~inf-high for diffusers
-(same arithmetic), the quality cost for int8 and bf16.
+repeat. Peak RSS, first: a fresh subprocess per side loads its own files (an OpenVINO side: ours' and the converted
+models), then makes one image; printed are the high-water mark of the generation (reset after loading) and that of
+the loading. The PSNR of each other side's image against ours (same seed, measured steps) is printed: ~inf-high for
+diffusers (same arithmetic), the quality cost of the others.
 """
 
 import argparse
@@ -224,6 +225,9 @@ def main():
                 )
             return
         sides = ["ours", *args.against]
+        # first, while this process holds no model: a fresh subprocess per side (one holding every side's pipeline
+        # next to it would not fit in 24 GiB)
+        rss = {} if args.no_rss else {side: peak_rss(side, args, folder) for side in sides}
         pipes = {"ours": build("ours", folder, cfg)}
         pipes |= {side: build(side, folder, cfg, pipes["ours"]) for side in args.against}
         timers = {side: UNetTimer(unet) for side, (_, unet, _) in pipes.items()}
@@ -255,8 +259,6 @@ def main():
                     flush=True,
                 )
         conversion = {side: pipes[side][2].conversion_seconds for side in sides if side in OPENVINO}
-        del pipes
-        rss = {} if args.no_rss else {side: peak_rss(side, args, folder) for side in sides}
     rate = statistics.median(gemm)
     print(
         f"{args.steps} steps extrapolated from {args.measured_steps} measured; {flops / 1e12:.1f} TFLOP per image "
