@@ -42,9 +42,16 @@ if __name__ == "__main__":
     parse_args()  # --help and a mistyped flag answer here, before the imports below take seconds (torch, diffusers)
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
-from ldm.checkpoint import CheckpointError, atomic_save, load_model, save_diffusers_folder, save_single_file
+from ldm.checkpoint import (
+    CheckpointError,
+    atomic_save,
+    load_model,
+    read_state_dict,
+    save_diffusers_folder,
+    save_single_file,
+)
 from ldm.config import ModelConfig, apply_overrides, from_dict, load_config, to_dict
 from ldm.controlnet import PREFIX
 
@@ -76,18 +83,23 @@ def convert(args) -> int:
 
 
 def is_controlnet_file(path: Path) -> bool:
+    """A .safetensors file of `control_model.*` tensors only (its header read, not its tensors); an unreadable file
+    is not, and load_model names what is wrong with it."""
     if path.suffix != ".safetensors" or not path.is_file():
         return False
-    with safe_open(str(path), framework="pt") as f:
-        return all(key.startswith(PREFIX) for key in f.keys())
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+    except (SafetensorError, OSError, ValueError):
+        return False
+    return bool(keys) and all(key.startswith(PREFIX) for key in keys)
 
 
 def convert_controlnet(args) -> int:
     if args.dst.suffix != ".safetensors" or args.sampling or args.no_ema or args.config:
         raise CheckpointError("a ControlNet converts to a .safetensors file, with --half only")
-    with safe_open(str(args.src), framework="pt") as f:
-        metadata = f.metadata() or {"format": "pt"}
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tensors, metadata = read_state_dict(args.src)
+    metadata = metadata or {"format": "pt"}
     dtype = torch.float16 if args.half else None
     atomic_save(
         {k: v.to(dtype) if dtype and v.is_floating_point() else v for k, v in tensors.items()}, args.dst, metadata

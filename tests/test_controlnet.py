@@ -329,6 +329,10 @@ def test_convert_half_writes_what_diffusers_reads_in_fp16(setup, tmp_path, capsy
     assert convert([str(files[0]), str(path), "--half"]) == 2  # exists: not overwritten
     assert convert([str(files[0]), str(tmp_path / "folder"), "--half"]) == 2
     assert "a ControlNet converts to a .safetensors file" in capsys.readouterr().err
+    (garbage := tmp_path / "garbage.safetensors").write_bytes(b"not a safetensors header")
+    assert convert([str(garbage), str(tmp_path / "g.safetensors"), "--half"]) == 2  # one line, not a traceback
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "garbage.safetensors is not a readable safetensors file" in err
 
 
 def test_the_unet_is_the_encoder_plus_its_decoder(tiny_cfg):
