@@ -46,10 +46,13 @@ from ldm.eval import (  # noqa: E402
 )
 
 
-def edge_counts(generated: Image.Image, control: Image.Image, tolerance: int) -> np.ndarray:
-    """[matched G pixels, G pixels, matched E pixels, E pixels] of one image pair (see the module's doc)."""
-    binary = lambda im: torch.from_numpy(np.asarray(im.convert("L")) > 127)[None, None].float()  # noqa: E731
-    g, e = binary(canny(generated)), binary(control)
+def edges(image: Image.Image) -> torch.Tensor:
+    """A white-on-black edge map as a (1, 1, H, W) tensor of 0 / 1."""
+    return torch.from_numpy(np.asarray(image.convert("L")) > 127)[None, None].float()
+
+
+def edge_counts(g: torch.Tensor, e: torch.Tensor, tolerance: int) -> np.ndarray:
+    """[matched G pixels, G pixels, matched E pixels, E pixels] of one pair of edge maps (see the module's doc)."""
     near = lambda x: F.max_pool2d(x, 2 * tolerance + 1, 1, tolerance) if tolerance else x  # noqa: E731
     return np.array([(g * near(e)).sum(), g.sum(), (e * near(g)).sum(), e.sum()], dtype=np.float64)
 
@@ -94,8 +97,9 @@ report = {"data": str(args.data), "controlnet": str(args.controlnet), "n": len(r
 report |= {"sampling": [sampling.sampler, sampling.steps, sampling.scale], "control_scale": args.scale, "rows": {}}
 for name, images in generated.items():
     row = {}
+    pairs = [(edges(canny(g)), edges(e)) for g, e in zip(images, maps)]
     for tolerance in (0, 1):
-        counts = sum(edge_counts(g, e, tolerance) for g, e in zip(images, maps))
+        counts = sum(edge_counts(g, e, tolerance) for g, e in pairs)
         row[f"edge_tolerance{tolerance}"] = f1(counts)
     fake = features(images)
     ranks = retrieval_ranks(fake, real_features, list(range(len(real))))
