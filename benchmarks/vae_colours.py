@@ -42,6 +42,22 @@ def shape(colour: tuple[int, int, int], size: int) -> tuple[Image.Image, np.ndar
     return image, np.array(inner) > 0
 
 
+def reconstruct(pipe, size: int):
+    """Each colour's shape through the VAE: (name, colour, its shape, the reconstruction, the mean reconstructed
+    colour on the shape's pixels, their mean absolute error per channel)."""
+    rows = []
+    for name, colour in colours().items():
+        image, mask = shape(colour, size)
+        with torch.no_grad():
+            z = pipe.vae.encode(2 * to_tensor(image) - 1).mode()
+            decoded = to_pil((pipe.vae.decode(z) / 2 + 0.5).clamp(0, 1))[0]
+        out = np.asarray(decoded, dtype=np.float64)
+        mae = float(np.abs(out[mask] - np.asarray(colour, dtype=np.float64)).mean())
+        got = tuple(int(c) for c in out[mask].mean(axis=0).round())
+        rows.append((name, colour, image, decoded, got, mae))
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt", help="a model (default: the embedded emoji model)")
@@ -50,23 +66,14 @@ def main() -> None:
     args = p.parse_args()
     pipe = ldm.load_pipeline(args.ckpt)
     size = args.size or pipe.cfg.image_size * 2 ** (len(pipe.cfg.vae.ch_mult) - 1)
+    rows = reconstruct(pipe, size)
     print(f"{'colour':10} {'input':>15} {'reconstructed':>15} {'MAE/channel':>12}")
-    worst, pairs = 0.0, []
-    for name, colour in colours().items():
-        image, mask = shape(colour, size)
-        with torch.no_grad():
-            z = pipe.vae.encode(2 * to_tensor(image) - 1).mode()
-            decoded = to_pil((pipe.vae.decode(z) / 2 + 0.5).clamp(0, 1))[0]
-        pairs.append((image, decoded))
-        out = np.asarray(decoded, dtype=np.float64)
-        mae = np.abs(out[mask] - np.asarray(colour, dtype=np.float64)).mean()
-        worst = max(worst, mae)
-        got = tuple(int(c) for c in out[mask].mean(axis=0).round())
+    for name, colour, _, _, got, mae in rows:
         print(f"{name:10} {str(colour):>15} {str(got):>15} {mae:12.1f}{'' if mae <= TARGET else '  > target'}")
-    print(f"worst {worst:.1f} (target <= {TARGET})")
+    print(f"worst {max(row[-1] for row in rows):.1f} (target <= {TARGET})")
     if args.grid:
-        grid = Image.new("RGB", (size * len(pairs), 2 * size), "white")
-        for i, (image, decoded) in enumerate(pairs):
+        grid = Image.new("RGB", (size * len(rows), 2 * size), "white")
+        for i, (_, _, image, decoded, _, _) in enumerate(rows):
             grid.paste(image, (i * size, 0))
             grid.paste(decoded, (i * size, size))
         grid.resize((3 * grid.width, 3 * grid.height), Image.NEAREST).save(args.grid)

@@ -9,6 +9,7 @@ from PIL import Image
 
 import ldm
 import txt2img
+from benchmarks.vae_colours import TARGET, reconstruct
 
 
 def test_default_model_is_small_and_loads_offline():
@@ -30,6 +31,15 @@ def test_default_model_draws_a_non_degenerate_picture():
     assert np.abs(a - b).mean() > 10  # the prompt matters
     red, green, blue = a.reshape(-1, 3).T
     assert ((red > green + 40) & (red > blue + 40)).mean() > 0.1  # a red apple has red in it
+
+
+def test_default_vae_keeps_every_colour():
+    """Issue #19's target for the embedded VAE: solid shapes of 12 hues, black and grey on white come back within
+    20/255 mean absolute error per channel on the shape's pixels (benchmarks/vae_colours.py prints the table)."""
+    rows = reconstruct(ldm.load_pipeline(), 32)
+    assert len(rows) == 14
+    errors = {name: round(mae, 1) for name, *_, mae in rows}
+    assert max(errors.values()) <= TARGET, errors
 
 
 @pytest.mark.parametrize("sampler", ["ddim", "dpmpp_2m"])
