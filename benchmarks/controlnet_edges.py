@@ -95,9 +95,10 @@ real_features = features(real)
 sampling = pipe.cfg.sampling
 report = {"data": str(args.data), "controlnet": str(args.controlnet), "n": len(real), "seed": args.seed}
 report |= {"sampling": [sampling.sampler, sampling.steps, sampling.scale], "control_scale": args.scale, "rows": {}}
+map_edges = [edges(e) for e in maps]
 for name, images in generated.items():
     row = {}
-    pairs = [(edges(canny(g)), edges(e)) for g, e in zip(images, maps)]
+    pairs = [(edges(canny(g)), e) for g, e in zip(images, map_edges)]
     for tolerance in (0, 1):
         counts = sum(edge_counts(g, e, tolerance) for g, e in pairs)
         row[f"edge_tolerance{tolerance}"] = f1(counts)
