@@ -4,6 +4,10 @@ SRC: a .safetensors / .ckpt single file or a diffusers folder. DST ending in .sa
 SD v1 single-file layout, with our config in its metadata; any other DST: a diffusers folder that
 diffusers.StableDiffusionPipeline.from_pretrained loads.
 
+--vae FILE takes the VAE from FILE (a checkpoint, or a VAE-only file such as SD's
+vae-ft-mse-840000-ema-pruned.safetensors): a fine-tuned decoder joins the UNet it was made for, whose latent scale
+factor stays SRC's.
+
 A ControlNet .safetensors (lllyasviel's `control_model.*` layout, as train_unet.py --controlnet writes) is copied
 with --half casting its tensors to fp16 (names and metadata kept), as the shipped emoji ControlNet was made.
 """
@@ -21,6 +25,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("dst", type=Path)
     p.add_argument("--config", type=Path, help="architecture YAML, for a single file that does not carry its config")
     p.add_argument("--no-ema", action="store_true", help="keep the raw UNet weights of a file that also has EMA ones")
+    p.add_argument("--vae", type=Path, help="take the VAE's weights from this file (same VAE architecture)")
     p.add_argument("--half", action="store_true", help="write fp16 tensors (single-file output)")
     p.add_argument(
         "--no-text-encoder",
@@ -48,6 +53,8 @@ from ldm.checkpoint import (
     CheckpointError,
     atomic_save,
     load_model,
+    load_model_or_vae,
+    load_state_strict,
     read_state_dict,
     save_diffusers_folder,
     save_single_file,
@@ -70,6 +77,9 @@ def convert(args) -> int:
         return convert_controlnet(args)
     cfg = load_config(args.config) if args.config else None
     model = load_model(args.src, cfg, use_ema=not args.no_ema)
+    if args.vae:  # the scale factor is the UNet's: it was trained on latents scaled by it
+        vae = load_model_or_vae(args.vae, model.cfg).first_stage_model.state_dict()
+        load_state_strict(model.first_stage_model, vae, str(args.vae))
     if args.sampling:  # only the sampling section: the architecture is the weights'
         raw = to_dict(model.cfg)
         apply_overrides(raw["sampling"], args.sampling)
@@ -96,7 +106,7 @@ def is_controlnet_file(path: Path) -> bool:
 
 
 def convert_controlnet(args) -> int:
-    if args.dst.suffix != ".safetensors" or args.sampling or args.no_ema or args.config:
+    if args.dst.suffix != ".safetensors" or args.sampling or args.no_ema or args.config or args.vae:
         raise CheckpointError("a ControlNet converts to a .safetensors file, with --half only")
     tensors, metadata = read_state_dict(args.src)
     metadata = metadata or {"format": "pt"}

@@ -343,6 +343,32 @@ def test_convert_sets_the_sampling_defaults_only(tmp_path, capsys):
         assert err.count("\n") == 1 and err.startswith("error:") and not (tmp_path / "bad.safetensors").exists()
 
 
+def test_convert_takes_the_vae_from_another_file(tmp_path, capsys):
+    """--vae: DST has VAE's first-stage tensors and SRC's everything else (scale factor included), from a full
+    checkpoint or a VAE-only file in CompVis names; a VAE of another architecture is a one-line error."""
+    tiny = load_config(ROOT / "configs" / "tiny.yaml")
+    src, donor = (randomize_(StableDiffusion(tiny), seed) for seed in (0, 1))
+    donor.cfg.scale_factor = 0.5
+    for model, name in ((src, "src"), (donor, "donor")):
+        save_single_file(model, tmp_path / f"{name}.safetensors")
+    vae_only = {k.removeprefix("first_stage_model."): v for k, v in load_file(tmp_path / "donor.safetensors").items()}
+    save_file(
+        {k: v for k, v in vae_only.items() if not k.startswith(("model.", "cond_stage_model."))},
+        tmp_path / "vae.safetensors",
+    )
+    for i, vae in enumerate(("donor.safetensors", "vae.safetensors")):
+        dst = tmp_path / f"dst{i}.safetensors"
+        assert convert.main([str(tmp_path / "src.safetensors"), str(dst), "--vae", str(tmp_path / vae)]) == 0
+        got, a, b = (load_file(f) for f in (dst, tmp_path / "src.safetensors", tmp_path / "donor.safetensors"))
+        assert_same_tensors(got, {k: (b if k.startswith("first_stage_model.") else a)[k] for k in a})
+        assert load_model(dst).cfg == src.cfg
+    wide = tmp_path / "wide.safetensors"
+    save_single_file(StableDiffusion(load_config(ROOT / "configs" / "tiny.yaml", ["vae.ch=32"])), wide)
+    assert convert.main([str(tmp_path / "src.safetensors"), str(tmp_path / "bad.safetensors"), "--vae", str(wide)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "wide.safetensors" in err and not (tmp_path / "bad.safetensors").exists()
+
+
 def test_convert_cli_both_ways(diffusers_folder, tmp_path):
     r = run_convert(diffusers_folder, tmp_path / "one.safetensors")
     assert r.returncode == 0, r.stderr
