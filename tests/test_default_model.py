@@ -10,6 +10,7 @@ from PIL import Image
 import ldm
 import txt2img
 from benchmarks.vae_colours import TARGET, reconstruct
+from conftest import ROOT
 
 
 def test_default_model_is_small_and_loads_offline():
@@ -62,12 +63,18 @@ def test_deepcache_beats_the_same_unet_budget_spent_on_fewer_steps(sampler):
     assert cached >= 30 and cached > fewer, (cached, fewer)
 
 
-def test_quickstart_command_writes_the_png(tmp_path, monkeypatch):
-    """The README's `python txt2img.py --prompt "a red apple"` (in-process, into a temporary folder)."""
+def test_quickstart_command_draws_the_readmes_picture(tmp_path, monkeypatch):
+    """The README's `python txt2img.py --prompt "a red apple"` (in-process, into a temporary folder) draws the picture
+    the README shows (docs/quickstart-apple.png, 4x nearest): redrawn with each release of the model. A few levels of
+    difference are allowed for other CPUs' float rounding."""
     monkeypatch.chdir(tmp_path)
-    assert txt2img.main(["--prompt", "a red apple", "--steps", "10"]) == 0
+    assert txt2img.main(["--prompt", "a red apple"]) == 0
     image = Image.open(tmp_path / "outputs" / "txt2img-samples" / "00000.png")
     assert image.size == (32, 32) and json.loads(image.text["ldm"])["model"] == "ldm-emoji"
+    shown = Image.open(ROOT / "docs" / "quickstart-apple.png").convert("RGB")
+    assert shown.size == (128, 128)
+    difference = np.abs(np.asarray(image, dtype=np.float64) - np.asarray(shown, dtype=np.float64)[::4, ::4])
+    assert difference.mean() < 1 and difference.max() <= 16, (difference.mean(), difference.max())
 
 
 def test_the_shipped_lora_is_small_and_turns_the_pictures_green():
