@@ -186,7 +186,7 @@ def build(
             file_name = f"{codepoints(e)}.png"
             image.save(out / file_name)
             row = {"file_name": file_name, "text": [t.format(name) for t in TEMPLATES], "name": name, "emoji": e}
-            row["group"], row["subgroup"] = groups.get(e) or groups.get(e.replace("\ufe0f", "")) or (None, None)
+            row["group"], row["subgroup"] = groups.get(e, (None, None))
             if row["group"]:
                 row["text"] += [GENERIC_TEMPLATE.format(row["subgroup"]), GENERIC_TEMPLATE.format(row["group"])]
             rows.append(row)
