@@ -28,6 +28,7 @@ import warnings
 from pathlib import Path
 
 from ldm import cli
+from ldm.request import Control, EmbeddingSpec, InputError, LoraSpec, OutputSpec, Request
 
 PROMPT_FILE_LIMIT = 1 << 20  # --from-file is read up to 1 MiB (`--from-file /dev/zero` would read forever)
 
@@ -61,6 +62,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="condition on the text encoder's N-th last layer (default: 1, the last)",
     )
     p.add_argument("--guidance-rescale", type=float, default=0.0, help="guidance rescale phi, 0..1 (default: 0, off)")
+    p.add_argument(
+        "--cfg-end",
+        type=float,
+        default=1.0,
+        metavar="F",
+        help="CFG truncation: guidance on the first F of the steps only, none after (default: 1, every step)",
+    )
     p.add_argument("--seed", type=int, default=42, help="seed of the first image; image k gets seed + k (default: 42)")
     p.add_argument("--H", type=int, help="height in pixels (default: the model's; img2img: the init image's)")
     p.add_argument("--W", type=int, help="width in pixels (default: the model's; img2img: the init image's)")
@@ -145,17 +153,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-if __name__ == "__main__":
-    parse_args(None)  # --help and a mistyped flag answer here, before the imports below take seconds (torch, diffusers)
-
-import torch
-
-from ldm import DEFAULT_MODEL, load_pipeline
-from ldm.checkpoint import peek_config
-from ldm.config import load_config
-from ldm.outputs import control_units, embedding_facts, load_controls, lora_facts, make_images, model_facts, outpaint
-from ldm.pipeline import DTYPES, InputError, auto_dtype, check_request, engine, load_image
-from ldm.prompts import lora_tags
+# how the command line calls the request's settings, in its error messages (ldm.request.NAMES)
+NAMES = {
+    "steps": "--steps",
+    "scale": "--scale",
+    "eta": "--eta",
+    "guidance_rescale": "--guidance-rescale",
+    "cfg_end": "--cfg-end",
+    "strength": "--strength",
+    "height": "--H",
+    "width": "--W",
+    "seed": "--seed",
+    "init_image": "--init-image",
+    "mask": "--mask",
+    "outpaint": "--outpaint",
+    "mask_blur": "--mask-blur",
+    "controlnet": "--controlnet",
+    "control_preprocess": "--control-preprocess",
+    "deepcache": "--deepcache",
+    "deepcache_branch": "--deepcache-branch",
+    "n_iter": "--n-iter",
+}
 
 
 def read_prompts(args) -> list[str]:
@@ -200,23 +218,6 @@ def file_spec(value: str, flag: str, weight: bool) -> tuple[Path, float | str | 
     return Path(path), number
 
 
-def show_note(message, *_):
-    print(f"note: {message}", file=sys.stderr)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    return cli.run(lambda: generate(args))
-
-
-def generate(args) -> int:
-    with warnings.catch_warnings():
-        warnings.showwarning = show_note  # warnings (an image resized, a prompt truncated) as one-line notes
-        written = execute(args)
-    print("\n".join(map(str, written)))
-    return 0
-
-
 def check_writable(outdir: Path) -> None:
     """Fail before the model loads, not after the images, where outdir cannot be made or written: make it, write a
     temporary file into it, then remove the folders made for the check (bad input leaves nothing behind)."""
@@ -238,89 +239,140 @@ def check_writable(outdir: Path) -> None:
                 folder.rmdir()
 
 
-def execute(args) -> list[Path]:
-    """Check the input, load the model, generate and write the images; return the paths written."""
-    prompts = read_prompts(args)
-    if args.n_iter < 1:
-        raise InputError(f"--n-iter must be at least 1, got {args.n_iter}")
-    for flag, value in (
-        ("--scale", args.scale),
-        ("--eta", args.eta),
-        ("--guidance-rescale", args.guidance_rescale),
-        ("--strength", args.strength),
-    ):
-        if value is not None and not math.isfinite(value):
-            raise InputError(f"{flag} must be a finite number, got {value}")
-    for flag, value in (("--H", args.H), ("--W", args.W)):
-        if value is not None and value < 1:
-            raise InputError(f"{flag} must be a positive number of pixels, got {value}")
-    last_seed = args.seed + len(prompts) * args.n_iter * max(args.n_samples, 1) - 1
-    if not -(2**63) <= args.seed <= last_seed < 2**64:  # the range of torch.Generator.manual_seed
-        raise InputError(
-            f"--seed {args.seed}: the seeds of the images must lie in [-2**63, 2**64), the last would be {last_seed}"
-        )
-    if args.strength is not None and args.init_image is None:
-        raise InputError("--strength needs --init-image")
-    if args.init_image is not None and args.strength is None:
-        args.strength = 1.0 if args.mask is not None or args.outpaint is not None else 0.75
-    loras = [file_spec(value, "--lora", weight=True) for value in args.lora]
-    controlnets = control_units(args)
-    # A1111's <lora:NAME:W> tags: taken out of each prompt, their files found now (before loading the model)
-    tagged = {p: lora_tags(p, args.lora_dir) for p in prompts} if args.prompt_syntax == "a1111" else {}
-    embeddings = [file_spec(value, "--embedding", weight=False) for value in args.embedding]
-    init_image = load_image(args.init_image) if args.init_image else None
-    mask = load_image(args.mask, "L") if args.mask else None
-    if args.mask_blur is not None and args.outpaint is None:
-        raise InputError("--mask-blur applies to --outpaint only")
-    if args.outpaint is not None:
-        init_image, mask = outpaint(
-            args, init_image, mask, peek_config(DEFAULT_MODEL if args.ckpt is None else args.ckpt)
-        )
-    ckpt = DEFAULT_MODEL if args.ckpt is None else args.ckpt
-    check_writable(args.outdir)
-    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+def outpaint_padding(value: str | None) -> tuple[int, ...] | None:
+    """--outpaint LEFT,TOP,RIGHT,BOTTOM as whole pixels."""
+    if value is None:
+        return None
     try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        raise InputError(f"unknown --device '{args.device}'") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda, but no CUDA device is available")
-    if args.dtype == "auto":
-        args.dtype, why = auto_dtype(device)
-        print(f"note: --dtype auto: {args.dtype} ({why})", file=sys.stderr)
-    config = load_config(args.config) if args.config else None
-    model_config = config or peek_config(ckpt)
-    args.sampler, args.steps, args.scale = model_config.sampling.fill(args.sampler, args.steps, args.scale)
-    check_request(  # before loading: a request that cannot run costs no loading time
-        model_config,
-        [tagged[p][0] if p in tagged else p for p in prompts],
+        return tuple(int(number) for number in value.split(","))
+    except ValueError:
+        raise InputError(f"--outpaint takes LEFT,TOP,RIGHT,BOTTOM in whole pixels, got '{value}'") from None
+
+
+def control_units(args) -> tuple[Control, ...]:
+    """The --controlnet groups (one --control-image per --controlnet, each other setting given never or once per
+    --controlnet), in order."""
+    n = len(args.controlnet)
+    settings = {
+        "--control-image": args.control_image,
+        "--control-preprocess": args.control_preprocess,
+        "--control-scale": args.control_scale,
+        "--control-start": args.control_start,
+        "--control-end": args.control_end,
+    }
+    if not n and (any(settings.values()) or args.guess_mode or args.save_control):
+        raise InputError("the ControlNet settings need --controlnet FILE")
+    for flag, values in settings.items():
+        if len(values) != n and (values or flag == "--control-image"):
+            raise InputError(f"{flag} is given {len(values)} time(s) for {n} --controlnet: give it once for each")
+    return tuple(
+        Control(
+            path,
+            args.control_image[k],
+            args.control_preprocess[k] if args.control_preprocess else "none",
+            args.control_scale[k] if args.control_scale else 1.0,
+            args.control_start[k] if args.control_start else 0.0,
+            args.control_end[k] if args.control_end else 1.0,
+        )
+        for k, path in enumerate(args.controlnet)
+    )
+
+
+def request_of(args) -> tuple[Request, OutputSpec]:
+    """The command line as a Request and an OutputSpec, checked as far as they can be without a model (nothing
+    heavy is imported for it: a bad flag value answers at once)."""
+    request = Request(
+        tuple(read_prompts(args)),
+        negative_prompt=args.negative_prompt,
         n_samples=args.n_samples,
-        steps=args.steps,
+        seed=args.seed,
         sampler=args.sampler,
-        strength=1.0 if args.strength is None else args.strength,
-        eta=args.eta,
-        guidance_rescale=args.guidance_rescale,
+        steps=args.steps,
         scale=args.scale,
-        init_image=init_image,
-        mask=mask,
         height=args.H,
         width=args.W,
-        device=device,
-        dtype=DTYPES[args.dtype],
+        eta=args.eta,
+        guidance_rescale=args.guidance_rescale,
+        cfg_end=args.cfg_end,
+        prompt_syntax=args.prompt_syntax,
+        clip_skip=args.clip_skip,
+        init_image=args.init_image,
+        mask=args.mask,
+        strength=args.strength,
+        outpaint=outpaint_padding(args.outpaint),
+        mask_blur=args.mask_blur,
+        controls=control_units(args),
+        guess_mode=args.guess_mode,
+        loras=tuple(LoraSpec(*file_spec(value, "--lora", weight=True)) for value in args.lora),
+        embeddings=tuple(EmbeddingSpec(*file_spec(value, "--embedding", weight=False)) for value in args.embedding),
         deepcache=args.deepcache,
         deepcache_branch=args.deepcache_branch,
     )
-    dtype, quantize, precision = engine(args.backend, args.dtype, args.quantize, device, args.compile)
-    pipe = load_pipeline(ckpt, device, dtype, config, quantize, args.compile, args.backend, precision)
+    spec = OutputSpec(
+        args.outdir, args.n_iter, not args.skip_grid, not args.no_metadata, args.save_intermediates, args.save_control
+    )
+    spec.check(request, NAMES)
+    check_writable(args.outdir)
+    return request, spec
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    return cli.run(lambda: generate(args))
+
+
+def precheck(argv: list[str] | None) -> int:
+    """0 when the command line makes a request that passes the checks needing no model, else its exit code (the error
+    said by cli.run)."""
+
+    def work() -> int:
+        request_of(parse_args(argv))
+        return 0
+
+    return cli.run(work)
+
+
+if __name__ == "__main__" and (code := precheck(None)):  # --help, a bad flag or value: before the imports below
+    sys.exit(code)
+
+from ldm import DEFAULT_MODEL, load_pipeline  # noqa: E402
+from ldm.checkpoint import peek_config  # noqa: E402
+from ldm.config import load_config  # noqa: E402
+from ldm.memory import check_memory  # noqa: E402
+from ldm.outputs import make_images, model_facts  # noqa: E402
+from ldm.prompts import lora_tags  # noqa: E402
+from ldm.runtime import runtime  # noqa: E402
+
+
+def show_note(message, *_):
+    print(f"note: {message}", file=sys.stderr)
+
+
+def generate(args) -> int:
+    with warnings.catch_warnings():
+        warnings.showwarning = show_note  # warnings (an image resized, a prompt truncated) as one-line notes
+        written = execute(args)
+    print("\n".join(map(str, written)))
+    return 0
+
+
+def execute(args) -> list[Path]:
+    """Check the input, load the model, generate and write the images; return the paths written."""
+    request, spec = request_of(args)
+    # A1111's <lora:NAME:W> tags: taken out of each prompt, their files found now (before loading the model)
+    tagged = {p: lora_tags(p, args.lora_dir) for p in request.prompts} if args.prompt_syntax == "a1111" else {}
+    ckpt = DEFAULT_MODEL if args.ckpt is None else args.ckpt
+    run = runtime(args.device, args.dtype, args.quantize, args.backend, args.compile)
+    config = load_config(args.config) if args.config else None
+    model_config = config or peek_config(ckpt)
+    resolved = request.resolved(model_config, NAMES)
+    check_memory(resolved, model_config, run.device, run.options()["dtype"])  # before loading: no loading time lost
+    pipe = load_pipeline(ckpt, config=config, **run.options())
     if args.compile:
         print("note: compiling the UNet on its first call (~2-3 min on a CPU, less on a GPU)...", file=sys.stderr)
     model = model_facts(ckpt, args.ckpt is None, args.no_metadata)
-    for path, weight in loras:
-        model.setdefault("loras", []).append(lora_facts(pipe, path, weight, None, args.no_metadata))
-    for path, token in embeddings:
-        model.setdefault("embeddings", []).append(embedding_facts(pipe, path, token, args.no_metadata))
-    controls = load_controls(pipe, controlnets, model, args.no_metadata)
-    return list(make_images(pipe, args, prompts, init_image, mask, model, tagged, controls=controls))
+    model |= {"dtype": run.dtype, "device": str(run.device), "quantize": run.quantize, "backend": run.backend}
+    return list(make_images(pipe, request, spec, model, tagged))
 
 
 if __name__ == "__main__":

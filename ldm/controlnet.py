@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import math
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -42,11 +41,11 @@ from ldm.checkpoint import (
     unet_key_map,
 )
 from ldm.config import ModelConfig
+from ldm.request import Control
 from ldm.unet import UNetEncoder
 
 PREFIX = "control_model."
 HINT_CHANNELS = (16, 32, 96, 256)  # input_hint_block's widths: after its first conv and after each halving
-PREPROCESSORS = ("none", "canny")
 CANNY_THRESHOLDS = (100, 200)  # cv2.Canny's low and high hysteresis thresholds, lllyasviel's annotator defaults
 
 
@@ -156,35 +155,15 @@ def canny(image: Image.Image, thresholds: tuple[int, int] = CANNY_THRESHOLDS) ->
     return Image.fromarray(edges).convert("RGB")
 
 
-@dataclass
-class Control:
-    """One ControlNet of a generation: the network, its control image (`preprocess`: "none", the image is the map;
-    "canny": its edges), the residuals' scale and the part of the steps [start, end] (fractions) it acts on."""
-
-    net: ControlNet
-    image: Image.Image
-    preprocess: str = "none"
-    scale: float = 1.0
-    start: float = 0.0
-    end: float = 1.0
-
-    def check(self) -> None:
-        if self.preprocess not in PREPROCESSORS:
-            raise LdmError(f"unknown control preprocessing '{self.preprocess}' (known: {', '.join(PREPROCESSORS)})")
-        if not math.isfinite(self.scale):
-            raise LdmError(f"a control scale must be a finite number, got {self.scale}")
-        if not 0 <= self.start < self.end <= 1:
-            raise LdmError(f"control start and end must satisfy 0 <= start < end <= 1, got {self.start}, {self.end}")
-
-    def control_map(self, height: int, width: int) -> Image.Image:
-        """The map the ControlNet sees: the image resized to the output size (Lanczos, as diffusers; with a
-        warning when the size changes), then preprocessed."""
-        image = self.image.convert("RGB")
-        if image.size != (width, height):
-            size = f"{image.width}x{image.height}"
-            warnings.warn(f"control image resized from {size} to {width}x{height} (the output size)")
-            image = image.resize((width, height), Image.LANCZOS)
-        return canny(image) if self.preprocess == "canny" else image
+def control_map(control: Control, height: int, width: int) -> Image.Image:
+    """The map a ControlNet sees: its control image resized to the output size (Lanczos, as diffusers; with a warning
+    when the size changes), then preprocessed."""
+    image = control.image.convert("RGB")
+    if image.size != (width, height):
+        size = f"{image.width}x{image.height}"
+        warnings.warn(f"control image resized from {size} to {width}x{height} (the output size)")
+        image = image.resize((width, height), Image.LANCZOS)
+    return canny(image) if control.preprocess == "canny" else image
 
 
 def control_residuals(

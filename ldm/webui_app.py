@@ -4,7 +4,6 @@ as txt2img.py's does."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import queue
 import random
@@ -12,7 +11,6 @@ import threading
 from pathlib import Path
 
 import gradio as gr
-import torch
 from PIL import Image, ImageFilter
 
 from ldm import DEFAULT_MODEL, LdmError, load_pipeline
@@ -20,18 +18,11 @@ from ldm.cli import CONTROL_PREPROCESS_NAMES, SAMPLER_NAMES, SYNTAX_NAMES
 from ldm.config import ModelConfig
 from ldm.controlnet import canny
 from ldm.explorer import forward_process, reverse_process, step_view
-from ldm.outputs import (
-    control_units,
-    embedding_facts,
-    load_controls,
-    make_images,
-    model_facts,
-    next_number,
-    outpaint,
-    save_png,
-)
-from ldm.pipeline import load_image, to_pil
+from ldm.images import load_image, to_pil
+from ldm.outputs import make_images, model_facts, next_number, save_png
 from ldm.prompts import LORA_SUFFIXES, lora_tags
+from ldm.request import Control, EmbeddingSpec, OutputSpec, Request
+from ldm.runtime import runtime
 
 CSS = "img { image-rendering: pixelated; }"  # the embedded model's 32x32 images, shown large without blur
 FIELDS = (
@@ -47,6 +38,7 @@ FIELDS = (
     "batch_size",
     "eta",
     "guidance_rescale",
+    "cfg_end",
     "clip_skip",
     "prompt_syntax",
 )
@@ -57,18 +49,21 @@ class Interrupted(Exception):
 
 
 class Session:
-    """The model being served, what its PNGs say of it (model_facts, with embeddings once added), and the stop flag."""
+    """The model being served, what its PNGs say of it and of the run (model_facts, device, dtype...), the embeddings
+    added with the picker (every request carries them), and the stop flag."""
 
     def __init__(self, args):
         self.args = args
-        self.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.runtime = runtime(args.device)
         self.stop = threading.Event()
         self.load(args.ckpt)
 
     def load(self, ckpt: Path | None) -> None:
-        path = DEFAULT_MODEL if ckpt is None else Path(ckpt)
-        self.pipe = load_pipeline(path, self.device)
+        path, run = DEFAULT_MODEL if ckpt is None else Path(ckpt), self.runtime
+        self.pipe = load_pipeline(path, **run.options())
         self.ckpt, self.model = ckpt, model_facts(path, ckpt is None)
+        self.model |= {"dtype": run.dtype, "device": str(run.device), "quantize": run.quantize, "backend": run.backend}
+        self.embeddings: list[EmbeddingSpec] = []
 
     def models(self) -> list[str]:
         """The embedded model and the checkpoints in --models-dir: single files and diffusers folders."""
@@ -86,51 +81,69 @@ EMBEDDED = "ldm-emoji (embedded)"
 
 
 CONTROLNET_SUFFIXES = (".safetensors", ".pth", ".ckpt")
-CONTROL_SETTINGS = {"control_preprocess": str, "control_scale": float, "control_start": float, "control_end": float}
+# how the page calls the request's settings, in its error messages (ldm.request.NAMES)
+NAMES = {
+    "steps": "Steps",
+    "scale": "CFG scale",
+    "eta": "DDIM eta",
+    "guidance_rescale": "Guidance rescale",
+    "cfg_end": "CFG end",
+    "strength": "Strength",
+    "height": "Height",
+    "width": "Width",
+    "seed": "Seed",
+    "init_image": "an image",
+    "mask": "a mask",
+    "outpaint": "Outpainting",
+    "mask_blur": "Mask blur",
+    "controlnet": "ControlNet",
+    "control_preprocess": "Preprocess",
+    "n_iter": "Batch count",
+}
 
 
-def run_args(session: Session, values: dict, init_image, mask, strength) -> argparse.Namespace:
-    """The arguments txt2img.py would have for these page values (what make_images and control_units read)."""
+def request_of(
+    session: Session, values: dict, init_image=None, mask=None, strength=None, padding=None, mask_blur=None
+) -> tuple[Request, OutputSpec]:
+    """The Request and OutputSpec of these page values (init_image, mask: files; padding, mask_blur: outpainting's),
+    checked in the page's words."""
     seed = int(values["seed"])
     net, control_image = values.get("controlnet"), values.get("control_image")
     if net and not control_image:
         raise LdmError("a ControlNet needs a control image: upload one")
-    control = {key: [kind(values[key])] if net else [] for key, kind in CONTROL_SETTINGS.items()}  # a unit, or none
-    return argparse.Namespace(
+    controls = ()
+    if net:
+        settings = [float(values[key]) for key in ("control_scale", "control_start", "control_end")]
+        path = session.args.models_dir / "ControlNet" / net
+        controls = (Control(path, Path(control_image), values["control_preprocess"], *settings),)
+    request = Request(
+        (values["prompt"],),
         negative_prompt=values["negative_prompt"],
+        n_samples=int(values["batch_size"]),
+        seed=random.randrange(2**32) if seed == -1 else seed,
+        sampler=values["sampler"],
         steps=int(values["steps"]),
         scale=float(values["scale"]),
-        sampler=values["sampler"],
-        H=None if values.get("height") is None else int(values["height"]),
-        W=None if values.get("width") is None else int(values["width"]),
+        height=None if values.get("height") is None else int(values["height"]),
+        width=None if values.get("width") is None else int(values["width"]),
         eta=float(values["eta"]),
-        n_samples=int(values["batch_size"]),
-        n_iter=int(values["batch_count"]),
         guidance_rescale=float(values["guidance_rescale"]),
+        cfg_end=float(values["cfg_end"]),
         prompt_syntax=values["prompt_syntax"],
         clip_skip=int(values["clip_skip"]),
-        deepcache=None,
-        deepcache_branch=0,
-        outpaint=None,
-        mask_blur=None,
-        controlnet=[str(session.args.models_dir / "ControlNet" / net)] if net else [],
-        control_image=[Path(control_image)] if net else [],
-        **control,
-        guess_mode=bool(net and values["guess_mode"]),
-        save_control=False,
-        seed=random.randrange(2**32) if seed == -1 else seed,
-        dtype="fp32",
-        device=session.device,
-        quantize=None,
-        backend="torch",
         init_image=init_image,
         mask=mask,
         strength=strength,
-        outdir=session.args.outdir,
-        no_metadata=False,
-        save_intermediates=False,
-        skip_grid=False,
+        outpaint=None if padding is None else tuple(int(p) for p in padding),
+        mask_blur=None if padding is None else int(mask_blur),
+        controls=controls,
+        guess_mode=bool(net and values["guess_mode"]),
+        embeddings=tuple(session.embeddings),
     )
+    spec = OutputSpec(session.args.outdir, int(values["batch_count"]))
+    spec.check(request, NAMES)
+    request.resolved(session.pipe.cfg, NAMES)
+    return request, spec
 
 
 def generate(
@@ -140,21 +153,20 @@ def generate(
     init_image: a file; mask: a file, or a PIL image (drawn); mask_blur: A1111's, a Gaussian blur radius in pixels;
     padding: outpaint init_image by (left, top, right, bottom) pixels, its mask feathered over mask_blur pixels."""
     session.stop.clear()
-    prompt, mask_file, model = values["prompt"], mask, dict(session.model)
+    prompt, mask_file = values["prompt"], mask
     try:
-        image = load_image(init_image) if init_image else None
         if isinstance(mask, (str, Path)):
             mask = load_image(mask, "L")
         if mask is not None and (mask_blur or mask_file is None):  # the mask used, beside the images for the PNGs
             mask = mask.filter(ImageFilter.GaussianBlur(mask_blur))
             folder = session.args.outdir / "masks"
             mask_file = save_png(mask, folder / f"{next_number(folder):05}-mask.png", None)
-        args = run_args(session, values, init_image, None if mask is None else str(mask_file), strength)
-        if padding is not None:  # as txt2img.py --outpaint LEFT,TOP,RIGHT,BOTTOM --mask-blur N
-            args.outpaint, args.mask_blur = ",".join(map(str, padding)), int(mask_blur)
-            image, mask = outpaint(args, image, None, session.pipe.cfg)
-        tagged = {prompt: lora_tags(prompt, session.args.models_dir / "Lora")} if args.prompt_syntax == "a1111" else {}
-        controls = load_controls(session.pipe, control_units(args), model, args.no_metadata)
+        mask_file = None if mask is None else str(mask_file)
+        outpaint = {"padding": padding, "mask_blur": mask_blur} if padding is not None else {}
+        request, spec = request_of(session, values, init_image or None, mask_file, strength, **outpaint)
+        tagged = (
+            {prompt: lora_tags(prompt, session.args.models_dir / "Lora")} if request.prompt_syntax == "a1111" else {}
+        )
     except LdmError as e:
         raise gr.Error(str(e), print_exception=False) from None
     every, events = int(values["preview_every"]), queue.Queue()
@@ -167,7 +179,7 @@ def generate(
 
     def work():
         try:
-            for path in make_images(session.pipe, args, [prompt], image, mask, model, tagged, callback, controls):
+            for path in make_images(session.pipe, request, spec, session.model, tagged, callback):
                 events.put(("image", path))
         except Interrupted:
             events.put(("interrupted",))
@@ -184,7 +196,7 @@ def generate(
         if event[0] == "step":
             _, i, steps, picture = event
             batch += i == 1
-            progress((i, steps), desc=f"batch {batch} of {args.n_iter}: step {i}/{steps}", unit="steps")
+            progress((i, steps), desc=f"batch {batch} of {spec.n_iter}: step {i}/{steps}", unit="steps")
             if picture is None:
                 continue
             preview = picture
@@ -230,6 +242,7 @@ def settings(prefix: str, cfg: ModelConfig, size: bool = True) -> dict:
         with gr.Row():
             c["eta"] = gr.Number(0.0, label="DDIM eta", elem_id=f"{prefix}-eta")
             c["guidance_rescale"] = gr.Slider(0, 1, value=0, step=0.05, label="Guidance rescale")
+            c["cfg_end"] = gr.Slider(0, 1, value=1, step=0.05, label="CFG end (guided fraction of the steps)")
             c["clip_skip"] = gr.Number(1, precision=0, label="Clip skip", elem_id=f"{prefix}-clip-skip")
             c["prompt_syntax"] = gr.Radio(list(SYNTAX_NAMES), value="a1111", label="Prompt syntax")
             c["preview_every"] = gr.Number(5, precision=0, label="Preview every N steps (0: none)")
@@ -246,14 +259,13 @@ def pickers(session: Session, prompt) -> None:
         if not name:
             return text
         path = session.args.models_dir / "embeddings" / name
-        known = {e["file"]: e["token"] for e in session.model.get("embeddings", [])}
+        known = {e["file"]: e["tokens"][0] for e in session.pipe.textual_inversions}
         if str(path) not in known:
             try:
-                facts = embedding_facts(session.pipe, path, None, False)
+                known[str(path)] = session.pipe.load_embedding(path)[0]
             except LdmError as e:
                 raise gr.Error(str(e), print_exception=False) from None
-            session.model.setdefault("embeddings", []).append(facts)
-            known[str(path)] = facts["token"]
+            session.embeddings.append(EmbeddingSpec(path))
         word = known[str(path)] if weight == 1 else f"({known[str(path)]}:{weight:g})"
         return f"{text} {word}".strip()
 
@@ -392,7 +404,7 @@ def send_to_txt2img(facts: dict | None, fields: dict) -> dict:
     return {fields[key]: value for key, value in values.items()}
 
 
-FIELD_DEFAULTS = {"eta": 0.0, "guidance_rescale": 0.0, "clip_skip": 1, "prompt_syntax": "a1111"}
+FIELD_DEFAULTS = {"eta": 0.0, "guidance_rescale": 0.0, "cfg_end": 1.0, "clip_skip": 1, "prompt_syntax": "a1111"}
 
 
 def guard(fn):

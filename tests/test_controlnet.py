@@ -38,8 +38,9 @@ from conftest import (
 )
 from ldm import LdmError
 from ldm.checkpoint import CheckpointError, diffusers_configs, save_diffusers_folder, save_single_file
-from ldm.controlnet import CANNY_THRESHOLDS, Control, ControlNet, canny, load_controlnet, save_controlnet
+from ldm.controlnet import CANNY_THRESHOLDS, ControlNet, canny, control_map, load_controlnet, save_controlnet
 from ldm.pipeline import Pipeline
+from ldm.request import Control
 from ldm.samplers import make_scheduler
 from ldm.unet import UNetModel
 
@@ -351,7 +352,7 @@ def test_the_unet_is_the_encoder_plus_its_decoder(tiny_cfg):
 def test_canny_is_opencvs_with_the_stated_thresholds(setup):
     image = smooth_image(5, 40, 40).resize((SIZE, SIZE), Image.NEAREST)  # blocky: sharp edges
     control = Control(setup[1][0], image, preprocess="canny")
-    edges = np.asarray(control.control_map(SIZE, SIZE))
+    edges = np.asarray(control_map(control, SIZE, SIZE))
     expected = cv2_canny(image)
     assert CANNY_THRESHOLDS == (100, 200) and edges.shape == (SIZE, SIZE, 3)
     assert np.array_equal(edges[..., 0], expected) and 0 < (expected > 0).mean() < 0.5

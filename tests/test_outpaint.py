@@ -9,7 +9,8 @@ from PIL import Image
 
 from conftest import PROMPT, a1111, cli, pixels, tiny_model
 from ldm.checkpoint import save_single_file
-from ldm.pipeline import InputError, Pipeline, outpaint_canvas
+from ldm.images import outpaint_canvas
+from ldm.pipeline import InputError, Pipeline
 
 
 def smooth(width: int, height: int, seed: int = 0) -> Image.Image:

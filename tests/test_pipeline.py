@@ -321,8 +321,8 @@ def test_deepcache_1_is_no_caching_and_n_runs_the_whole_unet_every_nth_call(
         kwargs |= {"init_image": init_image, "strength": 0.7 if mode == "img2img" else 1.0}
     if mode == "inpaint":
         kwargs["mask"] = mask
-    plain, plain_trajectory = ours_run(pipe, seed=4, n=2, mode="generate", **kwargs)
-    same, trajectory = ours_run(pipe, seed=4, n=2, mode="generate", deepcache=1, **kwargs)
+    plain, plain_trajectory = ours_run(pipe, seed=4, n=2, mode="txt2img", **kwargs)
+    same, trajectory = ours_run(pipe, seed=4, n=2, mode="txt2img", deepcache=1, **kwargs)
     assert np.array_equal(pixels(plain), pixels(same))
     assert all(torch.equal(a, b) for a, b in zip(plain_trajectory, trajectory, strict=True))
     calls, whole = [], []
@@ -330,7 +330,7 @@ def test_deepcache_1_is_no_caching_and_n_runs_the_whole_unet_every_nth_call(
         pipe.unet.register_forward_hook(lambda *_: calls.append(1)),
         pipe.unet.middle_block.register_forward_hook(lambda *_: whole.append(1)),
     ]
-    _, cached = ours_run(pipe, seed=4, n=2, mode="generate", deepcache=3, **kwargs)
+    _, cached = ours_run(pipe, seed=4, n=2, mode="txt2img", deepcache=3, **kwargs)
     for hook in hooks:
         hook.remove()
     assert len(calls) >= 4 and len(whole) == (len(calls) + 2) // 3  # img2img at strength 0.7: 4 steps
@@ -340,7 +340,7 @@ def test_deepcache_1_is_no_caching_and_n_runs_the_whole_unet_every_nth_call(
 @pytest.mark.parametrize("kwargs, message", [({"deepcache": 0}, "at least 1"), ({"deepcache_branch": 6}, "0 to 5")])
 def test_bad_deepcache_settings_are_clear_errors(models, kwargs, message):
     with pytest.raises(InputError, match=message):
-        models[4][0].generate(PROMPT, steps=2, progress=False, **kwargs)
+        models[4][0].txt2img(PROMPT, steps=2, progress=False, **kwargs)
 
 
 @pytest.mark.parametrize("mode, sampler", [("txt2img", "euler_a"), ("inpaint", "ddim")])
@@ -354,13 +354,13 @@ def test_sub_batches_make_the_images_of_separate_calls(models, init_image, mask,
     kwargs = {"steps": 3, "progress": False, "sampler": sampler} | ({"eta": 0.5} if sampler == "ddim" else {})
     if mode == "inpaint":
         kwargs |= {"init_image": init_image, "mask": mask}
-    images = pixels(pipe.generate([PROMPT, "a blue car"], seed=10, n_samples=3, **kwargs))
+    images = pixels(pipe.txt2img([PROMPT, "a blue car"], seed=10, n_samples=3, **kwargs))
     handle.remove()
     assert calls == [4] * 9  # 3 sub-batches of 2 images (with their unconditional halves), 3 steps each
     alone = [
-        pipe.generate(PROMPT, seed=10, n_samples=2, **kwargs),
-        pipe.generate([PROMPT, "a blue car"], seed=12, **kwargs),
-        pipe.generate("a blue car", seed=14, n_samples=2, **kwargs),
+        pipe.txt2img(PROMPT, seed=10, n_samples=2, **kwargs),
+        pipe.txt2img([PROMPT, "a blue car"], seed=12, **kwargs),
+        pipe.txt2img("a blue car", seed=14, n_samples=2, **kwargs),
     ]
     assert np.array_equal(images, pixels([image for batch in alone for image in batch]))
     assert np.abs(images[0] - images[3]).mean() > 1  # other prompts, other images
@@ -446,4 +446,4 @@ def test_openvino_fp32_backend_gives_the_torch_image(models, tmp_path, monkeypat
     ours_run(ov, seed=1, n=1, steps=1)
     assert capsys.readouterr().err.count("note: converting the unet") == 1
     with pytest.raises(InputError, match="deepcache runs on the torch UNet"):
-        ov.generate(PROMPT, steps=2, deepcache=2, progress=False)
+        ov.txt2img(PROMPT, steps=2, deepcache=2, progress=False)

@@ -1,0 +1,80 @@
+"""The denoiser: (x, t, step) -> the guided noise prediction the sampler steps with, for one sub-batch.
+
+    residuals = sum over the ControlNets acting at this step      (ldm.controlnet.control_residuals)
+    e_u, e_c  = UNet([x, x], t, [c_neg, c], residuals)            cond and uncond in one batched call (or OpenVINO)
+    e         = e_u + s (e_c - e_u)                               classifier-free guidance (Ho & Salimans 2022, eq. 6)
+    e         = phi e std(e_c) / std(e) + (1 - phi) e             guidance rescale (Lin et al. 2024, eq. 15-16)
+
+CFG truncation: guidance runs on steps 0 .. int(N * cfg_end) of the N steps, and after them the UNet sees the
+conditional half alone (e = e_c), as diffusers' "dynamic classifier-free guidance" callback does (it keeps
+prompt_embeds.chunk(2)[-1] and sets the guidance scale to 0 at the end of step int(N * cfg_end)). DeepCache
+(ldm.unet.DeepCache) caches the UNet's deep features between its full calls; the guidance's end halves the batch,
+so the cache starts again there.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from ldm.conditioning import Conditioning
+from ldm.controlnet import control_residuals
+from ldm.request import Control
+from ldm.unet import DeepCache
+
+
+class Denoiser:
+    """unet(x, t, context, **extra): the torch UNet (extra: control residuals, a DeepCache) or a stand-in taking
+    (x, t, context) only (the OpenVINO backend); steps: N, the steps of the run; unet_input: the mode's (the 9-channel
+    inpainting UNet's input); controls with loaded nets and their hints (1, 3, H, W) in [0, 1]; learn_sigma: the
+    UNet also predicts a variance, which stays the conditional branch's (as DiT samples)."""
+
+    def __init__(
+        self,
+        unet: Callable,
+        conditioning: Conditioning,
+        scale: float,
+        steps: int,
+        guidance_rescale: float = 0.0,
+        cfg_end: float = 1.0,
+        unet_input: Callable[[torch.Tensor], torch.Tensor] = lambda x: x,
+        controls: tuple[Control, ...] = (),
+        hints: list[torch.Tensor] = (),
+        guess_mode: bool = False,
+        deepcache: tuple[int, int] | None = None,
+        learn_sigma: bool = False,
+    ):
+        self.unet, self.conditioning, self.scale, self.steps = unet, conditioning, scale, steps
+        self.rescale, self.unet_input, self.learn_sigma = guidance_rescale, unet_input, learn_sigma
+        self.controls, self.hints, self.guess_mode = controls, hints, guess_mode
+        self.last_guided = int(steps * cfg_end) if conditioning.guided else -1
+        self.deepcache = deepcache
+        self.cache = DeepCache(*deepcache) if deepcache else None
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, step: int) -> torch.Tensor:
+        """The noise prediction for latents x (the sampler's scaled input) at timestep t, step `step` (0-based)."""
+        context = self.conditioning.context(step)
+        guided = step <= self.last_guided
+        if self.conditioning.guided and not guided:  # past cfg_end: the conditional half alone
+            context = context.chunk(2)[1]
+            if step == self.last_guided + 1 and self.deepcache:
+                self.cache = DeepCache(*self.deepcache)
+        residuals = None
+        if self.controls:
+            residuals = control_residuals(self.controls, self.hints, x, t, step, self.steps, context, self.guess_mode)
+        # only what is set, so that a UNet stand-in taking (x, t, context) still works
+        extra = {k: v for k, v in (("control", residuals), ("cache", self.cache)) if v is not None}
+        x = self.unet_input(x)
+        if not guided:
+            return self.unet(x, t, context, **extra)
+        e_uncond, e_cond = self.unet(torch.cat([x, x]), t, context, **extra).chunk(2)
+        variance = None
+        if self.learn_sigma:  # guide the prediction; the variance is the conditional branch's (as DiT samples)
+            (e_uncond, _), (e_cond, variance) = e_uncond.chunk(2, dim=1), e_cond.chunk(2, dim=1)
+        e = e_uncond + self.scale * (e_cond - e_uncond)
+        if self.rescale:
+            # guidance rescale (Lin et al. 2024, eq. 15-16): e_r = e * std(e_cond) / std(e); e = phi e_r + (1 - phi) e
+            e_rescaled = e * (e_cond.std(dim=(1, 2, 3), keepdim=True) / e.std(dim=(1, 2, 3), keepdim=True))
+            e = self.rescale * e_rescaled + (1 - self.rescale) * e
+        return e if variance is None else torch.cat([e, variance], dim=1)

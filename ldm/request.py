@@ -1,0 +1,312 @@
+"""A generation request: every setting of one call, as the frozen `Request` that txt2img.py, the web page and the
+coming REST API build and `Pipeline.generate` takes; beside it the `OutputSpec` of a run's PNGs (ldm.outputs).
+
+    request = Request("a red apple", seed=3, cfg_end=0.8)
+    request.check(names)            # the rules that need no model: before any heavy import (a CLI answers at once)
+    request = request.resolved(cfg) # images read, the model's rules, its defaults filled (sampler, steps, size...)
+
+Every rule of a request lives here, once; a front end passes `names`, how it calls each setting ("--init-image"
+on the command line, "Image" on the web page), so the same rule speaks each front end's words. Settings left None
+are decided by the model (cfg.sampling, its image size) or by the mode (strength), in `resolved` alone.
+
+This module imports no torch (nor diffusers, transformers): `resolved` imports the model-side helpers it needs
+(ldm.images, ldm.samplers, ldm.unet) when called, after the command line's fast checks.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from ldm import LdmError
+
+CONTROL_PREPROCESSORS = ("none", "canny")  # "none": the control image is the map; "canny": its edges (OpenCV)
+SEEDS = (-(2**63), 2**64)  # the range of torch.Generator.manual_seed
+MASK_BLUR = 4  # outpainting's default feathered border, pixels
+IMG2IMG_STRENGTH = 0.75  # the default strength with an init image and no mask (inpainting, outpainting: 1)
+
+# how the library's messages call the settings; a front end passes its own words for those it names otherwise
+NAMES = {
+    "steps": "steps",
+    "scale": "scale",
+    "eta": "eta",
+    "guidance_rescale": "guidance rescale",
+    "cfg_end": "cfg end",
+    "strength": "strength",
+    "height": "height",
+    "width": "width",
+    "seed": "seed",
+    "init_image": "init image",
+    "mask": "mask",
+    "outpaint": "outpainting",
+    "mask_blur": "mask blur",
+    "controlnet": "ControlNet",
+    "control_preprocess": "control preprocessing",
+    "deepcache": "deepcache",
+    "deepcache_branch": "deepcache branch",
+}
+
+
+class InputError(LdmError):
+    """Bad generation input (image, mask, size, strength, sampler...); the message says which and why."""
+
+
+@dataclass(frozen=True)
+class Control:
+    """One ControlNet of a request: the net (a file or diffusers folder, or a loaded ldm.controlnet.ControlNet), its
+    control image (a PIL image or a file; `preprocess` "none": the image is the map, "canny": its edges), the
+    residuals' scale and the part of the steps [start, end] (fractions) it acts on."""
+
+    net: Any
+    image: Image.Image | str | Path
+    preprocess: str = "none"
+    scale: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """A LoRA merged for a request: W += weight * alpha / rank * up @ down (the text encoder's layers at te_weight
+    when given)."""
+
+    file: str | Path
+    weight: float = 1.0
+    te_weight: float | None = None
+
+
+@dataclass(frozen=True)
+class EmbeddingSpec:
+    """A textual-inversion embedding for a request, its trigger word `token` (None: the file's, else its stem)."""
+
+    file: str | Path
+    token: str | None = None
+
+
+@dataclass(frozen=True)
+class Request:
+    """n_samples images per prompt (prompt-major order); image i uses a CPU generator seeded seed + i.
+
+    init_image: img2img, or inpainting with `mask` (white = repaint, grey = partly; the size of init_image), or
+    outpainting with `outpaint` = (left, top, right, bottom) pixels, the new area's mask feathered over mask_blur
+    pixels. strength in (0, 1]: the fraction of the steps run from init_image (1: start from pure noise).
+    sampler, steps, scale: None, the model's (cfg.sampling). scale: classifier-free guidance scale (1: none).
+    guidance_rescale: phi of Lin et al. 2024 (0: off). cfg_end: guidance on steps 0 .. int(N * cfg_end) of the N
+    steps run, none after (1: on every step). eta: DDIM's stochasticity (ddim only).
+    height, width: None, the model's image size (img2img: the init image's, rounded down to the VAE factor).
+    prompt_syntax: "a1111" (weights, BREAK) or "plain"; clip_skip: the text encoder's layer, from the end.
+    controls: ControlNets, their residuals summed; guess_mode: they see the conditional half only, scaled 0.1..1.
+    loras, embeddings: the LoRAs and textual inversions the weights carry for this request.
+    deepcache N: the whole UNet every N-th call only (ldm.unet.DeepCache), the shallow branch deepcache_branch
+    between.
+    """
+
+    prompts: tuple[str, ...]
+    negative_prompt: str = ""
+    n_samples: int = 1
+    seed: int = 0
+    sampler: str | None = None
+    steps: int | None = None
+    scale: float | None = None
+    height: int | None = None
+    width: int | None = None
+    eta: float = 0.0
+    guidance_rescale: float = 0.0
+    cfg_end: float = 1.0
+    prompt_syntax: str = "a1111"
+    clip_skip: int = 1
+    init_image: Image.Image | str | Path | None = None
+    mask: Image.Image | str | Path | None = None
+    strength: float | None = None
+    outpaint: tuple[int, int, int, int] | None = None
+    mask_blur: int | None = None
+    controls: tuple[Control, ...] = ()
+    guess_mode: bool = False
+    loras: tuple[LoraSpec, ...] = ()
+    embeddings: tuple[EmbeddingSpec, ...] = ()
+    deepcache: int | None = None
+    deepcache_branch: int = 0
+
+    def __post_init__(self):
+        prompts = (self.prompts,) if isinstance(self.prompts, str) else self.prompts
+        for name, value in (("prompts", prompts), ("controls", self.controls), ("loras", self.loras)):
+            object.__setattr__(self, name, tuple(value))
+        object.__setattr__(self, "embeddings", tuple(self.embeddings))
+        if self.outpaint is not None:
+            object.__setattr__(self, "outpaint", tuple(self.outpaint))
+
+    @property
+    def mode(self) -> str:
+        """txt2img, img2img, inpaint or outpaint."""
+        if self.init_image is None:
+            return "txt2img"
+        return "outpaint" if self.outpaint is not None else "img2img" if self.mask is None else "inpaint"
+
+    @property
+    def guided(self) -> bool:
+        """Classifier-free guidance on (scale != 1; the model's scale when None)."""
+        return self.scale != 1
+
+    def check(self, names: dict[str, str] | None = None) -> None:
+        """The rules that need no model and read no file: InputError in the front end's words (names)."""
+        n = NAMES | (names or {})
+        if not self.prompts or self.n_samples < 1:
+            raise InputError("nothing to generate: give at least one prompt and n_samples >= 1")
+        for key in ("scale", "eta", "guidance_rescale", "cfg_end", "strength"):
+            value = getattr(self, key)
+            if value is not None and not math.isfinite(value):
+                raise InputError(f"{n[key]} must be a finite number, got {value}")
+        for key in ("height", "width"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                raise InputError(f"{n[key]} must be a positive number of pixels, got {getattr(self, key)}")
+        if self.steps is not None and self.steps < 1:
+            raise InputError(f"{n['steps']} must be at least 1, got {self.steps}")
+        last = self.seed + len(self.prompts) * self.n_samples - 1
+        if not SEEDS[0] <= self.seed <= last < SEEDS[1]:
+            seeds = "the seeds of the images must lie in [-2**63, 2**64)"
+            raise InputError(f"{n['seed']} {self.seed}: {seeds}, the last would be {last}")
+        if not 0 <= self.guidance_rescale <= 1:
+            raise InputError(f"guidance rescale must be in [0, 1], got {self.guidance_rescale}")
+        if not 0 <= self.cfg_end <= 1:
+            raise InputError(f"{n['cfg_end']} must be in [0, 1] (the fraction of the steps guided), got {self.cfg_end}")
+        if self.deepcache is not None and self.deepcache < 1:
+            raise InputError(
+                f"{n['deepcache']} (a full UNet call every N calls) must be at least 1, got {self.deepcache}"
+            )
+        self.check_images(n)
+        for control in self.controls:
+            check_control(control, n)
+
+    def check_images(self, n: dict[str, str]) -> None:
+        """The rules of the init image, mask, strength and outpainting that need no file read."""
+        if self.strength is not None and self.init_image is None:
+            raise InputError(f"{n['strength']} needs {n['init_image']}")
+        if self.strength is not None and not 0 < self.strength <= 1:
+            raise InputError(f"{n['strength']} must be in (0, 1], got {self.strength}")
+        if self.mask is not None and self.init_image is None and self.outpaint is None:
+            raise InputError(f"{n['mask']} needs {n['init_image']} to inpaint")
+        if self.mask_blur is not None and self.outpaint is None:
+            raise InputError(f"{n['mask_blur']} applies to {n['outpaint']} only")
+        if self.outpaint is None:
+            return
+        if self.init_image is None or self.mask is not None:
+            raise InputError(f"{n['outpaint']} needs {n['init_image']} (the picture to extend) and no {n['mask']}")
+        padding = self.outpaint
+        if len(padding) != 4 or any(not isinstance(p, int) or p < 0 for p in padding) or not any(padding):
+            raise InputError(f"outpainting needs 4 non-negative whole numbers of pixels, not all 0, got {padding}")
+        if self.mask_blur is not None and self.mask_blur < 0:
+            raise InputError(f"mask blur must be >= 0 pixels, got {self.mask_blur}")
+
+    def resolved(self, cfg, names: dict[str, str] | None = None) -> Request:
+        """This request for the model of `cfg` (a ModelConfig), checked: image files read (PIL images), the model's
+        rules, and every default filled (sampler, steps, scale, strength, mask blur, size; outpainting's padding
+        rounded to the VAE factor). Resolving a resolved request changes nothing."""
+        from ldm.images import load_image, outpaint_padding
+        from ldm.samplers import check_sampler
+        from ldm.unet import skip_branches
+
+        self.check(names)
+        n = NAMES | (names or {})
+        sampler, steps, scale = cfg.sampling.fill(self.sampler, self.steps, self.scale)
+        check_sampler(sampler, cfg, InputError)
+        if steps > cfg.timesteps:
+            limit = f"this model has {cfg.timesteps} diffusion timesteps, so at most that many steps"
+            raise InputError(f"{n['steps']} {steps}: {limit}")
+        if self.eta < 0 or self.eta and sampler != "ddim":
+            raise InputError(
+                f"{n['eta']} applies to the ddim sampler only and must be >= 0, got {self.eta} with {sampler}"
+            )
+        strength = self.strength
+        if strength is None:
+            strength = IMG2IMG_STRENGTH if self.mode == "img2img" else 1.0
+        if int(steps * strength) < 1:
+            raise InputError(
+                f"strength {strength} with {steps} steps leaves no denoising step (raise strength or steps)"
+            )
+        if not 0 <= self.deepcache_branch < skip_branches(cfg.unet):
+            last = skip_branches(cfg.unet) - 1
+            raise InputError(
+                f"{n['deepcache_branch']} must be from 0 to {last} (this UNet's skips), got {self.deepcache_branch}"
+            )
+        init_image = self.init_image if self.init_image is None else image_of(self.init_image, "RGB", load_image)
+        mask = self.mask if self.mask is None else image_of(self.mask, "L", load_image)
+        if mask is not None and mask.size != init_image.size:
+            image = init_image
+            raise InputError(f"the mask is {mask.width}x{mask.height} but the image is {image.width}x{image.height}")
+        if cfg.unet.in_channels == 2 * cfg.vae.embed_dim + 1 and mask is None and self.outpaint is None:
+            raise InputError("this is an inpainting model (9-channel UNet): give an init image and a mask")
+        f, padding = cfg.vae.factor, self.outpaint
+        size = None if init_image is None else init_image.size  # img2img's, or outpainting's canvas's
+        if padding is not None:
+            padding = outpaint_padding(size, padding, f)
+            size = (size[0] + padding[0] + padding[2], size[1] + padding[1] + padding[3])
+        if size is None:
+            height, width = self.height or cfg.image_size * f, self.width or cfg.image_size * f
+        else:
+            width, height = self.width or size[0] // f * f, self.height or size[1] // f * f
+        if height <= 0 or width <= 0 or height % f or width % f:
+            raise InputError(
+                f"{n['height']} and {n['width']} must be positive multiples of {f} for this model, got {width}x{height}"
+            )
+        controls = tuple(replace(c, image=image_of(c.image, "RGB", load_image)) for c in self.controls)
+        return replace(
+            self,
+            sampler=sampler,
+            steps=steps,
+            scale=scale,
+            strength=strength if self.init_image is not None else None,
+            height=height,
+            width=width,
+            init_image=init_image,
+            mask=mask,
+            outpaint=padding,
+            mask_blur=MASK_BLUR if padding is not None and self.mask_blur is None else self.mask_blur,
+            controls=controls,
+        )
+
+
+def image_of(image: Image.Image | str | Path, mode: str, load_image) -> Image.Image:
+    """A request's image as a PIL image in `mode`: a file read by load_image, or the PIL image converted."""
+    return load_image(image, mode) if isinstance(image, (str, Path)) else image.convert(mode)
+
+
+def check_control(control: Control, n: dict[str, str]) -> None:
+    """The rules of one ControlNet unit: its preprocessing (and OpenCV for canny), scale, start and end, its file."""
+    if control.preprocess not in CONTROL_PREPROCESSORS:
+        known = ", ".join(CONTROL_PREPROCESSORS)
+        raise InputError(f"unknown control preprocessing '{control.preprocess}' (known: {known})")
+    if control.preprocess == "canny" and importlib.util.find_spec("cv2") is None:
+        raise InputError(f"{n['control_preprocess']} canny needs OpenCV: pip install 'ldm[controlnet]'")
+    if not math.isfinite(control.scale):
+        raise InputError(f"a control scale must be a finite number, got {control.scale}")
+    if not 0 <= control.start < control.end <= 1:
+        raise InputError(
+            f"control start and end must satisfy 0 <= start < end <= 1, got {control.start}, {control.end}"
+        )
+    if isinstance(control.net, (str, Path)) and not Path(control.net).exists():
+        raise InputError(f"{n['controlnet']} {control.net}: no such file or folder")
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    """Where and how a run's images are written: n_iter requests per prompt (the seed going on), a grid of them
+    (one row per request) when there is more than one image, the parameters in each PNG (metadata), a strip of each
+    image's denoising trajectory (intermediates) and the control maps used (control_maps)."""
+
+    outdir: Path
+    n_iter: int = 1
+    grid: bool = True
+    metadata: bool = True
+    intermediates: bool = False
+    control_maps: bool = False
+
+    def check(self, request: Request, names: dict[str, str] | None = None) -> None:
+        """InputError (in the front end's words, names) unless the run's requests, all n_iter of them, can run."""
+        if self.n_iter < 1:
+            raise InputError(f"{(names or {}).get('n_iter', 'n_iter')} must be at least 1, got {self.n_iter}")
+        replace(request, n_samples=request.n_samples * self.n_iter).check(names)  # the seeds of every batch
