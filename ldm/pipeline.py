@@ -84,7 +84,8 @@ class Pipeline(nn.Module):
         self.batch_memory = batch_memory if batch_memory is not None else machine_memory(self.device)[0] // 4
         self.conditioner = Conditioner(model.text_encoder)
         self.version = 0  # changes whenever the LoRAs or embeddings merged into the weights change
-        self.loras: list[dict] = []  # the LoRA files merged into the weights: file, weight, te_weight
+        self.loras: list[dict] = []  # the LoRA files merged by load_lora: file, weight, te_weight
+        self.request_loras: list[dict] = []  # those merged for the last request (patch), after them
         self.lora_originals: dict[str, torch.Tensor] = {}  # the weights they changed, as they were
         self.textual_inversions: list[dict] = []  # the embedding files loaded: file, tokens
         self.controlnets: dict[str, ControlNet] = {}  # the ControlNet files loaded, by path
@@ -252,13 +253,15 @@ class Pipeline(nn.Module):
         return to_pil(torch.cat(decoded, dim=-1))
 
     def patch(self, loras: tuple[LoraSpec, ...] = (), embeddings: tuple[EmbeddingSpec, ...] = ()) -> None:
-        """The weights carry exactly `loras` (merged again only when the set changes) and at least `embeddings` (an
-        embedding loaded stays: the text encoder's vocabulary only grows)."""
+        """The weights carry the LoRAs of load_lora, then a request's `loras` (unmerged and merged again only when
+        they change), and at least its `embeddings` (an embedding loaded stays: the vocabulary only grows)."""
         wanted = [{"file": str(lora.file), "weight": lora.weight, "te_weight": lora.te_weight} for lora in loras]
-        if wanted != self.loras:
-            self.unload_loras()
-            for lora in loras:
-                self.load_lora(lora.file, lora.weight, lora.te_weight)
+        if wanted != self.request_loras:
+            unmerge_loras_(self.model, self.lora_originals)
+            for lora in self.loras + wanted:
+                merge_lora_(self.model, lora["file"], lora["weight"], self.lora_originals, lora["te_weight"])
+            self.request_loras = wanted
+            self.version += 1
         loaded = {e["file"] for e in self.textual_inversions}
         for embedding in embeddings:
             if str(embedding.file) not in loaded:
@@ -267,15 +270,16 @@ class Pipeline(nn.Module):
     def load_lora(self, path: str | Path, weight: float = 1.0, te_weight: float | None = None) -> None:
         """Merge a LoRA file into the weights (ldm.lora: kohya / AUTOMATIC1111 with diffusers or CompVis names,
         diffusers / PEFT): W += weight * alpha / rank * up @ down, the text encoder's layers at te_weight when given.
-        LoRAs stack; a bad file changes nothing."""
+        LoRAs stack, and stay for every request; a bad file changes nothing."""
         merge_lora_(self.model, path, weight, self.lora_originals, te_weight)
         self.loras.append({"file": str(path), "weight": weight, "te_weight": te_weight})
         self.version += 1
 
     def unload_loras(self) -> None:
-        """The weights as they were before the first load_lora, bit for bit."""
+        """The weights as they were before the first LoRA (load_lora's and requests'), bit for bit."""
         unmerge_loras_(self.model, self.lora_originals)
         self.loras.clear()
+        self.request_loras.clear()
         self.version += 1
 
     def controlnet(self, net: ControlNet | str | Path) -> ControlNet:

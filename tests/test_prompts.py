@@ -97,7 +97,7 @@ def test_parser_golden(prompt, expected):
 
 def test_runs_of_equal_weight_are_merged_and_a_weight_of_one_is_no_weight(pipe):
     assert parse("a (red:1.0) apple") == [("a red apple", 1.0)] == parse("(a red apple:1)")
-    [a, b] = pipe.embed(["a (red:1.0) apple", "a red apple"])
+    [a, b] = pipe.conditioner.embed(["a (red:1.0) apple", "a red apple"])
     assert torch.equal(a, b)
 
 
@@ -118,7 +118,7 @@ def test_a_prompt_without_syntax_is_todays_image_bit_for_bit(pipe, monkeypatch):
         cond = pipe.text_encoder.encode(prompts)
         return torch.cat([pipe.text_encoder.encode([negative_prompt]).expand_as(cond), cond]) if guided else cond
 
-    monkeypatch.setattr(pipe, "encode_prompts", today)
+    monkeypatch.setattr(pipe.conditioner, "encode_prompts", today)
     assert torch.equal(ours, latents(pipe, PROMPT, negative_prompt="blurry, dark", n_samples=2))
 
 
@@ -158,7 +158,7 @@ def test_a_150_token_prompt_is_two_chunks_each_encoded_on_its_own(pipe, minilm, 
 
 def test_words_past_token_75_change_the_image(pipe):
     prompt = words(150)
-    assert pipe.embed([prompt])[0].shape == (154, 32)
+    assert pipe.conditioner.embed([prompt])[0].shape == (154, 32)
     changed = prompt.rsplit(" ", 30)[0] + " " + words(30, offset=7)  # only the last 30 words differ
     assert (latents(pipe, changed) - latents(pipe, prompt)).abs().max() > 10 * LATENT_ATOL  # 10x the parity tolerance
 
@@ -193,7 +193,7 @@ def test_an_embeddings_vectors_are_never_split_across_chunks(tmp_path):
     chunks = chunk(parse(f"{words(74)} (twovec:1.2) {words(3)}"), encoder.token_ids, comma, encoder.embedding_lengths())
     assert [ids for ids, _ in chunks] == [encoder.token_ids([words(74)])[0], vectors + encoder.token_ids([words(3)])[0]]
     assert chunks[1][1] == [1.2, 1.2, 1.0, 1.0, 1.0]
-    [context] = pipe.embed([f"{words(73)} twovec"])  # 73 + 2 tokens fit in one chunk
+    [context] = pipe.conditioner.embed([f"{words(73)} twovec"])  # 73 + 2 tokens fit in one chunk
     assert context.shape == (77, 32)
 
 
@@ -207,7 +207,7 @@ def test_compel_chunks_an_unweighted_long_prompt_as_we_do(pipe):
     for prompt, length in [(words(100), 154), (f"{words(65)}, {words(30, 3)}", 154), (words(160), 231)]:
         with torch.no_grad():
             theirs = encode(prompt)[0]
-        [ours] = pipe.embed([prompt])
+        [ours] = pipe.conditioner.embed([prompt])
         assert ours.shape == theirs.shape == (length, 32)
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
 
@@ -220,12 +220,12 @@ def test_negative_and_positive_prompts_are_padded_to_the_same_chunks(pipe):
         latents(pipe, prompt, negative_prompt=negative)
     handle.remove()
     assert contexts == [(2, 154, 32)] * STEPS + [(2, 231, 32)] * STEPS
-    context = pipe.encode_prompts(["a cat", words(100)], "blurry", True)
-    empty = pipe.embed([""])[0]
+    context = pipe.conditioner.encode_prompts(["a cat", words(100)], "blurry", True)
+    empty = pipe.conditioner.embed([""])[0]
     assert context.shape == (4, 154, 32)  # the negative prompt's context for each prompt, then the prompts'
     assert torch.equal(context[0, 77:], empty) and torch.equal(context[2, 77:], empty)  # "blurry", "a cat": padded
-    assert torch.equal(context[0, :77], pipe.embed(["blurry"])[0])
-    assert torch.equal(context[2, :77], pipe.embed(["a cat"])[0])
+    assert torch.equal(context[0, :77], pipe.conditioner.embed(["blurry"])[0])
+    assert torch.equal(context[2, :77], pipe.conditioner.embed(["a cat"])[0])
 
 
 def test_a_long_context_through_diffusers_gives_the_same_image(pipe, tmp_path):
@@ -235,7 +235,7 @@ def test_a_long_context_through_diffusers_gives_the_same_image(pipe, tmp_path):
     ref.set_progress_bar_config(disable=True)
     ref.scheduler = make_scheduler("ddim", pipe.cfg)
     prompt, negative = f"a (red:1.3) apple, {words(90)}", "[blurry]"
-    context = pipe.encode_prompts([prompt], negative, True)
+    context = pipe.conditioner.encode_prompts([prompt], negative, True)
     final = {}
 
     def keep(ref, i, t, tensors):
@@ -260,8 +260,12 @@ def test_clip_skip_matches_diffusers(pipe, tmp_path):
     ref.text_encoder.text_model = types.SimpleNamespace(final_layer_norm=ref.text_encoder.final_layer_norm)
     for clip_skip in (1, 2):
         theirs = ref.encode_prompt(PROMPT, "cpu", 1, False, clip_skip=clip_skip - 1 or None)[0][0]
-        torch.testing.assert_close(pipe.embed([PROMPT], clip_skip=clip_skip)[0], theirs, rtol=1e-5, atol=1e-5)
-    assert not torch.allclose(pipe.embed([PROMPT], clip_skip=2)[0], pipe.embed([PROMPT])[0], atol=1e-2)
+        torch.testing.assert_close(
+            pipe.conditioner.embed([PROMPT], clip_skip=clip_skip)[0], theirs, rtol=1e-5, atol=1e-5
+        )
+    assert not torch.allclose(
+        pipe.conditioner.embed([PROMPT], clip_skip=2)[0], pipe.conditioner.embed([PROMPT])[0], atol=1e-2
+    )
     assert (latents(pipe, PROMPT, clip_skip=2) - latents(pipe, PROMPT)).abs().max() > 100 * LATENT_ATOL
     for bad in (0, 3):
         message = rf"clip skip must be from 1 to 2 \(the text encoder's layers\), got {bad}$"
@@ -284,7 +288,10 @@ def test_clip_skip_on_minilm_is_its_hidden_state_from_the_end(minilm):
 
 def test_plain_syntax_reads_every_character_and_training_captions_stay_plain(pipe):
     caption = "a (red:1.5) [apple] BREAK \\(x\\)"
-    plain, a1111_syntax = prompt_contexts(pipe.text_encoder, [caption], "plain")[0], pipe.embed([caption])[0]
+    plain, a1111_syntax = (
+        prompt_contexts(pipe.text_encoder, [caption], "plain")[0],
+        pipe.conditioner.embed([caption])[0],
+    )
     assert torch.equal(plain, pipe.text_encoder.encode([caption])[0])  # what the trainers and the cache encode
     assert plain.shape == (77, 32) and a1111_syntax.shape == (154, 32)
 

@@ -22,12 +22,12 @@ from safetensors.torch import save_file
 import txt2img
 from conftest import ROOT, a1111, cli, randomize_
 from ldm import cli as cli_names
-from ldm import pipeline
+from ldm import runtime
 from ldm.checkpoint import save_single_file
 from ldm.config import ModelConfig, load_config, to_dict
 from ldm.model import StableDiffusion
 from ldm.outputs import save_png
-from ldm.pipeline import DTYPES, QUANTIZE
+from ldm.runtime import DTYPES, QUANTIZE
 from ldm.samplers import SAMPLERS
 
 
@@ -500,8 +500,8 @@ def test_dtype_auto_picks_bf16_where_the_cpu_has_bf16_kernels(files, tmp_path, m
     records the dtype it ran in."""
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n")
-    monkeypatch.setattr(pipeline, "CPUINFO", cpuinfo)
-    assert pipeline.auto_dtype("cpu")[0] == dtype and pipeline.auto_dtype("cuda")[0] == "fp16"
+    monkeypatch.setattr(runtime, "CPUINFO", cpuinfo)
+    assert runtime.auto_dtype("cpu")[0] == dtype and runtime.auto_dtype("cuda")[0] == "fp16"
     out = tmp_path / "out"
     args = ["--ckpt", files / "tiny4.safetensors", "--prompt", "x", "--steps", 1, "--dtype", "auto", "--outdir", out]
     assert cli(*args, "--n-samples", 2, "--skip-grid") == 0
