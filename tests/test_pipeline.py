@@ -77,6 +77,43 @@ def test_negative_prompt_and_guidance_rescale_match_diffusers(models):
     assert_same(ours, theirs, trajectory[-1], latents)
 
 
+@pytest.mark.parametrize(
+    "cfg_end, sampler, options",
+    [(0.0, "ddim", {}), (0.5, "euler_a", {"guidance_rescale": 0.7}), (0.7, "dpmpp_2m", {"negative_prompt": "blurry"})],
+)
+def test_cfg_end_matches_diffusers_dynamic_guidance_callback(models, cfg_end, sampler, options):
+    """CFG truncation: guidance on steps 0 .. int(N * cfg_end), none after. diffusers' documented "dynamic
+    classifier-free guidance" callback is the reference: at the end of step int(N * cfg_end) it keeps the conditional
+    half of prompt_embeds and sets the guidance scale to 0 (its guidance rescale then stops too, as ours). Same images
+    and latents; the truncation moves the latents beyond 10x the tolerance."""
+    pipe, refs = models[4]
+    ref = refs["txt2img"]
+    ref.scheduler = make_scheduler(sampler, pipe.cfg)
+    final = {}
+
+    def dynamic_cfg(p, i, t, tensors):
+        final["latents"] = tensors["latents"]
+        if i == int(p.num_timesteps * cfg_end):
+            p._guidance_scale = 0.0
+            tensors["prompt_embeds"] = tensors["prompt_embeds"].chunk(2)[-1]
+        return tensors
+
+    theirs = ref(
+        PROMPT,
+        num_inference_steps=STEPS,
+        num_images_per_prompt=2,
+        generator=[torch.Generator().manual_seed(s) for s in (6, 7)],
+        guidance_scale=7.0,
+        callback_on_step_end=dynamic_cfg,
+        callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"],
+        **options,
+    ).images
+    ours, trajectory = ours_run(pipe, seed=6, n=2, sampler=sampler, scale=7.0, cfg_end=cfg_end, **options)
+    assert_same(ours, theirs, trajectory[-1], final["latents"])
+    guided = ours_run(pipe, seed=6, n=2, sampler=sampler, scale=7.0, **options)[1][-1]
+    assert (trajectory[-1] - guided).abs().max() > 10 * LATENT_ATOL  # 10x the parity tolerance
+
+
 def test_the_prompt_matters(models):
     """The parity tests mean something: the prompt, negative prompt and scale move the latents far beyond their
     tolerance."""

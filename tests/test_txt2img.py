@@ -348,6 +348,50 @@ def test_help_imports_neither_torch_nor_diffusers():
     assert r.returncode == 0 and r.stdout.strip().splitlines()[-1] == "[]", r.stdout + r.stderr
 
 
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--steps", "0"], "--steps must be at least 1, got 0"),
+        (["--outpaint", "8,0,0,0"], "--outpaint needs --init-image"),
+        (["--strength", "0.5"], "--strength needs --init-image"),
+        (["--cfg-end", "1.5"], r"--cfg-end must be in \[0, 1\]"),
+        (["--seed", str(2**64 - 1), "--n-iter", "2"], r"the seeds of the images must lie in"),
+        (["--controlnet", "missing.pth", "--control-image", "x.png"], "--controlnet missing.pth: no such file"),
+    ],
+)
+def test_input_that_needs_no_model_fails_before_torch_is_imported(tmp_path, args, message):
+    """The issue's list: a missing --init-image, --steps 0... answer in one line, exit 2, without importing torch."""
+    code = (
+        "import runpy, sys\n"
+        f"sys.argv = ['txt2img.py', '--prompt', 'x', '--outdir', {str(tmp_path / 'out')!r}, *{args!r}]\n"
+        "try: runpy.run_path('txt2img.py', run_name='__main__')\n"
+        "except SystemExit as e:\n"
+        "    print(e.code, sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert r.stdout.strip() == "2 []", r.stdout + r.stderr
+    assert re.search(message, r.stderr) and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_cfg_end_is_in_the_png_and_reruns(files, tmp_path):
+    """--cfg-end F: guidance on the first F of the steps only (ldm.denoiser); the PNG records it ("CFG end" in
+    A1111's text only when it is not 1), and the recorded value remakes the image (what it changes:
+    test_pipeline.py's test against diffusers)."""
+    args = ["--ckpt", files / "tiny4.safetensors", "--prompt", "x", "--steps", 4, "--scale", 7]
+    assert cli(*args, "--cfg-end", 0.25, "--outdir", tmp_path / "a") == 0
+    assert cli(*args, "--outdir", tmp_path / "b") == 0
+    truncated, full = Image.open(tmp_path / "a" / "00000.png"), Image.open(tmp_path / "b" / "00000.png")
+    assert (
+        json.loads(truncated.text["ldm"])["cfg_end"] == 0.25
+        and a1111(truncated.text["parameters"])["CFG end"] == "0.25"
+    )
+    assert "cfg_end" not in json.loads(full.text["ldm"]) and "CFG end" not in a1111(full.text["parameters"])
+    facts = json.loads(truncated.text["ldm"])
+    assert cli(*args, "--cfg-end", facts["cfg_end"], "--outdir", tmp_path / "c") == 0
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "c" / "00000.png")), np.asarray(truncated))
+
+
 def test_the_choices_known_before_torch_loads_are_the_pipelines():
     assert cli_names.SAMPLER_NAMES == tuple(SAMPLERS)
     assert cli_names.DTYPE_NAMES == (*DTYPES, "auto") and cli_names.QUANTIZE_NAMES == QUANTIZE
