@@ -30,7 +30,7 @@ from conftest import randomize_  # noqa: E402
 from ldm.attention import attention  # noqa: E402
 from ldm.config import load_config  # noqa: E402
 from ldm.model import StableDiffusion  # noqa: E402
-from ldm.pipeline import DTYPES  # noqa: E402
+from ldm.runtime import DTYPES  # noqa: E402
 from ldm.samplers import make_scheduler  # noqa: E402
 
 TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2, "bf16": 5e-2}  # relative L2 of the difference to diffusers' output

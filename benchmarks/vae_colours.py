@@ -17,7 +17,7 @@ import torch
 from PIL import Image, ImageDraw
 
 import ldm
-from ldm.pipeline import to_pil, to_tensor
+from ldm.images import to_pil, to_tensor
 
 TARGET = 20  # max mean absolute error per channel, 0-255
 

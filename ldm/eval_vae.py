@@ -48,7 +48,7 @@ from ldm.checkpoint import load_model
 from ldm.config import ConfigError
 from ldm.data import ImageCaptionDataset
 from ldm.eval import EvalError, fid, inception_features, load_inception
-from ldm.pipeline import to_pil
+from ldm.images import to_pil
 from ldm.vae import AutoencoderKL
 
 
