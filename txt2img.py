@@ -28,7 +28,6 @@ import warnings
 from pathlib import Path
 
 from ldm import cli
-from ldm.request import Control, EmbeddingSpec, InputError, LoraSpec, OutputSpec, Request
 
 PROMPT_FILE_LIMIT = 1 << 20  # --from-file is read up to 1 MiB (`--from-file /dev/zero` would read forever)
 
@@ -174,6 +173,12 @@ NAMES = {
     "deepcache_branch": "--deepcache-branch",
     "n_iter": "--n-iter",
 }
+
+
+if __name__ == "__main__":
+    parse_args(None)  # --help and a mistyped flag answer here, before anything else is imported
+
+from ldm.request import Control, EmbeddingSpec, InputError, LoraSpec, OutputSpec, Request  # noqa: E402
 
 
 def read_prompts(args) -> list[str]:
@@ -332,7 +337,7 @@ def precheck(argv: list[str] | None) -> int:
     return cli.run(work)
 
 
-if __name__ == "__main__" and (code := precheck(None)):  # --help, a bad flag or value: before the imports below
+if __name__ == "__main__" and (code := precheck(None)):  # a bad value: before the seconds of imports below
     sys.exit(code)
 
 from ldm import DEFAULT_MODEL, load_pipeline  # noqa: E402
@@ -370,7 +375,7 @@ def execute(args) -> list[Path]:
     pipe = load_pipeline(ckpt, config=config, **run.options())
     if args.compile:
         print("note: compiling the UNet on its first call (~2-3 min on a CPU, less on a GPU)...", file=sys.stderr)
-    model = model_facts(ckpt, args.ckpt is None, args.no_metadata)
+    model = model_facts(ckpt, args.no_metadata)
     model |= {"dtype": run.dtype, "device": str(run.device), "quantize": run.quantize, "backend": run.backend}
     return list(make_images(pipe, request, spec, model, tagged))
 

@@ -15,6 +15,7 @@ from typing import Callable, Iterator
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from ldm import DEFAULT_MODEL
 from ldm.lora import a1111_hash
 from ldm.pipeline import Pipeline
 from ldm.request import InputError, LoraSpec, OutputSpec, Request
@@ -231,6 +232,8 @@ def make_images(
         yield save_png(grid, spec.outdir / f"grid-{max(grids, default=-1) + 1:04}.png", first_facts)
 
 
-def model_facts(ckpt: Path, embedded: bool, no_metadata: bool = False) -> dict:
-    """What the PNGs say of the model: its name (the file's stem; "ldm-emoji" for the embedded one) and A1111's hash."""
-    return {"model": "ldm-emoji" if embedded else ckpt.stem, "model_hash": None if no_metadata else model_hash(ckpt)}
+def model_facts(ckpt: Path, no_metadata: bool = False) -> dict:
+    """What the PNGs say of the model: its name (the file's stem; "ldm-emoji" for the embedded one, however it was
+    named) and A1111's hash."""
+    name = "ldm-emoji" if Path(ckpt).resolve() == DEFAULT_MODEL.resolve() else Path(ckpt).stem
+    return {"model": name, "model_hash": None if no_metadata else model_hash(Path(ckpt))}

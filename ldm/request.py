@@ -19,11 +19,12 @@ import importlib.util
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
-
-from PIL import Image
+from typing import TYPE_CHECKING, Any
 
 from ldm import LdmError
+
+if TYPE_CHECKING:  # PIL costs ~20 ms of a command line's start; the request only names its type
+    from PIL import Image
 
 CONTROL_PREPROCESSORS = ("none", "canny")  # "none": the control image is the map; "canny": its edges (OpenCV)
 SEEDS = (-(2**63), 2**64)  # the range of torch.Generator.manual_seed

@@ -61,7 +61,7 @@ class Session:
     def load(self, ckpt: Path | None) -> None:
         path, run = DEFAULT_MODEL if ckpt is None else Path(ckpt), self.runtime
         self.pipe = load_pipeline(path, **run.options())
-        self.ckpt, self.model = ckpt, model_facts(path, ckpt is None)
+        self.ckpt, self.model = ckpt, model_facts(path)
         self.model |= {"dtype": run.dtype, "device": str(run.device), "quantize": run.quantize, "backend": run.backend}
         self.embeddings: list[EmbeddingSpec] = []
 
