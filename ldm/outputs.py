@@ -15,6 +15,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from ldm.controlnet import Control
 from ldm.lora import a1111_hash
+from ldm.patcher import LoraPatch
 from ldm.pipeline import InputError, Pipeline, load_image, outpaint_canvas
 from ldm.samplers import SAMPLERS
 
@@ -99,10 +100,9 @@ def save_png(image: Image.Image, path: Path, facts: dict | None) -> Path:
 
 
 def lora_facts(pipe: Pipeline, path: Path, weight: float, te_weight: float | None, no_metadata: bool) -> dict:
-    """Merge a LoRA into the pipeline's weights; what the PNG metadata says of it (A1111's hash: of the tensor data
-    of a .safetensors file, as its "addnet" hash)."""
-    pipe.load_lora(path, weight, None if te_weight == weight else te_weight)
-    hashed = None if no_metadata else a1111_hash(path, addnet=path.suffix == ".safetensors")
+    """What the PNG metadata says of a LoRA (A1111's hash: of the tensor data of a .safetensors file, as its "addnet"
+    hash, read once by the pipeline's patcher); make_images merges it."""
+    hashed = None if no_metadata else pipe.patcher.read(path, a1111_hash, path.suffix == ".safetensors")
     facts = {"name": path.stem, "file": str(path), "weight": weight, "hash": hashed}
     return facts if te_weight in (None, weight) else facts | {"te_weight": te_weight}
 
@@ -219,14 +219,13 @@ def make_images(
         run_facts["guess_mode"] = args.guess_mode
     number, seed, rows, first_facts = next_number(args.outdir), args.seed, [], None
     maps = [] if args.save_control else None
-    tag_loras: list[dict] = []  # the LoRAs of the last prompt's tags, merged beside those of --lora
     for prompt in prompts:
         text, tags = tagged.get(prompt, (prompt, []))
-        if tags or tag_loras:  # the weights are --lora's alone again, then this prompt's tags are merged
-            pipe.unload_loras()
-            for lora in model.get("loras", []):
-                pipe.load_lora(lora["file"], lora["weight"])
-            tag_loras = [lora_facts(pipe, path, unet_w, te_w, args.no_metadata) for path, te_w, unet_w in tags]
+        tag_loras = [lora_facts(pipe, path, unet_w, te_w, args.no_metadata) for path, te_w, unet_w in tags]
+        loras = model.get("loras", []) + tag_loras  # --lora's and this prompt's tags'
+        pipe.patcher.apply(
+            [LoraPatch(f["file"], f["weight"], f.get("te_weight")) for f in loras], pipe.patcher.embeddings
+        )
         for _ in range(args.n_iter):
             trajectory = [] if args.save_intermediates else None
             batch = pipe.generate(
@@ -272,5 +271,5 @@ def model_facts(ckpt: Path, embedded: bool, no_metadata: bool = False) -> dict:
 def embedding_facts(pipe: Pipeline, path: Path, token: str | None, no_metadata: bool) -> dict:
     """Add a textual-inversion embedding to the pipeline's text encoder; what the PNG metadata says of it."""
     tokens = pipe.load_embedding(path, token)
-    hashed = None if no_metadata else a1111_hash(path)
+    hashed = None if no_metadata else pipe.patcher.read(path, a1111_hash)
     return {"token": tokens[0], "file": str(path), "vectors": len(tokens), "hash": hashed}

@@ -38,11 +38,10 @@ from tqdm.auto import tqdm
 from ldm import LdmError
 from ldm.config import ModelConfig
 from ldm.controlnet import Control, ControlNet, control_residuals, load_controlnet
-from ldm.embeddings import add_embedding_
-from ldm.lora import merge_lora_, unmerge_loras_
 from ldm.memory import VAE_TILE, estimate_memory, machine_memory
 from ldm.model import StableDiffusion
 from ldm.openvino import OpenVINO
+from ldm.patcher import EmbeddingPatch, LoraPatch, Patcher
 from ldm.prompts import SYNTAXES, prompt_contexts
 from ldm.samplers import Sampler, check_sampler
 from ldm.unet import DeepCache, skip_branches
@@ -109,18 +108,6 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
     """(B, 3, H, W) in [0, 1] -> PIL images, rounding to 8 bits as diffusers does."""
     array = (images.permute(0, 2, 3, 1).float() * 255).round().to(torch.uint8).cpu().numpy()
     return [Image.fromarray(a) for a in array]
-
-
-def quantize_int8_(unet: nn.Module) -> None:
-    """PyTorch's dynamic int8 quantization of the UNet's Linear layers, in place (CPU, fp32, inference only): int8
-    weights with one scale per tensor, activations quantized at each call from their own range. Conv2d stays fp32:
-    torch.ao's dynamic conv is off by ~50% on the post-SiLU (non-negative) inputs of the ResBlock convs
-    (pytorch/pytorch#70480; left out of its default mapping for that reason)."""
-    from torch.ao.quantization import quantize_dynamic
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch.ao's notice that eager-mode quantization moves to torchao
-        quantize_dynamic(unet, {nn.Linear}, dtype=torch.qint8, inplace=True)
 
 
 def tile_starts(size: int, tile: int, stride: int) -> list[int]:
@@ -335,9 +322,9 @@ class Pipeline(nn.Module):
     activation ranges are taken per call, so image k of a batch then depends slightly on the rest of the batch);
     compile=True runs the UNet's forward through torch.compile (the first call compiles); backend="openvino" runs
     the UNet and VAE decoder converted to OpenVINO in `backend_precision` (ldm.openvino; converted at the first call
-    after the weights change, cached on disk). The text encoder is
-    frozen, so the embeddings of the last EMBEDDING_CACHE prompts are kept (`pipe.embeddings.clear()` after
-    loading other text-encoder weights into the model).
+    after the weights change, cached on disk). LoRAs and embeddings: `self.patcher` (ldm.patcher). The text encoder
+    is frozen, so the embeddings of the last EMBEDDING_CACHE prompts are kept for the patcher's version
+    (`pipe.embeddings.clear()` after loading other text-encoder weights into the model by hand).
     """
 
     def __init__(
@@ -355,10 +342,9 @@ class Pipeline(nn.Module):
         self.model = model
         self.vae_tile, self.vae_tile_overlap = vae_tile, vae_tile_overlap
         self.batch_memory = batch_memory if batch_memory is not None else machine_memory(self.device)[0] // 4
-        self.embeddings: OrderedDict[tuple, torch.Tensor] = OrderedDict()
-        self.loras: list[dict] = []  # the LoRA files merged into the weights: file, weight
-        self.lora_originals: dict[str, torch.Tensor] = {}  # the weights they changed, as they were
-        self.textual_inversions: list[dict] = []  # the embedding files loaded: file, tokens
+        self.patcher = Patcher(model)
+        self.prompt_cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self.cache_version = self.patcher.version
         if quantize is not None:
             if quantize not in QUANTIZE:
                 raise InputError(f"unknown quantization '{quantize}' (known: {', '.join(QUANTIZE)})")
@@ -367,7 +353,7 @@ class Pipeline(nn.Module):
                     f"quantize={quantize} is PyTorch's dynamic quantization: "
                     f"CPU and fp32 only, not {self.device.type} {self.dtype}"
                 )
-            quantize_int8_(self.unet)
+            self.patcher.quantize_int8()
         if backend not in ("torch", "openvino"):
             raise InputError(f"unknown backend '{backend}' (known: torch, openvino)")
         self.openvino = OpenVINO(backend_precision) if backend == "openvino" else None
@@ -382,6 +368,13 @@ class Pipeline(nn.Module):
     cfg = property(lambda self: self.model.cfg)
     device = property(lambda self: next(self.model.parameters()).device)
     dtype = property(lambda self: next(self.model.parameters()).dtype)
+
+    @property
+    def embeddings(self) -> OrderedDict[tuple, torch.Tensor]:
+        """The prompt cache (embed) of the text encoder as the patcher's version has it: emptied when that changes."""
+        if self.cache_version != self.patcher.version:
+            self.prompt_cache, self.cache_version = OrderedDict(), self.patcher.version
+        return self.prompt_cache
 
     @property
     def vae_factor(self) -> int:
@@ -501,7 +494,7 @@ class Pipeline(nn.Module):
             if deepcache or controls:
                 what = "deepcache" if deepcache else "ControlNet"
                 raise InputError(f"{what} runs on the torch UNet, not with the OpenVINO backend")
-            self.openvino.prepare(self.model)  # converts only when the weights changed (a LoRA, another model)
+            self.openvino.prepare(self.model, self.patcher.version)  # converts when the LoRAs changed
         images = self.prepare_images(init_image, mask, height, width)
         for control in controls:
             control.check()
@@ -730,18 +723,14 @@ class Pipeline(nn.Module):
         return to_pil(torch.cat(decoded, dim=-1))
 
     def load_lora(self, path: str | Path, weight: float = 1.0, te_weight: float | None = None) -> None:
-        """Merge a LoRA file into the weights (ldm.lora: kohya / AUTOMATIC1111 with diffusers or CompVis names,
-        diffusers / PEFT): W += weight * alpha / rank * up @ down, the text encoder's layers at te_weight when given.
-        LoRAs stack; a bad file changes nothing."""
-        merge_lora_(self.model, path, weight, self.lora_originals, te_weight)
-        self.loras.append({"file": str(path), "weight": weight, "te_weight": te_weight})
-        self.embeddings.clear()  # the text encoder's weights may have changed
+        """Merge a LoRA file into the weights beside those loaded (ldm.lora: kohya / AUTOMATIC1111 with diffusers or
+        CompVis names, diffusers / PEFT): W += weight * alpha / rank * up @ down, the text encoder's layers at
+        te_weight when given. A bad file changes nothing."""
+        self.patcher.apply([*self.patcher.loras, LoraPatch(path, weight, te_weight)], self.patcher.embeddings)
 
     def unload_loras(self) -> None:
         """The weights as they were before the first load_lora, bit for bit."""
-        unmerge_loras_(self.model, self.lora_originals)
-        self.loras.clear()
-        self.embeddings.clear()
+        self.patcher.apply((), self.patcher.embeddings)
 
     def load_controlnet(self, path: str | Path) -> ControlNet:
         """A ControlNet file or diffusers folder (ldm.controlnet.load_controlnet) for this pipeline's model, on its
@@ -751,7 +740,5 @@ class Pipeline(nn.Module):
     def load_embedding(self, path: str | Path, token: str | None = None) -> list[str]:
         """A textual-inversion embedding (ldm.embeddings) as new words of the text encoder; returns its tokens (the
         trigger word: `token`, else the file's, else its stem). The text model's vocabulary grows by its vectors."""
-        tokens = add_embedding_(self.text_encoder, path, token)
-        self.textual_inversions.append({"file": str(path), "tokens": tokens})
-        self.embeddings.clear()
-        return tokens
+        self.patcher.apply(self.patcher.loras, [*self.patcher.embeddings, EmbeddingPatch(path, token)])
+        return self.patcher.tokens[-1]
