@@ -47,7 +47,8 @@ UNSUPPORTED = {
 }
 PREFIXES = {"lora_unet_": "unet_", "lora_te_": "te_", "unet.": "unet_", "text_encoder.": "te_"}
 # the layers a LoRA changes: Linear and Conv2d, and Linear layers quantized to int8 (merged into their float weights)
-LAYERS = (nn.Linear, nn.Conv2d, torch.ao.nn.quantized.dynamic.Linear)
+INT8_LINEAR = torch.ao.nn.quantized.dynamic.Linear
+LAYERS = (nn.Linear, nn.Conv2d, INT8_LINEAR)
 
 
 def diffusers_layer_names(unet: nn.Module, cfg: UNetConfig) -> dict[str, str]:
@@ -74,12 +75,15 @@ def layer_table(model: StableDiffusion) -> dict[str, str]:
     return table
 
 
-def read_lora(
-    path: Path, model: StableDiffusion, floats: dict[str, torch.Tensor]
-) -> list[tuple[str, torch.Tensor, torch.Tensor, float]]:
+def weight_shape(model: StableDiffusion, key: str) -> torch.Size:
+    """The shape of the weight of a layer LAYERS lists, by state-dict key (an int8 Linear's weight is a method)."""
+    layer = model.get_submodule(key.removesuffix(".weight"))
+    return layer.weight().shape if isinstance(layer, INT8_LINEAR) else layer.weight.shape
+
+
+def read_lora(path: Path, model: StableDiffusion) -> list[tuple[str, torch.Tensor, torch.Tensor, float]]:
     """A LoRA file as [(state-dict key of the weight it changes, up, down, alpha / rank)], every layer checked against
-    the model (CheckpointError naming the type, key or shapes otherwise): nothing is applied from a bad file.
-    floats: the float weights of the model's int8 layers by state-dict key (ldm.patcher keeps them)."""
+    the model (CheckpointError naming the type, key or shapes otherwise): nothing is applied from a bad file."""
     state, _ = read_state_dict(path)
     layers: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in state.items():
@@ -96,7 +100,7 @@ def read_lora(
         layers.setdefault(key[: -len(part)], {})[PARTS[part]] = value
     if not layers:
         raise CheckpointError(f"{path}: no LoRA tensors inside")
-    table, weights, plan, unmatched = layer_table(model), model.state_dict() | floats, [], []
+    table, plan, unmatched = layer_table(model), [], []
     for layer, parts in layers.items():
         if "down" not in parts or "up" not in parts:
             raise CheckpointError(f"{path}: layer '{layer}' has no {'down' if 'down' not in parts else 'up'} weight")
@@ -105,13 +109,13 @@ def read_lora(
         if target is None:
             unmatched.append(layer)
             continue
-        up, down, w = parts["up"], parts["down"], weights[target]
+        up, down, shape = parts["up"], parts["down"], weight_shape(model, target)
         rank = down.shape[0]
-        fits = up.ndim >= 2 and up.shape[0] == w.shape[0] and up[0].numel() == rank and down.ndim >= 2
-        if not (fits and down.shape[1] == w.shape[1] and down[0].numel() == w[0].numel()):
+        fits = up.ndim >= 2 and up.shape[0] == shape[0] and up[0].numel() == rank and down.ndim >= 2
+        if not (fits and down.shape[1] == shape[1] and down[0].numel() == shape[1:].numel()):
             raise CheckpointError(
                 f"{path}: layer '{layer}' is up {tuple(up.shape)} x down {tuple(down.shape)}, "
-                f"but the model's weight is {tuple(w.shape)} (a LoRA for another architecture?)"
+                f"but the model's weight is {tuple(shape)} (a LoRA for another architecture?)"
             )
         alpha = float(parts["alpha"]) if "alpha" in parts else rank
         plan.append((target, up, down, alpha / rank))

@@ -10,8 +10,9 @@ Applying the set that is applied does nothing, and each file is read once for th
 is kept per path, modification time and size). `version` changes exactly when the applied set does: caches of prompt
 contexts and converted graphs (ldm.openvino) key on it.
 
-`quantize_int8` makes the UNet's Linear layers dynamic int8 and keeps their float weights: a LoRA is merged into
-those and the layer quantized again, the same as quantizing the merged float model.
+`quantize_int8` makes the UNet's Linear layers dynamic int8 and keeps their float weights (1.0 GiB for SD v1's 270M
+Linear weights): a LoRA is merged into those and the layer quantized again, the same as quantizing the merged float
+model.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from typing import Callable, NamedTuple
 
 import torch
 import torch.nn as nn
-from torch.ao.nn.quantized.dynamic import Linear as Int8Linear
 from torch.ao.quantization import default_dynamic_qconfig, quantize_dynamic
 
 from ldm.checkpoint import TEXT, UNET, CheckpointError
@@ -68,18 +68,19 @@ class Patcher:
         self.version = 0
         self.backups: dict[str, torch.Tensor] = {}  # state-dict key -> the weight before the LoRAs changed it
         self.floats: dict[str, torch.Tensor] = {}  # state-dict key -> the float weight of an int8 Linear layer
-        self.files: dict[tuple, object] = {}  # (reader, path, mtime, size) -> what the reader made of the file
+        self.files: dict[tuple, object] = {}  # (reader, args, path, mtime, size) -> what it made of it
         self.tokenizer = model.text_encoder.tokenizer
         self.rows = model.text_encoder.transformer.get_input_embeddings().weight.shape[0]
 
     def read(self, path: Path, reader: Callable, *args) -> object:
-        """reader(path, *args), once per version of the file (its resolved path, modification time and size)."""
+        """reader(path, *args), once per version of the file (its resolved path, modification time and size) for the
+        same reader and (hashable) args."""
         path = Path(path).resolve()
         try:
             stat = path.stat()
         except OSError:
             raise CheckpointError(f"file not found: {path}") from None
-        key = (reader, path, stat.st_mtime_ns, stat.st_size)
+        key = (reader, args, path, stat.st_mtime_ns, stat.st_size)
         if key not in self.files:
             self.files[key] = reader(path, *args)
         return self.files[key]
@@ -95,7 +96,7 @@ class Patcher:
         embeddings = tuple(EmbeddingPatch(Path(x.file).resolve(), x.token) for x in embeddings)
         if (loras, embeddings) == (self.loras, self.embeddings):
             return
-        plans = [self.read(lora.file, read_lora, self.model, self.floats) for lora in loras]
+        plans = [self.read(lora.file, read_lora, self.model) for lora in loras]
         vectors = [self.read(e.file, read_embedding) for e in embeddings]
         vocab, width, tokens = set(self.tokenizer.get_vocab()), self.model.text_encoder.hidden_size, []
         for e, (word, v) in zip(embeddings, vectors):
@@ -156,7 +157,7 @@ class Patcher:
     def requantize(self, key: str) -> None:
         """The int8 weight of a quantized Linear layer from its float weight, as quantize_dynamic makes it (one scale
         per tensor, symmetric: default_dynamic_qconfig)."""
-        layer: Int8Linear = self.model.get_submodule(key.removesuffix(".weight"))
+        layer = self.model.get_submodule(key.removesuffix(".weight"))
         w = self.floats[key].float()
         observer = default_dynamic_qconfig.weight()
         observer(w)

@@ -318,13 +318,14 @@ class Pipeline(nn.Module):
     blended over `vae_tile_overlap` latents, when a latent side is larger than `vae_tile`; attention is
     torch's SDPA (ldm.attention), which never materialises the full attention matrix where it has a kernel.
 
-    Speed: quantize="int8" turns the model's UNet into a dynamic-int8 one (in place; CPU, fp32, inference only;
-    activation ranges are taken per call, so image k of a batch then depends slightly on the rest of the batch);
-    compile=True runs the UNet's forward through torch.compile (the first call compiles); backend="openvino" runs
-    the UNet and VAE decoder converted to OpenVINO in `backend_precision` (ldm.openvino; converted at the first call
-    after the weights change, cached on disk). LoRAs and embeddings: `self.patcher` (ldm.patcher). The text encoder
-    is frozen, so the embeddings of the last EMBEDDING_CACHE prompts are kept for the patcher's version
-    (`pipe.embeddings.clear()` after loading other text-encoder weights into the model by hand).
+    Speed: quantize="int8" turns the model's UNet into a dynamic-int8 one (in place, by the patcher, which keeps the
+    float weights for LoRAs to merge into; CPU, fp32, inference only; activation ranges are taken per call, so image k
+    of a batch then depends slightly on the rest of the batch); compile=True runs the UNet's forward through
+    torch.compile (the first call compiles); backend="openvino" runs the UNet and VAE decoder converted to OpenVINO in
+    `backend_precision` (ldm.openvino; converted at the first call after the LoRAs change, cached on disk). LoRAs and
+    embeddings: `self.patcher` (ldm.patcher). The text encoder is frozen, so the embeddings of the last EMBEDDING_CACHE
+    prompts are kept for the patcher's version (`pipe.embeddings.clear()` after loading other text-encoder weights into
+    the model by hand).
     """
 
     def __init__(
