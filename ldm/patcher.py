@@ -73,9 +73,9 @@ class Patcher:
         self.rows = model.text_encoder.transformer.get_input_embeddings().weight.shape[0]
 
     def read(self, path: Path, reader: Callable, *args) -> object:
-        """reader(path, *args), once per version of the file (its resolved path, modification time and size) for the
+        """reader(path, *args), once per version of the file (its absolute path, modification time and size) for the
         same reader and (hashable) args."""
-        path = Path(path).resolve()
+        path = Path(path).absolute()
         try:
             stat = path.stat()
         except OSError:
@@ -90,10 +90,10 @@ class Patcher:
         None: weight) and embeddings (.file .token; token None: the file's own word). Every file is read and checked
         first (CheckpointError naming it): a bad one changes nothing."""
         loras = tuple(
-            LoraPatch(Path(x.file).resolve(), float(x.weight), float(x.weight if x.te_weight is None else x.te_weight))
+            LoraPatch(Path(x.file).absolute(), float(x.weight), float(x.weight if x.te_weight is None else x.te_weight))
             for x in loras
         )
-        embeddings = tuple(EmbeddingPatch(Path(x.file).resolve(), x.token) for x in embeddings)
+        embeddings = tuple(EmbeddingPatch(Path(x.file).absolute(), x.token) for x in embeddings)
         if (loras, embeddings) == (self.loras, self.embeddings):
             return
         plans = [self.read(lora.file, read_lora, self.model) for lora in loras]
