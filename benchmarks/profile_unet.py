@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from conftest import ROOT, randomize_  # noqa: E402
 from ldm.config import load_config  # noqa: E402
-from ldm.runtime import quantize_int8_  # noqa: E402
+from ldm.patcher import quantize_int8_  # noqa: E402
 from ldm.unet import UNetModel  # noqa: E402
 
 

@@ -4,19 +4,17 @@ Files read: AUTOMATIC1111 `.pt` (`string_to_param`, read with weights_only) and 
 `emb_params`), whose trigger word is the file's stem, and diffusers' `learned_embeds.safetensors` (`{token: tensor}`),
 whose trigger word is its key; a token given by the caller overrides both. An n-vector embedding becomes the tokens
 `tok`, `tok_1`, ... `tok_{n-1}` and the word `tok` in a prompt stands for all of them, as in diffusers (so a prompt
-gives diffusers' token ids).
+gives diffusers' token ids). ldm.patcher adds them to the model's text encoder and removes them again.
 """
 
 from __future__ import annotations
 
-import copy
 import pickle
 from pathlib import Path
 
 import torch
 
 from ldm.checkpoint import CheckpointError, read_state_dict
-from ldm.text_encoder import FrozenTextEncoder
 
 
 def read_embedding(path: str | Path) -> tuple[str, torch.Tensor]:
@@ -50,27 +48,15 @@ def read_embedding(path: str | Path) -> tuple[str, torch.Tensor]:
     return key, vectors.reshape(-1, vectors.shape[-1])
 
 
-def add_embedding_(text_encoder: FrozenTextEncoder, path: str | Path, token: str | None = None) -> list[str]:
-    """Give the text encoder the embedding's tokens, in place; returns them. The text encoder gets its own copy of
-    its tokenizer first (build_tokenizer's instance is shared), and its token-embedding table grows by n rows."""
-    word, vectors = read_embedding(path)
-    word = token or word
+def embedding_tokens(path: Path, word: str, vectors: torch.Tensor, vocab: set[str], width: int) -> list[str]:
+    """The tokens of an embedding file's (n, d) vectors: `word`, `word_1`... `word_{n-1}`; CheckpointError when d is
+    not the text encoder's width or a token is in the vocabulary already."""
     tokens = [word] + [f"{word}_{i}" for i in range(1, len(vectors))]
-    width = text_encoder.transformer.get_input_embeddings().weight.shape[1]
     if vectors.shape[1] != width:
         raise CheckpointError(
             f"{path}: a {vectors.shape[1]}-d embedding, but this model's text encoder takes {width}-d token vectors"
         )
-    tokenizer = copy.deepcopy(text_encoder.tokenizer)
-    known = [t for t in tokens if t in tokenizer.get_vocab()]
+    known = [t for t in tokens if t in vocab]
     if known:
         raise CheckpointError(f"{path}: the token '{known[0]}' is already in the vocabulary (give another: FILE:TOKEN)")
-    tokenizer.add_tokens(tokens)
-    ids = tokenizer.convert_tokens_to_ids(tokens)
-    text_encoder.transformer.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-    table = text_encoder.transformer.get_input_embeddings().weight
-    table.requires_grad_(False)
-    with torch.no_grad():
-        table[ids] = vectors.to(table)
-    text_encoder.tokenizer = tokenizer
     return tokens

@@ -1,4 +1,5 @@
-"""LoRA files merged into a model's weights: kohya / AUTOMATIC1111 (diffusers or CompVis names), diffusers / PEFT.
+"""LoRA files read for a model, which ldm.patcher merges: kohya / AUTOMATIC1111 (diffusers or CompVis names),
+diffusers / PEFT; and the LoRA layers train_unet.py trains.
 
 A LoRA (Hu et al. 2021, eq. 3) adds a low-rank update to the weight of a Linear or Conv2d layer:
 
@@ -45,11 +46,14 @@ UNSUPPORTED = {
     "lora_mid": "LoCon with a Tucker core (lora_mid)",
 }
 PREFIXES = {"lora_unet_": "unet_", "lora_te_": "te_", "unet.": "unet_", "text_encoder.": "te_"}
+# the layers a LoRA changes: Linear and Conv2d, and Linear layers quantized to int8 (merged into their float weights)
+INT8_LINEAR = torch.ao.nn.quantized.dynamic.Linear
+LAYERS = (nn.Linear, nn.Conv2d, INT8_LINEAR)
 
 
 def diffusers_layer_names(unet: nn.Module, cfg: UNetConfig) -> dict[str, str]:
-    """{CompVis module path: diffusers module path} of every Linear and Conv2d of the UNet."""
-    layers = [n for n, m in unet.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    """{CompVis module path: diffusers module path} of every layer of the UNet a LoRA may change (LAYERS)."""
+    layers = [n for n, m in unet.named_modules() if isinstance(m, LAYERS)]
     return {
         ours: theirs.removesuffix(".weight")
         for theirs, ours in rename({f"{n}.weight": n for n in layers}, unet_key_map(cfg)).items()
@@ -65,17 +69,21 @@ def layer_table(model: StableDiffusion) -> dict[str, str]:
         for name in (theirs, ours):
             table["unet_" + name.replace(".", "_")] = f"{UNET}{ours}.weight"
     for n, m in model.text_encoder.transformer.named_modules():
-        if isinstance(m, (nn.Linear, nn.Conv2d)):
+        if isinstance(m, LAYERS):
             for name in (n, "text_model." + n):
                 table["te_" + name.replace(".", "_")] = f"{TEXT}{n}.weight"
     return table
 
 
-def read_lora(model: StableDiffusion, path: str | Path) -> list[tuple[str, torch.Tensor, torch.Tensor, float]]:
+def weight_shape(model: StableDiffusion, key: str) -> torch.Size:
+    """The shape of the weight of a layer LAYERS lists, by state-dict key (an int8 Linear's weight is a method)."""
+    layer = model.get_submodule(key.removesuffix(".weight"))
+    return layer.weight().shape if isinstance(layer, INT8_LINEAR) else layer.weight.shape
+
+
+def read_lora(path: Path, model: StableDiffusion) -> list[tuple[str, torch.Tensor, torch.Tensor, float]]:
     """A LoRA file as [(state-dict key of the weight it changes, up, down, alpha / rank)], every layer checked against
     the model (CheckpointError naming the type, key or shapes otherwise): nothing is applied from a bad file."""
-    if any(isinstance(m, torch.ao.nn.quantized.dynamic.Linear) for m in model.unet.modules()):
-        raise CheckpointError(f"{path}: a LoRA merges into float weights, and this UNet is dynamic int8 (--quantize)")
     state, _ = read_state_dict(path)
     layers: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in state.items():
@@ -92,7 +100,7 @@ def read_lora(model: StableDiffusion, path: str | Path) -> list[tuple[str, torch
         layers.setdefault(key[: -len(part)], {})[PARTS[part]] = value
     if not layers:
         raise CheckpointError(f"{path}: no LoRA tensors inside")
-    table, weights, plan, unmatched = layer_table(model), model.state_dict(), [], []
+    table, plan, unmatched = layer_table(model), [], []
     for layer, parts in layers.items():
         if "down" not in parts or "up" not in parts:
             raise CheckpointError(f"{path}: layer '{layer}' has no {'down' if 'down' not in parts else 'up'} weight")
@@ -101,13 +109,13 @@ def read_lora(model: StableDiffusion, path: str | Path) -> list[tuple[str, torch
         if target is None:
             unmatched.append(layer)
             continue
-        up, down, w = parts["up"], parts["down"], weights[target]
+        up, down, shape = parts["up"], parts["down"], weight_shape(model, target)
         rank = down.shape[0]
-        fits = up.ndim >= 2 and up.shape[0] == w.shape[0] and up[0].numel() == rank and down.ndim >= 2
-        if not (fits and down.shape[1] == w.shape[1] and down[0].numel() == w[0].numel()):
+        fits = up.ndim >= 2 and up.shape[0] == shape[0] and up[0].numel() == rank and down.ndim >= 2
+        if not (fits and down.shape[1] == shape[1] and down[0].numel() == shape[1:].numel()):
             raise CheckpointError(
                 f"{path}: layer '{layer}' is up {tuple(up.shape)} x down {tuple(down.shape)}, "
-                f"but the model's weight is {tuple(w.shape)} (a LoRA for another architecture?)"
+                f"but the model's weight is {tuple(shape)} (a LoRA for another architecture?)"
             )
         alpha = float(parts["alpha"]) if "alpha" in parts else rank
         plan.append((target, up, down, alpha / rank))
@@ -115,33 +123,6 @@ def read_lora(model: StableDiffusion, path: str | Path) -> list[tuple[str, torch
         key = next(k for k in state if k.startswith(unmatched[0] + "."))
         raise CheckpointError(f"{path}: '{key}' matches no layer of this model ({len(unmatched)} layers unmatched)")
     return plan
-
-
-@torch.no_grad()
-def merge_lora_(
-    model: StableDiffusion,
-    path: str | Path,
-    weight: float,
-    originals: dict[str, torch.Tensor],
-    te_weight: float | None = None,
-) -> None:
-    """W += weight * alpha / rank * up @ down for every layer of the file, in place (the text encoder's layers with
-    te_weight when given, as A1111's `<lora:NAME:TE_W:UNET_W>`); `originals` receives a copy of each weight before
-    its first change (unmerge_loras_ puts them back)."""
-    for key, up, down, scale in read_lora(model, path):
-        w = model.get_parameter(key)
-        originals.setdefault(key, w.detach().clone())
-        delta = up.to(w.device, torch.float32).flatten(1) @ down.to(w.device, torch.float32).flatten(1)
-        layer_weight = te_weight if te_weight is not None and key.startswith(TEXT) else weight
-        w += (layer_weight * scale * delta).reshape(w.shape).to(w.dtype)
-
-
-@torch.no_grad()
-def unmerge_loras_(model: StableDiffusion, originals: dict[str, torch.Tensor]) -> None:
-    """The weights as they were before any LoRA, bit for bit."""
-    for key, original in originals.items():
-        model.get_parameter(key).copy_(original)
-    originals.clear()
 
 
 def a1111_hash(path: str | Path, addnet: bool = False) -> str:

@@ -2,11 +2,12 @@
 
 The loaded model's UNet and VAE decoder, weights as they are (LoRAs merged), are converted once with
 openvino.convert_model and cached on disk, keyed by a hash of their weights (one f32 graph, and one with int8 weights
-for "int8": the other precisions are a compile-time hint on the f32 graph); the pipeline then calls them where it
-would call the torch modules, so samplers, guidance, masks and metadata stay ldm's. The precision is explicit:
-"fp32" runs f32 (OpenVINO would run bf16 by default on a CPU with bf16 kernels), "bf16" runs bf16, "int8" compresses
-the weights to int8 (nncf.compress_weights) and runs f32; "default" leaves OpenVINO's own choice (the "OpenVINO
-alone" row of benchmarks/bench_txt2img.py).
+for "int8": the other precisions are a compile-time hint on the f32 graph). The weights are hashed only when the model
+or its patch version (ldm.patcher) differs from the last call's, not at each call. The pipeline then calls the compiled
+graphs where it would call the torch modules, so samplers, guidance, masks and metadata stay ldm's. The precision is
+explicit: "fp32" runs f32 (OpenVINO would run bf16 by default on a CPU with bf16 kernels), "bf16" runs bf16, "int8"
+compresses the weights to int8 (nncf.compress_weights) and runs f32; "default" leaves OpenVINO's own choice (the
+"OpenVINO alone" row of benchmarks/bench_txt2img.py).
 """
 
 from __future__ import annotations
@@ -75,10 +76,14 @@ class OpenVINO:
         self.ov, self.core, self.precision = openvino, openvino.Core(), precision
         self.cache = Path(cache or CACHE)
         self.parts: dict[str, tuple[str, object]] = {}  # part -> (weights hash, compiled model)
+        self.prepared: tuple[object, int] | None = None  # (model, patch version) the parts were compiled for
         self.conversion_seconds = 0.0
 
-    def prepare(self, model) -> None:
-        """Convert (or load from the cache) and compile the UNet and decoder of `model` as its weights are now."""
+    def prepare(self, model, version: int) -> None:
+        """Convert (or load from the cache) and compile the UNet and decoder of `model` as its weights are now, unless
+        they were compiled for this model at this patch version (ldm.patcher's) already."""
+        if self.prepared == (model, version):
+            return
         cfg = model.cfg
         h, w, d = cfg.image_size, cfg.image_size, cfg.unet.context_dim
         unet_example = (torch.randn(2, cfg.unet.in_channels, h, w), torch.tensor([500, 500]), torch.randn(2, 77, d))
@@ -87,6 +92,7 @@ class OpenVINO:
         self.compile_part(
             "decoder", decoder, DecodeCall(model.vae, cfg.scale_factor), (torch.randn(1, cfg.vae.embed_dim, h, w),)
         )
+        self.prepared = (model, version)
 
     def compile_part(self, part: str, weights: nn.Module, call: nn.Module, example: tuple) -> None:
         key = weights_hash(weights)

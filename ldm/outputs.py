@@ -102,16 +102,12 @@ def save_png(image: Image.Image, path: Path, facts: dict | None) -> Path:
     return path
 
 
-def png_facts(resolved: Request, request: Request, pipe: Pipeline, model: dict, hashes: dict) -> dict:
+def png_facts(resolved: Request, request: Request, pipe: Pipeline, model: dict) -> dict:
     """What every PNG of a request says (its prompt, seed, size and batch position added per image): the resolved
     settings, the files given (init image, mask, control images: request's), the model (model: model_facts and the
-    run's device and dtype), the LoRAs, embeddings and ControlNets with A1111's hashes (hashes: a cache, by file)."""
-
-    def hashed(path, digest: Callable = a1111_hash, **options) -> str:
-        if str(path) not in hashes:
-            hashes[str(path)] = digest(path, **options)
-        return hashes[str(path)]
-
+    run's device and dtype), the LoRAs, embeddings and ControlNets with A1111's hashes (each file read once, by the
+    pipeline's patcher)."""
+    hashed = pipe.patcher.read
     r = resolved
     facts = {
         "mode": "img2img" if r.mode != "txt2img" else "txt2img",
@@ -153,14 +149,14 @@ def png_facts(resolved: Request, request: Request, pipe: Pipeline, model: dict, 
         ]
     if r.loras:
         facts["loras"] = [lora_facts(lora, hashed) for lora in r.loras]
-    tokens = {e["file"]: e["tokens"] for e in pipe.textual_inversions}
     if r.embeddings:
+        tokens = {str(e.file): pipe.embedding_tokens(e.file) for e in r.embeddings}
         facts["embeddings"] = [
             {
                 "token": tokens[str(e.file)][0],
                 "file": str(e.file),
                 "vectors": len(tokens[str(e.file)]),
-                "hash": hashed(e.file),
+                "hash": hashed(e.file, a1111_hash),
             }
             for e in r.embeddings
         ]
@@ -175,7 +171,7 @@ def lora_facts(lora: LoraSpec, hashed: Callable) -> dict:
         "name": path.stem,
         "file": str(path),
         "weight": lora.weight,
-        "hash": hashed(path, addnet=path.suffix == ".safetensors"),
+        "hash": hashed(path, a1111_hash, path.suffix == ".safetensors"),
     }
     return facts if lora.te_weight in (None, lora.weight) else facts | {"te_weight": lora.te_weight}
 
@@ -198,11 +194,11 @@ def make_images(
     and the run (model_facts, device, dtype...); tagged: {prompt: (its text without <lora:...> tags, [(file,
     text-encoder weight, UNet weight)])}, each prompt's LoRAs beside request.loras; callback: Pipeline.generate's
     (an exception it raises stops the run, and the images written before stay)."""
-    number, seed, rows, first_facts, hashes = next_number(spec.outdir), request.seed, [], None, {}
+    number, seed, rows, first_facts = next_number(spec.outdir), request.seed, [], None
     maps = [] if spec.control_maps else None
     for prompt in request.prompts:
         text, tags = (tagged or {}).get(prompt, (prompt, []))
-        one = replace(request, prompts=(text,), loras=request.loras + tag_loras(tags))
+        one = replace(request, prompts=(text,), loras=(request.loras or ()) + tag_loras(tags))
         for _ in range(spec.n_iter):
             resolved = replace(one, seed=seed).resolved(pipe.cfg)
             trajectory = [] if spec.intermediates else None
@@ -211,7 +207,7 @@ def make_images(
                 yield save_png(control_map, spec.outdir / f"{number:05}-control-{k}.png", None)
             maps = None
             strips = pipe.trajectory_strips(trajectory) if trajectory is not None else [None] * len(batch)
-            facts = png_facts(resolved, one, pipe, model, hashes) if spec.metadata else None
+            facts = png_facts(resolved, one, pipe, model) if spec.metadata else None
             for pos, (image, strip) in enumerate(zip(batch, strips)):
                 size = {"width": image.width, "height": image.height, "batch_pos": pos}
                 image_facts = None if facts is None else facts | {"prompt": prompt, "seed": seed + pos} | size

@@ -36,15 +36,14 @@ from ldm.conditioning import Conditioner
 from ldm.controlnet import ControlNet, control_map, load_controlnet
 from ldm.decode import Decoder
 from ldm.denoiser import Denoiser
-from ldm.embeddings import add_embedding_
 from ldm.images import to_pil, to_tensor
-from ldm.lora import merge_lora_, unmerge_loras_
 from ldm.memory import VAE_TILE, check_memory, estimate_memory, machine_memory
 from ldm.model import StableDiffusion
 from ldm.modes import Txt2Img, mode_images, mode_of
 from ldm.openvino import OpenVINO
+from ldm.patcher import Patcher
 from ldm.request import EmbeddingSpec, InputError, LoraSpec, Request
-from ldm.runtime import BACKENDS, check_quantize, quantize_int8_
+from ldm.runtime import BACKENDS, check_quantize
 from ldm.samplers import Sampler
 
 OBSERVERS = ("progress", "callback", "trajectory", "control_maps")  # generate's keyword options
@@ -64,8 +63,9 @@ class Pipeline(nn.Module):
     activation ranges are taken per call, so image k of a batch then depends slightly on the rest of the batch);
     compile=True runs the UNet's forward through torch.compile (the first call compiles); backend="openvino" runs
     the UNet and VAE decoder converted to OpenVINO in `backend_precision` (ldm.openvino; converted at the first call
-    after the weights change, cached on disk). The text encoder is frozen, so the contexts of recent prompts are kept
-    (ldm.conditioning), keyed on `version`, which changes with the LoRAs and embeddings the weights carry.
+    after the LoRAs change, cached on disk). LoRAs and embeddings: `patcher` (ldm.patcher), which also keeps the
+    int8 UNet's float weights for LoRAs to merge into. The text encoder is frozen, so the contexts of recent prompts
+    are kept (ldm.conditioning), keyed on `version`, which changes with the LoRAs and embeddings the weights carry.
     """
 
     def __init__(
@@ -83,15 +83,11 @@ class Pipeline(nn.Module):
         self.model = model
         self.batch_memory = batch_memory if batch_memory is not None else machine_memory(self.device)[0] // 4
         self.conditioner = Conditioner(model.text_encoder)
-        self.version = 0  # changes whenever the LoRAs or embeddings merged into the weights change
-        self.loras: list[dict] = []  # the LoRA files merged by load_lora: file, weight, te_weight
-        self.request_loras: list[dict] = []  # those merged for the last request (patch), after them
-        self.lora_originals: dict[str, torch.Tensor] = {}  # the weights they changed, as they were
-        self.textual_inversions: list[dict] = []  # the embedding files loaded: file, tokens
+        self.patcher = Patcher(model)
         self.controlnets: dict[str, ControlNet] = {}  # the ControlNet files loaded, by path
         check_quantize(quantize, self.device, self.dtype)
         if quantize is not None:
-            quantize_int8_(self.unet)
+            self.patcher.quantize_int8()
         if backend not in BACKENDS:
             raise InputError(f"unknown backend '{backend}' (known: {', '.join(BACKENDS)})")
         self.openvino = OpenVINO(backend_precision) if backend == "openvino" else None
@@ -107,6 +103,11 @@ class Pipeline(nn.Module):
     cfg = property(lambda self: self.model.cfg)
     device = property(lambda self: next(self.model.parameters()).device)
     dtype = property(lambda self: next(self.model.parameters()).dtype)
+
+    @property
+    def version(self) -> int:
+        """The patcher's version: it changes exactly when the LoRAs and embeddings the weights carry do."""
+        return self.patcher.version
 
     @property
     def vae_factor(self) -> int:
@@ -170,9 +171,9 @@ class Pipeline(nn.Module):
         if self.openvino is not None and (r.deepcache or r.controls):
             what = "deepcache" if r.deepcache else "ControlNet"
             raise InputError(f"{what} runs on the torch UNet, not with the OpenVINO backend")
-        self.patch(r.loras, r.embeddings)
+        self.patch(r)
         if self.openvino is not None:
-            self.openvino.prepare(self.model)  # converts only when the weights changed (a LoRA, another model)
+            self.openvino.prepare(self.model, self.version)  # converts only when the LoRAs changed
         images = mode_images(r, self.vae_factor)
         controls = tuple(replace(c, net=self.controlnet(c.net)) for c in r.controls)
         maps = [control_map(c, r.height, r.width) for c in controls]
@@ -252,35 +253,29 @@ class Pipeline(nn.Module):
         decoded = [self.decode(trajectory[k]) for k in picks]
         return to_pil(torch.cat(decoded, dim=-1))
 
-    def patch(self, loras: tuple[LoraSpec, ...] = (), embeddings: tuple[EmbeddingSpec, ...] = ()) -> None:
-        """The weights carry the LoRAs of load_lora, then a request's `loras` (unmerged and merged again only when
-        they change), and at least its `embeddings` (an embedding loaded stays: the vocabulary only grows)."""
-        wanted = [{"file": str(lora.file), "weight": lora.weight, "te_weight": lora.te_weight} for lora in loras]
-        if wanted != self.request_loras:
-            unmerge_loras_(self.model, self.lora_originals)
-            for lora in self.loras + wanted:
-                merge_lora_(self.model, lora["file"], lora["weight"], self.lora_originals, lora["te_weight"])
-            self.request_loras = wanted
-            self.version += 1
-        loaded = {e["file"] for e in self.textual_inversions}
-        for embedding in embeddings:
-            if str(embedding.file) not in loaded:
-                self.load_embedding(embedding.file, embedding.token)
+    def patch(self, request: Request) -> None:
+        """The weights carry exactly the request's LoRAs and embeddings (ldm.patcher: from backups, each file read
+        once; nothing happens when the set is the one applied); None keeps the set applied."""
+        p = self.patcher
+        p.apply(
+            p.loras if request.loras is None else request.loras,
+            p.embeddings if request.embeddings is None else request.embeddings,
+        )
+
+    def embedding_tokens(self, file: str | Path) -> list[str]:
+        """The tokens of an embedding the weights carry (its trigger word first, then word_1, word_2...)."""
+        applied = dict(zip((e.file for e in self.patcher.embeddings), self.patcher.tokens))
+        return applied[Path(file).absolute()]
 
     def load_lora(self, path: str | Path, weight: float = 1.0, te_weight: float | None = None) -> None:
-        """Merge a LoRA file into the weights (ldm.lora: kohya / AUTOMATIC1111 with diffusers or CompVis names,
-        diffusers / PEFT): W += weight * alpha / rank * up @ down, the text encoder's layers at te_weight when given.
-        LoRAs stack, and stay for every request; a bad file changes nothing."""
-        merge_lora_(self.model, path, weight, self.lora_originals, te_weight)
-        self.loras.append({"file": str(path), "weight": weight, "te_weight": te_weight})
-        self.version += 1
+        """Merge a LoRA file into the weights beside those merged (ldm.lora: kohya / AUTOMATIC1111 with diffusers or
+        CompVis names, diffusers / PEFT): W += weight * alpha / rank * up @ down, the text encoder's layers at
+        te_weight when given. A bad file changes nothing."""
+        self.patcher.apply([*self.patcher.loras, LoraSpec(path, weight, te_weight)], self.patcher.embeddings)
 
     def unload_loras(self) -> None:
-        """The weights as they were before the first LoRA (load_lora's and requests'), bit for bit."""
-        unmerge_loras_(self.model, self.lora_originals)
-        self.loras.clear()
-        self.request_loras.clear()
-        self.version += 1
+        """The weights as they were before the first LoRA, bit for bit."""
+        self.patcher.apply((), self.patcher.embeddings)
 
     def controlnet(self, net: ControlNet | str | Path) -> ControlNet:
         """A request's ControlNet: itself when loaded, else its file loaded (load_controlnet), once per path."""
@@ -297,8 +292,6 @@ class Pipeline(nn.Module):
 
     def load_embedding(self, path: str | Path, token: str | None = None) -> list[str]:
         """A textual-inversion embedding (ldm.embeddings) as new words of the text encoder; returns its tokens (the
-        trigger word: `token`, else the file's, else its stem). The text model's vocabulary grows by its vectors."""
-        tokens = add_embedding_(self.text_encoder, path, token)
-        self.textual_inversions.append({"file": str(path), "tokens": tokens})
-        self.version += 1
-        return tokens
+        trigger word: `token`, else the file's, else its stem)."""
+        self.patcher.apply(self.patcher.loras, [*self.patcher.embeddings, EmbeddingSpec(path, token)])
+        return self.embedding_tokens(path)

@@ -102,7 +102,8 @@ class Request:
     height, width: None, the model's image size (img2img: the init image's, rounded down to the VAE factor).
     prompt_syntax: "a1111" (weights, BREAK) or "plain"; clip_skip: the text encoder's layer, from the end.
     controls: ControlNets, their residuals summed; guess_mode: they see the conditional half only, scaled 0.1..1.
-    loras, embeddings: the LoRAs and textual inversions the weights carry for this request.
+    loras, embeddings: the LoRAs and textual inversions the weights carry for this request (None: those they carry,
+    Pipeline.load_lora's and load_embedding's).
     deepcache N: the whole UNet every N-th call only (ldm.unet.DeepCache), the shallow branch deepcache_branch
     between.
     """
@@ -128,16 +129,18 @@ class Request:
     mask_blur: int | None = None
     controls: tuple[Control, ...] = ()
     guess_mode: bool = False
-    loras: tuple[LoraSpec, ...] = ()
-    embeddings: tuple[EmbeddingSpec, ...] = ()
+    loras: tuple[LoraSpec, ...] | None = None
+    embeddings: tuple[EmbeddingSpec, ...] | None = None
     deepcache: int | None = None
     deepcache_branch: int = 0
 
     def __post_init__(self):
         prompts = (self.prompts,) if isinstance(self.prompts, str) else self.prompts
-        for name, value in (("prompts", prompts), ("controls", self.controls), ("loras", self.loras)):
+        for name, value in (("prompts", prompts), ("controls", self.controls)):
             object.__setattr__(self, name, tuple(value))
-        object.__setattr__(self, "embeddings", tuple(self.embeddings))
+        for name in ("loras", "embeddings"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, tuple(getattr(self, name)))
         if self.outpaint is not None:
             object.__setattr__(self, "outpaint", tuple(self.outpaint))
 

@@ -1,15 +1,14 @@
 """How a pipeline runs, decided once from the command line's or the page's words: the device, the dtype ("auto"
-picks one for the machine), dynamic int8 quantization, torch.compile and the backend (torch or OpenVINO)."""
+picks one for the machine), dynamic int8 quantization (ldm.patcher.Patcher.quantize_int8 applies it), torch.compile
+and the backend (torch or OpenVINO)."""
 
 from __future__ import annotations
 
 import sys
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 
 from ldm.request import InputError
 
@@ -48,18 +47,6 @@ def check_quantize(quantize: str | None, device: torch.device, dtype: torch.dtyp
         raise InputError(
             f"quantize={quantize} is PyTorch's dynamic quantization: CPU and fp32 only, not {device.type} {dtype}"
         )
-
-
-def quantize_int8_(unet: nn.Module) -> None:
-    """PyTorch's dynamic int8 quantization of the UNet's Linear layers, in place (CPU, fp32, inference only): int8
-    weights with one scale per tensor, activations quantized at each call from their own range. Conv2d stays fp32:
-    torch.ao's dynamic conv is off by ~50% on the post-SiLU (non-negative) inputs of the ResBlock convs
-    (pytorch/pytorch#70480; left out of its default mapping for that reason)."""
-    from torch.ao.quantization import quantize_dynamic
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch.ao's notice that eager-mode quantization moves to torchao
-        quantize_dynamic(unet, {nn.Linear}, dtype=torch.qint8, inplace=True)
 
 
 @dataclass(frozen=True)

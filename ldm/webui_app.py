@@ -259,14 +259,14 @@ def pickers(session: Session, prompt) -> None:
         if not name:
             return text
         path = session.args.models_dir / "embeddings" / name
-        known = {e["file"]: e["tokens"][0] for e in session.pipe.textual_inversions}
-        if str(path) not in known:
+        if EmbeddingSpec(path) not in session.embeddings:
             try:
-                known[str(path)] = session.pipe.load_embedding(path)[0]
+                session.pipe.load_embedding(path)
             except LdmError as e:
                 raise gr.Error(str(e), print_exception=False) from None
             session.embeddings.append(EmbeddingSpec(path))
-        word = known[str(path)] if weight == 1 else f"({known[str(path)]}:{weight:g})"
+        token = session.pipe.embedding_tokens(path)[0]
+        word = token if weight == 1 else f"({token}:{weight:g})"
         return f"{text} {word}".strip()
 
     with gr.Accordion("LoRA and embeddings", open=False), gr.Row():

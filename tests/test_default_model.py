@@ -89,6 +89,6 @@ def test_the_shipped_lora_is_small_and_turns_the_pictures_green():
         pipe.load_lora(path, weight)
         images.append(np.asarray(pipe.txt2img("a red apple", steps=20, seed=0, progress=False)[0], dtype=np.float32))
         pipe.unload_loras()
-    assert np.array_equal(images[0], base) and len(pipe.lora_originals) == 0
+    assert np.array_equal(images[0], base) and len(pipe.patcher.backups) == 0
     green = [(im[..., 1] - im[..., 0]).mean() for im in (base, images[1])]
     assert green[1] > green[0] + 20, green

@@ -14,6 +14,7 @@ import pytest
 import torch
 from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline, StableDiffusionPipeline
 from PIL import Image
+from safetensors.torch import save_file
 
 from conftest import LATENT_ATOL, PROMPT, STEPS, assert_same, diffusers_run, ours_run, pixels, randomize_, tiny_model
 from ldm.checkpoint import save_diffusers_folder
@@ -463,7 +464,7 @@ def test_the_step_callback_sees_every_step_changes_nothing_and_can_stop_the_run(
 def test_openvino_fp32_backend_gives_the_torch_image(models, tmp_path, monkeypatch, capsys):
     """backend="openvino" in fp32: the UNet and VAE decoder converted to OpenVINO give torch's final latents and
     decoded image within 1e-4 (OpenVINO f32 runs the same arithmetic in another order); the converted files are cached
-    by the weights' hash, so a second pipeline converts nothing, and a LoRA-like weight change converts again."""
+    by the weights' hash, so a second pipeline converts nothing, and a LoRA converts again."""
     pytest.importorskip("openvino", reason="the OpenVINO backend needs openvino: pip install 'ldm[openvino]'")
     import ldm.openvino
 
@@ -478,8 +479,10 @@ def test_openvino_fp32_backend_gives_the_torch_image(models, tmp_path, monkeypat
     assert (pipe.decode(trajectory[-1]) - ov.decode(trajectory[-1])).abs().max() <= 1e-4
     ours_run(Pipeline(model, backend="openvino"), seed=1, n=1, steps=1)
     assert "converting" not in capsys.readouterr().err
-    with torch.no_grad():
-        model.unet.out[2].bias.add_(0.1)
+    w = model.unet.out[2].weight  # a LoRA on the last conv
+    lora = {"lora_unet_out_2.lora_down.weight": torch.full((1, *w.shape[1:]), 0.01)}
+    save_file(lora | {"lora_unet_out_2.lora_up.weight": torch.ones(w.shape[0], 1, 1, 1)}, tmp_path / "l.safetensors")
+    ov.load_lora(tmp_path / "l.safetensors")
     ours_run(ov, seed=1, n=1, steps=1)
     assert capsys.readouterr().err.count("note: converting the unet") == 1
     with pytest.raises(InputError, match="deepcache runs on the torch UNet"):

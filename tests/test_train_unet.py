@@ -698,12 +698,12 @@ def test_a_trained_lora_loads_in_diffusers_with_our_merged_weights(tmp_path, col
     for ours, name in diffusers_layer_names(lora_init.unet, lora_init.cfg.unet).items():
         weight = lora_init.unet.get_submodule(ours).weight
         torch.testing.assert_close(theirs[name].weight, weight, rtol=0, atol=1e-5, msg=name)
-        changed += not torch.equal(weight, pipe.lora_originals.get(f"{UNET}{ours}.weight", weight))
+        changed += not torch.equal(weight, pipe.patcher.backups.get(f"{UNET}{ours}.weight", weight))
     theirs = dict(ref.text_encoder.named_modules())
     for name, layer in lora_init.text_encoder.transformer.named_modules():
         if isinstance(layer, torch.nn.Linear):
             torch.testing.assert_close(theirs[name].weight, layer.weight, rtol=0, atol=1e-5, msg=name)
-            changed += not torch.equal(layer.weight, pipe.lora_originals.get(f"{TEXT}{name}.weight", layer.weight))
+            changed += not torch.equal(layer.weight, pipe.patcher.backups.get(f"{TEXT}{name}.weight", layer.weight))
     assert changed == len(ups)
     cli = ["--ckpt", tmp_path / "init.safetensors", "--prompt", "red", "--lora", path, "--H", 16, "--W", 16]
     assert txt2img.main([str(a) for a in [*cli, "--steps", 2, "--outdir", tmp_path / "out"]]) == 0
