@@ -181,6 +181,14 @@ def tag_loras(tags: list[tuple[Path, float, float]]) -> tuple[LoraSpec, ...]:
     return tuple(LoraSpec(path, unet_w, None if te_w == unet_w else te_w) for path, te_w, unet_w in tags)
 
 
+def image_facts(facts: dict, seed: int, batch: list[Image.Image]) -> dict | None:
+    """The facts of the last image of `batch` (its seed, size and position; seed: the batch's first), None for no
+    metadata (facts empty)."""
+    image = batch[-1]
+    size = {"width": image.width, "height": image.height, "batch_pos": len(batch) - 1}
+    return facts | {"seed": seed + len(batch) - 1} | size if facts else None
+
+
 def make_images(
     pipe: Pipeline,
     request: Request,
@@ -202,20 +210,22 @@ def make_images(
         for _ in range(spec.n_iter):
             resolved = replace(one, seed=seed).resolved(pipe.cfg)
             trajectory = [] if spec.intermediates else None
-            batch = pipe.generate(resolved, trajectory=trajectory, callback=callback, control_maps=maps)
-            for k, control_map in enumerate(maps or []):  # the maps of the first call (all calls use the same)
-                yield save_png(control_map, spec.outdir / f"{number:05}-control-{k}.png", None)
-            maps = None
-            strips = pipe.trajectory_strips(trajectory) if trajectory is not None else [None] * len(batch)
-            facts = png_facts(resolved, one, pipe, model) if spec.metadata else None
-            for pos, (image, strip) in enumerate(zip(batch, strips)):
-                size = {"width": image.width, "height": image.height, "batch_pos": pos}
-                image_facts = None if facts is None else facts | {"prompt": prompt, "seed": seed + pos} | size
-                first_facts = first_facts or image_facts
-                yield save_png(image, spec.outdir / f"{number:05}.png", image_facts)
-                if strip is not None:
-                    yield save_png(strip, spec.outdir / f"{number:05}-trajectory.png", image_facts)
-                number += 1
+            batch, facts = [], None
+            for images in pipe.sub_batches(resolved, trajectory=trajectory, callback=callback, control_maps=maps):
+                for k, control_map in enumerate(maps or []):  # the maps of the first call (all calls use the same)
+                    yield save_png(control_map, spec.outdir / f"{number:05}-control-{k}.png", None)
+                maps = None
+                if facts is None:  # once the first sub-batch has applied the request's LoRAs and embeddings
+                    facts = png_facts(resolved, one, pipe, model) | {"prompt": prompt} if spec.metadata else {}
+                for image in images:  # written as each sub-batch is made
+                    batch.append(image)
+                    yield save_png(image, spec.outdir / f"{number:05}.png", image_facts(facts, seed, batch))
+                    number += 1
+            strips = pipe.trajectory_strips(trajectory) if trajectory is not None else []
+            for pos, strip in enumerate(strips):
+                path = spec.outdir / f"{number - len(batch) + pos:05}-trajectory.png"
+                yield save_png(strip, path, image_facts(facts, seed, batch[: pos + 1]))
+            first_facts = first_facts or image_facts(facts, seed, batch[:1])
             seed += len(batch)
             rows.append(batch)
     if len(rows) * len(rows[0]) > 1 and spec.grid:  # one row per batch, carrying the first image's parameters

@@ -15,16 +15,17 @@ the mode (ldm.modes) says what happens at steps 1, 6 and 7, the denoiser (ldm.de
     7  image = mode.finish(D(z_0 / scale_factor))   inpainting: the unmasked pixels pasted back (ldm.decode)
 
 Image i of a request has its own CPU generator seeded seed + i (ldm.modes: diffusers' order of draws), so the same
-weights, seed and sampler give diffusers' image. A request runs in sub-batches whose estimated memory
-(`estimate_memory`) fits the machine; a request whose single image does not fit is refused before anything is
-allocated (ldm.memory.check_memory, which needs only the model's config).
+weights, seed and sampler give diffusers' image. A request runs in sub-batches of the size where throughput stops
+growing (SUB_BATCH_LATENTS) whose estimated memory (`estimate_memory`) fits the machine, each yielded as it is made
+(`sub_batches`); a request whose single image does not fit is refused before anything is allocated
+(ldm.memory.check_memory, which needs only the model's config).
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -47,17 +48,22 @@ from ldm.runtime import BACKENDS, check_quantize
 from ldm.samplers import Sampler
 
 OBSERVERS = ("progress", "callback", "trajectory", "control_maps")  # generate's keyword options
+# Latent pixels a sub-batch holds at most: the throughput knee. The embedded model (8x8 latents) on a 2-core CPU, 10
+# steps: 0.4 images/s alone, 1.0 at 16, 1.6 at 64, 2.1 at 128, 2.2 at 256 images a call; 128 such images. SD v1's
+# 64x64 latents: 2 images (a CPU is busy with one already); beyond it only memory grows and the first PNG waits.
+SUB_BATCH_LATENTS = 128 * 8 * 8
 
 
 class Pipeline(nn.Module):
     """txt2img / img2img / inpaint / outpaint for a StableDiffusion model (`.unet .vae .text_encoder .tokenizer .cfg`
     are its).
 
-    Memory: a request runs in sub-batches of the most images whose estimate_memory fits `batch_memory` bytes
-    (default: a quarter of the machine's memory, so the sub-batches, hence the images, are the same from run to run on
-    one machine). VAE decoding runs one image at a time, and in overlapping tiles of `vae_tile` latents a side,
-    blended over `vae_tile_overlap` latents, when a latent side is larger than `vae_tile` (ldm.decode); attention is
-    torch's SDPA (ldm.attention), which never materialises the full attention matrix where it has a kernel.
+    Memory: a request runs in sub-batches of images at the throughput knee (SUB_BATCH_LATENTS), fewer where their
+    estimate_memory does not fit `batch_memory` bytes (default: a quarter of the machine's memory, so the sub-batches,
+    hence the images, are the same from run to run on one machine); sub_batches yields each as it is made. VAE
+    decoding runs one image at a time, and in overlapping tiles of `vae_tile` latents a side, blended over
+    `vae_tile_overlap` latents, when a latent side is larger than `vae_tile` (ldm.decode); attention is torch's SDPA
+    (ldm.attention), which never materialises the full attention matrix where it has a kernel.
 
     Speed: quantize="int8" turns the model's UNet into a dynamic-int8 one (in place; CPU, fp32, inference only;
     activation ranges are taken per call, so image k of a batch then depends slightly on the rest of the batch);
@@ -151,7 +157,6 @@ class Pipeline(nn.Module):
         options |= {"outpaint": padding, "mask_blur": mask_blur, "strength": strength}
         return self.txt2img(prompts, init_image=init_image, **options)
 
-    @torch.inference_mode()
     def generate(
         self,
         request: Request,
@@ -166,6 +171,21 @@ class Pipeline(nn.Module):
         sub-batch's `steps` with its latents (a progress bar, previews; an exception it raises stops the run there);
         trajectory, a list that receives z_t (the UNet's input latents) of every step, then z_0; control_maps, a list
         that receives the control maps used, one per control (at the output size)."""
+        watch = dict(progress=progress, callback=callback, trajectory=trajectory, control_maps=control_maps)
+        return [image for batch in self.sub_batches(request, **watch) for image in batch]
+
+    @torch.inference_mode()
+    def sub_batches(
+        self,
+        request: Request,
+        *,
+        progress: bool = True,
+        callback: Callable[[int, int, torch.Tensor], None] | None = None,
+        trajectory: list[torch.Tensor] | None = None,
+        control_maps: list[Image.Image] | None = None,
+    ) -> Iterator[list[Image.Image]]:
+        """generate's images, a sub-batch at a time as each is made (a front end writes them as they come);
+        `trajectory` is filled once the last is made."""
         r = request.resolved(self.cfg)
         check_memory(r, self.cfg, self.device, self.dtype)
         if self.openvino is not None and (r.deepcache or r.controls):
@@ -185,7 +205,7 @@ class Pipeline(nn.Module):
         per_image = [p for p in r.prompts for _ in range(r.n_samples)]
         batch = self.batch_size(len(per_image), r.height, r.width, r.guided)
         strength = 1.0 if r.strength is None else r.strength
-        results, trajectories = [], []
+        trajectories = []
         for first in range(0, len(per_image), batch):
             seeds = range(r.seed + first, r.seed + min(first + batch, len(per_image)))
             generators = [torch.Generator().manual_seed(s) for s in seeds]
@@ -214,10 +234,9 @@ class Pipeline(nn.Module):
             )
             trajectories.append([] if trajectory is not None else None)
             desc = None if not progress else f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {seeds[0]}-{seeds[-1]}"
-            results += to_pil(self.sample(sub, run, generators, denoiser, desc, trajectories[-1], callback))
+            yield to_pil(self.sample(sub, run, generators, denoiser, desc, trajectories[-1], callback))
         if trajectory is not None:
             trajectory += [torch.cat(step) for step in zip(*trajectories)]
-        return results
 
     def sample(self, mode: Txt2Img, run: Sampler, generators, denoiser: Denoiser, desc, trajectory, callback):
         """Steps 2-7 of the loop in the module docstring for one sub-batch: its images, (B, 3, H, W) in [0, 1];
@@ -237,8 +256,11 @@ class Pipeline(nn.Module):
         return mode.finish(self.decode(latents))  # 7.
 
     def batch_size(self, n: int, height: int, width: int, guided: bool) -> int:
-        """The most images (at most n, at least 1) one sub-batch may hold: estimate_memory within batch_memory."""
-        low, high, fused = 1, n, self.device.type == "cpu"  # SDPA's fused kernels: measured on CPU only
+        """The images (at most n, at least 1) of one sub-batch: as many as the throughput knee (SUB_BATCH_LATENTS)
+        allows, and at most what fits in batch_memory (estimate_memory)."""
+        latents = (height // self.vae_factor) * (width // self.vae_factor)
+        low, high = 1, min(n, max(1, SUB_BATCH_LATENTS // latents))
+        fused = self.device.type == "cpu"  # SDPA's fused kernels: measured on CPU only
         tile = self.decode.tile
         while low < high:  # binary search for the largest b that fits
             mid = (low + high + 1) // 2

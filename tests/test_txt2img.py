@@ -22,11 +22,12 @@ from safetensors.torch import save_file
 import txt2img
 from conftest import ROOT, a1111, cli, randomize_
 from ldm import cli as cli_names
-from ldm import runtime
+from ldm import load_pipeline, pipeline, runtime
 from ldm.checkpoint import save_single_file
 from ldm.config import ModelConfig, load_config, to_dict
 from ldm.model import StableDiffusion
-from ldm.outputs import save_png
+from ldm.outputs import make_images, save_png
+from ldm.request import OutputSpec, Request
 from ldm.runtime import DTYPES, QUANTIZE
 from ldm.samplers import SAMPLERS
 
@@ -552,3 +553,17 @@ def test_dtype_auto_picks_bf16_where_the_cpu_has_bf16_kernels(files, tmp_path, m
     err = capsys.readouterr().err
     assert err.count("note: --dtype auto") == 1 and f"auto: {dtype} (this CPU has " in err
     assert json.loads(Image.open(out / "00001.png").text["ldm"])["dtype"] == dtype
+
+
+def test_images_are_written_as_their_sub_batch_is_made(files, tmp_path, monkeypatch):
+    """Sub-batches are sized at the throughput knee (SUB_BATCH_LATENTS, here two 16 px images) and each one's PNGs
+    are written before the next starts: a long run shows its first images at once. The same images as one batch."""
+    out, seen = tmp_path / "out", []
+    pipe = load_pipeline(files / "tiny4.safetensors")
+    request = Request("x", n_samples=5, steps=2, seed=3)
+    whole = pipe.generate(request, progress=False)
+    monkeypatch.setattr(pipeline, "SUB_BATCH_LATENTS", 2 * 8 * 8)
+    spec = OutputSpec(out, grid=False, metadata=False)
+    paths = list(make_images(pipe, request, spec, {}, callback=lambda *_: seen.append(len(list(out.glob("*.png"))))))
+    assert seen == [0, 0, 2, 2, 4, 4] and [p.name for p in paths] == [f"0000{i}.png" for i in range(5)]
+    assert all(np.array_equal(np.asarray(Image.open(p)), np.asarray(image)) for p, image in zip(paths, whole))
