@@ -20,37 +20,39 @@ import torch
 
 from ldm.conditioning import Conditioning
 from ldm.controlnet import control_residuals
-from ldm.request import Control
+from ldm.request import Control, Request
 from ldm.unet import DeepCache
 
 
 class Denoiser:
     """unet(x, t, context, **extra): the torch UNet (extra: control residuals, a DeepCache) or a stand-in taking
-    (x, t, context) only (the OpenVINO backend); steps: N, the steps of the run; unet_input: the mode's (the 9-channel
-    inpainting UNet's input); controls with loaded nets and their hints (1, 3, H, W) in [0, 1]; learn_sigma: the
-    UNet also predicts a variance, which stays the conditional branch's (as DiT samples)."""
+    (x, t, context) only (the OpenVINO backend); conditioning: the sub-batch's contexts; request: a resolved
+    ldm.request.Request (its scale, guidance_rescale, cfg_end, guess_mode, deepcache and deepcache_branch); steps: N,
+    the steps of the run; unet_input: the mode's (the 9-channel inpainting UNet's input); controls: the request's with
+    their nets loaded, hints their maps (1, 3, H, W) in [0, 1]; learn_sigma: the UNet also predicts a variance, which
+    stays the conditional branch's (as DiT samples)."""
 
     def __init__(
         self,
         unet: Callable,
         conditioning: Conditioning,
-        scale: float,
+        request: Request,
         steps: int,
-        guidance_rescale: float = 0.0,
-        cfg_end: float = 1.0,
         unet_input: Callable[[torch.Tensor], torch.Tensor] = lambda x: x,
         controls: tuple[Control, ...] = (),
         hints: list[torch.Tensor] = (),
-        guess_mode: bool = False,
-        deepcache: tuple[int, int] | None = None,
         learn_sigma: bool = False,
     ):
-        self.unet, self.conditioning, self.scale, self.steps = unet, conditioning, scale, steps
-        self.rescale, self.unet_input, self.learn_sigma = guidance_rescale, unet_input, learn_sigma
-        self.controls, self.hints, self.guess_mode = controls, hints, guess_mode
-        self.last_guided = int(steps * cfg_end) if conditioning.guided else -1
-        self.deepcache = deepcache
-        self.cache = DeepCache(*deepcache) if deepcache else None
+        self.unet, self.conditioning, self.request, self.steps = unet, conditioning, request, steps
+        self.unet_input, self.controls, self.hints = unet_input, controls, hints
+        self.learn_sigma = learn_sigma
+        self.last_guided = int(steps * request.cfg_end) if conditioning.guided else -1
+        self.cache = self.new_cache()
+
+    def new_cache(self) -> DeepCache | None:
+        """A DeepCache for the request's deepcache interval and branch (None without)."""
+        r = self.request
+        return DeepCache(r.deepcache, r.deepcache_branch) if r.deepcache else None
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, step: int) -> torch.Tensor:
         """The noise prediction for latents x (the sampler's scaled input) at timestep t, step `step` (0-based)."""
@@ -58,11 +60,13 @@ class Denoiser:
         guided = step <= self.last_guided
         if self.conditioning.guided and not guided:  # past cfg_end: the conditional half alone
             context = context.chunk(2)[1]
-            if step == self.last_guided + 1 and self.deepcache:
-                self.cache = DeepCache(*self.deepcache)
+            if step == self.last_guided + 1:
+                self.cache = self.new_cache()
         residuals = None
         if self.controls:
-            residuals = control_residuals(self.controls, self.hints, x, t, step, self.steps, context, self.guess_mode)
+            residuals = control_residuals(
+                self.controls, self.hints, x, t, step, self.steps, context, self.request.guess_mode
+            )
         # only what is set, so that a UNet stand-in taking (x, t, context) still works
         extra = {k: v for k, v in (("control", residuals), ("cache", self.cache)) if v is not None}
         x = self.unet_input(x)
@@ -72,9 +76,10 @@ class Denoiser:
         variance = None
         if self.learn_sigma:  # guide the prediction; the variance is the conditional branch's (as DiT samples)
             (e_uncond, _), (e_cond, variance) = e_uncond.chunk(2, dim=1), e_cond.chunk(2, dim=1)
-        e = e_uncond + self.scale * (e_cond - e_uncond)
-        if self.rescale:
+        e = e_uncond + self.request.scale * (e_cond - e_uncond)
+        phi = self.request.guidance_rescale
+        if phi:
             # guidance rescale (Lin et al. 2024, eq. 15-16): e_r = e * std(e_cond) / std(e); e = phi e_r + (1 - phi) e
             e_rescaled = e * (e_cond.std(dim=(1, 2, 3), keepdim=True) / e.std(dim=(1, 2, 3), keepdim=True))
-            e = self.rescale * e_rescaled + (1 - self.rescale) * e
+            e = phi * e_rescaled + (1 - phi) * e
         return e if variance is None else torch.cat([e, variance], dim=1)

@@ -157,21 +157,9 @@ class Pipeline(nn.Module):
         options |= {"outpaint": padding, "mask_blur": mask_blur, "strength": strength}
         return self.txt2img(prompts, init_image=init_image, **options)
 
-    def generate(
-        self,
-        request: Request,
-        *,
-        progress: bool = True,
-        callback: Callable[[int, int, torch.Tensor], None] | None = None,
-        trajectory: list[torch.Tensor] | None = None,
-        control_maps: list[Image.Image] | None = None,
-    ) -> list[Image.Image]:
-        """The images of `request` (ldm.request.Request: every setting). The keyword options watch the run and change
-        no image: progress, a bar per sub-batch; callback(i, steps, z_t), called after step i (from 0) of each
-        sub-batch's `steps` with its latents (a progress bar, previews; an exception it raises stops the run there);
-        trajectory, a list that receives z_t (the UNet's input latents) of every step, then z_0; control_maps, a list
-        that receives the control maps used, one per control (at the output size)."""
-        watch = dict(progress=progress, callback=callback, trajectory=trajectory, control_maps=control_maps)
+    def generate(self, request: Request, **watch) -> list[Image.Image]:
+        """The images of `request` (ldm.request.Request: every setting); `watch`: sub_batches' keyword options, which
+        watch the run and change no image."""
         return [image for batch in self.sub_batches(request, **watch) for image in batch]
 
     @torch.inference_mode()
@@ -184,8 +172,12 @@ class Pipeline(nn.Module):
         trajectory: list[torch.Tensor] | None = None,
         control_maps: list[Image.Image] | None = None,
     ) -> Iterator[list[Image.Image]]:
-        """generate's images, a sub-batch at a time as each is made (a front end writes them as they come);
-        `trajectory` is filled once the last is made."""
+        """The images of `request`, a sub-batch at a time as each is made (a front end writes them as they come).
+        The keyword options watch the run and change no image: progress, a bar per sub-batch; callback(i, steps,
+        z_t), called after step i (from 0) of each sub-batch's `steps` with its latents (a progress bar, previews; an
+        exception it raises stops the run there); trajectory, a list that receives z_t (the UNet's input latents) of
+        every step, then z_0, once the last sub-batch is made; control_maps, a list that receives the control maps
+        used, one per control (at the output size)."""
         r = request.resolved(self.cfg)
         check_memory(r, self.cfg, self.device, self.dtype)
         if self.openvino is not None and (r.deepcache or r.controls):
@@ -219,18 +211,7 @@ class Pipeline(nn.Module):
                 self.model, run, generators, self.cfg.vae.latent_shape(r.height, r.width), **images, strength=strength
             )
             denoiser = Denoiser(
-                unet,
-                conditioning,
-                r.scale,
-                len(run.timesteps),
-                r.guidance_rescale,
-                r.cfg_end,
-                sub.unet_input,
-                controls,
-                hints,
-                r.guess_mode,
-                (r.deepcache, r.deepcache_branch) if r.deepcache else None,
-                self.cfg.learn_sigma,
+                unet, conditioning, r, len(run.timesteps), sub.unet_input, controls, hints, self.cfg.learn_sigma
             )
             trajectories.append([] if trajectory is not None else None)
             desc = None if not progress else f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {seeds[0]}-{seeds[-1]}"
