@@ -21,7 +21,6 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from ldm import LdmError
 from ldm.config import (
     ConfigError,
     ModelConfig,
@@ -33,6 +32,7 @@ from ldm.config import (
     to_dict,
 )
 from ldm.diffusion import PARAMETERIZATION_TO_DIFFUSERS, scheduler_config
+from ldm.errors import CheckpointError
 from ldm.model import StableDiffusion
 
 TEXT = "cond_stage_model.transformer."
@@ -59,10 +59,6 @@ SCHEDULE_KEYS = {
     "model_ema.num_updates",
     TEXT + "text_model.embeddings.position_ids",
 }
-
-
-class CheckpointError(LdmError):
-    """A checkpoint that cannot be read or does not fit the model; the message names the file or key."""
 
 
 # ---------------------------------------------------------------- single files (SD v1 layout)

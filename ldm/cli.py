@@ -13,7 +13,7 @@ import argparse
 import sys
 from typing import Callable
 
-from ldm import LdmError
+from ldm.errors import LdmError
 
 # Choices known before torch loads. What they mean lives in ldm.samplers.SAMPLERS and ldm.pipeline.DTYPES / QUANTIZE;
 # tests/test_txt2img.py checks that the names agree.

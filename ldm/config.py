@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from ldm import LdmError
+from ldm.errors import LdmError
 
 
 class ConfigError(LdmError):

@@ -35,10 +35,12 @@ import torch.nn.functional as F
 from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
 from tqdm.auto import tqdm
 
-from ldm import LdmError
+from ldm import DEFAULT_MODEL
+from ldm.checkpoint import load_model
 from ldm.config import ModelConfig
 from ldm.controlnet import Control, ControlNet, control_residuals, load_controlnet
 from ldm.embeddings import add_embedding_
+from ldm.errors import LdmError
 from ldm.lora import merge_lora_, unmerge_loras_
 from ldm.memory import VAE_TILE, estimate_memory, machine_memory
 from ldm.model import StableDiffusion
@@ -755,3 +757,29 @@ class Pipeline(nn.Module):
         self.textual_inversions.append({"file": str(path), "tokens": tokens})
         self.embeddings.clear()
         return tokens
+
+
+def load_pipeline(
+    path: str | Path | None = None,
+    device: str = "cpu",
+    dtype=None,
+    config=None,
+    quantize: str | None = None,
+    compile: bool = False,
+    backend: str = "torch",
+    backend_precision: str = "fp32",
+):
+    """A checkpoint's models in eval mode, with txt2img / img2img / inpaint: `.unet .vae .text_encoder .tokenizer .cfg`.
+
+    path: an original SD v1 single file (.safetensors, or .ckpt read without running code), one of our
+    checkpoints, or a diffusers folder; None: the embedded emoji model (DEFAULT_MODEL). dtype: a torch dtype
+    (default float32). config: the architecture (a ModelConfig), when a single file does not carry it.
+    quantize="int8": a dynamic-int8 UNet (CPU, fp32); compile: torch.compile the UNet; backend="openvino": the UNet
+    and VAE decoder run converted to OpenVINO in backend_precision (fp32, bf16, int8, default; see Pipeline).
+    An in-memory StableDiffusion model becomes a pipeline with `Pipeline(model)`.
+    """
+    model = load_model(DEFAULT_MODEL if path is None else path, config)
+    model = model.to(device=device, dtype=torch.float32 if dtype is None else dtype).eval()
+    return Pipeline(
+        model, quantize=quantize, compile=compile, backend=backend, backend_precision=backend_precision
+    ).eval()

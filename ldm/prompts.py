@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-from ldm import LdmError
 from ldm.cli import SYNTAX_NAMES
+from ldm.errors import LdmError
 
 SYNTAXES = SYNTAX_NAMES  # "a1111" or "plain"; re-exported for ldm.pipeline
 CHUNK = 75  # prompt tokens per chunk: the encoder's 77 less its start and end tokens
