@@ -73,11 +73,13 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ldm.cache import LatentCache, build_cache, cache_key
-from ldm.checkpoint import CheckpointError, load_model, load_state_strict, save_single_file
+from ldm.checkpoint import load_model, save_single_file
 from ldm.config import ConfigError, TrainUNetConfig, to_dict
 from ldm.controlnet import Control, ControlNet, load_controlnet, save_controlnet
 from ldm.data import ImageCaptionDataset
 from ldm.diffusion import Diffusion
+from ldm.errors import CheckpointError
+from ldm.io import load_state_strict
 from ldm.lora import add_lora, save_lora
 from ldm.model import StableDiffusion
 from ldm.pipeline import Pipeline

@@ -53,10 +53,11 @@ from diffusers.optimization import get_scheduler
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ldm.checkpoint import load_model_or_vae, load_state_strict, save_single_file
+from ldm.checkpoint import load_model_or_vae, save_single_file
 from ldm.config import ConfigError, TrainVAEConfig, to_dict
 from ldm.data import ImageCaptionDataset, holdout_split, rotate_hue
 from ldm.eval_vae import evaluate, image_batches
+from ldm.io import load_state_strict
 from ldm.losses import GeneratorLoss, NLayerDiscriminator, discriminator_loss, load_lpips
 from ldm.model import StableDiffusion
 from ldm.training import (

@@ -33,8 +33,8 @@ from diffusers import UNet2DConditionModel  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from conftest import ROOT, randomize_  # noqa: E402
-from ldm.checkpoint import _vae_attn_shapes, diffusers_configs, rename, unet_key_map, vae_key_map  # noqa: E402
 from ldm.config import load_config  # noqa: E402
+from ldm.diffusers_names import diffusers_configs, rename, unet_key_map, vae_attn_shapes, vae_key_map  # noqa: E402
 from ldm.unet import UNetModel  # noqa: E402
 from ldm.vae import AutoencoderKL  # noqa: E402
 
@@ -58,7 +58,7 @@ def save_weights(kind: str, cfg, folder: Path) -> None:
         theirs = rename(state, unet_key_map(cfg.unet))
     else:
         state = randomize_(AutoencoderKL(cfg.vae)).state_dict()
-        theirs = _vae_attn_shapes(rename(state, vae_key_map(cfg.vae)), to_linear=True)
+        theirs = vae_attn_shapes(rename(state, vae_key_map(cfg.vae)), to_linear=True)
     save_file(state, folder / "ours.safetensors")
     save_file({k: v.contiguous() for k, v in theirs.items()}, folder / "diffusers.safetensors")
 

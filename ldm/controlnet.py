@@ -29,19 +29,10 @@ import torch.nn as nn
 from PIL import Image
 
 from ldm import LdmError
-from ldm.checkpoint import (
-    SCHEDULE_KEYS,
-    TEXT,
-    UNET,
-    VAE,
-    CheckpointError,
-    atomic_save,
-    load_state_strict,
-    read_state_dict,
-    rename,
-    unet_key_map,
-)
 from ldm.config import ModelConfig
+from ldm.diffusers_names import SCHEDULE_KEYS, TEXT, UNET, VAE, rename, unet_key_map
+from ldm.errors import CheckpointError
+from ldm.io import atomic_save, load_state_strict, read_state_dict
 from ldm.unet import UNetEncoder
 
 PREFIX = "control_model."

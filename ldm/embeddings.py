@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from ldm.checkpoint import CheckpointError, read_state_dict
+from ldm.errors import CheckpointError
+from ldm.io import read_state_dict
 from ldm.text_encoder import FrozenTextEncoder
 
 

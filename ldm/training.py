@@ -37,9 +37,9 @@ from accelerate.utils import SAFE_MODEL_NAME, ProjectConfiguration, gather_objec
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
-from ldm.checkpoint import CheckpointError
 from ldm.config import ConfigError, ModelConfig, apply_overrides, from_dict, load_yaml, to_dict
 from ldm.data import StreamSampler, collate, ignore_stop_signals
+from ldm.errors import CheckpointError
 from ldm.model import StableDiffusion
 
 CHECKPOINT_NAME = re.compile(r"^step-(\d+)$")

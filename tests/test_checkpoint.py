@@ -27,16 +27,10 @@ from transformers import AutoModel, CLIPTextConfig, CLIPTextModel
 
 from conftest import ROOT, compvis_original_config, randomize_
 from ldm import DEFAULT_MODEL, convert, load_pipeline
-from ldm.checkpoint import (
-    SCHEDULE_KEYS,
-    TEXT,
-    CheckpointError,
-    load_model,
-    save_diffusers_folder,
-    save_single_file,
-    to_sd_layout,
-)
+from ldm.checkpoint import load_model, save_diffusers_folder, save_single_file, to_sd_layout
 from ldm.config import TextEncoderConfig, load_config
+from ldm.diffusers_names import SCHEDULE_KEYS, TEXT
+from ldm.errors import CheckpointError
 from ldm.model import StableDiffusion
 from ldm.text_encoder import build_tokenizer
 

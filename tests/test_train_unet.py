@@ -24,7 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-import ldm.checkpoint
+import ldm.io
 import train_unet
 import txt2img
 from conftest import ROOT, WATCH_OPENS, check_corpus_run, launcher, run_in_process, write_bad_corpus
@@ -376,7 +376,7 @@ def test_disk_full_while_writing_a_checkpoint(tmp_path, colours, monkeypatch, ca
         monkeypatch.setattr(shutil, "disk_usage", lambda _: shutil._ntuple_diskusage(10**9, 10**9, 0))
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
 
-    module, name = (ldm.checkpoint, "save_file") if writer == "safetensors" else (torch, "save")
+    module, name = (ldm.io, "save_file") if writer == "safetensors" else (torch, "save")
     real = getattr(module, name)
     monkeypatch.setattr(
         module,
@@ -403,7 +403,7 @@ def test_disk_full_while_writing_a_checkpoint(tmp_path, colours, monkeypatch, ca
 
 def test_disk_full_while_writing_the_final_model(tmp_path, colours, monkeypatch, capsys):
     run_dir = tmp_path / "run"
-    real = ldm.checkpoint.save_file
+    real = ldm.io.save_file
 
     def save_file(tensors, path, *args, **kwargs):
         if Path(path).parent != run_dir:
@@ -411,7 +411,7 @@ def test_disk_full_while_writing_the_final_model(tmp_path, colours, monkeypatch,
         Path(path).write_bytes(b"\0" * 1000)
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(ldm.checkpoint, "save_file", save_file)
+    monkeypatch.setattr(ldm.io, "save_file", save_file)
     argv = [
         "--config",
         str(CONFIG),
