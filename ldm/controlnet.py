@@ -23,22 +23,20 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
 from PIL import Image
 
 from ldm import LdmError
-from ldm.config import ModelConfig
+from ldm.config import CONTROL_PREPROCESS_NAMES, ModelConfig
 from ldm.diffusers_names import SCHEDULE_KEYS, TEXT, UNET, VAE, rename, unet_key_map
 from ldm.errors import CheckpointError
+from ldm.images import canny
 from ldm.io import atomic_save, load_state_strict, read_state_dict
 from ldm.unet import UNetEncoder
 
 PREFIX = "control_model."
 HINT_CHANNELS = (16, 32, 96, 256)  # input_hint_block's widths: after its first conv and after each halving
-PREPROCESSORS = ("none", "canny")
-CANNY_THRESHOLDS = (100, 200)  # cv2.Canny's low and high hysteresis thresholds, lllyasviel's annotator defaults
 
 
 class ControlNet(UNetEncoder):
@@ -137,16 +135,6 @@ def save_controlnet(net: ControlNet, path: str | Path, dtype: torch.dtype | None
     atomic_save(state, path, {"format": "pt"})
 
 
-def canny(image: Image.Image, thresholds: tuple[int, int] = CANNY_THRESHOLDS) -> Image.Image:
-    """OpenCV's Canny edges of an RGB image (gradients of all three channels), white on black, as RGB."""
-    try:
-        import cv2
-    except ImportError:
-        raise LdmError("--control-preprocess canny needs OpenCV: pip install 'ldm[controlnet]'") from None
-    edges = cv2.Canny(np.asarray(image.convert("RGB")), *thresholds)
-    return Image.fromarray(edges).convert("RGB")
-
-
 @dataclass
 class Control:
     """One ControlNet of a generation: the network, its control image (`preprocess`: "none", the image is the map;
@@ -160,8 +148,9 @@ class Control:
     end: float = 1.0
 
     def check(self) -> None:
-        if self.preprocess not in PREPROCESSORS:
-            raise LdmError(f"unknown control preprocessing '{self.preprocess}' (known: {', '.join(PREPROCESSORS)})")
+        if self.preprocess not in CONTROL_PREPROCESS_NAMES:
+            known = ", ".join(CONTROL_PREPROCESS_NAMES)
+            raise LdmError(f"unknown control preprocessing '{self.preprocess}' (known: {known})")
         if not math.isfinite(self.scale):
             raise LdmError(f"a control scale must be a finite number, got {self.scale}")
         if not 0 <= self.start < self.end <= 1:

@@ -40,7 +40,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import Dataset, Sampler
 
 from ldm import LdmError
-from ldm.controlnet import canny
+from ldm.images import canny
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")

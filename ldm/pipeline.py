@@ -45,7 +45,7 @@ from ldm.lora import merge_lora_, unmerge_loras_
 from ldm.memory import VAE_TILE, estimate_memory, machine_memory
 from ldm.model import StableDiffusion
 from ldm.openvino import OpenVINO
-from ldm.prompts import SYNTAXES, prompt_contexts
+from ldm.prompts import SYNTAX_NAMES, prompt_contexts
 from ldm.samplers import Sampler, check_sampler
 from ldm.unet import DeepCache, skip_branches
 
@@ -608,8 +608,8 @@ class Pipeline(nn.Module):
         """Text context for the UNet, a prompt per image: (n, 77 k, d); the negative prompt's in front when guided.
         Contexts of fewer chunks than the longest get the empty prompt's chunk appended (A1111's pad_cond_uncond), so
         guidance stays one batched UNet call."""
-        if prompt_syntax not in SYNTAXES:
-            raise InputError(f"unknown prompt syntax '{prompt_syntax}' (known: {', '.join(SYNTAXES)})")
+        if prompt_syntax not in SYNTAX_NAMES:
+            raise InputError(f"unknown prompt syntax '{prompt_syntax}' (known: {', '.join(SYNTAX_NAMES)})")
         layers = self.text_encoder.num_layers
         if not 1 <= clip_skip <= layers:
             raise InputError(f"clip skip must be from 1 to {layers} (the text encoder's layers), got {clip_skip}")

@@ -23,13 +23,16 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from ldm.cli import SYNTAX_NAMES
 from ldm.errors import LdmError
 
-SYNTAXES = SYNTAX_NAMES  # "a1111" or "plain"; re-exported for ldm.pipeline
+if TYPE_CHECKING:
+    import torch
+
+# AUTOMATIC1111's prompt syntax, or every character literal. This module imports no torch (the tensors come in through
+# the text encoder), so the command lines take these names before torch loads.
+SYNTAX_NAMES = ("a1111", "plain")
 CHUNK = 75  # prompt tokens per chunk: the encoder's 77 less its start and end tokens
 COMMA_BACKTRACK = 20  # A1111's default comma_padding_backtrack: a comma this near the end of a full chunk splits it
 BREAK = None  # the weight that marks a BREAK in parse()'s output
@@ -170,7 +173,7 @@ def emphasize(z: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     w = weights.to(z.dtype)[..., None]
     weighted = z * w
     rescaled = weighted * (z.mean(dim=(1, 2), keepdim=True) / weighted.mean(dim=(1, 2), keepdim=True))
-    return torch.where((w == 1).all(dim=1, keepdim=True), z, rescaled)
+    return z.where((w == 1).all(dim=1, keepdim=True), rescaled)
 
 
 def prompt_contexts(text_encoder, prompts: list[str], syntax: str = "a1111", clip_skip: int = 1) -> list[torch.Tensor]:
@@ -185,6 +188,6 @@ def prompt_contexts(text_encoder, prompts: list[str], syntax: str = "a1111", cli
     ]
     flat = [c for chunks in per_prompt for c in chunks]
     ids = text_encoder.frame([ids for ids, _ in flat]).to(text_encoder.transformer.device)
-    weights = torch.tensor([[1.0, *w] + [1.0] * (CHUNK + 1 - len(w)) for _, w in flat], device=ids.device)
-    states = emphasize(text_encoder(ids, clip_skip=clip_skip), weights)
+    z = text_encoder(ids, clip_skip=clip_skip)
+    states = emphasize(z, z.new_tensor([[1.0, *w] + [1.0] * (CHUNK + 1 - len(w)) for _, w in flat]))
     return [s.flatten(0, 1) for s in states.split([len(chunks) for chunks in per_prompt])]

@@ -18,8 +18,8 @@ from PIL import Image, ImageFilter
 from ldm import DEFAULT_MODEL, LdmError, load_pipeline
 from ldm.cli import CONTROL_PREPROCESS_NAMES, SAMPLER_NAMES, SYNTAX_NAMES
 from ldm.config import ModelConfig
-from ldm.controlnet import canny
 from ldm.explorer import forward_process, reverse_process, step_view
+from ldm.images import canny
 from ldm.outputs import (
     control_units,
     embedding_facts,

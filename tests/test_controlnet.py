@@ -38,7 +38,8 @@ from conftest import (
 )
 from ldm import LdmError
 from ldm.checkpoint import CheckpointError, diffusers_configs, save_diffusers_folder, save_single_file
-from ldm.controlnet import CANNY_THRESHOLDS, Control, ControlNet, canny, load_controlnet, save_controlnet
+from ldm.controlnet import Control, ControlNet, load_controlnet, save_controlnet
+from ldm.images import CANNY_THRESHOLDS, canny
 from ldm.pipeline import Pipeline
 from ldm.samplers import make_scheduler
 from ldm.unet import UNetModel
