@@ -10,6 +10,7 @@ from pathlib import Path
 from ldm.errors import CheckpointError, LdmError
 
 __all__ = [
+    "ASSETS",
     "DEFAULT_MODEL",
     "CheckpointError",
     "LdmError",
@@ -21,8 +22,10 @@ __all__ = [
     "load_pipeline",
 ]
 
+# What ships in the package: the CLIP vocabulary, the embedded model and its add-ons, each a folder with its card
+ASSETS = Path(__file__).parent / "assets"
 # The embedded model: 32x32 emoji from text, trained by this project's scripts (its card: README.md beside it).
-DEFAULT_MODEL = Path(__file__).parent / "assets" / "emoji" / "model.safetensors"
+DEFAULT_MODEL = ASSETS / "emoji" / "model.safetensors"
 
 _LAZY = {
     "load_model": "ldm.checkpoint",

@@ -15,7 +15,8 @@ one is literal text; BREAK (the word, in capitals) ends the current chunk. `(x: 
 not a weight in A1111, so not here either: it reads as `(x: 1.2)` with x1.1 on the text inside.
 Syntax "plain": every character is literal (A1111's "Emphasis: None"); long prompts are still chunked.
 Training captions never come here: the trainers and the cache call the text encoder's own tokenize / encode.
-`<lora:NAME:W>` tags are taken out of the prompt by `lora_tags` (txt2img.py loads their files).
+`<lora:NAME:W>` tags are taken out of the prompt by `lora_tags` (txt2img.py loads their files: the --lora-dir's, else
+the shipped add-ons').
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ldm import ASSETS
 from ldm.errors import LdmError
 
 if TYPE_CHECKING:
@@ -56,8 +58,9 @@ LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt")
 
 def lora_tags(prompt: str, lora_dir: str | Path) -> tuple[str, list[tuple[Path, float, float]]]:
     """AUTOMATIC1111's LoRA tags: `<lora:NAME:W>` (W for the text encoder and the UNet; no W: 1) and
-    `<lora:NAME:TE_W:UNET_W>`. -> the prompt without its tags, and [(lora_dir/NAME.safetensors (or .pt, .ckpt),
-    text-encoder weight, UNet weight)]. PromptError names a tag whose file or weight is not there."""
+    `<lora:NAME:TE_W:UNET_W>`. -> the prompt without its tags, and [(the file, text-encoder weight, UNet weight)]: the
+    file is lora_dir/NAME.safetensors (or .pt, .ckpt), else a shipped add-on's ldm/assets/*/NAME.safetensors (so
+    `<lora:emoji-gameboy:1>` needs no flag). PromptError names a tag whose file or weight is not there."""
     found = []
     for m in LORA_TAG.finditer(prompt):
         name, numbers = m[1].strip(), [w.strip() for w in m[2].split(":")[1:]]
@@ -68,9 +71,13 @@ def lora_tags(prompt: str, lora_dir: str | Path) -> tuple[str, list[tuple[Path, 
         if not all(math.isfinite(w) for w in weights):
             raise PromptError(f"{m[0]}: the weights must be finite numbers")
         candidates = [Path(lora_dir) / f"{name}{suffix}" for suffix in LORA_SUFFIXES]
+        candidates += [folder / f"{name}.safetensors" for folder in sorted(ASSETS.iterdir())]
         path = next((candidate for candidate in candidates if candidate.is_file()), None)
         if path is None:
-            raise PromptError(f"{m[0]}: no {name}.safetensors (or .pt, .ckpt) in the LoRA folder {lora_dir}")
+            raise PromptError(
+                f"{m[0]}: no {name}.safetensors (or .pt, .ckpt) in the LoRA folder {lora_dir} nor among the shipped "
+                f"add-ons ({ASSETS})"
+            )
         found.append((path, weights[0], weights[-1]))
     return LORA_TAG.sub("", prompt), found
 
