@@ -26,6 +26,7 @@ from ldm.diffusers_names import (
     VAE,
     config_from_diffusers,
     diffusers_configs,
+    diffusers_readme,
     rename,
     unet_key_map,
     vae_attn_shapes,
@@ -180,7 +181,8 @@ def load_diffusers_folder(folder: str | Path) -> StableDiffusion:
 
 def save_diffusers_folder(model: StableDiffusion, folder: str | Path) -> None:
     """The folder that diffusers.StableDiffusionPipeline.from_pretrained loads (no safety checker), with a CLIP text
-    model or a local one (MiniLM: BertModel + BertTokenizer, its padding masked as ours)."""
+    model or a local one (MiniLM: BertModel + BertTokenizer, its padding masked as ours), the model's own sampler as
+    its scheduler, and a README.md naming the steps and guidance to pass."""
     folder = Path(folder)
     cfg = model.cfg
     configs = diffusers_configs(cfg)
@@ -208,13 +210,14 @@ def save_diffusers_folder(model: StableDiffusion, folder: str | Path) -> None:
         "vae": ["diffusers", "AutoencoderKL"],
         "text_encoder": ["transformers", type(text.transformer).__name__],  # CLIPTextModel, or e.g. BertModel
         "tokenizer": ["transformers", type(text.tokenizer).__name__],
-        "scheduler": ["diffusers", "PNDMScheduler"],
+        "scheduler": ["diffusers", configs["scheduler"]["_class_name"]],  # the model's sampler
         "safety_checker": [None, None],
         "feature_extractor": [None, None],
         "requires_safety_checker": False,
     }
     (folder / "model_index.json").write_text(json.dumps(index, indent=2))
     (folder / SAMPLING_FILE).write_text(json.dumps(to_dict(cfg.sampling), indent=2))
+    (folder / "README.md").write_text(diffusers_readme(cfg, folder.name))
 
 
 def load_model(path: str | Path, cfg: ModelConfig | None = None, use_ema: bool = True) -> StableDiffusion:

@@ -21,6 +21,7 @@ from ldm.config import (
 )
 from ldm.diffusion import PARAMETERIZATION_TO_DIFFUSERS, scheduler_config
 from ldm.errors import CheckpointError
+from ldm.samplers import SAMPLERS
 
 TEXT = "cond_stage_model.transformer."
 UNET = "model.diffusion_model."
@@ -156,7 +157,9 @@ def _heads_per_block(cfg: UNetConfig) -> list[int]:
 
 
 def diffusers_configs(cfg: ModelConfig) -> dict[str, dict]:
-    """config.json of unet/, vae/ and scheduler/ for a diffusers folder of this model."""
+    """config.json of unet/, vae/ and scheduler/ for a diffusers folder of this model. The scheduler is the model's
+    own sampler (cfg.sampling.sampler, its class and options as ldm.samplers makes it), so a pipeline loaded from the
+    folder samples as txt2img.py does; diffusers' own default steps and guidance are SD v1's (diffusers_readme)."""
     u, v = cfg.unet, cfg.vae
     if v.attn_resolutions:
         raise CheckpointError(
@@ -191,7 +194,31 @@ def diffusers_configs(cfg: ModelConfig) -> dict[str, dict]:
         "norm_num_groups": v.num_groups,
         "scaling_factor": cfg.scale_factor,
     }
-    return {"unet": unet, "vae": vae, "scheduler": scheduler_config(cfg)}
+    cls, options, _ = SAMPLERS[cfg.sampling.sampler]
+    scheduler = scheduler_config(cfg) | {"_class_name": cls.__name__} | options
+    return {"unet": unet, "vae": vae, "scheduler": scheduler}
+
+
+def diffusers_readme(cfg: ModelConfig, name: str) -> str:
+    """The README.md of an exported diffusers folder: diffusers' pipelines default to 50 steps at guidance 7.5 (SD
+    v1's), which draws garbage with a model tuned for others, so it names the steps and guidance to pass."""
+    s = cfg.sampling
+    sampler_class = SAMPLERS[s.sampler][0].__name__
+    return f"""# {name}
+
+A Stable Diffusion v1 model that ldm exported as a diffusers folder. Its `scheduler/` is the
+model's own sampler ({s.sampler}: diffusers' {sampler_class}); pass its steps and guidance, not diffusers' defaults
+(50 steps, guidance 7.5):
+
+```python
+from diffusers import StableDiffusionPipeline
+
+pipe = StableDiffusionPipeline.from_pretrained("{name}")
+image = pipe("a red apple", num_inference_steps={s.steps}, guidance_scale={s.scale}).images[0]
+```
+
+The same settings are in `{SAMPLING_FILE}` (sampler, steps, scale), which ldm reads back.
+"""
 
 
 def config_from_diffusers(folder: Path) -> ModelConfig:
