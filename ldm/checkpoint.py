@@ -16,6 +16,7 @@ from pathlib import Path
 import diffusers
 import torch
 from safetensors import SafetensorError, safe_open
+from transformers import CLIPTokenizer
 
 from ldm.config import ConfigError, ModelConfig, from_dict, to_dict
 from ldm.diffusers_names import (
@@ -173,8 +174,6 @@ def load_diffusers_folder(folder: str | Path) -> StableDiffusion:
     load_state_strict(model, state, str(folder))
     tokenizer_dir = folder / "tokenizer"
     if (tokenizer_dir / "vocab.json").exists():
-        from transformers import CLIPTokenizer
-
         model.cond_stage_model.tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir))
     return model
 
