@@ -206,9 +206,8 @@ def diffusers_readme(cfg: ModelConfig, name: str) -> str:
     sampler_class = SAMPLERS[s.sampler][0].__name__
     return f"""# {name}
 
-A Stable Diffusion v1 model that ldm exported as a diffusers folder. Its `scheduler/` is the
-model's own sampler ({s.sampler}: diffusers' {sampler_class}); pass its steps and guidance, not diffusers' defaults
-(50 steps, guidance 7.5):
+A Stable Diffusion v1 model that ldm exported as a diffusers folder. Its `scheduler/` is the model's own sampler
+({s.sampler}: diffusers' {sampler_class}); pass its steps and guidance, not diffusers' defaults (50 steps, 7.5):
 
 ```python
 from diffusers import StableDiffusionPipeline
