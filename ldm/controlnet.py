@@ -27,10 +27,9 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from ldm import LdmError
 from ldm.config import CONTROL_PREPROCESS_NAMES, ModelConfig
 from ldm.diffusers_names import SCHEDULE_KEYS, TEXT, UNET, VAE, rename, unet_key_map
-from ldm.errors import CheckpointError
+from ldm.errors import CheckpointError, LdmError
 from ldm.images import canny
 from ldm.io import atomic_save, load_state_strict, read_state_dict
 from ldm.unet import UNetEncoder
