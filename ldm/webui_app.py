@@ -331,7 +331,9 @@ def generation_tab(session: Session, mode: str) -> dict:
                 go = gr.Button("Generate", variant="primary", elem_id=f"{mode}-generate")
                 stop = gr.Button("Interrupt", elem_id=f"{mode}-interrupt")
             preview = gr.Image(label="Preview", format="png", interactive=False, height=160, elem_id=f"{mode}-preview")
-            gallery = gr.Gallery(label="Images", format="png", columns=4, elem_id=f"{mode}-gallery")
+            gallery = gr.Gallery(
+                label="Images", format="png", columns=4, object_fit="contain", elem_id=f"{mode}-gallery"
+            )  # contain: an outpainted image whole, not cropped to a square
             text = gr.Textbox(label="Parameters", lines=4, interactive=False, elem_id=f"{mode}-info")
     names = list(c)
 

@@ -264,23 +264,24 @@ def test_the_server_prints_its_address_and_no_share_link_hint(server):
 
 SHOWN = """const img = arguments[0], box = img.getBoundingClientRect(), style = getComputedStyle(img);
 const fit = Math.min(box.width / img.naturalWidth, box.height / img.naturalHeight);
-return [img.src, {contain: fit, "scale-down": Math.min(fit, 1), none: 1}[style.objectFit], style.imageRendering];"""
+return [img.src, fit, style.objectFit, style.imageRendering];"""
 
 
 def shown(browser, elem_id: str) -> tuple[Image.Image, float]:
     """The file an image element of the page shows, and its scale on screen (screen pixels per image pixel, as the
-    element's box and object-fit draw it); nearest neighbour."""
+    element's box and object-fit draw it: whole, not cropped); nearest neighbour."""
     img = WebDriverWait(browser, 120).until(lambda b: b.find_elements(By.CSS_SELECTOR, f"#{elem_id} img"))[0]
-    url, scale, rendering = browser.execute_script(SHOWN, img)
+    url, fit, object_fit, rendering = browser.execute_script(SHOWN, img)
     assert rendering == "pixelated"
-    return download(url), scale
+    return download(url), {"contain": fit, "scale-down": min(fit, 1)}[object_fit]
 
 
 def test_small_images_are_shown_enlarged_and_served_as_made(page, server, tmp_path):
     """The embedded model's 32 px images fill their boxes (not a thumbnail in a large empty box); the files stay."""
     generate_txt2img(page, server[1], steps=10)  # a preview at step 5
-    png, scale = shown(page, "txt2img-preview")
-    assert png.size == (32, 32) and scale >= 4
+    for elem_id in ("txt2img-preview", "txt2img-gallery"):  # the gallery: whole images (an outpainted one too)
+        png, scale = shown(page, elem_id)
+        assert png.size == (32, 32) and scale >= 3
     random_image(tmp_path / "init.png", 4)
     tab(page, "Diffusion explorer")
     upload(page, "explorer-image", tmp_path / "init.png")
