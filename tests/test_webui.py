@@ -262,16 +262,19 @@ def test_the_server_prints_its_address_and_no_share_link_hint(server):
     assert "share=True" not in log
 
 
-SHOWN = """const img = arguments[0], box = img.getBoundingClientRect(), style = getComputedStyle(img);
+SHOWN = """const img = document.querySelector(arguments[0]);
+if (!img || !img.complete || !img.naturalWidth) return null;
+const box = img.getBoundingClientRect(), style = getComputedStyle(img);
 const fit = Math.min(box.width / img.naturalWidth, box.height / img.naturalHeight);
 return [img.src, fit, style.objectFit, style.imageRendering];"""
 
 
 def shown(browser, elem_id: str) -> tuple[Image.Image, float]:
-    """The file an image element of the page shows, and its scale on screen (screen pixels per image pixel, as the
-    element's box and object-fit draw it: whole, not cropped); nearest neighbour."""
-    img = WebDriverWait(browser, 120).until(lambda b: b.find_elements(By.CSS_SELECTOR, f"#{elem_id} img"))[0]
-    url, fit, object_fit, rendering = browser.execute_script(SHOWN, img)
+    """The file an image element of the page shows (once loaded), and its scale on screen (screen pixels per image
+    pixel, as the element's box and object-fit draw it: whole, not cropped); nearest neighbour."""
+    url, fit, object_fit, rendering = WebDriverWait(browser, 120).until(
+        lambda b: b.execute_script(SHOWN, f"#{elem_id} img")
+    )
     assert rendering == "pixelated"
     return download(url), {"contain": fit, "scale-down": min(fit, 1)}[object_fit]
 
