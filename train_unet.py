@@ -4,13 +4,15 @@ r"""Train the text-conditioned UNet of ldm (Stable Diffusion v1) from scratch or
     accelerate launch --num_processes 8 train_unet.py --config my.yaml [--resume latest] [--cache-latents] \
         [--learn-sigma] [--lora RANK] [--controlnet]
 
-Top to bottom: config -> Accelerator -> models -> data (or the latent cache) -> optimizer -> resume -> the loop
-(noise, loss, optimizer step, EMA, logging, checkpoints) -> <output_dir>/model.safetensors, a single-file
-checkpoint (EMA weights in the UNet) that txt2img.py --ckpt and python -m ldm.convert read. With --lora RANK
-only a LoRA trains (the UNet stays frozen) -> <output_dir>/lora.safetensors, a kohya file that txt2img.py --lora,
-AUTOMATIC1111, ComfyUI and diffusers read. With --controlnet only a ControlNet trains (the whole model of init_from
-stays frozen; its control maps: the `conditioning_image` column of the data, or controlnet.preprocess=canny)
--> <output_dir>/controlnet.safetensors in lllyasviel's layout, which txt2img.py --controlnet and diffusers read.
+Top to bottom: config -> the run (ldm.training.Run: output_dir, Accelerator) -> models and what trains (a Trainable) ->
+data (or the latent cache) -> optimizer, EMA, resume -> the loop (noise, loss; the run does the optimizer step, EMA,
+logging, checkpoints) -> <output_dir>/model.safetensors, a single-file checkpoint (EMA weights in the UNet) that
+txt2img.py --ckpt and python -m ldm.convert read. With --lora RANK only a LoRA trains (the UNet stays frozen) ->
+<output_dir>/lora.safetensors, a kohya file that txt2img.py --lora, AUTOMATIC1111, ComfyUI and diffusers read. With
+--controlnet only a ControlNet trains (the whole model of init_from stays frozen; its control maps: the
+`conditioning_image` column of the data, or controlnet.preprocess=canny) -> <output_dir>/controlnet.safetensors in
+lllyasviel's layout, which txt2img.py --controlnet and diffusers read. A fine-tune (init_from) stopped by Ctrl-C or
+SIGTERM writes that file too, with the weights of the step it stopped at.
 """
 
 import argparse

@@ -4,12 +4,14 @@ r"""Train the KL autoencoder of ldm (SD v1's VAE) from scratch, or fine-tune one
     accelerate launch --num_processes 8 train_vae.py --config my.yaml [--resume latest] [--decoder-only] \
         [key.path=value ...]
 
-Top to bottom: config -> Accelerator -> models (the VAE, a PatchGAN, the frozen LPIPS) -> data, minus a held-out
-split -> two optimizers -> resume -> the loop (generator step; from loss.disc_start on, a discriminator step too;
-EMA, logging, checkpoints) -> the latent scale factor, 1 / std of the latents (kept from init_from with
---decoder-only, so an existing UNet still fits) -> evaluation on the held-out images (PSNR, SSIM, rFID, a grid) ->
-<output_dir>/model.safetensors: a whole StableDiffusion single file (the UNet and text encoder of init_from, else
-fresh ones of the config) with the new VAE and scale factor: train_unet.py init_from=... and txt2img.py read it as is.
+Top to bottom: config -> the run (ldm.training.Run: output_dir, Accelerator) -> data, minus a held-out split -> models
+(the VAE, a PatchGAN, the frozen LPIPS) -> two optimizers, EMA, resume -> the loop (generator step; from loss.disc_start
+on, a discriminator step too; the run does EMA, logging, checkpoints) -> the latent scale factor, 1 / std of the latents
+(kept from init_from with --decoder-only, so an existing UNet still fits) -> evaluation on the held-out images (PSNR,
+SSIM, rFID, a grid) -> <output_dir>/model.safetensors: a whole StableDiffusion single file (the UNet and text encoder of
+init_from, else fresh ones of the config) with the new VAE and scale factor: train_unet.py init_from=... and txt2img.py
+read it as is. A fine-tune (init_from) stopped by Ctrl-C or SIGTERM writes that file too, with the weights of the step
+it stopped at and init_from's scale factor (measured only at the end).
 """
 
 import argparse

@@ -1,13 +1,14 @@
-"""What the training scripts share: the Accelerator, EMA, per-sample noise, checkpoints and resume, stopping
-(SIGTERM, Ctrl-C, non-finite steps), logging.
+"""What the training scripts share: a `Run` (the Accelerator, optimizers, EMA, the data stream, logging, checkpoints
+and resume, stopping on SIGTERM, Ctrl-C or non-finite steps, the inference file and the end-of-run report) and the
+`Trainable` it trains (the whole UNet, a LoRA, a ControlNet, the VAE and its PatchGAN); per-sample noise.
 
 Training checkpoints are folders <output_dir>/checkpoints/step-000123/ holding `state/` (Accelerate's save_state:
 models (or only their trainable tensors: checkpoint_trainable_only), optimizers, grad scaler, RNG states of every
-process, and the registered objects such as EMA, LR scheduler and TrainState) plus whatever the script writes beside
-it (train_unet.py: model.safetensors, the inference checkpoint, or lora.safetensors). A checkpoint is written to
-step-000123.tmp/ and renamed when complete, so a crash or SIGKILL never leaves a broken latest checkpoint: `--resume
-latest` takes the newest complete one. A write that fails (the disk is full) removes its partial folder and stops
-the run with a one-line CheckpointError naming the previous checkpoint, which is intact.
+process, and the registered objects such as EMA, LR scheduler and TrainState) plus, beside it, the run's config.json
+and its inference file (Trainable.file: model.safetensors, lora.safetensors or controlnet.safetensors). A
+checkpoint is written to step-000123.tmp/ and renamed when complete, so a crash or SIGKILL never leaves a broken
+latest checkpoint: `--resume latest` takes the newest complete one. A write that fails (the disk is full) removes
+its partial folder and stops the run with a one-line CheckpointError naming the previous checkpoint, which is intact.
 """
 
 from __future__ import annotations
@@ -431,7 +432,10 @@ def remove_cut_writes(output_dir: Path, checkpoints: Path) -> None:
     """Remove what writes of an earlier run of output_dir, killed midway, left behind, saying so: names of our own
     making only, never a user's file."""
     ours = [
-        (output_dir, r"\.(model|lora)\.safetensors\.[a-z0-9_]{8}\.tmp"),  # atomic_save's temp file (by mkstemp)
+        (
+            output_dir,
+            r"\.(model|lora|controlnet)\.safetensors\.[a-z0-9_]{8}\.tmp",
+        ),  # atomic_save's temp file (by mkstemp)
         (checkpoints, r"step-\d+\.tmp|\.step-\d+\.deleting"),
     ]  # a checkpoint not yet renamed; one being removed
     for folder, pattern in ours:
@@ -499,7 +503,7 @@ class Stop:
         return bool(self.why)
 
     def end(self, progress) -> int:
-        """A trainer's last call, once it has dropped its DDP models (see end_training): why the run stopped early,
+        """Run.end's last call, once the run has dropped its DDP models (see end_training): why the run stopped early,
         if it did, on the main process; the signal handlers as they were; -> the exit code."""
         progress.close()
         if self.why and self.accelerator.is_main_process:
@@ -537,7 +541,7 @@ class UNetTrainable(Trainable):
     """The whole UNet of a text-to-image model trains; the VAE and the text encoder stay frozen."""
 
     def __init__(self, model: StableDiffusion, module: nn.Module | None = None, nets=None):
-        super().__init__(model, module or model.unet, nets=nets)
+        super().__init__(model, model.unet if module is None else module, nets=nets)
 
     def encode(self, tokens: torch.Tensor) -> torch.Tensor:
         """The prompts' states under the frozen text encoder."""
