@@ -553,11 +553,16 @@ class UNetTrainable(Trainable):
         return self.ddp[0](x_t, t, context)
 
     def samples(self, pipe, prompts: list[str], seed: int, options: dict, dataset) -> list[Image.Image]:
-        """The validation images: prompt i drawn with seed + i (`pipe`: a Pipeline of the model)."""
+        """The validation images, drawn in eval mode (`pipe`: a Pipeline of the model; `dataset`: the training
+        images)."""
         self.model.unet.eval(), self.module.eval()
-        images = pipe.txt2img(prompts, seed=seed, **options)
+        images = self.draw(pipe, prompts, seed, options, dataset)
         self.model.unet.train(), self.module.train()
         return images
+
+    def draw(self, pipe, prompts: list[str], seed: int, options: dict, dataset) -> list[Image.Image]:
+        """Prompt i drawn with seed + i."""
+        return pipe.txt2img(prompts, seed=seed, **options)
 
 
 class LoRATrainable(UNetTrainable):
@@ -595,9 +600,8 @@ class ControlNetTrainable(UNetTrainable):
     def save(self, path: Path, step: int) -> None:
         save_controlnet(self.module, path)
 
-    def samples(self, pipe, prompts: list[str], seed: int, options: dict, dataset) -> list[Image.Image]:
-        """For prompt i the control map of training item i, then the image drawn with it."""
-        self.model.unet.eval(), self.module.eval()
+    def draw(self, pipe, prompts: list[str], seed: int, options: dict, dataset) -> list[Image.Image]:
+        """For prompt i the control map of training item i, then the image drawn with it and seed + i."""
         images = []
         for i, prompt in enumerate(prompts):
             hint = dataset[(i % len(dataset), seed)]["hint"]
@@ -606,7 +610,6 @@ class ControlNetTrainable(UNetTrainable):
                 control,
                 *pipe.txt2img([prompt], seed=seed + i, **options, controls=[Control(self.module, control)]),
             ]
-        self.model.unet.train(), self.module.train()
         return images
 
 
