@@ -153,6 +153,8 @@ def train(args) -> int:
 
     # ------------------------------------------------------------ the end: scale factor, evaluation, single-file model
     def finish() -> str:
+        """After the last step, on the main process, from the EMA weights: the scale factor, the held-out evaluation.
+        -> what stays intact if writing the model fails."""
         vae.eval()
         with run.ema_weights(), torch.no_grad(), run.accelerator.autocast():
             if cfg.decoder_only:
