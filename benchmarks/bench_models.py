@@ -6,7 +6,7 @@ For each of (1) one UNet call, batch 2 (classifier-free guidance), and (2) a VAE
 latent -> 8x image, it interleaves ours and diffusers' `repeats` times and prints the medians, the
 ratio ours/theirs with its spread, and the achieved GFLOP/s against a GEMM rate measured in the
 same run (FLOPs counted by torch.utils.flop_counter on one call). The random weights are saved once
-(our CompVis names, and the same tensors under diffusers' names via ldm.checkpoint's key maps); peak RSS
+(our CompVis names, and the same tensors under diffusers' names via ldm.diffusers_names' key maps); peak RSS
 of each side is measured in a fresh subprocess (`--rss-of`) that loads only its own side's file:
 the process's whole resident memory at its high-water mark during one call (weights included).
 """

@@ -523,6 +523,11 @@ class Subset(Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
+    @property
+    def skipped(self) -> list[tuple[str, str]]:
+        """The files the whole dataset skipped while listing its folder."""
+        return self.dataset.skipped
+
     def __getitem__(self, key) -> dict:
         index, seed = key if isinstance(key, tuple) else (key, 0)
         return self.dataset[(self.indices[index], seed)]
