@@ -1,8 +1,8 @@
 """python docs/gameboy_grid.py: the README's picture of the shipped LoRA, prompt | base | with the LoRA.
 
 Each prompt with seed 0 and txt2img.py's defaults, through the embedded model without and with
-ldm/assets/emoji-gameboy/emoji-gameboy.safetensors at weight 1 (as `python txt2img.py --prompt P --seed 0 --lora FILE` would
-make it), shown 4x.
+ldm/assets/emoji-gameboy/emoji-gameboy.safetensors at weight 1 (as `python txt2img.py --prompt P --seed 0 --lora FILE`
+would make it), shown 4x.
 """
 
 from PIL import Image, ImageDraw
