@@ -6,7 +6,7 @@ For each of (1) one UNet call, batch 2 (classifier-free guidance), and (2) a VAE
 latent -> 8x image, it interleaves ours and diffusers' `repeats` times and prints the medians, the
 ratio ours/theirs with its spread, and the achieved GFLOP/s against a GEMM rate measured in the
 same run (FLOPs counted by torch.utils.flop_counter on one call). The random weights are saved once
-(our CompVis names, and the same tensors under diffusers' names via ldm.checkpoint's key maps); peak RSS
+(our CompVis names, and the same tensors under diffusers' names via ldm.diffusers_names' key maps); peak RSS
 of each side is measured in a fresh subprocess (`--rss-of`) that loads only its own side's file:
 the process's whole resident memory at its high-water mark during one call (weights included).
 """
@@ -33,8 +33,8 @@ from diffusers import UNet2DConditionModel  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from conftest import ROOT, randomize_  # noqa: E402
-from ldm.checkpoint import _vae_attn_shapes, diffusers_configs, rename, unet_key_map, vae_key_map  # noqa: E402
 from ldm.config import load_config  # noqa: E402
+from ldm.diffusers_names import diffusers_configs, rename, unet_key_map, vae_attn_shapes, vae_key_map  # noqa: E402
 from ldm.unet import UNetModel  # noqa: E402
 from ldm.vae import AutoencoderKL  # noqa: E402
 
@@ -58,7 +58,7 @@ def save_weights(kind: str, cfg, folder: Path) -> None:
         theirs = rename(state, unet_key_map(cfg.unet))
     else:
         state = randomize_(AutoencoderKL(cfg.vae)).state_dict()
-        theirs = _vae_attn_shapes(rename(state, vae_key_map(cfg.vae)), to_linear=True)
+        theirs = vae_attn_shapes(rename(state, vae_key_map(cfg.vae)), to_linear=True)
     save_file(state, folder / "ours.safetensors")
     save_file({k: v.contiguous() for k, v in theirs.items()}, folder / "diffusers.safetensors")
 

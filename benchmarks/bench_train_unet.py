@@ -32,9 +32,9 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel  # noqa
 from diffusers.training_utils import EMAModel  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-from ldm.checkpoint import diffusers_configs  # noqa: E402
 from ldm.config import load_config  # noqa: E402
 from ldm.data import ImageCaptionDataset, StreamSampler, collate  # noqa: E402
+from ldm.diffusers_names import diffusers_configs  # noqa: E402
 from ldm.text_encoder import FrozenCLIPEmbedder  # noqa: E402
 
 MODEL = [  # on top of configs/tiny.yaml

@@ -1,6 +1,6 @@
 """The effect of a canny ControlNet on images it never saw: edge F1, FID, KID and retrieval, without and with it.
 
-    python benchmarks/controlnet_edges.py data/emoji32-heldout ldm/assets/emoji-canny/controlnet.safetensors \
+    python benchmarks/controlnet_edges.py data/emoji32-heldout ldm/assets/emoji-canny/emoji-canny.safetensors \
         --out docs/emoji-canny-eval.json --grid docs/emoji-canny.png
 
 DATA is an imagefolder the ControlNet was not trained on (`python -m ldm.datasets.split` makes one). For each image

@@ -1,7 +1,7 @@
 """The effect of a style LoRA on the embedded model: the style's statistic and the base task's retrieval, LoRA weight
 0 against 1 (and any other weights given).
 
-    python benchmarks/lora_style.py data/emoji32 ldm/assets/emoji-gameboy/lora.safetensors --n 100 \
+    python benchmarks/lora_style.py data/emoji32 ldm/assets/emoji-gameboy/emoji-gameboy.safetensors --n 100 \
         --out docs/emoji-gameboy-eval.json --real-cache emoji32-inception.safetensors
 
 For each weight the same n captions of DATA (drawn with --seed; image i with seed --seed + i; DDIM 25 steps, guidance

@@ -1,8 +1,8 @@
 """python docs/gameboy_grid.py: the README's picture of the shipped LoRA, prompt | base | with the LoRA.
 
 Each prompt with seed 0 and txt2img.py's defaults, through the embedded model without and with
-ldm/assets/emoji-gameboy/lora.safetensors at weight 1 (as `python txt2img.py --prompt P --seed 0 --lora FILE` would
-make it), shown 4x.
+ldm/assets/emoji-gameboy/emoji-gameboy.safetensors at weight 1 (as `python txt2img.py --prompt P --seed 0 --lora FILE`
+would make it), shown 4x.
 """
 
 from PIL import Image, ImageDraw
@@ -10,7 +10,7 @@ from PIL import Image, ImageDraw
 import ldm
 
 PROMPTS = ["a red apple", "grinning face", "cat face", "a red heart", "rocket", "fire", "pizza", "a snowman"]
-LORA = "ldm/assets/emoji-gameboy/lora.safetensors"
+LORA = "ldm/assets/emoji-gameboy/emoji-gameboy.safetensors"
 CELL, ZOOM, LABEL = 32, 4, 112
 
 pipe = ldm.load_pipeline()

@@ -68,6 +68,14 @@ def main() -> None:
         wait.until(lambda b: b.find_elements(By.ID, "txt2img-generate"))
         fill(browser, "txt2img-prompt", "a red apple")
         fill(browser, "txt2img-size", 4)
+        fill(browser, "txt2img-steps", 150)
+        click(browser, browser.find_element(By.ID, "txt2img-generate"))
+        wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#txt2img-preview img"))
+        shoot(browser, "preview")  # a run going: its progress bar and latest preview
+        click(browser, browser.find_element(By.ID, "txt2img-interrupt"))
+        wait.until(
+            lambda b: "Interrupted" in b.find_element(By.CSS_SELECTOR, "#txt2img-info textarea").get_attribute("value")
+        )
         fill(browser, "txt2img-steps", 20)
         click(browser, browser.find_element(By.ID, "txt2img-generate"))
         wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "#txt2img-gallery img")) >= 4)
@@ -114,8 +122,16 @@ def main() -> None:
         browser.find_element(By.CSS_SELECTOR, "#explorer-image input[type=file]").send_keys(str(first))
         click(browser, browser.find_element(By.ID, "explorer-noise"))
         click(browser, browser.find_element(By.ID, "explorer-generate"))
-        wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "#explorer-forward img, #explorer-reverse img")) >= 2)
+        wait.until(
+            lambda b: (
+                len(
+                    b.find_elements(By.CSS_SELECTOR, "#explorer-forward img, #explorer-reverse img, #explorer-step img")
+                )
+                >= 3
+            )
+        )
         time.sleep(2)
+        browser.set_window_size(1100, 1600)  # both processes
         shoot(browser, "explorer")
     finally:
         browser.quit()

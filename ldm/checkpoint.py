@@ -1,109 +1,43 @@
-"""Checkpoint I/O: original SD v1 single files (our own format too), and diffusers folders.
+"""Checkpoint formats: original SD v1 single files (our own format too), and diffusers folders, loaded and saved.
 
 Our modules carry the CompVis names, so a single file needs no renaming beyond the text model's
 `text_model.` level (transformers 5 dropped it from CLIPTextModel's state dict; SD files have it).
 Our own checkpoints are single files of that layout whose safetensors metadata holds our config
 under "ldm_config", so they describe themselves. The diffusers folder layout is the one real
-conversion (`unet_key_map` / `vae_key_map`), written here and checked against diffusers' own converters.
+conversion, through ldm.diffusers_names' key maps; the files themselves are read and written by ldm.io.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import os
-import tempfile
-import warnings
 from pathlib import Path
 
 import diffusers
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from transformers import CLIPTokenizer
 
-from ldm import LdmError
-from ldm.config import (
-    ConfigError,
-    ModelConfig,
-    SamplingConfig,
-    TextEncoderConfig,
-    UNetConfig,
-    VAEConfig,
-    from_dict,
-    to_dict,
+from ldm.config import ConfigError, ModelConfig, from_dict, to_dict
+from ldm.diffusers_names import (
+    SAMPLING_FILE,
+    SCHEDULE_KEYS,
+    TEXT,
+    UNET,
+    VAE,
+    config_from_diffusers,
+    diffusers_configs,
+    diffusers_readme,
+    rename,
+    unet_key_map,
+    vae_attn_shapes,
+    vae_key_map,
 )
-from ldm.diffusion import PARAMETERIZATION_TO_DIFFUSERS, scheduler_config
+from ldm.errors import CheckpointError
+from ldm.io import atomic_save, load_state_strict, read_state_dict
 from ldm.model import StableDiffusion
 
-TEXT = "cond_stage_model.transformer."
-UNET = "model.diffusion_model."
-VAE = "first_stage_model."
-SAMPLING_FILE = "ldm_sampling.json"  # a diffusers folder's generation defaults (ModelConfig.sampling), ours
-# Keys that real SD v1 files carry beside the weights: the training schedule buffers, the EMA
-# bookkeeping, the learned-logvar vector and the text model's position ids. Accepted and ignored.
-SCHEDULE_KEYS = {
-    "betas",
-    "alphas_cumprod",
-    "alphas_cumprod_prev",
-    "sqrt_alphas_cumprod",
-    "sqrt_one_minus_alphas_cumprod",
-    "log_one_minus_alphas_cumprod",
-    "sqrt_recip_alphas_cumprod",
-    "sqrt_recipm1_alphas_cumprod",
-    "posterior_variance",
-    "posterior_log_variance_clipped",
-    "posterior_mean_coef1",
-    "posterior_mean_coef2",
-    "logvar",
-    "model_ema.decay",
-    "model_ema.num_updates",
-    TEXT + "text_model.embeddings.position_ids",
-}
-
-
-class CheckpointError(LdmError):
-    """A checkpoint that cannot be read or does not fit the model; the message names the file or key."""
-
-
 # ---------------------------------------------------------------- single files (SD v1 layout)
-
-
-def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and metadata of a .safetensors file, or of a PyTorch checkpoint read with weights_only=True (no code
-    runs). The format is told by the file's first bytes: a safetensors header (8-byte length, then JSON), a zip
-    archive (torch.save) or a pickle (torch.save's legacy format)."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    with open(path, "rb") as f:
-        head = f.read(10)
-    if path.suffix == ".safetensors" or head[8:10] == b'{"':
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
-        except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from None
-    if not head.startswith((b"PK\x03\x04", b"\x80")):
-        raise CheckpointError(f"{path} is not a safetensors file, a PyTorch checkpoint or a diffusers folder")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        reason = torch_reason(e)
-        if "Unsupported global" in reason:  # weights_only refuses every global but tensors and plain containers
-            raise CheckpointError(f"{path}: refused to load, the pickle holds more than tensors ({reason})") from None
-        detail = f"{type(e).__name__}: {reason}" if reason else type(e).__name__
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({detail})") from None
-    state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"{path}: no state dict of tensors inside")
-    return state, {}
-
-
-def torch_reason(e: Exception) -> str:
-    """What torch.load's error says went wrong, in one line, without its advice (never: set weights_only=False)."""
-    text = str(e).split("WeightsUnpickler error:")[-1]
-    sentences = [s.strip() for line in text.splitlines() for s in line.split(". ") if s.strip()]
-    return next((s for s in sentences if not any(w in s for w in ("weights_only", "safe_globals", "allowlist"))), "")
 
 
 def config_from_metadata(metadata: dict[str, str]) -> ModelConfig | None:
@@ -145,42 +79,6 @@ def to_sd_layout(state: dict[str, torch.Tensor], clip: bool = True) -> dict[str,
     return {(TEXT + "text_model." + k[len(TEXT) :] if k.startswith(TEXT) else k): v for k, v in state.items()}
 
 
-def load_state_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """load_state_dict(strict=True), failing with one clear line naming the first offending key.
-
-    Float tensors of another float dtype (fp16 files) are cast; non-finite values are loaded with a warning. A model
-    with weights on the meta device (StableDiffusion(cfg, empty=True)) takes the tensors of `state` as its own
-    (assign): they are cast in place in `state`, one at a time, so loading never holds two copies of the weights.
-    """
-    expected = model.state_dict()
-    assign = any(v.is_meta for v in expected.values())
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    if missing and unexpected:
-        raise CheckpointError(
-            f"{source} does not fit the configured architecture: "
-            f"missing tensor '{missing[0]}' ({len(missing)} in all), "
-            f"unexpected tensor '{unexpected[0]}' ({len(unexpected)} in all); pass the right --config"
-        )
-    if missing:
-        raise CheckpointError(f"{source}: missing tensor '{missing[0]}' ({len(missing)} missing in all)")
-    if unexpected:
-        raise CheckpointError(f"{source}: unexpected tensor '{unexpected[0]}' ({len(unexpected)} unexpected in all)")
-    for key, value in state.items():
-        want = expected[key]
-        if value.shape != want.shape:
-            raise CheckpointError(
-                f"{source}: tensor '{key}' has shape {tuple(value.shape)}, the model expects {tuple(want.shape)}"
-            )
-        if value.is_floating_point() != want.is_floating_point():
-            raise CheckpointError(f"{source}: tensor '{key}' has dtype {value.dtype}, the model expects {want.dtype}")
-        if value.is_floating_point() and not torch.isfinite(value).all():
-            warnings.warn(f"{source}: tensor '{key}' contains NaN or Inf values", stacklevel=2)
-        if assign and value.dtype != want.dtype:
-            state[key] = value.to(want.dtype)
-    model.load_state_dict(state, strict=True, assign=assign)
-
-
 def load_single_file(path: str | Path, cfg: ModelConfig | None = None, use_ema: bool = True) -> StableDiffusion:
     """An original SD v1 file or one of ours. cfg: the architecture; default: stored in the file, else SD v1."""
     state, metadata = read_state_dict(path)
@@ -208,23 +106,6 @@ def load_model_or_vae(path: str | Path, cfg: ModelConfig) -> StableDiffusion:
             load_state_strict(model.first_stage_model, vae_state, str(path))
             return model
     return load_model(path)
-
-
-def atomic_save(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> None:
-    """Write to a temporary file beside `path`, then rename over it: readers never see a torn file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's file is private (0600); a saved model gets the usual permissions
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def save_single_file(
@@ -266,225 +147,8 @@ def peek_config(path: str | Path) -> ModelConfig:
 # ---------------------------------------------------------------- diffusers folders
 
 
-def _resnet(ours: str, theirs: str, unet: bool) -> dict[str, str]:
-    if not unet:  # the VAE's ResnetBlock differs only in its shortcut's name
-        return {ours: theirs, f"{ours}.nin_shortcut": f"{theirs}.conv_shortcut"}
-    parts = {
-        "in_layers.0": "norm1",
-        "in_layers.2": "conv1",
-        "emb_layers.1": "time_emb_proj",
-        "out_layers.0": "norm2",
-        "out_layers.3": "conv2",
-        "skip_connection": "conv_shortcut",
-    }
-    return {f"{ours}.{a}": f"{theirs}.{b}" for a, b in parts.items()}
-
-
-def unet_key_map(cfg: UNetConfig) -> dict[str, str]:
-    """Module-path prefixes, CompVis UNetModel -> diffusers UNet2DConditionModel."""
-    n, levels = cfg.num_res_blocks, len(cfg.channel_mult)
-    m = {
-        "time_embed.0": "time_embedding.linear_1",
-        "time_embed.2": "time_embedding.linear_2",
-        "input_blocks.0.0": "conv_in",
-        "out.0": "conv_norm_out",
-        "out.2": "conv_out",
-        "middle_block.1": "mid_block.attentions.0",
-    }
-    m |= _resnet("middle_block.0", "mid_block.resnets.0", True) | _resnet("middle_block.2", "mid_block.resnets.1", True)
-    for i in range(levels):
-        for j in range(n):
-            block = 1 + i * (n + 1) + j
-            m |= _resnet(f"input_blocks.{block}.0", f"down_blocks.{i}.resnets.{j}", True)
-            if 2**i in cfg.attention_resolutions:
-                m[f"input_blocks.{block}.1"] = f"down_blocks.{i}.attentions.{j}"
-        if i != levels - 1:
-            m[f"input_blocks.{(i + 1) * (n + 1)}.0.op"] = f"down_blocks.{i}.downsamplers.0.conv"
-    for u in range(levels):  # up block u works at the resolution of down level levels-1-u
-        has_attn = 2 ** (levels - 1 - u) in cfg.attention_resolutions
-        for j in range(n + 1):
-            block = u * (n + 1) + j
-            m |= _resnet(f"output_blocks.{block}.0", f"up_blocks.{u}.resnets.{j}", True)
-            if has_attn:
-                m[f"output_blocks.{block}.1"] = f"up_blocks.{u}.attentions.{j}"
-        if u != levels - 1:
-            m[f"output_blocks.{block}.{2 if has_attn else 1}.conv"] = f"up_blocks.{u}.upsamplers.0.conv"
-    return m
-
-
-def vae_key_map(cfg: VAEConfig) -> dict[str, str]:
-    """Module-path prefixes, CompVis AutoencoderKL -> diffusers AutoencoderKL."""
-    levels = len(cfg.ch_mult)
-    m = {"quant_conv": "quant_conv", "post_quant_conv": "post_quant_conv"}
-    for part in ("encoder", "decoder"):
-        m |= {
-            f"{part}.conv_in": f"{part}.conv_in",
-            f"{part}.conv_out": f"{part}.conv_out",
-            f"{part}.norm_out": f"{part}.conv_norm_out",
-            f"{part}.mid.attn_1.norm": f"{part}.mid_block.attentions.0.group_norm",
-            f"{part}.mid.attn_1.proj_out": f"{part}.mid_block.attentions.0.to_out.0",
-        }
-        m |= {f"{part}.mid.attn_1.{a}": f"{part}.mid_block.attentions.0.to_{a}" for a in "qkv"}
-        m |= _resnet(f"{part}.mid.block_1", f"{part}.mid_block.resnets.0", False)
-        m |= _resnet(f"{part}.mid.block_2", f"{part}.mid_block.resnets.1", False)
-    for i in range(levels):
-        for j in range(cfg.num_res_blocks):
-            m |= _resnet(f"encoder.down.{i}.block.{j}", f"encoder.down_blocks.{i}.resnets.{j}", False)
-        for j in range(cfg.num_res_blocks + 1):
-            m |= _resnet(f"decoder.up.{i}.block.{j}", f"decoder.up_blocks.{levels - 1 - i}.resnets.{j}", False)
-        if i != levels - 1:
-            m[f"encoder.down.{i}.downsample.conv"] = f"encoder.down_blocks.{i}.downsamplers.0.conv"
-        if i != 0:
-            m[f"decoder.up.{i}.upsample.conv"] = f"decoder.up_blocks.{levels - 1 - i}.upsamplers.0.conv"
-    return m
-
-
-def rename(state: dict[str, torch.Tensor], key_map: dict[str, str]) -> dict[str, torch.Tensor]:
-    """Rename each key by the longest module-path prefix found in key_map; unmapped keys are an error."""
-    out = {}
-    for key, value in state.items():
-        parts = key.split(".")
-        for cut in range(len(parts) - 1, 0, -1):
-            prefix = ".".join(parts[:cut])
-            if prefix in key_map:
-                out[".".join([key_map[prefix], *parts[cut:]])] = value
-                break
-        else:
-            raise CheckpointError(f"no diffusers name for tensor '{key}'")
-    return out
-
-
-def _vae_attn_shapes(state: dict[str, torch.Tensor], to_linear: bool) -> dict[str, torch.Tensor]:
-    """The VAE's mid-block attention: 1x1 convs (CompVis) <-> linear layers (diffusers)."""
-    names = (
-        "attentions.0.to_q.weight",
-        "attentions.0.to_k.weight",
-        "attentions.0.to_v.weight",
-        "attentions.0.to_out.0.weight",
-    )
-    fix = (lambda w: w[:, :, 0, 0]) if to_linear else (lambda w: w[:, :, None, None])
-    return {k: (fix(v) if k.endswith(names) and v.ndim == (4 if to_linear else 2) else v) for k, v in state.items()}
-
-
 def _sub(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-
-
-def _heads_per_block(cfg: UNetConfig) -> list[int]:
-    return [
-        cfg.model_channels * m // cfg.num_head_channels if cfg.num_head_channels > 0 else cfg.num_heads
-        for m in cfg.channel_mult
-    ]
-
-
-def diffusers_configs(cfg: ModelConfig) -> dict[str, dict]:
-    """config.json of unet/, vae/ and scheduler/ for a diffusers folder of this model."""
-    u, v = cfg.unet, cfg.vae
-    if v.attn_resolutions:
-        raise CheckpointError(
-            "diffusers' AutoencoderKL has no attention in its resolution levels: vae.attn_resolutions must be []"
-        )
-    cross = [2**i in u.attention_resolutions for i in range(len(u.channel_mult))]
-    heads = _heads_per_block(u)
-    unet = {
-        "_class_name": "UNet2DConditionModel",
-        "sample_size": cfg.image_size,
-        "in_channels": u.in_channels,
-        "out_channels": u.out_channels,
-        "down_block_types": ["CrossAttnDownBlock2D" if c else "DownBlock2D" for c in cross],
-        "up_block_types": ["CrossAttnUpBlock2D" if c else "UpBlock2D" for c in reversed(cross)],
-        "block_out_channels": [u.model_channels * m for m in u.channel_mult],
-        "layers_per_block": u.num_res_blocks,
-        "cross_attention_dim": u.context_dim,
-        "attention_head_dim": heads[0] if len(set(heads)) == 1 else heads,  # diffusers' name for the head count
-        "transformer_layers_per_block": u.transformer_depth,
-        "norm_num_groups": u.num_groups,
-    }
-    vae = {
-        "_class_name": "AutoencoderKL",
-        "sample_size": v.resolution,
-        "in_channels": v.in_channels,
-        "out_channels": v.out_ch,
-        "down_block_types": ["DownEncoderBlock2D"] * len(v.ch_mult),
-        "up_block_types": ["UpDecoderBlock2D"] * len(v.ch_mult),
-        "block_out_channels": [v.ch * m for m in v.ch_mult],
-        "latent_channels": v.embed_dim,
-        "layers_per_block": v.num_res_blocks,
-        "norm_num_groups": v.num_groups,
-        "scaling_factor": cfg.scale_factor,
-    }
-    return {"unet": unet, "vae": vae, "scheduler": scheduler_config(cfg)}
-
-
-def config_from_diffusers(folder: Path) -> ModelConfig:
-    """Our ModelConfig from a diffusers folder's unet/, vae/, text_encoder/ and scheduler/ config.json files."""
-
-    def read(name):
-        path = folder / name
-        try:
-            return json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"cannot read {path}: {e}") from None
-
-    u, v, t = read("unet/config.json"), read("vae/config.json"), read("text_encoder/config.json")
-    s = read("scheduler/scheduler_config.json") if (folder / "scheduler/scheduler_config.json").exists() else {}
-    if u.get("use_linear_projection") or u.get("addition_embed_type") or u.get("class_embed_type"):
-        raise CheckpointError(
-            f"{folder}: only the SD v1 UNet layout is supported (linear projections / extra embeddings found)"
-        )
-    widths = u["block_out_channels"]
-    mc = widths[0]
-    heads = u.get("attention_head_dim", 8)
-    heads = [heads] * len(widths) if isinstance(heads, int) else list(heads)
-    head_kw = {"num_heads": heads[0]} if len(set(heads)) == 1 else {"num_head_channels": widths[0] // heads[0]}
-    depth = u.get("transformer_layers_per_block", 1)
-    unet = UNetConfig(
-        in_channels=u["in_channels"],
-        out_channels=u["out_channels"],
-        model_channels=mc,
-        attention_resolutions=tuple(2**i for i, b in enumerate(u["down_block_types"]) if b.startswith("CrossAttn")),
-        num_res_blocks=u["layers_per_block"],
-        channel_mult=tuple(w // mc for w in widths),
-        transformer_depth=depth if isinstance(depth, int) else depth[0],
-        context_dim=u["cross_attention_dim"],
-        num_groups=u.get("norm_num_groups", 32),
-        **head_kw,
-    )
-    vae = VAEConfig(
-        embed_dim=v["latent_channels"],
-        z_channels=v["latent_channels"],
-        resolution=v.get("sample_size", 256),
-        in_channels=v["in_channels"],
-        out_ch=v["out_channels"],
-        ch=v["block_out_channels"][0],
-        ch_mult=tuple(w // v["block_out_channels"][0] for w in v["block_out_channels"]),
-        num_res_blocks=v["layers_per_block"],
-        num_groups=v.get("norm_num_groups", 32),
-    )
-    if t.get("model_type", "clip_text_model") == "clip_text_model":
-        text = TextEncoderConfig(**{k: t[k] for k in TextEncoderConfig.__dataclass_fields__ if k in t})
-    elif "ldm_pretrained" in t:  # a local text encoder (e.g. MiniLM) of a folder that save_diffusers_folder wrote
-        text = TextEncoderConfig(pretrained=t["ldm_pretrained"])
-    else:
-        raise CheckpointError(f"{folder}: a {t['model_type']} text encoder; ldm reads CLIP and the ones it exported")
-    prediction = {b: a for a, b in PARAMETERIZATION_TO_DIFFUSERS.items()}[s.get("prediction_type", "epsilon")]
-    # our generation defaults, beside diffusers' files (which have no place for them); SD's without the file
-    sampling = read(SAMPLING_FILE) if (folder / SAMPLING_FILE).exists() else {}
-    return ModelConfig(
-        unet=unet,
-        vae=vae,
-        text_encoder=text,
-        timesteps=s.get("num_train_timesteps", 1000),
-        beta_schedule=s.get("beta_schedule", "scaled_linear"),
-        linear_start=s.get("beta_start", 0.00085),
-        linear_end=s.get("beta_end", 0.012),
-        parameterization=prediction,
-        scale_factor=v.get("scaling_factor", 0.18215),
-        image_size=u.get("sample_size", 64),
-        rescale_betas_zero_snr=s.get("rescale_betas_zero_snr", False),
-        learn_sigma=s.get("variance_type") == "learned_range",
-        sampling=from_dict(SamplingConfig, sampling, "sampling."),
-    )
 
 
 def load_diffusers_folder(folder: str | Path) -> StableDiffusion:
@@ -505,26 +169,25 @@ def load_diffusers_folder(folder: str | Path) -> StableDiffusion:
         if sub == "text_encoder":  # folders from older transformers keep the `text_model.` level
             tensors = {k.removeprefix("text_model."): v for k, v in tensors.items() if not k.endswith("position_ids")}
         else:
-            tensors = rename(_vae_attn_shapes(tensors, to_linear=False), {b: a for a, b in key_map.items()})
+            tensors = rename(vae_attn_shapes(tensors, to_linear=False), {b: a for a, b in key_map.items()})
         state |= {prefix + k: v for k, v in tensors.items()}
     load_state_strict(model, state, str(folder))
     tokenizer_dir = folder / "tokenizer"
     if (tokenizer_dir / "vocab.json").exists():
-        from transformers import CLIPTokenizer
-
         model.cond_stage_model.tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir))
     return model
 
 
 def save_diffusers_folder(model: StableDiffusion, folder: str | Path) -> None:
     """The folder that diffusers.StableDiffusionPipeline.from_pretrained loads (no safety checker), with a CLIP text
-    model or a local one (MiniLM: BertModel + BertTokenizer, its padding masked as ours)."""
+    model or a local one (MiniLM: BertModel + BertTokenizer, its padding masked as ours), the model's own sampler as
+    its scheduler, and a README.md naming the steps and guidance to pass."""
     folder = Path(folder)
     cfg = model.cfg
     configs = diffusers_configs(cfg)
     state = model.state_dict()
     for sub, prefix, key_map in (("unet", UNET, unet_key_map(cfg.unet)), ("vae", VAE, vae_key_map(cfg.vae))):
-        tensors = _vae_attn_shapes(rename(_sub(state, prefix), key_map), to_linear=True)
+        tensors = vae_attn_shapes(rename(_sub(state, prefix), key_map), to_linear=True)
         (folder / sub).mkdir(parents=True, exist_ok=True)
         atomic_save(tensors, folder / sub / "diffusion_pytorch_model.safetensors", {"format": "pt"})
         (folder / sub / "config.json").write_text(json.dumps(configs[sub], indent=2))
@@ -546,13 +209,14 @@ def save_diffusers_folder(model: StableDiffusion, folder: str | Path) -> None:
         "vae": ["diffusers", "AutoencoderKL"],
         "text_encoder": ["transformers", type(text.transformer).__name__],  # CLIPTextModel, or e.g. BertModel
         "tokenizer": ["transformers", type(text.tokenizer).__name__],
-        "scheduler": ["diffusers", "PNDMScheduler"],
+        "scheduler": ["diffusers", configs["scheduler"]["_class_name"]],  # the model's sampler
         "safety_checker": [None, None],
         "feature_extractor": [None, None],
         "requires_safety_checker": False,
     }
     (folder / "model_index.json").write_text(json.dumps(index, indent=2))
     (folder / SAMPLING_FILE).write_text(json.dumps(to_dict(cfg.sampling), indent=2))
+    (folder / "README.md").write_text(diffusers_readme(cfg, folder.name))
 
 
 def load_model(path: str | Path, cfg: ModelConfig | None = None, use_ema: bool = True) -> StableDiffusion:

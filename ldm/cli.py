@@ -13,15 +13,28 @@ import argparse
 import sys
 from typing import Callable
 
-from ldm import LdmError
+from ldm.errors import LdmError
+from ldm.prompts import SYNTAX_NAMES
 
-# Choices known before torch loads. What they mean lives in ldm.samplers.SAMPLERS and ldm.pipeline.DTYPES / QUANTIZE;
-# tests/test_txt2img.py checks that the names agree.
+__all__ = [
+    "CONTROL_PREPROCESS_NAMES",
+    "DTYPE_NAMES",
+    "QUANTIZE_NAMES",
+    "SAMPLER_NAMES",
+    "SYNTAX_NAMES",
+    "ArgumentParser",
+    "add_speed_arguments",
+    "run",
+]
+
+# Choices known before torch loads, for the flags. The prompt syntaxes come from ldm.prompts, which imports no torch.
+# The others' owners import torch (ldm.samplers.SAMPLERS, ldm.pipeline.DTYPES / QUANTIZE) or take tens of ms to import
+# (ldm.config.CONTROL_PREPROCESS_NAMES: yaml and the dataclasses), so the command line holds their names and the
+# tests check that they agree (tests/test_txt2img.py, tests/test_config.py); the library never imports them from here.
 SAMPLER_NAMES = ("ddim", "plms", "euler", "euler_a", "heun", "dpmpp_2m", "dpmpp_2m_karras", "unipc", "ddpm")
 DTYPE_NAMES = ("fp32", "fp16", "bf16", "auto")  # auto: ldm.pipeline.auto_dtype
 QUANTIZE_NAMES = ("int8",)
-CONTROL_PREPROCESS_NAMES = ("none", "canny")  # ldm.controlnet.PREPROCESSORS
-SYNTAX_NAMES = ("a1111", "plain")  # ldm.prompts.SYNTAXES: AUTOMATIC1111's prompt syntax, or every character literal
+CONTROL_PREPROCESS_NAMES = ("none", "canny")
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -12,7 +12,7 @@ from collections import OrderedDict
 
 import torch
 
-from ldm.prompts import SYNTAXES, prompt_contexts
+from ldm.prompts import SYNTAX_NAMES, prompt_contexts
 from ldm.request import InputError
 
 EMBEDDING_CACHE = 32  # prompts whose text-encoder states a Conditioner keeps
@@ -55,8 +55,8 @@ class Conditioner:
         """Text context for the UNet, a prompt per image: (n, 77 k, d); the negative prompt's in front when guided.
         Contexts of fewer chunks than the longest get the empty prompt's chunk appended (A1111's pad_cond_uncond), so
         guidance stays one batched UNet call."""
-        if prompt_syntax not in SYNTAXES:
-            raise InputError(f"unknown prompt syntax '{prompt_syntax}' (known: {', '.join(SYNTAXES)})")
+        if prompt_syntax not in SYNTAX_NAMES:
+            raise InputError(f"unknown prompt syntax '{prompt_syntax}' (known: {', '.join(SYNTAX_NAMES)})")
         layers = self.text_encoder.num_layers
         if not 1 <= clip_skip <= layers:
             raise InputError(f"clip skip must be from 1 to {layers} (the text encoder's layers), got {clip_skip}")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from ldm import LdmError
+from ldm.errors import LdmError
 
 
 class ConfigError(LdmError):
@@ -375,6 +375,10 @@ class LoRAConfig:
         check(len(self.targets) >= 1, "lora.targets must name at least one layer")
 
 
+# How a control map is made from an image: "none", the image is the map; "canny", its edges (ldm.images.canny)
+CONTROL_PREPROCESS_NAMES = ("none", "canny")
+
+
 @dataclass
 class ControlNetTrainConfig:
     """Train a ControlNet (train_unet.py --controlnet) beside the frozen model of init_from."""
@@ -388,10 +392,9 @@ class ControlNetTrainConfig:
     init_from: str = ""
 
     def __post_init__(self):
-        known = ("none", "canny")
         check(
-            self.preprocess in known,
-            f"controlnet.preprocess must be one of {', '.join(known)}, got {self.preprocess!r}",
+            self.preprocess in CONTROL_PREPROCESS_NAMES,
+            f"controlnet.preprocess must be one of {', '.join(CONTROL_PREPROCESS_NAMES)}, got {self.preprocess!r}",
         )
 
 

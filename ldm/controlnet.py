@@ -22,31 +22,20 @@ import math
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
 from PIL import Image
 
-from ldm import LdmError
-from ldm.checkpoint import (
-    SCHEDULE_KEYS,
-    TEXT,
-    UNET,
-    VAE,
-    CheckpointError,
-    atomic_save,
-    load_state_strict,
-    read_state_dict,
-    rename,
-    unet_key_map,
-)
 from ldm.config import ModelConfig
+from ldm.diffusers_names import SCHEDULE_KEYS, TEXT, UNET, VAE, rename, unet_key_map
+from ldm.errors import CheckpointError
+from ldm.images import canny
+from ldm.io import atomic_save, load_state_strict, read_state_dict
 from ldm.request import Control
 from ldm.unet import UNetEncoder
 
 PREFIX = "control_model."
 HINT_CHANNELS = (16, 32, 96, 256)  # input_hint_block's widths: after its first conv and after each halving
-CANNY_THRESHOLDS = (100, 200)  # cv2.Canny's low and high hysteresis thresholds, lllyasviel's annotator defaults
 
 
 class ControlNet(UNetEncoder):
@@ -143,16 +132,6 @@ def save_controlnet(net: ControlNet, path: str | Path, dtype: torch.dtype | None
     """lllyasviel's layout (`control_model.*`) as safetensors: diffusers' ControlNetModel.from_single_file reads it."""
     state = {PREFIX + k: v if dtype is None else v.to(dtype) for k, v in net.state_dict().items()}
     atomic_save(state, path, {"format": "pt"})
-
-
-def canny(image: Image.Image, thresholds: tuple[int, int] = CANNY_THRESHOLDS) -> Image.Image:
-    """OpenCV's Canny edges of an RGB image (gradients of all three channels), white on black, as RGB."""
-    try:
-        import cv2
-    except ImportError:
-        raise LdmError("--control-preprocess canny needs OpenCV: pip install 'ldm[controlnet]'") from None
-    edges = cv2.Canny(np.asarray(image.convert("RGB")), *thresholds)
-    return Image.fromarray(edges).convert("RGB")
 
 
 def control_map(control: Control, height: int, width: int) -> Image.Image:

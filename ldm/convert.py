@@ -49,18 +49,11 @@ if __name__ == "__main__":
 import torch
 from safetensors import SafetensorError, safe_open
 
-from ldm.checkpoint import (
-    CheckpointError,
-    atomic_save,
-    load_model,
-    load_model_or_vae,
-    load_state_strict,
-    read_state_dict,
-    save_diffusers_folder,
-    save_single_file,
-)
+from ldm.checkpoint import load_model, load_model_or_vae, save_diffusers_folder, save_single_file
 from ldm.config import ModelConfig, apply_overrides, from_dict, load_config, to_dict
 from ldm.controlnet import PREFIX
+from ldm.errors import CheckpointError
+from ldm.io import atomic_save, load_state_strict, read_state_dict
 
 
 def main(argv=None) -> int:

@@ -40,7 +40,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import Dataset, Sampler
 
 from ldm import LdmError
-from ldm.controlnet import canny
+from ldm.images import canny
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
@@ -522,6 +522,11 @@ class Subset(Dataset):
 
     def __len__(self) -> int:
         return len(self.indices)
+
+    @property
+    def skipped(self) -> list[tuple[str, str]]:
+        """The files the whole dataset skipped while listing its folder."""
+        return self.dataset.skipped
 
     def __getitem__(self, key) -> dict:
         index, seed = key if isinstance(key, tuple) else (key, 0)

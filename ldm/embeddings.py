@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from ldm.checkpoint import CheckpointError, read_state_dict
+from ldm.errors import CheckpointError
+from ldm.io import read_state_dict
 
 
 def read_embedding(path: str | Path) -> tuple[str, torch.Tensor]:

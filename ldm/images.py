@@ -1,4 +1,4 @@
-"""Images in and out of the pipeline: files read as PIL images, PIL <-> tensors, and the outpainting canvas."""
+"""Images in and out of the pipeline: files read as PIL images, PIL <-> tensors, canny edges, the outpainting canvas."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
 
-from ldm import LdmError
+from ldm.errors import LdmError
+
+CANNY_THRESHOLDS = (100, 200)  # cv2.Canny's low and high hysteresis thresholds, lllyasviel's annotator defaults
 
 
 class ImageError(LdmError):
@@ -38,6 +40,16 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
     """(B, 3, H, W) in [0, 1] -> PIL images, rounding to 8 bits as diffusers does."""
     array = (images.permute(0, 2, 3, 1).float() * 255).round().to(torch.uint8).cpu().numpy()
     return [Image.fromarray(a) for a in array]
+
+
+def canny(image: Image.Image, thresholds: tuple[int, int] = CANNY_THRESHOLDS) -> Image.Image:
+    """OpenCV's Canny edges of an RGB image (gradients of all three channels), white on black, as RGB."""
+    try:
+        import cv2
+    except ImportError:
+        raise LdmError("--control-preprocess canny needs OpenCV: pip install 'ldm[controlnet]'") from None
+    edges = cv2.Canny(np.asarray(image.convert("RGB")), *thresholds)
+    return Image.fromarray(edges).convert("RGB")
 
 
 def outpaint_padding(size: tuple[int, int], padding: tuple[int, int, int, int], factor: int) -> tuple[int, ...]:

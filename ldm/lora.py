@@ -14,7 +14,7 @@ with '.' written '_', so kohya's underscores are never guessed at):
                      lora_te_text_model_<text model path>...
     diffusers / PEFT unet.<diffusers path>.{lora_A,lora_B}.weight (or .lora.down / .lora.up), .alpha;
                      text_encoder.[text_model.]<text model path>...
-The UNet's diffusers names come from ldm.checkpoint's one diffusers <-> CompVis mapping (unet_key_map).
+The UNet's diffusers names come from ldm.diffusers_names' one diffusers <-> CompVis mapping (unet_key_map).
 """
 
 from __future__ import annotations
@@ -26,8 +26,10 @@ import torch
 import torch.nn as nn
 from transformers import CLIPTextModel
 
-from ldm.checkpoint import TEXT, UNET, CheckpointError, atomic_save, read_state_dict, rename, unet_key_map
 from ldm.config import ConfigError, LoRAConfig, UNetConfig
+from ldm.diffusers_names import TEXT, UNET, rename, unet_key_map
+from ldm.errors import CheckpointError
+from ldm.io import atomic_save, read_state_dict
 from ldm.model import StableDiffusion
 
 PARTS = {

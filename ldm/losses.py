@@ -19,8 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ldm.checkpoint import load_state_strict, read_state_dict
 from ldm.config import LossConfig
+from ldm.io import load_state_strict, read_state_dict
 from ldm.vae import DiagonalGaussian
 
 # torchvision's vgg16 ("configuration D"), without its last max-pool: ints are 3x3 convs (+ ReLU), "M" 2x2 max-pools.

@@ -33,6 +33,8 @@ import torch.nn as nn
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ldm import DEFAULT_MODEL
+from ldm.checkpoint import load_model
 from ldm.conditioning import Conditioner
 from ldm.controlnet import ControlNet, control_map, load_controlnet
 from ldm.decode import Decoder
@@ -298,3 +300,29 @@ class Pipeline(nn.Module):
         trigger word: `token`, else the file's, else its stem)."""
         self.patcher.apply(self.patcher.loras, [*self.patcher.embeddings, EmbeddingSpec(path, token)])
         return self.embedding_tokens(path)
+
+
+def load_pipeline(
+    path: str | Path | None = None,
+    device: str = "cpu",
+    dtype=None,
+    config=None,
+    quantize: str | None = None,
+    compile: bool = False,
+    backend: str = "torch",
+    backend_precision: str = "fp32",
+):
+    """A checkpoint's models in eval mode, with txt2img / img2img / inpaint: `.unet .vae .text_encoder .tokenizer .cfg`.
+
+    path: an original SD v1 single file (.safetensors, or .ckpt read without running code), one of our
+    checkpoints, or a diffusers folder; None: the embedded emoji model (DEFAULT_MODEL). dtype: a torch dtype
+    (default float32). config: the architecture (a ModelConfig), when a single file does not carry it.
+    quantize="int8": a dynamic-int8 UNet (CPU, fp32); compile: torch.compile the UNet; backend="openvino": the UNet
+    and VAE decoder run converted to OpenVINO in backend_precision (fp32, bf16, int8, default; see Pipeline).
+    An in-memory StableDiffusion model becomes a pipeline with `Pipeline(model)`.
+    """
+    model = load_model(DEFAULT_MODEL if path is None else path, config)
+    model = model.to(device=device, dtype=torch.float32 if dtype is None else dtype).eval()
+    return Pipeline(
+        model, quantize=quantize, compile=compile, backend=backend, backend_precision=backend_precision
+    ).eval()

@@ -15,7 +15,8 @@ one is literal text; BREAK (the word, in capitals) ends the current chunk. `(x: 
 not a weight in A1111, so not here either: it reads as `(x: 1.2)` with x1.1 on the text inside.
 Syntax "plain": every character is literal (A1111's "Emphasis: None"); long prompts are still chunked.
 Training captions never come here: the trainers and the cache call the text encoder's own tokenize / encode.
-`<lora:NAME:W>` tags are taken out of the prompt by `lora_tags` (txt2img.py loads their files).
+`<lora:NAME:W>` tags are taken out of the prompt by `lora_tags` (txt2img.py loads their files: the --lora-dir's, else
+the shipped add-ons').
 """
 
 from __future__ import annotations
@@ -23,13 +24,17 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+from ldm import ASSETS
+from ldm.errors import LdmError
 
-from ldm import LdmError
-from ldm.cli import SYNTAX_NAMES
+if TYPE_CHECKING:
+    import torch
 
-SYNTAXES = SYNTAX_NAMES  # "a1111" or "plain"; re-exported for ldm.pipeline
+# AUTOMATIC1111's prompt syntax, or every character literal. This module imports no torch (the tensors come in through
+# the text encoder), so the command lines take these names before torch loads.
+SYNTAX_NAMES = ("a1111", "plain")
 CHUNK = 75  # prompt tokens per chunk: the encoder's 77 less its start and end tokens
 COMMA_BACKTRACK = 20  # A1111's default comma_padding_backtrack: a comma this near the end of a full chunk splits it
 BREAK = None  # the weight that marks a BREAK in parse()'s output
@@ -53,8 +58,9 @@ LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt")
 
 def lora_tags(prompt: str, lora_dir: str | Path) -> tuple[str, list[tuple[Path, float, float]]]:
     """AUTOMATIC1111's LoRA tags: `<lora:NAME:W>` (W for the text encoder and the UNet; no W: 1) and
-    `<lora:NAME:TE_W:UNET_W>`. -> the prompt without its tags, and [(lora_dir/NAME.safetensors (or .pt, .ckpt),
-    text-encoder weight, UNet weight)]. PromptError names a tag whose file or weight is not there."""
+    `<lora:NAME:TE_W:UNET_W>`. -> the prompt without its tags, and [(the file, text-encoder weight, UNet weight)]: the
+    file is lora_dir/NAME.safetensors (or .pt, .ckpt), else a shipped add-on's ldm/assets/*/NAME.safetensors (so
+    `<lora:emoji-gameboy:1>` needs no flag). PromptError names a tag whose file or weight is not there."""
     found = []
     for m in LORA_TAG.finditer(prompt):
         name, numbers = m[1].strip(), [w.strip() for w in m[2].split(":")[1:]]
@@ -65,9 +71,13 @@ def lora_tags(prompt: str, lora_dir: str | Path) -> tuple[str, list[tuple[Path, 
         if not all(math.isfinite(w) for w in weights):
             raise PromptError(f"{m[0]}: the weights must be finite numbers")
         candidates = [Path(lora_dir) / f"{name}{suffix}" for suffix in LORA_SUFFIXES]
+        candidates += [folder / f"{name}.safetensors" for folder in sorted(ASSETS.iterdir())]
         path = next((candidate for candidate in candidates if candidate.is_file()), None)
         if path is None:
-            raise PromptError(f"{m[0]}: no {name}.safetensors (or .pt, .ckpt) in the LoRA folder {lora_dir}")
+            raise PromptError(
+                f"{m[0]}: no {name}.safetensors (or .pt, .ckpt) in the LoRA folder {lora_dir} nor among the shipped "
+                f"add-ons ({ASSETS})"
+            )
         found.append((path, weights[0], weights[-1]))
     return LORA_TAG.sub("", prompt), found
 
@@ -170,7 +180,7 @@ def emphasize(z: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     w = weights.to(z.dtype)[..., None]
     weighted = z * w
     rescaled = weighted * (z.mean(dim=(1, 2), keepdim=True) / weighted.mean(dim=(1, 2), keepdim=True))
-    return torch.where((w == 1).all(dim=1, keepdim=True), z, rescaled)
+    return z.where((w == 1).all(dim=1, keepdim=True), rescaled)
 
 
 def prompt_contexts(text_encoder, prompts: list[str], syntax: str = "a1111", clip_skip: int = 1) -> list[torch.Tensor]:
@@ -185,6 +195,6 @@ def prompt_contexts(text_encoder, prompts: list[str], syntax: str = "a1111", cli
     ]
     flat = [c for chunks in per_prompt for c in chunks]
     ids = text_encoder.frame([ids for ids, _ in flat]).to(text_encoder.transformer.device)
-    weights = torch.tensor([[1.0, *w] + [1.0] * (CHUNK + 1 - len(w)) for _, w in flat], device=ids.device)
-    states = emphasize(text_encoder(ids, clip_skip=clip_skip), weights)
+    z = text_encoder(ids, clip_skip=clip_skip)
+    states = emphasize(z, z.new_tensor([[1.0, *w] + [1.0] * (CHUNK + 1 - len(w)) for _, w in flat]))
     return [s.flatten(0, 1) for s in states.split([len(chunks) for chunks in per_prompt])]

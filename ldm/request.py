@@ -21,12 +21,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ldm import LdmError
+from ldm.config import CONTROL_PREPROCESS_NAMES
+from ldm.errors import LdmError
 
 if TYPE_CHECKING:  # PIL costs ~20 ms of a command line's start; the request only names its type
     from PIL import Image
 
-CONTROL_PREPROCESSORS = ("none", "canny")  # "none": the control image is the map; "canny": its edges (OpenCV)
 SEEDS = (-(2**63), 2**64)  # the range of torch.Generator.manual_seed
 MASK_BLUR = 4  # outpainting's default feathered border, pixels
 IMG2IMG_STRENGTH = 0.75  # the default strength with an init image and no mask (inpainting, outpainting: 1)
@@ -281,8 +281,8 @@ def image_of(image: Image.Image | str | Path, mode: str, load_image) -> Image.Im
 
 def check_control(control: Control, n: dict[str, str]) -> None:
     """The rules of one ControlNet unit: its preprocessing (and OpenCV for canny), scale, start and end, its file."""
-    if control.preprocess not in CONTROL_PREPROCESSORS:
-        known = ", ".join(CONTROL_PREPROCESSORS)
+    if control.preprocess not in CONTROL_PREPROCESS_NAMES:
+        known = ", ".join(CONTROL_PREPROCESS_NAMES)
         raise InputError(f"unknown control preprocessing '{control.preprocess}' (known: {known})")
     if control.preprocess == "canny" and importlib.util.find_spec("cv2") is None:
         raise InputError(f"{n['control_preprocess']} canny needs OpenCV: pip install 'ldm[controlnet]'")

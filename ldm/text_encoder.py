@@ -29,6 +29,7 @@ import ftfy
 import torch
 import torch.nn as nn
 from transformers import AutoModel, AutoTokenizer, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers.utils import logging as hf_logging
 
 from ldm.config import ConfigError, TextEncoderConfig
 
@@ -218,7 +219,13 @@ class FrozenHFEmbedder(FrozenTextEncoder):
         super().__init__()
         folder = pretrained_folder(cfg.pretrained)
         self.name = cfg.pretrained
-        self.transformer = AutoModel.from_pretrained(str(folder))
+        bar = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # transformers 5 draws a "Loading weights" bar per load, with no flag
+        try:
+            self.transformer = AutoModel.from_pretrained(str(folder))
+        finally:
+            if bar:
+                hf_logging.enable_progress_bar()
         self.tokenizer = AutoTokenizer.from_pretrained(str(folder), model_max_length=MAX_LENGTH)
         self.requires_grad_(False)
         self.eval()

@@ -1,13 +1,14 @@
-"""What the training scripts share: the Accelerator, EMA, per-sample noise, checkpoints and resume, stopping
-(SIGTERM, Ctrl-C, non-finite steps), logging.
+"""What the training scripts share: a `Run` (the Accelerator, optimizers, EMA, the data stream, logging, checkpoints
+and resume, stopping on SIGTERM, Ctrl-C or non-finite steps, the inference file and the end-of-run report) and the
+`Trainable` it trains (the whole UNet, a LoRA, a ControlNet, the VAE and its PatchGAN); per-sample noise.
 
 Training checkpoints are folders <output_dir>/checkpoints/step-000123/ holding `state/` (Accelerate's save_state:
 models (or only their trainable tensors: checkpoint_trainable_only), optimizers, grad scaler, RNG states of every
-process, and the registered objects such as EMA, LR scheduler and TrainState) plus whatever the script writes beside
-it (train_unet.py: model.safetensors, the inference checkpoint, or lora.safetensors). A checkpoint is written to
-step-000123.tmp/ and renamed when complete, so a crash or SIGKILL never leaves a broken latest checkpoint: `--resume
-latest` takes the newest complete one. A write that fails (the disk is full) removes its partial folder and stops
-the run with a one-line CheckpointError naming the previous checkpoint, which is intact.
+process, and the registered objects such as EMA, LR scheduler and TrainState) plus, beside it, the run's config.json
+and its inference file (Trainable.file: model.safetensors, lora.safetensors or controlnet.safetensors). A
+checkpoint is written to step-000123.tmp/ and renamed when complete, so a crash or SIGKILL never leaves a broken
+latest checkpoint: `--resume latest` takes the newest complete one. A write that fails (the disk is full) removes
+its partial folder and stops the run with a one-line CheckpointError naming the previous checkpoint, which is intact.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import resource
 import shutil
 import signal
 import sys
+import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Callable
@@ -33,13 +35,19 @@ import torch
 import torch.nn as nn
 from accelerate import Accelerator, InitProcessGroupKwargs
 from accelerate.tracking import GeneralTracker, on_main_process
-from accelerate.utils import SAFE_MODEL_NAME, ProjectConfiguration, gather_object
+from accelerate.utils import SAFE_MODEL_NAME, ProjectConfiguration, gather_object, set_seed
+from diffusers.optimization import get_scheduler
+from PIL import Image
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
-from ldm.checkpoint import CheckpointError
-from ldm.config import ConfigError, ModelConfig, apply_overrides, from_dict, load_yaml, to_dict
+from ldm.checkpoint import save_single_file
+from ldm.config import ConfigError, LoRAConfig, ModelConfig, apply_overrides, from_dict, load_yaml, to_dict
+from ldm.controlnet import Control, ControlNet, save_controlnet
 from ldm.data import StreamSampler, collate, ignore_stop_signals
+from ldm.errors import CheckpointError
+from ldm.lora import add_lora, save_lora
 from ldm.model import StableDiffusion
 
 CHECKPOINT_NAME = re.compile(r"^step-(\d+)$")
@@ -211,34 +219,6 @@ def checkpoint_trainable_only(accelerator: Accelerator) -> None:
     accelerator.register_load_state_pre_hook(load_trainable)
 
 
-def resume_state(
-    accelerator: Accelerator, resume: Path | None, resume_spec: str | None, checkpoints: Path, state: TrainState
-) -> None:
-    """Load everything registered with the Accelerator from `resume`, saying so."""
-    if resume is not None:
-        accelerator.load_state(str(resume / "state"))
-        accelerator.print(f"resumed from {resume} at step {state.step}")
-    elif resume_spec == "latest":
-        accelerator.print(f"no checkpoint in {checkpoints} yet: starting at step 0")
-
-
-def stream_batches(dataset, cfg, accelerator: Accelerator, start: int):
-    """This process's batches of the endless data stream from position `start` (see ldm.data.StreamSampler)."""
-    sampler = StreamSampler(
-        len(dataset), cfg.batch_size, accelerator.process_index, accelerator.num_processes, cfg.seed, start
-    )
-    loader = DataLoader(
-        dataset,
-        cfg.batch_size,
-        sampler=sampler,
-        collate_fn=collate,
-        num_workers=cfg.data.num_workers,
-        worker_init_fn=ignore_stop_signals,
-        pin_memory=accelerator.device.type == "cuda",
-    )
-    return iter(loader)
-
-
 def optimizer_step(
     accelerator: Accelerator, optimizer, params, max_grad_norm: float
 ) -> tuple[torch.Tensor | None, bool]:
@@ -250,15 +230,6 @@ def optimizer_step(
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return grad_norm, not finite or optimizer.step_was_skipped
-
-
-def log_image(accelerator: Accelerator, name: str, image, step: int) -> None:
-    """One PIL image to every tracker that shows images (TensorBoard, W&B)."""
-    for tracker in accelerator.trackers:
-        if tracker.name == "tensorboard":
-            tracker.log_images({name: np.asarray(image)[None]}, step, dataformats="NHWC")
-        elif tracker.name == "wandb":
-            tracker.log_images({name: [image]}, step)
 
 
 def peak_memory_gib(device: torch.device) -> float:
@@ -402,25 +373,6 @@ def gather_skipped(state: TrainState) -> None:
         state.skipped |= part
 
 
-def checkpoint_run(
-    accelerator: Accelerator,
-    root: Path,
-    state: TrainState,
-    keep_last: int,
-    write_extra: Callable[[Path], None],
-    progress,
-) -> None:
-    """A trainer's checkpoint: the skipped files gathered into the saved state, then save_checkpoint at state.step."""
-    gather_skipped(state)
-    try:
-        path = save_checkpoint(accelerator, root, state.step, keep_last, write_extra)
-    except CheckpointError:  # the disk is full: the error's line goes below the progress bar, not into it
-        progress.close()
-        raise
-    if accelerator.is_main_process:
-        progress.write(f"saved checkpoint {path}")  # on a line of its own, above the progress bar
-
-
 def save_checkpoint(
     accelerator: Accelerator, root: Path, step: int, keep_last: int, write_extra: Callable[[Path], None]
 ) -> Path:
@@ -481,7 +433,10 @@ def remove_cut_writes(output_dir: Path, checkpoints: Path) -> None:
     """Remove what writes of an earlier run of output_dir, killed midway, left behind, saying so: names of our own
     making only, never a user's file."""
     ours = [
-        (output_dir, r"\.(model|lora)\.safetensors\.[a-z0-9_]{8}\.tmp"),  # atomic_save's temp file (by mkstemp)
+        (
+            output_dir,
+            r"\.(model|lora|controlnet)\.safetensors\.[a-z0-9_]{8}\.tmp",
+        ),  # atomic_save's temp file (by mkstemp)
         (checkpoints, r"step-\d+\.tmp|\.step-\d+\.deleting"),
     ]  # a checkpoint not yet renamed; one being removed
     for folder, pattern in ours:
@@ -549,7 +504,7 @@ class Stop:
         return bool(self.why)
 
     def end(self, progress) -> int:
-        """A trainer's last call, once it has dropped its DDP models (see end_training): why the run stopped early,
+        """Run.end's last call, once the run has dropped its DDP models (see end_training): why the run stopped early,
         if it did, on the main process; the signal handlers as they were; -> the exit code."""
         progress.close()
         if self.why and self.accelerator.is_main_process:
@@ -558,3 +513,343 @@ class Stop:
             signal.signal(s, handler)
         end_training(self.accelerator)
         return self.exit_code
+
+
+# ---------------------------------------------------------------- what trains
+
+
+class Trainable:
+    """What a run trains, as the whole model's file: `module` (what the optimizer steps, the EMA follows and `save`
+    writes: a UNet, a VAE, a PatchGAN) inside `model`. `nets` are the modules the gradient goes through: Run.prepare
+    wraps them for DDP into `ddp`, in this order (the checkpoints' state/model.safetensors, model_1.safetensors...).
+    Called, it runs the first of them; `what` and `file` name the inference file."""
+
+    what, file, trainable_only = "model", "model.safetensors", False
+
+    def __init__(self, model: StableDiffusion | None, module: nn.Module, params: list | None = None, nets=None):
+        self.model, self.module = model, module
+        self.params = list(module.parameters()) if params is None else params
+        self.nets = self.ddp = nets or [module]
+
+    def __call__(self, *inputs):
+        return self.ddp[0](*inputs)
+
+    def save(self, path: Path, step: int) -> None:
+        save_single_file(self.model, path)
+
+
+class UNetTrainable(Trainable):
+    """The whole UNet of a text-to-image model trains; the VAE and the text encoder stay frozen."""
+
+    def __init__(self, model: StableDiffusion, module: nn.Module | None = None, nets=None):
+        super().__init__(model, model.unet if module is None else module, nets=nets)
+
+    def encode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The prompts' states under the frozen text encoder."""
+        with torch.no_grad():
+            return self.model.text_encoder(tokens)
+
+    def predict(self, x_t, t, context, hint):
+        """The UNet's output for x_t at t (`hint`: the batch's control maps, or None)."""
+        return self.ddp[0](x_t, t, context)
+
+    def samples(self, pipe, prompts: list[str], seed: int, options: dict, dataset) -> list[Image.Image]:
+        """The validation images, drawn in eval mode (`pipe`: a Pipeline of the model; `dataset`: the training
+        images)."""
+        self.model.unet.eval(), self.module.eval()
+        images = self.draw(pipe, prompts, seed, options, dataset)
+        self.model.unet.train(), self.module.train()
+        return images
+
+    def draw(self, pipe, prompts: list[str], seed: int, options: dict, dataset) -> list[Image.Image]:
+        """Prompt i drawn with seed + i."""
+        return pipe.txt2img(prompts, seed=seed, **options)
+
+
+class LoRATrainable(UNetTrainable):
+    """LoRAs beside the frozen UNet (ldm.lora.add_lora), and the text encoder's with lora.text_encoder: its LoRAs go
+    through DDP as the UNet's, so their gradients are averaged too. The checkpoints hold the LoRAs alone (init_from
+    gives the frozen weights back on resume); saved as a kohya file."""
+
+    what, file, trainable_only = "LoRA", "lora.safetensors", True
+
+    def __init__(self, model: StableDiffusion, cfg: LoRAConfig, title: str):
+        nets = [model.unet] + ([model.text_encoder] if cfg.text_encoder else [])
+        super().__init__(model, add_lora(model, cfg), nets)
+        self.title = title
+
+    def encode(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.ddp[1](tokens) if len(self.ddp) > 1 else super().encode(tokens)
+
+    def save(self, path: Path, step: int) -> None:
+        save_lora(self.module, path, self.title, step)
+
+
+class ControlNetTrainable(UNetTrainable):
+    """A ControlNet beside the frozen model: the frozen UNet, its skips and middle block plus the ControlNet's
+    residuals, from the batch's control maps ((B, 3, H, W) in [0, 1]); saved in lllyasviel's layout."""
+
+    what, file = "ControlNet", "controlnet.safetensors"
+
+    def __init__(self, model: StableDiffusion, controlnet: ControlNet, device: torch.device):
+        model.unet.requires_grad_(False).to(device)
+        super().__init__(model, controlnet)
+
+    def predict(self, x_t, t, context, hint):
+        return self.model.unet(x_t, t, context, control=self.ddp[0](x_t, hint.to(x_t.device), t, context))
+
+    def save(self, path: Path, step: int) -> None:
+        save_controlnet(self.module, path)
+
+    def draw(self, pipe, prompts: list[str], seed: int, options: dict, dataset) -> list[Image.Image]:
+        """For prompt i the control map of training item i, then the image drawn with it and seed + i."""
+        images = []
+        for i, prompt in enumerate(prompts):
+            hint = dataset[(i % len(dataset), seed)]["hint"]
+            control = Image.fromarray((hint * 255).round().byte().permute(1, 2, 0).numpy())
+            images += [
+                control,
+                *pipe.txt2img([prompt], seed=seed + i, **options, controls=[Control(self.module, control)]),
+            ]
+        return images
+
+
+# ---------------------------------------------------------------- the run
+
+
+class Run:
+    """One training run, shared by the trainers, so the order of its steps exists once:
+
+        run = Run(cfg, "train_unet", args.resume, fine_tune)   # output_dir, Accelerator, seed
+        ... the models, the data ...
+        run.prepare(trainable)                                 # optimizer, LR schedule, DDP, EMA, resume
+        for batch in run.batches(dataset):                     # stops at max_steps, on a signal, on NaN steps
+            with run.accumulate():
+                loss = ...
+                run.step(loss, {"loss": loss})                 # backward; optimizer step at the last micro-batch
+        return run.end()                                       # the inference file, the report -> exit code
+
+    Between batches it does, after each optimizer step: the LR schedules, EMA, progress, logging, validation images,
+    the stop conditions and the checkpoints. A fine-tune (`fine_tune`: its weights are a usable model at every step)
+    stopped by a signal also writes its inference file into output_dir, where the next command looks for it."""
+
+    def __init__(self, cfg, name: str, resume_spec: str | None, fine_tune: bool, shown: str = "loss"):
+        self.cfg, self.name, self.resume_spec, self.fine_tune, self.shown = cfg, name, resume_spec, fine_tune, shown
+        self.output_dir, self.checkpoints, self.resume = start_run(cfg, resume_spec)
+        self.accelerator = make_accelerator(
+            self.output_dir, cfg.mixed_precision, cfg.grad_accum, cfg.tracker, cfg.compile
+        )
+        self.device, self.state, self.ema = self.accelerator.device, TrainState(), None
+        set_seed(cfg.seed)  # the same fresh weights on every process
+
+    def prepare(self, *trainables: Trainable, extra_state: tuple = ()) -> None:
+        """An AdamW and an LR schedule for each part (the first is the model; the VAE's PatchGAN is a second), their
+        nets wrapped for DDP, the first part's EMA, and everything registered for checkpoints; then the resume.
+        The LR schedules are stepped once per step by the run, not per process."""
+        cfg, accelerator = self.cfg, self.accelerator
+        o = cfg.optim
+        optimizers = [
+            torch.optim.AdamW(t.params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay, eps=o.eps)
+            for t in trainables
+        ]
+        self.schedulers = [
+            get_scheduler(o.lr_scheduler, opt, num_warmup_steps=o.warmup_steps, num_training_steps=cfg.max_steps)
+            for opt in optimizers
+        ]
+        prepared = accelerator.prepare(*[net for t in trainables for net in t.nets], *optimizers)
+        self.optimizers, i = prepared[len(prepared) - len(trainables) :], 0
+        for t in trainables:
+            t.ddp, i = prepared[i : i + len(t.nets)], i + len(t.nets)
+        inside = {id(p) for t in trainables for net in t.nets for p in net.parameters()}
+        self.outside = [[p for p in t.params if id(p) not in inside] for t in trainables]  # averaged by hand
+        self.trainables, self.trained = trainables, trainables[0]
+        if self.trained.trainable_only:
+            checkpoint_trainable_only(accelerator)
+        if cfg.ema.enabled:
+            self.ema = EMA(self.trained.module, cfg.ema.decay, cfg.ema.warmup, cfg.ema.start_step)
+        accelerator.register_for_checkpointing(
+            *self.schedulers, self.state, *extra_state, *([self.ema] if self.ema else [])
+        )
+        if self.resume is not None:
+            accelerator.load_state(str(self.resume / "state"))
+            accelerator.print(f"resumed from {self.resume} at step {self.state.step}")
+        elif self.resume_spec == "latest":
+            accelerator.print(f"no checkpoint in {self.checkpoints} yet: starting at step 0")
+
+    def ema_weights(self):
+        """A block in which the trained module holds its EMA weights (if the run keeps an EMA)."""
+        return self.ema.applied_to(self.trained.module) if self.ema else contextlib.nullcontext()
+
+    def accumulate(self):
+        """The block of one micro-batch: DDP synchronises the gradients at the last one of a step only."""
+        return self.accelerator.accumulate(*[net for t in self.trainables for net in t.ddp])
+
+    def batches(self, dataset, note: str = "", draw: Callable[[], list[Image.Image]] | None = None, every: int = 0):
+        """This process's batches of the endless data stream (see ldm.data.StreamSampler) from where the run is, until
+        it stops. With `draw`, every `every` steps a row of validation images from the EMA weights, saved and logged."""
+        cfg, accelerator, state = self.cfg, self.accelerator, self.state
+        state.skipped |= dict(dataset.skipped)  # found while listing the folder (or building the cache)
+        sampler = StreamSampler(
+            len(dataset),
+            cfg.batch_size,
+            accelerator.process_index,
+            accelerator.num_processes,
+            cfg.seed,
+            state.samples_seen,
+        )
+        loader = DataLoader(
+            dataset,
+            cfg.batch_size,
+            sampler=sampler,
+            collate_fn=collate,
+            num_workers=cfg.data.num_workers,
+            worker_init_fn=ignore_stop_signals,
+            pin_memory=accelerator.device.type == "cuda",
+        )
+        stream = iter(loader)
+        accelerator.print(
+            f"{len(dataset)} training images{note}, {accelerator.num_processes} process(es) on {self.device.type}"
+        )
+        accelerator.init_trackers(self.name, config=flat_config(to_dict(cfg)))
+        self.stop = Stop(accelerator, cfg.max_nan_skips)  # SIGTERM, Ctrl-C, too many non-finite steps
+        self.progress = tqdm(
+            total=cfg.max_steps, initial=state.step, disable=not accelerator.is_main_process, dynamic_ncols=True
+        )
+        self.window, self.window_images, self.window_start, self.stepped = {}, 0, time.perf_counter(), []
+        while state.step < cfg.max_steps:
+            batch = next(stream)
+            state.samples_seen += cfg.batch_size * accelerator.num_processes
+            state.skipped |= dict(batch["skipped"])
+            yield batch
+            self.window_images += cfg.batch_size
+            if accelerator.sync_gradients and self.after_step(draw, every):
+                return
+
+    def step(self, loss: torch.Tensor, logs: dict[str, torch.Tensor], part: int = 0) -> None:
+        """One micro-batch's backward of part `part`'s loss, its logs into the window; after the last micro-batch of a
+        step, that part's optimizer step (clipped, skipped when non-finite; gradients of parameters outside DDP, such
+        as the VAE's logvar, averaged over the processes by hand)."""
+        accelerator = self.accelerator
+        accelerator.backward(loss)
+        if accelerator.sync_gradients:
+            for p in self.outside[part]:
+                if p.grad is not None:
+                    p.grad = accelerator.reduce(p.grad, "mean")
+            done = optimizer_step(
+                accelerator, self.optimizers[part], self.trainables[part].params, self.cfg.optim.max_grad_norm
+            )
+            if part == 0:  # the model's step decides: its grad norm is logged, its skips count
+                self.grad_norm, self.skipped_step = done
+            self.stepped.append(part)
+        for name, value in logs.items():  # sums and counts of the finite values: a term may join mid-run
+            total, count = self.window.get(name, (0.0, 0))
+            value = value.item()
+            self.window[name] = (total + value, count + 1) if math.isfinite(value) else (total, count)
+
+    def after_step(self, draw, every: int) -> bool:
+        """The step is done: LR schedules (of the parts that stepped), EMA, progress, logs, validation, stop
+        conditions, checkpoint. -> whether the run stops here."""
+        cfg, accelerator, state = self.cfg, self.accelerator, self.state
+        state.step += 1
+        for part in self.stepped:
+            self.schedulers[part].step()
+        self.stepped = []
+        if self.ema and not self.skipped_step:
+            self.ema.update(self.trained.module)
+        self.progress.update(1)
+        if state.step % cfg.log_every == 0 or state.step == cfg.max_steps:
+            self.log_window()
+        if draw and every and state.step % every == 0:
+            if accelerator.is_main_process:
+                self.validate(draw)
+            accelerator.wait_for_everyone()
+        stopping = self.stop.after_step(state.step, self.skipped_step)
+        if state.step % cfg.save_every == 0 or state.step == cfg.max_steps or stopping:
+            self.save_checkpoint()
+        return stopping
+
+    def log_window(self) -> None:
+        """The means since the last log, over every process, and the speed, to the trackers and the progress bar."""
+        elapsed, names = time.perf_counter() - self.window_start, sorted(self.window)
+        means = self.accelerator.reduce(
+            torch.tensor([self.window[k][0] / max(self.window[k][1], 1) for k in names], device=self.device), "mean"
+        )
+        logs = dict(zip(names, means.tolist())) | {
+            "lr": self.schedulers[0].get_last_lr()[0],
+            "grad_norm": float(self.grad_norm) if self.grad_norm is not None else math.nan,
+            "images_per_s_per_device": self.window_images / elapsed,
+            "peak_memory_gib": peak_memory_gib(self.device),
+        }
+        if self.ema:
+            logs["ema_decay"] = self.ema.current_decay()
+        self.accelerator.log(logs, step=self.state.step)
+        self.progress.set_postfix(
+            {self.shown: f"{logs[self.shown]:.4f}", "img_s": f"{logs['images_per_s_per_device']:.1f}"}
+        )
+        self.window, self.window_images, self.window_start = {}, 0, time.perf_counter()
+
+    def validate(self, draw: Callable[[], list[Image.Image]]) -> None:
+        """draw()'s images from the EMA weights as one row: <output_dir>/validation/step-N.png, and to the trackers."""
+        with self.ema_weights(), self.accelerator.autocast():
+            images = draw()
+        grid = Image.new("RGB", (sum(im.width for im in images), images[0].height))
+        for i, im in enumerate(images):
+            grid.paste(im, (i * im.width, 0))
+        path = self.output_dir / "validation" / f"step-{self.state.step:06d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        grid.save(path)
+        self.log_image("validation", grid)
+
+    def log_image(self, name: str, image: Image.Image) -> None:
+        """One image to every tracker that shows images (TensorBoard, W&B)."""
+        for tracker in self.accelerator.trackers:
+            if tracker.name == "tensorboard":
+                tracker.log_images({name: np.asarray(image)[None]}, self.state.step, dataformats="NHWC")
+            elif tracker.name == "wandb":
+                tracker.log_images({name: [image]}, self.state.step)
+
+    def write_model(self, folder: Path) -> Path:
+        """The inference file with the EMA weights (Trainable.save) and the run's config.json, into folder."""
+        with self.ema_weights():
+            self.trained.save(folder / self.trained.file, self.state.step)
+        (folder / "config.json").write_text(json.dumps(to_dict(self.cfg), indent=2))
+        return folder / self.trained.file
+
+    def save_checkpoint(self) -> None:
+        """The skipped files gathered into the saved state, then save_checkpoint at this step with the inference
+        file beside the state."""
+        gather_skipped(self.state)
+        try:
+            path = save_checkpoint(
+                self.accelerator, self.checkpoints, self.state.step, self.cfg.keep_last, self.write_model
+            )
+        except CheckpointError:  # the disk is full: the error's line goes below the progress bar, not into it
+            self.progress.close()
+            raise
+        if self.accelerator.is_main_process:
+            self.progress.write(f"saved checkpoint {path}")  # on a line of its own, above the progress bar
+
+    def end(self, finish: Callable[[], str] | None = None) -> int:
+        """The run's last call -> the exit code. Run to max_steps: finish() (the VAE's scale factor and evaluation; it
+        says what stays intact if the write fails), the inference file into output_dir, what was skipped. Stopped:
+        which file holds the weights of the last step (into output_dir too for a fine-tune stopped by a signal)."""
+        self.progress.close()  # the last step was saved (or, resumed at max_steps, there was none to run)
+        trained, main = self.trained, self.accelerator.is_main_process
+        last = list_checkpoints(self.checkpoints)[-1] / trained.file if main else None
+        if not self.stop.why:
+            gather_skipped(self.state)
+            if main:
+                intact = finish() if finish else f"{last} is the same {trained.what}"
+                with writing(self.output_dir, self.output_dir / trained.file, intact):
+                    self.write_model(self.output_dir)
+                print(skipped_report(self.state.skipped))
+                print(f"wrote {self.output_dir / trained.file}")
+        elif main:
+            if self.fine_tune and not self.stop.exit_code:
+                with writing(self.output_dir, self.output_dir / trained.file, f"{last} is the same {trained.what}"):
+                    last = self.write_model(self.output_dir)
+            print(f"the weights of step {self.state.step}: {last}")
+        self.accelerator.wait_for_everyone()
+        for t in self.trainables:
+            t.ddp = t.nets  # the DDP wrappers go before the process group (pytorch#56297: see end_training)
+        return self.stop.end(self.progress)

@@ -53,8 +53,9 @@ def serve(args) -> int:
 
     demo = build(Session(args))
     demo.queue(default_concurrency_limit=1)
+    host = "0.0.0.0" if args.listen else "127.0.0.1"
     demo.launch(
-        server_name="0.0.0.0" if args.listen else "127.0.0.1",
+        server_name=host,
         server_port=args.port,
         share=False,
         ssr_mode=False,
@@ -62,7 +63,11 @@ def serve(args) -> int:
         blocked_paths=[str(args.models_dir.resolve())],
         footer_links=[],
         css=CSS,
+        quiet=True,  # Gradio's own lines tell how to make a share link, which this page never makes
+        prevent_thread_lock=True,
     )
+    print(f"* Running on local URL:  http://{host}:{args.port}", flush=True)
+    demo.block_thread()
     return 0
 
 

@@ -16,15 +16,16 @@ from PIL import Image, ImageFilter
 from ldm import DEFAULT_MODEL, LdmError, load_pipeline
 from ldm.cli import CONTROL_PREPROCESS_NAMES, SAMPLER_NAMES, SYNTAX_NAMES
 from ldm.config import ModelConfig
-from ldm.controlnet import canny
 from ldm.explorer import forward_process, reverse_process, step_view
-from ldm.images import load_image, to_pil
+from ldm.images import canny, load_image, to_pil
 from ldm.outputs import make_images, model_facts, next_number, save_png
 from ldm.prompts import LORA_SUFFIXES, lora_tags
 from ldm.request import Control, EmbeddingSpec, OutputSpec, Request
 from ldm.runtime import runtime
 
-CSS = "img { image-rendering: pixelated; }"  # the embedded model's 32x32 images, shown large without blur
+# The embedded model's 32x32 images, shown enlarged to their box (Gradio's own object-fit, scale-down, leaves them at 32
+# px) with nearest neighbour, not blurred; the files served stay as made.
+CSS = "img { image-rendering: pixelated; } .image-frame img { object-fit: contain !important; }"
 FIELDS = (
     "prompt",
     "negative_prompt",
@@ -341,7 +342,9 @@ def generation_tab(session: Session, mode: str) -> dict:
                 go = gr.Button("Generate", variant="primary", elem_id=f"{mode}-generate")
                 stop = gr.Button("Interrupt", elem_id=f"{mode}-interrupt")
             preview = gr.Image(label="Preview", format="png", interactive=False, height=160, elem_id=f"{mode}-preview")
-            gallery = gr.Gallery(label="Images", format="png", columns=4, elem_id=f"{mode}-gallery")
+            gallery = gr.Gallery(
+                label="Images", format="png", columns=4, object_fit="contain", elem_id=f"{mode}-gallery"
+            )  # contain: an outpainted image whole, not cropped to a square
             text = gr.Textbox(label="Parameters", lines=4, interactive=False, elem_id=f"{mode}-info")
     names = list(c)
 
@@ -369,7 +372,14 @@ def generation_tab(session: Session, mode: str) -> dict:
                 session, fields, progress, init_image=image, mask=mask, mask_blur=blur, strength=strength
             )
 
-    go.click(run, list(c.values()) + extra, [preview, gallery, text], concurrency_id="generate", concurrency_limit=1)
+    go.click(
+        run,
+        list(c.values()) + extra,
+        [preview, gallery, text],
+        show_progress_on=text,  # the progress bar there: over the preview, it hid the preview until the run's end
+        concurrency_id="generate",
+        concurrency_limit=1,
+    )
     stop.click(session.stop.set, queue=False)
     return c
 
@@ -484,7 +494,7 @@ def explorer_tab(session: Session, guard) -> None:
             timesteps = gr.Textbox("0, 100, 250, 400, 600, 800, 999", label="timesteps t")
             seed = gr.Number(0, precision=0, label="Seed")
             noise = gr.Button("Noise it", elem_id="explorer-noise")
-        forward = gr.Image(label="q(x_t | x_0)", format="png", interactive=False, elem_id="explorer-forward")
+    forward = gr.Image(label="q(x_t | x_0)", format="png", interactive=False, height=360, elem_id="explorer-forward")
     noise.click(
         guard(lambda *a: forward_process(session.pipe, *a)),
         [image, timesteps, seed],
@@ -494,18 +504,16 @@ def explorer_tab(session: Session, guard) -> None:
     )
     gr.Markdown("**Reverse process**: a generation's latents z_t, step by step; rows: the latent, its decoding.")
     with gr.Row():
-        with gr.Column():
-            prompt = gr.Textbox("a red apple", label="Prompt")
-            with gr.Row():
-                reverse_seed = gr.Number(42, precision=0, label="Seed")
-                steps = gr.Slider(1, 150, value=25, step=1, label="Steps")
-                sampler = gr.Dropdown(list(SAMPLER_NAMES), value="ddim", label="Sampler")
-            run = gr.Button("Generate", elem_id="explorer-generate")
-        overview = gr.Image(label="trajectory", format="png", interactive=False, elem_id="explorer-reverse")
+        prompt = gr.Textbox("a red apple", label="Prompt", scale=2)
+        reverse_seed = gr.Number(42, precision=0, label="Seed")
+        steps = gr.Slider(1, 150, value=25, step=1, label="Steps")
+        sampler = gr.Dropdown(list(SAMPLER_NAMES), value="ddim", label="Sampler")
+    run = gr.Button("Generate", elem_id="explorer-generate")
+    overview = gr.Image(label="trajectory", format="png", interactive=False, height=240, elem_id="explorer-reverse")
     trajectory = gr.State([])
     with gr.Row():
         step = step_slider(1)
-        frame = gr.Image(label="this step", format="png", interactive=False, height=200)
+        frame = gr.Image(label="this step", format="png", interactive=False, height=240, elem_id="explorer-step")
 
     def reverse(*values):
         latents, picture = reverse_process(session.pipe, *values)

@@ -16,6 +16,7 @@ import pytest
 import torch
 from diffusers import (
     AutoencoderKL,
+    DDIMScheduler,
     PNDMScheduler,
     StableDiffusionInpaintPipeline,
     StableDiffusionPipeline,
@@ -27,17 +28,12 @@ from transformers import AutoModel, CLIPTextConfig, CLIPTextModel
 
 from conftest import ROOT, compvis_original_config, randomize_
 from ldm import DEFAULT_MODEL, convert, load_pipeline
-from ldm.checkpoint import (
-    SCHEDULE_KEYS,
-    TEXT,
-    CheckpointError,
-    load_model,
-    save_diffusers_folder,
-    save_single_file,
-    to_sd_layout,
-)
-from ldm.config import TextEncoderConfig, load_config
+from ldm.checkpoint import load_model, save_diffusers_folder, save_single_file, to_sd_layout
+from ldm.config import SamplingConfig, TextEncoderConfig, load_config
+from ldm.diffusers_names import SCHEDULE_KEYS, TEXT
+from ldm.errors import CheckpointError
 from ldm.model import StableDiffusion
+from ldm.samplers import SAMPLERS, make_scheduler
 from ldm.text_encoder import build_tokenizer
 
 
@@ -536,15 +532,16 @@ def test_minilm_model_round_trip(tiny_cfg, tmp_path):
 
 def test_embedded_model_exports_to_a_diffusers_folder(tmp_path):
     """The embedded model (MiniLM text encoder) through `python -m ldm.convert`: diffusers' StableDiffusionPipeline
-    loads the folder offline and draws our images with the folder's own scheduler (PNDM: our plms) and the same
-    seeds. diffusers masks the text's padding, as we do, because the folder's text config asks it to."""
+    loads the folder offline and draws our images with the folder's own scheduler (the model's sampler, DDIM: our
+    ddim) and the same seeds. diffusers masks the text's padding, as we do, because the folder's text config asks it
+    to."""
     assert convert.main([str(DEFAULT_MODEL), str(tmp_path / "emoji")]) == 0
     ref = StableDiffusionPipeline.from_pretrained(tmp_path / "emoji", local_files_only=True)
     ref.set_progress_bar_config(disable=True)
-    assert type(ref.text_encoder).__name__ == "BertModel" and type(ref.scheduler) is PNDMScheduler
+    assert type(ref.text_encoder).__name__ == "BertModel" and type(ref.scheduler) is DDIMScheduler
     pipe = load_pipeline()
     prompts = ["grinning face", "red apple"]
-    ours = pipe.txt2img(prompts, steps=10, sampler="plms", scale=7.5, seed=3, height=32, width=32, progress=False)
+    ours = pipe.txt2img(prompts, steps=10, sampler="ddim", scale=7.5, seed=3, height=32, width=32, progress=False)
 
     def theirs():
         generators = [torch.Generator().manual_seed(3 + i) for i in range(len(prompts))]
@@ -561,6 +558,23 @@ def test_embedded_model_exports_to_a_diffusers_folder(tmp_path):
     back = load_model(tmp_path / "emoji")
     assert back.cfg == pipe.cfg
     assert_same_tensors(pipe.model.state_dict(), back.state_dict())
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_a_diffusers_folder_samples_with_the_models_own_sampler_steps_and_guidance(tiny_cfg, tmp_path, sampler):
+    """diffusers ignores ldm_sampling.json and defaults to 50 steps at guidance 7.5: the folder's scheduler/ is the
+    model's sampler (class and config as ldm.samplers makes it), and its README names the steps and guidance."""
+    cfg = dataclasses.replace(tiny_cfg, sampling=SamplingConfig(sampler, steps=7, scale=4.5))
+    save_diffusers_folder(StableDiffusion(cfg), tmp_path / "tiny")
+    ref = StableDiffusionPipeline.from_pretrained(tmp_path / "tiny", local_files_only=True)
+    want = make_scheduler(sampler, cfg)
+    assert type(ref.scheduler) is type(want) is SAMPLERS[sampler][0]
+    assert {k: ref.scheduler.config[k] for k in want.config if not k.startswith("_")} == {
+        k: v for k, v in want.config.items() if not k.startswith("_")
+    }
+    readme = (tmp_path / "tiny" / "README.md").read_text()
+    assert 'from_pretrained("tiny")' in readme and "num_inference_steps=7, guidance_scale=4.5" in readme
+    assert load_model(tmp_path / "tiny").cfg == cfg
 
 
 def test_saved_files_get_the_usual_permissions(tiny_cfg, tmp_path):

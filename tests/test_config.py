@@ -1,11 +1,16 @@
 import pytest
 
 from conftest import ROOT
-from ldm.config import ConfigError, ModelConfig, UNetConfig, from_dict, load_config, to_dict
+from ldm import cli
+from ldm.config import CONTROL_PREPROCESS_NAMES, ConfigError, ModelConfig, UNetConfig, from_dict, load_config, to_dict
 
 
 def test_sd_v1_yaml_is_the_default_architecture():
     assert load_config(ROOT / "configs" / "sd-v1.yaml") == ModelConfig()
+
+
+def test_the_command_line_s_control_preprocessings_are_the_config_s():
+    assert cli.CONTROL_PREPROCESS_NAMES == CONTROL_PREPROCESS_NAMES
 
 
 def test_overrides_and_types(tmp_path):

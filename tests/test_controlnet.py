@@ -38,7 +38,8 @@ from conftest import (
 )
 from ldm import LdmError
 from ldm.checkpoint import CheckpointError, diffusers_configs, save_diffusers_folder, save_single_file
-from ldm.controlnet import CANNY_THRESHOLDS, ControlNet, canny, control_map, load_controlnet, save_controlnet
+from ldm.controlnet import ControlNet, control_map, load_controlnet, save_controlnet
+from ldm.images import CANNY_THRESHOLDS, canny
 from ldm.pipeline import Pipeline
 from ldm.request import Control
 from ldm.samplers import make_scheduler

@@ -80,7 +80,7 @@ def test_quickstart_command_draws_the_readmes_picture(tmp_path, monkeypatch):
 def test_the_shipped_lora_is_small_and_turns_the_pictures_green():
     """ldm/assets/emoji-gameboy (<= 2 MB): every layer merges into the embedded model; weight 0 is the base picture, and
     at weight 1 the apple moves from red towards the Game Boy palette's greens."""
-    path = ldm.DEFAULT_MODEL.parent.parent / "emoji-gameboy" / "lora.safetensors"
+    path = ldm.DEFAULT_MODEL.parent.parent / "emoji-gameboy" / "emoji-gameboy.safetensors"
     assert path.stat().st_size <= 2 * 2**20
     pipe = ldm.load_pipeline()
     base = np.asarray(pipe.txt2img("a red apple", steps=20, seed=0, progress=False)[0], dtype=np.float32)

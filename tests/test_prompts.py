@@ -5,6 +5,7 @@ for clip skip and for a long context through the UNet, transformers for MiniLM's
 path (the text encoder's own encode, which training still uses) for prompts without syntax.
 """
 
+import json
 import types
 
 import numpy as np
@@ -362,3 +363,16 @@ def test_txt2img_writes_clip_skip_and_a_weighted_chunked_prompt_that_remakes_the
     capsys.readouterr()
     assert cli("--ckpt", ckpt, "--prompt", "x", "--clip-skip", 3, "--outdir", out) == 2
     assert capsys.readouterr().err == "error: clip skip must be from 1 to 2 (the text encoder's layers), got 3\n"
+
+
+def test_a_lora_tag_finds_the_shipped_add_on_with_no_flag(tmp_path):
+    """`<lora:emoji-gameboy:1>` on the embedded model, no --lora-dir: the tag finds ldm/assets/emoji-gameboy's file;
+    the picture is not the untagged one, and the PNG names the LoRA."""
+    pictures = {}
+    for name, prompt in (("plain", "a red apple"), ("tagged", "a red apple <lora:emoji-gameboy:1>")):
+        assert cli("--prompt", prompt, "--steps", STEPS, "--seed", 0, "--outdir", tmp_path / name) == 0
+        with Image.open(tmp_path / name / "00000.png") as image:
+            pictures[name] = np.asarray(image.convert("RGB")), json.loads(image.info["ldm"])
+    assert not np.array_equal(pictures["plain"][0], pictures["tagged"][0])
+    assert [(f["name"], f["weight"]) for f in pictures["tagged"][1]["loras"]] == [("emoji-gameboy", 1.0)]
+    assert not pictures["plain"][1].get("loras")

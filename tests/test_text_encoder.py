@@ -3,6 +3,8 @@
 import gzip
 import html
 import socket
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -11,6 +13,7 @@ import pytest
 import regex
 import torch
 from transformers import AutoModel, AutoTokenizer, CLIPTextConfig, CLIPTextModel
+from transformers.utils import logging as hf_logging
 
 from ldm.config import ConfigError, TextEncoderConfig, load_config
 from ldm.model import StableDiffusion
@@ -299,6 +302,16 @@ def test_minilm_truncation_warns(minilm):
 
 def test_minilm_builds_offline(no_network):
     assert FrozenHFEmbedder(MINILM).tokenize("a cat").shape == (1, 77)
+
+
+def test_commands_draw_no_loading_bar_and_leave_the_setting_as_it_was(tmp_path):
+    """transformers 5 draws a "Loading weights" bar for every from_pretrained: not on our command lines' stderr."""
+    cmd = [sys.executable, "txt2img.py", "--prompt", "x", "--outdir", str(tmp_path)]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0 and "Loading weights" not in r.stderr, r.stderr
+    assert hf_logging.is_progress_bar_enabled()
+    FrozenHFEmbedder(MINILM)
+    assert hf_logging.is_progress_bar_enabled()
 
 
 def test_missing_pretrained_encoder_names_the_package():

@@ -24,7 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-import ldm.checkpoint
+import ldm.io
 import train_unet
 import txt2img
 from conftest import ROOT, WATCH_OPENS, check_corpus_run, launcher, run_in_process, write_bad_corpus
@@ -229,6 +229,49 @@ def test_ctrl_c_saves_and_resume_is_exact_and_a_second_ctrl_c_exits_at_once(tmp_
     assert "Traceback" not in log.read_text() and not list(run_dir.glob("checkpoints/step-??????"))
 
 
+@pytest.mark.parametrize(
+    "start_from, sig, file",
+    [
+        ("init", signal.SIGINT, "model.safetensors"),
+        ("lora", signal.SIGTERM, "lora.safetensors"),
+        ("scratch", signal.SIGINT, "model.safetensors"),
+    ],
+)
+def test_a_stopped_fine_tune_leaves_its_weights_where_the_next_command_looks(
+    tmp_path, colours, lora_init, start_from, sig, file
+):
+    """A fine-tune (init_from: the whole UNet, or a LoRA) stopped by Ctrl-C or SIGTERM writes the weights of the step it
+    stopped at (the checkpoint's inference file, EMA weights in) into output_dir, as a finished run does, and says so;
+    a run from scratch, whose early weights are no model yet, names the checkpoint's file instead."""
+    start_args = {"init": [f"init_from={tmp_path / 'init.safetensors'}"], "scratch": []}
+    start_args["lora"] = start_args["init"] + ["--lora", "4"]
+    run_dir, log = tmp_path / "run", tmp_path / "run.log"
+    proc = start_in_terminal(
+        f"data.path={colours}",
+        *start_args[start_from],
+        "batch_size=2",
+        "log_every=1",
+        "validation.every=0",
+        f"output_dir={run_dir}",
+        log=log,
+    )
+    wait_for((run_dir / "metrics.jsonl").exists, proc, interval=0.01)  # step 1 is done
+    os.killpg(proc.pid, sig)
+    assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]
+    out = log.read_text()
+    (checkpoint,) = (run_dir / "checkpoints").iterdir()
+    stopped = int(checkpoint.name[5:])
+    name = "SIGTERM" if sig == signal.SIGTERM else "Ctrl-C (SIGINT)"
+    assert f"{name}: stopped at step {stopped} after saving; continue with --resume latest" in out
+    weights = checkpoint / file if start_from == "scratch" else run_dir / file
+    assert f"the weights of step {stopped}: {weights}\n" in out and "Traceback" not in out
+    assert (run_dir / file).exists() == (start_from != "scratch")
+    assert_same(load_file(weights), load_file(checkpoint / file))
+    if start_from == "init":
+        model = load_model(weights)  # what txt2img.py --ckpt reads: the fine-tuned UNet
+        assert any(not torch.equal(a, b) for a, b in zip(model.unet.parameters(), lora_init.unet.parameters()))
+
+
 def test_two_processes_match_one_with_twice_the_batch(tmp_path, colours):
     """DDP over gloo, batch 4 per process, against one process with batch 8; v prediction from the latent cache,
     which the first run builds and the second reuses (with gradient checkpointing, which changes no number).
@@ -376,7 +419,7 @@ def test_disk_full_while_writing_a_checkpoint(tmp_path, colours, monkeypatch, ca
         monkeypatch.setattr(shutil, "disk_usage", lambda _: shutil._ntuple_diskusage(10**9, 10**9, 0))
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
 
-    module, name = (ldm.checkpoint, "save_file") if writer == "safetensors" else (torch, "save")
+    module, name = (ldm.io, "save_file") if writer == "safetensors" else (torch, "save")
     real = getattr(module, name)
     monkeypatch.setattr(
         module,
@@ -403,7 +446,7 @@ def test_disk_full_while_writing_a_checkpoint(tmp_path, colours, monkeypatch, ca
 
 def test_disk_full_while_writing_the_final_model(tmp_path, colours, monkeypatch, capsys):
     run_dir = tmp_path / "run"
-    real = ldm.checkpoint.save_file
+    real = ldm.io.save_file
 
     def save_file(tensors, path, *args, **kwargs):
         if Path(path).parent != run_dir:
@@ -411,7 +454,7 @@ def test_disk_full_while_writing_the_final_model(tmp_path, colours, monkeypatch,
         Path(path).write_bytes(b"\0" * 1000)
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(ldm.checkpoint, "save_file", save_file)
+    monkeypatch.setattr(ldm.io, "save_file", save_file)
     argv = [
         "--config",
         str(CONFIG),

@@ -4,8 +4,10 @@ train_unet.py and ldm.load_pipeline, and the evaluation command. Tiny model (con
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -356,3 +358,28 @@ def test_non_finite_steps_stop_the_run_with_the_last_good_state_saved(shapes, tm
     assert (tmp_path / "run" / "checkpoints" / "step-000003" / "state").is_dir() and not (
         tmp_path / "run" / "model.safetensors"
     ).exists()
+
+
+def test_a_stopped_fine_tune_leaves_its_model_where_the_next_command_looks(shapes, tiny_cfg, tmp_path):
+    """As train_unet.py: a fine-tune (init_from) stopped by SIGTERM writes the weights of its last step, with
+    init_from's scale factor, to output_dir/model.safetensors (the checkpoint's file) and names it."""
+    tiny_cfg.scale_factor = 0.3
+    save_single_file(randomize_(StableDiffusion(tiny_cfg), seed=5), tmp_path / "start.safetensors")
+    out = tmp_path / "ft"
+    args = common(shapes, out, max_steps=1000, save_every=1000, batch_size=4, init_from=tmp_path / "start.safetensors")
+    proc = subprocess.Popen(
+        [sys.executable, "train_vae.py", *map(str, args)], cwd=ROOT, env=ENV, stdout=subprocess.PIPE, text=True
+    )
+    while not (out / "metrics.jsonl").exists():  # step 1 is done
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    stdout = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 0, stdout[-3000:]
+    (checkpoint,) = (out / "checkpoints").iterdir()
+    stopped = int(checkpoint.name[5:])
+    assert f"the weights of step {stopped}: {out / 'model.safetensors'}\n" in stdout
+    assert f"SIGTERM: stopped at step {stopped} after saving; continue with --resume latest" in stdout
+    written, saved = load_file(out / "model.safetensors"), load_file(checkpoint / "model.safetensors")
+    assert written.keys() == saved.keys() and all(torch.equal(v, saved[k]) for k, v in written.items())
+    assert load_model(out / "model.safetensors").cfg.scale_factor == 0.3

@@ -129,13 +129,13 @@ def test_too_many_non_finite_steps_in_a_row_stop_the_run(accelerator):
 
 CUT_WRITE = """
 import os, sys, torch
-import ldm.checkpoint
-real = ldm.checkpoint.save_file
+import ldm.io
+real = ldm.io.save_file
 def save_file(tensors, path, metadata=None):
     real(tensors, path, metadata=metadata)
     os.kill(os.getpid(), 9)  # killed before the rename
-ldm.checkpoint.save_file = save_file
-ldm.checkpoint.atomic_save({"x": torch.ones(3)}, sys.argv[1], {})
+ldm.io.save_file = save_file
+ldm.io.atomic_save({"x": torch.ones(3)}, sys.argv[1], {})
 """
 
 

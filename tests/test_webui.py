@@ -256,6 +256,48 @@ def test_default_bind_is_localhost_and_files_outside_the_allowed_folders_are_ref
         assert refused.value.code in (403, 404)
 
 
+def test_the_server_prints_its_address_and_no_share_link_hint(server):
+    log = (server[1].parent / "server.log").read_text()
+    assert f"http://127.0.0.1:{server[3]}" in log
+    assert "share=True" not in log
+
+
+SHOWN = """const img = document.querySelector(arguments[0]);
+if (!img || !img.complete || !img.naturalWidth) return null;
+const box = img.getBoundingClientRect(), style = getComputedStyle(img);
+const fit = Math.min(box.width / img.naturalWidth, box.height / img.naturalHeight);
+return [img.src, fit, style.objectFit, style.imageRendering];"""
+
+
+def shown(browser, elem_id: str) -> tuple[Image.Image, float]:
+    """The file an image element of the page shows (once loaded), and its scale on screen (screen pixels per image
+    pixel, as the element's box and object-fit draw it: whole, not cropped); nearest neighbour."""
+    url, fit, object_fit, rendering = WebDriverWait(browser, 120).until(
+        lambda b: b.execute_script(SHOWN, f"#{elem_id} img")
+    )
+    assert rendering == "pixelated"
+    return download(url), {"contain": fit, "scale-down": min(fit, 1)}[object_fit]
+
+
+def test_small_images_are_shown_enlarged_and_served_as_made(page, server, tmp_path):
+    """The embedded model's 32 px images fill their boxes (not a thumbnail in a large empty box); the files stay."""
+    generate_txt2img(page, server[1], steps=10)  # a preview at step 5
+    for elem_id in ("txt2img-preview", "txt2img-gallery"):  # the gallery: whole images (an outpainted one too)
+        png, scale = shown(page, elem_id)
+        assert png.size == (32, 32) and scale >= 3
+    random_image(tmp_path / "init.png", 4)
+    tab(page, "Diffusion explorer")
+    upload(page, "explorer-image", tmp_path / "init.png")
+    click(page, page.find_element(By.ID, "explorer-noise"))
+    forward, scale = shown(page, "explorer-forward")
+    assert forward.size == (7 * 32, 3 * 32) and scale >= 3  # seven timesteps; latent, decoding, pixels
+    click(page, page.find_element(By.ID, "explorer-generate"))
+    overview, scale = shown(page, "explorer-reverse")
+    assert overview.size == (8 * 32, 2 * 32) and scale >= 3  # eight steps; latent, decoding
+    step, scale = shown(page, "explorer-step")
+    assert step.size == (2 * 32, 32) and scale >= 4
+
+
 def random_image(path: Path, seed: int) -> np.ndarray:
     pixels = np.random.default_rng(seed).integers(0, 256, (32, 32, 3), dtype=np.uint8)
     Image.fromarray(pixels).save(path)
