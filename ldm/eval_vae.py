@@ -49,6 +49,7 @@ from ldm.config import ConfigError
 from ldm.data import ImageCaptionDataset
 from ldm.eval import EvalError, fid, inception_features, load_inception
 from ldm.images import to_pil
+from ldm.runtime import runtime
 from ldm.vae import AutoencoderKL
 
 
@@ -141,7 +142,7 @@ def main(argv=None) -> int:
 def evaluate_checkpoint(args) -> int:
     if args.n < 1 or args.batch_size < 1:
         raise ConfigError("--n and --batch-size must be >= 1")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = runtime(args.device).device
     vae = load_model(args.checkpoint).first_stage_model.to(device).eval()
     resolution = args.resolution or vae.cfg.resolution
     dataset = ImageCaptionDataset(args.data, resolution, image_column=args.image_column, require_captions=False)
