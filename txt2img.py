@@ -375,9 +375,7 @@ def execute(args) -> list[Path]:
     pipe = load_pipeline(ckpt, config=config, **run.options())
     if args.compile:
         print("note: compiling the UNet on its first call (~2-3 min on a CPU, less on a GPU)...", file=sys.stderr)
-    model = model_facts(ckpt, args.no_metadata)
-    model |= {"dtype": run.dtype, "device": str(run.device), "quantize": run.quantize, "backend": run.backend}
-    return list(make_images(pipe, request, spec, model, tagged))
+    return list(make_images(pipe, request, spec, model_facts(ckpt, run, args.no_metadata), tagged))
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from ldm import DEFAULT_MODEL
 from ldm.lora import a1111_hash
 from ldm.pipeline import Pipeline
 from ldm.request import InputError, LoraSpec, OutputSpec, Request
+from ldm.runtime import Runtime
 from ldm.samplers import SAMPLERS
 
 
@@ -238,8 +239,9 @@ def make_images(
         yield save_png(grid, spec.outdir / f"grid-{max(grids, default=-1) + 1:04}.png", first_facts)
 
 
-def model_facts(ckpt: Path, no_metadata: bool = False) -> dict:
-    """What the PNGs say of the model: its name (the file's stem; "ldm-emoji" for the embedded one, however it was
-    named) and A1111's hash."""
+def model_facts(ckpt: Path, run: Runtime, no_metadata: bool = False) -> dict:
+    """What the PNGs say of the model and how it ran: its name (the file's stem; "ldm-emoji" for the embedded one,
+    however it was named), A1111's hash, the device, dtype, quantization and backend."""
     name = "ldm-emoji" if Path(ckpt).resolve() == DEFAULT_MODEL.resolve() else Path(ckpt).stem
-    return {"model": name, "model_hash": None if no_metadata else model_hash(Path(ckpt))}
+    facts = {"model": name, "model_hash": None if no_metadata else model_hash(Path(ckpt))}
+    return facts | {"dtype": run.dtype, "device": str(run.device), "quantize": run.quantize, "backend": run.backend}

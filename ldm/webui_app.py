@@ -60,10 +60,9 @@ class Session:
         self.load(args.ckpt)
 
     def load(self, ckpt: Path | None) -> None:
-        path, run = DEFAULT_MODEL if ckpt is None else Path(ckpt), self.runtime
-        self.pipe = load_pipeline(path, **run.options())
-        self.ckpt, self.model = ckpt, model_facts(path)
-        self.model |= {"dtype": run.dtype, "device": str(run.device), "quantize": run.quantize, "backend": run.backend}
+        path = DEFAULT_MODEL if ckpt is None else Path(ckpt)
+        self.pipe = load_pipeline(path, **self.runtime.options())
+        self.ckpt, self.model = ckpt, model_facts(path, self.runtime)
         self.embeddings: list[EmbeddingSpec] = []
 
     def models(self) -> list[str]:
