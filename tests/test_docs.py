@@ -5,7 +5,8 @@ Each page gets its own copy (the files a fresh clone has), and its fenced blocks
 run by CI" needs what CI has not (SD's weights, a GPU, a server that runs until Ctrl-C): skipped, with that line as
 the reason. Three changes, the same for every block: `pip install` is left out (CI installed every extra with
 `.[test]`), so is `pytest` (the suite that runs this test), and trainings stop after 2 steps (`max_steps=2` appended
-to `python train_unet.py` and `python train_vae.py` lines).
+to `python train_unet.py` and `python train_vae.py` lines). Blocks that train or evaluate take a minute or more
+on 2 CPU cores: marked `slow`.
 """
 
 import os
@@ -23,14 +24,17 @@ BLOCK = re.compile(r"^```(bash|python)\n(.*?)^```", re.S | re.M)
 NOT_RUN = "not run by CI"
 TRAINING = re.compile(r"^python (train_unet|train_vae)\.py ")
 SHORT_TRAINING = "max_steps=2"
+SLOW = re.compile(r"^python (train_unet\.py|train_vae\.py|-m ldm\.eval|-m ldm\.eval_vae) ", re.M)
 
 
 def blocks():
-    """(page, language, text) of every fenced block, in page order; the marked ones skipped with their reason."""
+    """(page, language, text) of every fenced block, in page order: the marked ones skipped with their reason,
+    trainings and evaluations slow."""
     for page in PAGES:
         for n, (language, text) in enumerate(BLOCK.findall(page.read_text(encoding="utf-8"))):
             first = text.splitlines()[0]
             marks = [pytest.mark.skip(reason=first.lstrip("# "))] if first.startswith("#") and NOT_RUN in first else []
+            marks += [pytest.mark.slow] if SLOW.search(text) else []
             yield pytest.param(page, language, text, id=f"{page.relative_to(ROOT)}-{n}", marks=marks)
 
 
