@@ -6,9 +6,10 @@ ComfyUI's ModelPatcher).
   before its first change; another set puts the backups back, bit for bit, and merges its own files;
 - an embedding's tokens (ldm.embeddings) are added to a copy of the model's own tokenizer and its vectors to new rows
   of the text model's token-embedding table; another set starts again from the tokenizer and rows the model had.
-Applying the set that is applied does nothing, and each file is read once for the patcher's lifetime (what was read
-is kept per path, modification time and size). `version` changes exactly when the applied set does: caches of prompt
-contexts and converted graphs (ldm.openvino) key on it.
+Applying the set that is applied does nothing, and a file is read once while it is among the last FILES_KEPT files
+read (kept per path, modification time and size: a run that switches between a few LoRAs reads each once, a web
+session that tries many keeps only the recent ones in memory). `version` changes exactly when the applied set does:
+caches of prompt contexts and converted graphs (ldm.openvino) key on it.
 
 `quantize_int8` makes the UNet's Linear layers dynamic int8 and keeps their float weights (1.0 GiB for SD v1's 270M
 Linear weights): a LoRA is merged into those and the layer quantized again, the same as quantizing the merged float
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections import OrderedDict
 from pathlib import Path
 from typing import Callable, NamedTuple
 
@@ -30,6 +32,8 @@ from ldm.checkpoint import TEXT, UNET, CheckpointError
 from ldm.embeddings import embedding_tokens, read_embedding
 from ldm.lora import read_lora
 from ldm.model import StableDiffusion
+
+FILES_KEPT = 16  # what the patcher keeps of the files it read (an SD LoRA's plan: ~10-150 MB)
 
 
 class LoraPatch(NamedTuple):
@@ -68,13 +72,13 @@ class Patcher:
         self.version = 0
         self.backups: dict[str, torch.Tensor] = {}  # state-dict key -> the weight before the LoRAs changed it
         self.floats: dict[str, torch.Tensor] = {}  # state-dict key -> the float weight of an int8 Linear layer
-        self.files: dict[tuple, object] = {}  # (reader, args, path, mtime, size) -> what it made of it
+        self.files: OrderedDict[tuple, object] = OrderedDict()  # (reader, args, path, mtime, size) -> what it made
         self.tokenizer = model.text_encoder.tokenizer
         self.rows = model.text_encoder.transformer.get_input_embeddings().weight.shape[0]
 
     def read(self, path: Path, reader: Callable, *args) -> object:
         """reader(path, *args), once per version of the file (its absolute path, modification time and size) for the
-        same reader and (hashable) args."""
+        same reader and (hashable) args while it is among the FILES_KEPT most recently used."""
         path = Path(path).absolute()
         try:
             stat = path.stat()
@@ -83,6 +87,9 @@ class Patcher:
         key = (reader, args, path, stat.st_mtime_ns, stat.st_size)
         if key not in self.files:
             self.files[key] = reader(path, *args)
+        self.files.move_to_end(key)
+        while len(self.files) > FILES_KEPT:
+            self.files.popitem(last=False)
         return self.files[key]
 
     def apply(self, loras=(), embeddings=()) -> None:

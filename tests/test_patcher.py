@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 
 import ldm.lora
 import ldm.outputs
+import ldm.patcher
 import txt2img
 from conftest import PROMPT, tiny_model
 from ldm.checkpoint import save_single_file
@@ -224,3 +225,15 @@ def test_openvino_hashes_the_weights_only_when_the_patch_version_moves(model, tm
     pipe.load_lora(lora_file(model, tmp_path / "a.safetensors", 1))
     pipe.txt2img(PROMPT, steps=1, seed=0, progress=False)
     assert len(hashed) == 4 and len(list((tmp_path / "cache").glob("unet-*.xml"))) == 2
+
+
+def test_the_patcher_keeps_only_the_files_it_read_last(model, tmp_path, monkeypatch):
+    """A web session that tries many LoRAs does not keep them all in memory: past FILES_KEPT files the least recently
+    used is read again when it comes back, the others are not."""
+    monkeypatch.setattr(ldm.patcher, "FILES_KEPT", 2)
+    patcher, reads = Patcher(copy.deepcopy(model)), Counter()
+    paths = [lora_file(model, tmp_path / f"{i}.safetensors", i, text=False) for i in range(3)]
+    monkeypatch.setattr(ldm.patcher, "read_lora", lambda path, m: reads.update([Path(path).name]) or [])
+    for i in (0, 1, 0, 2, 0, 1):  # 1 is the least recently used when 2 comes in
+        patcher.apply([Lora(paths[i])])
+    assert reads == {"0.safetensors": 1, "1.safetensors": 2, "2.safetensors": 1}
