@@ -4,6 +4,7 @@ as txt2img.py's does."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import queue
 import random
@@ -413,7 +414,12 @@ def send_to_txt2img(facts: dict | None, fields: dict) -> dict:
     return {fields[key]: value for key, value in values.items()}
 
 
-FIELD_DEFAULTS = {"eta": 0.0, "guidance_rescale": 0.0, "cfg_end": 1.0, "clip_skip": 1, "prompt_syntax": "a1111"}
+# what a PNG without these facts was made with: the Request's defaults
+FIELD_DEFAULTS = {
+    f.name: f.default
+    for f in dataclasses.fields(Request)
+    if f.name in ("eta", "guidance_rescale", "cfg_end", "clip_skip", "prompt_syntax")
+}
 
 
 def guard(fn):
