@@ -78,6 +78,7 @@ from ldm.errors import CheckpointError
 from ldm.io import load_state_strict
 from ldm.model import StableDiffusion
 from ldm.pipeline import Pipeline
+from ldm.run_files import read_train_config
 from ldm.samplers import check_sampler
 from ldm.training import (
     ControlNetTrainable,
@@ -86,13 +87,12 @@ from ldm.training import (
     UNetTrainable,
     per_sample_generators,
     randn_like_per_sample,
-    read_train_config,
 )
 
 
 def load_train_config(args) -> tuple[TrainUNetConfig, StableDiffusion | None]:
     """Defaults <- a ControlNet's lr 1e-5 (the ControlNet paper's) <- YAML <- flags <- overrides (see
-    ldm.training.read_train_config), then --learn-sigma."""
+    ldm.run_files.read_train_config), then --learn-sigma."""
     flags = (["cache_latents=true"] if args.cache_latents else []) + ([f"lora.rank={args.lora}"] if args.lora else [])
     overrides = flags + (["controlnet.enabled=true"] if args.controlnet else []) + args.overrides
 

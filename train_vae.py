@@ -57,19 +57,13 @@ from ldm.eval_vae import evaluate, image_batches
 from ldm.io import load_state_strict
 from ldm.losses import GeneratorLoss, NLayerDiscriminator, discriminator_loss, load_lpips
 from ldm.model import StableDiffusion
-from ldm.training import (
-    Run,
-    Trainable,
-    list_checkpoints,
-    per_sample_generators,
-    randn_like_per_sample,
-    read_train_config,
-)
+from ldm.run_files import list_checkpoints, read_train_config
+from ldm.training import Run, Trainable, per_sample_generators, randn_like_per_sample
 from ldm.vae import latent_scale_factor
 
 
 def load_train_config(args) -> tuple[TrainVAEConfig, StableDiffusion | None]:
-    """Defaults <- YAML <- flags <- overrides (see ldm.training.read_train_config)."""
+    """Defaults <- YAML <- flags <- overrides (see ldm.run_files.read_train_config)."""
     flags = ["decoder_only=true"] if args.decoder_only else []
     flags += [f"lpips_weights={json.dumps(args.lpips_weights)}"] if args.lpips_weights else []
     return read_train_config(args.config, flags + args.overrides, TrainVAEConfig, load_model_or_vae)

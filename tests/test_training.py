@@ -15,7 +15,9 @@ from diffusers.training_utils import EMAModel
 from tqdm import tqdm
 
 from ldm.config import ConfigError, TrainUNetConfig, to_dict
-from ldm.training import EMA, Stop, TrainState, list_checkpoints, resolve_resume, save_checkpoint, start_run
+from ldm.ema import EMA
+from ldm.run_files import list_checkpoints, resolve_resume, save_checkpoint, start_run
+from ldm.training import Stop, TrainState
 
 
 @pytest.mark.parametrize("start_step, warmup", [(0, True), (3, True), (2, False)])
