@@ -14,7 +14,6 @@ import sys
 from typing import Callable
 
 from ldm.errors import LdmError
-from ldm.prompts import SYNTAX_NAMES
 
 __all__ = [
     "CONTROL_PREPROCESS_NAMES",
@@ -27,14 +26,15 @@ __all__ = [
     "run",
 ]
 
-# Choices known before torch loads, for the flags. The prompt syntaxes come from ldm.prompts, which imports no torch.
-# The others' owners import torch (ldm.samplers.SAMPLERS, ldm.pipeline.DTYPES / QUANTIZE) or take tens of ms to import
-# (ldm.config.CONTROL_PREPROCESS_NAMES: yaml and the dataclasses), so the command line holds their names and the
-# tests check that they agree (tests/test_txt2img.py, tests/test_config.py); the library never imports them from here.
+# Choices known before torch loads, for the flags. Their owners import torch (ldm.samplers.SAMPLERS, ldm.runtime.DTYPES
+# / QUANTIZE) or take milliseconds to tens of them to import (ldm.prompts.SYNTAX_NAMES: its regular expressions;
+# ldm.config.CONTROL_PREPROCESS_NAMES: yaml and the dataclasses), so the command line holds their names and the tests
+# check that they agree (tests/test_txt2img.py, tests/test_config.py); the library never imports them from here.
 SAMPLER_NAMES = ("ddim", "plms", "euler", "euler_a", "heun", "dpmpp_2m", "dpmpp_2m_karras", "unipc", "ddpm")
-DTYPE_NAMES = ("fp32", "fp16", "bf16", "auto")  # auto: ldm.pipeline.auto_dtype
+DTYPE_NAMES = ("fp32", "fp16", "bf16", "auto")  # auto: ldm.runtime.auto_dtype
 QUANTIZE_NAMES = ("int8",)
 CONTROL_PREPROCESS_NAMES = ("none", "canny")
+SYNTAX_NAMES = ("a1111", "plain")
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -32,8 +32,7 @@ from ldm.errors import LdmError
 if TYPE_CHECKING:
     import torch
 
-# AUTOMATIC1111's prompt syntax, or every character literal. This module imports no torch (the tensors come in through
-# the text encoder), so the command lines take these names before torch loads.
+# AUTOMATIC1111's prompt syntax, or every character literal (ldm.cli holds the flag's copy, checked by a test)
 SYNTAX_NAMES = ("a1111", "plain")
 CHUNK = 75  # prompt tokens per chunk: the encoder's 77 less its start and end tokens
 COMMA_BACKTRACK = 20  # A1111's default comma_padding_backtrack: a comma this near the end of a full chunk splits it

@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 import txt2img
 from conftest import ROOT, a1111, cli, randomize_
 from ldm import cli as cli_names
-from ldm import load_pipeline, pipeline, runtime
+from ldm import load_pipeline, pipeline, prompts, runtime
 from ldm.checkpoint import save_single_file
 from ldm.config import ModelConfig, load_config, to_dict
 from ldm.model import StableDiffusion
@@ -396,6 +396,7 @@ def test_cfg_end_is_in_the_png_and_reruns(files, tmp_path):
 def test_the_choices_known_before_torch_loads_are_the_pipelines():
     assert cli_names.SAMPLER_NAMES == tuple(SAMPLERS)
     assert cli_names.DTYPE_NAMES == (*DTYPES, "auto") and cli_names.QUANTIZE_NAMES == QUANTIZE
+    assert cli_names.SYNTAX_NAMES == prompts.SYNTAX_NAMES
 
 
 def test_the_readme_api_snippet_runs():
