@@ -50,10 +50,11 @@ from ldm.runtime import BACKENDS, check_quantize
 from ldm.samplers import Sampler
 
 OBSERVERS = ("progress", "callback", "trajectory", "control_maps")  # generate's keyword options
-# Latent pixels a sub-batch holds at most: the throughput knee. The embedded model (8x8 latents) on a 2-core CPU, 10
-# steps: 0.4 images/s alone, 1.0 at 16, 1.6 at 64, 2.1 at 128, 2.2 at 256 images a call; 128 such images. SD v1's
-# 64x64 latents: 2 images (a CPU is busy with one already); beyond it only memory grows and the first PNG waits.
-SUB_BATCH_LATENTS = 128 * 8 * 8
+# Latent pixels a sub-batch holds at most: the throughput knee (benchmarks/sub_batch_knee.py, BENCHMARKS.md). The
+# embedded model (8x8 latents) on a 2-core CPU, 5 steps: 4.8 images/s alone, 8.7 at 4, 10.5 at 16 images a call, and
+# flat from there to 256 (0.94-1.00 of the best) while the first PNG waits 1.5 s at 16, 12.5 s at 128: 16 such images.
+# SD v1's 64x64 latents: one image (a CPU is busy with one already).
+SUB_BATCH_LATENTS = 16 * 8 * 8
 
 
 class Pipeline(nn.Module):
