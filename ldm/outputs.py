@@ -111,7 +111,7 @@ def png_facts(resolved: Request, request: Request, pipe: Pipeline, model: dict) 
     hashed = pipe.patcher.read
     r = resolved
     facts = {
-        "mode": "img2img" if r.mode != "txt2img" else "txt2img",
+        "mode": r.mode,
         "negative_prompt": r.negative_prompt,
         "steps": r.steps,
         "scale": r.scale,
@@ -130,9 +130,9 @@ def png_facts(resolved: Request, request: Request, pipe: Pipeline, model: dict) 
     if r.init_image is not None:
         facts |= {"init_image": str(request.init_image), "strength": r.strength}
     if r.mode == "outpaint":
-        facts |= {"mode": "outpaint", "outpaint": list(r.outpaint), "mask_blur": r.mask_blur}
+        facts |= {"outpaint": list(r.outpaint), "mask_blur": r.mask_blur}
     elif r.mode == "inpaint":
-        facts |= {"mode": "inpaint", "mask": str(request.mask)}
+        facts["mask"] = str(request.mask)
     if r.controls:
         facts["guess_mode"] = r.guess_mode
         facts["controlnets"] = [
@@ -205,11 +205,12 @@ def make_images(
     (an exception it raises stops the run, and the images written before stay)."""
     number, seed, rows, first_facts = next_number(spec.outdir), request.seed, [], None
     maps = [] if spec.control_maps else None
+    whole = request.resolved(pipe.cfg)  # its image files read once for the whole run
     for prompt in request.prompts:
         text, tags = (tagged or {}).get(prompt, (prompt, []))
-        one = replace(request, prompts=(text,), loras=(request.loras or ()) + tag_loras(tags))
+        loras = (request.loras or ()) + tag_loras(tags)
         for _ in range(spec.n_iter):
-            resolved = replace(one, seed=seed).resolved(pipe.cfg)
+            resolved = replace(whole, prompts=(text,), loras=loras, seed=seed)
             trajectory = [] if spec.intermediates else None
             batch, facts = [], None
             for images in pipe.sub_batches(resolved, trajectory=trajectory, callback=callback, control_maps=maps):
@@ -217,7 +218,7 @@ def make_images(
                     yield save_png(control_map, spec.outdir / f"{number:05}-control-{k}.png", None)
                 maps = None
                 if facts is None:  # once the first sub-batch has applied the request's LoRAs and embeddings
-                    facts = png_facts(resolved, one, pipe, model) | {"prompt": prompt} if spec.metadata else {}
+                    facts = png_facts(resolved, request, pipe, model) | {"prompt": prompt} if spec.metadata else {}
                 for image in images:  # written as each sub-batch is made
                     batch.append(image)
                     yield save_png(image, spec.outdir / f"{number:05}.png", image_facts(facts, seed, batch))
