@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import warnings
 from pathlib import Path
 
 import torch
@@ -29,7 +28,7 @@ from PIL import Image
 from ldm.config import ModelConfig
 from ldm.diffusers_names import SCHEDULE_KEYS, TEXT, UNET, VAE, rename, unet_key_map
 from ldm.errors import CheckpointError
-from ldm.images import canny
+from ldm.images import canny, resized
 from ldm.io import atomic_save, load_state_strict, read_state_dict
 from ldm.request import Control
 from ldm.unet import UNetEncoder
@@ -137,11 +136,7 @@ def save_controlnet(net: ControlNet, path: str | Path, dtype: torch.dtype | None
 def control_map(control: Control, height: int, width: int) -> Image.Image:
     """The map a ControlNet sees: its control image resized to the output size (Lanczos, as diffusers; with a warning
     when the size changes), then preprocessed."""
-    image = control.image.convert("RGB")
-    if image.size != (width, height):
-        size = f"{image.width}x{image.height}"
-        warnings.warn(f"control image resized from {size} to {width}x{height} (the output size)")
-        image = image.resize((width, height), Image.LANCZOS)
+    image = resized(control.image.convert("RGB"), width, height, "control image", "the output size")
     return canny(image) if control.preprocess == "canny" else image
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,14 @@ def load_image(path: str | Path, mode: str = "RGB") -> Image.Image:
         raise ImageError(f"{path} is not an image file") from None
     except (OSError, Image.DecompressionBombError) as e:
         raise ImageError(f"cannot read image {path}: {e}") from None
+
+
+def resized(image: Image.Image, width: int, height: int, what: str = "", why: str = "") -> Image.Image:
+    """The image at width x height (Lanczos, as diffusers), with a warning naming it (`what`, `why`: the reason for
+    the size) when its size changes; none when `what` is empty."""
+    if image.size != (width, height) and what:
+        warnings.warn(f"{what} resized from {image.width}x{image.height} to {width}x{height} ({why})")
+    return image.resize((width, height), Image.LANCZOS)
 
 
 def to_tensor(image: Image.Image) -> torch.Tensor:

@@ -9,13 +9,11 @@ weights, seed and sampler give diffusers' image.
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ldm.images import outpaint_canvas, to_tensor
+from ldm.images import outpaint_canvas, resized, to_tensor
 from ldm.model import StableDiffusion
 from ldm.request import Request
 from ldm.samplers import Sampler
@@ -35,12 +33,9 @@ def encode_images(model: StableDiffusion, x: torch.Tensor, generators: list[torc
 
 
 def image_tensor(image: Image.Image, height: int, width: int, factor: int, what: str = "") -> torch.Tensor:
-    """An image as (1, C, height, width) in [0, 1], resized (Lanczos) when its size differs; `what`: the warning's
-    name of it (none without)."""
-    if image.size != (width, height) and what:
-        size = f"{image.width}x{image.height}"
-        warnings.warn(f"{what} resized from {size} to {width}x{height} (sides are multiples of {factor})")
-    return to_tensor(image.resize((width, height), Image.LANCZOS))
+    """An image as (1, C, height, width) in [0, 1], resized (ldm.images.resized) when its size differs; `what`: the
+    warning's name of it (none without)."""
+    return to_tensor(resized(image, width, height, what, f"sides are multiples of {factor}"))
 
 
 def mode_images(request: Request, factor: int) -> dict[str, torch.Tensor]:
