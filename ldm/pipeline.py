@@ -204,7 +204,7 @@ class Pipeline(nn.Module):
         for first in range(0, len(per_image), batch):
             seeds = range(r.seed + first, r.seed + min(first + batch, len(per_image)))
             generators = [torch.Generator().manual_seed(s) for s in seeds]
-            run = Sampler(r.sampler, self.cfg, r.steps, strength, r.eta, self.device)
+            run = Sampler(r.sampler, self.cfg, r.steps, strength, r.eta, self.device, r.schedule)
             prompts = per_image[first : first + batch]
             conditioning = self.conditioner(
                 prompts, r.negative_prompt, r.guided, r.prompt_syntax, r.clip_skip, self.version

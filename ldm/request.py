@@ -34,6 +34,7 @@ IMG2IMG_STRENGTH = 0.75  # the default strength with an init image and no mask (
 # how the library's messages call the settings; a front end passes its own words for those it names otherwise
 NAMES = {
     "steps": "steps",
+    "schedule": "schedule",
     "scale": "scale",
     "eta": "eta",
     "guidance_rescale": "guidance rescale",
@@ -97,6 +98,8 @@ class Request:
     outpainting with `outpaint` = (left, top, right, bottom) pixels, the new area's mask feathered over mask_blur
     pixels. strength in (0, 1]: the fraction of the steps run from init_image (1: start from pure noise).
     sampler, steps, scale: None, the model's (cfg.sampling). scale: classifier-free guidance scale (1: none).
+    schedule: where the sampler's steps fall (ldm.samplers.SCHEDULES: default, the sampler's own; karras;
+    exponential; sgm_uniform), for the samplers whose scheduler takes it.
     guidance_rescale: phi of Lin et al. 2024 (0: off). cfg_end: guidance on steps 0 .. int(N * cfg_end) of the N
     steps run, none after (1: on every step). eta: DDIM's stochasticity (ddim only).
     height, width: None, the model's image size (img2img: the init image's, rounded down to the VAE factor).
@@ -113,6 +116,7 @@ class Request:
     n_samples: int = 1
     seed: int = 0
     sampler: str | None = None
+    schedule: str = "default"
     steps: int | None = None
     scale: float | None = None
     height: int | None = None
@@ -211,15 +215,19 @@ class Request:
         rules, and every default filled (sampler, steps, scale, strength, mask blur, size; outpainting's padding
         rounded to the VAE factor). Resolving a resolved request changes nothing."""
         from ldm.images import load_image, outpaint_padding
-        from ldm.samplers import check_sampler
+        from ldm.samplers import check_sampler, check_schedule, grid_steps
         from ldm.unet import skip_branches
 
         self.check(names)
         n = NAMES | (names or {})
         sampler, steps, scale = cfg.sampling.fill(self.sampler, self.steps, self.scale)
         check_sampler(sampler, cfg, InputError)
+        check_schedule(sampler, self.schedule, InputError, n["schedule"])
         if steps > cfg.timesteps:
             limit = f"this model has {cfg.timesteps} diffusion timesteps, so at most that many steps"
+            raise InputError(f"{n['steps']} {steps}: {limit}")
+        if steps > (grid_steps(sampler) or steps):
+            limit = f"the {sampler} sampler picks its steps among its {grid_steps(sampler)} original_inference_steps"
             raise InputError(f"{n['steps']} {steps}: {limit}")
         if self.eta < 0 or self.eta and sampler != "ddim":
             raise InputError(
