@@ -226,8 +226,9 @@ class Request:
         if steps > cfg.timesteps:
             limit = f"this model has {cfg.timesteps} diffusion timesteps, so at most that many steps"
             raise InputError(f"{n['steps']} {steps}: {limit}")
-        if steps > (grid_steps(sampler) or steps):
-            limit = f"the {sampler} sampler picks its steps among its {grid_steps(sampler)} original_inference_steps"
+        grid = grid_steps(sampler)
+        if grid is not None and steps > grid:
+            limit = f"the {sampler} sampler picks its steps among its {grid} original_inference_steps"
             raise InputError(f"{n['steps']} {steps}: {limit}")
         if self.eta < 0 or self.eta and sampler != "ddim":
             raise InputError(
