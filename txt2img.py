@@ -98,6 +98,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="extend the init image by these pixels (rounded up to the VAE factor) and inpaint the new area",
     )
     p.add_argument("--mask-blur", type=int, help="outpainting: the mask's feathered border in pixels (default: 4)")
+    hires = p.add_argument_group("hires fix", "txt2img in two passes, as AUTOMATIC1111's: draw small, upscale, img2img")
+    hires.add_argument("--hires-scale", type=float, help="upscale the first pass's images by this factor (e.g. 2)")
+    hires.add_argument("--hires-size", metavar="WxH", help="or upscale them to WxH (the same aspect ratio)")
+    hires.add_argument("--hires-steps", type=int, help="steps of the second pass (default: 0, as --steps)")
+    hires.add_argument("--hires-denoise", type=float, help="the second pass's denoising strength (default: 0.7)")
+    hires.add_argument(
+        "--hires-upscaler",
+        choices=cli.HIRES_UPSCALER_NAMES,
+        metavar="NAME",
+        help=f"{', '.join(cli.HIRES_UPSCALER_NAMES)} (default: Latent, bilinear on the latents; Lanczos: pixels)",
+    )
+    hires.add_argument("--hires-prompt", help="the second pass's prompt (default: the prompt)")
+    hires.add_argument(
+        "--hires-sampler", choices=cli.SAMPLER_NAMES, help="the second pass's sampler (default: --sampler)"
+    )
     cli.add_speed_arguments(p)
     p.add_argument("--device", help="cpu, cuda, cuda:1, mps... (default: cuda when there is one, else cpu)")
     p.add_argument(
@@ -172,6 +187,13 @@ NAMES = {
     "deepcache": "--deepcache",
     "deepcache_branch": "--deepcache-branch",
     "n_iter": "--n-iter",
+    "hires_scale": "--hires-scale",
+    "hires_size": "--hires-size",
+    "hires_steps": "--hires-steps",
+    "hires_denoise": "--hires-denoise",
+    "hires_upscaler": "--hires-upscaler",
+    "hires_prompt": "--hires-prompt",
+    "hires_sampler": "--hires-sampler",
 }
 
 
@@ -254,6 +276,17 @@ def outpaint_padding(value: str | None) -> tuple[int, ...] | None:
         raise InputError(f"--outpaint takes LEFT,TOP,RIGHT,BOTTOM in whole pixels, got '{value}'") from None
 
 
+def hires_size(value: str | None) -> tuple[int, int] | None:
+    """--hires-size WxH as whole pixels."""
+    if value is None:
+        return None
+    try:
+        width, height = (int(side) for side in value.lower().split("x"))
+    except ValueError:
+        raise InputError(f"--hires-size takes WIDTHxHEIGHT in whole pixels, got '{value}'") from None
+    return width, height
+
+
 def control_units(args) -> tuple[Control, ...]:
     """The --controlnet groups (one --control-image per --controlnet, each other setting given never or once per
     --controlnet), in order."""
@@ -312,6 +345,13 @@ def request_of(args) -> tuple[Request, OutputSpec]:
         embeddings=tuple(EmbeddingSpec(*file_spec(value, "--embedding", weight=False)) for value in args.embedding),
         deepcache=args.deepcache,
         deepcache_branch=args.deepcache_branch,
+        hires_scale=args.hires_scale,
+        hires_size=hires_size(args.hires_size),
+        hires_steps=args.hires_steps,
+        hires_denoise=args.hires_denoise,
+        hires_upscaler=args.hires_upscaler,
+        hires_prompt=args.hires_prompt,
+        hires_sampler=args.hires_sampler,
     )
     spec = OutputSpec(
         args.outdir, args.n_iter, not args.skip_grid, not args.no_metadata, args.save_intermediates, args.save_control
