@@ -113,6 +113,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     hires.add_argument(
         "--hires-sampler", choices=cli.SAMPLER_NAMES, help="the second pass's sampler (default: --sampler)"
     )
+    p.add_argument(
+        "--xyz",
+        action="append",
+        default=[],
+        metavar="NAME=V1,V2,...",
+        help="an X/Y/Z plot axis over a setting (steps, scale, seed, sampler, prompt S/R, lora weight...): X, then Y, "
+        "then Z; one image per cell and a labelled grid, as AUTOMATIC1111's script",
+    )
     cli.add_speed_arguments(p)
     p.add_argument("--device", help="cpu, cuda, cuda:1, mps... (default: cuda when there is one, else cpu)")
     p.add_argument(
@@ -387,6 +395,7 @@ from ldm.memory import check_memory  # noqa: E402
 from ldm.outputs import make_images, model_facts  # noqa: E402
 from ldm.prompts import lora_tags  # noqa: E402
 from ldm.runtime import runtime  # noqa: E402
+from ldm.xyz import cells, make_xyz, parse_axis  # noqa: E402
 
 
 def show_note(message, *_):
@@ -404,18 +413,24 @@ def generate(args) -> int:
 def execute(args) -> list[Path]:
     """Check the input, load the model, generate and write the images; return the paths written."""
     request, spec = request_of(args)
+    axes = [parse_axis(text) for text in args.xyz]
+    requests = cells(request, axes, spec.n_iter) if axes else [request]  # the X/Y/Z plot's cells
     # A1111's <lora:NAME:W> tags: taken out of each prompt, their files found now (before loading the model)
-    tagged = {p: lora_tags(p, args.lora_dir) for p in request.prompts} if args.prompt_syntax == "a1111" else {}
+    prompts = {p for r in requests for p in r.prompts}
+    tagged = {p: lora_tags(p, args.lora_dir) for p in prompts} if args.prompt_syntax == "a1111" else {}
     ckpt = DEFAULT_MODEL if args.ckpt is None else args.ckpt
     run = runtime(args.device, args.dtype, args.quantize, args.backend, args.compile)
     config = load_config(args.config) if args.config else None
     model_config = config or peek_config(ckpt)
-    resolved = request.resolved(model_config, NAMES)
-    check_memory(resolved, model_config, run.device, run.options()["dtype"])  # before loading: no loading time lost
+    for cell in requests:  # before loading: no loading time lost
+        check_memory(cell.resolved(model_config, NAMES), model_config, run.device, run.options()["dtype"])
     pipe = load_pipeline(ckpt, config=config, **run.options())
     if args.compile:
         print("note: compiling the UNet on its first call (~2-3 min on a CPU, less on a GPU)...", file=sys.stderr)
-    return list(make_images(pipe, request, spec, model_facts(ckpt, run, args.no_metadata), tagged))
+    model = model_facts(ckpt, run, args.no_metadata)
+    if axes:
+        return list(make_xyz(pipe, requests, axes, spec, model, tagged))
+    return list(make_images(pipe, request, spec, model, tagged))
 
 
 if __name__ == "__main__":

@@ -85,9 +85,11 @@ def a1111_text(facts: dict) -> str:
     return "\n".join(lines + [", ".join(f"{k}: {quote(v)}" for k, v in pairs.items() if v is not None)])
 
 
-def next_number(outdir: Path) -> int:
-    """1 + the highest number that starts a PNG name in outdir (0 when there is none)."""
-    numbers = [int(m.group(1)) for p in outdir.glob("*.png") if (m := re.match(r"(\d+)", p.name))]
+def next_number(outdir: Path, prefix: str = "") -> int:
+    """1 + the highest number that follows `prefix` at the start of a PNG name in outdir (0 when there is none)."""
+    numbers = [
+        int(m.group(1)) for p in outdir.glob(f"{prefix}*.png") if (m := re.match(rf"{re.escape(prefix)}(\d+)", p.name))
+    ]
     return max(numbers, default=-1) + 1
 
 
@@ -250,8 +252,7 @@ def make_images(
         for r, batch in enumerate(rows):
             for c, image in enumerate(batch):
                 grid.paste(image, (c * width, r * height))
-        grids = [int(m.group(1)) for p in spec.outdir.glob("grid-*.png") if (m := re.match(r"grid-(\d+)", p.name))]
-        yield save_png(grid, spec.outdir / f"grid-{max(grids, default=-1) + 1:04}.png", first_facts)
+        yield save_png(grid, spec.outdir / f"grid-{next_number(spec.outdir, 'grid-'):04}.png", first_facts)
 
 
 def model_facts(ckpt: Path, run: Runtime, no_metadata: bool = False) -> dict:
