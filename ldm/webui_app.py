@@ -15,13 +15,13 @@ import gradio as gr
 from PIL import Image, ImageFilter
 
 from ldm import DEFAULT_MODEL, LdmError, load_pipeline
-from ldm.cli import CONTROL_PREPROCESS_NAMES, SAMPLER_NAMES, SYNTAX_NAMES
+from ldm.cli import CONTROL_PREPROCESS_NAMES, HIRES_UPSCALER_NAMES, SAMPLER_NAMES, SYNTAX_NAMES
 from ldm.config import ModelConfig
 from ldm.explorer import forward_process, reverse_process, step_view
 from ldm.images import canny, load_image, to_pil
 from ldm.outputs import make_images, model_facts, next_number, save_png
 from ldm.prompts import LORA_SUFFIXES, lora_tags
-from ldm.request import Control, EmbeddingSpec, OutputSpec, Request
+from ldm.request import HIRES_DENOISE, Control, EmbeddingSpec, OutputSpec, Request
 from ldm.runtime import runtime
 
 # The embedded model's 32x32 images, shown enlarged to their box (Gradio's own object-fit, scale-down, leaves them at 32
@@ -100,7 +100,12 @@ NAMES = {
     "controlnet": "ControlNet",
     "control_preprocess": "Preprocess",
     "n_iter": "Batch count",
+    "hires_scale": "Upscale by",
+    "hires_steps": "Hires steps",
+    "hires_denoise": "Denoising strength",
+    "hires_sampler": "Hires sampler",
 }
+SAME_SAMPLER = "Use same sampler"  # A1111's hires sampler choice for the first pass's
 
 
 def request_of(
@@ -112,6 +117,16 @@ def request_of(
     net, control_image = values.get("controlnet"), values.get("control_image")
     if net and not control_image:
         raise LdmError("a ControlNet needs a control image: upload one")
+    hires = {}
+    if values.get("hires"):
+        hires = {
+            "hires_scale": float(values["hires_scale"]),
+            "hires_steps": int(values["hires_steps"]),
+            "hires_denoise": float(values["hires_denoise"]),
+            "hires_upscaler": values["hires_upscaler"],
+            "hires_sampler": None if values["hires_sampler"] == SAME_SAMPLER else values["hires_sampler"],
+            "hires_prompt": values["hires_prompt"] or None,
+        }
     controls = ()
     if net:
         settings = [float(values[key]) for key in ("control_scale", "control_start", "control_end")]
@@ -140,6 +155,7 @@ def request_of(
         controls=controls,
         guess_mode=bool(net and values["guess_mode"]),
         embeddings=tuple(session.embeddings),
+        **hires,
     )
     spec = OutputSpec(session.args.outdir, int(values["batch_count"]))
     spec.check(request, NAMES)
@@ -192,11 +208,12 @@ def generate(
             events.put(("done",))
 
     threading.Thread(target=work, daemon=True).start()
-    preview, images, note, batch = None, [], "", 0
+    preview, images, note, passes = None, [], "", 0
     while (event := events.get())[0] != "done":
         if event[0] == "step":
             _, i, steps, picture = event
-            batch += i == 1
+            passes += i == 1  # the hires fix makes each batch in two
+            batch = (passes + request.hires) // (1 + request.hires)
             progress((i, steps), desc=f"batch {batch} of {spec.n_iter}: step {i}/{steps}", unit="steps")
             if picture is None:
                 continue
@@ -247,6 +264,24 @@ def settings(prefix: str, cfg: ModelConfig, size: bool = True) -> dict:
             c["clip_skip"] = gr.Number(1, precision=0, label="Clip skip", elem_id=f"{prefix}-clip-skip")
             c["prompt_syntax"] = gr.Radio(list(SYNTAX_NAMES), value="a1111", label="Prompt syntax")
             c["preview_every"] = gr.Number(5, precision=0, label="Preview every N steps (0: none)")
+    return c
+
+
+def hires_fix() -> dict:
+    """The txt2img tab's "Hires. fix" fields, A1111's: draw, upscale, then img2img at a denoising strength."""
+    c = {}
+    with gr.Accordion("Hires. fix", open=False):
+        c["hires"] = gr.Checkbox(False, label="Hires. fix", elem_id="txt2img-hires")
+        with gr.Row():
+            c["hires_upscaler"] = gr.Dropdown(
+                list(HIRES_UPSCALER_NAMES), value=HIRES_UPSCALER_NAMES[0], label="Upscaler", elem_id="txt2img-hires-up"
+            )
+            c["hires_scale"] = gr.Slider(1, 4, value=2, step=0.05, label="Upscale by", elem_id="txt2img-hires-scale")
+            c["hires_steps"] = gr.Slider(0, 150, value=0, step=1, label="Hires steps (0: the same)")
+            c["hires_denoise"] = gr.Slider(0.01, 1, value=HIRES_DENOISE, step=0.01, label="Denoising strength")
+        with gr.Row():
+            c["hires_sampler"] = gr.Dropdown([SAME_SAMPLER, *SAMPLER_NAMES], value=SAME_SAMPLER, label="Hires sampler")
+            c["hires_prompt"] = gr.Textbox(label="Hires prompt (empty: the prompt)", elem_id="txt2img-hires-prompt")
     return c
 
 
@@ -336,6 +371,8 @@ def generation_tab(session: Session, mode: str) -> dict:
                 extra.append(gr.Slider(0.01, 1, value=default, step=0.01, label="Strength", elem_id=f"{mode}-strength"))
             c = settings(mode, session.pipe.cfg, size=mode != "outpaint")
             pickers(session, c["prompt"])
+            if mode == "txt2img":
+                c |= hires_fix()
             c |= controlnet(session, mode)
         with gr.Column():
             with gr.Row():

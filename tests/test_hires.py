@@ -159,3 +159,41 @@ def test_hires_is_for_txt2img_and_the_command_line_knows_the_upscalers(tiny_cfg)
     for request in (Request("x", hires_scale=2, init_image=image), Request("x", hires_scale=2, controls=("c",))):
         with pytest.raises(InputError, match="the hires fix is for txt2img"):
             request.check(txt2img.NAMES)
+
+
+def test_the_web_page_hires_fields_build_the_request(tiny_cfg, tmp_path):
+    """The txt2img tab's "Hires. fix" accordion: off, no hires field; on, the Request carries them."""
+    from types import SimpleNamespace
+
+    from ldm import webui_app
+
+    args = SimpleNamespace(models_dir=tmp_path, outdir=tmp_path)
+    session = SimpleNamespace(args=args, embeddings=[], pipe=SimpleNamespace(cfg=tiny_cfg))
+    values = {
+        "prompt": "an apple",
+        "negative_prompt": "",
+        "seed": 1,
+        "batch_size": 1,
+        "batch_count": 1,
+        "sampler": "ddim",
+        "steps": 4,
+        "scale": 3,
+        "eta": 0,
+        "guidance_rescale": 0,
+        "cfg_end": 1,
+        "prompt_syntax": "a1111",
+        "clip_skip": 1,
+        "hires": False,
+        "hires_scale": 1.5,
+        "hires_steps": 2,
+        "hires_denoise": 0.4,
+        "hires_upscaler": "Lanczos",
+        "hires_sampler": webui_app.SAME_SAMPLER,
+        "hires_prompt": "",
+    }
+    assert not webui_app.request_of(session, values)[0].hires
+    request = webui_app.request_of(session, values | {"hires": True, "hires_sampler": "euler"})[0]
+    got = [request.hires_scale, request.hires_steps, request.hires_denoise, request.hires_upscaler]
+    assert got + [request.hires_sampler, request.hires_prompt] == [1.5, 2, 0.4, "Lanczos", "euler", None]
+    with pytest.raises(InputError, match="^Denoising strength must be in"):
+        webui_app.request_of(session, values | {"hires": True, "hires_denoise": 0})
