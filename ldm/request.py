@@ -307,8 +307,9 @@ class Request:
 
     def resolved(self, cfg, names: dict[str, str] | None = None) -> Request:
         """This request for the model of `cfg` (a ModelConfig), checked: image files read (PIL images), the model's
-        rules, and every default filled (sampler, steps, scale, strength, mask blur, size; outpainting's padding
-        rounded to the VAE factor). Resolving a resolved request changes nothing."""
+        rules, and every default filled (sampler, steps, scale, strength, mask blur, size, the hires fix's steps,
+        denoise, upscaler and sampler; outpainting's padding rounded to the VAE factor). Resolving a resolved request
+        changes nothing."""
         from ldm.images import load_image, outpaint_padding
         from ldm.samplers import check_sampler
         from ldm.unet import skip_branches
