@@ -19,7 +19,7 @@ import json
 import re
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from PIL import Image, ImageDraw, ImageFont
 
@@ -175,14 +175,20 @@ def grid_image(images: list[Image.Image], axes: list[Axis]) -> Image.Image:
 
 
 def make_xyz(
-    pipe: Pipeline, requests: list[Request], axes: list[Axis], spec: OutputSpec, model: dict, tagged: dict | None = None
+    pipe: Pipeline,
+    requests: list[Request],
+    axes: list[Axis],
+    spec: OutputSpec,
+    model: dict,
+    tagged: dict | None = None,
+    callback: Callable | None = None,
 ) -> Iterator[Path]:
     """Make and write each cell's image (ldm.outputs.make_images: a PNG with its own parameters), then the labelled
-    grid, "xyz_grid-NNNN.png" (the first cell's parameters); yields each path once written. model, tagged: as
-    make_images'."""
+    grid, "xyz_grid-NNNN.png" (the first cell's parameters); yields each path once written. model, tagged, callback:
+    as make_images'."""
     single, images, first = replace(spec, grid=False), [], None
     for request in requests:
-        for path in make_images(pipe, request, single, model, tagged):
+        for path in make_images(pipe, request, single, model, tagged, callback):
             if re.fullmatch(r"\d+\.png", path.name):  # the image (not a control map nor a trajectory strip)
                 images.append(Image.open(path).convert("RGB"))
                 first = first or path

@@ -2,6 +2,8 @@
 and each cell = the image txt2img makes alone with that cell's settings."""
 
 import json
+from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -97,3 +99,50 @@ def test_grid_cells_are_the_single_images(tmp_path):
         args = ["--prompt", prompt, "--steps", 1 + ix, "--seed", 1 + iy, "--scale", 3, "--outdir", alone]
         assert cli(*args) == 0
         assert np.array_equal(np.asarray(Image.open(alone / "00000.png").convert("RGB")), cell[ix, iy, iz])
+
+
+def test_the_web_page_plot_gives_the_command_line_s_cells_and_grid(tmp_path):
+    """The txt2img tab's X/Y/Z fields: the gallery shows each cell and the grid, the same pictures as txt2img --xyz;
+    a bad axis, or Z without Y, is the page's one-line error."""
+    import gradio as gr
+
+    from ldm import webui_app
+
+    args = SimpleNamespace(device="cpu", ckpt=None, models_dir=tmp_path / "models", outdir=tmp_path / "web")
+    session = webui_app.Session(args)
+    values = {
+        "prompt": "a red apple",
+        "negative_prompt": "",
+        "seed": 1,
+        "batch_size": 1,
+        "batch_count": 1,
+        "sampler": "ddim",
+        "steps": 2,
+        "scale": 3,
+        "eta": 0,
+        "guidance_rescale": 0,
+        "cfg_end": 1,
+        "prompt_syntax": "a1111",
+        "clip_skip": 1,
+        "preview_every": 0,
+        "xyz_x": "steps=1,2",
+        "xyz_y": "seed=1,2",
+        "xyz_z": "",
+    }
+    *_, (_, gallery, _) = webui_app.generate(session, values, lambda *a, **k: None)
+    names = [f"{k:05}.png" for k in range(4)] + ["xyz_grid-0000.png"]
+    assert [Path(p).name for p in gallery] == names
+    out = tmp_path / "cli"
+    flags = ["--steps", 2, "--scale", 3, "--sampler", "ddim", "--seed", 1, "--xyz", "steps=1,2", "--xyz", "seed=1,2"]
+    assert cli("--prompt", "a red apple", *flags, "--outdir", out) == 0
+    for name in names:
+        web, ours = (np.asarray(Image.open(folder / name).convert("RGB")) for folder in (args.outdir, out))
+        assert np.array_equal(web, ours), name
+    bad = {
+        "seed=x": ("seed=1,2", "X/Y/Z plot Z seed: the values must be whole numbers, got 'x'"),
+        "seed=3": ("", "X/Y/Z plot: fill the axes in order, X first (a Y axis before a Z axis)"),
+    }
+    for z, (y, message) in bad.items():
+        with pytest.raises(gr.Error) as error:
+            list(webui_app.generate(session, values | {"xyz_y": y, "xyz_z": z}, lambda *a, **k: None))
+        assert error.value.message == message
