@@ -169,10 +169,7 @@ class Request:
         prompts = (self.prompts,) if isinstance(self.prompts, str) else self.prompts
         for name, value in (("prompts", prompts), ("controls", self.controls)):
             object.__setattr__(self, name, tuple(value))
-        for name in ("loras", "embeddings"):
-            if getattr(self, name) is not None:
-                object.__setattr__(self, name, tuple(getattr(self, name)))
-        for name in ("outpaint", "hires_size"):
+        for name in ("loras", "embeddings", "outpaint", "hires_size"):
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, tuple(getattr(self, name)))
 
