@@ -4,6 +4,8 @@ latents (or images) with generators seeded again with the images' seeds, as AUTO
 pass runs the last n steps of a schedule of int(n / min(denoise, 0.999)) steps (A1111's count): diffusers' img2img
 with that many steps and strength n / total (values chosen so the product is exact)."""
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch.nn.functional as F
@@ -11,7 +13,7 @@ from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
 from PIL import Image
 
 import txt2img
-from conftest import PROMPT, STEPS, a1111, assert_same, cli, generators, tiny_model
+from conftest import PAGE_VALUES, PROMPT, STEPS, a1111, assert_same, cli, generators, tiny_model
 from ldm import cli as cli_names
 from ldm.checkpoint import save_diffusers_folder
 from ldm.pipeline import Pipeline
@@ -163,26 +165,11 @@ def test_hires_is_for_txt2img_and_the_command_line_knows_the_upscalers(tiny_cfg)
 
 def test_the_web_page_hires_fields_build_the_request(tiny_cfg, tmp_path):
     """The txt2img tab's "Hires. fix" accordion: off, no hires field; on, the Request carries them."""
-    from types import SimpleNamespace
-
-    from ldm import webui_app
+    from ldm import webui_app  # gradio: imported by the test that needs it
 
     args = SimpleNamespace(models_dir=tmp_path, outdir=tmp_path)
     session = SimpleNamespace(args=args, embeddings=[], pipe=SimpleNamespace(cfg=tiny_cfg))
-    values = {
-        "prompt": "an apple",
-        "negative_prompt": "",
-        "seed": 1,
-        "batch_size": 1,
-        "batch_count": 1,
-        "sampler": "ddim",
-        "steps": 4,
-        "scale": 3,
-        "eta": 0,
-        "guidance_rescale": 0,
-        "cfg_end": 1,
-        "prompt_syntax": "a1111",
-        "clip_skip": 1,
+    values = PAGE_VALUES | {
         "hires": False,
         "hires_scale": 1.5,
         "hires_steps": 2,

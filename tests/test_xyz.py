@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import cli
+from conftest import PAGE_VALUES, cli
 from ldm.request import InputError, LoraSpec, Request
 from ldm.xyz import cells, labels, parse_axis
 
@@ -110,21 +110,7 @@ def test_the_web_page_plot_gives_the_command_line_s_cells_and_grid(tmp_path):
 
     args = SimpleNamespace(device="cpu", ckpt=None, models_dir=tmp_path / "models", outdir=tmp_path / "web")
     session = webui_app.Session(args)
-    values = {
-        "prompt": "a red apple",
-        "negative_prompt": "",
-        "seed": 1,
-        "batch_size": 1,
-        "batch_count": 1,
-        "sampler": "ddim",
-        "steps": 2,
-        "scale": 3,
-        "eta": 0,
-        "guidance_rescale": 0,
-        "cfg_end": 1,
-        "prompt_syntax": "a1111",
-        "clip_skip": 1,
-        "preview_every": 0,
+    values = PAGE_VALUES | {
         "xyz_x": "steps=1,2",
         "xyz_y": "seed=1,2",
         "xyz_z": "",
