@@ -281,12 +281,13 @@ class Request:
 
     def resolved_hires(self, cfg, sampler: str, steps: int, width: int, height: int, n: dict[str, str]) -> dict:
         """The hires fields filled for a request drawn at width x height with `steps` of `sampler` (none when off)."""
-        from ldm.samplers import check_sampler
+        from ldm.samplers import check_sampler, check_schedule, grid_steps
 
         if not self.hires:
             return {}
         hires_sampler = self.hires_sampler or sampler
         check_sampler(hires_sampler, cfg, InputError, n["hires_sampler"])
+        check_schedule(hires_sampler, self.schedule, InputError, n["schedule"])  # A1111: the same schedule
         f, size = cfg.vae.factor, self.hires_size
         if size is not None and (size[0] % f or size[1] % f or size[0] * height != size[1] * width):
             ratio = f"multiples of {f} in the aspect ratio of {width}x{height}"
@@ -298,6 +299,12 @@ class Request:
             raise InputError(
                 f"{n['hires_steps']} {hires_steps} at {n['hires_denoise']} {denoise}: a schedule of {total} steps, "
                 f"more than this model's {cfg.timesteps} timesteps"
+            )
+        grid = grid_steps(hires_sampler)
+        if grid is not None and total > grid:
+            raise InputError(
+                f"{n['hires_steps']} {hires_steps} at {n['hires_denoise']} {denoise}: a schedule of {total} steps, "
+                f"more than the {hires_sampler} sampler's {grid} original_inference_steps"
             )
         return {
             "hires_steps": hires_steps,

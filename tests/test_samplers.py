@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from diffusers import (
     DDIMScheduler,
     DDPMScheduler,
@@ -22,12 +23,24 @@ from diffusers import (
     LCMScheduler,
     LMSDiscreteScheduler,
     PNDMScheduler,
+    StableDiffusionImg2ImgPipeline,
     StableDiffusionPipeline,
     UniPCMultistepScheduler,
 )
 from PIL import Image
 
-from conftest import LATENT_ATOL, PROMPT, STEPS, a1111, assert_same, cli, diffusers_run, ours_run, tiny_model
+from conftest import (
+    LATENT_ATOL,
+    PROMPT,
+    STEPS,
+    a1111,
+    assert_same,
+    cli,
+    diffusers_run,
+    generators,
+    ours_run,
+    tiny_model,
+)
 from ldm import cli as cli_names
 from ldm.checkpoint import save_diffusers_folder, save_single_file
 from ldm.config import ConfigError, ModelConfig
@@ -293,6 +306,14 @@ def test_a_schedule_is_refused_exactly_where_diffusers_would_ignore_it(sampler):
         ),
         ({"sampler": "euler", "schedule": "beta"}, r"unknown schedule 'beta' \(known: default, karras, exponential, "),
         ({"sampler": "lcm", "steps": 51}, "steps 51: the lcm sampler picks its steps among its 50 original_inference"),
+        (
+            {"sampler": "euler", "schedule": "karras", "hires_scale": 2, "hires_sampler": "ddim"},
+            "schedule karras: the ddim sampler takes default, sgm_uniform$",
+        ),
+        (
+            {"sampler": "lcm", "steps": 4, "hires_scale": 2, "hires_steps": 40, "hires_denoise": 0.5},
+            "hires steps 40 at hires denoise 0.5: a schedule of 80 steps, more than the lcm sampler's 50 original_infe",
+        ),
     ],
 )
 def test_a_schedule_or_steps_the_sampler_cannot_take_is_one_line(settings, message):
@@ -346,6 +367,33 @@ def test_lcm_matches_diffusers_and_guidance_1_runs_the_conditional_batch_alone(s
         hook.remove()
     assert_same(ours, theirs, trajectory[-1], latents)
     assert batches == [2 if scale == 1 else 4] * STEPS
+
+
+def test_the_hires_pass_runs_on_the_first_pass_s_schedule(sd):
+    """A1111's hires pass keeps the schedule type ("Use same scheduler"): the hires fix on Karras = diffusers' txt2img
+    on Karras, its latents upscaled 2x (bilinear, A1111's "Latent"), then its img2img on Karras from the same seeds,
+    3 of 6 steps (hires steps 3 at denoise 0.5)."""
+    model, ref, config = sd
+    trajectory = []
+    options = dict(hires_scale=2, hires_steps=3, hires_denoise=0.5, progress=False, trajectory=trajectory)
+    ours = Pipeline(model).txt2img(PROMPT, seed=3, steps=STEPS, sampler="dpmpp_2m", schedule="karras", **options)
+    ref.scheduler = diffusers_scheduler("dpmpp_2m", "karras", config)
+    small = ref(PROMPT, num_inference_steps=STEPS, generator=generators(3, 1), output_type="latent").images
+    final = {}
+
+    def keep(pipe, i, t, tensors):
+        final["latents"] = tensors["latents"]
+        return tensors
+
+    theirs = StableDiffusionImg2ImgPipeline(**ref.components)(
+        PROMPT,
+        image=F.interpolate(small, scale_factor=2, mode="bilinear"),
+        strength=0.5,
+        num_inference_steps=6,
+        generator=generators(3, 1),
+        callback_on_step_end=keep,
+    ).images
+    assert_same(ours, theirs, trajectory[-1], final["latents"])
 
 
 def test_the_command_line_takes_a_schedule_and_the_png_says_it_as_a1111_does(tmp_path, capsys):
