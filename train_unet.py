@@ -80,6 +80,7 @@ from ldm.model import StableDiffusion
 from ldm.pipeline import Pipeline
 from ldm.run_files import read_train_config
 from ldm.samplers import check_sampler
+from ldm.shards import Shards, is_shards, open_index
 from ldm.training import (
     ControlNetTrainable,
     LoRATrainable,
@@ -120,19 +121,26 @@ def train(args) -> int:
     check_sampler(cfg.validation.sampler, cfg.model, ConfigError, "validation.sampler")
     run = Run(cfg, "train_unet", args.resume, fine_tune=bool(cfg.init_from) and not cfg.reinit_unet)
     device = run.device
-    dataset = ImageCaptionDataset(
-        cfg.data.path,
-        cfg.data.resolution,
-        cfg.data.center_crop,
-        cfg.data.random_flip,
-        cfg.data.image_column,
-        cfg.data.caption_column,
-        control=(
-            cfg.controlnet.preprocess if cfg.controlnet.preprocess != "none" else cfg.controlnet.conditioning_column
+    if is_shards(cfg.data.path):  # webdataset shards, indexed by all processes together (ldm.shards)
+        if cfg.cache_latents or cfg.controlnet.enabled:
+            raise ConfigError("webdataset shards train the UNet or a LoRA: not with cache_latents or a ControlNet")
+        index = open_index(cfg.data, run.output_dir, run.accelerator)
+        rank, world = run.accelerator.process_index, run.accelerator.num_processes
+        dataset = Shards(index, cfg.data, cfg.batch_size, rank, world, cfg.seed)
+    else:
+        dataset = ImageCaptionDataset(
+            cfg.data.path,
+            cfg.data.resolution,
+            cfg.data.center_crop,
+            cfg.data.random_flip,
+            cfg.data.image_column,
+            cfg.data.caption_column,
+            control=(
+                cfg.controlnet.preprocess if cfg.controlnet.preprocess != "none" else cfg.controlnet.conditioning_column
+            )
+            if cfg.controlnet.enabled
+            else "",
         )
-        if cfg.controlnet.enabled
-        else "",
-    )
     model = StableDiffusion(cfg.model)
     if init is not None:
         parts = ["first_stage_model", "cond_stage_model"] + ([] if cfg.reinit_unet else ["model"])

@@ -30,6 +30,7 @@ import io
 import json
 import os
 import random
+import re
 import signal
 import warnings
 from pathlib import Path
@@ -292,7 +293,8 @@ def _load_hf(path: Path | str, image_column: str, caption_column: str, require_c
 
 
 class ImageCaptionDataset(Dataset):
-    """(index, seed) -> {"pixels": (3, R, R) in [-1, 1], "caption": str, "seed": seed, "skipped": [(name, why)]}.
+    """(index, seed) -> {"pixels": (3, R, R) in [-1, 1], "caption": str, "seed": seed, "key": its name,
+    "skipped": [(name, why)]}.
 
     A file that cannot be decoded is replaced by the next readable one and reported in "skipped".
     """
@@ -419,7 +421,7 @@ class ImageCaptionDataset(Dataset):
             except Exception as e:  # a corrupt file can raise almost anything inside a decoder
                 skipped.append((self.name(i), unreadable(e)))
                 continue
-            item = {"pixels": pixels, "caption": caption, "seed": seed, "skipped": skipped}
+            item = {"pixels": pixels, "caption": caption, "seed": seed, "key": self.name(i), "skipped": skipped}
             return item | ({"hint": hint} if self.control else {})
         raise DataError(
             f"none of the {len(self)} images in the dataset could be read (first: {skipped[0][0]}: {skipped[0][1]})"
@@ -442,8 +444,9 @@ class ImageCaptionDataset(Dataset):
 
 
 def unreadable(error: Exception) -> str:
-    """Why a file was skipped, in one line."""
-    return "unreadable (" + " ".join(f"{type(error).__name__}: {error}".split())[:120] + ")"
+    """Why a file was skipped, in one line (without the address of the object Pillow read it from)."""
+    text = re.sub(r" <[^<>]* at 0x[0-9a-f]+>", "", f"{type(error).__name__}: {error}")
+    return "unreadable (" + " ".join(text.split())[:120] + ")"
 
 
 def _png_bytes(img: Image.Image) -> bytes:

@@ -1,0 +1,150 @@
+"""Webdataset shards (ldm.shards): the index and its skipped samples, the sources (folder, brace pattern, http, pipe:),
+the deterministic split over processes and workers, and exact resume; then train_unet.py on 2 gloo processes."""
+
+import functools
+import http.server
+import io
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from ldm.config import DataConfig, ShardFilters
+from ldm.data import DataError
+from ldm.shards import Plan, SampleRules, Shards, build_index, is_shards, shard_urls
+
+SIZES = [3, 7, 5, 9, 2, 6]  # samples per shard: uneven
+BAD = {(1, 2): "corrupt image", (1, 4): "no caption", (3, 0): "watermark", (3, 8): "cut member"}
+
+
+def tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def jpeg(rng, size=(20, 16)) -> bytes:
+    colour = rng.integers(0, 256, 3)
+    pixels = np.clip(colour + rng.integers(-25, 26, (size[1], size[0], 3)), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """6 shards of 3..9 samples (32 in all) as img2dataset writes them; shard 1 holds a corrupt image and a sample
+    without caption, shard 3 a watermarked one (pwatermark 0.9) and, last, a member cut short (the tar truncated)."""
+    root = tmp_path_factory.mktemp("shards")
+    rng = np.random.default_rng(0)
+    for s, n in enumerate(SIZES):
+        members = []
+        for i in range(n):
+            key, bad = f"{s:02d}{i:03d}", BAD.get((s, i))
+            members.append((f"{key}.jpg", b"\xff\xd8 not a jpeg" if bad == "corrupt image" else jpeg(rng)))
+            if bad != "no caption":
+                members.append((f"{key}.txt", f"picture {key}".encode()))
+            meta = {"key": key, "original_width": 20, "pwatermark": 0.9 if bad == "watermark" else 0.1}
+            members.append((f"{key}.json", json.dumps(meta).encode()))
+        data = tar_bytes(members)
+        if (s, n - 1) in BAD:  # cut inside the last sample's image
+            data = data[: data.index(f"{s:02d}{n - 1:03d}.jpg".encode()) + 700]
+        (root / f"{s:05d}.tar").write_bytes(data)
+    return root
+
+
+RULES = SampleRules(max_pwatermark=0.5)
+
+
+@pytest.fixture(scope="module")
+def index(shards):
+    return build_index(shard_urls(str(shards)), RULES, 0, 1)
+
+
+def data_config(**kw) -> DataConfig:
+    return DataConfig(resolution=16, shuffle_buffer=4, filters=ShardFilters(max_pwatermark=0.5), **kw)
+
+
+def test_the_index_counts_each_bad_sample_with_its_reason(shards, index, capsys):
+    assert is_shards(str(shards)) and [Path(u).name for u in shard_urls(str(shards))] == [
+        f"{s:05d}.tar" for s in range(6)
+    ]
+    assert [shard["samples"] for shard in index] == SIZES
+    why = {(s, int(o)): w for s, shard in enumerate(index) for o, (_, w) in shard["skipped"].items()}
+    assert sorted(why) == sorted(BAD)
+    assert why[(1, 2)].startswith("unreadable (UnidentifiedImageError")
+    assert why[(1, 4)] == "no caption"
+    assert why[(3, 0)] == "filtered by data.filters.max_pwatermark (pwatermark 0.9 vs 0.5)"
+    assert why[(3, 8)].startswith("unreadable")
+    # a missing shard of a brace pattern: tried 3 times, then skipped with one warning line
+    pattern = str(shards / "{00004..00006}.tar")
+    lost = build_index(shard_urls(pattern), RULES, 0, 1)
+    assert [shard["samples"] for shard in lost] == [2, 6, 0] and "error" in lost[2]
+    assert capsys.readouterr().err.count("warning: skipped shard") == 1
+
+
+def test_http_and_pipe_shards_index_as_local_ones(shards, index):
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(shards))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/{{00000..00005}}.tar"
+        served = build_index(shard_urls(url), RULES, 0, 1)
+    finally:
+        server.shutdown()
+    piped = build_index(shard_urls(f"pipe:cat {shards}/{{00000..00005}}.tar"), RULES, 0, 1)
+    for other in (served, piped):
+        assert [(s["samples"], s["skipped"]) for s in other] == [(s["samples"], s["skipped"]) for s in index]
+
+
+def batches(index, data, world, rank, start, count, workers=0):
+    stream = Shards(index, data, 2, rank, world, seed=3, start=start)
+    loader = DataLoader(stream, batch_size=None, num_workers=workers)
+    out = []
+    for batch in loader:
+        out.append(batch)
+        if len(out) == count:
+            return out
+
+
+def test_ranks_share_an_epoch_without_overlap_and_resume_exactly(index):
+    """28 usable samples, 2 ranks x batch 2: 7 steps an epoch; every usable sample drawn at most once an epoch, all
+    but < one global batch drawn; the same batches from a mid-epoch start, and with 2 DataLoader workers."""
+    data = data_config()
+    plan = Plan(index, 2, 0, 2, 3)
+    assert (plan.total, plan.steps) == (28, 7)
+    usable = {
+        f"{shard['url']}:{s:02d}{i:03d}"
+        for s, shard in enumerate(index)
+        for i in range(shard["samples"])
+        if str(i) not in shard["skipped"]
+    }
+    ranks = [batches(index, data, 2, rank, 0, 10) for rank in (0, 1)]
+    for epoch in (range(7), range(7, 10)):
+        keys = [k for r in ranks for i in epoch for k in r[i]["key"]]
+        assert len(keys) == len(set(keys)) and set(keys) <= usable
+    first = [k for r in ranks for b in r[:7] for k in b["key"]]
+    assert len(usable) - len(first) < 4
+    assert ranks[0][0]["pixels"].shape == (2, 3, 16, 16)
+    for rank in (0, 1):
+        resumed = batches(index, data, 2, rank, 5 * 4, 5)  # after 5 steps, into the next epoch
+        for a, b in zip(resumed, ranks[rank][5:]):
+            assert a["key"] == b["key"] and a["seed"] == b["seed"] and torch.equal(a["pixels"], b["pixels"])
+    workers = batches(index, data, 2, 1, 0, 10, workers=2)
+    assert [b["key"] for b in workers] == [b["key"] for b in ranks[1]]
+
+
+def test_fewer_samples_than_a_global_batch_is_one_line(index):
+    with pytest.raises(DataError, match="fewer than one global batch"):
+        Plan(index[4:5], 2, 0, 2, 0)
