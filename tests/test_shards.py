@@ -5,20 +5,27 @@ import functools
 import http.server
 import io
 import json
+import socket
+import subprocess
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
+from test_train_unet import CONFIG, ENV, assert_same, finish
 from torch.utils.data import DataLoader
 
+from conftest import ROOT, launcher
 from ldm.config import DataConfig, ShardFilters
 from ldm.data import DataError
 from ldm.shards import Plan, SampleRules, Shards, build_index, is_shards, shard_urls
 
-SIZES = [3, 7, 5, 9, 2, 6]  # samples per shard: uneven
+SIZES = [3, 7, 5, 9, 2, 7]  # samples per shard: uneven
 BAD = {(1, 2): "corrupt image", (1, 4): "no caption", (3, 0): "watermark", (3, 8): "cut member"}
 
 
@@ -44,7 +51,7 @@ def jpeg(rng, size=(20, 16)) -> bytes:
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    """6 shards of 3..9 samples (32 in all) as img2dataset writes them; shard 1 holds a corrupt image and a sample
+    """6 shards of 2..9 samples (33 in all) as img2dataset writes them; shard 1 holds a corrupt image and a sample
     without caption, shard 3 a watermarked one (pwatermark 0.9) and, last, a member cut short (the tar truncated)."""
     root = tmp_path_factory.mktemp("shards")
     rng = np.random.default_rng(0)
@@ -90,14 +97,12 @@ def test_the_index_counts_each_bad_sample_with_its_reason(shards, index, capsys)
     # a missing shard of a brace pattern: tried 3 times, then skipped with one warning line
     pattern = str(shards / "{00004..00006}.tar")
     lost = build_index(shard_urls(pattern), RULES, 0, 1)
-    assert [shard["samples"] for shard in lost] == [2, 6, 0] and "error" in lost[2]
+    assert [shard["samples"] for shard in lost] == [2, 7, 0] and "error" in lost[2]
     assert capsys.readouterr().err.count("warning: skipped shard") == 1
 
 
 def test_http_and_pipe_shards_index_as_local_ones(shards, index):
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(shards))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server = serve(shards)
     try:
         url = f"http://127.0.0.1:{server.server_port}/{{00000..00005}}.tar"
         served = build_index(shard_urls(url), RULES, 0, 1)
@@ -119,11 +124,11 @@ def batches(index, data, world, rank, start, count, workers=0):
 
 
 def test_ranks_share_an_epoch_without_overlap_and_resume_exactly(index):
-    """28 usable samples, 2 ranks x batch 2: 7 steps an epoch; every usable sample drawn at most once an epoch, all
+    """29 usable samples, 2 ranks x batch 2: 7 steps an epoch; every usable sample drawn at most once an epoch, all
     but < one global batch drawn; the same batches from a mid-epoch start, and with 2 DataLoader workers."""
     data = data_config()
     plan = Plan(index, 2, 0, 2, 3)
-    assert (plan.total, plan.steps) == (28, 7)
+    assert (plan.total, plan.steps) == (29, 7)
     usable = {
         f"{shard['url']}:{s:02d}{i:03d}"
         for s, shard in enumerate(index)
@@ -135,7 +140,7 @@ def test_ranks_share_an_epoch_without_overlap_and_resume_exactly(index):
         keys = [k for r in ranks for i in epoch for k in r[i]["key"]]
         assert len(keys) == len(set(keys)) and set(keys) <= usable
     first = [k for r in ranks for b in r[:7] for k in b["key"]]
-    assert len(usable) - len(first) < 4
+    assert len(usable) - len(first) == 1
     assert ranks[0][0]["pixels"].shape == (2, 3, 16, 16)
     for rank in (0, 1):
         resumed = batches(index, data, 2, rank, 5 * 4, 5)  # after 5 steps, into the next epoch
@@ -148,3 +153,113 @@ def test_ranks_share_an_epoch_without_overlap_and_resume_exactly(index):
 def test_fewer_samples_than_a_global_batch_is_one_line(index):
     with pytest.raises(DataError, match="fewer than one global batch"):
         Plan(index[4:5], 2, 0, 2, 0)
+
+
+def serve(folder: Path) -> http.server.ThreadingHTTPServer:
+    """`python -m http.server` on folder, in a thread of this process."""
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(*args, machine: int = 0, machines: int = 1, port: int = 0):
+    """train_unet.py on 2 gloo processes: on one machine, or as machine `machine` of 2 on localhost (one process
+    each); each launch on a port of its own (runs go side by side)."""
+    cmd = launcher(2)
+    cmd[cmd.index("--num_machines") + 1] = str(machines)
+    cmd += ["--machine_rank", str(machine), "--main_process_ip", "127.0.0.1", "--main_process_port"]
+    cmd += [str(port or free_port()), str(ROOT / "train_unet.py"), "--config", str(CONFIG), "tracker=none"]
+    return subprocess.Popen(
+        cmd + list(map(str, args)),
+        cwd=ROOT,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def order(run_dir: Path) -> list[dict]:
+    rows = [json.loads(line) for r in (0, 1) for line in (run_dir / f"data-order-{r}.jsonl").read_text().splitlines()]
+    return [row | {"key": row["key"].rsplit("/", 1)[1]} for row in rows]  # 00003.tar:03001, wherever it was read
+
+
+def kill(proc: subprocess.Popen) -> None:
+    """SIGKILL to a launch and each of its processes (torchrun starts its workers in sessions of their own)."""
+    family = psutil.Process(proc.pid).children(recursive=True)
+    proc.kill()
+    for child in family:
+        child.kill()
+    proc.wait()
+    psutil.wait_procs(family, timeout=60)
+
+
+def test_two_processes_cover_an_epoch_resume_after_sigkill_and_two_machines_over_http_agree(tmp_path, shards):
+    """2 gloo processes, batch 2 each, 9 steps over 29 usable samples (7 steps an epoch). Two "machines" on localhost
+    (one process each) read the shards from an http server; one machine with 2 processes reads them from disk, is
+    killed with SIGKILL after its checkpoint of step 3 and resumed with --resume latest. Both end with the same
+    weights bit for bit and the same data-order record, which shows every usable sample at most once in the first
+    epoch and all but one drawn."""
+    common = [
+        f"data.path={shards}",
+        "max_steps=9",
+        "save_every=3",
+        "batch_size=2",
+        "log_every=1",
+        "deterministic=true",
+        "data.record_order=true",
+        "data.shuffle_buffer=4",
+        "data.filters.max_pwatermark=0.5",
+    ]
+    server, port, reference = serve(shards), free_port(), tmp_path / "machines"
+    url = f"http://127.0.0.1:{server.server_port}/{{00000..00005}}.tar"
+    machines = [
+        launch(*common, f"data.path={url}", f"output_dir={reference}", machine=m, machines=2, port=port) for m in (0, 1)
+    ]
+    run_dir = tmp_path / "killed"
+    killed = launch(*common, f"output_dir={run_dir}")
+    deadline = time.monotonic() + 300
+    while not (run_dir / "checkpoints" / "step-000003").exists():
+        assert killed.poll() is None and time.monotonic() < deadline, killed.communicate()[0][-3000:]
+        time.sleep(0.01)
+    kill(killed)
+    try:
+        out = finish(launch(*common, f"output_dir={run_dir}", "--resume", "latest"))
+        for proc in machines:
+            finish(proc)
+    finally:
+        server.shutdown()
+    assert f"resumed from {run_dir / 'checkpoints' / 'step-000003'} at step 3" in out
+    assert "29 training images" in out
+    assert "skipped " + str(shards / "00001.tar") + ":01002: unreadable" in out
+    assert "1 filtered by data.filters.max_pwatermark" in out and "1 no caption" in out
+
+    rows = order(reference)
+    assert sorted({(r["step"], r["rank"]) for r in rows}) == [(s, r) for s in range(1, 10) for r in (0, 1)]
+    assert len(rows) == 9 * 4
+    first_epoch = [r["key"] for r in rows if r["step"] <= 7]
+    assert len(first_epoch) == len(set(first_epoch)) == 33 - len(BAD) - 1
+    assert not set(first_epoch) & {f"{s:05d}.tar:{s:02d}{i:03d}" for s, i in BAD}
+    assert order(run_dir) == rows
+    for name in ("checkpoints/step-000009/state/model.safetensors", "model.safetensors"):
+        assert_same(load_file(run_dir / name), load_file(reference / name))
+
+    one = subprocess.run(  # on another number of processes: said what changes
+        [*launcher(1), str(ROOT / "train_unet.py"), "--config", str(CONFIG), "tracker=none", *common]
+        + [f"output_dir={run_dir}", "max_steps=10", "--resume", "latest"],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert "note: the checkpoint drew its shards on 2 process(es), this run has 1" in one.stdout
