@@ -164,7 +164,6 @@ def train(args) -> int:
     else:
         trainable = UNetTrainable(model)
     model.unet.train()
-    latent_shape = cfg.model.vae.latent_shape(cfg.data.resolution, cfg.data.resolution)
 
     # ------------------------------------------------------------ data: images on the fly, or the latent cache
     if cfg.cache_latents:
@@ -197,7 +196,8 @@ def train(args) -> int:
         """The validation images: one per prompt, each with its fixed seed (see Trainable.samples)."""
         v = cfg.validation
         options = dict(steps=v.steps, scale=v.guidance_scale, sampler=v.sampler, progress=False)
-        options |= dict(height=cfg.data.resolution, width=cfg.data.resolution)
+        width, height = dataset.common_size() if isinstance(dataset, Shards) else (cfg.data.resolution,) * 2
+        options |= dict(height=height, width=width)
         return trainable.samples(Pipeline(model), list(v.prompts), v.seed, options, dataset)
 
     # ------------------------------------------------------------ optimizer, schedule, EMA, resume; the loop
@@ -206,6 +206,11 @@ def train(args) -> int:
         # Every random draw of a sample comes from its own generator, in a fixed order, so it does not depend
         # on the process count or on resuming: timestep, diffusion noise, posterior noise, caption dropout, offset.
         gens = per_sample_generators(batch["seed"])
+        latent_shape = (  # each batch of aspect-ratio buckets has its own size
+            tuple(batch["mean"].shape[1:])
+            if cfg.cache_latents
+            else cfg.model.vae.latent_shape(*batch["pixels"].shape[-2:])
+        )
         t = torch.stack([torch.randint(0, cfg.model.timesteps, (), generator=g) for g in gens]).to(device)
         noise = randn_like_per_sample(gens, latent_shape).to(device)
         posterior_noise = randn_like_per_sample(gens, latent_shape).to(device)

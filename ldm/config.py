@@ -277,9 +277,12 @@ class DataConfig:
     filters: ShardFilters = field(default_factory=ShardFilters)
     shuffle_buffer: int = 1000  # shards: samples a rank's stream is shuffled within
     record_order: bool = False  # <output_dir>/data-order-RANK.jsonl: {"step", "rank", "key"} per sample consumed
+    buckets: bool = False  # shards: aspect-ratio buckets around `resolution` (ldm.buckets), one bucket a batch
+    bucket_step: int = 64  # their sides' step (a multiple of the VAE factor times the UNet's downsampling)
 
     def __post_init__(self):
         check(self.shuffle_buffer >= 1, f"data.shuffle_buffer must be >= 1, got {self.shuffle_buffer}")
+        check(self.bucket_step >= 1, f"data.bucket_step must be >= 1, got {self.bucket_step}")
         check(self.resolution > 0, f"data.resolution must be positive, got {self.resolution}")
         check(self.num_workers >= 0, f"data.num_workers must be >= 0, got {self.num_workers}")
 

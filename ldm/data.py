@@ -41,6 +41,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import Dataset, Sampler
 
 from ldm import LdmError
+from ldm.buckets import fit
 from ldm.images import canny
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -82,20 +83,8 @@ def open_rgb(source: str | Path | bytes) -> Image.Image:
 
 def transform(img: Image.Image, resolution: int, center_crop: bool, flip: bool, rng: random.Random) -> torch.Tensor:
     """Resize the short side to `resolution` (bicubic, antialiased), crop a square (center or random), flip;
-    -> [-1, 1]."""
-    w, h = img.size
-    scale = resolution / min(w, h)
-    w, h = max(resolution, round(w * scale)), max(resolution, round(h * scale))
-    img = img.resize((w, h), Image.Resampling.BICUBIC)
-    left, top = (
-        ((w - resolution) // 2, (h - resolution) // 2)
-        if center_crop
-        else (rng.randint(0, w - resolution), rng.randint(0, h - resolution))
-    )
-    img = img.crop((left, top, left + resolution, top + resolution))
-    if flip:
-        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    return torch.from_numpy(np.array(img)).permute(2, 0, 1).float() / 127.5 - 1.0
+    -> [-1, 1]. The square bucket of ldm.buckets.fit."""
+    return fit(img, (resolution, resolution), center_crop, flip, rng)[0]
 
 
 def rotate_hue(pixels: torch.Tensor, degrees: torch.Tensor) -> torch.Tensor:

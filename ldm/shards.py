@@ -24,6 +24,8 @@ inside iterators with no state to save. Here the stream is a pure function of (i
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import hashlib
 import json
 import random
@@ -41,7 +43,8 @@ import torch
 from braceexpand import braceexpand
 from torch.utils.data import IterableDataset, get_worker_info
 
-from ldm.data import DataError, choose, collate, open_rgb, sample_seed, transform, unreadable
+from ldm.buckets import bucket_sizes, fit, nearest
+from ldm.data import DataError, choose, collate, open_rgb, sample_seed, unreadable
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 TRIES = 3
@@ -135,18 +138,20 @@ class SampleRules:
             return value.strip() if isinstance(value, str) else ""
         return group["txt"].decode("utf-8").strip() if "txt" in group else ""
 
-    def why_not(self, group: dict[str, bytes]) -> str:
-        """Why a sample cannot train ("" when it can). Filters read original_width / original_height, pwatermark
-        and aesthetic of the .json (a sample without the field a filter needs is filtered out)."""
+    def why_not(self, group: dict[str, bytes]) -> tuple[str, tuple[int, int]]:
+        """(why a sample cannot train, "" when it can; its image's size). Filters read original_width /
+        original_height, pwatermark and aesthetic of the .json (a sample without the field a filter needs is
+        filtered out)."""
         image = next((ext for ext in IMAGE_EXTS if ext in group), None)
         if image is None:
-            return "no image (no .jpg, .png or .webp member)"
+            return "no image (no .jpg, .png or .webp member)", (0, 0)
         try:
             meta = self.meta(group)
             if not self.caption(group):
-                return "no caption" + (f" (no '{self.caption_field}' in its .json)" if self.caption_field else "")
+                why = "no caption" + (f" (no '{self.caption_field}' in its .json)" if self.caption_field else "")
+                return why, (0, 0)
         except (ValueError, UnicodeDecodeError) as e:
-            return unreadable(e)
+            return unreadable(e), (0, 0)
         tests = [
             ("min_width", "original_width", self.min_width, lambda v: v >= self.min_width, self.min_width > 0),
             ("min_height", "original_height", self.min_height, lambda v: v >= self.min_height, self.min_height > 0),
@@ -168,24 +173,25 @@ class SampleRules:
         for name, field, limit, passes, active in tests:
             value = meta.get(field)
             if active and not (isinstance(value, (int, float)) and passes(value)):
-                return f"filtered by data.filters.{name} ({field} {value} vs {limit})"
+                return f"filtered by data.filters.{name} ({field} {value} vs {limit})", (0, 0)
         try:
-            open_rgb(group[image])
+            return "", open_rgb(group[image]).size
         except Exception as e:  # a corrupt image can raise almost anything inside a decoder
-            return unreadable(e)
-        return ""
+            return unreadable(e), (0, 0)
 
 
 def index_shard(url: str, rules: SampleRules) -> dict:
-    """{"url", "samples": how many, "skipped": {ordinal: [key, why]}} of one shard; a shard that cannot be opened
-    after 3 tries has no samples and its "error"."""
-    entry = {"url": url, "samples": 0, "skipped": {}}
+    """{"url", "samples": how many, "skipped": {ordinal: [key, why]}, "sizes": {ordinal: [width, height]} of the
+    others} of one shard; a shard that cannot be opened after 3 tries has no samples and its "error"."""
+    entry = {"url": url, "samples": 0, "skipped": {}, "sizes": {}}
     try:
         for ordinal, key, group in read_groups(url):
-            why = group if isinstance(group, str) else rules.why_not(group)
+            why, size = (group, None) if isinstance(group, str) else rules.why_not(group)
             entry["samples"] = ordinal + 1
             if why:
                 entry["skipped"][str(ordinal)] = [key, why]
+            else:
+                entry["sizes"][str(ordinal)] = list(size)
     except OSError as e:
         print(f"warning: skipped shard {url}: cannot be read after {TRIES} tries ({e})", file=sys.stderr)
         entry["error"] = str(e)
@@ -206,24 +212,26 @@ def skipped_names(index: list[dict]) -> dict[str, str]:
 
 
 class Plan:
-    """Which samples rank `rank` of `world` draws in an epoch: `stretch(epoch)` -> [(shard, [ordinals])] in reading
-    order, `steps * batch_size` samples in all."""
+    """Which samples each of `world` ranks draws in an epoch, and in which batches: `stretch(epoch, rank)` ->
+    [(shard, [ordinals])] in reading order, `per_rank` samples in all; `batcher(epoch, rank)` deals their numbers
+    into batches; `steps(epoch)`, alike on every rank. With `buckets` (ldm.buckets.bucket_sizes) each batch holds one
+    bucket, and an epoch has as many steps as the rank with the fewest full batches can give."""
 
-    def __init__(self, index: list[dict], batch_size: int, rank: int, world: int, seed: int):
-        self.index, self.batch_size, self.rank, self.world, self.seed = index, batch_size, rank, world, seed
+    def __init__(self, index: list[dict], batch_size: int, world: int, seed: int, shuffle_buffer: int, buckets=None):
+        self.index, self.batch_size, self.world, self.seed = index, batch_size, world, seed
+        self.shuffle_buffer, self.buckets, self._steps = shuffle_buffer, buckets, {}
         self.usable = [[o for o in range(shard["samples"]) if str(o) not in shard["skipped"]] for shard in index]
         self.total = sum(map(len, self.usable))
-        self.steps = self.total // (world * batch_size)  # optimizer micro-batches per epoch, alike on every rank
-        if self.steps == 0:
+        self.per_rank = self.total // (world * batch_size) * batch_size
+        if self.per_rank == 0:
             raise DataError(
                 f"the shards hold {self.total} usable samples, fewer than one global batch "
                 f"({world} process(es) x batch_size {batch_size})"
             )
-        self.per_rank = self.steps * batch_size
 
-    def stretch(self, epoch: int) -> list[tuple[int, list[int]]]:
+    def stretch(self, epoch: int, rank: int) -> list[tuple[int, list[int]]]:
         order = torch.randperm(len(self.index), generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
-        begin, end, at, parts = self.rank * self.per_rank, (self.rank + 1) * self.per_rank, 0, []
+        begin, end, at, parts = rank * self.per_rank, (rank + 1) * self.per_rank, 0, []
         for s in order:
             n = len(self.usable[s])
             lo, hi = max(begin - at, 0), min(end - at, n)
@@ -231,6 +239,21 @@ class Plan:
                 parts.append((s, self.usable[s][lo:hi]))
             at += n
         return parts
+
+    def batcher(self, epoch: int, rank: int) -> Batcher:
+        bucket_of = None
+        if self.buckets:
+            sizes = [self.index[s]["sizes"][str(o)] for s, ordinals in self.stretch(epoch, rank) for o in ordinals]
+            bucket_of = [nearest(self.buckets, w, h) for w, h in sizes]
+        shuffle = Shuffle(self.per_rank, self.shuffle_buffer, epoch_rng(self.seed, epoch, rank))
+        return Batcher(shuffle, self.batch_size, bucket_of)
+
+    def steps(self, epoch: int) -> int:
+        if not self.buckets:
+            return self.per_rank // self.batch_size
+        if epoch not in self._steps:
+            self._steps[epoch] = min(self.batcher(epoch, rank).count() for rank in range(self.world))
+        return self._steps[epoch]
 
 
 class Shuffle:
@@ -249,13 +272,48 @@ class Shuffle:
         return self.buffer.pop()
 
 
+class Batcher:
+    """The shuffled numbers dealt into batches: `batch_size` in a row, or with buckets (`bucket_of`: each number's
+    bucket) a batch whenever a bucket fills (a part-filled bucket at the end of the epoch is left out)."""
+
+    def __init__(self, shuffle: Shuffle, batch_size: int, bucket_of: list[int] | None):
+        self.shuffle, self.batch_size, self.bucket_of, self.filling = shuffle, batch_size, bucket_of, {}
+
+    def next(self) -> tuple[list[int], int | None]:
+        """(the next batch's numbers, its bucket); StopIteration at the end of the epoch."""
+        if self.bucket_of is None:
+            if self.shuffle.n - self.shuffle.next_in + len(self.shuffle.buffer) < self.batch_size:
+                raise StopIteration
+            return [self.shuffle.draw() for _ in range(self.batch_size)], None
+        while self.shuffle.buffer or self.shuffle.next_in < self.shuffle.n:
+            n = self.shuffle.draw()
+            batch = self.filling.setdefault(self.bucket_of[n], [])
+            batch.append(n)
+            if len(batch) == self.batch_size:
+                return self.filling.pop(self.bucket_of[n]), self.bucket_of[n]
+        raise StopIteration
+
+    def count(self) -> int:
+        """How many batches it deals in the epoch (it is used up)."""
+        n = 0
+        with contextlib.suppress(StopIteration):
+            while True:
+                self.next()
+                n += 1
+        return n
+
+    def pending(self) -> set[int]:
+        """The numbers drawn into the shuffle buffer or a part-filled bucket and not yet dealt."""
+        return set(self.shuffle.buffer).union(*self.filling.values())
+
+
 def epoch_rng(seed: int, epoch: int, rank: int) -> random.Random:
     return random.Random(hashlib.blake2b(f"{seed}:{epoch}:{rank}".encode(), digest_size=8).digest())
 
 
 class Reader:
     """A rank's stretch read forward: get(n) -> the raw sample with number n, keeping only the numbers in `wanted`
-    (the shuffle buffer) and those from `first_new` on."""
+    (drawn, not yet dealt) and those from `first_new` on."""
 
     def __init__(self, index: list[dict], stretch: list[tuple[int, list[int]]], wanted: set[int], first_new: int):
         self.store, self.wanted, self.first_new = {}, wanted, first_new
@@ -292,53 +350,65 @@ class Reader:
 class Shards(IterableDataset):
     """Webdataset shards as the endless stream of this process's batches (see the module docstring).
 
-    Built on every process together: `index` is the whole index (Shards.open builds or reads it). Iterated, it yields
-    collated batches of {"pixels", "caption", "seed", "key", "skipped"} from stream position `start` (samples drawn
-    by all processes so far)."""
+    `index`: the whole index (open_index builds or reads it); `data`: the DataConfig. Iterated, it yields collated
+    batches of {"pixels", "caption", "seed", "key", "original_size", "crop", "skipped"} from stream position `start`
+    (samples drawn by all processes so far)."""
 
     def __init__(self, index: list[dict], data, batch_size: int, rank: int, world: int, seed: int, start: int = 0):
         self.index, self.data, self.batch_size, self.seed, self.start = index, data, batch_size, seed, start
         self.rank, self.world = rank, world
-        self.plan = Plan(index, batch_size, rank, world, seed)
+        self.buckets = bucket_sizes(data.resolution, data.bucket_step) if data.buckets else None
+        self.plan = Plan(index, batch_size, world, seed, data.shuffle_buffer, self.buckets)
         self.skipped = list(skipped_names(index).items())
 
     def __len__(self) -> int:
         return self.plan.total
 
+    def common_size(self) -> tuple[int, int]:
+        """(width, height) of the bucket that holds the most samples (the square without buckets)."""
+        if not self.buckets:
+            return self.data.resolution, self.data.resolution
+        counts = collections.Counter(nearest(self.buckets, w, h) for s in self.index for w, h in s["sizes"].values())
+        return self.buckets[counts.most_common(1)[0][0]]
+
     def __iter__(self):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         global_batch = self.world * self.batch_size
-        epoch_samples = self.plan.steps * global_batch
-        step = self.start // global_batch  # micro-batches drawn so far
-        count = 0
+        step = self.start // global_batch  # global batches drawn so far
+        epoch, first = 0, step
+        while first >= self.plan.steps(epoch):
+            first, epoch = first - self.plan.steps(epoch), epoch + 1
         while True:
-            epoch, first = divmod(step, self.plan.steps)
-            stretch = self.plan.stretch(epoch)
-            shuffle = Shuffle(self.plan.per_rank, self.data.shuffle_buffer, epoch_rng(self.seed, epoch, self.rank))
-            for _ in range(first * self.batch_size):
-                shuffle.draw()
-            reader = Reader(self.index, stretch, set(shuffle.buffer), shuffle.next_in)
-            for k in range(first, self.plan.steps):
-                numbers = [shuffle.draw() for _ in range(self.batch_size)]
-                if count % workers == worker:
-                    base = epoch * epoch_samples + k * global_batch + self.rank * self.batch_size
-                    yield collate([self.item(*reader.get(n), base + j) for j, n in enumerate(numbers)])
+            batcher = self.plan.batcher(epoch, self.rank)
+            for _ in range(first):
+                batcher.next()
+            reader = Reader(self.index, self.plan.stretch(epoch, self.rank), batcher.pending(), batcher.shuffle.next_in)
+            for _ in range(first, self.plan.steps(epoch)):
+                numbers, bucket = batcher.next()
+                if step % workers == worker:
+                    size = self.buckets[bucket] if self.buckets else (self.data.resolution,) * 2
+                    base = step * global_batch + self.rank * self.batch_size
+                    yield collate([self.item(*reader.get(n), size, base + j) for j, n in enumerate(numbers)])
                 else:
                     for n in numbers:
                         reader.get(n)
-                count += 1
-            step = (epoch + 1) * self.plan.steps
+                step += 1
+            epoch, first = epoch + 1, 0
 
-    def item(self, name: str, group: dict[str, bytes], position: int) -> dict:
-        """One training sample, its random choices from its stream position's seed, as ImageCaptionDataset.load."""
+    def item(self, name: str, group: dict[str, bytes], size: tuple[int, int], position: int) -> dict:
+        """One training sample scaled to cover `size` and cropped, its random choices (flip, then crop) from its
+        stream position's seed, as ImageCaptionDataset.load."""
         seed = sample_seed(self.seed, position)
-        rules = rules_of(self.data)
         rng = random.Random(seed)
         _, flip = choose(rng, 1, self.data.random_flip)
         img = open_rgb(group[next(ext for ext in IMAGE_EXTS if ext in group)])
-        pixels = transform(img, self.data.resolution, self.data.center_crop, flip, rng)
-        return {"pixels": pixels, "caption": rules.caption(group), "seed": seed, "key": name, "skipped": []}
+        pixels, crop = fit(img, size, self.data.center_crop, flip, rng)
+        caption = rules_of(self.data).caption(group)
+        return {"pixels": pixels, "caption": caption, "seed": seed, "key": name, "skipped": []} | {
+            "original_size": img.size,
+            "crop": crop,
+        }
 
 
 def rules_of(data) -> SampleRules:

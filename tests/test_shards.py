@@ -21,6 +21,7 @@ from test_train_unet import CONFIG, ENV, assert_same, finish
 from torch.utils.data import DataLoader
 
 from conftest import ROOT, launcher
+from ldm.buckets import bucket_sizes, nearest
 from ldm.config import DataConfig, ShardFilters
 from ldm.data import DataError
 from ldm.shards import Plan, SampleRules, Shards, build_index, is_shards, shard_urls
@@ -127,8 +128,8 @@ def test_ranks_share_an_epoch_without_overlap_and_resume_exactly(index):
     """29 usable samples, 2 ranks x batch 2: 7 steps an epoch; every usable sample drawn at most once an epoch, all
     but < one global batch drawn; the same batches from a mid-epoch start, and with 2 DataLoader workers."""
     data = data_config()
-    plan = Plan(index, 2, 0, 2, 3)
-    assert (plan.total, plan.steps) == (29, 7)
+    plan = Plan(index, 2, 2, 3, 4)
+    assert (plan.total, plan.steps(0)) == (29, 7)
     usable = {
         f"{shard['url']}:{s:02d}{i:03d}"
         for s, shard in enumerate(index)
@@ -152,7 +153,7 @@ def test_ranks_share_an_epoch_without_overlap_and_resume_exactly(index):
 
 def test_fewer_samples_than_a_global_batch_is_one_line(index):
     with pytest.raises(DataError, match="fewer than one global batch"):
-        Plan(index[4:5], 2, 0, 2, 0)
+        Plan(index[4:5], 2, 2, 0, 4)
 
 
 def serve(folder: Path) -> http.server.ThreadingHTTPServer:
@@ -263,3 +264,70 @@ def test_two_processes_cover_an_epoch_resume_after_sigkill_and_two_machines_over
     )
     assert one.returncode == 0, one.stderr[-3000:]
     assert "note: the checkpoint drew its shards on 2 process(es), this run has 1" in one.stdout
+
+
+ASPECTS = [(32, 16), (16, 32), (20, 16), (16, 16), (40, 12), (12, 40), (18, 24), (30, 18)]
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory):
+    """3 shards of 8, 5 and 11 images of 8 aspect ratios, from 40x12 to 12x40."""
+    root = tmp_path_factory.mktemp("mixed")
+    rng = np.random.default_rng(1)
+    i = 0
+    for s, n in enumerate([8, 5, 11]):
+        members = []
+        for _ in range(n):
+            key = f"{i:04d}"
+            members += [(f"{key}.jpg", jpeg(rng, ASPECTS[i % len(ASPECTS)])), (f"{key}.txt", f"shape {key}".encode())]
+            i += 1
+        (root / f"{s:05d}.tar").write_bytes(tar_bytes(members))
+    return root
+
+
+def test_buckets_one_size_a_batch_ranks_agree_never_upscaled_past_cover(mixed):
+    """NovelAI's buckets scaled to 16 px (step 8): every batch one bucket, both ranks the same number of batches an
+    epoch, each image scaled just to cover its bucket (center crop: one offset 0) and never past it."""
+    assert bucket_sizes(512, 64)[:3] == [(256, 1024), (320, 1024), (384, 1024)]
+    assert (512, 768) in bucket_sizes(512, 64) and (512, 512) in bucket_sizes(512, 64)
+    assert all(w * h <= 512 * 768 and max(w, h) <= 1024 for w, h in bucket_sizes(512, 64))
+    sizes = bucket_sizes(16, 8)
+    assert sizes == [(8, 32), (16, 24), (16, 16), (24, 16), (32, 8)]
+    index = build_index(shard_urls(str(mixed)), SampleRules(), 0, 1)
+    data = DataConfig(resolution=16, shuffle_buffer=4, buckets=True, bucket_step=8)
+    plan = Plan(index, 2, 2, 3, 4, sizes)
+    ranks = [batches(index, data, 2, rank, 0, 2 * plan.steps(0)) for rank in (0, 1)]
+    seen = set()
+    for rank in ranks:
+        for batch in rank:
+            h, w = batch["pixels"].shape[-2:]
+            assert (w, h) in sizes
+            for (ow, oh), (left, top) in zip(batch["original_size"], batch["crop"]):
+                assert sizes[nearest(sizes, ow, oh)] == (w, h)
+                cover = (max(w, round(ow * max(w / ow, h / oh))), max(h, round(oh * max(w / ow, h / oh))))
+                assert (left, top) == ((cover[0] - w) // 2, (cover[1] - h) // 2) and min(left, top) == 0
+            seen.add((w, h))
+    assert len(seen) >= 3 and plan.steps(0) * 2 * 2 <= 24
+    for rank in (0, 1):  # resumed mid-epoch: the same batches
+        resumed = batches(index, data, 2, rank, 3 * 4, 2 * plan.steps(0) - 3)
+        assert [b["key"] for b in resumed] == [b["key"] for b in ranks[rank][3:]]
+
+
+def test_a_mixed_aspect_dataset_trains_and_validates_at_non_square_sizes(tmp_path, mixed):
+    out = tmp_path / "run"
+    args = [f"data.path={mixed}", "data.buckets=true", "data.bucket_step=8", "data.record_order=true"]
+    args += ["max_steps=2", "batch_size=2", "validation.every=2", "validation.steps=2", f"output_dir={out}"]
+    result = subprocess.run(
+        [*launcher(1), str(ROOT / "train_unet.py"), "--config", str(CONFIG), "tracker=none", *args],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "data-order-0.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and all(len({tuple(r["size"]) for r in rows if r["step"] == s}) == 1 for s in (1, 2))
+    grid = Image.open(out / "validation" / "step-000002.png")
+    assert grid.width != 2 * grid.height  # two prompts side by side, each not square
+    assert (out / "model.safetensors").exists()
