@@ -208,7 +208,7 @@ def train(args) -> int:
         gens = per_sample_generators(batch["seed"])
         latent_shape = (  # each batch of aspect-ratio buckets has its own size
             tuple(batch["mean"].shape[1:])
-            if cfg.cache_latents
+            if "mean" in batch
             else cfg.model.vae.latent_shape(*batch["pixels"].shape[-2:])
         )
         t = torch.stack([torch.randint(0, cfg.model.timesteps, (), generator=g) for g in gens]).to(device)
@@ -221,9 +221,12 @@ def train(args) -> int:
             if cfg.cache_latents:
                 mean, std, context = batch["mean"].to(device), batch["std"].to(device), batch["context"].to(device)
                 context[torch.tensor(drop, device=device)] = empty_context
-            else:
-                posterior = vae.encode(batch["pixels"].to(device))
-                mean, std = posterior.mean.float(), posterior.std.float()
+            else:  # from the images, or from shards of their precomputed posteriors (ldm.precompute)
+                if "mean" in batch:
+                    mean, std = batch["mean"].to(device), batch["std"].to(device)
+                else:
+                    posterior = vae.encode(batch["pixels"].to(device))
+                    mean, std = posterior.mean.float(), posterior.std.float()
                 captions = ["" if d else c for c, d in zip(batch["caption"], drop)]
                 tokens = text_encoder.tokenize(captions).to(device)
             latents = model.get_first_stage_encoding(mean + std * posterior_noise)  # z ~ q(z | x), scaled

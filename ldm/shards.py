@@ -2,6 +2,8 @@
 writes them, read from a folder of .tar files, a brace pattern (`laion/{00000..01023}.tar`), an http(s):// URL
 pattern or a `pipe:` command (webdataset's conventions, its brace expansion), with Python's own `tarfile`.
 
+    python -m ldm.shards my_images my_shards --per-shard 1000   # an image folder (as data.path reads it) -> shards
+
 Why not webdataset's pipeline itself: exact resume needs to know, at every step, which sample each process gets,
 and where in which shard it lies; webdataset's shard lists, node/worker splitters and shuffle buffers keep that
 inside iterators with no state to save. Here the stream is a pure function of (index, seed, epoch, world size):
@@ -27,6 +29,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import hashlib
+import io
 import json
 import random
 import re
@@ -39,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
+import numpy as np
 import torch
 from braceexpand import braceexpand
 from torch.utils.data import IterableDataset, get_worker_info
@@ -142,9 +146,9 @@ class SampleRules:
         """(why a sample cannot train, "" when it can; its image's size). Filters read original_width /
         original_height, pwatermark and aesthetic of the .json (a sample without the field a filter needs is
         filtered out)."""
-        image = next((ext for ext in IMAGE_EXTS if ext in group), None)
+        image = next((ext for ext in (*IMAGE_EXTS, "mean.npy") if ext in group), None)
         if image is None:
-            return "no image (no .jpg, .png or .webp member)", (0, 0)
+            return "no image (no .jpg, .png, .webp or precomputed .mean.npy member)", (0, 0)
         try:
             meta = self.meta(group)
             if not self.caption(group):
@@ -174,6 +178,8 @@ class SampleRules:
             value = meta.get(field)
             if active and not (isinstance(value, (int, float)) and passes(value)):
                 return f"filtered by data.filters.{name} ({field} {value} vs {limit})", (0, 0)
+        if image == "mean.npy":  # precomputed (ldm.precompute): the size it was encoded at
+            return "", tuple(meta["size"])
         try:
             return "", open_rgb(group[image]).size
         except Exception as e:  # a corrupt image can raise almost anything inside a decoder
@@ -398,17 +404,20 @@ class Shards(IterableDataset):
 
     def item(self, name: str, group: dict[str, bytes], size: tuple[int, int], position: int) -> dict:
         """One training sample scaled to cover `size` and cropped, its random choices (flip, then crop) from its
-        stream position's seed, as ImageCaptionDataset.load."""
+        stream position's seed, as ImageCaptionDataset.load; or a precomputed one's latent mean and std."""
         seed = sample_seed(self.seed, position)
+        item = {"caption": rules_of(self.data).caption(group), "seed": seed, "key": name, "skipped": []}
+        if "mean.npy" in group:
+            meta = json.loads(group["json"])
+            mean, std = (
+                torch.from_numpy(np.load(io.BytesIO(group[k])).astype(np.float32)) for k in ("mean.npy", "std.npy")
+            )
+            return item | {"mean": mean, "std": std, "original_size": meta["original_size"], "crop": meta["crop"]}
         rng = random.Random(seed)
         _, flip = choose(rng, 1, self.data.random_flip)
         img = open_rgb(group[next(ext for ext in IMAGE_EXTS if ext in group)])
         pixels, crop = fit(img, size, self.data.center_crop, flip, rng)
-        caption = rules_of(self.data).caption(group)
-        return {"pixels": pixels, "caption": caption, "seed": seed, "key": name, "skipped": []} | {
-            "original_size": img.size,
-            "crop": crop,
-        }
+        return item | {"pixels": pixels, "original_size": img.size, "crop": crop}
 
 
 def rules_of(data) -> SampleRules:
@@ -443,3 +452,50 @@ def open_index(data, output_dir: Path, accelerator) -> list[dict]:
         tmp.write_text(json.dumps({"settings": settings, "shards": index}))
         tmp.rename(path)
     return index
+
+
+def write_shards(source: str, dest: Path, per_shard: int) -> int:
+    """An image folder or dataset (as ImageCaptionDataset reads it) -> dest/00000.tar, ...: KEY.png (the image as
+    8-bit RGB PNG), KEY.txt (its first caption), KEY.json (original_width, original_height, its name). -> shards
+    written."""
+    from ldm.data import ImageCaptionDataset, _png_bytes
+
+    dataset = ImageCaptionDataset(source, resolution=1)
+    dest.mkdir(parents=True, exist_ok=True)
+    shards = 0
+    for start in range(0, len(dataset), per_shard):
+        with tarfile.open(dest / f"{shards:05d}.tar", "w") as tar:
+            for i in range(start, min(start + per_shard, len(dataset))):
+                img, captions = dataset.read(i)
+                meta = {"original_width": img.width, "original_height": img.height, "name": dataset.name(i)}
+                for ext, data in (
+                    ("png", _png_bytes(img)),
+                    ("txt", captions[0].encode()),
+                    ("json", json.dumps(meta).encode()),
+                ):
+                    info = tarfile.TarInfo(f"{i:09d}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+        shards += 1
+    return shards
+
+
+def main(argv=None) -> int:
+    from ldm.cli import ArgumentParser, run
+
+    p = ArgumentParser(prog="python -m ldm.shards", description="Write an image folder as webdataset shards.")
+    p.add_argument("source", help="an image folder with captions, or what data.path reads")
+    p.add_argument("dest", type=Path, help="the folder of the shards (00000.tar, 00001.tar, ...)")
+    p.add_argument("--per-shard", type=int, default=1000, help="samples per shard")
+    args = p.parse_args(argv)
+
+    def work() -> int:
+        n = write_shards(args.source, args.dest, args.per_shard)
+        print(f"wrote {n} shards to {args.dest}")
+        return 0
+
+    return run(work)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

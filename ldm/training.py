@@ -436,7 +436,10 @@ class Run:
         state.skipped |= dict(dataset.skipped)  # found while listing the folder (or building the cache or index)
         stream, record = iter(self.loader(dataset)), self.order_record()
         accelerator.print(
-            f"{len(dataset)} training images{note}, {accelerator.num_processes} process(es) on {self.device.type}"
+            f"{len(dataset)} training images{note}, {accelerator.num_processes} process(es) on {self.device.type}; "
+            f"global batch {cfg.batch_size * cfg.grad_accum * accelerator.num_processes} = batch_size "
+            f"{cfg.batch_size} x grad_accum {cfg.grad_accum} x {accelerator.num_processes} process(es), "
+            f"optim.lr {cfg.optim.lr:g} per global batch (not scaled with it)"
         )
         accelerator.init_trackers(self.name, config=flat_config(to_dict(cfg)))
         self.stop = Stop(accelerator, cfg.max_nan_skips)  # SIGTERM, Ctrl-C, too many non-finite steps

@@ -20,10 +20,11 @@ from safetensors.torch import load_file
 from test_train_unet import CONFIG, ENV, assert_same, finish
 from torch.utils.data import DataLoader
 
-from conftest import ROOT, launcher
+from conftest import ROOT, launcher, run_in_process
 from ldm.buckets import bucket_sizes, nearest
 from ldm.config import DataConfig, ShardFilters
 from ldm.data import DataError
+from ldm.precompute import main as precompute
 from ldm.shards import Plan, SampleRules, Shards, build_index, is_shards, shard_urls
 
 SIZES = [3, 7, 5, 9, 2, 7]  # samples per shard: uneven
@@ -331,3 +332,41 @@ def test_a_mixed_aspect_dataset_trains_and_validates_at_non_square_sizes(tmp_pat
     grid = Image.open(out / "validation" / "step-000002.png")
     assert grid.width != 2 * grid.height  # two prompts side by side, each not square
     assert (out / "model.safetensors").exists()
+
+
+def test_training_from_precomputed_latents_equals_training_from_images(tmp_path, mixed):
+    """python -m ldm.precompute writes each usable sample's posterior mean and std (float16) at its bucket's size;
+    training from those shards draws the same samples in the same order with the same seeds, so z = mean + std *
+    noise differs from the image run's only by float16 rounding: the same weights to that precision."""
+    args = ["data.buckets=true", "data.bucket_step=8", "data.record_order=true", "max_steps=3", "batch_size=2"]
+    assert (
+        run_in_process(precompute, ["--config", str(CONFIG), str(tmp_path / "latents"), f"data.path={mixed}", *args])
+        == 0
+    )
+    names = sorted(p.name for p in (tmp_path / "latents").iterdir())
+    assert names == ["00000.tar", "00001.tar", "00002.tar"]
+    runs = {
+        name: subprocess.Popen(
+            [*launcher(1), str(ROOT / "train_unet.py"), "--config", str(CONFIG), "tracker=none", *args]
+            + [f"data.path={path}", f"output_dir={tmp_path / name}"],
+            cwd=ROOT,
+            env=ENV,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for name, path in (("images", mixed), ("latents", tmp_path / "latents"))
+    }
+    for proc in runs.values():
+        finish(proc)
+    rows = {
+        name: [json.loads(line) for line in (tmp_path / name / "data-order-0.jsonl").read_text().splitlines()]
+        for name in runs
+    }
+    strip = lambda r: r | {"key": r["key"].rsplit("/", 1)[1]}  # noqa: E731
+    assert [strip(r) for r in rows["latents"]] == [strip(r) for r in rows["images"]]
+    a, b = (load_file(tmp_path / name / "model.safetensors") for name in runs)
+    unet = [k for k in a if k.startswith("model.diffusion_model.")]
+    assert unet and any(not torch.equal(a[k], b[k]) for k in unet)  # float16 moments: not bit for bit
+    for k in unet:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-4, msg=k)
