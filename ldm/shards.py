@@ -357,7 +357,8 @@ class Shards(IterableDataset):
     """Webdataset shards as the endless stream of this process's batches (see the module docstring).
 
     `index`: the whole index (open_index builds or reads it); `data`: the DataConfig. Iterated, it yields collated
-    batches of {"pixels", "caption", "seed", "key", "original_size", "crop", "skipped"} from stream position `start`
+    batches of {"pixels" (or a precomputed "mean" and "std"), "caption", "seed", "key", "size", "original_size",
+    "crop", "skipped"} from stream position `start`
     (samples drawn by all processes so far)."""
 
     def __init__(self, index: list[dict], data, batch_size: int, rank: int, world: int, seed: int, start: int = 0):
@@ -412,12 +413,19 @@ class Shards(IterableDataset):
             mean, std = (
                 torch.from_numpy(np.load(io.BytesIO(group[k])).astype(np.float32)) for k in ("mean.npy", "std.npy")
             )
-            return item | {"mean": mean, "std": std, "original_size": meta["original_size"], "crop": meta["crop"]}
+            return (
+                item
+                | {"mean": mean, "std": std, "size": meta["size"]}
+                | {
+                    "original_size": meta["original_size"],
+                    "crop": meta["crop"],
+                }
+            )
         rng = random.Random(seed)
         _, flip = choose(rng, 1, self.data.random_flip)
         img = open_rgb(group[next(ext for ext in IMAGE_EXTS if ext in group)])
         pixels, crop = fit(img, size, self.data.center_crop, flip, rng)
-        return item | {"pixels": pixels, "original_size": img.size, "crop": crop}
+        return item | {"pixels": pixels, "size": size, "original_size": img.size, "crop": crop}
 
 
 def rules_of(data) -> SampleRules:

@@ -454,9 +454,9 @@ class Run:
             if record:
                 rows = [{"step": state.step + 1, "rank": accelerator.process_index, "key": k} for k in batch["key"]]
                 if "crop" in batch:  # shards: the image's size before and its crop in the batch's size
-                    size = list(batch["pixels"].shape[:-3:-1])
-                    for row, original, crop in zip(rows, batch["original_size"], batch["crop"]):
-                        row |= {"size": size, "original_size": list(original), "crop": list(crop)}
+                    sizes = zip(batch["size"], batch["original_size"], batch["crop"])
+                    for row, (size, original, crop) in zip(rows, sizes):
+                        row |= {"size": list(size), "original_size": list(original), "crop": list(crop)}
                 record.write("".join(json.dumps(row) + "\n" for row in rows))
                 record.flush()
             yield batch

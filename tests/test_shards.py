@@ -20,11 +20,11 @@ from safetensors.torch import load_file
 from test_train_unet import CONFIG, ENV, assert_same, finish
 from torch.utils.data import DataLoader
 
+import ldm.precompute
 from conftest import ROOT, launcher, run_in_process
 from ldm.buckets import bucket_sizes, nearest
 from ldm.config import DataConfig, ShardFilters
 from ldm.data import DataError
-from ldm.precompute import main as precompute
 from ldm.shards import Plan, SampleRules, Shards, build_index, is_shards, shard_urls
 
 SIZES = [3, 7, 5, 9, 2, 7]  # samples per shard: uneven
@@ -340,7 +340,9 @@ def test_training_from_precomputed_latents_equals_training_from_images(tmp_path,
     noise differs from the image run's only by float16 rounding: the same weights to that precision."""
     args = ["data.buckets=true", "data.bucket_step=8", "data.record_order=true", "max_steps=3", "batch_size=2"]
     assert (
-        run_in_process(precompute, ["--config", str(CONFIG), str(tmp_path / "latents"), f"data.path={mixed}", *args])
+        run_in_process(
+            ldm.precompute, ["--config", str(CONFIG), str(tmp_path / "latents"), f"data.path={mixed}", *args]
+        )
         == 0
     )
     names = sorted(p.name for p in (tmp_path / "latents").iterdir())
