@@ -128,6 +128,10 @@ def train(args) -> int:
         rank, world = run.accelerator.process_index, run.accelerator.num_processes
         dataset = Shards(index, cfg.data, cfg.batch_size, rank, world, cfg.seed)
     else:
+        if cfg.data.buckets:
+            raise ConfigError("data.buckets needs webdataset shards in data.path (python -m ldm.shards writes them)")
+        if cfg.data.record_order and cfg.cache_latents:
+            raise ConfigError("data.record_order names the images of the stream: not with cache_latents")
         dataset = ImageCaptionDataset(
             cfg.data.path,
             cfg.data.resolution,

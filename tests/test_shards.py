@@ -21,6 +21,7 @@ from test_train_unet import CONFIG, ENV, assert_same, finish
 from torch.utils.data import DataLoader
 
 import ldm.precompute
+import train_unet
 from conftest import ROOT, launcher, run_in_process
 from ldm.buckets import bucket_sizes, nearest
 from ldm.config import DataConfig, ShardFilters
@@ -189,6 +190,12 @@ def launch(*args, machine: int = 0, machines: int = 1, port: int = 0):
     )
 
 
+def train_one(*args) -> subprocess.Popen:
+    """train_unet.py on one process."""
+    cmd = [*launcher(1), str(ROOT / "train_unet.py"), "--config", str(CONFIG), "tracker=none", *map(str, args)]
+    return subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
 def order(run_dir: Path) -> list[dict]:
     rows = [json.loads(line) for r in (0, 1) for line in (run_dir / f"data-order-{r}.jsonl").read_text().splitlines()]
     return [row | {"key": row["key"].rsplit("/", 1)[1]} for row in rows]  # 00003.tar:03001, wherever it was read
@@ -254,17 +261,8 @@ def test_two_processes_cover_an_epoch_resume_after_sigkill_and_two_machines_over
     for name in ("checkpoints/step-000009/state/model.safetensors", "model.safetensors"):
         assert_same(load_file(run_dir / name), load_file(reference / name))
 
-    one = subprocess.run(  # on another number of processes: said what changes
-        [*launcher(1), str(ROOT / "train_unet.py"), "--config", str(CONFIG), "tracker=none", *common]
-        + [f"output_dir={run_dir}", "max_steps=10", "--resume", "latest"],
-        cwd=ROOT,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert one.returncode == 0, one.stderr[-3000:]
-    assert "note: the checkpoint drew its shards on 2 process(es), this run has 1" in one.stdout
+    one = finish(train_one(*common, f"output_dir={run_dir}", "max_steps=10", "--resume", "latest"))
+    assert "note: the checkpoint drew its shards on 2 process(es), this run has 1" in one  # what changes
 
 
 ASPECTS = [(32, 16), (16, 32), (20, 16), (16, 16), (40, 12), (12, 40), (18, 24), (30, 18)]
@@ -318,15 +316,7 @@ def test_a_mixed_aspect_dataset_trains_and_validates_at_non_square_sizes(tmp_pat
     out = tmp_path / "run"
     args = [f"data.path={mixed}", "data.buckets=true", "data.bucket_step=8", "data.record_order=true"]
     args += ["max_steps=2", "batch_size=2", "validation.every=2", "validation.steps=2", f"output_dir={out}"]
-    result = subprocess.run(
-        [*launcher(1), str(ROOT / "train_unet.py"), "--config", str(CONFIG), "tracker=none", *args],
-        cwd=ROOT,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    finish(train_one(*args))
     rows = [json.loads(line) for line in (out / "data-order-0.jsonl").read_text().splitlines()]
     assert len(rows) == 4 and all(len({tuple(r["size"]) for r in rows if r["step"] == s}) == 1 for s in (1, 2))
     grid = Image.open(out / "validation" / "step-000002.png")
@@ -348,15 +338,7 @@ def test_training_from_precomputed_latents_equals_training_from_images(tmp_path,
     names = sorted(p.name for p in (tmp_path / "latents").iterdir())
     assert names == ["00000.tar", "00001.tar", "00002.tar"]
     runs = {
-        name: subprocess.Popen(
-            [*launcher(1), str(ROOT / "train_unet.py"), "--config", str(CONFIG), "tracker=none", *args]
-            + [f"data.path={path}", f"output_dir={tmp_path / name}"],
-            cwd=ROOT,
-            env=ENV,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
+        name: train_one(*args, f"data.path={path}", f"output_dir={tmp_path / name}")
         for name, path in (("images", mixed), ("latents", tmp_path / "latents"))
     }
     for proc in runs.values():
@@ -372,3 +354,26 @@ def test_training_from_precomputed_latents_equals_training_from_images(tmp_path,
     assert unet and any(not torch.equal(a[k], b[k]) for k in unet)  # float16 moments: not bit for bit
     for k in unet:
         torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-4, msg=k)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["data.buckets=true"], "data.buckets needs webdataset shards in data.path"),
+        (["data.path=TMP/missing/{0..1}.tar"], "the shards hold 0 usable samples, fewer than one global batch"),
+    ],
+)
+def test_bad_shard_input_is_one_line_and_exit_code_2(args, message, tmp_path, capsys):
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (16, 16)).save(tmp_path / "images" / "a.png")
+    (tmp_path / "images" / "a.txt").write_text("a picture")
+    argv = [
+        "--config",
+        str(CONFIG),
+        "tracker=none",
+        f"data.path={tmp_path / 'images'}",
+        f"output_dir={tmp_path / 'run'}",
+    ]
+    assert run_in_process(train_unet, argv + [a.replace("TMP", str(tmp_path)) for a in args]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {message}" in err and "Traceback" not in err
