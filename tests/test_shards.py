@@ -312,23 +312,13 @@ def test_buckets_one_size_a_batch_ranks_agree_never_upscaled_past_cover(mixed):
         assert [b["key"] for b in resumed] == [b["key"] for b in ranks[rank][3:]]
 
 
-def test_a_mixed_aspect_dataset_trains_and_validates_at_non_square_sizes(tmp_path, mixed):
-    out = tmp_path / "run"
-    args = [f"data.path={mixed}", "data.buckets=true", "data.bucket_step=8", "data.record_order=true"]
-    args += ["max_steps=2", "batch_size=2", "validation.every=2", "validation.steps=2", f"output_dir={out}"]
-    finish(train_one(*args))
-    rows = [json.loads(line) for line in (out / "data-order-0.jsonl").read_text().splitlines()]
-    assert len(rows) == 4 and all(len({tuple(r["size"]) for r in rows if r["step"] == s}) == 1 for s in (1, 2))
-    grid = Image.open(out / "validation" / "step-000002.png")
-    assert grid.width != 2 * grid.height  # two prompts side by side, each not square
-    assert (out / "model.safetensors").exists()
-
-
-def test_training_from_precomputed_latents_equals_training_from_images(tmp_path, mixed):
-    """python -m ldm.precompute writes each usable sample's posterior mean and std (float16) at its bucket's size;
-    training from those shards draws the same samples in the same order with the same seeds, so z = mean + std *
-    noise differs from the image run's only by float16 rounding: the same weights to that precision."""
+def test_mixed_aspects_train_from_images_as_from_precomputed_latents_and_validate_non_square(tmp_path, mixed):
+    """A mixed-aspect dataset in buckets trains one size a step and validates at a non-square size. python -m
+    ldm.precompute writes each usable sample's posterior mean and std (float16) at its bucket's size; training from
+    those shards draws the same samples in the same order with the same seeds, so z = mean + std * noise differs
+    from the image run's only by float16 rounding: the same weights to that precision."""
     args = ["data.buckets=true", "data.bucket_step=8", "data.record_order=true", "max_steps=3", "batch_size=2"]
+    args += ["validation.every=3", "validation.steps=2"]
     assert (
         run_in_process(
             ldm.precompute, ["--config", str(CONFIG), str(tmp_path / "latents"), f"data.path={mixed}", *args]
@@ -349,6 +339,11 @@ def test_training_from_precomputed_latents_equals_training_from_images(tmp_path,
     }
     strip = lambda r: r | {"key": r["key"].rsplit("/", 1)[1]}  # noqa: E731
     assert [strip(r) for r in rows["latents"]] == [strip(r) for r in rows["images"]]
+    assert len(rows["images"]) == 6 and all(
+        len({tuple(r["size"]) for r in rows["images"] if r["step"] == step}) == 1 for step in (1, 2, 3)
+    )
+    grid = Image.open(tmp_path / "images" / "validation" / "step-000003.png")
+    assert grid.width != 2 * grid.height  # two prompts side by side, each not square
     a, b = (load_file(tmp_path / name / "model.safetensors") for name in runs)
     unet = [k for k in a if k.startswith("model.diffusion_model.")]
     assert unet and any(not torch.equal(a[k], b[k]) for k in unet)  # float16 moments: not bit for bit
