@@ -252,9 +252,20 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), cls=M
 
 
 @dataclass
+class ShardFilters:
+    """Which webdataset samples train, by their .json metadata (img2dataset's fields); 0 / 1: no filter."""
+
+    min_width: int = 0  # original_width
+    min_height: int = 0  # original_height
+    max_pwatermark: float = 1.0  # LAION's watermark probability
+    min_aesthetic: float = 0.0  # LAION-Aesthetics' score
+
+
+@dataclass
 class DataConfig:
     # an image folder (metadata.jsonl / metadata.csv / name.txt captions), a datasets.save_to_disk folder,
-    # or what datasets.load_dataset reads
+    # or what datasets.load_dataset reads; or webdataset shards (ldm.shards): a folder of .tar files, a brace
+    # pattern (shards/{00000..00099}.tar), an http(s):// URL pattern, or a `pipe:` command
     path: str = ""
     image_column: str = "image"
     caption_column: str = "text"  # a string or a list of strings (one is picked at random each time)
@@ -262,8 +273,16 @@ class DataConfig:
     center_crop: bool = True  # false: random crop
     random_flip: bool = False
     num_workers: int = 2
+    caption_field: str = ""  # shards: "" takes the caption from KEY.txt, else from this field of KEY.json
+    filters: ShardFilters = field(default_factory=ShardFilters)
+    shuffle_buffer: int = 1000  # shards: samples a rank's stream is shuffled within
+    record_order: bool = False  # <output_dir>/data-order-RANK.jsonl: {"step", "rank", "key"} per sample consumed
+    buckets: bool = False  # shards: aspect-ratio buckets around `resolution` (ldm.buckets), one bucket a batch
+    bucket_step: int = 64  # their sides' step (a multiple of the VAE factor times the UNet's downsampling)
 
     def __post_init__(self):
+        check(self.shuffle_buffer >= 1, f"data.shuffle_buffer must be >= 1, got {self.shuffle_buffer}")
+        check(self.bucket_step >= 1, f"data.bucket_step must be >= 1, got {self.bucket_step}")
         check(self.resolution > 0, f"data.resolution must be positive, got {self.resolution}")
         check(self.num_workers >= 0, f"data.num_workers must be >= 0, got {self.num_workers}")
 
