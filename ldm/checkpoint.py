@@ -172,8 +172,8 @@ def load_diffusers_folder(folder: str | Path) -> StableDiffusion:
             tensors = rename(vae_attn_shapes(tensors, to_linear=False), {b: a for a, b in key_map.items()})
         state |= {prefix + k: v for k, v in tensors.items()}
     load_state_strict(model, state, str(folder))
-    tokenizer_dir = folder / "tokenizer"
-    if (tokenizer_dir / "vocab.json").exists():
+    tokenizer_dir = folder / "tokenizer"  # a CLIP tokenizer's own: SD 2.x's pads with "!" where SD v1's pads with EOS
+    if not cfg.text_encoder.pretrained and any((tokenizer_dir / n).exists() for n in ("vocab.json", "tokenizer.json")):
         model.cond_stage_model.tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir))
     return model
 

@@ -1,4 +1,5 @@
-"""Dataclass configs with Stable Diffusion v1 defaults, filled from YAML plus dotted overrides.
+"""Dataclass configs with Stable Diffusion v1 defaults (SD 2.x's: configs/sd-v2*.yaml), filled from YAML plus
+dotted overrides.
 
 Field names are CompVis's (`model_channels`, `channel_mult`, `z_channels`, ...), so a reader of the
 original `v1-inference.yaml` finds the same words here. Unknown keys are an error naming the key.
@@ -30,9 +31,11 @@ class UNetConfig:
     num_res_blocks: int = 2
     channel_mult: tuple[int, ...] = (1, 2, 4, 4)
     num_heads: int = 8  # used when num_head_channels == -1
-    num_head_channels: int = -1  # > 0: heads = channels // num_head_channels
+    num_head_channels: int = -1  # > 0: heads = channels // num_head_channels (SD 2.x: 64)
     transformer_depth: int = 1
-    context_dim: int = 768
+    context_dim: int = 768  # the text encoder's width (SD 2.x: 1024)
+    use_linear_in_transformer: bool = False  # SD 2.x: proj_in / proj_out are Linear layers on the tokens, not 1x1 convs
+    upcast_attention: bool = False  # SD 2.1: attention computed in float32 when the UNet runs in half precision
     num_groups: int = 32  # GroupNorm groups (CompVis hard-codes 32)
     use_checkpoint: bool = False  # gradient checkpointing in training
 
@@ -146,9 +149,22 @@ class ModelConfig:
         64  # latent side the model samples at by default (CompVis LatentDiffusion.image_size; SD v1: 64 = 512 px)
     )
     rescale_betas_zero_snr: bool = False  # Lin et al. 2023: shift the schedule so the last step is pure noise
+    # which training steps N sampling steps visit, in diffusers' words: "" each sampler's own (SD's), or leading,
+    # trailing (SD-Turbo's: from t = 999 down, so one step starts from pure noise), linspace
+    timestep_spacing: str = ""
     learn_sigma: bool = (
         False  # improved DDPM: the UNet also predicts the variance (unet.out_channels = 2 * vae.embed_dim)
     )
+
+    def __post_init__(self):
+        spacings = ("", *TIMESTEP_SPACINGS)
+        check(
+            self.timestep_spacing in spacings,
+            f"timestep_spacing must be one of {', '.join(map(repr, spacings))}, got {self.timestep_spacing!r}",
+        )
+
+
+TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 
 
 def check(ok: bool, message: str) -> None:

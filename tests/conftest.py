@@ -149,7 +149,7 @@ def generators(seed: int, n: int) -> list[torch.Generator]:
 
 
 def diffusers_run(ref, seed: int, n: int, **kwargs):
-    """diffusers' images and final latents, with image i's generator seeded seed + i."""
+    """diffusers' images and final latents, with image i's generator seeded seed + i (STEPS steps unless kwargs say)."""
     final = {}
 
     def keep(pipe, i, t, tensors):
@@ -158,11 +158,10 @@ def diffusers_run(ref, seed: int, n: int, **kwargs):
 
     images = ref(
         PROMPT,
-        num_inference_steps=STEPS,
         num_images_per_prompt=n,
         generator=generators(seed, n),
         callback_on_step_end=keep,
-        **kwargs,
+        **{"num_inference_steps": STEPS} | kwargs,
     ).images
     return images, final["latents"]
 
