@@ -171,6 +171,23 @@ class ModelConfig:
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 
 
+def sd2_config() -> ModelConfig:
+    """Stable Diffusion 2.x (Stability's v2-inference.yaml, configs/sd-v2.yaml): SD v1's UNet with 64-channel heads,
+    Linear projections, attention in float32 (their default precision) and OpenCLIP ViT-H/14's 1024-wide context
+    (23 of its 24 layers: SD 2 conditions on the penultimate one)."""
+    return ModelConfig(
+        unet=UNetConfig(num_head_channels=64, context_dim=1024, use_linear_in_transformer=True, upcast_attention=True),
+        text_encoder=TextEncoderConfig(
+            open_clip=True,
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_hidden_layers=23,
+            num_attention_heads=16,
+            hidden_act="gelu",
+        ),
+    )
+
+
 def check(ok: bool, message: str) -> None:
     """For __post_init__ value checks: raise ConfigError(message) unless ok."""
     if not ok:
