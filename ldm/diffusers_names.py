@@ -226,11 +226,13 @@ The same settings are in `{SAMPLING_FILE}` (sampler, steps, scale), which ldm re
 
 def timestep_spacing(scheduler: dict) -> str:
     """A scheduler config's timestep_spacing where it differs from its class's default (SD-Turbo's Euler "trailing"),
-    else "": SD's folders (PNDM or DDIM "leading", their default) leave each sampler its own."""
+    else "": SD's folders (PNDM or DDIM "leading", their default) leave each sampler its own, and a zero-terminal-SNR
+    schedule implies "trailing" (ldm.diffusion.scheduler_config)."""
     cls = getattr(diffusers, scheduler.get("_class_name", ""), None)
     default = inspect.signature(cls.__init__).parameters.get("timestep_spacing") if cls else None
     spacing = scheduler.get("timestep_spacing", "")
-    return "" if default is None or spacing == default.default else spacing
+    implied = default is None or spacing == default.default or scheduler.get("rescale_betas_zero_snr")
+    return "" if implied else spacing
 
 
 def config_from_diffusers(folder: Path) -> ModelConfig:
