@@ -208,9 +208,10 @@ def diffusers_readme(cfg: ModelConfig, name: str) -> str:
     v1's), which draws garbage with a model tuned for others, so it names the steps and guidance to pass."""
     s = cfg.sampling
     sampler_class = SAMPLERS[s.sampler][0].__name__
+    version = "2.x" if cfg.text_encoder.open_clip else "v1"
     return f"""# {name}
 
-A Stable Diffusion {"2.x" if cfg.text_encoder.open_clip else "v1"} model that ldm exported as a diffusers folder. Its `scheduler/` is the model's own sampler
+A Stable Diffusion {version} model that ldm exported as a diffusers folder. Its `scheduler/` is the model's own sampler
 ({s.sampler}: diffusers' {sampler_class}); pass its steps and guidance, not diffusers' defaults (50 steps, 7.5):
 
 ```python
