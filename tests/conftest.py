@@ -15,6 +15,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from accelerate.state import AcceleratorState, GradientState, PartialState  # noqa: E402
+from diffusers import AutoencoderKL  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import txt2img  # noqa: E402
@@ -138,6 +139,19 @@ def tiny_model(in_channels: int = 4, parameterization: str = "eps", overrides: t
             if ".attn2." in name:
                 p.mul_(10)
     return model
+
+
+def tiny_diffusers_vae():
+    """diffusers' AutoencoderKL of configs/tiny.yaml's VAE (16x16 images, 8x8x4 latents), made by diffusers."""
+    return AutoencoderKL(
+        block_out_channels=(16, 32),
+        norm_num_groups=4,
+        layers_per_block=1,
+        latent_channels=4,
+        sample_size=16,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+    )
 
 
 def pixels(images) -> np.ndarray:

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 from diffusers import (
-    AutoencoderKL,
     DDIMScheduler,
     EulerAncestralDiscreteScheduler,
     StableDiffusionImg2ImgPipeline,
@@ -39,6 +38,7 @@ from conftest import (
     pixels,
     randomize_,
     run_in_process,
+    tiny_diffusers_vae,
 )
 from ldm import convert
 from ldm.checkpoint import load_model, peek_config, save_single_file
@@ -72,15 +72,7 @@ def sd2_pipeline(folder, prediction="epsilon", in_channels=4, scheduler=None) ->
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
     )
-    vae = AutoencoderKL(
-        block_out_channels=(16, 32),
-        norm_num_groups=4,
-        layers_per_block=1,
-        latent_channels=4,
-        sample_size=16,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-    )
+    vae = tiny_diffusers_vae()
     text = CLIPTextModel(
         CLIPTextConfig(
             hidden_size=CONTEXT, intermediate_size=96, num_hidden_layers=2, num_attention_heads=2, hidden_act="gelu"
