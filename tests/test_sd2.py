@@ -357,6 +357,17 @@ def test_train_unet_trains_the_tiny_sd2_config_with_v_prediction_at_zero_termina
     assert Image.open(tmp_path / "run" / "validation" / "step-000002.png").size == (32, 16)
 
 
+def test_the_sd2_training_configs_are_valid():
+    def read(name, *overrides):
+        return train_unet.load_train_config(
+            train_unet.parse_args(["--config", str(ROOT / "configs" / name), *overrides])
+        )[0]
+
+    assert read("train-unet-tiny-sd2.yaml").model == load_config(TINY_SD2)
+    full = read("train-unet-sd-v2.yaml", "init_from=''")  # its model comes from the file of init_from
+    assert full.data.resolution == 768 and 1 <= full.validation.every <= full.max_steps
+
+
 def test_upcast_attention_runs_attention_in_float32_in_half_precision(monkeypatch):
     """SD 2.1's q k^T overflows fp16 (black images in A1111 without --no-half): its attention is computed in float32
     when the UNet runs in half precision, and in the model's own dtype otherwise."""
