@@ -63,7 +63,7 @@ def build_tokenizer(open_clip: bool = False) -> CLIPTokenizer:
 
     The vocab is the 256 byte symbols, the same with "</w>", the 48,894 merges joined, then
     <|startoftext|> (49406) and <|endoftext|> (49407): 49,408 entries. Pads with <|endoftext|> to 77 as SD v1, or
-    with "!" (id 0) as OpenCLIP's tokenizer (SD 2.x) with open_clip (openclip_padding).
+    with "!" (id 0) as OpenCLIP's tokenizer (SD 2.x) with open_clip.
     Cached: every caller shares one instance, so don't mutate it (e.g. add tokens) in place.
     """
     lines = gzip.decompress(BPE_PATH.read_bytes()).decode("utf-8").split("\n")
@@ -77,22 +77,19 @@ def build_tokenizer(open_clip: bool = False) -> CLIPTokenizer:
         pad_token="<|endoftext|>",
         model_max_length=MAX_LENGTH,
     )
-    return openclip_padding(tokenizer) if open_clip else tokenizer
-
-
-def openclip_padding(tokenizer: CLIPTokenizer) -> CLIPTokenizer:
-    """The tokenizer padding with id 0 ("!") as OpenCLIP's `tokenize` pads (zeros after <|endoftext|>), "!" in a prompt
-    still an ordinary word. The pad id is set after construction: transformers' CLIPTokenizer(pad_token="!") makes "!"
-    a special token, so every "!" of a prompt becomes id 0 too (diffusers' SD 2 tokenizers do: diffusers issue 4153),
-    which OpenCLIP's tokenizer, that SD 2 was trained with, never does ("wow!!!" -> wow, !!!)."""
-    tokenizer.pad_token_id = tokenizer.convert_tokens_to_ids("!")
+    if open_clip:
+        # OpenCLIP's `tokenize` pads with zeros after <|endoftext|>, and "!" in a prompt stays an ordinary word. The pad
+        # id is set after construction: CLIPTokenizer(pad_token="!") makes "!" a special token, so every "!" of a
+        # prompt becomes id 0 too (diffusers' SD 2 tokenizers do: diffusers issue 4153), which OpenCLIP's tokenizer,
+        # that SD 2 was trained with, never does ("wow!!!" -> wow, !!!).
+        tokenizer.pad_token_id = tokenizer.convert_tokens_to_ids("!")
     return tokenizer
 
 
 def load_tokenizer(folder: str | Path, open_clip: bool = False) -> CLIPTokenizer:
     """A diffusers folder's CLIP tokenizer (its vocab, maybe with added words, e.g. a textual inversion's). With
     open_clip: build_tokenizer(True) with the folder's added words, in their order: the folder's own tokenizer has "!"
-    as a special token (openclip_padding), in its tokenizer.json too when transformers wrote one."""
+    as a special token (see build_tokenizer), in its tokenizer.json too when transformers wrote one."""
     tokenizer = CLIPTokenizer.from_pretrained(str(folder))
     if not open_clip:
         return tokenizer
