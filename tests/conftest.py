@@ -127,12 +127,15 @@ STEPS = 5
 LATENT_ATOL = 1e-4
 
 
-def tiny_model(in_channels: int = 4, parameterization: str = "eps", overrides: tuple[str, ...] = ()) -> StableDiffusion:
+def tiny_model(
+    in_channels: int = 4, parameterization: str = "eps", overrides: tuple[str, ...] = (), config: str = "tiny.yaml"
+) -> StableDiffusion:
     """randomize_'s weights, cross-attention scaled up 10x: with plain random weights the UNet attends almost
     uniformly over the 77 tokens and the prompt barely moves the result, so a wrong prompt, negative prompt or
-    guidance would go unnoticed (test_the_prompt_matters checks that it does not). overrides: more config keys."""
+    guidance would go unnoticed (test_the_prompt_matters checks that it does not). overrides: more config keys;
+    config: the model YAML in configs/ (tiny-sd2.yaml: the SD 2.x shape)."""
     overrides = [f"unet.in_channels={in_channels}", f"parameterization={parameterization}", *overrides]
-    cfg = load_config(ROOT / "configs" / "tiny.yaml", overrides)
+    cfg = load_config(ROOT / "configs" / config, overrides)
     model = randomize_(StableDiffusion(cfg)).eval()
     with torch.no_grad():
         for name, p in model.unet.named_parameters():

@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 import torch
 from diffusers import (
+    ControlNetModel,
     DDIMScheduler,
     EulerAncestralDiscreteScheduler,
+    StableDiffusionControlNetPipeline,
     StableDiffusionImg2ImgPipeline,
     StableDiffusionInpaintPipeline,
     StableDiffusionPipeline,
@@ -22,6 +24,7 @@ from diffusers.loaders import single_file_utils as sfu
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from test_controlnet import FACTOR8, controlnet_config, smooth_image
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 import ldm.attention
@@ -39,12 +42,15 @@ from conftest import (
     randomize_,
     run_in_process,
     tiny_diffusers_vae,
+    tiny_model,
 )
 from ldm import convert
-from ldm.checkpoint import load_model, peek_config, save_single_file
+from ldm.checkpoint import load_model, peek_config, save_diffusers_folder, save_single_file
 from ldm.config import SamplingConfig, load_config, sd2_config, to_dict
+from ldm.controlnet import ControlNet, save_controlnet
 from ldm.model import StableDiffusion
 from ldm.pipeline import Pipeline
+from ldm.request import Control
 from ldm.samplers import SAMPLERS, make_scheduler
 from ldm.text_encoder import build_tokenizer
 from ldm.unet import UNetModel
@@ -440,3 +446,35 @@ def test_full_sd_2_1_single_file_loads_strictly_and_its_unet_is_diffusers(tmp_pa
     with torch.inference_mode():
         ours, theirs = unet(x, t, c), ref.eval()(x, t, c).sample
     assert ours.std() > 0.05 and (ours - theirs).abs().max() <= 1e-3
+
+
+def test_an_sd2_controlnet_matches_diffusers(tmp_path):
+    """A ControlNet of the tiny SD2 model (Linear projections and 16-channel heads in its encoder copy, an 8x VAE for
+    its hint block): its file read by diffusers' ControlNetModel.from_single_file, and the images of
+    StableDiffusionControlNetPipeline on our exported folder."""
+    model = tiny_model(parameterization="v", overrides=FACTOR8, config="tiny-sd2.yaml")
+    save_diffusers_folder(model, tmp_path / "sd2")
+    base = StableDiffusionPipeline.from_pretrained(tmp_path / "sd2", safety_checker=None)
+    base.scheduler = make_scheduler("ddim", model.cfg)
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "config.json").write_text(json.dumps(controlnet_config(model.cfg)))
+    net = randomize_(ControlNet(model.cfg), 1)
+    with torch.no_grad():  # residuals as large as the UNet's own activations, so that a wrong one shows
+        for name, p in net.named_parameters():
+            if name.startswith(("zero_convs", "middle_block_out")):
+                p.mul_(30)
+    save_controlnet(net, tmp_path / "control.safetensors")
+    theirs = ControlNetModel.from_single_file(
+        str(tmp_path / "control.safetensors"), config=str(tmp_path / "config"), local_files_only=True
+    )
+    pipe = Pipeline(model)
+    hint = smooth_image(4, 64, 64)
+    control = Control(pipe.load_controlnet(tmp_path / "control.safetensors"), hint, scale=0.8)
+    images, trajectory = ours_run(pipe, 5, 2, controls=[control])
+    ref = StableDiffusionControlNetPipeline(**base.components, controlnet=theirs.eval())
+    ref.set_progress_bar_config(disable=True)
+    theirs_images, latents = diffusers_run(
+        ref, 5, 2, image=hint, controlnet_conditioning_scale=0.8, height=64, width=64
+    )
+    assert_same(images, theirs_images, trajectory[-1], latents)
+    assert (trajectory[-1] - ours_run(pipe, 5, 2)[1][-1]).abs().mean() > 1e-2  # the ControlNet matters
