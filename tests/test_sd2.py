@@ -35,6 +35,7 @@ from conftest import (
     PROMPT,
     ROOT,
     assert_same,
+    cli,
     compvis_original_config,
     diffusers_run,
     ours_run,
@@ -59,6 +60,7 @@ TINY_SD2 = ROOT / "configs" / "tiny-sd2.yaml"
 CONTEXT = 48  # SD2's 1024-wide context, scaled down (SD v1's tiny model has 32)
 WIDTHS = (32, 64, 64)
 HEAD_CHANNELS = 16  # SD2's 64-channel heads, scaled down: 2, 4, 4 heads per level
+OUT_BIAS = "model.diffusion_model.out.2.bias"
 TO_K = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
 
 
@@ -288,7 +290,7 @@ def test_v_or_eps_from_the_first_rule_that_says(
     monkeypatch.setattr(ldm.checkpoint, "sd2_config", lambda: load_config(TINY_SD2))
     ours, _, _ = sd2["v_prediction", 4]
     path = tmp_path / "model.safetensors"
-    bias = {"model.diffusion_model.out.2.bias": torch.full((4,), out_bias)}
+    bias = {OUT_BIAS: torch.full((4,), out_bias)}
     bare_file(ours.model, path, stored, **bias)
     if sidecar is not None:
         path.with_suffix(".yaml").write_text(sidecar)
@@ -299,6 +301,19 @@ def test_v_or_eps_from_the_first_rule_that_says(
     assert f"note: model.safetensors: {kind} model ({rule}" in capsys.readouterr().err
     detected = not stored and config is None
     assert model.cfg.image_size == (96 if detected and prediction == "v" else 8)  # 768-v: 768x768 by default
+
+
+def test_txt2img_draws_a_768_v_file_at_its_size_by_default(sd2, tmp_path, monkeypatch, capsys):
+    """A file that says nothing of itself, whose UNet says v: the 768-v model, sized before loading (peek_config) at
+    96x96 latents (768 px with SD 2's VAE, 192 px with the tiny one's)."""
+    monkeypatch.setattr(ldm.checkpoint, "sd2_config", lambda: load_config(TINY_SD2))
+    ours, _, _ = sd2["v_prediction", 4]
+    bare_file(ours.model, tmp_path / "v2-1_768-ema-pruned.safetensors", **{OUT_BIAS: torch.full((4,), -3.0)})
+    ckpt = tmp_path / "v2-1_768-ema-pruned.safetensors"
+    assert cli("--ckpt", ckpt, "--prompt", "a red apple", "--steps", 1, "--outdir", tmp_path / "out") == 0
+    side = 96 * load_config(TINY_SD2).vae.factor
+    assert Image.open(next((tmp_path / "out").glob("*.png"))).size == (side, side)
+    assert "a v-prediction model (AUTOMATIC1111's check of the UNet at t = 999)" in capsys.readouterr().err
 
 
 def test_which_model_a_file_is_comes_from_its_tensors(tmp_path):
