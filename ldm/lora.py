@@ -11,7 +11,8 @@ is (up.flatten(1) @ down.flatten(1)).reshape(W.shape). A missing alpha means alp
 Layer names in the files, all resolved against the model itself as AUTOMATIC1111 does (a table of every layer's name
 with '.' written '_', so kohya's underscores are never guessed at):
     kohya / A1111    lora_unet_<diffusers or CompVis path>.{lora_down,lora_up}.weight, .alpha;
-                     lora_te_text_model_<text model path>...
+                     lora_te_text_model_<text model path>...; an OpenCLIP text encoder (SD 2.x) also under
+                     kohya's CompVis names lora_te_model_transformer_resblocks_N_{attn_q_proj,...,mlp_c_fc,mlp_c_proj}
     diffusers / PEFT unet.<diffusers path>.{lora_A,lora_B}.weight (or .lora.down / .lora.up), .alpha;
                      text_encoder.[text_model.]<text model path>...
 The UNet's diffusers names come from ldm.diffusers_names' one diffusers <-> CompVis mapping (unet_key_map).
@@ -31,6 +32,7 @@ from ldm.diffusers_names import TEXT, UNET, rename, unet_key_map
 from ldm.errors import CheckpointError
 from ldm.io import atomic_save, read_state_dict
 from ldm.model import StableDiffusion
+from ldm.openclip_names import openclip_module
 
 PARTS = {
     ".lora_down.weight": "down",
@@ -65,14 +67,15 @@ def diffusers_layer_names(unet: nn.Module, cfg: UNetConfig) -> dict[str, str]:
 def layer_table(model: StableDiffusion) -> dict[str, str]:
     """{layer name with '.' written '_', under each name a file may use: state-dict key of its weight}, for every
     Linear and Conv2d of the UNet (`unet_` + diffusers or CompVis path) and of the text model (`te_` + its path,
-    with or without transformers 4's `text_model.` level)."""
+    with or without transformers 4's `text_model.` level, or OpenCLIP's `model.transformer.resblocks.N...`)."""
     table = {}
     for ours, theirs in diffusers_layer_names(model.unet, model.cfg.unet).items():
         for name in (theirs, ours):
             table["unet_" + name.replace(".", "_")] = f"{UNET}{ours}.weight"
     for n, m in model.text_encoder.transformer.named_modules():
         if isinstance(m, LAYERS):
-            for name in (n, "text_model." + n):
+            openclip = model.cfg.text_encoder.open_clip and openclip_module(n)
+            for name in (n, "text_model." + n, *(["model." + openclip] if openclip else [])):
                 table["te_" + name.replace(".", "_")] = f"{TEXT}{n}.weight"
     return table
 
