@@ -6,7 +6,8 @@ A LoRA (Hu et al. 2021, eq. 3) adds a low-rank update to the weight of a Linear 
     W' = W + weight * alpha / rank * up @ down         down: (rank, in[, k, k]), up: (out, rank[, 1, 1])
 
 For a kxk conv (LoCon) `down` is a kxk conv with the layer's stride and padding and `up` a 1x1 conv, so the update
-is (up.flatten(1) @ down.flatten(1)).reshape(W.shape). A missing alpha means alpha = rank.
+is (up.flatten(1) @ down.flatten(1)).reshape(W.shape). A missing alpha means alpha = rank (a PEFT adapter's: the
+alpha its config gives).
 
 Layer names in the files, all resolved against the model itself as AUTOMATIC1111 does (a table of every layer's name
 with '.' written '_', so kohya's underscores are never guessed at):
@@ -14,12 +15,16 @@ with '.' written '_', so kohya's underscores are never guessed at):
                      lora_te_text_model_<text model path>...
     diffusers / PEFT unet.<diffusers path>.{lora_A,lora_B}.weight (or .lora.down / .lora.up), .alpha;
                      text_encoder.[text_model.]<text model path>...
+    PEFT adapter     base_model.model.<diffusers path>.{lora_A,lora_B}.weight (PEFT's save_pretrained of a UNet, e.g.
+                     an LCM-LoRA), alphas in the adapter_config.json beside it (lora_alpha, alpha_pattern, use_rslora)
 The UNet's diffusers names come from ldm.diffusers_names' one diffusers <-> CompVis mapping (unet_key_map).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import re
 from pathlib import Path
 
 import torch
@@ -47,7 +52,13 @@ UNSUPPORTED = {
     "dora_scale": "DoRA",
     "lora_mid": "LoCon with a Tucker core (lora_mid)",
 }
-PREFIXES = {"lora_unet_": "unet_", "lora_te_": "te_", "unet.": "unet_", "text_encoder.": "te_"}
+PREFIXES = {
+    "lora_unet_": "unet_",
+    "lora_te_": "te_",
+    "unet.": "unet_",
+    "text_encoder.": "te_",
+    "base_model.model.": "unet_",
+}
 # the layers a LoRA changes: Linear and Conv2d, and Linear layers quantized to int8 (merged into their float weights)
 INT8_LINEAR = torch.ao.nn.quantized.dynamic.Linear
 LAYERS = (nn.Linear, nn.Conv2d, INT8_LINEAR)
@@ -83,10 +94,26 @@ def weight_shape(model: StableDiffusion, key: str) -> torch.Size:
     return layer.weight().shape if isinstance(layer, INT8_LINEAR) else layer.weight.shape
 
 
+def peft_scale(config: dict, layer: str, rank: int) -> float:
+    """alpha / rank of a layer of a PEFT adapter as PEFT's LoraLayer scales it: the alpha of the first alpha_pattern
+    entry that ends its module path (peft.utils.other.get_pattern_key), else lora_alpha, else the rank; over the
+    square root of the rank with use_rslora."""
+    patterns = config.get("alpha_pattern") or {}
+    pattern = next((p for p in patterns if re.match(rf"(.*\.)?({p})$", layer)), None)
+    alpha = patterns[pattern] if pattern else config.get("lora_alpha", rank)
+    return alpha / (rank**0.5 if config.get("use_rslora") else rank)
+
+
 def read_lora(path: Path, model: StableDiffusion) -> list[tuple[str, torch.Tensor, torch.Tensor, float]]:
     """A LoRA file as [(state-dict key of the weight it changes, up, down, alpha / rank)], every layer checked against
     the model (CheckpointError naming the type, key or shapes otherwise): nothing is applied from a bad file."""
     state, _ = read_state_dict(path)
+    config_file, config = Path(path).parent / "adapter_config.json", {}
+    if config_file.is_file():
+        try:
+            config = json.loads(config_file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{config_file}: not a PEFT adapter config ({e})") from None
     layers: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in state.items():
         kind = next((kind for marker, kind in UNSUPPORTED.items() if marker in key), None)
@@ -119,8 +146,8 @@ def read_lora(path: Path, model: StableDiffusion) -> list[tuple[str, torch.Tenso
                 f"{path}: layer '{layer}' is up {tuple(up.shape)} x down {tuple(down.shape)}, "
                 f"but the model's weight is {tuple(shape)} (a LoRA for another architecture?)"
             )
-        alpha = float(parts["alpha"]) if "alpha" in parts else rank
-        plan.append((target, up, down, alpha / rank))
+        scale = float(parts["alpha"]) / rank if "alpha" in parts else peft_scale(config, layer[len(prefix) :], rank)
+        plan.append((target, up, down, scale))
     if unmatched:
         key = next(k for k in state if k.startswith(unmatched[0] + "."))
         raise CheckpointError(f"{path}: '{key}' matches no layer of this model ({len(unmatched)} layers unmatched)")
