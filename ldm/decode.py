@@ -1,5 +1,5 @@
-"""Latents -> images: the VAE decoder one image at a time, in overlapping tiles beyond a size, and again in float32
-where a half-precision decode overflowed (SD's black images)."""
+"""Latents -> images: the VAE decoder (or TAESD, ldm.taesd) one image at a time, in overlapping tiles beyond a size,
+and again in float32 where a half-precision decode overflowed (SD's black images)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import warnings
 import torch
 
 from ldm.model import StableDiffusion
+from ldm.taesd import TAESD
 
 
 def tile_starts(size: int, tile: int, stride: int) -> list[int]:
@@ -22,11 +23,12 @@ def ramp(size: int, width: int) -> torch.Tensor:
 
 
 class Decoder:
-    """D(z_0 / scale_factor) of a model's VAE (or the OpenVINO backend's decoder, `openvino`), one image at a time,
-    in tiles of `tile` latents a side blended over `overlap` latents when a latent side is larger than `tile`."""
+    """D(z_0 / scale_factor) of a model's VAE (or the OpenVINO backend's decoder, `openvino`; or TAESD's decoder of
+    z_0, `taesd`), one image at a time, in tiles of `tile` latents a side blended over `overlap` latents when a latent
+    side is larger than `tile`."""
 
-    def __init__(self, model: StableDiffusion, tile: int, overlap: int, openvino=None):
-        self.model, self.tile, self.overlap, self.openvino = model, tile, overlap, openvino
+    def __init__(self, model: StableDiffusion, tile: int, overlap: int, openvino=None, taesd: TAESD | None = None):
+        self.model, self.tile, self.overlap, self.openvino, self.taesd = model, tile, overlap, openvino, taesd
 
     @torch.no_grad()
     def __call__(self, latents: torch.Tensor) -> torch.Tensor:
@@ -54,7 +56,9 @@ class Decoder:
         return (torch.cat([image.float() for image in images]).cpu() / 2 + 0.5).clamp(0, 1)
 
     def first_stage(self, z: torch.Tensor) -> torch.Tensor:
-        """D(z_0 / scale_factor) by the torch VAE or the OpenVINO backend's decoder."""
+        """D(z_0 / scale_factor) in [-1, 1] by the torch VAE, the OpenVINO backend's decoder or TAESD (from z_0)."""
+        if self.taesd is not None:
+            return self.taesd.decode(z) * 2 - 1
         return self.model.decode_first_stage(z) if self.openvino is None else self.openvino.decode_first_stage(z)
 
     def tiled(self, z: torch.Tensor) -> torch.Tensor:
