@@ -1,11 +1,13 @@
 """TAESD (ldm.taesd) against diffusers' AutoencoderTiny on the same random weights, in both file layouts, and in
-the pipeline: txt2img and img2img with --taesd / --taesd-encode = diffusers' pipelines with vae=AutoencoderTiny."""
+the pipeline: txt2img and img2img with --taesd / --taesd-encode = diffusers' pipelines with vae=AutoencoderTiny; and
+the live previews (TAESD, or colours fitted to the VAE)."""
 
 import json
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from diffusers import AutoencoderTiny, StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
 from PIL import Image
 from safetensors.torch import save_file
@@ -14,6 +16,7 @@ import txt2img
 from conftest import PROMPT, randomize_, tiny_model
 from ldm.checkpoint import save_diffusers_folder, save_single_file
 from ldm.errors import CheckpointError
+from ldm.pipeline import load_pipeline
 from ldm.samplers import make_scheduler
 from ldm.taesd import load_taesd
 
@@ -153,3 +156,20 @@ def test_cli_taesd_errors_exit_2(sd, tiny_ae, tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
     assert not (tmp_path / "out").exists()
+
+
+def test_previews_are_taesd_or_colours_fitted_to_the_vae(sd, tiny_ae, tmp_path):
+    """With a TAESD the live preview is its decode; without, the linear colours fitted to the model's VAE: on the
+    embedded model's own images they explain most of the VAE's colours (per latent pixel, R^2 > 0.5)."""
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    pipe = load_pipeline(sd[1] / "tiny.safetensors", taesd=madebyollin_files(tiny_ae, tmp_path, ".safetensors"))
+    assert torch.equal(pipe.decode.preview(z), pipe.taesd.decode(z))
+
+    pipe = load_pipeline()
+    trajectory = []
+    pipe.txt2img(["an apple", "a red heart", "a blue car"], steps=8, seed=1, progress=False, trajectory=trajectory)
+    z, f = trajectory[-1], pipe.cfg.vae.factor
+    preview, full = pipe.decode.preview(z), pipe.decode(z)
+    assert preview.shape == full.shape
+    residual = (F.avg_pool2d(preview, f) - F.avg_pool2d(full, f)).pow(2).mean()
+    assert 1 - residual / F.avg_pool2d(full, f).var() > 0.5
