@@ -17,6 +17,7 @@ with '.' written '_', so kohya's underscores are never guessed at):
                      text_encoder.[text_model.]<text model path>...
     PEFT adapter     base_model.model.<diffusers path>.{lora_A,lora_B}.weight (PEFT's save_pretrained of a UNet, e.g.
                      an LCM-LoRA), alphas in the adapter_config.json beside it (lora_alpha, alpha_pattern, use_rslora)
+                     or, for diffusers' files, in their `lora_adapter_metadata` (save_lora_weights)
 The UNet's diffusers names come from ldm.diffusers_names' one diffusers <-> CompVis mapping (unet_key_map).
 """
 
@@ -104,16 +105,36 @@ def peft_scale(config: dict, layer: str, rank: int) -> float:
     return alpha / (rank**0.5 if config.get("use_rslora") else rank)
 
 
+def json_fields(text: str, source: Path) -> dict:
+    """A JSON object's fields, or CheckpointError naming where the text came from."""
+    try:
+        fields = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{source}: not a PEFT LoRA config ({e})") from None
+    if not isinstance(fields, dict):
+        raise CheckpointError(f"{source}: not a PEFT LoRA config (a JSON {type(fields).__name__}, not an object)")
+    return fields
+
+
+def peft_configs(path: Path, metadata: dict[str, str]) -> dict[str, dict]:
+    """{key prefix: PEFT LoraConfig fields} of a LoRA file: the adapter_config.json beside it (PEFT's save_pretrained,
+    for base_model.model. keys) and diffusers' `lora_adapter_metadata` (save_lora_weights: fields under `unet.` and
+    `text_encoder.`)."""
+    configs, config_file = {}, path.parent / "adapter_config.json"
+    if config_file.is_file():
+        configs["base_model.model."] = json_fields(config_file.read_text(errors="replace"), config_file)
+    packed = metadata.get("lora_adapter_metadata")
+    for key, value in (json_fields(packed, path) if packed else {}).items():
+        prefix, _, field = key.partition(".")
+        configs.setdefault(prefix + ".", {})[field] = value
+    return configs
+
+
 def read_lora(path: Path, model: StableDiffusion) -> list[tuple[str, torch.Tensor, torch.Tensor, float]]:
     """A LoRA file as [(state-dict key of the weight it changes, up, down, alpha / rank)], every layer checked against
     the model (CheckpointError naming the type, key or shapes otherwise): nothing is applied from a bad file."""
-    state, _ = read_state_dict(path)
-    config_file, config = Path(path).parent / "adapter_config.json", {}
-    if config_file.is_file():
-        try:
-            config = json.loads(config_file.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{config_file}: not a PEFT adapter config ({e})") from None
+    state, metadata = read_state_dict(path)
+    configs = peft_configs(Path(path), metadata)
     layers: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in state.items():
         kind = next((kind for marker, kind in UNSUPPORTED.items() if marker in key), None)
@@ -146,6 +167,7 @@ def read_lora(path: Path, model: StableDiffusion) -> list[tuple[str, torch.Tenso
                 f"{path}: layer '{layer}' is up {tuple(up.shape)} x down {tuple(down.shape)}, "
                 f"but the model's weight is {tuple(shape)} (a LoRA for another architecture?)"
             )
+        config = configs.get(prefix, {})
         scale = float(parts["alpha"]) / rank if "alpha" in parts else peft_scale(config, layer[len(prefix) :], rank)
         plan.append((target, up, down, scale))
     if unmatched:

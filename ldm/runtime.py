@@ -111,6 +111,4 @@ def runtime(
         raise InputError("--backend openvino runs on the CPU in --dtype fp32 or bf16, without --compile")
     if backend == "torch":
         check_quantize(quantize, device, DTYPES[dtype])
-    if taesd_encode and taesd is None:
-        raise InputError("--taesd-encode encodes with the TAESD of --taesd, and none was given")
     return Runtime(device, dtype, quantize, backend, compile, taesd, taesd_encode)

@@ -357,19 +357,25 @@ def our_unet_in_diffusers_names(pipe) -> dict[str, torch.Tensor]:
     return rename(pipe.model.unet.state_dict(), unet_key_map(pipe.cfg.unet))
 
 
-@pytest.mark.parametrize("layout", ["kohya", "peft"])
+@pytest.mark.parametrize("layout", ["kohya", "peft", "diffusers"])
 def test_lcm_lora_files_merge_as_diffusers_and_peft(base, pipe, lcm_lora, layout, tmp_path):
     """An LCM-LoRA on every module kind it adapts (each present in the tiny UNet): the kohya file as the LCM script
-    writes it = diffusers' load_lora_weights + fuse_lora; PEFT's own save_pretrained folder (adapter_model.safetensors
-    with base_model.model keys, adapter_config.json with the alphas) = PEFT's merge_and_unload. Same merged weights,
-    same image."""
+    writes it, and diffusers' save_lora_weights file (unet. keys, the alphas in its lora_adapter_metadata) =
+    diffusers' load_lora_weights + fuse_lora; PEFT's own save_pretrained folder (adapter_model.safetensors with
+    base_model.model keys, adapter_config.json with the alphas) = PEFT's merge_and_unload. Same merged weights, same
+    image."""
     names = [n for n, m in lcm_lora.named_modules() if hasattr(m, "lora_A")]
     assert all(any(n.endswith("." + t) for n in names) for t in LCM_TARGETS)
     ref = reference(base[1], pipe)
-    if layout == "kohya":
+    if layout in ("kohya", "diffusers"):
         path = tmp_path / "pytorch_lora_weights.safetensors"
-        save_file(kohya_lcm_file(lcm_lora), path)
-        ref.load_lora_weights(kohya_lcm_file(lcm_lora))
+        if layout == "kohya":
+            save_file(kohya_lcm_file(lcm_lora), path)
+        else:
+            layers = {k.removeprefix("base_model.model."): v for k, v in get_peft_model_state_dict(lcm_lora).items()}
+            metadata = lcm_lora.peft_config["default"].to_dict()
+            StableDiffusionPipeline.save_lora_weights(tmp_path, layers, unet_lora_adapter_metadata=metadata)
+        ref.load_lora_weights(path)
         ref.fuse_lora()
         ref.unload_lora_weights()
     else:
