@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from ldm.model import StableDiffusion
 from ldm.taesd import TAESD
 
-PREVIEW_FIT_LATENTS = (4, 16, 16)  # the random latents (batch, side, side) that fit_rgb_projection decodes
+PREVIEW_FIT_LATENTS = (1, 16, 16)  # the random latents (batch, side, side) that fit_rgb_projection decodes
 
 
 @torch.no_grad()
