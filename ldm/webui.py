@@ -36,6 +36,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--listen", action="store_true", help="bind 0.0.0.0 (every network interface), not 127.0.0.1")
     p.add_argument("--device", help="cpu, cuda, mps... (default: cuda when there is one, else cpu)")
+    p.add_argument(
+        "--taesd", type=Path, metavar="PATH", help="decode (and preview) with this TAESD file or folder, as txt2img.py"
+    )
     return p.parse_args(argv)
 
 
