@@ -207,7 +207,7 @@ class Pipeline(nn.Module):
             run = Sampler(r.sampler, self.cfg, r.steps, strength, r.eta, self.device)
             prompts = per_image[first : first + batch]
             conditioning = self.conditioner(
-                prompts, r.negative_prompt, r.guided, r.prompt_syntax, r.clip_skip, self.version
+                prompts, r.negative_prompt, r.guided, r.prompt_syntax, r.clip_skip, self.version, steps=r.steps
             )
             # 1. the start latents and the mode's other random draws
             sub = mode(
