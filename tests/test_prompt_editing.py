@@ -6,12 +6,14 @@ from A1111's rules, ldm.prompts.schedule) as its own text encoder encodes them, 
 UNet2DConditionModel and its scheduler, combining the UNet's outputs as A1111's composable diffusion does.
 """
 
+import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
+from PIL import Image
 
-from conftest import LATENT_ATOL, assert_same, generators, tiny_model
-from ldm.checkpoint import save_diffusers_folder
+from conftest import LATENT_ATOL, a1111, assert_same, cli, generators, tiny_model
+from ldm.checkpoint import save_diffusers_folder, save_single_file
 from ldm.pipeline import InputError, Pipeline
 from ldm.prompts import prompt_contexts
 from ldm.samplers import make_scheduler
@@ -198,3 +200,20 @@ def test_prompts_without_the_new_syntax_are_one_context_as_before(models, monkey
         conditioning = pipe.conditioner(batch, "blurry", True, syntax, steps=N)
         assert len(calls) == 1 and len(conditioning.schedule) == 1 and conditioning.weights is None
         assert torch.equal(conditioning.context(0), encode(batch, "blurry", True, syntax))
+
+
+def test_the_png_keeps_the_prompt_as_typed_which_remakes_the_image(tmp_path):
+    """txt2img writes the prompts with their syntax into A1111's parameters text; read back, they remake the image;
+    --prompt-syntax plain reads the same text literally: another image."""
+    ckpt = tmp_path / "tiny.safetensors"
+    save_single_file(tiny_model(), ckpt)
+    prompt, negative = "a [red:green:0.5] apple, [white|yellow] AND a leaf:0.5", "[blurry::2]"
+    run = ["--ckpt", ckpt, "--steps", N, "--seed", 1, "--sampler", "ddim"]
+    assert cli(*run, "--prompt", prompt, "--negative-prompt", negative, "--outdir", tmp_path / "a") == 0
+    text = a1111(Image.open(tmp_path / "a" / "00000.png").text["parameters"])
+    assert (text["Prompt"], text["Negative prompt"], text["Steps"]) == (prompt, negative, str(N))
+    again = ["--prompt", text["Prompt"], "--negative-prompt", text["Negative prompt"]]
+    assert cli(*run, *again, "--outdir", tmp_path / "b") == 0
+    assert cli(*run, *again, "--prompt-syntax", "plain", "--outdir", tmp_path / "c") == 0
+    a, b, c = (np.asarray(Image.open(tmp_path / name / "00000.png")) for name in "abc")
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
