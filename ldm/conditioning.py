@@ -73,7 +73,7 @@ class Conditioner:
         guided = guided or composed
         schedules = [schedule(text, steps) for part in parts for text, _ in part]
         schedules += [schedule(negative_prompt, steps)] if guided else []
-        texts = len(schedules) - guided  # the sub-prompts'
+        texts = sum(len(part) for part in parts)  # the sub-prompts' schedules, before the negative prompt's
         contexts: dict[tuple[str, ...], torch.Tensor] = {}
         picked = []
         for end in sorted({end for entries in schedules for end, _ in entries}):

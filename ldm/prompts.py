@@ -180,7 +180,10 @@ def schedule(prompt: str, steps: int) -> list[tuple[int, str]]:
     >>> schedule("a [cat:dog:0.5]", 10)
     [(5, 'a cat'), (10, 'a dog')]
     """
-    nodes = top_level(prompt)
+    try:
+        nodes = top_level(prompt)
+    except RecursionError:  # brackets nested hundreds deep: read as text (so are the edits among them)
+        nodes = None
     if nodes is None:
         return [(steps, prompt)]
     ends = {steps}
@@ -188,7 +191,9 @@ def schedule(prompt: str, steps: int) -> list[tuple[int, str]]:
     def collect(nodes: list) -> None:
         for node in nodes:
             if isinstance(node, Edit):
-                ends.update([when] if (when := edit_step(node.when, steps)) >= 1 else [])
+                when = edit_step(node.when, steps)
+                if when >= 1:
+                    ends.add(when)
                 collect(node.before or [])
                 collect(node.after)
             elif isinstance(node, Alternation):

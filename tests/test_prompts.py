@@ -494,6 +494,11 @@ def test_the_schedule_in_a1111s_source_comment():
     ]
 
 
+def test_brackets_opened_thousands_deep_are_text_not_a_crash():
+    prompt = "(" * 2000 + "a"
+    assert schedule(prompt, 10) == [(10, prompt)]
+
+
 @pytest.mark.parametrize("prompt, expected", SUBPROMPTS)
 def test_and_splits_sub_prompts_with_their_weights(prompt, expected):
     """A1111's get_multicond_prompt_list: split at the word AND, a `:weight` at the end of each sub-prompt."""
