@@ -58,8 +58,12 @@ class Conditioner:
         version: int = 0,
         *,
         steps: int,
+        first_pass: int | None = None,
     ) -> Conditioning:
-        """The contexts of a prompt per image over `steps` steps (the schedule's, A1111's p.steps). Syntax "a1111":
+        """The contexts of a prompt per image over `steps` steps, which the denoiser's calls count from 0 (A1111's
+        total_steps: the request's steps, twice that for a second-order sampler; img2img runs the last of them but
+        counts from 0 too; first_pass: the first pass's, for a hires fix's second pass, ldm.prompts.edit_step).
+        Syntax "a1111":
         each prompt split at AND (ldm.prompts.subprompts; the negative prompt is not, as in A1111), each text and the
         negative prompt scheduled (ldm.prompts.schedule), and a context per distinct set of texts; AND needs the
         negative prompt's prediction, so it is guided at any scale. Syntax "plain": one context, every character
@@ -71,8 +75,8 @@ class Conditioner:
         weights = [[weight for _, weight in part] for part in parts]
         composed = any(w != [1.0] for w in weights)
         guided = guided or composed
-        schedules = [schedule(text, steps) for part in parts for text, _ in part]
-        schedules += [schedule(negative_prompt, steps)] if guided else []
+        schedules = [schedule(text, steps, first_pass) for part in parts for text, _ in part]
+        schedules += [schedule(negative_prompt, steps, first_pass)] if guided else []
         texts = sum(len(part) for part in parts)  # the sub-prompts' schedules, before the negative prompt's
         contexts: dict[tuple[str, ...], torch.Tensor] = {}
         picked = []

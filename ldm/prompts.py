@@ -173,9 +173,10 @@ def subprompts(prompt: str) -> list[tuple[str, float]]:
     return [(text, 1.0 if weight is None else float(weight)) for text, weight in parts]
 
 
-def schedule(prompt: str, steps: int) -> list[tuple[int, str]]:
+def schedule(prompt: str, steps: int, first_pass: int | None = None) -> list[tuple[int, str]]:
     """The prompt's texts over `steps` steps, as A1111 schedules prompt editing and alternation: [(last step, text)],
     sorted; step i (0-based) takes the first entry whose last step is >= i. A prompt without edits: [(steps, prompt)].
+    first_pass: the first pass's steps when these are a hires fix's second pass (see edit_step).
 
     >>> schedule("a [cat:dog:0.5]", 10)
     [(5, 'a cat'), (10, 'a dog')]
@@ -191,7 +192,7 @@ def schedule(prompt: str, steps: int) -> list[tuple[int, str]]:
     def collect(nodes: list) -> None:
         for node in nodes:
             if isinstance(node, Edit):
-                when = edit_step(node.when, steps)
+                when = edit_step(node.when, steps, first_pass)
                 if when >= 1:
                     ends.add(when)
                 collect(node.before or [])
@@ -206,7 +207,9 @@ def schedule(prompt: str, steps: int) -> list[tuple[int, str]]:
         for node in nodes:
             if isinstance(node, Edit):
                 out.append(
-                    text(node.before or [], step) if step <= edit_step(node.when, steps) else text(node.after, step)
+                    text(node.before or [], step)
+                    if step <= edit_step(node.when, steps, first_pass)
+                    else text(node.after, step)
                 )
             elif isinstance(node, Alternation):
                 out.append(text(node.options[(step - 1) % len(node.options)], step))
@@ -218,10 +221,16 @@ def schedule(prompt: str, steps: int) -> list[tuple[int, str]]:
     return [(end, text(nodes, end)) for end in sorted(ends)]
 
 
-def edit_step(number: str, steps: int) -> int:
+def edit_step(number: str, steps: int, first_pass: int | None = None) -> int:
     """An edit's `when` as a step: with a decimal point a fraction of the steps, else a step number; at most `steps`
-    (and below 1: no step, the edit's second text from the start)."""
-    value = float(number) * (steps if "." in number else 1)
+    (and below 1: no step, the edit's second text from the start). In a hires fix's second pass (first_pass: the
+    first pass's steps) A1111 counts a step number from the first pass's start and a fraction from 1, the first
+    pass's end: `[a:b:1.5]` switches halfway through the second pass, `[a:b:0.5]` uses b all through it."""
+    value = float(number)
+    if "." in number:
+        value = (value - (first_pass is not None)) * steps
+    else:
+        value -= first_pass or 0
     return int(max(min(value, steps), 0))
 
 

@@ -83,8 +83,8 @@ EDITS = {
 
 
 def diffusers_edited(ref, texts: list[list[str]], negatives: list[str], seed: int):
-    """diffusers' images and final latents, image i's text at step s texts[i][s], the negative prompt's negatives[s]:
-    the embeddings of step s + 1 swapped in at the end of step s."""
+    """diffusers' images and final latents (N steps), image i's text at UNet call s texts[i][s], the negative prompt's
+    negatives[s]: the embeddings of call s + 1 swapped in at the end of call s."""
 
     def contexts(step: int) -> torch.Tensor:
         return torch.cat([embeds(ref, [negatives[step]] * len(texts)), embeds(ref, [t[step] for t in texts])])
@@ -93,7 +93,7 @@ def diffusers_edited(ref, texts: list[list[str]], negatives: list[str], seed: in
 
     def swap(pipe, i, t, tensors):
         final["latents"] = tensors["latents"]
-        if i + 1 < N:
+        if i + 1 < len(negatives):
             tensors["prompt_embeds"] = contexts(i + 1)
         return tensors
 
@@ -124,6 +124,16 @@ def test_prompt_editing_and_alternation_match_diffusers_with_embeddings_swapped_
     assert_same(images, theirs, latents, their_latents)
     unedited = ours(pipe, [t[0] for t in texts], negatives[0])[1]
     assert (latents - unedited).abs().max() > 10 * LATENT_ATOL
+
+
+def test_a_second_order_sampler_schedules_over_twice_the_steps(models):
+    """Heun: A1111's schedule runs over total_steps = 2N = 12 (second-order samplers), counted by the UNet's 2N - 1
+    calls (diffusers' Heun timesteps): [red:green:0.5] switches after call int(0.5 * 12) = 6."""
+    pipe, ref = models
+    ref.scheduler = make_scheduler("heun", pipe.cfg)
+    images, latents = ours(pipe, ["a [red:green:0.5] apple"], sampler="heun")
+    theirs, their_latents = diffusers_edited(ref, [["a red apple"] * 7 + ["a green apple"] * 4], [""] * 11, seed=3)
+    assert_same(images, theirs, latents, their_latents)
 
 
 @pytest.mark.parametrize("scale", [SCALE, 1.0])

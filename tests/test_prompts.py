@@ -494,6 +494,15 @@ def test_the_schedule_in_a1111s_source_comment():
     ]
 
 
+def test_a_hires_second_pass_counts_steps_from_the_first_pass_and_fractions_from_1():
+    """A1111's doctest with hires_steps (first pass 10 steps, second pass 10): a step number counts from the first
+    pass's start, a fraction from its end."""
+    assert schedule("a [b:.5] c", 10, first_pass=10) == [(10, "a b c")]
+    assert schedule("a [b:1.5] c", 10, first_pass=10) == [(5, "a  c"), (10, "a b c")]
+    assert schedule("a [b:13] c", 10, first_pass=10) == [(3, "a  c"), (10, "a b c")]
+    assert schedule("a [b:7] c", 10, first_pass=10) == [(10, "a b c")]
+
+
 def test_brackets_opened_thousands_deep_are_text_not_a_crash():
     prompt = "(" * 2000 + "a"
     assert schedule(prompt, 10) == [(10, prompt)]
