@@ -222,8 +222,9 @@ class Pipeline(nn.Module):
             generators = [torch.Generator().manual_seed(s) for s in seeds]
             run = Sampler(r.sampler, self.cfg, r.steps, strength, r.eta, self.device)
             prompts = per_image[first : first + batch]
+            calls = r.steps * run.scheduler.order  # the prompt schedule's steps: A1111's total_steps (2N, Heun)
             conditioning = self.conditioner(
-                prompts, r.negative_prompt, r.guided, r.prompt_syntax, r.clip_skip, self.version
+                prompts, r.negative_prompt, r.guided, r.prompt_syntax, r.clip_skip, self.version, steps=calls
             )
             # 1. the start latents and the mode's other random draws
             shape = self.cfg.vae.latent_shape(r.height, r.width)
