@@ -237,7 +237,7 @@ class Pipeline(nn.Module):
             watched = None if r.hires else trajectories[-1]
             latents = self.sample(sub, run, generators, denoiser, desc, watched, callback)
             if r.hires:
-                latents = self.hires_pass(r, latents, seeds, prompts, unet, desc, trajectories[-1], callback)
+                latents = self.hires_pass(r, latents, seeds, prompts, unet, desc, trajectories[-1], callback, calls)
             yield to_pil(sub.finish(self.decode(latents)))  # 7.
         if trajectory is not None:
             trajectory += [torch.cat(step) for step in zip(*trajectories)]
@@ -259,11 +259,14 @@ class Pipeline(nn.Module):
             trajectory.append(latents)
         return latents
 
-    def hires_pass(self, r: Request, latents, seeds, prompts, unet, desc, trajectory, callback) -> torch.Tensor:
+    def hires_pass(
+        self, r: Request, latents, seeds, prompts, unet, desc, trajectory, callback, first_pass: int
+    ) -> torch.Tensor:
         """The hires fix's second pass on a sub-batch's first-pass latents (the images of `seeds` and `prompts`): its
         final latents. Upscaled in a latent mode, or decoded, resized (Lanczos) and encoded (a posterior sample drawn
         first from each image's generator, as diffusers' img2img); then img2img at hires_denoise, the last hires_steps
-        steps of a longer schedule (ldm.request.hires_schedule)."""
+        steps of a longer schedule (ldm.request.hires_schedule). first_pass: the first pass's prompt-schedule steps
+        (A1111 counts a prompt edit's step numbers from the first pass's start, its fractions from 1)."""
         width, height = r.output_size(self.vae_factor)
         shape = self.cfg.vae.latent_shape(height, width)
         generators = [torch.Generator().manual_seed(s) for s in seeds]  # A1111: the second pass's noise from the seeds
@@ -279,8 +282,16 @@ class Pipeline(nn.Module):
         run = Sampler(r.hires_sampler, self.cfg, *hires_schedule(r.hires_steps, r.hires_denoise), r.eta, self.device)
         sub = Img2Img(self.model, run, generators, shape, latents=latents)
         hires_prompts = [r.hires_prompt] * len(prompts) if r.hires_prompt else prompts
+        steps = (r.hires_steps or r.steps) * run.scheduler.order
         conditioning = self.conditioner(
-            hires_prompts, r.negative_prompt, r.guided, r.prompt_syntax, r.clip_skip, self.version
+            hires_prompts,
+            r.negative_prompt,
+            r.guided,
+            r.prompt_syntax,
+            r.clip_skip,
+            self.version,
+            steps=steps,
+            first_pass=first_pass,
         )
         denoiser = Denoiser(unet, conditioning, r, len(run.timesteps), sub.unet_input, learn_sigma=self.cfg.learn_sigma)
         return self.sample(sub, run, generators, denoiser, desc and f"{desc}, hires", trajectory, callback)
