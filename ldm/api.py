@@ -1,0 +1,636 @@
+"""AUTOMATIC1111's REST API, /sdapi/v1, over ldm: the clients that speak it (Open WebUI, SillyTavern, the `webuiapi`
+package, bots) drive ldm.
+
+    python -m ldm.webui --api               # the page and the API on one port
+    python -m ldm.webui --nowebui           # the API alone (FastAPI + uvicorn)
+
+A request body (A1111's field names) becomes an ldm.request.Request and an OutputSpec, made by
+ldm.outputs.make_images as txt2img.py and the page make them: the same parameters give the same image. Fields left
+out are the model's (sampler, steps, scale, size: Request.resolved decides), not A1111's 512x512. Fields of A1111
+that ldm lacks (restore_faces, tiling, subseeds...) are accepted at their neutral value and a 422 naming the field
+otherwise; fields A1111 does not know are ignored, as A1111 does. One generation runs at a time (the Session's lock,
+shared with the page); progress, interrupt and skip answer while it runs. The PNGs go to a temporary folder,
+removed once read, unless save_images (then --outdir). Images in requests are base64 only (no paths, no URLs), at
+most MAX_PIXELS pixels, read after their size is checked; bodies at most MAX_BODY bytes.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import random
+import secrets
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+from fastapi import APIRouter, Depends, FastAPI, HTTPException
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPBasic, HTTPBasicCredentials
+from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
+from pydantic import BaseModel, ConfigDict
+
+from ldm import LdmError
+from ldm.images import to_pil
+from ldm.outputs import make_images
+from ldm.prompts import LORA_SUFFIXES, lora_tags
+from ldm.request import Control, InputError, OutputSpec, Request
+from ldm.samplers import SAMPLERS
+from ldm.webui_app import CONTROLNET_SUFFIXES, EMBEDDED, Session
+
+MAX_BODY = 64 << 20  # bytes of a request body: a few base64 images
+MAX_PIXELS = 4096 * 4096  # of an image in a request, checked from its header before it is decoded
+SAMPLER_OF = {a1111: name for name, (_, _, a1111) in SAMPLERS.items()}  # "Euler a" -> "euler_a"
+AUTOMATIC = ("automatic", "Automatic")  # A1111's scheduler that is the sampler's own
+# how the API calls the request's settings, in its error messages (ldm.request.NAMES)
+NAMES = {
+    "scale": "cfg_scale",
+    "strength": "denoising_strength",
+    "init_image": "init_images",
+    "mask_blur": "mask_blur",
+    "controlnet": "ControlNet model",
+    "control_preprocess": "ControlNet module",
+}
+# A1111 fields ldm does not have: the values that mean "off", accepted (and ignored); any other is a 422
+NEUTRAL = {
+    "restore_faces": (None, False),
+    "tiling": (None, False),
+    "subseed_strength": (None, 0),
+    "seed_resize_from_h": (None, -1, 0),
+    "seed_resize_from_w": (None, -1, 0),
+    "s_churn": (None, 0),
+    "s_tmin": (None, 0),
+    "s_tmax": (None, 0, float("inf")),
+    "s_noise": (None, 1),
+    "s_min_uncond": (None, 0),
+    "styles": (None, []),
+    "script_name": (None, ""),
+    "script_args": (None, []),
+    "enable_hr": (None, False),
+    "refiner_checkpoint": (None, "", "None"),
+    "disable_extra_networks": (None, False),
+    "firstphase_width": (None, 0),
+    "firstphase_height": (None, 0),
+    "resize_mode": (None, 0),
+    "initial_noise_multiplier": (None, 1),
+    "inpainting_fill": (None, 0, 1),  # fill and original: ldm starts the masked part from the image's noised latents
+}
+
+
+class Txt2ImgBody(BaseModel):
+    """POST /sdapi/v1/txt2img: A1111's fields; those ldm lacks are typed Any and checked against NEUTRAL."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    prompt: str = ""
+    negative_prompt: str = ""
+    seed: int = -1
+    sampler_name: str | None = None
+    sampler_index: str | None = None  # A1111's older name of sampler_name
+    scheduler: str | None = None
+    batch_size: int = 1
+    n_iter: int = 1
+    steps: int | None = None
+    cfg_scale: float | None = None
+    width: int | None = None
+    height: int | None = None
+    eta: float | None = None
+    denoising_strength: float | None = None  # txt2img: the hires pass's (enable_hr)
+    override_settings: dict[str, Any] = {}
+    override_settings_restore_afterwards: bool = True
+    send_images: bool = True
+    save_images: bool = False
+    alwayson_scripts: dict[str, Any] = {}
+    restore_faces: Any = None
+    tiling: Any = None
+    subseed: int | None = None  # used by subseed_strength only
+    subseed_strength: Any = None
+    seed_resize_from_h: Any = None
+    seed_resize_from_w: Any = None
+    s_churn: Any = None
+    s_tmin: Any = None
+    s_tmax: Any = None
+    s_noise: Any = None
+    s_min_uncond: Any = None
+    styles: Any = None
+    script_name: Any = None
+    script_args: Any = None
+    enable_hr: Any = None
+    refiner_checkpoint: Any = None
+    disable_extra_networks: Any = None
+    firstphase_width: Any = None
+    firstphase_height: Any = None
+
+
+class Img2ImgBody(Txt2ImgBody):
+    """POST /sdapi/v1/img2img: txt2img's fields and the init image, mask and their settings."""
+
+    init_images: list[str] | None = None
+    mask: str | None = None
+    mask_blur: int | None = None
+    inpainting_mask_invert: int = 0
+    resize_mode: Any = None
+    initial_noise_multiplier: Any = None
+    inpainting_fill: Any = None
+
+
+class PngInfoBody(BaseModel):
+    image: str
+
+
+class ApiError(InputError):
+    """A request the API cannot serve: a 422 (or `status`) with A1111's error body."""
+
+    def __init__(self, message: str, status: int = 422):
+        super().__init__(message)
+        self.status = status
+
+
+def error_response(e: LdmError) -> JSONResponse:
+    """A1111's error body: the exception's name, the one-line message as detail and errors."""
+    body = {"error": type(e).__name__, "detail": str(e), "body": "", "errors": str(e)}
+    return JSONResponse(body, status_code=getattr(e, "status", 422))
+
+
+def decode_image(data: str, mode: str, field: str) -> Image.Image:
+    """A base64 image of a request (a `data:` prefix allowed) as a PIL image in `mode`; its pixel count is checked
+    from the header before the pixels are decoded."""
+    try:
+        raw = base64.b64decode(data.split(",", 1)[1] if data.startswith("data:") else data, validate=True)
+        with Image.open(io.BytesIO(raw)) as image:
+            if image.width * image.height > MAX_PIXELS:
+                raise ApiError(f"{field}: a {image.width}x{image.height} image is over {MAX_PIXELS} pixels")
+            return ImageOps.exif_transpose(image).convert(mode)
+    except (binascii.Error, ValueError) as e:
+        if isinstance(e, ApiError):
+            raise
+        raise ApiError(f"{field} is not base64 image data") from None
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError) as e:
+        raise ApiError(f"{field} is not a readable image: {e}") from None
+
+
+@dataclass
+class Progress:
+    """The running job, for /progress, /interrupt and /skip: A1111's state fields and the latest latents."""
+
+    job_count: int = 0
+    job_no: int = 0
+    sampling_step: int = 0
+    sampling_steps: int = 0
+    started: float = 0.0
+    interrupted: bool = False
+    skipped: bool = False
+    latents: torch.Tensor | None = None
+
+
+class Interrupted(Exception):
+    """Raised by the step callback after /interrupt or /skip: the run ends there, its images so far returned."""
+
+
+class Api:
+    """The API's state over a Session (shared with the page): the running job's progress, the options, the users."""
+
+    def __init__(self, session: Session, users: dict[str, str] | None = None):
+        self.session, self.users = session, users or {}
+        self.progress = Progress()
+        self.clip_skip = 1  # A1111's CLIP_stop_at_last_layers option
+
+    # ---------------------------------------------------------------- the models and the other files it serves
+    def models(self) -> dict[str, str | None]:
+        """{A1111 title: the path to load (None: the embedded model)} of the Session's models."""
+        return {
+            ("ldm-emoji" if path == EMBEDDED else Path(path).name): (None if path == EMBEDDED else path)
+            for path in self.session.models()
+        }
+
+    def title(self) -> str:
+        return "ldm-emoji" if self.session.ckpt is None else Path(self.session.ckpt).name
+
+    def set_model(self, name: str) -> None:
+        """Load the model of that title (or its name without the suffix); only the Session's models."""
+        models = self.models()
+        stems = {Path(title).stem: title for title in models}
+        title = name if name in models else stems.get(name.split(" [")[0].strip())
+        if title is None:
+            raise ApiError(f"sd_model_checkpoint: no model '{name}' (see /sdapi/v1/sd-models)")
+        if title != self.title():
+            self.session.load(models[title])
+
+    def set_options(self, options: dict) -> None:
+        self.clip_skip = clip_skip_of(options, self.clip_skip)
+        if "sd_model_checkpoint" in options:
+            self.set_model(str(options["sd_model_checkpoint"]))
+
+    def options(self) -> dict:
+        args = self.session.args
+        return {
+            "sd_model_checkpoint": self.title(),
+            "CLIP_stop_at_last_layers": self.clip_skip,
+            "sd_vae": "Automatic",
+            "samples_format": "png",
+            "outdir_samples": str(args.outdir),
+            "samples_save": True,
+        }
+
+    def files(self, kind: str, suffixes: tuple[str, ...]) -> list[Path]:
+        return [self.session.args.models_dir / kind / name for name in self.session.files(kind, suffixes)]
+
+    # ---------------------------------------------------------------- generation
+    def request_of(self, body: Txt2ImgBody) -> tuple[Request, OutputSpec, dict]:
+        """The Request, OutputSpec and <lora:> tags of a body, checked as far as they can be without the model."""
+        for field, neutral in NEUTRAL.items():
+            value = getattr(body, field, None)
+            if value not in neutral:
+                raise ApiError(f"{field}: ldm does not have this setting; leave it out or send {neutral[1]!r}")
+        sampler = self.sampler_of(body)
+        if body.eta not in (None, 0, 1) and sampler != "ddim":
+            raise ApiError(f"eta {body.eta}: ldm's eta applies to DDIM only")
+        clip_skip = clip_skip_of(body.override_settings, self.clip_skip)
+        init_image = mask = None
+        if isinstance(body, Img2ImgBody):
+            if not body.init_images:
+                raise ApiError("init_images: img2img needs one image")
+            init_image = decode_image(body.init_images[0], "RGB", "init_images[0]")
+            if body.mask:
+                mask = decode_image(body.mask, "L", "mask")
+                mask = ImageOps.invert(mask) if body.inpainting_mask_invert else mask
+                mask = mask.filter(ImageFilter.GaussianBlur(body.mask_blur)) if body.mask_blur else mask
+        controls, guess_mode = self.controls_of(body.alwayson_scripts)
+        request = Request(
+            (body.prompt,),
+            negative_prompt=body.negative_prompt,
+            n_samples=body.batch_size,
+            seed=random.randrange(2**32) if body.seed == -1 else body.seed,
+            sampler=sampler,
+            steps=body.steps,
+            scale=body.cfg_scale,
+            height=body.height,
+            width=body.width,
+            eta=body.eta or 0.0 if sampler == "ddim" else 0.0,
+            clip_skip=clip_skip,
+            init_image=init_image,
+            mask=mask,
+            strength=body.denoising_strength if init_image is not None else None,
+            controls=controls,
+            guess_mode=guess_mode,
+            embeddings=tuple(self.session.embeddings),
+        )
+        spec = OutputSpec(self.session.args.outdir, body.n_iter, grid=False)
+        spec.check(request, NAMES)
+        return request, spec, {body.prompt: lora_tags(body.prompt, self.session.args.models_dir / "Lora")}
+
+    def sampler_of(self, body: Txt2ImgBody) -> str | None:
+        """ldm's sampler of A1111's sampler_name (or sampler_index) and scheduler: "DPM++ 2M" with "Karras" is
+        "DPM++ 2M Karras"; None: the model's."""
+        name = body.sampler_name or body.sampler_index
+        if name is None:
+            return None
+        full = name if body.scheduler in (None, *AUTOMATIC) else f"{name} {body.scheduler}"
+        if full not in SAMPLER_OF:
+            known = ", ".join(SAMPLER_OF)
+            raise ApiError(f"sampler_name '{name}' with scheduler '{body.scheduler}': not one of ldm's ({known})")
+        return SAMPLER_OF[full]
+
+    def controls_of(self, scripts: dict) -> tuple[tuple[Control, ...], bool]:
+        """sd-webui-controlnet's units, {"ControlNet": {"args": [unit, ...]}}, as Controls; and guess mode (a unit's
+        control_mode "ControlNet is more important")."""
+        units = [u for u in (scripts.get("ControlNet") or {}).get("args", []) if u.get("enabled", True)]
+        controls, guess = [], False
+        for k, unit in enumerate(units):
+            name = str(unit.get("model", "")).split(" [")[0]
+            found = [p for p in self.files("ControlNet", CONTROLNET_SUFFIXES) if name in (p.name, p.stem)]
+            if not found:
+                raise ApiError(
+                    f"ControlNet unit {k}: no model '{name}' in {self.session.args.models_dir / 'ControlNet'}"
+                )
+            image = unit.get("image") or unit.get("input_image")
+            image = image.get("image") if isinstance(image, dict) else image
+            if not image:
+                raise ApiError(f"ControlNet unit {k}: give its image (base64)")
+            module = unit.get("module", "none")
+            controls.append(
+                Control(
+                    found[0],
+                    decode_image(image, "RGB", f"ControlNet unit {k} image"),
+                    module,
+                    float(unit.get("weight", 1.0)),
+                    float(unit.get("guidance_start", 0.0)),
+                    float(unit.get("guidance_end", 1.0)),
+                )
+            )
+            guess = guess or unit.get("control_mode") in (2, "ControlNet is more important")
+        return tuple(controls), guess
+
+    def callback(self, i: int, steps: int, latents: torch.Tensor) -> None:
+        """Pipeline's step callback: the progress of the job, and its end after /interrupt or /skip."""
+        p = self.progress
+        p.job_no += i == 0 and p.sampling_step > 0
+        p.sampling_step, p.sampling_steps, p.latents = i + 1, steps, latents[:1]
+        if p.interrupted or p.skipped:
+            raise Interrupted
+
+    def generate(self, body: Txt2ImgBody) -> dict:
+        """A1111's answer to a txt2img or img2img body: images (base64 PNGs with their parameters), the body echoed,
+        info (a JSON string: seeds, infotexts...)."""
+        request, spec, tagged = self.request_of(body)
+        with self.session.lock:
+            before = self.options()
+            self.progress = Progress(job_count=body.n_iter, started=time.time())
+            try:
+                self.set_options({k: v for k, v in body.override_settings.items() if k == "sd_model_checkpoint"})
+                request.resolved(self.session.pipe.cfg, NAMES)
+                with tempfile.TemporaryDirectory(prefix="ldm-api-") as folder:
+                    outdir = self.session.args.outdir if body.save_images else Path(folder)
+                    pngs = self.run(request, OutputSpec(outdir, spec.n_iter, grid=False), tagged)
+            finally:
+                self.progress.job_count = 0
+                if body.override_settings_restore_afterwards:
+                    self.set_options({"sd_model_checkpoint": before["sd_model_checkpoint"]})
+        texts = [text.get("parameters", "") for text, _ in pngs]
+        facts = [json.loads(text["ldm"]) for text, _ in pngs]
+        first = facts[0] if facts else {}
+        info = {
+            "prompt": body.prompt,
+            "all_prompts": [body.prompt] * len(facts),
+            "negative_prompt": body.negative_prompt,
+            "all_negative_prompts": [body.negative_prompt] * len(facts),
+            "seed": request.seed,
+            "all_seeds": [f["seed"] for f in facts],
+            "subseed": -1,
+            "all_subseeds": [-1] * len(facts),
+            "subseed_strength": 0,
+            "width": first.get("width"),
+            "height": first.get("height"),
+            "sampler_name": SAMPLERS[first["sampler"]][2] if first else None,
+            "scheduler": "Automatic",
+            "cfg_scale": first.get("scale"),
+            "steps": first.get("steps"),
+            "batch_size": body.batch_size,
+            "restore_faces": False,
+            "sd_model_name": first.get("model"),
+            "sd_model_hash": first.get("model_hash"),
+            "denoising_strength": first.get("strength"),
+            "clip_skip": first.get("clip_skip"),
+            "styles": [],
+            "index_of_first_image": 0,
+            "infotexts": texts,
+            "interrupted": self.progress.interrupted or self.progress.skipped,
+            "version": "ldm",
+        }
+        images = [base64.b64encode(data).decode() for _, data in pngs] if body.send_images else []
+        parameters = body.model_dump(exclude={"init_images", "mask"}) | {"init_images": None, "mask": None}
+        return {"images": images, "parameters": parameters, "info": json.dumps(info)}
+
+    def run(self, request: Request, spec: OutputSpec, tagged: dict) -> list[tuple[dict, bytes]]:
+        """make_images into spec.outdir: each PNG's text chunks and bytes, those made before an interrupt too."""
+        s, pngs = self.session, []
+        try:
+            for path in make_images(s.pipe, request, spec, s.model, tagged, self.callback):
+                with Image.open(path) as png:
+                    pngs.append((dict(png.text), path.read_bytes()))
+        except Interrupted:
+            pass
+        return pngs
+
+    def preview(self) -> str | None:
+        """The running job's latest first image, decoded, as base64 PNG."""
+        latents = self.progress.latents
+        if latents is None or not self.progress.job_count:
+            return None
+        with torch.inference_mode():
+            image = to_pil(self.session.pipe.decode(latents))[0]
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        return base64.b64encode(buffer.getvalue()).decode()
+
+
+def clip_skip_of(options: dict, default: int) -> int:
+    """A1111's CLIP_stop_at_last_layers option (ldm's clip_skip) of an options dict, default when absent."""
+    value = options.get("CLIP_stop_at_last_layers", default)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ApiError(f"CLIP_stop_at_last_layers must be a whole number >= 1, got {value!r}")
+    return value
+
+
+def png_info(data: str) -> dict:
+    """/png-info: a PNG's A1111 parameters text, its text chunks, and the parameters read back."""
+    try:
+        raw = base64.b64decode(data.split(",", 1)[1] if data.startswith("data:") else data, validate=True)
+        with Image.open(io.BytesIO(raw)) as png:
+            items = dict(getattr(png, "text", {}))
+    except (binascii.Error, ValueError, UnidentifiedImageError, OSError):
+        raise ApiError("image is not base64 image data") from None
+    text = items.pop("parameters", "")
+    facts = json.loads(items["ldm"]) if "ldm" in items else {}
+    return {"info": text, "items": items, "parameters": facts}
+
+
+def router(api: Api) -> APIRouter:
+    """The /sdapi/v1 routes, each a thin call of api's, behind HTTP Basic auth when api.users."""
+
+    basic = HTTPBasic(auto_error=False)
+
+    def auth(credentials: HTTPBasicCredentials | None = Depends(basic)) -> None:
+        if not api.users:
+            return
+        ok = credentials is not None and secrets.compare_digest(
+            api.users.get(credentials.username, secrets.token_hex(8)).encode(), credentials.password.encode()
+        )
+        if not ok:
+            raise HTTPException(401, "Incorrect username or password", headers={"WWW-Authenticate": "Basic"})
+
+    r = APIRouter(prefix="/sdapi/v1", dependencies=[Depends(auth)])
+    s = api.session
+
+    def answer(work):
+        try:
+            return work()
+        except LdmError as e:
+            return error_response(e)
+
+    @r.post("/txt2img")
+    def txt2img(body: Txt2ImgBody):
+        return answer(lambda: api.generate(body))
+
+    @r.post("/img2img")
+    def img2img(body: Img2ImgBody):
+        return answer(lambda: api.generate(body))
+
+    @r.get("/options")
+    def get_options():
+        return api.options()
+
+    @r.post("/options")
+    def set_options(options: dict[str, Any]):
+        def work():
+            with s.lock:
+                api.set_options(options)
+
+        return answer(work)
+
+    @r.get("/sd-models")
+    def sd_models():
+        return [
+            {"title": t, "model_name": Path(t).stem, "hash": None, "sha256": None, "filename": p or t, "config": None}
+            for t, p in api.models().items()
+        ]
+
+    @r.post("/refresh-checkpoints")
+    def refresh_checkpoints():
+        return None  # the models are listed afresh on each call
+
+    @r.get("/samplers")
+    def samplers():
+        return [{"name": a, "aliases": [name], "options": {}} for name, (_, _, a) in SAMPLERS.items()]
+
+    @r.get("/schedulers")
+    def schedulers():
+        return [
+            {"name": "automatic", "label": "Automatic", "aliases": None, "default_rho": -1, "need_inner_model": False}
+        ]
+
+    @r.get("/upscalers")
+    def upscalers():
+        return [{"name": "None", "model_name": None, "model_path": None, "model_url": None, "scale": 4}]
+
+    @r.get("/latent-upscale-modes")
+    def latent_upscale_modes():
+        return []
+
+    @r.get("/sd-vae")
+    def sd_vae():
+        return []
+
+    @r.get("/loras")
+    def loras():
+        return [
+            {"name": p.stem, "alias": p.stem, "path": str(p), "metadata": {}} for p in api.files("Lora", LORA_SUFFIXES)
+        ]
+
+    @r.post("/refresh-loras")
+    def refresh_loras():
+        return None  # listed afresh on each call
+
+    @r.get("/embeddings")
+    def embeddings():
+        loaded = {}
+        for e in s.embeddings:
+            tokens = s.pipe.embedding_tokens(e.file)
+            width = s.pipe.cfg.unet.context_dim
+            loaded[tokens[0]] = {
+                "step": None,
+                "sd_checkpoint": None,
+                "sd_checkpoint_name": None,
+                "shape": width,
+                "vectors": len(tokens),
+            }
+        return {"loaded": loaded, "skipped": {}}
+
+    @r.get("/progress")
+    def progress(skip_current_image: bool = False):
+        p = api.progress
+        done = (p.job_no + p.sampling_step / max(p.sampling_steps, 1)) / max(p.job_count, 1) if p.job_count else 0.0
+        done = min(done, 1.0)
+        elapsed = time.time() - p.started
+        state = {
+            "skipped": p.skipped,
+            "interrupted": p.interrupted,
+            "stopping_generation": False,
+            "job": "txt2img" if p.job_count else "",
+            "job_count": p.job_count,
+            "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(p.started)),
+            "job_no": p.job_no,
+            "sampling_step": p.sampling_step,
+            "sampling_steps": p.sampling_steps,
+        }
+        image = None if skip_current_image else api.preview()
+        eta = elapsed / done - elapsed if done else 0.0
+        return {"progress": done, "eta_relative": eta, "state": state, "current_image": image, "textinfo": None}
+
+    @r.post("/interrupt")
+    def interrupt():
+        api.progress.interrupted = bool(api.progress.job_count)
+
+    @r.post("/skip")
+    def skip():
+        api.progress.skipped = bool(api.progress.job_count)
+
+    @r.post("/png-info")
+    def png_info_route(body: PngInfoBody):
+        return answer(lambda: png_info(body.image))
+
+    @r.get("/memory")
+    def memory():
+        vm = psutil.virtual_memory()
+        ram = {"free": vm.available, "used": vm.total - vm.available, "total": vm.total}
+        if not torch.cuda.is_available():
+            return {"ram": ram, "cuda": {"error": "no CUDA"}}
+        free, total = torch.cuda.mem_get_info()
+        return {"ram": ram, "cuda": {"system": {"free": free, "used": total - free, "total": total}}}
+
+    @r.get("/cmd-flags")
+    def cmd_flags():
+        return {k: str(v) if isinstance(v, Path) else v for k, v in vars(s.args).items() if k != "api_auth"}
+
+    @r.get("/scripts")
+    def scripts():
+        return {"txt2img": ["controlnet"], "img2img": ["controlnet"]}
+
+    @r.get("/prompt-styles")
+    def prompt_styles():
+        return []
+
+    return r
+
+
+class BodyLimit:
+    """ASGI middleware: a /sdapi body over `limit` bytes is a 413, checked on its Content-Length and as it streams."""
+
+    def __init__(self, app, limit: int = MAX_BODY):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not scope["path"].startswith("/sdapi/"):
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length", b"0")
+        if not length.isdigit() or int(length) > self.limit:
+            return await self.too_large(scope, receive, send)
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise HTTPException(413, f"request body over {self.limit} bytes")
+            return message
+
+        await self.app(scope, counted, send)
+
+    async def too_large(self, scope, receive, send):
+        e = ApiError(f"request body over {self.limit} bytes", 413)
+        await error_response(e)(scope, receive, send)
+
+
+def create_app(session: Session, users: dict[str, str] | None = None) -> FastAPI:
+    """A FastAPI app serving /sdapi/v1 (and its OpenAPI page, /docs) over session; the page mounts onto it."""
+    app = FastAPI(title="ldm: AUTOMATIC1111's API")
+    app.include_router(router(Api(session, users)))
+    app.add_middleware(BodyLimit)
+    return app
+
+
+def parse_users(value: str | None) -> dict[str, str]:
+    """--api-auth USER:PASS[,USER2:PASS2] as {user: password}."""
+    if not value:
+        return {}
+    pairs = [item.split(":", 1) for item in value.split(",")]
+    if any(len(pair) != 2 or not all(pair) for pair in pairs):
+        raise LdmError(f"--api-auth takes USER:PASS[,USER2:PASS2...], got '{value}'")
+    return dict(pairs)
