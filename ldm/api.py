@@ -16,6 +16,7 @@ most MAX_PIXELS pixels, read after their size is checked; bodies at most MAX_BOD
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import io
@@ -23,6 +24,7 @@ import json
 import random
 import secrets
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +33,8 @@ from typing import Any
 import psutil
 import torch
 from fastapi import APIRouter, Depends, FastAPI, HTTPException
+from fastapi import Request as HttpRequest
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
 from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
@@ -187,10 +191,12 @@ class Progress:
     interrupted: bool = False
     skipped: bool = False
     latents: torch.Tensor | None = None
+    gone: threading.Event | None = None  # set when the client has disconnected
 
 
 class Interrupted(Exception):
-    """Raised by the step callback after /interrupt or /skip: the run ends there, its images so far returned."""
+    """Raised by the step callback after /interrupt or /skip, or when the client has gone: the run ends there, its
+    images so far returned."""
 
 
 class Api:
@@ -328,20 +334,22 @@ class Api:
         return tuple(controls), guess
 
     def callback(self, i: int, steps: int, latents: torch.Tensor) -> None:
-        """Pipeline's step callback: the progress of the job, and its end after /interrupt or /skip."""
+        """Pipeline's step callback: the progress of the job, and its end after /interrupt or /skip or when its
+        client has gone."""
         p = self.progress
         p.job_no += i == 0 and p.sampling_step > 0
         p.sampling_step, p.sampling_steps, p.latents = i + 1, steps, latents[:1]
-        if p.interrupted or p.skipped:
+        if p.interrupted or p.skipped or p.gone is not None and p.gone.is_set():
             raise Interrupted
 
-    def generate(self, body: Txt2ImgBody) -> dict:
+    def generate(self, body: Txt2ImgBody, gone: threading.Event | None = None) -> dict:
         """A1111's answer to a txt2img or img2img body: images (base64 PNGs with their parameters), the body echoed,
-        info (a JSON string: seeds, infotexts...)."""
+        info (a JSON string: seeds, infotexts...). gone: set when the client has disconnected (the job ends at its
+        next step)."""
         request, spec, tagged = self.request_of(body)
         with self.session.lock:
             before = self.options()
-            self.progress = Progress(job_count=body.n_iter, started=time.time())
+            self.progress = Progress(job_count=body.n_iter, started=time.time(), gone=gone)
             try:
                 self.set_options({k: v for k, v in body.override_settings.items() if k == "sd_model_checkpoint"})
                 request.resolved(self.session.pipe.cfg, NAMES)
@@ -454,13 +462,23 @@ def router(api: Api) -> APIRouter:
         except LdmError as e:
             return error_response(e)
 
+    async def generated(request: HttpRequest, body: Txt2ImgBody):
+        """api.generate in a worker thread, watching the client: one that disconnects ends its job."""
+        gone = threading.Event()
+        work = asyncio.ensure_future(run_in_threadpool(answer, lambda: api.generate(body, gone)))
+        while not work.done():
+            if await request.is_disconnected():
+                gone.set()
+            await asyncio.wait([work], timeout=0.5)
+        return work.result()
+
     @r.post("/txt2img")
-    def txt2img(body: Txt2ImgBody):
-        return answer(lambda: api.generate(body))
+    async def txt2img(request: HttpRequest, body: Txt2ImgBody):
+        return await generated(request, body)
 
     @r.post("/img2img")
-    def img2img(body: Img2ImgBody):
-        return answer(lambda: api.generate(body))
+    async def img2img(request: HttpRequest, body: Img2ImgBody):
+        return await generated(request, body)
 
     @r.get("/options")
     def get_options():

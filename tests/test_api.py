@@ -241,12 +241,24 @@ def test_four_concurrent_requests(api):
         assert np.array_equal(np.asarray(result.image), np.asarray(alone.image))
 
 
-def post(url: str, path: str, body=None, auth=AUTH, **kwargs) -> requests.Response:
-    return requests.post(f"{url}/sdapi/v1/{path}", json=body, auth=auth, timeout=120, **kwargs)
+def post(url: str, path: str, body=None, auth=AUTH, timeout=120, **kwargs) -> requests.Response:
+    return requests.post(f"{url}/sdapi/v1/{path}", json=body, auth=auth, timeout=timeout, **kwargs)
 
 
 def get(url: str, path: str, auth=AUTH, **kwargs) -> requests.Response:
     return requests.get(f"{url}/sdapi/v1/{path}", auth=auth, timeout=60, **kwargs)
+
+
+def test_a_client_that_disconnects_ends_its_job(server):
+    """A client that gives up (here after 1 s) ends its job at the next step: of the 3 batches it asked to save,
+    fewer are written, and the next request is answered."""
+    url, root = server
+    before = set((root / "out").glob("*.png"))
+    body = {"prompt": PROMPT, "steps": 150, "n_iter": 3, "width": SIDE, "height": SIDE, "save_images": True}
+    with pytest.raises(requests.exceptions.ReadTimeout):
+        post(url, "txt2img", body, timeout=1)
+    assert post(url, "txt2img", {"prompt": PROMPT, "steps": 2, "width": SIDE, "height": SIDE}).status_code == 200
+    assert len(set((root / "out").glob("*.png")) - before) < 3
 
 
 def test_open_webui_calls(server):
