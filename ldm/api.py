@@ -38,7 +38,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
 from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from ldm import LdmError
 from ldm.images import to_pil
@@ -144,6 +144,23 @@ class Img2ImgBody(Txt2ImgBody):
     inpainting_fill: Any = None
 
 
+class ControlNetUnit(BaseModel):
+    """A unit of sd-webui-controlnet's API (alwayson_scripts.ControlNet.args): the fields ldm uses; module "none" or
+    "canny" (its thresholds are ldm's, 100 and 200); the others (resize_mode, pixel_perfect...) ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    enabled: bool = True
+    module: str = "none"
+    model: str = "None"
+    weight: float = 1.0
+    image: str | dict | None = None
+    input_image: str | None = None  # the extension's older name of image
+    guidance_start: float = 0.0
+    guidance_end: float = 1.0
+    control_mode: int | str = 0
+
+
 class PngInfoBody(BaseModel):
     image: str
 
@@ -162,21 +179,26 @@ def error_response(e: LdmError) -> JSONResponse:
     return JSONResponse(body, status_code=getattr(e, "status", 422))
 
 
-def decode_image(data: str, mode: str, field: str) -> Image.Image:
-    """A base64 image of a request (a `data:` prefix allowed) as a PIL image in `mode`; its pixel count is checked
-    from the header before the pixels are decoded."""
+def open_image(data: str, field: str) -> Image.Image:
+    """A base64 image of a request (a `data:` prefix allowed), opened: its header read, its pixels not yet."""
     try:
         raw = base64.b64decode(data.split(",", 1)[1] if data.startswith("data:") else data, validate=True)
-        with Image.open(io.BytesIO(raw)) as image:
-            if image.width * image.height > MAX_PIXELS:
-                raise ApiError(f"{field}: a {image.width}x{image.height} image is over {MAX_PIXELS} pixels")
-            return ImageOps.exif_transpose(image).convert(mode)
-    except (binascii.Error, ValueError) as e:
-        if isinstance(e, ApiError):
-            raise
+        return Image.open(io.BytesIO(raw))
+    except Image.DecompressionBombError as e:
+        raise ApiError(f"{field}: {e}") from None
+    except (binascii.Error, ValueError, UnidentifiedImageError, OSError):
         raise ApiError(f"{field} is not base64 image data") from None
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError) as e:
-        raise ApiError(f"{field} is not a readable image: {e}") from None
+
+
+def decode_image(data: str, mode: str, field: str) -> Image.Image:
+    """A base64 image of a request as a PIL image in `mode`, its pixel count checked before its pixels are read."""
+    with open_image(data, field) as image:
+        if image.width * image.height > MAX_PIXELS:
+            raise ApiError(f"{field}: a {image.width}x{image.height} image is over {MAX_PIXELS} pixels")
+        try:
+            return ImageOps.exif_transpose(image).convert(mode)
+        except OSError as e:  # truncated or corrupt pixel data
+            raise ApiError(f"{field} is not a readable image: {e}") from None
 
 
 @dataclass
@@ -305,32 +327,29 @@ class Api:
 
     def controls_of(self, scripts: dict) -> tuple[tuple[Control, ...], bool]:
         """sd-webui-controlnet's units, {"ControlNet": {"args": [unit, ...]}}, as Controls; and guess mode (a unit's
-        control_mode "ControlNet is more important")."""
-        units = [u for u in (scripts.get("ControlNet") or {}).get("args", []) if u.get("enabled", True)]
+        control_mode "ControlNet is more important"). Another always-on script is a 422, as in A1111."""
+        for name in scripts:
+            if name.lower() != "controlnet":
+                raise ApiError(f"alwayson_scripts: ldm has no script '{name}' (only ControlNet)")
+        args = next(iter(scripts.values()), {}).get("args", []) if scripts else []
+        try:
+            units = [ControlNetUnit.model_validate(unit) for unit in args]
+        except ValidationError as e:
+            where = ".".join(map(str, e.errors()[0]["loc"]))
+            raise ApiError(f"ControlNet unit: {where}: {e.errors()[0]['msg']}") from None
         controls, guess = [], False
-        for k, unit in enumerate(units):
-            name = str(unit.get("model", "")).split(" [")[0]
+        for k, unit in enumerate(u for u in units if u.enabled):
+            name = unit.model.split(" [")[0]
             found = [p for p in self.files("ControlNet", CONTROLNET_SUFFIXES) if name in (p.name, p.stem)]
             if not found:
-                raise ApiError(
-                    f"ControlNet unit {k}: no model '{name}' in {self.session.args.models_dir / 'ControlNet'}"
-                )
-            image = unit.get("image") or unit.get("input_image")
-            image = image.get("image") if isinstance(image, dict) else image
+                folder = self.session.args.models_dir / "ControlNet"
+                raise ApiError(f"ControlNet unit {k}: no model '{name}' in {folder}")
+            image = unit.image.get("image") if isinstance(unit.image, dict) else unit.image or unit.input_image
             if not image:
                 raise ApiError(f"ControlNet unit {k}: give its image (base64)")
-            module = unit.get("module", "none")
-            controls.append(
-                Control(
-                    found[0],
-                    decode_image(image, "RGB", f"ControlNet unit {k} image"),
-                    module,
-                    float(unit.get("weight", 1.0)),
-                    float(unit.get("guidance_start", 0.0)),
-                    float(unit.get("guidance_end", 1.0)),
-                )
-            )
-            guess = guess or unit.get("control_mode") in (2, "ControlNet is more important")
+            image = decode_image(image, "RGB", f"ControlNet unit {k} image")
+            controls.append(Control(found[0], image, unit.module, unit.weight, unit.guidance_start, unit.guidance_end))
+            guess = guess or unit.control_mode in (2, "ControlNet is more important")
         return tuple(controls), guess
 
     def callback(self, i: int, steps: int, latents: torch.Tensor) -> None:
@@ -427,15 +446,14 @@ def clip_skip_of(options: dict, default: int) -> int:
 
 
 def png_info(data: str) -> dict:
-    """/png-info: a PNG's A1111 parameters text, its text chunks, and the parameters read back."""
-    try:
-        raw = base64.b64decode(data.split(",", 1)[1] if data.startswith("data:") else data, validate=True)
-        with Image.open(io.BytesIO(raw)) as png:
-            items = dict(getattr(png, "text", {}))
-    except (binascii.Error, ValueError, UnidentifiedImageError, OSError):
-        raise ApiError("image is not base64 image data") from None
+    """/png-info: a PNG's A1111 parameters text, its other text chunks, and its ldm facts."""
+    with open_image(data, "image") as png:
+        items = dict(getattr(png, "text", {}))
     text = items.pop("parameters", "")
-    facts = json.loads(items["ldm"]) if "ldm" in items else {}
+    try:
+        facts = json.loads(items["ldm"]) if "ldm" in items else {}
+    except json.JSONDecodeError:
+        raise ApiError("image: its ldm parameters chunk is not JSON") from None
     return {"info": text, "items": items, "parameters": facts}
 
 
