@@ -660,13 +660,3 @@ def create_app(session: Session, users: dict[str, str] | None = None) -> FastAPI
     app.include_router(router(Api(session, users)))
     app.add_middleware(BodyLimit)
     return app
-
-
-def parse_users(value: str | None) -> dict[str, str]:
-    """--api-auth USER:PASS[,USER2:PASS2] as {user: password}."""
-    if not value:
-        return {}
-    pairs = [item.split(":", 1) for item in value.split(",")]
-    if any(len(pair) != 2 or not all(pair) for pair in pairs):
-        raise LdmError(f"--api-auth takes USER:PASS[,USER2:PASS2...], got '{value}'")
-    return dict(pairs)

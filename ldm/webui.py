@@ -40,8 +40,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", help="cpu, cuda, mps... (default: cuda when there is one, else cpu)")
     p.add_argument("--api", action="store_true", help="also serve AUTOMATIC1111's REST API, /sdapi/v1 (docs: /docs)")
     p.add_argument("--nowebui", action="store_true", help="serve the REST API alone, without the page")
-    p.add_argument("--api-auth", metavar="USER:PASS[,USER:PASS...]", help="HTTP Basic auth on the REST API")
+    p.add_argument(
+        "--api-auth", type=users, default={}, metavar="USER:PASS[,USER:PASS...]", help="HTTP Basic auth on the REST API"
+    )
     return p.parse_args(argv)
+
+
+def users(value: str) -> dict[str, str]:
+    """--api-auth USER:PASS[,USER2:PASS2...] as {user: password}."""
+    pairs = [item.split(":", 1) for item in value.split(",")]
+    if any(len(pair) != 2 or not all(pair) for pair in pairs):
+        raise argparse.ArgumentTypeError(f"takes USER:PASS[,USER2:PASS2...], got '{value}'")
+    return dict(pairs)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,16 +64,14 @@ def serve(args) -> int:
         import gradio  # noqa: F401
     except ImportError:
         raise LdmError("the web UI needs gradio: pip install 'ldm[webui]'") from None
-    from ldm.api import parse_users  # gradio, FastAPI and torch: seconds
-    from ldm.webui_app import CSS, Session, build
+    from ldm.webui_app import CSS, Session, build  # gradio and torch: seconds
 
-    users = parse_users(args.api_auth)
     host = "0.0.0.0" if args.listen else "127.0.0.1"
-    if args.listen and (args.api or args.nowebui) and not users:
+    if args.listen and (args.api or args.nowebui) and not args.api_auth:
         print("warning: the API listens on every network interface without --api-auth", file=sys.stderr)
     session = Session(args)
     if args.api or args.nowebui:
-        return serve_api(args, session, users, host, None if args.nowebui else build(session))
+        return serve_api(args, session, host, None if args.nowebui else build(session))
     demo = build(session)
     demo.queue(default_concurrency_limit=1)
     demo.launch(
@@ -83,7 +91,7 @@ def serve(args) -> int:
     return 0
 
 
-def serve_api(args, session, users: dict[str, str], host: str, demo) -> int:
+def serve_api(args, session, host: str, demo) -> int:
     """The REST API (ldm.api) with uvicorn, the page (demo, None for --nowebui) mounted at / beside it."""
     import gradio
     import uvicorn
@@ -91,7 +99,7 @@ def serve_api(args, session, users: dict[str, str], host: str, demo) -> int:
     from ldm.api import create_app
     from ldm.webui_app import CSS
 
-    app = create_app(session, users)
+    app = create_app(session, args.api_auth)
     if demo is not None:
         demo.queue(default_concurrency_limit=1)
         app = gradio.mount_gradio_app(

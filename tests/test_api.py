@@ -21,7 +21,7 @@ import requests
 from PIL import Image
 
 from conftest import ROOT, bilevel_png, cli
-from ldm import DEFAULT_MODEL
+from ldm import DEFAULT_MODEL, webui
 
 webuiapi = pytest.importorskip("webuiapi", reason="the API tests need webuiapi (the test extra)")
 
@@ -355,3 +355,10 @@ def test_auth(server):
     body = {"prompt": PROMPT, "steps": 2}
     assert post(url, "txt2img", body, auth=None).status_code == 401
     assert post(url, "txt2img", body, auth=("bob", "builder")).status_code == 200
+
+
+@pytest.mark.parametrize("value", ["alice", "alice:", ":wonder", "alice:wonder,bob"])
+def test_a_bad_api_auth_is_a_one_line_error(value, capsys):
+    with pytest.raises(SystemExit) as exit:
+        webui.parse_args(["--api-auth", value])
+    assert exit.value.code == 2 and "--api-auth" in capsys.readouterr().err
