@@ -21,6 +21,7 @@ import base64
 import binascii
 import io
 import json
+import os
 import random
 import secrets
 import tempfile
@@ -40,7 +41,7 @@ from fastapi.security import HTTPBasic, HTTPBasicCredentials
 from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from ldm import LdmError
+from ldm import ASSETS, LdmError
 from ldm.images import to_pil
 from ldm.outputs import make_images
 from ldm.prompts import LORA_SUFFIXES, lora_tags
@@ -311,7 +312,17 @@ class Api:
         )
         spec = OutputSpec(self.session.args.outdir, body.n_iter, grid=False)
         spec.check(request, NAMES)
-        return request, spec, {body.prompt: lora_tags(body.prompt, self.session.args.models_dir / "Lora")}
+        return request, spec, {body.prompt: self.lora_tags(body.prompt)}
+
+    def lora_tags(self, prompt: str) -> tuple[str, list]:
+        """ldm.prompts.lora_tags of a prompt, each file in --models-dir/Lora or a shipped add-on's folder: a NAME
+        that is a path elsewhere ("../", "/") is a 422."""
+        folder = self.session.args.models_dir / "Lora"
+        text, tags = lora_tags(prompt, folder)
+        for path, _, _ in tags:
+            if Path(os.path.normpath(path)).parent not in (Path(os.path.normpath(folder)), *ASSETS.iterdir()):
+                raise ApiError(f"<lora:{path.stem}>: LoRAs are read from {folder} only")
+        return text, tags
 
     def sampler_of(self, body: Txt2ImgBody) -> str | None:
         """ldm's sampler of A1111's sampler_name (or sampler_index) and scheduler: "DPM++ 2M" with "Karras" is

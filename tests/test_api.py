@@ -328,6 +328,8 @@ def test_bad_input_is_a_4xx_and_the_next_request_works(server, tmp_path):
         ("img2img", ok | {"init_images": [bomb]}, 422, "pixels"),
         ("txt2img", ok | {"alwayson_scripts": {"ControlNet": {"args": [{"model": "../other", "image": bomb}]}}}, 422,
          "ControlNet"),
+        ("txt2img", ok | {"prompt": "<lora:../other:1>"}, 422, "Lora"),
+        ("txt2img", ok | {"prompt": f"<lora:{root / 'models' / 'other'}:1>"}, 422, "Lora"),
         ("txt2img", ok | {"alwayson_scripts": {"ControlNet": {"args": [5]}}}, 422, "ControlNet unit"),
         ("txt2img", ok | {"alwayson_scripts": {"ADetailer": {"args": [True]}}}, 422, "ADetailer"),
         ("options", {"sd_model_checkpoint": "/etc/passwd"}, 422, "passwd"),
