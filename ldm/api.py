@@ -53,6 +53,7 @@ MAX_BODY = 64 << 20  # bytes of a request body: a few base64 images
 MAX_PIXELS = 4096 * 4096  # of an image in a request, checked from its header before it is decoded
 SAMPLER_OF = {a1111: name for name, (_, _, a1111) in SAMPLERS.items()}  # "Euler a" -> "euler_a"
 AUTOMATIC = ("automatic", "Automatic")  # A1111's scheduler that is the sampler's own
+OUTPAINTING = "poor man's outpainting"  # A1111's script: [pixels, mask blur, masked content, directions]
 # how the API calls the request's settings, in its error messages (ldm.request.NAMES)
 NAMES = {
     "scale": "cfg_scale",
@@ -75,8 +76,6 @@ NEUTRAL = {
     "s_noise": (None, 1),
     "s_min_uncond": (None, 0),
     "styles": (None, []),
-    "script_name": (None, ""),
-    "script_args": (None, []),
     "enable_hr": (None, False),
     "refiner_checkpoint": (None, "", "None"),
     "disable_extra_networks": (None, False),
@@ -124,8 +123,8 @@ class Txt2ImgBody(BaseModel):
     s_noise: Any = None
     s_min_uncond: Any = None
     styles: Any = None
-    script_name: Any = None
-    script_args: Any = None
+    script_name: str | None = None  # img2img: "poor man's outpainting" (OUTPAINTING)
+    script_args: list = []
     enable_hr: Any = None
     refiner_checkpoint: Any = None
     disable_extra_networks: Any = None
@@ -282,6 +281,7 @@ class Api:
             raise ApiError(f"eta {body.eta}: ldm's eta applies to DDIM only")
         clip_skip = clip_skip_of(body.override_settings, self.clip_skip)
         init_image = mask = None
+        padding, mask_blur = self.outpaint_of(body)
         if isinstance(body, Img2ImgBody):
             if not body.init_images:
                 raise ApiError("init_images: img2img needs one image")
@@ -306,6 +306,8 @@ class Api:
             init_image=init_image,
             mask=mask,
             strength=body.denoising_strength if init_image is not None else None,
+            outpaint=padding,
+            mask_blur=mask_blur,
             controls=controls,
             guess_mode=guess_mode,
             embeddings=tuple(self.session.embeddings),
@@ -313,6 +315,20 @@ class Api:
         spec = OutputSpec(self.session.args.outdir, body.n_iter, grid=False)
         spec.check(request, NAMES)
         return request, spec, {body.prompt: self.lora_tags(body.prompt)}
+
+    def outpaint_of(self, body: Txt2ImgBody) -> tuple[tuple[int, ...] | None, int | None]:
+        """The outpainting (padding, mask blur) of img2img's script "poor man's outpainting" (script_args: pixels,
+        mask blur, masked content, directions among left, right, up, down); (None, None) without a script."""
+        if not body.script_name:
+            return None, None
+        if body.script_name.lower() != OUTPAINTING or not isinstance(body, Img2ImgBody):
+            raise ApiError(f"script_name '{body.script_name}': ldm runs no script but img2img's \"{OUTPAINTING}\"")
+        try:
+            pixels, blur, _, directions = body.script_args
+            padding = tuple(int(pixels) if side in directions else 0 for side in ("left", "up", "right", "down"))
+            return padding, int(blur)
+        except (TypeError, ValueError):
+            raise ApiError(f"script_args of {OUTPAINTING}: [pixels, mask blur, masked content, directions]") from None
 
     def lora_tags(self, prompt: str) -> tuple[str, list]:
         """ldm.prompts.lora_tags of a prompt, each file in --models-dir/Lora or a shipped add-on's folder: a NAME
@@ -627,7 +643,7 @@ def router(api: Api) -> APIRouter:
 
     @r.get("/scripts")
     def scripts():
-        return {"txt2img": ["controlnet"], "img2img": ["controlnet"]}
+        return {"txt2img": ["controlnet"], "img2img": ["controlnet", OUTPAINTING]}
 
     @r.get("/prompt-styles")
     def prompt_styles():

@@ -154,6 +154,19 @@ def test_img2img_and_inpainting_are_the_cli(api, tmp_path):
     assert np.array_equal(ours[:, : SIDE // 2], given[:, : SIDE // 2])
 
 
+def test_outpainting_script_is_the_cli(api, tmp_path):
+    """A1111's "Poor man's outpainting" script (8 pixels left and down, mask blur 2): the CLI's --outpaint image."""
+    image = init_image(tmp_path)
+    result = api.img2img(
+        images=[Image.open(image)], prompt=PROMPT, seed=SEED, steps=STEPS, sampler_name="DDIM", eta=0, cfg_scale=3,
+        denoising_strength=1, width=SIDE + 8, height=SIDE + 8, script_name="Poor man's outpainting",
+        script_args=[8, 2, "fill", ["left", "down"]],
+    )  # fmt: skip
+    paths = cli_images(tmp_path, "--sampler", "ddim", "--scale", 3, "--init-image", image, "--outpaint", "8,0,0,8",
+                       "--mask-blur", 2, "--strength", 1)  # fmt: skip
+    assert result.image.size == (SIDE + 8, SIDE + 8) and same_pixels(result.image, paths[0])
+
+
 def test_lora_tag_and_controlnet_unit_are_the_cli(api, server, tmp_path):
     """<lora:gameboy:0.8> in the prompt, and a ControlNet unit as sd-webui-controlnet takes it: the CLI's images."""
     models = server[1] / "models"
@@ -322,6 +335,7 @@ def test_bad_input_is_a_4xx_and_the_next_request_works(server, tmp_path):
         ("txt2img", ok | {"width": -64}, 422, "width"),
         ("txt2img", ok | {"sampler_name": "Euler z"}, 422, "Euler z"),
         ("txt2img", ok | {"restore_faces": True}, 422, "restore_faces"),
+        ("txt2img", ok | {"script_name": "x/y/z plot"}, 422, "x/y/z plot"),
         ("txt2img", ok | {"override_settings": {"sd_model_checkpoint": "../../etc/passwd"}}, 422, "passwd"),
         ("img2img", ok | {"init_images": [base64.b64encode(b"not an image").decode()]}, 422, "init_images"),
         ("img2img", ok | {"init_images": ["/etc/passwd"]}, 422, "init_images"),
