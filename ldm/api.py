@@ -27,7 +27,7 @@ import secrets
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -205,6 +205,7 @@ def decode_image(data: str, mode: str, field: str) -> Image.Image:
 class Progress:
     """The running job, for /progress, /interrupt and /skip: A1111's state fields and the latest latents."""
 
+    job: str = ""
     job_count: int = 0
     job_no: int = 0
     sampling_step: int = 0
@@ -393,23 +394,51 @@ class Api:
         info (a JSON string: seeds, infotexts...). gone: set when the client has disconnected (the job ends at its
         next step)."""
         request, spec, tagged = self.request_of(body)
+        job = "img2img" if isinstance(body, Img2ImgBody) else "txt2img"
         with self.session.lock:
             before = self.options()
-            self.progress = Progress(job_count=body.n_iter, started=time.time(), gone=gone)
+            self.progress = Progress(job, job_count=body.n_iter, started=time.time(), gone=gone)
             try:
                 self.set_options({k: v for k, v in body.override_settings.items() if k == "sd_model_checkpoint"})
-                request.resolved(self.session.pipe.cfg, NAMES)
                 with tempfile.TemporaryDirectory(prefix="ldm-api-") as folder:
-                    outdir = self.session.args.outdir if body.save_images else Path(folder)
-                    pngs = self.run(request, OutputSpec(outdir, spec.n_iter, grid=False), tagged)
+                    pngs = self.run(request, spec if body.save_images else replace(spec, outdir=Path(folder)), tagged)
             finally:
                 self.progress.job_count = 0
                 if body.override_settings_restore_afterwards:
                     self.set_options({"sd_model_checkpoint": before["sd_model_checkpoint"]})
-        texts = [text.get("parameters", "") for text, _ in pngs]
-        facts = [json.loads(text["ldm"]) for text, _ in pngs]
-        first = facts[0] if facts else {}
-        info = {
+        images = [base64.b64encode(data).decode() for _, data in pngs] if body.send_images else []
+        info = info_of(body, request, [text for text, _ in pngs], self.progress)
+        return {"images": images, "parameters": body.model_dump(exclude={"init_images", "mask"}), "info": info}
+
+    def run(self, request: Request, spec: OutputSpec, tagged: dict) -> list[tuple[dict, bytes]]:
+        """make_images into spec.outdir: each PNG's text chunks and bytes, those made before an interrupt too."""
+        s, pngs = self.session, []
+        try:
+            for path in make_images(s.pipe, request, spec, s.model, tagged, self.callback):
+                with Image.open(path) as png:
+                    pngs.append((dict(png.text), path.read_bytes()))
+        except Interrupted:
+            pass
+        return pngs
+
+    def preview(self) -> str | None:
+        """The running job's latest first image, decoded, as base64 PNG."""
+        latents = self.progress.latents
+        if latents is None or not self.progress.job_count:
+            return None
+        with torch.inference_mode():
+            image = to_pil(self.session.pipe.decode(latents))[0]
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        return base64.b64encode(buffer.getvalue()).decode()
+
+
+def info_of(body: Txt2ImgBody, request: Request, texts: list[dict], progress: Progress) -> str:
+    """A1111's `info` of an answer, a JSON string, from the PNGs' text chunks (their parameters, their ldm facts)."""
+    facts = [json.loads(text["ldm"]) for text in texts]
+    first = facts[0] if facts else {}
+    return json.dumps(
+        {
             "prompt": body.prompt,
             "all_prompts": [body.prompt] * len(facts),
             "negative_prompt": body.negative_prompt,
@@ -433,35 +462,11 @@ class Api:
             "clip_skip": first.get("clip_skip"),
             "styles": [],
             "index_of_first_image": 0,
-            "infotexts": texts,
-            "interrupted": self.progress.interrupted or self.progress.skipped,
+            "infotexts": [text.get("parameters", "") for text in texts],
+            "interrupted": progress.interrupted or progress.skipped,
             "version": "ldm",
         }
-        images = [base64.b64encode(data).decode() for _, data in pngs] if body.send_images else []
-        parameters = body.model_dump(exclude={"init_images", "mask"}) | {"init_images": None, "mask": None}
-        return {"images": images, "parameters": parameters, "info": json.dumps(info)}
-
-    def run(self, request: Request, spec: OutputSpec, tagged: dict) -> list[tuple[dict, bytes]]:
-        """make_images into spec.outdir: each PNG's text chunks and bytes, those made before an interrupt too."""
-        s, pngs = self.session, []
-        try:
-            for path in make_images(s.pipe, request, spec, s.model, tagged, self.callback):
-                with Image.open(path) as png:
-                    pngs.append((dict(png.text), path.read_bytes()))
-        except Interrupted:
-            pass
-        return pngs
-
-    def preview(self) -> str | None:
-        """The running job's latest first image, decoded, as base64 PNG."""
-        latents = self.progress.latents
-        if latents is None or not self.progress.job_count:
-            return None
-        with torch.inference_mode():
-            image = to_pil(self.session.pipe.decode(latents))[0]
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG")
-        return base64.b64encode(buffer.getvalue()).decode()
+    )
 
 
 def clip_skip_of(options: dict, default: int) -> int:
@@ -605,7 +610,7 @@ def router(api: Api) -> APIRouter:
             "skipped": p.skipped,
             "interrupted": p.interrupted,
             "stopping_generation": False,
-            "job": "txt2img" if p.job_count else "",
+            "job": p.job if p.job_count else "",
             "job_count": p.job_count,
             "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(p.started)),
             "job_no": p.job_no,
