@@ -323,6 +323,21 @@ def test_sillytavern_calls(server):
     assert post(url, "interrupt").status_code == 200
 
 
+def test_the_other_endpoints(server):
+    """The lists and tools A1111 clients call, in A1111's shapes."""
+    url = server[0]
+    assert [x["name"] for x in get(url, "loras").json()] == ["gameboy"]
+    assert get(url, "embeddings").json() == {"loaded": {}, "skipped": {}}
+    assert get(url, "memory").json()["ram"]["total"] > 0
+    flags = get(url, "cmd-flags").json()
+    assert flags["nowebui"] is True and "api_auth" not in flags
+    assert "poor man's outpainting" in get(url, "scripts").json()["img2img"]
+    assert get(url, "prompt-styles").json() == [] and get(url, "latent-upscale-modes").json() == []
+    for path in ("refresh-checkpoints", "refresh-loras", "skip", "interrupt"):
+        assert post(url, path).status_code == 200
+    assert "/sdapi/v1/txt2img" in requests.get(f"{url}/openapi.json", timeout=60).json()["paths"]
+
+
 def test_bad_input_is_a_4xx_and_the_next_request_works(server, tmp_path):
     url, root = server
     ok = {"prompt": PROMPT, "steps": 2, "width": SIDE, "height": SIDE}
