@@ -98,6 +98,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="extend the init image by these pixels (rounded up to the VAE factor) and inpaint the new area",
     )
     p.add_argument("--mask-blur", type=int, help="outpainting: the mask's feathered border in pixels (default: 4)")
+    hires = p.add_argument_group("hires fix", "txt2img in two passes, as AUTOMATIC1111's: draw small, upscale, img2img")
+    hires.add_argument("--hires-scale", type=float, help="upscale the first pass's images by this factor (e.g. 2)")
+    hires.add_argument("--hires-size", metavar="WxH", help="or upscale them to WxH (the same aspect ratio)")
+    hires.add_argument("--hires-steps", type=int, help="steps of the second pass (default: 0, as --steps)")
+    hires.add_argument("--hires-denoise", type=float, help="the second pass's denoising strength (default: 0.7)")
+    hires.add_argument(
+        "--hires-upscaler",
+        choices=cli.HIRES_UPSCALER_NAMES,
+        metavar="NAME",
+        help=f"{', '.join(cli.HIRES_UPSCALER_NAMES)} (default: Latent, bilinear on the latents; Lanczos: pixels)",
+    )
+    hires.add_argument("--hires-prompt", help="the second pass's prompt (default: the prompt)")
+    hires.add_argument(
+        "--hires-sampler", choices=cli.SAMPLER_NAMES, help="the second pass's sampler (default: --sampler)"
+    )
+    p.add_argument(
+        "--xyz",
+        action="append",
+        default=[],
+        metavar="NAME=V1,V2,...",
+        help="an X/Y/Z plot axis over a setting (steps, scale, seed, sampler, prompt S/R, lora weight...): X, then Y, "
+        "then Z; one image per cell and a labelled grid, as AUTOMATIC1111's script",
+    )
     cli.add_speed_arguments(p)
     p.add_argument("--device", help="cpu, cuda, cuda:1, mps... (default: cuda when there is one, else cpu)")
     p.add_argument(
@@ -172,6 +195,13 @@ NAMES = {
     "deepcache": "--deepcache",
     "deepcache_branch": "--deepcache-branch",
     "n_iter": "--n-iter",
+    "hires_scale": "--hires-scale",
+    "hires_size": "--hires-size",
+    "hires_steps": "--hires-steps",
+    "hires_denoise": "--hires-denoise",
+    "hires_upscaler": "--hires-upscaler",
+    "hires_prompt": "--hires-prompt",
+    "hires_sampler": "--hires-sampler",
 }
 
 
@@ -254,6 +284,17 @@ def outpaint_padding(value: str | None) -> tuple[int, ...] | None:
         raise InputError(f"--outpaint takes LEFT,TOP,RIGHT,BOTTOM in whole pixels, got '{value}'") from None
 
 
+def hires_size(value: str | None) -> tuple[int, int] | None:
+    """--hires-size WxH as whole pixels."""
+    if value is None:
+        return None
+    try:
+        width, height = (int(side) for side in value.lower().split("x"))
+    except ValueError:
+        raise InputError(f"--hires-size takes WIDTHxHEIGHT in whole pixels, got '{value}'") from None
+    return width, height
+
+
 def control_units(args) -> tuple[Control, ...]:
     """The --controlnet groups (one --control-image per --controlnet, each other setting given never or once per
     --controlnet), in order."""
@@ -312,6 +353,13 @@ def request_of(args) -> tuple[Request, OutputSpec]:
         embeddings=tuple(EmbeddingSpec(*file_spec(value, "--embedding", weight=False)) for value in args.embedding),
         deepcache=args.deepcache,
         deepcache_branch=args.deepcache_branch,
+        hires_scale=args.hires_scale,
+        hires_size=hires_size(args.hires_size),
+        hires_steps=args.hires_steps,
+        hires_denoise=args.hires_denoise,
+        hires_upscaler=args.hires_upscaler,
+        hires_prompt=args.hires_prompt,
+        hires_sampler=args.hires_sampler,
     )
     spec = OutputSpec(
         args.outdir, args.n_iter, not args.skip_grid, not args.no_metadata, args.save_intermediates, args.save_control
@@ -347,6 +395,7 @@ from ldm.memory import check_memory  # noqa: E402
 from ldm.outputs import make_images, model_facts  # noqa: E402
 from ldm.prompts import lora_tags  # noqa: E402
 from ldm.runtime import runtime  # noqa: E402
+from ldm.xyz import cells, make_xyz, parse_axis  # noqa: E402
 
 
 def show_note(message, *_):
@@ -364,18 +413,24 @@ def generate(args) -> int:
 def execute(args) -> list[Path]:
     """Check the input, load the model, generate and write the images; return the paths written."""
     request, spec = request_of(args)
+    axes = [parse_axis(text) for text in args.xyz]
+    requests = cells(request, axes, spec.n_iter) if axes else [request]  # the X/Y/Z plot's cells
     # A1111's <lora:NAME:W> tags: taken out of each prompt, their files found now (before loading the model)
-    tagged = {p: lora_tags(p, args.lora_dir) for p in request.prompts} if args.prompt_syntax == "a1111" else {}
+    prompts = {p for r in requests for p in r.prompts}
+    tagged = {p: lora_tags(p, args.lora_dir) for p in prompts} if args.prompt_syntax == "a1111" else {}
     ckpt = DEFAULT_MODEL if args.ckpt is None else args.ckpt
     run = runtime(args.device, args.dtype, args.quantize, args.backend, args.compile)
     config = load_config(args.config) if args.config else None
     model_config = config or peek_config(ckpt)
-    resolved = request.resolved(model_config, NAMES)
-    check_memory(resolved, model_config, run.device, run.options()["dtype"])  # before loading: no loading time lost
+    for cell in requests:  # before loading: no loading time lost
+        check_memory(cell.resolved(model_config, NAMES), model_config, run.device, run.options()["dtype"])
     pipe = load_pipeline(ckpt, config=config, **run.options())
     if args.compile:
         print("note: compiling the UNet on its first call (~2-3 min on a CPU, less on a GPU)...", file=sys.stderr)
-    return list(make_images(pipe, request, spec, model_facts(ckpt, run, args.no_metadata), tagged))
+    model = model_facts(ckpt, run, args.no_metadata)
+    if axes:
+        return list(make_xyz(pipe, requests, axes, spec, model, tagged))
+    return list(make_images(pipe, request, spec, model, tagged))
 
 
 if __name__ == "__main__":

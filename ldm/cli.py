@@ -18,6 +18,7 @@ from ldm.errors import LdmError
 __all__ = [
     "CONTROL_PREPROCESS_NAMES",
     "DTYPE_NAMES",
+    "HIRES_UPSCALER_NAMES",
     "QUANTIZE_NAMES",
     "SAMPLER_NAMES",
     "SYNTAX_NAMES",
@@ -28,13 +29,23 @@ __all__ = [
 
 # Choices known before torch loads, for the flags. Their owners import torch (ldm.samplers.SAMPLERS, ldm.runtime.DTYPES
 # / QUANTIZE) or take milliseconds to tens of them to import (ldm.prompts.SYNTAX_NAMES: its regular expressions;
-# ldm.config.CONTROL_PREPROCESS_NAMES: yaml and the dataclasses), so the command line holds their names and the tests
-# check that they agree (tests/test_txt2img.py, tests/test_config.py); the library never imports them from here.
+# ldm.config.CONTROL_PREPROCESS_NAMES: yaml and the dataclasses, which ldm.request.HIRES_UPSCALERS imports too), so
+# the command line holds their names and the tests check that they agree (tests/test_txt2img.py, tests/test_config.py,
+# tests/test_hires.py); the library never imports them from here.
 SAMPLER_NAMES = ("ddim", "plms", "euler", "euler_a", "heun", "dpmpp_2m", "dpmpp_2m_karras", "unipc", "ddpm")
 DTYPE_NAMES = ("fp32", "fp16", "bf16", "auto")  # auto: ldm.runtime.auto_dtype
 QUANTIZE_NAMES = ("int8",)
 CONTROL_PREPROCESS_NAMES = ("none", "canny")
 SYNTAX_NAMES = ("a1111", "plain")
+HIRES_UPSCALER_NAMES = (  # ldm.request.HIRES_UPSCALERS
+    "Latent",
+    "Latent (antialiased)",
+    "Latent (bicubic)",
+    "Latent (bicubic antialiased)",
+    "Latent (nearest)",
+    "Latent (nearest-exact)",
+    "Lanczos",
+)
 
 
 class ArgumentParser(argparse.ArgumentParser):

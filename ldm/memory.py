@@ -83,7 +83,7 @@ def check_memory(request: Request, cfg: ModelConfig, device: str | torch.device,
     """InputError unless one image of a resolved request fits in the memory available (estimate_memory) beside the
     8-bit results of the others; more run in sub-batches. Needs only the model's config: a front end runs it before
     loading the weights."""
-    device, height, width = torch.device(device), request.height, request.width
+    device, (width, height) = torch.device(device), request.output_size(cfg.vae.factor)
     images = len(request.prompts) * request.n_samples
     need = estimate_memory(cfg, 1, height, width, request.guided, dtype.itemsize, fused_attention=device.type == "cpu")
     need += (images - 1) * 3 * height * width  # the other images, as 8-bit RGB

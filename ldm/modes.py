@@ -73,10 +73,11 @@ class Txt2Img:
 
 class Img2Img(Txt2Img):
     """The init image's latent noised to the first timestep run: z_t = sqrt(alpha_bar_t) z_0 + sqrt(1 - alpha_bar_t)
-    noise (DDPM eq. 4), its posterior sample drawn before the noise."""
+    noise (DDPM eq. 4), its posterior sample drawn before the noise; or z_0 given as `latents` (the hires fix's
+    upscaled latents, as diffusers' img2img takes 4-channel latents for its image), the noise the first draw."""
 
-    def __init__(self, model, run, generators, shape, pixels, **images):
-        z0 = encode_images(model, 2 * pixels - 1, generators)
+    def __init__(self, model, run, generators, shape, pixels=None, latents=None, **images):
+        z0 = encode_images(model, 2 * pixels - 1, generators) if latents is None else latents
         self.start = run.add_noise(z0, randn(generators, shape, model), run.timesteps[0])
 
 

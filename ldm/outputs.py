@@ -52,7 +52,7 @@ def a1111_text(facts: dict) -> str:
         "Size": f"{facts['width']}x{facts['height']}",
         "Model hash": facts["model_hash"],
         "Model": facts["model"],
-        "Denoising strength": facts.get("strength"),
+        "Denoising strength": facts.get("strength", facts.get("hires_denoise")),
         "Clip skip": clip_skip if clip_skip > 1 else None,
         "Eta DDIM": facts["eta"] or None,
         "Guidance rescale": facts["guidance_rescale"] or None,
@@ -63,6 +63,16 @@ def a1111_text(facts: dict) -> str:
         "Mask blur": facts.get("mask_blur"),
         "Outpaint": ",".join(map(str, facts["outpaint"])) if "outpaint" in facts else None,
     }
+    if "hires_upscaler" in facts:  # as A1111 writes its hires fix: what differs from the first pass
+        scale, size = facts["hires_scale"], facts["hires_size"]
+        pairs["Hires upscale"] = None if scale is None else f"{scale:g}"
+        pairs["Hires resize"] = None if size is None else f"{size[0]}x{size[1]}"
+        pairs["Hires steps"] = facts["hires_steps"] if facts["hires_steps"] != facts["steps"] else None
+        pairs["Hires upscaler"] = facts["hires_upscaler"]
+        pairs["Hires sampler"] = (
+            SAMPLERS[facts["hires_sampler"]][2] if facts["hires_sampler"] != facts["sampler"] else None
+        )
+        pairs["Hires prompt"] = facts["hires_prompt"] or None
     pairs["Lora hashes"] = ", ".join(f"{lora['name']}: {lora['hash']}" for lora in facts.get("loras", [])) or None
     pairs["TI hashes"] = ", ".join(f"{e['token']}: {e['hash']}" for e in facts.get("embeddings", [])) or None
     for k, unit in enumerate(facts.get("controlnets", [])):  # as the sd-webui-controlnet extension writes a unit
@@ -75,9 +85,11 @@ def a1111_text(facts: dict) -> str:
     return "\n".join(lines + [", ".join(f"{k}: {quote(v)}" for k, v in pairs.items() if v is not None)])
 
 
-def next_number(outdir: Path) -> int:
-    """1 + the highest number that starts a PNG name in outdir (0 when there is none)."""
-    numbers = [int(m.group(1)) for p in outdir.glob("*.png") if (m := re.match(r"(\d+)", p.name))]
+def next_number(outdir: Path, prefix: str = "") -> int:
+    """1 + the highest number that follows `prefix` at the start of a PNG name in outdir (0 when there is none)."""
+    numbers = [
+        int(m.group(1)) for p in outdir.glob(f"{prefix}*.png") if (m := re.match(rf"{re.escape(prefix)}(\d+)", p.name))
+    ]
     return max(numbers, default=-1) + 1
 
 
@@ -123,12 +135,18 @@ def png_facts(resolved: Request, request: Request, pipe: Pipeline, model: dict) 
         "deepcache": r.deepcache,
         "deepcache_branch": r.deepcache_branch,
         **model,
+        "width": r.width,
+        "height": r.height,
         "batch_size": r.n_samples,
     }
     if r.cfg_end != 1:
         facts["cfg_end"] = r.cfg_end
     if r.init_image is not None:
         facts |= {"init_image": str(request.init_image), "strength": r.strength}
+    if r.hires:
+        facts |= {key: getattr(r, key) for key in ("hires_scale", "hires_steps", "hires_denoise", "hires_upscaler")}
+        facts |= {"hires_size": r.hires_size and list(r.hires_size), "hires_sampler": r.hires_sampler}
+        facts["hires_prompt"] = r.hires_prompt
     if r.mode == "outpaint":
         facts |= {"outpaint": list(r.outpaint), "mask_blur": r.mask_blur}
     elif r.mode == "inpaint":
@@ -183,11 +201,9 @@ def tag_loras(tags: list[tuple[Path, float, float]]) -> tuple[LoraSpec, ...]:
 
 
 def image_facts(facts: dict, seed: int, batch: list[Image.Image]) -> dict | None:
-    """The facts of the last image of `batch` (its seed, size and position; seed: the batch's first), None for no
-    metadata (facts empty)."""
-    image = batch[-1]
-    size = {"width": image.width, "height": image.height, "batch_pos": len(batch) - 1}
-    return facts | {"seed": seed + len(batch) - 1} | size if facts else None
+    """The facts of the last image of `batch` (its seed and position; seed: the batch's first), None for no metadata
+    (facts empty)."""
+    return facts | {"seed": seed + len(batch) - 1, "batch_pos": len(batch) - 1} if facts else None
 
 
 def make_images(
@@ -236,8 +252,7 @@ def make_images(
         for r, batch in enumerate(rows):
             for c, image in enumerate(batch):
                 grid.paste(image, (c * width, r * height))
-        grids = [int(m.group(1)) for p in spec.outdir.glob("grid-*.png") if (m := re.match(r"grid-(\d+)", p.name))]
-        yield save_png(grid, spec.outdir / f"grid-{max(grids, default=-1) + 1:04}.png", first_facts)
+        yield save_png(grid, spec.outdir / f"grid-{next_number(spec.outdir, 'grid-'):04}.png", first_facts)
 
 
 def model_facts(ckpt: Path, run: Runtime, no_metadata: bool = False) -> dict:

@@ -14,6 +14,10 @@ the mode (ldm.modes) says what happens at steps 1, 6 and 7, the denoiser (ldm.de
     6      z_t = mode.after_step(z_t)               blended inpainting: the unmasked part is the init image's, re-noised
     7  image = mode.finish(D(z_0 / scale_factor))   inpainting: the unmasked pixels pasted back (ldm.decode)
 
+The hires fix (txt2img) runs the loop twice, as AUTOMATIC1111's: z_0 of the first pass is upscaled (F.interpolate
+in a latent mode, or decoded, resized with Lanczos and encoded), then img2img from it (ldm.modes.Img2Img, z_0 given)
+at the hires denoising strength, its generators seeded again with the images' seeds (A1111's second ImageRNG).
+
 Image i of a request has its own CPU generator seeded seed + i (ldm.modes: diffusers' order of draws), so the same
 weights, seed and sampler give diffusers' image. A request runs in sub-batches of the size where throughput stops
 growing (SUB_BATCH_LATENTS) whose estimated memory (`estimate_memory`) fits the machine, each yielded as it is made
@@ -30,6 +34,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -39,13 +44,13 @@ from ldm.conditioning import Conditioner
 from ldm.controlnet import ControlNet, control_map, load_controlnet
 from ldm.decode import Decoder
 from ldm.denoiser import Denoiser
-from ldm.images import to_pil, to_tensor
+from ldm.images import resized, to_pil, to_tensor
 from ldm.memory import VAE_TILE, check_memory, estimate_memory, machine_memory
 from ldm.model import StableDiffusion
-from ldm.modes import Txt2Img, mode_images, mode_of
+from ldm.modes import Img2Img, Txt2Img, encode_images, mode_images, mode_of
 from ldm.openvino import OpenVINO
 from ldm.patcher import Patcher
-from ldm.request import EmbeddingSpec, InputError, LoraSpec, Request
+from ldm.request import LATENT_UPSCALERS, EmbeddingSpec, InputError, LoraSpec, Request, hires_schedule
 from ldm.runtime import BACKENDS, check_quantize
 from ldm.samplers import Sampler
 
@@ -178,9 +183,10 @@ class Pipeline(nn.Module):
         """The images of `request`, a sub-batch at a time as each is made (a front end writes them as they come).
         The keyword options watch the run and change no image: progress, a bar per sub-batch; callback(i, steps,
         z_t), called after step i (from 0) of each sub-batch's `steps` with its latents (a progress bar, previews; an
-        exception it raises stops the run there); trajectory, a list that receives z_t (the UNet's input latents) of
-        every step, then z_0, once the last sub-batch is made; control_maps, a list that receives the control maps
-        used, one per control (at the output size)."""
+        exception it raises stops the run there; with the hires fix, both passes call it); trajectory, a list that
+        receives z_t (the UNet's input latents) of every step (with the hires fix: of its second pass), then z_0, once
+        the last sub-batch is made; control_maps, a list that receives the control maps used, one per control (at the
+        output size)."""
         r = request.resolved(self.cfg)
         check_memory(r, self.cfg, self.device, self.dtype)
         if self.openvino is not None and (r.deepcache or r.controls):
@@ -198,7 +204,7 @@ class Pipeline(nn.Module):
         mode = mode_of(r, self.is_inpainting_model)
         unet = self.unet if self.openvino is None else self.openvino.unet
         per_image = [p for p in r.prompts for _ in range(r.n_samples)]
-        batch = self.batch_size(len(per_image), r.height, r.width, r.guided)
+        batch = self.batch_size(len(per_image), *reversed(r.output_size(self.vae_factor)), r.guided)
         strength = 1.0 if r.strength is None else r.strength
         trajectories = []
         for first in range(0, len(per_image), batch):
@@ -218,13 +224,17 @@ class Pipeline(nn.Module):
             )
             trajectories.append([] if trajectory is not None else None)
             desc = None if not progress else f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {seeds[0]}-{seeds[-1]}"
-            yield to_pil(self.sample(sub, run, generators, denoiser, desc, trajectories[-1], callback))
+            watched = None if r.hires else trajectories[-1]
+            latents = self.sample(sub, run, generators, denoiser, desc, watched, callback)
+            if r.hires:
+                latents = self.hires_pass(r, latents, seeds, prompts, unet, desc, trajectories[-1], callback)
+            yield to_pil(sub.finish(self.decode(latents)))  # 7.
         if trajectory is not None:
             trajectory += [torch.cat(step) for step in zip(*trajectories)]
 
     def sample(self, mode: Txt2Img, run: Sampler, generators, denoiser: Denoiser, desc, trajectory, callback):
-        """Steps 2-7 of the loop in the module docstring for one sub-batch: its images, (B, 3, H, W) in [0, 1];
-        desc: the progress bar's (None: no bar); trajectory, callback: generate's."""
+        """Steps 2-6 of the loop in the module docstring for one sub-batch: its final latents z_0; desc: the progress
+        bar's (None: no bar); trajectory, callback: generate's."""
         latents = mode.start
         for i, t in enumerate(tqdm(run.timesteps, desc=desc, disable=desc is None)):
             x = run.scale_input(latents, t)
@@ -237,7 +247,31 @@ class Pipeline(nn.Module):
                 callback(i, len(run.timesteps), latents)
         if trajectory is not None:
             trajectory.append(latents)
-        return mode.finish(self.decode(latents))  # 7.
+        return latents
+
+    def hires_pass(self, r: Request, latents, seeds, prompts, unet, desc, trajectory, callback) -> torch.Tensor:
+        """The hires fix's second pass on a sub-batch's first-pass latents (the images of `seeds` and `prompts`): its
+        final latents. Upscaled in a latent mode, or decoded, resized (Lanczos) and encoded (a posterior sample drawn
+        first from each image's generator, as diffusers' img2img); then img2img at hires_denoise, the last hires_steps
+        steps of a longer schedule (ldm.request.hires_schedule)."""
+        width, height = r.output_size(self.vae_factor)
+        shape = self.cfg.vae.latent_shape(height, width)
+        generators = [torch.Generator().manual_seed(s) for s in seeds]  # A1111: the second pass's noise from the seeds
+        if r.hires_upscaler in LATENT_UPSCALERS:
+            how, antialias = LATENT_UPSCALERS[r.hires_upscaler]
+            latents = F.interpolate(latents, size=shape[1:], mode=how, antialias=antialias)
+        else:
+            small = to_pil(self.decode(latents))
+            pixels = [to_tensor(resized(image, width, height)) for image in small]
+            latents = torch.cat([encode_images(self.model, 2 * x - 1, [g]) for x, g in zip(pixels, generators)])
+        run = Sampler(r.hires_sampler, self.cfg, *hires_schedule(r.hires_steps, r.hires_denoise), r.eta, self.device)
+        sub = Img2Img(self.model, run, generators, shape, latents=latents)
+        hires_prompts = [r.hires_prompt] * len(prompts) if r.hires_prompt else prompts
+        conditioning = self.conditioner(
+            hires_prompts, r.negative_prompt, r.guided, r.prompt_syntax, r.clip_skip, self.version
+        )
+        denoiser = Denoiser(unet, conditioning, r, len(run.timesteps), sub.unet_input, learn_sigma=self.cfg.learn_sigma)
+        return self.sample(sub, run, generators, denoiser, desc and f"{desc}, hires", trajectory, callback)
 
     def batch_size(self, n: int, height: int, width: int, guided: bool) -> int:
         """The images (at most n, at least 1) of one sub-batch: as many as the throughput knee (SUB_BATCH_LATENTS)

@@ -30,6 +30,18 @@ if TYPE_CHECKING:  # PIL costs ~20 ms of a command line's start; the request onl
 SEEDS = (-(2**63), 2**64)  # the range of torch.Generator.manual_seed
 MASK_BLUR = 4  # outpainting's default feathered border, pixels
 IMG2IMG_STRENGTH = 0.75  # the default strength with an init image and no mask (inpainting, outpainting: 1)
+HIRES_DENOISE = 0.7  # the hires fix's default denoising strength (AUTOMATIC1111's)
+# the hires fix's upscalers, AUTOMATIC1111's names: its latent modes (torch's F.interpolate mode, antialias), and
+# "Lanczos", which decodes, resizes the pixels (PIL's Lanczos) and encodes again
+LATENT_UPSCALERS = {
+    "Latent": ("bilinear", False),
+    "Latent (antialiased)": ("bilinear", True),
+    "Latent (bicubic)": ("bicubic", False),
+    "Latent (bicubic antialiased)": ("bicubic", True),
+    "Latent (nearest)": ("nearest", False),
+    "Latent (nearest-exact)": ("nearest-exact", False),
+}
+HIRES_UPSCALERS = (*LATENT_UPSCALERS, "Lanczos")
 
 # how the library's messages call the settings; a front end passes its own words for those it names otherwise
 NAMES = {
@@ -50,7 +62,15 @@ NAMES = {
     "control_preprocess": "control preprocessing",
     "deepcache": "deepcache",
     "deepcache_branch": "deepcache branch",
+    "hires_scale": "hires scale",
+    "hires_size": "hires size",
+    "hires_steps": "hires steps",
+    "hires_denoise": "hires denoise",
+    "hires_upscaler": "hires upscaler",
+    "hires_prompt": "hires prompt",
+    "hires_sampler": "hires sampler",
 }
+HIRES = ("hires_steps", "hires_denoise", "hires_upscaler", "hires_prompt", "hires_sampler")  # the hires pass's options
 
 
 class InputError(LdmError):
@@ -106,6 +126,10 @@ class Request:
     Pipeline.load_lora's and load_embedding's).
     deepcache N: the whole UNet every N-th call only (ldm.unet.DeepCache), the shallow branch deepcache_branch
     between.
+    hires fix (txt2img; on with hires_scale or hires_size, as AUTOMATIC1111's): the images drawn at height x width,
+    upscaled by hires_scale (or to hires_size = (width, height), the same aspect ratio) with hires_upscaler, then
+    img2img at hires_denoise with hires_sampler (None: the sampler), hires_prompt (None: each image's prompt) for
+    hires_steps steps (0: steps), the last ones of int(hires_steps / min(hires_denoise, 0.999)) (A1111's count).
     """
 
     prompts: tuple[str, ...]
@@ -133,16 +157,21 @@ class Request:
     embeddings: tuple[EmbeddingSpec, ...] | None = None
     deepcache: int | None = None
     deepcache_branch: int = 0
+    hires_scale: float | None = None
+    hires_size: tuple[int, int] | None = None
+    hires_steps: int | None = None
+    hires_denoise: float | None = None
+    hires_upscaler: str | None = None
+    hires_prompt: str | None = None
+    hires_sampler: str | None = None
 
     def __post_init__(self):
         prompts = (self.prompts,) if isinstance(self.prompts, str) else self.prompts
         for name, value in (("prompts", prompts), ("controls", self.controls)):
             object.__setattr__(self, name, tuple(value))
-        for name in ("loras", "embeddings"):
+        for name in ("loras", "embeddings", "outpaint", "hires_size"):
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, tuple(getattr(self, name)))
-        if self.outpaint is not None:
-            object.__setattr__(self, "outpaint", tuple(self.outpaint))
 
     @property
     def mode(self) -> str:
@@ -150,6 +179,20 @@ class Request:
         if self.init_image is None:
             return "txt2img"
         return "outpaint" if self.outpaint is not None else "img2img" if self.mask is None else "inpaint"
+
+    @property
+    def hires(self) -> bool:
+        """The hires fix is on (hires_scale or hires_size given)."""
+        return self.hires_scale is not None or self.hires_size is not None
+
+    def output_size(self, factor: int) -> tuple[int, int]:
+        """(width, height) of the images of a resolved request for a VAE of `factor`: width x height, or the hires
+        fix's: hires_size, or int(side * hires_scale) rounded down to the factor (AUTOMATIC1111's latent size)."""
+        if self.hires_scale is None:
+            return self.hires_size or (self.width, self.height)
+        return int(self.width * self.hires_scale) // factor * factor, int(
+            self.height * self.hires_scale
+        ) // factor * factor
 
     @property
     def guided(self) -> bool:
@@ -183,6 +226,7 @@ class Request:
                 f"{n['deepcache']} (a full UNet call every N calls) must be at least 1, got {self.deepcache}"
             )
         self.check_images(n)
+        self.check_hires(n)
         for control in self.controls:
             check_control(control, n)
 
@@ -206,10 +250,63 @@ class Request:
         if self.mask_blur is not None and self.mask_blur < 0:
             raise InputError(f"mask blur must be >= 0 pixels, got {self.mask_blur}")
 
+    def check_hires(self, n: dict[str, str]) -> None:
+        """The rules of the hires fix that need no model."""
+        if not self.hires:
+            given = [n[key] for key in HIRES if getattr(self, key) is not None]
+            if given:
+                raise InputError(f"{given[0]} needs {n['hires_scale']} or {n['hires_size']} (the hires fix)")
+            return
+        if self.hires_scale is not None and self.hires_size is not None:
+            raise InputError(f"give one of {n['hires_scale']} and {n['hires_size']}, not both")
+        if self.mode != "txt2img" or self.controls:
+            raise InputError(f"the hires fix is for txt2img: no {n['init_image']} and no {n['controlnet']} with it")
+        if self.hires_scale is not None and not (math.isfinite(self.hires_scale) and self.hires_scale >= 1):
+            raise InputError(f"{n['hires_scale']} must be a number >= 1, got {self.hires_scale}")
+        size = self.hires_size
+        if size is not None and (len(size) != 2 or any(not isinstance(s, int) or s < 1 for s in size)):
+            raise InputError(f"{n['hires_size']} must be WIDTHxHEIGHT in positive whole pixels, got {size}")
+        if self.hires_steps is not None and self.hires_steps < 0:
+            raise InputError(f"{n['hires_steps']} must be >= 0 (0: the same as the steps), got {self.hires_steps}")
+        denoise = self.hires_denoise
+        if denoise is not None and not (math.isfinite(denoise) and 0 < denoise <= 1):
+            raise InputError(f"{n['hires_denoise']} must be in (0, 1], got {denoise}")
+        if self.hires_upscaler is not None and self.hires_upscaler not in HIRES_UPSCALERS:
+            known = ", ".join(HIRES_UPSCALERS)
+            raise InputError(f"unknown {n['hires_upscaler']} '{self.hires_upscaler}' (known: {known})")
+
+    def resolved_hires(self, cfg, sampler: str, steps: int, width: int, height: int, n: dict[str, str]) -> dict:
+        """The hires fields filled for a request drawn at width x height with `steps` of `sampler` (none when off)."""
+        from ldm.samplers import check_sampler
+
+        if not self.hires:
+            return {}
+        hires_sampler = self.hires_sampler or sampler
+        check_sampler(hires_sampler, cfg, InputError, n["hires_sampler"])
+        f, size = cfg.vae.factor, self.hires_size
+        if size is not None and (size[0] % f or size[1] % f or size[0] * height != size[1] * width):
+            ratio = f"multiples of {f} in the aspect ratio of {width}x{height}"
+            raise InputError(f"{n['hires_size']} {size[0]}x{size[1]}: the sides must be {ratio}")
+        hires_steps = self.hires_steps or steps
+        denoise = HIRES_DENOISE if self.hires_denoise is None else self.hires_denoise
+        total = hires_schedule(hires_steps, denoise)[0]
+        if total > cfg.timesteps:
+            raise InputError(
+                f"{n['hires_steps']} {hires_steps} at {n['hires_denoise']} {denoise}: a schedule of {total} steps, "
+                f"more than this model's {cfg.timesteps} timesteps"
+            )
+        return {
+            "hires_steps": hires_steps,
+            "hires_denoise": denoise,
+            "hires_upscaler": self.hires_upscaler or HIRES_UPSCALERS[0],
+            "hires_sampler": hires_sampler,
+        }
+
     def resolved(self, cfg, names: dict[str, str] | None = None) -> Request:
         """This request for the model of `cfg` (a ModelConfig), checked: image files read (PIL images), the model's
-        rules, and every default filled (sampler, steps, scale, strength, mask blur, size; outpainting's padding
-        rounded to the VAE factor). Resolving a resolved request changes nothing."""
+        rules, and every default filled (sampler, steps, scale, strength, mask blur, size, the hires fix's steps,
+        denoise, upscaler and sampler; outpainting's padding rounded to the VAE factor). Resolving a resolved request
+        changes nothing."""
         from ldm.images import load_image, outpaint_padding
         from ldm.samplers import check_sampler
         from ldm.unet import skip_branches
@@ -271,7 +368,16 @@ class Request:
             outpaint=padding,
             mask_blur=MASK_BLUR if padding is not None and self.mask_blur is None else self.mask_blur,
             controls=controls,
+            **self.resolved_hires(cfg, sampler, steps, width, height, n),
         )
+
+
+def hires_schedule(steps: int, denoise: float) -> tuple[int, float]:
+    """The hires pass's (schedule length, strength) for ldm.samplers.Sampler: it runs the last `steps` steps of a
+    schedule of int(steps / min(denoise, 0.999)) steps, as AUTOMATIC1111's setup_img2img_steps (the Sampler runs
+    int(total * strength) of them: strength (steps + 0.5) / total makes that steps whatever the rounding)."""
+    total = int(steps / min(denoise, 0.999))
+    return total, min(1.0, (steps + 0.5) / total)
 
 
 def image_of(image: Image.Image | str | Path, mode: str, load_image) -> Image.Image:

@@ -15,14 +15,15 @@ import gradio as gr
 from PIL import Image, ImageFilter
 
 from ldm import DEFAULT_MODEL, LdmError, load_pipeline
-from ldm.cli import CONTROL_PREPROCESS_NAMES, SAMPLER_NAMES, SYNTAX_NAMES
+from ldm.cli import CONTROL_PREPROCESS_NAMES, HIRES_UPSCALER_NAMES, SAMPLER_NAMES, SYNTAX_NAMES
 from ldm.config import ModelConfig
 from ldm.explorer import forward_process, reverse_process, step_view
 from ldm.images import canny, load_image, to_pil
 from ldm.outputs import make_images, model_facts, next_number, save_png
 from ldm.prompts import LORA_SUFFIXES, lora_tags
-from ldm.request import Control, EmbeddingSpec, OutputSpec, Request
+from ldm.request import HIRES_DENOISE, Control, EmbeddingSpec, OutputSpec, Request
 from ldm.runtime import runtime
+from ldm.xyz import cells, make_xyz, parse_axis
 
 # The embedded model's 32x32 images, shown enlarged to their box (Gradio's own object-fit, scale-down, leaves them at 32
 # px) with nearest neighbour, not blurred; the files served stay as made.
@@ -103,7 +104,13 @@ NAMES = {
     "controlnet": "ControlNet",
     "control_preprocess": "Preprocess",
     "n_iter": "Batch count",
+    "hires_scale": "Upscale by",
+    "hires_steps": "Hires steps",
+    "hires_denoise": "Denoising strength",
+    "hires_sampler": "Hires sampler",
 }
+SAME_SAMPLER = "Use same sampler"  # A1111's hires sampler choice for the first pass's
+XYZ = {"xyz_x": "X", "xyz_y": "Y", "xyz_z": "Z"}  # the X/Y/Z plot's axis fields, each NAME=V1,V2,... (ldm.xyz)
 
 
 def request_of(
@@ -115,6 +122,16 @@ def request_of(
     net, control_image = values.get("controlnet"), values.get("control_image")
     if net and not control_image:
         raise LdmError("a ControlNet needs a control image: upload one")
+    hires = {}
+    if values.get("hires"):
+        hires = {
+            "hires_scale": float(values["hires_scale"]),
+            "hires_steps": int(values["hires_steps"]),
+            "hires_denoise": float(values["hires_denoise"]),
+            "hires_upscaler": values["hires_upscaler"],
+            "hires_sampler": None if values["hires_sampler"] == SAME_SAMPLER else values["hires_sampler"],
+            "hires_prompt": values["hires_prompt"] or None,
+        }
     controls = ()
     if net:
         settings = [float(values[key]) for key in ("control_scale", "control_start", "control_end")]
@@ -143,6 +160,7 @@ def request_of(
         controls=controls,
         guess_mode=bool(net and values["guess_mode"]),
         embeddings=tuple(session.embeddings),
+        **hires,
     )
     spec = OutputSpec(session.args.outdir, int(values["batch_count"]))
     spec.check(request, NAMES)
@@ -153,11 +171,11 @@ def request_of(
 def generate(
     session: Session, values: dict, progress, init_image=None, mask=None, mask_blur=0, strength=None, padding=None
 ):
-    """Run make_images in a worker thread; yield (preview, gallery, info) as steps, previews and images come.
+    """Run make_images (the X/Y/Z plot: make_xyz) in a worker thread; yield (preview, gallery, info) as they come.
     init_image: a file; mask: a file, or a PIL image (drawn); mask_blur: A1111's, a Gaussian blur radius in pixels;
     padding: outpaint init_image by (left, top, right, bottom) pixels, its mask feathered over mask_blur pixels."""
     session.stop.clear()
-    prompt, mask_file = values["prompt"], mask
+    mask_file = mask
     try:
         if isinstance(mask, (str, Path)):
             mask = load_image(mask, "L")
@@ -168,9 +186,16 @@ def generate(
         mask_file = None if mask is None else str(mask_file)
         outpaint = {"padding": padding, "mask_blur": mask_blur} if padding is not None else {}
         request, spec = request_of(session, values, init_image or None, mask_file, strength, **outpaint)
-        tagged = (
-            {prompt: lora_tags(prompt, session.args.models_dir / "Lora")} if request.prompt_syntax == "a1111" else {}
-        )
+        given = [bool(values.get(key)) for key in XYZ]
+        if given != sorted(given, reverse=True):
+            raise LdmError("X/Y/Z plot: fill the axes in order, X first (a Y axis before a Z axis)")
+        axes = [parse_axis(values[key], f"X/Y/Z plot {axis}") for key, axis in XYZ.items() if values.get(key)]
+        requests = cells(request, axes, spec.n_iter, "X/Y/Z plot") if axes else [request]
+        for cell in requests if axes else ():  # every cell's settings checked before the first is made
+            cell.resolved(session.pipe.cfg, NAMES)
+        prompts = {p for r in requests for p in r.prompts}
+        lora_dir = session.args.models_dir / "Lora"
+        tagged = {p: lora_tags(p, lora_dir) for p in prompts} if request.prompt_syntax == "a1111" else {}
     except LdmError as e:
         raise gr.Error(str(e), print_exception=False) from None
     every, events = int(values["preview_every"]), queue.Queue()
@@ -183,8 +208,12 @@ def generate(
 
     def work():
         try:
+            if axes:
+                made = make_xyz(session.pipe, requests, axes, spec, session.model, tagged, callback)
+            else:
+                made = make_images(session.pipe, request, spec, session.model, tagged, callback)
             with session.lock:
-                for path in make_images(session.pipe, request, spec, session.model, tagged, callback):
+                for path in made:
                     events.put(("image", path))
         except Interrupted:
             events.put(("interrupted",))
@@ -196,12 +225,14 @@ def generate(
             events.put(("done",))
 
     threading.Thread(target=work, daemon=True).start()
-    preview, images, note, batch = None, [], "", 0
+    preview, images, note, passes = None, [], "", 0
     while (event := events.get())[0] != "done":
         if event[0] == "step":
             _, i, steps, picture = event
-            batch += i == 1
-            progress((i, steps), desc=f"batch {batch} of {spec.n_iter}: step {i}/{steps}", unit="steps")
+            passes += i == 1  # the hires fix makes each batch in two
+            batch = (passes + request.hires) // (1 + request.hires)
+            total = spec.n_iter * len(requests)  # the X/Y/Z plot's cells: one batch each
+            progress((i, steps), desc=f"batch {batch} of {total}: step {i}/{steps}", unit="steps")
             if picture is None:
                 continue
             preview = picture
@@ -251,6 +282,33 @@ def settings(prefix: str, cfg: ModelConfig, size: bool = True) -> dict:
             c["clip_skip"] = gr.Number(1, precision=0, label="Clip skip", elem_id=f"{prefix}-clip-skip")
             c["prompt_syntax"] = gr.Radio(list(SYNTAX_NAMES), value="a1111", label="Prompt syntax")
             c["preview_every"] = gr.Number(5, precision=0, label="Preview every N steps (0: none)")
+    return c
+
+
+def hires_fix() -> dict:
+    """The txt2img tab's "Hires. fix" fields, A1111's: draw, upscale, then img2img at a denoising strength."""
+    c = {}
+    with gr.Accordion("Hires. fix", open=False):
+        c["hires"] = gr.Checkbox(False, label="Hires. fix", elem_id="txt2img-hires")
+        with gr.Row():
+            c["hires_upscaler"] = gr.Dropdown(
+                list(HIRES_UPSCALER_NAMES), value=HIRES_UPSCALER_NAMES[0], label="Upscaler", elem_id="txt2img-hires-up"
+            )
+            c["hires_scale"] = gr.Slider(1, 4, value=2, step=0.05, label="Upscale by", elem_id="txt2img-hires-scale")
+            c["hires_steps"] = gr.Slider(0, 150, value=0, step=1, label="Hires steps (0: the same)")
+            c["hires_denoise"] = gr.Slider(0.01, 1, value=HIRES_DENOISE, step=0.01, label="Denoising strength")
+        with gr.Row():
+            c["hires_sampler"] = gr.Dropdown([SAME_SAMPLER, *SAMPLER_NAMES], value=SAME_SAMPLER, label="Hires sampler")
+            c["hires_prompt"] = gr.Textbox(label="Hires prompt (empty: the prompt)", elem_id="txt2img-hires-prompt")
+    return c
+
+
+def xyz_plot() -> dict:
+    """The txt2img tab's X/Y/Z plot fields: up to three axes, each a setting and its values (ldm.xyz)."""
+    c = {}
+    with gr.Accordion("X/Y/Z plot", open=False), gr.Row():
+        for key, axis in XYZ.items():
+            c[key] = gr.Textbox(label=f"{axis}: NAME=V1,V2,...", placeholder="steps=10,20,30", elem_id=f"txt2img-{key}")
     return c
 
 
@@ -340,6 +398,8 @@ def generation_tab(session: Session, mode: str) -> dict:
                 extra.append(gr.Slider(0.01, 1, value=default, step=0.01, label="Strength", elem_id=f"{mode}-strength"))
             c = settings(mode, session.pipe.cfg, size=mode != "outpaint")
             pickers(session, c["prompt"])
+            if mode == "txt2img":
+                c |= hires_fix() | xyz_plot()
             c |= controlnet(session, mode)
         with gr.Column():
             with gr.Row():

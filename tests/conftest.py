@@ -333,3 +333,22 @@ def a1111(text: str) -> dict:
         except json.JSONDecodeError:
             fields[key] = value
     return fields
+
+
+# the web page's txt2img fields (ldm.webui_app.FIELDS) as a run passes them, for the tests that build its requests
+PAGE_VALUES = {
+    "prompt": "a red apple",
+    "negative_prompt": "",
+    "seed": 1,
+    "batch_size": 1,
+    "batch_count": 1,
+    "sampler": "ddim",
+    "steps": 2,
+    "scale": 3,
+    "eta": 0,
+    "guidance_rescale": 0,
+    "cfg_end": 1,
+    "prompt_syntax": "a1111",
+    "clip_skip": 1,
+    "preview_every": 0,
+}
