@@ -45,7 +45,7 @@ from ldm import ASSETS, LdmError
 from ldm.images import to_pil
 from ldm.outputs import make_images
 from ldm.prompts import LORA_SUFFIXES, lora_tags
-from ldm.request import Control, InputError, OutputSpec, Request
+from ldm.request import HIRES_UPSCALERS, LATENT_UPSCALERS, Control, InputError, OutputSpec, Request
 from ldm.samplers import SAMPLERS
 from ldm.webui_app import CONTROLNET_SUFFIXES, EMBEDDED, Session
 
@@ -76,7 +76,9 @@ NEUTRAL = {
     "s_noise": (None, 1),
     "s_min_uncond": (None, 0),
     "styles": (None, []),
-    "enable_hr": (None, False),
+    "hr_checkpoint_name": (None, "", "Use same checkpoint"),
+    "hr_scheduler": (None, "", "Use same scheduler", *AUTOMATIC),
+    "hr_negative_prompt": (None, ""),
     "refiner_checkpoint": (None, "", "None"),
     "disable_extra_networks": (None, False),
     "firstphase_width": (None, 0),
@@ -106,6 +108,17 @@ class Txt2ImgBody(BaseModel):
     height: int | None = None
     eta: float | None = None
     denoising_strength: float | None = None  # txt2img: the hires pass's (enable_hr)
+    enable_hr: bool = False  # the hires fix: hr_scale, or hr_resize_x and hr_resize_y
+    hr_scale: float = 2.0
+    hr_resize_x: int = 0
+    hr_resize_y: int = 0
+    hr_upscaler: str | None = None
+    hr_second_pass_steps: int = 0
+    hr_sampler_name: str | None = None
+    hr_prompt: str = ""
+    hr_checkpoint_name: Any = None
+    hr_scheduler: Any = None
+    hr_negative_prompt: Any = None
     override_settings: dict[str, Any] = {}
     override_settings_restore_afterwards: bool = True
     send_images: bool = True
@@ -125,7 +138,6 @@ class Txt2ImgBody(BaseModel):
     styles: Any = None
     script_name: str | None = None  # img2img: "poor man's outpainting" (OUTPAINTING)
     script_args: list = []
-    enable_hr: Any = None
     refiner_checkpoint: Any = None
     disable_extra_networks: Any = None
     firstphase_width: Any = None
@@ -312,10 +324,31 @@ class Api:
             controls=controls,
             guess_mode=guess_mode,
             embeddings=tuple(self.session.embeddings),
+            **self.hires_of(body),
         )
         spec = OutputSpec(self.session.args.outdir, body.n_iter, grid=False)
         spec.check(request, NAMES)
         return request, spec, {body.prompt: self.lora_tags(body.prompt)}
+
+    def hires_of(self, body: Txt2ImgBody) -> dict:
+        """The Request's hires fix fields of A1111's enable_hr, hr_* and (txt2img) denoising_strength."""
+        if not body.enable_hr or isinstance(body, Img2ImgBody):
+            return {}
+        if bool(body.hr_resize_x) != bool(body.hr_resize_y):
+            raise ApiError("hr_resize_x and hr_resize_y: give both (the hires size) or neither (hr_scale)")
+        sampler = body.hr_sampler_name
+        same = sampler in (None, "", "Use same sampler")
+        if not same and sampler not in SAMPLER_OF:
+            raise ApiError(f"hr_sampler_name '{sampler}': not one of ldm's ({', '.join(SAMPLER_OF)})")
+        return {
+            "hires_scale": None if body.hr_resize_x else body.hr_scale,
+            "hires_size": (body.hr_resize_x, body.hr_resize_y) if body.hr_resize_x else None,
+            "hires_steps": body.hr_second_pass_steps,
+            "hires_denoise": body.denoising_strength,
+            "hires_upscaler": body.hr_upscaler,
+            "hires_prompt": body.hr_prompt or None,
+            "hires_sampler": None if same else SAMPLER_OF[sampler],
+        }
 
     def outpaint_of(self, body: Txt2ImgBody) -> tuple[tuple[int, ...] | None, int | None]:
         """The outpainting (padding, mask blur) of img2img's script "poor man's outpainting" (script_args: pixels,
@@ -565,11 +598,12 @@ def router(api: Api) -> APIRouter:
 
     @r.get("/upscalers")
     def upscalers():
-        return [{"name": "None", "model_name": None, "model_path": None, "model_url": None, "scale": 4}]
+        names = ["None", *(name for name in HIRES_UPSCALERS if name not in LATENT_UPSCALERS)]
+        return [{"name": n, "model_name": None, "model_path": None, "model_url": None, "scale": 4} for n in names]
 
     @r.get("/latent-upscale-modes")
     def latent_upscale_modes():
-        return []
+        return [{"name": name} for name in LATENT_UPSCALERS]
 
     @r.get("/sd-vae")
     def sd_vae():

@@ -113,6 +113,18 @@ def test_txt2img_is_the_cli(api, tmp_path, a1111, sampler):
     assert result.info["infotexts"][0] == Image.open(paths[0]).info["parameters"]
 
 
+def test_hires_fix_is_the_cli(api, tmp_path):
+    """enable_hr with hr_scale, hr_upscaler, hr_second_pass_steps and denoising_strength: the CLI's hires fix."""
+    result = api.txt2img(
+        prompt=PROMPT, seed=SEED, steps=STEPS, sampler_name="DDIM", eta=0, cfg_scale=3, width=SIDE, height=SIDE,
+        enable_hr=True, hr_scale=2, hr_upscaler="Latent (bicubic)", hr_second_pass_steps=3, denoising_strength=0.6,
+    )  # fmt: skip
+    paths = cli_images(tmp_path, "--sampler", "ddim", "--scale", 3, "--hires-scale", 2, "--hires-upscaler",
+                       "Latent (bicubic)", "--hires-steps", 3, "--hires-denoise", 0.6)  # fmt: skip
+    assert result.image.size == (2 * SIDE, 2 * SIDE) and same_pixels(result.image, paths[0])
+    assert result.image.info["parameters"] == Image.open(paths[0]).info["parameters"]
+
+
 def test_seed_minus_one_draws_and_returns_a_seed(api, tmp_path):
     result = api.txt2img(prompt=PROMPT, seed=-1, steps=2, sampler_name="DDIM", eta=0, width=SIDE, height=SIDE)
     seed = result.info["seed"]
@@ -332,7 +344,7 @@ def test_the_other_endpoints(server):
     flags = get(url, "cmd-flags").json()
     assert flags["nowebui"] is True and "api_auth" not in flags
     assert "poor man's outpainting" in get(url, "scripts").json()["img2img"]
-    assert get(url, "prompt-styles").json() == [] and get(url, "latent-upscale-modes").json() == []
+    assert get(url, "prompt-styles").json() == [] and {"name": "Latent"} in get(url, "latent-upscale-modes").json()
     for path in ("refresh-checkpoints", "refresh-loras", "skip", "interrupt"):
         assert post(url, path).status_code == 200
     assert "/sdapi/v1/txt2img" in requests.get(f"{url}/openapi.json", timeout=60).json()["paths"]
