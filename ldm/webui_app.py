@@ -58,7 +58,7 @@ class Session:
 
     def __init__(self, args):
         self.args = args
-        self.runtime = runtime(args.device)
+        self.runtime = runtime(args.device, taesd=args.taesd)
         self.stop = threading.Event()
         self.lock = threading.RLock()
         self.load(args.ckpt)
@@ -204,7 +204,7 @@ def generate(
         if session.stop.is_set():
             raise Interrupted
         preview = every and (i + 1) % every == 0 and i + 1 < steps
-        events.put(("step", i + 1, steps, to_pil(session.pipe.decode(latents[:1]))[0] if preview else None))
+        events.put(("step", i + 1, steps, to_pil(session.pipe.decode.preview(latents[:1]))[0] if preview else None))
 
     def work():
         try:
