@@ -38,15 +38,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--listen", action="store_true", help="bind 0.0.0.0 (every network interface), not 127.0.0.1")
     p.add_argument("--device", help="cpu, cuda, mps... (default: cuda when there is one, else cpu)")
-<<<<<<< HEAD
+    p.add_argument(
+        "--taesd", type=Path, metavar="PATH", help="decode (and preview) with this TAESD file or folder, as txt2img.py"
+    )
     p.add_argument("--api", action="store_true", help="also serve AUTOMATIC1111's REST API, /sdapi/v1 (docs: /docs)")
     p.add_argument("--nowebui", action="store_true", help="serve the REST API alone, without the page")
     p.add_argument(
         "--api-auth", type=users, default={}, metavar="USER:PASS[,USER:PASS...]", help="HTTP Basic auth on the REST API"
-=======
-    p.add_argument(
-        "--taesd", type=Path, metavar="PATH", help="decode (and preview) with this TAESD file or folder, as txt2img.py"
->>>>>>> main
     )
     return p.parse_args(argv)
 
