@@ -455,12 +455,13 @@ class Api:
         return pngs
 
     def preview(self) -> str | None:
-        """The running job's latest first image, decoded, as base64 PNG."""
+        """The running job's latest first image, as the page previews it (ldm.decode: TAESD or the latent colours), as
+        base64 PNG."""
         latents = self.progress.latents
         if latents is None or not self.progress.job_count:
             return None
         with torch.inference_mode():
-            image = to_pil(self.session.pipe.decode(latents))[0]
+            image = to_pil(self.session.pipe.decode.preview(latents))[0]
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")
         return base64.b64encode(buffer.getvalue()).decode()
