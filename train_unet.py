@@ -80,6 +80,7 @@ from ldm.model import StableDiffusion
 from ldm.pipeline import Pipeline
 from ldm.run_files import read_train_config
 from ldm.samplers import check_sampler
+from ldm.shards import Shards, is_shards, open_index
 from ldm.training import (
     ControlNetTrainable,
     LoRATrainable,
@@ -120,19 +121,30 @@ def train(args) -> int:
     check_sampler(cfg.validation.sampler, cfg.model, ConfigError, "validation.sampler")
     run = Run(cfg, "train_unet", args.resume, fine_tune=bool(cfg.init_from) and not cfg.reinit_unet)
     device = run.device
-    dataset = ImageCaptionDataset(
-        cfg.data.path,
-        cfg.data.resolution,
-        cfg.data.center_crop,
-        cfg.data.random_flip,
-        cfg.data.image_column,
-        cfg.data.caption_column,
-        control=(
-            cfg.controlnet.preprocess if cfg.controlnet.preprocess != "none" else cfg.controlnet.conditioning_column
+    if is_shards(cfg.data.path):  # webdataset shards, indexed by all processes together (ldm.shards)
+        if cfg.cache_latents or cfg.controlnet.enabled:
+            raise ConfigError("webdataset shards train the UNet or a LoRA: not with cache_latents or a ControlNet")
+        index = open_index(cfg.data, run.output_dir, run.accelerator)
+        rank, world = run.accelerator.process_index, run.accelerator.num_processes
+        dataset = Shards(index, cfg.data, cfg.batch_size, rank, world, cfg.seed)
+    else:
+        if cfg.data.buckets:
+            raise ConfigError("data.buckets needs webdataset shards in data.path (python -m ldm.shards writes them)")
+        if cfg.data.record_order and cfg.cache_latents:
+            raise ConfigError("data.record_order names the images of the stream: not with cache_latents")
+        dataset = ImageCaptionDataset(
+            cfg.data.path,
+            cfg.data.resolution,
+            cfg.data.center_crop,
+            cfg.data.random_flip,
+            cfg.data.image_column,
+            cfg.data.caption_column,
+            control=(
+                cfg.controlnet.preprocess if cfg.controlnet.preprocess != "none" else cfg.controlnet.conditioning_column
+            )
+            if cfg.controlnet.enabled
+            else "",
         )
-        if cfg.controlnet.enabled
-        else "",
-    )
     model = StableDiffusion(cfg.model)
     if init is not None:
         parts = ["first_stage_model", "cond_stage_model"] + ([] if cfg.reinit_unet else ["model"])
@@ -156,7 +168,6 @@ def train(args) -> int:
     else:
         trainable = UNetTrainable(model)
     model.unet.train()
-    latent_shape = cfg.model.vae.latent_shape(cfg.data.resolution, cfg.data.resolution)
 
     # ------------------------------------------------------------ data: images on the fly, or the latent cache
     if cfg.cache_latents:
@@ -189,7 +200,8 @@ def train(args) -> int:
         """The validation images: one per prompt, each with its fixed seed (see Trainable.samples)."""
         v = cfg.validation
         options = dict(steps=v.steps, scale=v.guidance_scale, sampler=v.sampler, progress=False)
-        options |= dict(height=cfg.data.resolution, width=cfg.data.resolution)
+        width, height = dataset.common_size() if isinstance(dataset, Shards) else (cfg.data.resolution,) * 2
+        options |= dict(height=height, width=width)
         return trainable.samples(Pipeline(model), list(v.prompts), v.seed, options, dataset)
 
     # ------------------------------------------------------------ optimizer, schedule, EMA, resume; the loop
@@ -198,6 +210,11 @@ def train(args) -> int:
         # Every random draw of a sample comes from its own generator, in a fixed order, so it does not depend
         # on the process count or on resuming: timestep, diffusion noise, posterior noise, caption dropout, offset.
         gens = per_sample_generators(batch["seed"])
+        latent_shape = (  # each batch of aspect-ratio buckets has its own size
+            tuple(batch["mean"].shape[1:])
+            if "mean" in batch
+            else cfg.model.vae.latent_shape(*batch["pixels"].shape[-2:])
+        )
         t = torch.stack([torch.randint(0, cfg.model.timesteps, (), generator=g) for g in gens]).to(device)
         noise = randn_like_per_sample(gens, latent_shape).to(device)
         posterior_noise = randn_like_per_sample(gens, latent_shape).to(device)
@@ -208,9 +225,12 @@ def train(args) -> int:
             if cfg.cache_latents:
                 mean, std, context = batch["mean"].to(device), batch["std"].to(device), batch["context"].to(device)
                 context[torch.tensor(drop, device=device)] = empty_context
-            else:
-                posterior = vae.encode(batch["pixels"].to(device))
-                mean, std = posterior.mean.float(), posterior.std.float()
+            else:  # from the images, or from shards of their precomputed posteriors (ldm.precompute)
+                if "mean" in batch:
+                    mean, std = batch["mean"].to(device), batch["std"].to(device)
+                else:
+                    posterior = vae.encode(batch["pixels"].to(device))
+                    mean, std = posterior.mean.float(), posterior.std.float()
                 captions = ["" if d else c for c, d in zip(batch["caption"], drop)]
                 tokens = text_encoder.tokenize(captions).to(device)
             latents = model.get_first_stage_encoding(mean + std * posterior_noise)  # z ~ q(z | x), scaled

@@ -36,3 +36,17 @@ for precision in bf16 fp16; do
         { tail -20 "$work/log"; exit 1; }
     echo "train_unet.py, 3 steps, mixed_precision=$precision on $device: ok (${SECONDS} s)"
 done
+# 5: one run on 2 processes under each sharding config of configs/accelerate/ (FSDP SHARD_GRAD_OP runs on the CPU
+# too, over gloo; DeepSpeed only where it is installed: pip install deepspeed).
+n=$([[ "$device" == cpu ]] && echo 2 || python -c "import torch; print(max(2, torch.cuda.device_count()))")
+for config in fsdp-shard-grad-op deepspeed-zero2; do
+    if [[ "$config" == deepspeed-zero2 ]] && ! python -c "import deepspeed" 2> /dev/null; then
+        echo "train_unet.py under $config: skipped (deepspeed is not installed)"
+        continue
+    fi
+    SECONDS=0
+    python -m accelerate.commands.launch --config_file "configs/accelerate/$config.yaml" --num_processes "$n" \
+        --mixed_precision no train_unet.py --config configs/train-unet-tiny.yaml tracker=none "data.path=$work/data" \
+        max_steps=2 batch_size=2 "output_dir=$work/run-$config" > "$work/log" 2>&1 || { tail -20 "$work/log"; exit 1; }
+    echo "train_unet.py, 2 steps on $n processes under configs/accelerate/$config.yaml on $device: ok (${SECONDS} s)"
+done

@@ -30,6 +30,7 @@ import io
 import json
 import os
 import random
+import re
 import signal
 import warnings
 from pathlib import Path
@@ -40,6 +41,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import Dataset, Sampler
 
 from ldm import LdmError
+from ldm.buckets import fit
 from ldm.images import canny
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -81,20 +83,8 @@ def open_rgb(source: str | Path | bytes) -> Image.Image:
 
 def transform(img: Image.Image, resolution: int, center_crop: bool, flip: bool, rng: random.Random) -> torch.Tensor:
     """Resize the short side to `resolution` (bicubic, antialiased), crop a square (center or random), flip;
-    -> [-1, 1]."""
-    w, h = img.size
-    scale = resolution / min(w, h)
-    w, h = max(resolution, round(w * scale)), max(resolution, round(h * scale))
-    img = img.resize((w, h), Image.Resampling.BICUBIC)
-    left, top = (
-        ((w - resolution) // 2, (h - resolution) // 2)
-        if center_crop
-        else (rng.randint(0, w - resolution), rng.randint(0, h - resolution))
-    )
-    img = img.crop((left, top, left + resolution, top + resolution))
-    if flip:
-        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    return torch.from_numpy(np.array(img)).permute(2, 0, 1).float() / 127.5 - 1.0
+    -> [-1, 1]. The square bucket of ldm.buckets.fit."""
+    return fit(img, (resolution, resolution), center_crop, flip, rng)[0]
 
 
 def rotate_hue(pixels: torch.Tensor, degrees: torch.Tensor) -> torch.Tensor:
@@ -292,7 +282,8 @@ def _load_hf(path: Path | str, image_column: str, caption_column: str, require_c
 
 
 class ImageCaptionDataset(Dataset):
-    """(index, seed) -> {"pixels": (3, R, R) in [-1, 1], "caption": str, "seed": seed, "skipped": [(name, why)]}.
+    """(index, seed) -> {"pixels": (3, R, R) in [-1, 1], "caption": str, "seed": seed, "key": its name,
+    "skipped": [(name, why)]}.
 
     A file that cannot be decoded is replaced by the next readable one and reported in "skipped".
     """
@@ -419,7 +410,7 @@ class ImageCaptionDataset(Dataset):
             except Exception as e:  # a corrupt file can raise almost anything inside a decoder
                 skipped.append((self.name(i), unreadable(e)))
                 continue
-            item = {"pixels": pixels, "caption": caption, "seed": seed, "skipped": skipped}
+            item = {"pixels": pixels, "caption": caption, "seed": seed, "key": self.name(i), "skipped": skipped}
             return item | ({"hint": hint} if self.control else {})
         raise DataError(
             f"none of the {len(self)} images in the dataset could be read (first: {skipped[0][0]}: {skipped[0][1]})"
@@ -442,8 +433,9 @@ class ImageCaptionDataset(Dataset):
 
 
 def unreadable(error: Exception) -> str:
-    """Why a file was skipped, in one line."""
-    return "unreadable (" + " ".join(f"{type(error).__name__}: {error}".split())[:120] + ")"
+    """Why a file was skipped, in one line (without the address of the object Pillow read it from)."""
+    text = re.sub(r" <[^<>]* at 0x[0-9a-f]+>", "", f"{type(error).__name__}: {error}")
+    return "unreadable (" + " ".join(text.split())[:120] + ")"
 
 
 def _png_bytes(img: Image.Image) -> bytes:

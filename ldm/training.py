@@ -41,6 +41,7 @@ from ldm.errors import CheckpointError
 from ldm.lora import add_lora, save_lora
 from ldm.model import StableDiffusion
 from ldm.run_files import checkpoint_trainable_only, list_checkpoints, save_checkpoint, start_run, writing
+from ldm.shards import Shards
 
 
 def make_accelerator(
@@ -119,16 +120,18 @@ def peak_memory_gib(device: torch.device) -> float:
 
 
 class TrainState:
-    """Where a run is: optimizer steps done, samples drawn from the data stream, files skipped so far."""
+    """Where a run is: optimizer steps done, samples drawn from the data stream, files skipped so far, and the
+    number of processes that drew them (0: not known, a checkpoint from before it was kept)."""
 
-    def __init__(self):
-        self.step, self.samples_seen, self.skipped = 0, 0, {}
+    def __init__(self, world: int = 1):
+        self.step, self.samples_seen, self.skipped, self.world = 0, 0, {}, world
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "samples_seen": self.samples_seen, "skipped": self.skipped}
+        return {"step": self.step, "samples_seen": self.samples_seen, "skipped": self.skipped, "world": self.world}
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.samples_seen, self.skipped = state["step"], state["samples_seen"], dict(state["skipped"])
+        self.world = state.get("world", 0)
 
 
 def skipped_report(skipped: dict[str, str]) -> str:
@@ -343,7 +346,8 @@ class Run:
         self.accelerator = make_accelerator(
             self.output_dir, cfg.mixed_precision, cfg.grad_accum, cfg.tracker, cfg.compile
         )
-        self.device, self.state, self.ema = self.accelerator.device, TrainState(), None
+        self.device, self.ema = self.accelerator.device, None
+        self.state = TrainState(self.accelerator.num_processes)
         set_seed(cfg.seed)  # the same fresh weights on every process
 
     def prepare(self, *trainables: Trainable, extra_state: tuple = ()) -> None:
@@ -388,31 +392,54 @@ class Run:
         """The block of one micro-batch: DDP synchronises the gradients at the last one of a step only."""
         return self.accelerator.accumulate(*[net for t in self.trainables for net in t.ddp])
 
-    def batches(self, dataset, note: str = "", draw: Callable[[], list[Image.Image]] | None = None, every: int = 0):
-        """This process's batches of the endless data stream (see ldm.data.StreamSampler) from where the run is, until
-        it stops. With `draw`, every `every` steps a row of validation images from the EMA weights, saved and logged."""
+    def loader(self, dataset) -> DataLoader:
+        """This process's batches from where the run is: webdataset shards (ldm.shards.Shards, an iterable of
+        batches), or a dataset read by index through ldm.data.StreamSampler."""
         cfg, accelerator, state = self.cfg, self.accelerator, self.state
-        state.skipped |= dict(dataset.skipped)  # found while listing the folder (or building the cache)
-        sampler = StreamSampler(
-            len(dataset),
-            cfg.batch_size,
-            accelerator.process_index,
-            accelerator.num_processes,
-            cfg.seed,
-            state.samples_seen,
-        )
-        loader = DataLoader(
-            dataset,
-            cfg.batch_size,
-            sampler=sampler,
-            collate_fn=collate,
+        options = dict(
             num_workers=cfg.data.num_workers,
             worker_init_fn=ignore_stop_signals,
             pin_memory=accelerator.device.type == "cuda",
         )
-        stream = iter(loader)
+        if isinstance(dataset, Shards):
+            if state.world and state.world != accelerator.num_processes:
+                accelerator.print(
+                    f"note: the checkpoint drew its shards on {state.world} process(es), this run has "
+                    f"{accelerator.num_processes}: it goes on from sample {state.samples_seen} of the stream, but the "
+                    "shards are shared out anew, so the samples of each step from here on differ from what a run on "
+                    f"{state.world} would draw (resume on {state.world} for exactly that order)"
+                )
+            state.world, dataset.start = accelerator.num_processes, state.samples_seen
+            return DataLoader(dataset, batch_size=None, **options)
+        rank, world = accelerator.process_index, accelerator.num_processes
+        sampler = StreamSampler(len(dataset), cfg.batch_size, rank, world, cfg.seed, state.samples_seen)
+        return DataLoader(dataset, cfg.batch_size, sampler=sampler, collate_fn=collate, **options)
+
+    def order_record(self):
+        """data.record_order: <output_dir>/data-order-RANK.jsonl opened for appending, cut back to the rows of the
+        steps this run starts from (so it always describes the run that made the weights); else None."""
+        if not self.cfg.data.record_order:
+            return None
+        path = self.output_dir / f"data-order-{self.accelerator.process_index}.jsonl"
+        kept = [
+            line
+            for line in (path.read_text().splitlines() if path.exists() and self.resume is not None else [])
+            if json.loads(line)["step"] <= self.state.step
+        ]
+        path.write_text("".join(line + "\n" for line in kept))
+        return path.open("a")
+
+    def batches(self, dataset, note: str = "", draw: Callable[[], list[Image.Image]] | None = None, every: int = 0):
+        """This process's batches of the endless data stream (see Run.loader) from where the run is, until it stops.
+        With `draw`, every `every` steps a row of validation images from the EMA weights, saved and logged."""
+        cfg, accelerator, state = self.cfg, self.accelerator, self.state
+        state.skipped |= dict(dataset.skipped)  # found while listing the folder (or building the cache or index)
+        stream, record = iter(self.loader(dataset)), self.order_record()
         accelerator.print(
-            f"{len(dataset)} training images{note}, {accelerator.num_processes} process(es) on {self.device.type}"
+            f"{len(dataset)} training images{note}, {accelerator.num_processes} process(es) on {self.device.type}; "
+            f"global batch {cfg.batch_size * cfg.grad_accum * accelerator.num_processes} = batch_size "
+            f"{cfg.batch_size} x grad_accum {cfg.grad_accum} x {accelerator.num_processes} process(es), "
+            f"optim.lr {cfg.optim.lr:g} per global batch (not scaled with it)"
         )
         accelerator.init_trackers(self.name, config=flat_config(to_dict(cfg)))
         self.stop = Stop(accelerator, cfg.max_nan_skips)  # SIGTERM, Ctrl-C, too many non-finite steps
@@ -424,6 +451,14 @@ class Run:
             batch = next(stream)
             state.samples_seen += cfg.batch_size * accelerator.num_processes
             state.skipped |= dict(batch["skipped"])
+            if record:
+                rows = [{"step": state.step + 1, "rank": accelerator.process_index, "key": k} for k in batch["key"]]
+                if "crop" in batch:  # shards: the image's size before and its crop in the batch's size
+                    sizes = zip(batch["size"], batch["original_size"], batch["crop"])
+                    for row, (size, original, crop) in zip(rows, sizes):
+                        row |= {"size": list(size), "original_size": list(original), "crop": list(crop)}
+                record.write("".join(json.dumps(row) + "\n" for row in rows))
+                record.flush()
             yield batch
             self.window_images += cfg.batch_size
             if accelerator.sync_gradients and self.after_step(draw, every):
