@@ -46,13 +46,16 @@ from ldm.images import to_pil
 from ldm.outputs import make_images
 from ldm.prompts import LORA_SUFFIXES, lora_tags
 from ldm.request import HIRES_UPSCALERS, LATENT_UPSCALERS, Control, InputError, OutputSpec, Request
-from ldm.samplers import SAMPLERS
+from ldm.samplers import SAMPLERS, SCHEDULES
 from ldm.webui_app import CONTROLNET_SUFFIXES, EMBEDDED, Session
 
 MAX_BODY = 64 << 20  # bytes of a request body: a few base64 images
 MAX_PIXELS = 4096 * 4096  # of an image in a request, checked from its header before it is decoded
 SAMPLER_OF = {a1111: name for name, (_, _, a1111) in SAMPLERS.items()}  # "Euler a" -> "euler_a"
 AUTOMATIC = ("automatic", "Automatic")  # A1111's scheduler that is the sampler's own
+# A1111's scheduler names and labels -> ldm's schedule ("Karras" or "karras" -> "karras")
+SCHEDULE_OF = {AUTOMATIC[0]: "default"} | {label: name for name, label in SCHEDULES.items()}
+SCHEDULE_OF |= {name: name for name in SCHEDULES if name != "default"}
 OUTPAINTING = "poor man's outpainting"  # A1111's script: [pixels, mask blur, masked content, directions]
 # how the API calls the request's settings, in its error messages (ldm.request.NAMES)
 NAMES = {
@@ -289,7 +292,7 @@ class Api:
             value = getattr(body, field, None)
             if value not in neutral:
                 raise ApiError(f"{field}: ldm does not have this setting; leave it out or send {neutral[1]!r}")
-        sampler = self.sampler_of(body)
+        sampler, schedule = self.sampler_of(body)
         if body.eta not in (None, 0, 1) and sampler != "ddim":
             raise ApiError(f"eta {body.eta}: ldm's eta applies to DDIM only")
         clip_skip = clip_skip_of(body.override_settings, self.clip_skip)
@@ -310,6 +313,7 @@ class Api:
             n_samples=body.batch_size,
             seed=random.randrange(2**32) if body.seed == -1 else body.seed,
             sampler=sampler,
+            schedule=schedule,
             steps=body.steps,
             scale=body.cfg_scale,
             height=body.height,
@@ -374,17 +378,17 @@ class Api:
                 raise ApiError(f"<lora:{path.stem}>: LoRAs are read from {folder} only")
         return text, tags
 
-    def sampler_of(self, body: Txt2ImgBody) -> str | None:
-        """ldm's sampler of A1111's sampler_name (or sampler_index) and scheduler: "DPM++ 2M" with "Karras" is
-        "DPM++ 2M Karras"; None: the model's."""
+    def sampler_of(self, body: Txt2ImgBody) -> tuple[str | None, str]:
+        """ldm's sampler and schedule of A1111's sampler_name (or sampler_index) and scheduler: "DPM++ 2M" with
+        "Karras" is dpmpp_2m on karras (the sampler None: the model's); a sampler that does not take the schedule is
+        the request's one-line error."""
+        scheduler = body.scheduler or AUTOMATIC[0]
+        if scheduler not in SCHEDULE_OF:
+            raise ApiError(f"scheduler '{scheduler}': not one of ldm's ({', '.join(SCHEDULE_OF)})")
         name = body.sampler_name or body.sampler_index
-        if name is None:
-            return None
-        full = name if body.scheduler in (None, *AUTOMATIC) else f"{name} {body.scheduler}"
-        if full not in SAMPLER_OF:
-            known = ", ".join(SAMPLER_OF)
-            raise ApiError(f"sampler_name '{name}' with scheduler '{body.scheduler}': not one of ldm's ({known})")
-        return SAMPLER_OF[full]
+        if name is not None and name not in SAMPLER_OF:
+            raise ApiError(f"sampler_name '{name}': not one of ldm's ({', '.join(SAMPLER_OF)})")
+        return SAMPLER_OF.get(name), SCHEDULE_OF[scheduler]
 
     def controls_of(self, scripts: dict) -> tuple[tuple[Control, ...], bool]:
         """sd-webui-controlnet's units, {"ControlNet": {"args": [unit, ...]}}, as Controls; and guess mode (a unit's
@@ -485,7 +489,7 @@ def info_of(body: Txt2ImgBody, request: Request, texts: list[dict], progress: Pr
             "width": first.get("width"),
             "height": first.get("height"),
             "sampler_name": SAMPLERS[first["sampler"]][2] if first else None,
-            "scheduler": "Automatic",
+            "scheduler": SCHEDULES[first.get("schedule", "default")],
             "cfg_scale": first.get("scale"),
             "steps": first.get("steps"),
             "batch_size": body.batch_size,
@@ -592,9 +596,16 @@ def router(api: Api) -> APIRouter:
         return [{"name": a, "aliases": [name], "options": {}} for name, (_, _, a) in SAMPLERS.items()]
 
     @r.get("/schedulers")
-    def schedulers():
+    def schedulers():  # as A1111's modules/sd_schedulers.py describes them
         return [
-            {"name": "automatic", "label": "Automatic", "aliases": None, "default_rho": -1, "need_inner_model": False}
+            {
+                "name": AUTOMATIC[0] if name == "default" else name,
+                "label": label,
+                "aliases": ["SGMUniform"] if name == "sgm_uniform" else None,
+                "default_rho": 7.0 if name == "karras" else -1,
+                "need_inner_model": name == "sgm_uniform",
+            }
+            for name, label in SCHEDULES.items()
         ]
 
     @r.get("/upscalers")

@@ -113,6 +113,23 @@ def test_txt2img_is_the_cli(api, tmp_path, a1111, sampler):
     assert result.info["infotexts"][0] == Image.open(paths[0]).info["parameters"]
 
 
+def test_a_scheduler_is_the_cli_s_schedule(api, server, tmp_path):
+    """A1111's sampler_name with scheduler ("DPM++ 2M", "Karras") = txt2img.py --sampler dpmpp_2m --schedule karras;
+    /schedulers lists ldm's schedules as A1111 names them; a sampler that does not take the schedule is a 422."""
+    result = api.txt2img(
+        prompt=PROMPT, seed=SEED, steps=STEPS, sampler_name="DPM++ 2M", scheduler="Karras", cfg_scale=3, width=SIDE,
+        height=SIDE,
+    )  # fmt: skip
+    (path,) = cli_images(tmp_path, "--sampler", "dpmpp_2m", "--schedule", "karras", "--scale", 3)
+    assert same_pixels(result.image, path) and result.image.info["parameters"] == Image.open(path).info["parameters"]
+    assert result.info["scheduler"] == "Karras"
+    url = server[0]
+    assert [s["name"] for s in get(url, "schedulers").json()] == ["automatic", "karras", "exponential", "sgm_uniform"]
+    body = {"prompt": PROMPT, "steps": 2, "width": SIDE, "height": SIDE, "sampler_name": "DDIM", "scheduler": "Karras"}
+    refused = post(url, "txt2img", body)
+    assert refused.status_code == 422 and "the ddim sampler takes default, sgm_uniform" in refused.json()["detail"]
+
+
 def test_hires_fix_is_the_cli(api, tmp_path):
     """enable_hr with hr_scale, hr_upscaler, hr_second_pass_steps and denoising_strength: the CLI's hires fix."""
     result = api.txt2img(
