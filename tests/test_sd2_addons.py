@@ -13,9 +13,10 @@ from diffusers import StableDiffusionInpaintPipeline
 from safetensors.torch import save_file
 from test_lora import kohya, kohya_alphas, layers, random_lora
 from test_outpaint import smooth
+from test_prompts import words
 from test_sd2 import sd2  # noqa: F401 (the module's fixture)
 
-from conftest import LATENT_ATOL, assert_same, diffusers_run, ours_run, pixels
+from conftest import LATENT_ATOL, STEPS, assert_same, diffusers_run, ours_run, pixels
 from ldm.images import outpaint_canvas
 from ldm.pipeline import Pipeline
 from ldm.samplers import make_scheduler
@@ -66,3 +67,44 @@ def test_outpainting_is_diffusers_inpainting_of_the_canvas(sd2, channels, sample
     assert images[0].size == (32, 16) and np.array_equal(np.asarray(images[0])[0:12, 8:24], np.asarray(image))
     assert_same(images, theirs, trajectory[-1], latents, region=np.asarray(mask) > 0)
     assert pixels(images)[:, np.asarray(mask) > 0].std() > 8  # not flat
+
+
+def test_a_long_a1111_prompt_is_compel_s_chunks_through_diffusers(sd2):  # noqa: F811
+    """Prompts of 100 and 160 tokens (no syntax, no comma: compel cuts where A1111 does) under A1111's syntax on the
+    OpenCLIP encoder: compel's 77-token chunks padded with "!" (compel 2.5.1, truncate_long_prompts=False, on
+    diffusers' tokenizer and encoder), and diffusers' pipeline given those embeddings makes our image. (Emphasis, BREAK
+    and comma backtracking are the same code for every encoder: test_prompts.)"""
+    compel = pytest.importorskip("compel")
+    ours, ref, _ = sd2["v_prediction", 4]
+    ref = reference(ref, ours)
+    encode = compel.Compel(tokenizer=ref.tokenizer, text_encoder=ref.text_encoder, truncate_long_prompts=False)
+    prompt, negative = words(100), words(160, 5)
+    with torch.no_grad():
+        positive, negative_embeds = encode.pad_conditioning_tensors_to_same_length([encode(prompt), encode(negative)])
+    assert positive.shape == (1, 231, ours.text_encoder.hidden_size)
+    context = ours.conditioner.encode_prompts([prompt], negative, True)
+    torch.testing.assert_close(context, torch.cat([negative_embeds, positive]), rtol=1e-5, atol=1e-5)
+    trajectory = []
+    images = ours.txt2img(
+        prompt,
+        negative_prompt=negative,
+        prompt_syntax="a1111",
+        steps=STEPS,
+        seed=8,
+        progress=False,
+        trajectory=trajectory,
+    )
+    final = {}
+
+    def keep(pipe, i, t, tensors):
+        final.update(tensors)
+        return tensors
+
+    theirs = ref(
+        prompt_embeds=positive,
+        negative_prompt_embeds=negative_embeds,
+        num_inference_steps=STEPS,
+        generator=torch.Generator().manual_seed(8),
+        callback_on_step_end=keep,
+    ).images
+    assert_same(images, theirs, trajectory[-1], final["latents"])
