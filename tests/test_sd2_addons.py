@@ -20,6 +20,7 @@ from conftest import LATENT_ATOL, STEPS, assert_same, diffusers_run, ours_run, p
 from ldm.images import outpaint_canvas
 from ldm.pipeline import Pipeline
 from ldm.samplers import make_scheduler
+from ldm.unet import DeepCache, skip_branches
 
 
 def reference(ref, ours, sampler="ddim"):
@@ -108,3 +109,31 @@ def test_a_long_a1111_prompt_is_compel_s_chunks_through_diffusers(sd2):  # noqa:
         callback_on_step_end=keep,
     ).images
     assert_same(images, theirs, trajectory[-1], final["latents"])
+
+
+def test_deepcache_on_the_sd2_unet(sd2):  # noqa: F811
+    """For every skip branch of the SD2 UNet, a shallow call on the input of the full call before it is that full call
+    bit for bit, which is diffusers' UNet; in the pipeline deepcache=1 is diffusers' image, and deepcache=3 runs the
+    middle block at calls 1, 4... only (as tests/test_models and test_pipeline show on v1)."""
+    ours, ref, _ = sd2["v_prediction", 4]
+    unet = ours.unet
+    x, t, c = torch.randn(2, 4, 10, 6), torch.tensor([3, 700]), torch.randn(2, 77, ours.cfg.unet.context_dim)
+    middle = []
+    hook = unet.middle_block.register_forward_hook(lambda *_: middle.append(1))
+    with torch.inference_mode():
+        full = unet(x, t, c)
+        assert (full - ref.unet(x, t, c).sample).abs().max() <= 1e-4
+        for branch in range(skip_branches(ours.cfg.unet)):
+            cache = DeepCache(2, branch)
+            assert torch.equal(unet(x, t, c, cache=cache), full)
+            middle.clear()
+            assert torch.equal(unet(x, t, c, cache=cache), full) and not middle
+    middle.clear()
+    images, trajectory = ours_run(ours, seed=4, n=2, deepcache=1, sampler="ddim")
+    theirs, latents = diffusers_run(reference(ref, ours), seed=4, n=2)
+    assert_same(images, theirs, trajectory[-1], latents)
+    assert len(middle) == STEPS  # classifier-free guidance: one UNet call of batch 2 per step
+    middle.clear()
+    cached = ours_run(ours, seed=4, n=2, deepcache=3, sampler="ddim")[1]
+    hook.remove()
+    assert len(middle) == (STEPS + 2) // 3 and not torch.equal(cached[-1], trajectory[-1])
