@@ -137,3 +137,18 @@ def test_deepcache_on_the_sd2_unet(sd2):  # noqa: F811
     cached = ours_run(ours, seed=4, n=2, deepcache=3, sampler="ddim")[1]
     hook.remove()
     assert len(middle) == (STEPS + 2) // 3 and not torch.equal(cached[-1], trajectory[-1])
+
+
+def test_the_openvino_backend_runs_the_sd2_unet_as_diffusers(sd2, tmp_path, monkeypatch):  # noqa: F811
+    """backend="openvino" in fp32 on the SD2 model (Linear projections, upcast attention, v-prediction): diffusers'
+    final latents within 1e-4 and its image, as test_pipeline's v1 check against torch."""
+    pytest.importorskip("openvino", reason="the OpenVINO backend needs openvino: pip install 'ldm[openvino]'")
+    import ldm.openvino
+
+    monkeypatch.setattr(ldm.openvino, "CACHE", tmp_path)
+    ours, ref, _ = sd2["v_prediction", 4]
+    ov = Pipeline(copy.deepcopy(ours.model), backend="openvino", backend_precision="fp32")
+    images, trajectory = ours_run(ov, seed=1, n=2, sampler="euler_a")
+    theirs, latents = diffusers_run(reference(ref, ours, "euler_a"), seed=1, n=2)
+    assert len(list(tmp_path.glob("*.xml"))) == 2  # the UNet and the VAE decoder ran converted
+    assert_same(images, theirs, trajectory[-1], latents)
