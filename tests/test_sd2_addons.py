@@ -5,18 +5,21 @@ over 75 tokens (compel's chunks, then diffusers' pipeline given the embeddings),
 the web UI's model switch."""
 
 import copy
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionInpaintPipeline
+from PIL import Image
 from safetensors.torch import save_file
 from test_lora import kohya, kohya_alphas, layers, random_lora
 from test_outpaint import smooth
 from test_prompts import words
 from test_sd2 import sd2  # noqa: F401 (the module's fixture)
 
-from conftest import LATENT_ATOL, STEPS, assert_same, diffusers_run, ours_run, pixels
+from conftest import LATENT_ATOL, PAGE_VALUES, STEPS, assert_same, diffusers_run, ours_run, pixels
+from ldm.checkpoint import save_single_file
 from ldm.images import outpaint_canvas
 from ldm.pipeline import Pipeline
 from ldm.samplers import make_scheduler
@@ -152,3 +155,32 @@ def test_the_openvino_backend_runs_the_sd2_unet_as_diffusers(sd2, tmp_path, monk
     theirs, latents = diffusers_run(reference(ref, ours, "euler_a"), seed=1, n=2)
     assert len(list(tmp_path.glob("*.xml"))) == 2  # the UNet and the VAE decoder ran converted
     assert_same(images, theirs, trajectory[-1], latents)
+
+
+def test_the_web_ui_switches_to_an_sd2_file_and_back(sd2, tmp_path):  # noqa: F811
+    """The Models tab's choices list an SD2 single file in --models-dir; loaded, the page's txt2img makes diffusers'
+    image of the same settings (v-prediction, "!" padding), its PNG naming the file; then the embedded v1 model."""
+    from ldm import webui_app  # gradio: imported by the test that needs it
+
+    ours, ref, _ = sd2["v_prediction", 4]
+    models = tmp_path / "models"
+    models.mkdir()
+    save_single_file(ours.model, models / "tiny-sd2.safetensors")
+    args = SimpleNamespace(device="cpu", ckpt=None, models_dir=models, outdir=tmp_path / "web")
+    session = webui_app.Session(args)
+    v1_context = session.pipe.cfg.unet.context_dim
+    assert session.models() == [webui_app.EMBEDDED, str(models / "tiny-sd2.safetensors")]
+    session.load(models / "tiny-sd2.safetensors")
+    assert session.pipe.cfg.unet.use_linear_in_transformer and session.pipe.cfg.parameterization == "v"
+    *_, (_, gallery, info) = webui_app.generate(session, PAGE_VALUES, lambda *a, **k: None)
+    theirs = reference(ref, ours)(
+        PAGE_VALUES["prompt"],
+        num_inference_steps=PAGE_VALUES["steps"],
+        guidance_scale=PAGE_VALUES["scale"],
+        generator=torch.Generator().manual_seed(PAGE_VALUES["seed"]),
+    ).images
+    page = pixels([Image.open(gallery[0]).convert("RGB")])
+    assert np.abs(page - pixels(theirs)).mean() <= 1 and page.std() > 8
+    assert "Model: tiny-sd2" in info
+    session.load(None)
+    assert session.pipe.cfg.unet.context_dim == v1_context != ours.cfg.unet.context_dim
