@@ -37,19 +37,19 @@ def test_a_kohya_lora_on_the_linear_projections_and_the_openclip_encoder_matches
     """A kohya file on every Linear and Conv2d of the SD2 UNet (proj_in / proj_out are Linear there) and every Linear
     of the OpenCLIP text encoder: diffusers' load_lora_weights of the same file takes every layer and makes our image.
     (test_openclip checks the encoder's part alone, under both of kohya's spellings.)"""
-    model, ref, _ = sd2["v_prediction", 4]
-    pipe, ref = Pipeline(copy.deepcopy(model.model)).eval(), reference(ref, model)
+    ours, ref, _ = sd2["v_prediction", 4]
+    pipe, ref = Pipeline(copy.deepcopy(ours.model)).eval(), reference(ref, ours)
     unet, text = (kohya_alphas(random_lora(layers(m), seed)) for seed, m in enumerate((ref.unet, ref.text_encoder)))
     assert isinstance(ref.unet.down_blocks[0].attentions[0].proj_in, torch.nn.Linear)
     assert "down_blocks.0.attentions.0.proj_in" in unet
     save_file(kohya(unet, "lora_unet_") | kohya(text, "lora_te_text_model_"), tmp_path / "sd2.safetensors")
-    before = ours_run(pipe, seed=5, n=1)[1][-1]
+    before = ours_run(pipe, seed=5, n=1, sampler="ddim")[1][-1]
     pipe.load_lora(tmp_path / "sd2.safetensors", 0.7)
     ref.load_lora_weights(str(tmp_path / "sd2.safetensors"), adapter_name="sd2")
     for module, lora in ((ref.unet, unet), (ref.text_encoder, text)):
         assert sum(hasattr(m, "lora_A") for m in module.modules()) == len(lora)  # diffusers took every layer
     ref.set_adapters(["sd2"], adapter_weights=[0.7])
-    images, trajectory = ours_run(pipe, seed=5, n=1)
+    images, trajectory = ours_run(pipe, seed=5, n=1, sampler="ddim")
     theirs, latents = diffusers_run(ref, seed=5, n=1)
     assert_same(images, theirs, trajectory[-1], latents)
     assert (trajectory[-1] - before).abs().max() > 100 * LATENT_ATOL
