@@ -161,9 +161,12 @@ def test_img2img_and_inpainting_are_the_cli(api, tmp_path):
     """img2img at a strength, and inpainting with a mask: the CLI's images; inpainting keeps the unmasked pixels."""
     image = init_image(tmp_path)
     common = dict(prompt=PROMPT, seed=SEED, steps=STEPS, sampler_name="Euler a", cfg_scale=3, width=SIDE, height=SIDE)
-    result = api.img2img(images=[Image.open(image)], denoising_strength=0.6, **common)
-    paths = cli_images(tmp_path, "--sampler", "euler_a", "--scale", 3, "--init-image", image, "--strength", 0.6)
-    assert same_pixels(result.image, paths[0])
+    for name, sampler, extra in (("Euler a", "euler_a", {}), ("DDIM", "ddim", {"eta": 0})):
+        result = api.img2img(
+            images=[Image.open(image)], denoising_strength=0.6, **common | extra | {"sampler_name": name}
+        )
+        paths = cli_images(tmp_path, "--sampler", sampler, "--scale", 3, "--init-image", image, "--strength", 0.6)
+        assert same_pixels(result.image, paths[0]), name
     mask = Image.new("L", (SIDE, SIDE), 0)
     mask.paste(255, (0, 0, SIDE // 2, SIDE))  # repaint the left half
     mask.save(tmp_path / "mask.png")
