@@ -69,7 +69,7 @@ def main():
         ldm.pipeline.SUB_BATCH_LATENTS = size * latents
         n = args.images or size
         return Request(PROMPT, n_samples=n, steps=args.steps), pipe.batch_size(
-            n, resolved.height, resolved.width, resolved.guided
+            n, resolved.height, resolved.width, resolved.unet_rows
         )
 
     call(pipe, request(min(args.sizes))[0])  # warm-up

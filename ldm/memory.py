@@ -35,14 +35,14 @@ def estimate_memory(
     batch: int,
     height: int,
     width: int,
-    guided: bool = True,
+    rows: int = 2,
     value_bytes: int = 4,
     vae_tile: int = VAE_TILE,
     fused_attention: bool = True,
 ) -> int:
     """Bytes that sampling `batch` images of height x width holds at its peak beyond the weights: the larger of one
-    UNet call (on 2 * batch latents when guided) and one VAE decode, plus the batch's decoded images. In values of
-    `value_bytes` (4: fp32):
+    UNet call (on rows * batch latents: 2 when guided, Request.unet_rows) and one VAE decode, plus the batch's decoded
+    images. In values of `value_bytes` (4: fp32):
 
     UNet: the input blocks' outputs wait for their skip connections (all alive at the middle block), plus the working
     set of the widest block: a SpatialTransformer's GEGLU holds ~16 values per channel and token (its 8C projection,
@@ -59,7 +59,7 @@ def estimate_memory(
     """
     u, v = cfg.unet, cfg.vae
     h, w = height // v.factor, width // v.factor
-    n = batch * (2 if guided else 1)
+    n = batch * rows
     skips, working, attention_matrix, ch = u.model_channels * h * w, 0, 0, u.model_channels
     for level, mult in enumerate(u.channel_mult):
         tokens, ch = -(-h // 2**level) * -(-w // 2**level), u.model_channels * mult
@@ -85,7 +85,8 @@ def check_memory(request: Request, cfg: ModelConfig, device: str | torch.device,
     loading the weights."""
     device, (width, height) = torch.device(device), request.output_size(cfg.vae.factor)
     images = len(request.prompts) * request.n_samples
-    need = estimate_memory(cfg, 1, height, width, request.guided, dtype.itemsize, fused_attention=device.type == "cpu")
+    cpu = device.type == "cpu"
+    need = estimate_memory(cfg, 1, height, width, request.unet_rows, dtype.itemsize, fused_attention=cpu)
     need += (images - 1) * 3 * height * width  # the other images, as 8-bit RGB
     available = machine_memory(device)[1]
     if need > available:

@@ -214,7 +214,7 @@ class Pipeline(nn.Module):
         mode = mode_of(r, self.is_inpainting_model)
         unet = self.unet if self.openvino is None else self.openvino.unet
         per_image = [p for p in r.prompts for _ in range(r.n_samples)]
-        batch = self.batch_size(len(per_image), *reversed(r.output_size(self.vae_factor)), r.guided)
+        batch = self.batch_size(len(per_image), *reversed(r.output_size(self.vae_factor)), r.unet_rows)
         strength = 1.0 if r.strength is None else r.strength
         trajectories = []
         for first in range(0, len(per_image), batch):
@@ -297,16 +297,16 @@ class Pipeline(nn.Module):
         denoiser = Denoiser(unet, conditioning, r, len(run.timesteps), sub.unet_input, learn_sigma=self.cfg.learn_sigma)
         return self.sample(sub, run, generators, denoiser, desc and f"{desc}, hires", trajectory, callback)
 
-    def batch_size(self, n: int, height: int, width: int, guided: bool) -> int:
+    def batch_size(self, n: int, height: int, width: int, rows: int) -> int:
         """The images (at most n, at least 1) of one sub-batch: as many as the throughput knee (SUB_BATCH_LATENTS)
-        allows, and at most what fits in batch_memory (estimate_memory)."""
+        allows, and at most what fits in batch_memory (estimate_memory of `rows` UNet rows per image)."""
         latents = (height // self.vae_factor) * (width // self.vae_factor)
         low, high = 1, min(n, max(1, SUB_BATCH_LATENTS // latents))
         fused = self.device.type == "cpu"  # SDPA's fused kernels: measured on CPU only
         tile = self.decode.tile
         while low < high:  # binary search for the largest b that fits
             mid = (low + high + 1) // 2
-            need = estimate_memory(self.cfg, mid, height, width, guided, self.dtype.itemsize, tile, fused)
+            need = estimate_memory(self.cfg, mid, height, width, rows, self.dtype.itemsize, tile, fused)
             fits = need <= self.batch_memory
             low, high = (mid, high) if fits else (low, mid - 1)
         return low

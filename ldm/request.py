@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from ldm.config import CONTROL_PREPROCESS_NAMES
 from ldm.errors import LdmError
+from ldm.prompts import subprompts
 
 if TYPE_CHECKING:  # PIL costs ~20 ms of a command line's start; the request only names its type
     from PIL import Image
@@ -202,6 +203,16 @@ class Request:
     def guided(self) -> bool:
         """Classifier-free guidance on (scale != 1; the model's scale when None)."""
         return self.scale != 1
+
+    @property
+    def unet_rows(self) -> int:
+        """The UNet's rows per image in a step: the prompt's, and the negative prompt's when guided; with A1111's AND
+        (ldm.prompts.subprompts), one per sub-prompt and the negative prompt's at any scale (ldm.conditioning)."""
+        texts = self.prompts + ((self.hires_prompt,) if self.hires_prompt else ())
+        parts = [subprompts(text) for text in texts] if self.prompt_syntax == "a1111" else [[("", 1.0)]]
+        if all(len(part) == 1 and part[0][1] == 1.0 for part in parts):
+            return 1 + self.guided
+        return 1 + max(len(part) for part in parts)
 
     def check(self, names: dict[str, str] | None = None) -> None:
         """The rules that need no model and read no file: InputError in the front end's words (names)."""

@@ -443,6 +443,18 @@ def test_a_10000_image_request_runs_in_sub_batches_of_bounded_memory(models, mon
     assert grown <= estimate_memory(cfg, 50, 16, 16) < estimate_memory(cfg, 10_000, 16, 16) / 100, grown
 
 
+def test_sub_batches_count_the_unet_rows_of_and_prompts(models):
+    """A1111's AND puts one UNet row per sub-prompt beside the negative prompt's: the sub-batches are sized by those
+    rows, so a memory budget of 4 guided images (8 rows) takes 2 images of three sub-prompts (8 rows) at a time."""
+    model = models[4][0].model
+    pipe = Pipeline(model, batch_memory=estimate_memory(model.cfg, 4, 16, 16))
+    calls = []
+    handle = pipe.unet.register_forward_hook(lambda module, args, out: calls.append(len(args[0])))
+    pipe.txt2img("a cat AND a dog AND a hat", steps=1, n_samples=4, scale=3, progress=False)
+    handle.remove()
+    assert calls == [8, 8]
+
+
 def test_the_step_callback_sees_every_step_changes_nothing_and_can_stop_the_run():
     pipe = Pipeline(tiny_model()).eval()
     plain = pipe.txt2img(PROMPT, steps=4, seed=0, n_samples=2, progress=False)
