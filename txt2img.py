@@ -44,6 +44,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--config", type=Path, help="architecture YAML, for a single file that does not carry its config")
     p.add_argument("--sampler", choices=cli.SAMPLER_NAMES, help="default: the model's (SD v1: ddim)")
+    p.add_argument(
+        "--schedule",
+        choices=cli.SCHEDULE_NAMES,
+        default="default",
+        help="where the sampler's steps fall (A1111's schedule type): default, the sampler's own; karras, exponential "
+        "and sgm_uniform for the samplers that take them",
+    )
     p.add_argument("--steps", "--ddim_steps", type=int, help="sampling steps (default: the model's; SD v1: 50)")
     p.add_argument(
         "--scale", type=float, help="classifier-free guidance scale; 1: none (default: the model's; SD v1: 7.5)"
@@ -178,6 +185,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 # how the command line calls the request's settings, in its error messages (ldm.request.NAMES)
 NAMES = {
     "steps": "--steps",
+    "schedule": "--schedule",
     "scale": "--scale",
     "eta": "--eta",
     "guidance_rescale": "--guidance-rescale",
@@ -333,6 +341,7 @@ def request_of(args) -> tuple[Request, OutputSpec]:
         n_samples=args.n_samples,
         seed=args.seed,
         sampler=args.sampler,
+        schedule=args.schedule,
         steps=args.steps,
         scale=args.scale,
         height=args.H,

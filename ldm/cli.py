@@ -21,18 +21,37 @@ __all__ = [
     "HIRES_UPSCALER_NAMES",
     "QUANTIZE_NAMES",
     "SAMPLER_NAMES",
+    "SCHEDULE_NAMES",
     "SYNTAX_NAMES",
     "ArgumentParser",
     "add_speed_arguments",
     "run",
 ]
 
-# Choices known before torch loads, for the flags. Their owners import torch (ldm.samplers.SAMPLERS, ldm.runtime.DTYPES
-# / QUANTIZE) or take milliseconds to tens of them to import (ldm.prompts.SYNTAX_NAMES: its regular expressions;
-# ldm.config.CONTROL_PREPROCESS_NAMES: yaml and the dataclasses, which ldm.request.HIRES_UPSCALERS imports too), so
-# the command line holds their names and the tests check that they agree (tests/test_txt2img.py, tests/test_config.py,
-# tests/test_hires.py); the library never imports them from here.
-SAMPLER_NAMES = ("ddim", "plms", "euler", "euler_a", "heun", "dpmpp_2m", "dpmpp_2m_karras", "unipc", "ddpm")
+# Choices known before torch loads, for the flags. Their owners import torch (ldm.samplers.SAMPLERS and SCHEDULES,
+# ldm.runtime.DTYPES / QUANTIZE) or take milliseconds to tens of them to import (ldm.prompts.SYNTAX_NAMES: its regular
+# expressions; ldm.config.CONTROL_PREPROCESS_NAMES: yaml and the dataclasses, which ldm.request.HIRES_UPSCALERS imports
+# too), so the command line holds their names and the tests check that they agree (tests/test_txt2img.py,
+# tests/test_samplers.py, tests/test_config.py, tests/test_hires.py); the library never imports them from here.
+SAMPLER_NAMES = (
+    "ddim",
+    "plms",
+    "euler",
+    "euler_a",
+    "heun",
+    "dpmpp_2m",
+    "dpmpp_2m_karras",
+    "unipc",
+    "ddpm",
+    "dpmpp_2m_sde",
+    "dpmpp_sde",
+    "dpmpp_2s_a",
+    "dpm2",
+    "dpm2_a",
+    "lms",
+    "lcm",
+)
+SCHEDULE_NAMES = ("default", "karras", "exponential", "sgm_uniform")
 DTYPE_NAMES = ("fp32", "fp16", "bf16", "auto")  # auto: ldm.runtime.auto_dtype
 QUANTIZE_NAMES = ("int8",)
 CONTROL_PREPROCESS_NAMES = ("none", "canny")

@@ -20,7 +20,7 @@ from ldm.lora import a1111_hash
 from ldm.pipeline import Pipeline
 from ldm.request import InputError, LoraSpec, OutputSpec, Request
 from ldm.runtime import Runtime
-from ldm.samplers import SAMPLERS
+from ldm.samplers import SAMPLERS, SCHEDULES
 
 
 def model_hash(path: Path) -> str:
@@ -47,6 +47,7 @@ def a1111_text(facts: dict) -> str:
     pairs = {
         "Steps": facts["steps"],
         "Sampler": SAMPLERS[facts["sampler"]][2],
+        "Schedule type": SCHEDULES[facts["schedule"]] if "schedule" in facts else None,
         "CFG scale": facts["scale"],
         "Seed": facts["seed"],
         "Size": f"{facts['width']}x{facts['height']}",
@@ -141,6 +142,8 @@ def png_facts(resolved: Request, request: Request, pipe: Pipeline, model: dict) 
     }
     if r.cfg_end != 1:
         facts["cfg_end"] = r.cfg_end
+    if r.schedule != "default":
+        facts["schedule"] = r.schedule
     if r.init_image is not None:
         facts |= {"init_image": str(request.init_image), "strength": r.strength}
     if r.hires:

@@ -210,7 +210,7 @@ class Pipeline(nn.Module):
         for first in range(0, len(per_image), batch):
             seeds = range(r.seed + first, r.seed + min(first + batch, len(per_image)))
             generators = [torch.Generator().manual_seed(s) for s in seeds]
-            run = Sampler(r.sampler, self.cfg, r.steps, strength, r.eta, self.device)
+            run = Sampler(r.sampler, self.cfg, r.steps, strength, r.eta, self.device, r.schedule)
             prompts = per_image[first : first + batch]
             conditioning = self.conditioner(
                 prompts, r.negative_prompt, r.guided, r.prompt_syntax, r.clip_skip, self.version
@@ -264,7 +264,8 @@ class Pipeline(nn.Module):
             small = to_pil(self.decode(latents))
             pixels = [to_tensor(resized(image, width, height)) for image in small]
             latents = torch.cat([encode_images(self.model, 2 * x - 1, [g]) for x, g in zip(pixels, generators)])
-        run = Sampler(r.hires_sampler, self.cfg, *hires_schedule(r.hires_steps, r.hires_denoise), r.eta, self.device)
+        schedule = hires_schedule(r.hires_steps, r.hires_denoise)
+        run = Sampler(r.hires_sampler, self.cfg, *schedule, r.eta, self.device, r.schedule)  # A1111: the same schedule
         sub = Img2Img(self.model, run, generators, shape, latents=latents)
         hires_prompts = [r.hires_prompt] * len(prompts) if r.hires_prompt else prompts
         conditioning = self.conditioner(

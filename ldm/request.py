@@ -46,6 +46,7 @@ HIRES_UPSCALERS = (*LATENT_UPSCALERS, "Lanczos")
 # how the library's messages call the settings; a front end passes its own words for those it names otherwise
 NAMES = {
     "steps": "steps",
+    "schedule": "schedule",
     "scale": "scale",
     "eta": "eta",
     "guidance_rescale": "guidance rescale",
@@ -117,6 +118,8 @@ class Request:
     outpainting with `outpaint` = (left, top, right, bottom) pixels, the new area's mask feathered over mask_blur
     pixels. strength in (0, 1]: the fraction of the steps run from init_image (1: start from pure noise).
     sampler, steps, scale: None, the model's (cfg.sampling). scale: classifier-free guidance scale (1: none).
+    schedule: where the sampler's steps fall (ldm.samplers.SCHEDULES: default, the sampler's own; karras;
+    exponential; sgm_uniform), for the samplers whose scheduler takes it.
     guidance_rescale: phi of Lin et al. 2024 (0: off). cfg_end: guidance on steps 0 .. int(N * cfg_end) of the N
     steps run, none after (1: on every step). eta: DDIM's stochasticity (ddim only).
     height, width: None, the model's image size (img2img: the init image's, rounded down to the VAE factor).
@@ -137,6 +140,7 @@ class Request:
     n_samples: int = 1
     seed: int = 0
     sampler: str | None = None
+    schedule: str = "default"
     steps: int | None = None
     scale: float | None = None
     height: int | None = None
@@ -277,12 +281,13 @@ class Request:
 
     def resolved_hires(self, cfg, sampler: str, steps: int, width: int, height: int, n: dict[str, str]) -> dict:
         """The hires fields filled for a request drawn at width x height with `steps` of `sampler` (none when off)."""
-        from ldm.samplers import check_sampler
+        from ldm.samplers import check_sampler, check_schedule, grid_steps
 
         if not self.hires:
             return {}
         hires_sampler = self.hires_sampler or sampler
         check_sampler(hires_sampler, cfg, InputError, n["hires_sampler"])
+        check_schedule(hires_sampler, self.schedule, InputError, n["schedule"])  # A1111: the same schedule
         f, size = cfg.vae.factor, self.hires_size
         if size is not None and (size[0] % f or size[1] % f or size[0] * height != size[1] * width):
             ratio = f"multiples of {f} in the aspect ratio of {width}x{height}"
@@ -294,6 +299,12 @@ class Request:
             raise InputError(
                 f"{n['hires_steps']} {hires_steps} at {n['hires_denoise']} {denoise}: a schedule of {total} steps, "
                 f"more than this model's {cfg.timesteps} timesteps"
+            )
+        grid = grid_steps(hires_sampler)
+        if grid is not None and total > grid:
+            raise InputError(
+                f"{n['hires_steps']} {hires_steps} at {n['hires_denoise']} {denoise}: a schedule of {total} steps, "
+                f"more than the {hires_sampler} sampler's {grid} original_inference_steps"
             )
         return {
             "hires_steps": hires_steps,
@@ -308,15 +319,20 @@ class Request:
         denoise, upscaler and sampler; outpainting's padding rounded to the VAE factor). Resolving a resolved request
         changes nothing."""
         from ldm.images import load_image, outpaint_padding
-        from ldm.samplers import check_sampler
+        from ldm.samplers import check_sampler, check_schedule, grid_steps
         from ldm.unet import skip_branches
 
         self.check(names)
         n = NAMES | (names or {})
         sampler, steps, scale = cfg.sampling.fill(self.sampler, self.steps, self.scale)
         check_sampler(sampler, cfg, InputError)
+        check_schedule(sampler, self.schedule, InputError, n["schedule"])
         if steps > cfg.timesteps:
             limit = f"this model has {cfg.timesteps} diffusion timesteps, so at most that many steps"
+            raise InputError(f"{n['steps']} {steps}: {limit}")
+        grid = grid_steps(sampler)
+        if grid is not None and steps > grid:
+            limit = f"the {sampler} sampler picks its steps among its {grid} original_inference_steps"
             raise InputError(f"{n['steps']} {steps}: {limit}")
         if self.eta < 0 or self.eta and sampler != "ddim":
             raise InputError(

@@ -15,7 +15,7 @@ import gradio as gr
 from PIL import Image, ImageFilter
 
 from ldm import DEFAULT_MODEL, LdmError, load_pipeline
-from ldm.cli import CONTROL_PREPROCESS_NAMES, HIRES_UPSCALER_NAMES, SAMPLER_NAMES, SYNTAX_NAMES
+from ldm.cli import CONTROL_PREPROCESS_NAMES, HIRES_UPSCALER_NAMES, SYNTAX_NAMES
 from ldm.config import ModelConfig
 from ldm.explorer import forward_process, reverse_process, step_view
 from ldm.images import canny, load_image, to_pil
@@ -23,6 +23,7 @@ from ldm.outputs import make_images, model_facts, next_number, save_png
 from ldm.prompts import LORA_SUFFIXES, lora_tags
 from ldm.request import HIRES_DENOISE, Control, EmbeddingSpec, OutputSpec, Request
 from ldm.runtime import runtime
+from ldm.samplers import SAMPLERS, SCHEDULES
 from ldm.xyz import cells, make_xyz, parse_axis
 
 # The embedded model's 32x32 images, shown enlarged to their box (Gradio's own object-fit, scale-down, leaves them at 32
@@ -32,6 +33,7 @@ FIELDS = (
     "prompt",
     "negative_prompt",
     "sampler",
+    "schedule",
     "steps",
     "scale",
     "seed",
@@ -80,12 +82,16 @@ class Session:
 
 
 EMBEDDED = "ldm-emoji (embedded)"
+# the sampler and schedule dropdowns show AUTOMATIC1111's names ("DPM++ 2M", "Karras"), the request gets ldm's
+SAMPLER_CHOICES = [(a1111, name) for name, (_, _, a1111) in SAMPLERS.items()]
+SCHEDULE_CHOICES = [(label, name) for name, label in SCHEDULES.items()]
 
 
 CONTROLNET_SUFFIXES = (".safetensors", ".pth", ".ckpt")
 # how the page calls the request's settings, in its error messages (ldm.request.NAMES)
 NAMES = {
     "steps": "Steps",
+    "schedule": "Schedule type",
     "scale": "CFG scale",
     "eta": "DDIM eta",
     "guidance_rescale": "Guidance rescale",
@@ -140,6 +146,7 @@ def request_of(
         n_samples=int(values["batch_size"]),
         seed=random.randrange(2**32) if seed == -1 else seed,
         sampler=values["sampler"],
+        schedule=values["schedule"],
         steps=int(values["steps"]),
         scale=float(values["scale"]),
         height=None if values.get("height") is None else int(values["height"]),
@@ -259,7 +266,10 @@ def settings(prefix: str, cfg: ModelConfig, size: bool = True) -> dict:
     with gr.Row():
         sampling = cfg.sampling
         c["sampler"] = gr.Dropdown(
-            list(SAMPLER_NAMES), value=sampling.sampler, label="Sampler", elem_id=f"{prefix}-sampler"
+            SAMPLER_CHOICES, value=sampling.sampler, label="Sampler", elem_id=f"{prefix}-sampler"
+        )
+        c["schedule"] = gr.Dropdown(
+            SCHEDULE_CHOICES, value="default", label="Schedule type", elem_id=f"{prefix}-schedule"
         )
         c["steps"] = gr.Slider(1, 150, value=sampling.steps, step=1, label="Steps", elem_id=f"{prefix}-steps")
         c["scale"] = gr.Slider(1, 30, value=sampling.scale, step=0.5, label="CFG scale", elem_id=f"{prefix}-scale")
@@ -294,7 +304,9 @@ def hires_fix() -> dict:
             c["hires_steps"] = gr.Slider(0, 150, value=0, step=1, label="Hires steps (0: the same)")
             c["hires_denoise"] = gr.Slider(0.01, 1, value=HIRES_DENOISE, step=0.01, label="Denoising strength")
         with gr.Row():
-            c["hires_sampler"] = gr.Dropdown([SAME_SAMPLER, *SAMPLER_NAMES], value=SAME_SAMPLER, label="Hires sampler")
+            c["hires_sampler"] = gr.Dropdown(
+                [SAME_SAMPLER, *SAMPLER_CHOICES], value=SAME_SAMPLER, label="Hires sampler"
+            )
             c["hires_prompt"] = gr.Textbox(label="Hires prompt (empty: the prompt)", elem_id="txt2img-hires-prompt")
     return c
 
@@ -478,7 +490,7 @@ def send_to_txt2img(facts: dict | None, fields: dict) -> dict:
 FIELD_DEFAULTS = {
     f.name: f.default
     for f in dataclasses.fields(Request)
-    if f.name in ("eta", "guidance_rescale", "cfg_end", "clip_skip", "prompt_syntax")
+    if f.name in ("schedule", "eta", "guidance_rescale", "cfg_end", "clip_skip", "prompt_syntax")
 }
 
 
@@ -572,7 +584,7 @@ def explorer_tab(session: Session, guard) -> None:
         prompt = gr.Textbox("a red apple", label="Prompt", scale=2)
         reverse_seed = gr.Number(42, precision=0, label="Seed")
         steps = gr.Slider(1, 150, value=25, step=1, label="Steps")
-        sampler = gr.Dropdown(list(SAMPLER_NAMES), value="ddim", label="Sampler")
+        sampler = gr.Dropdown(SAMPLER_CHOICES, value="ddim", label="Sampler")
     run = gr.Button("Generate", elem_id="explorer-generate")
     overview = gr.Image(label="trajectory", format="png", interactive=False, height=240, elem_id="explorer-reverse")
     trajectory = gr.State([])

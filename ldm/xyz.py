@@ -26,7 +26,7 @@ from PIL import Image, ImageDraw, ImageFont
 from ldm.outputs import make_images, next_number, save_png
 from ldm.pipeline import Pipeline
 from ldm.request import InputError, OutputSpec, Request
-from ldm.samplers import SAMPLERS
+from ldm.samplers import SAMPLERS, SCHEDULES
 
 MAX_AXES = 3
 # A1111's axis labels (scripts/xyz_grid.py), by our names; another setting is labelled by its name
@@ -75,12 +75,14 @@ class Axis:
         return replace(request, **{self.name: value})
 
     def label(self, value) -> str:
-        """The value's label as A1111 writes it: "Steps: 20", "CFG Scale: 7.0"; a sampler (its A1111 name) or a
-        prompt's value alone."""
+        """The value's label as A1111 writes it: "Steps: 20", "CFG Scale: 7.0", "Schedule type: Karras"; a sampler
+        (its A1111 name) or a prompt's value alone."""
         if self.name == "prompt":
             return value
         if self.name in ("sampler", "hires_sampler") and value in SAMPLERS:
             return SAMPLERS[value][2] if self.name == "sampler" else f"Hires sampler: {SAMPLERS[value][2]}"
+        if self.name == "schedule" and value in SCHEDULES:
+            return f"{LABELS['schedule']}: {SCHEDULES[value]}"
         shown = round(value, 8) if isinstance(value, float) else value
         return f"{LABELS.get(self.name, self.name)}: {shown}"
 

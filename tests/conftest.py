@@ -149,7 +149,10 @@ def generators(seed: int, n: int) -> list[torch.Generator]:
 
 
 def diffusers_run(ref, seed: int, n: int, **kwargs):
-    """diffusers' images and final latents, with image i's generator seeded seed + i."""
+    """diffusers' images and final latents, with image i's generator seeded seed + i (DPM++ SDE: its Brownian tree
+    of image i too, as AUTOMATIC1111 and ldm.samplers seed it)."""
+    if hasattr(ref.scheduler, "noise_sampler_seed"):
+        ref.scheduler.noise_sampler_seed = list(range(seed, seed + n))
     final = {}
 
     def keep(pipe, i, t, tensors):
@@ -343,6 +346,7 @@ PAGE_VALUES = {
     "batch_size": 1,
     "batch_count": 1,
     "sampler": "ddim",
+    "schedule": "default",
     "steps": 2,
     "scale": 3,
     "eta": 0,

@@ -233,7 +233,7 @@ def test_img2img_size_is_rounded_down_with_a_warning(models):
         ({"mode": "img2img", "strength": 1.5}, r"strength must be in \(0, 1\]"),
         ({"mode": "img2img", "strength": 0.3, "steps": 3}, "leaves no denoising step"),
         ({"mode": "inpaint", "mask": Image.new("L", (8, 16))}, "the mask is 8x16 but the image is 16x16"),
-        ({"sampler": "lms"}, "unknown sampler 'lms'"),
+        ({"sampler": "dpm_fast"}, "unknown sampler 'dpm_fast'"),
         ({"height": 21}, "multiples of 2"),
         ({"sampler": "euler", "eta": 0.5}, "eta applies to the ddim sampler only"),
         ({"n_samples": 0}, "nothing to generate"),

@@ -1,19 +1,61 @@
-"""The sampler adapter: diffusers' schedulers with the checkpoint's noise schedule, for eps-, v- and x0-models."""
+"""The sampler adapter: diffusers' schedulers with the checkpoint's noise schedule, for eps-, v- and x0-models; the
+schedules (A1111's schedule types) and the samplers beyond SD's own (DPM++ SDE and 2S a, DPM2, LMS, LCM)."""
 
 import dataclasses
+import json
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline
+import torch.nn.functional as F
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    DPMSolverSDEScheduler,
+    DPMSolverSinglestepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
+    KDPM2AncestralDiscreteScheduler,
+    KDPM2DiscreteScheduler,
+    LCMScheduler,
+    LMSDiscreteScheduler,
+    PNDMScheduler,
+    StableDiffusionImg2ImgPipeline,
+    StableDiffusionPipeline,
+    UniPCMultistepScheduler,
+)
+from PIL import Image
 
-from conftest import PROMPT, STEPS, assert_same, diffusers_run, ours_run, tiny_model
-from ldm.checkpoint import save_diffusers_folder
+from conftest import (
+    LATENT_ATOL,
+    PROMPT,
+    STEPS,
+    a1111,
+    assert_same,
+    cli,
+    diffusers_run,
+    generators,
+    ours_run,
+    tiny_model,
+)
+from ldm import cli as cli_names
+from ldm.checkpoint import save_diffusers_folder, save_single_file
 from ldm.config import ConfigError, ModelConfig
 from ldm.diffusion import noise_scheduler
 from ldm.model import StableDiffusion
 from ldm.pipeline import InputError, Pipeline
-from ldm.samplers import SAMPLERS, ZERO_SNR_SAMPLERS, check_sampler, make_scheduler
+from ldm.request import Request
+from ldm.samplers import (
+    SAMPLERS,
+    SCHEDULES,
+    ZERO_SNR_SAMPLERS,
+    check_sampler,
+    make_scheduler,
+    schedules_of,
+)
 
 
 @pytest.mark.parametrize("name", SAMPLERS)
@@ -27,7 +69,8 @@ def test_schedulers_carry_the_sd_v1_schedule(name):
     if "steps_offset" in c:
         assert c.steps_offset == 1
     if isinstance(scheduler, DPMSolverMultistepScheduler):
-        assert (c.algorithm_type, c.solver_order, c.use_karras_sigmas) == ("dpmsolver++", 2, name.endswith("karras"))
+        algorithm = "sde-dpmsolver++" if name.endswith("sde") else "dpmsolver++"
+        assert (c.algorithm_type, c.solver_order, c.use_karras_sigmas) == (algorithm, 2, name.endswith("karras"))
 
 
 def with_parameterization(model: StableDiffusion, parameterization: str) -> StableDiffusion:
@@ -153,5 +196,217 @@ def test_training_and_every_sampler_share_one_schedule():
         else:
             with pytest.raises(ConfigError, match=f"^validation.sampler '{name}' cannot sample this model"):
                 check_sampler(name, cfg, ConfigError, "validation.sampler")
-    with pytest.raises(ValueError, match=r"^unknown sampler 'lms' \(known: ddim, plms, "):
-        check_sampler("lms", cfg)
+    with pytest.raises(ValueError, match=r"^unknown sampler 'dpm_fast' \(known: ddim, plms, "):
+        check_sampler("dpm_fast", cfg)
+
+
+# The oracle's own table, from diffusers' scheduler overview ("A1111/k-diffusion -> Diffusers", "Noise schedules and
+# schedule types"): each A1111 sampler and schedule type as the diffusers class and options a diffusers user sets.
+# "DPM++ 2S a" is "very similar to DPMSolverSinglestepScheduler" there; its SDE variant was added for it
+# (diffusers#4167, #8269).
+DIFFUSERS_SAMPLERS = {
+    "DDIM": (DDIMScheduler, {}),
+    "PLMS": (PNDMScheduler, {"skip_prk_steps": True}),
+    "Euler": (EulerDiscreteScheduler, {}),
+    "Euler a": (EulerAncestralDiscreteScheduler, {}),
+    "Heun": (HeunDiscreteScheduler, {}),
+    "DPM++ 2M": (DPMSolverMultistepScheduler, {}),
+    "DPM++ 2M Karras": (DPMSolverMultistepScheduler, {"use_karras_sigmas": True}),
+    "UniPC": (UniPCMultistepScheduler, {}),
+    "DDPM": (DDPMScheduler, {}),
+    "DPM++ 2M SDE": (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++"}),
+    "DPM++ SDE": (DPMSolverSDEScheduler, {}),
+    "DPM++ 2S a": (DPMSolverSinglestepScheduler, {"algorithm_type": "sde-dpmsolver++"}),
+    "DPM2": (KDPM2DiscreteScheduler, {}),
+    "DPM2 a": (KDPM2AncestralDiscreteScheduler, {}),
+    "LMS": (LMSDiscreteScheduler, {}),
+    "LCM": (LCMScheduler, {}),
+}
+DIFFUSERS_SCHEDULES = {
+    "Automatic": {},
+    "Karras": {"use_karras_sigmas": True},
+    "Exponential": {"timestep_spacing": "linspace", "use_exponential_sigmas": True},
+    "SGM Uniform": {"timestep_spacing": "trailing"},
+}
+# the samplers diffusers' docs pair with A1111's beyond SD's own; SD's own on their default schedule: test_pipeline.py
+NEW = ("dpmpp_2m_sde", "dpmpp_sde", "dpmpp_2s_a", "dpm2", "dpm2_a", "lms")
+PAIRS = [(s, schedule) for s in SAMPLERS for schedule in schedules_of(s) if schedule != "default" or s in NEW]
+
+
+@pytest.fixture(scope="module")
+def sd(tmp_path_factory):
+    """The tiny model, diffusers' pipeline of its exported folder, and the scheduler config diffusers loaded from it
+    (each test sets the pipeline's scheduler from that config, whatever the test before left there)."""
+    model = tiny_model()
+    folder = tmp_path_factory.mktemp("sd")
+    save_diffusers_folder(model, folder)
+    ref = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
+    ref.set_progress_bar_config(disable=True)
+    return model, ref, ref.scheduler.config
+
+
+def diffusers_scheduler(sampler: str, schedule: str, config):
+    """What a diffusers user sets for A1111's sampler and schedule type, on a pipeline whose scheduler config is
+    `config`."""
+    cls, options = DIFFUSERS_SAMPLERS[SAMPLERS[sampler][2]]
+    return cls.from_config(config, **options | DIFFUSERS_SCHEDULES[SCHEDULES[schedule]])
+
+
+@pytest.mark.parametrize("sampler, schedule", PAIRS)
+def test_every_sampler_on_every_schedule_it_takes_matches_diffusers(sd, sampler, schedule):
+    """Ours = diffusers' pipeline with the scheduler its docs name for A1111's sampler and schedule type, two images
+    (each with its own generator; DPM++ SDE: its own Brownian tree, seeded with the image's seed)."""
+    model, ref, config = sd
+    ref.scheduler = diffusers_scheduler(sampler, schedule, config)
+    theirs, latents = diffusers_run(ref, seed=3, n=2)
+    ours, trajectory = ours_run(Pipeline(model), seed=3, n=2, sampler=sampler, schedule=schedule)
+    assert_same(ours, theirs, trajectory[-1], latents)
+
+
+def test_the_schedules_are_a1111_s_and_the_command_line_knows_them():
+    labels = {"default": "Automatic", "karras": "Karras", "exponential": "Exponential", "sgm_uniform": "SGM Uniform"}
+    assert SCHEDULES == labels and cli_names.SCHEDULE_NAMES == tuple(SCHEDULES)
+    assert sorted(SAMPLERS[name][2] for name in SAMPLERS) == sorted(DIFFUSERS_SAMPLERS)
+
+
+@pytest.mark.parametrize("sampler", [s for s in SAMPLERS if s != "dpmpp_2m_karras"])
+def test_a_schedule_is_refused_exactly_where_diffusers_would_ignore_it(sampler):
+    """A schedule a sampler takes changes its diffusers scheduler's timesteps or sigmas; one it refuses would change
+    neither (diffusers drops the option that defines it, or never reads it): the refusal tells the truth."""
+    cls, options = DIFFUSERS_SAMPLERS[SAMPLERS[sampler][2]]
+    config = make_scheduler("ddim", ModelConfig()).config
+    defining = {
+        "Karras": "use_karras_sigmas",
+        "Exponential": "use_exponential_sigmas",
+        "SGM Uniform": "timestep_spacing",
+    }
+
+    def steps(schedule_options):
+        scheduler = cls.from_config(config, **options | schedule_options)
+        scheduler.set_timesteps(10)
+        return torch.cat([scheduler.timesteps.float(), getattr(scheduler, "sigmas", torch.zeros(0)).float()])
+
+    default = steps({})
+    for schedule, label in list(SCHEDULES.items())[1:]:
+        if schedule in schedules_of(sampler):
+            assert not torch.equal(steps(DIFFUSERS_SCHEDULES[label]), default), schedule
+        else:
+            key = defining[label]
+            assert torch.equal(steps({key: DIFFUSERS_SCHEDULES[label][key]}), default), schedule
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"sampler": "ddim", "schedule": "karras"}, "schedule karras: the ddim sampler takes default, sgm_uniform$"),
+        ({"sampler": "lcm", "schedule": "sgm_uniform"}, "schedule sgm_uniform: the lcm sampler takes default$"),
+        (
+            {"sampler": "dpmpp_2m_karras", "schedule": "exponential"},
+            "schedule exponential: the dpmpp_2m_karras sampler takes default, karras$",
+        ),
+        ({"sampler": "euler", "schedule": "beta"}, r"unknown schedule 'beta' \(known: default, karras, exponential, "),
+        ({"sampler": "lcm", "steps": 51}, "steps 51: the lcm sampler picks its steps among its 50 original_inference"),
+        (
+            {"sampler": "euler", "schedule": "karras", "hires_scale": 2, "hires_sampler": "ddim"},
+            "schedule karras: the ddim sampler takes default, sgm_uniform$",
+        ),
+        (
+            {"sampler": "lcm", "steps": 4, "hires_scale": 2, "hires_steps": 40, "hires_denoise": 0.5},
+            "hires steps 40 at hires denoise 0.5: a schedule of 80 steps, more than the lcm sampler's 50 original_infe",
+        ),
+    ],
+)
+def test_a_schedule_or_steps_the_sampler_cannot_take_is_one_line(settings, message):
+    with pytest.raises(InputError, match=f"^{message}"):
+        Request(PROMPT, **settings).resolved(tiny_model().cfg)
+
+
+@pytest.mark.parametrize("sampler", ["dpmpp_sde", "dpm2", "dpm2_a"])
+def test_samplers_that_take_no_x0_prediction_refuse_an_x0_model(sampler):
+    cfg = dataclasses.replace(tiny_model().cfg, parameterization="x0")
+    with pytest.raises(
+        InputError, match=f"^sampler '{sampler}' cannot sample this model: its scheduler takes eps or v"
+    ):
+        Request(PROMPT, sampler=sampler).resolved(cfg)
+
+
+def test_dpmpp_2m_karras_is_dpmpp_2m_on_the_karras_schedule(sd):
+    pipe = Pipeline(sd[0])
+    alias = ours_run(pipe, seed=1, n=1, sampler="dpmpp_2m_karras")[1][-1]
+    assert torch.equal(alias, ours_run(pipe, seed=1, n=1, sampler="dpmpp_2m_karras", schedule="karras")[1][-1])
+    assert torch.equal(alias, ours_run(pipe, seed=1, n=1, sampler="dpmpp_2m", schedule="karras")[1][-1])
+    assert (alias - ours_run(pipe, seed=1, n=1, sampler="dpmpp_2m")[1][-1]).abs().max() > 100 * LATENT_ATOL
+
+
+def test_dpmpp_sde_seeds_each_images_brownian_tree_with_its_seed(sd):
+    """The parity above holds because diffusers' trees get the images' seeds (conftest.diffusers_run): with other
+    tree seeds, the same generators give another image, so the trees' noise is ours, not just the start's."""
+    model, ref, config = sd
+    ref.scheduler = diffusers_scheduler("dpmpp_sde", "default", config)
+    _, latents = diffusers_run(ref, seed=3, n=1)
+    ref.scheduler.noise_sampler_seed = [4]
+    other = ref(PROMPT, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(3), output_type="latent")
+    assert (latents - other.images).abs().max() > 100 * LATENT_ATOL
+    ours = ours_run(Pipeline(model), seed=3, n=1, sampler="dpmpp_sde")[1][-1]
+    assert (ours - latents).abs().max() <= LATENT_ATOL
+
+
+@pytest.mark.parametrize("scale", [1.0, 2.0])
+def test_lcm_matches_diffusers_and_guidance_1_runs_the_conditional_batch_alone(sd, scale):
+    """--sampler lcm = diffusers' StableDiffusionPipeline with LCMScheduler from the model's scheduler config (its
+    original_inference_steps 50, timestep_scaling 10), at guidance 1 (no CFG) and 2 (CFG as diffusers does it). At
+    guidance 1 the UNet runs once a step on the images alone (no unconditional half), at 2 on twice as many."""
+    model, ref, config = sd
+    ref.scheduler = LCMScheduler.from_config(config)
+    theirs, latents = diffusers_run(ref, seed=5, n=2, guidance_scale=scale)
+    batches = []
+    hook = model.unet.register_forward_pre_hook(lambda module, args: batches.append(args[0].shape[0]))
+    try:
+        ours, trajectory = ours_run(Pipeline(model), seed=5, n=2, sampler="lcm", scale=scale)
+    finally:
+        hook.remove()
+    assert_same(ours, theirs, trajectory[-1], latents)
+    assert batches == [2 if scale == 1 else 4] * STEPS
+
+
+def test_the_hires_pass_runs_on_the_first_pass_s_schedule(sd):
+    """A1111's hires pass keeps the schedule type ("Use same scheduler"): the hires fix on Karras = diffusers' txt2img
+    on Karras, its latents upscaled 2x (bilinear, A1111's "Latent"), then its img2img on Karras from the same seeds,
+    3 of 6 steps (hires steps 3 at denoise 0.5)."""
+    model, ref, config = sd
+    trajectory = []
+    options = dict(hires_scale=2, hires_steps=3, hires_denoise=0.5, progress=False, trajectory=trajectory)
+    ours = Pipeline(model).txt2img(PROMPT, seed=3, steps=STEPS, sampler="dpmpp_2m", schedule="karras", **options)
+    ref.scheduler = diffusers_scheduler("dpmpp_2m", "karras", config)
+    small = ref(PROMPT, num_inference_steps=STEPS, generator=generators(3, 1), output_type="latent").images
+    final = {}
+
+    def keep(pipe, i, t, tensors):
+        final["latents"] = tensors["latents"]
+        return tensors
+
+    theirs = StableDiffusionImg2ImgPipeline(**ref.components)(
+        PROMPT,
+        image=F.interpolate(small, scale_factor=2, mode="bilinear"),
+        strength=0.5,
+        num_inference_steps=6,
+        generator=generators(3, 1),
+        callback_on_step_end=keep,
+    ).images
+    assert_same(ours, theirs, trajectory[-1], final["latents"])
+
+
+def test_the_command_line_takes_a_schedule_and_the_png_says_it_as_a1111_does(tmp_path, capsys):
+    model = tiny_model()
+    save_single_file(model, tmp_path / "tiny.safetensors")
+    args = ["--ckpt", tmp_path / "tiny.safetensors", "--prompt", PROMPT, "--steps", 3, "--seed", 7]
+    assert cli(*args, "--sampler", "dpmpp_2m", "--schedule", "karras", "--outdir", tmp_path / "out") == 0
+    png = Image.open(tmp_path / "out" / "00000.png")
+    assert json.loads(png.text["ldm"])["schedule"] == "karras"
+    assert "Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: " in png.text["parameters"]
+    assert a1111(png.text["parameters"])["Schedule type"] == "Karras"
+    (again,) = Pipeline(model).txt2img(PROMPT, steps=3, seed=7, sampler="dpmpp_2m", schedule="karras", progress=False)
+    assert np.array_equal(np.asarray(png), np.asarray(again))
+    capsys.readouterr()
+    assert cli(*args, "--sampler", "ddim", "--schedule", "karras", "--outdir", tmp_path / "no") == 2
+    assert capsys.readouterr().err.strip() == "error: --schedule karras: the ddim sampler takes default, sgm_uniform"
