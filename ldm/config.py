@@ -476,9 +476,9 @@ class TrainUNetConfig(TrainConfig):
             "without reinit_unet or a LoRA",
         )
         check(
-            not self.lcm.enabled or (self.lora.rank and not self.lora.text_encoder and not self.model.learn_sigma),
+            not self.lcm.enabled or (self.lora.rank and not self.lora.text_encoder),
             "latent consistency distillation (lcm.enabled) trains a LoRA of the UNet (lora.rank), without "
-            "lora.text_encoder or learn_sigma",
+            "lora.text_encoder",
         )
         check(
             self.lcm.solver_steps <= self.model.timesteps,

@@ -12,7 +12,7 @@ import contextlib
 import torch
 import torch.nn as nn
 
-from ldm.config import LCMTrainConfig
+from ldm.config import ConfigError, LCMTrainConfig
 from ldm.diffusion import Diffusion
 
 SIGMA_DATA = 0.5  # of the boundary conditions, as in consistency models (Song et al. 2023)
@@ -35,6 +35,8 @@ class LatentConsistency:
     """The skipping-step DDIM solver's grid, the boundary conditions and the distillation loss of one model."""
 
     def __init__(self, diffusion: Diffusion, cfg: LCMTrainConfig):
+        if diffusion.learn_sigma:
+            raise ConfigError("latent consistency distillation (--lcm) distills a model without learn_sigma")
         self.diffusion, self.cfg = diffusion, cfg
         self.k = diffusion.timesteps // cfg.solver_steps  # the skip: 1000 // 50 = 20
         self.grid = torch.arange(1, cfg.solver_steps + 1) * self.k - 1  # t_{n+k} in 19, 39, ..., 999

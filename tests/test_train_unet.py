@@ -820,6 +820,14 @@ def test_only_the_lora_trains(tmp_path, colours, lora_init, monkeypatch):
         (["--lora", "4", "INIT", "reinit_unet=true"], "it needs init_from, without reinit_unet"),
         (["INIT", "lora.text_encoder=true"], "lora.text_encoder=true needs a LoRA rank (--lora RANK)"),
         (["--lora", "4", "INIT", "lora.text_encoder=true", "--cache-latents"], "set cache_latents=false"),
+        (["--lcm", "INIT", "lora.rank=0"], "latent consistency distillation (lcm.enabled) trains a LoRA of the UNet"),
+        (
+            ["--lcm", "INIT", "lora.text_encoder=true"],
+            "trains a LoRA of the UNet (lora.rank), without lora.text_encoder",
+        ),
+        (["--lcm", "INIT", "lcm.w_min=9", "lcm.w_max=3"], "lcm needs 0 <= w_min <= w_max, got 9.0, 3.0"),
+        (["--lcm", "INIT", "lcm.solver_steps=2000"], "lcm.solver_steps must be <= model.timesteps (1000), got 2000"),
+        (["--lcm", "INIT", "--learn-sigma"], "latent consistency distillation (--lcm) distills a model without"),
     ],
 )
 def test_bad_lora_input_is_one_line_and_exit_code_2(args, message, tmp_path, colours, lora_init, capsys):
