@@ -962,3 +962,14 @@ def test_an_lcm_lora_trained_by_train_unet_loads_in_diffusers_with_our_merged_we
         torch.testing.assert_close(theirs[name].weight, weight, rtol=0, atol=1e-5, msg=name)
         changed += not torch.equal(weight, pipe.patcher.backups.get(f"{UNET}{ours}.weight", weight))
     assert changed == len(ups)
+
+
+def test_an_lcm_lora_run_resumes_exactly(tmp_path, colours, lora_init):
+    """train_unet.py --lcm stopped after step 1 and resumed = uninterrupted, bit for bit (the LoRA file holds the EMA
+    weights): the solver points, guidance and noise are drawn from each sample's own generator."""
+    run(*lora_args(tmp_path, colours, "straight", "--lcm", "max_steps=2", "validation.every=0"))
+    run(*lora_args(tmp_path, colours, "resumed", "--lcm", "max_steps=1", "validation.every=0"))
+    run(*lora_args(tmp_path, colours, "resumed", "--lcm", "max_steps=2", "validation.every=0", "--resume", "latest"))
+    assert_same(
+        load_file(tmp_path / "straight" / "lora.safetensors"), load_file(tmp_path / "resumed" / "lora.safetensors")
+    )
