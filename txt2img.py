@@ -134,6 +134,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--compile", action="store_true", help="torch.compile the UNet (the first image pays the compile time)"
     )
     p.add_argument(
+        "--taesd",
+        type=Path,
+        metavar="PATH",
+        help="decode with TAESD, the tiny autoencoder (much faster, a close image): madebyollin's taesd_decoder "
+        ".safetensors / .pth or a diffusers AutoencoderTiny folder",
+    )
+    p.add_argument(
+        "--taesd-encode", action="store_true", help="img2img / inpainting: encode the init image with TAESD too"
+    )
+    p.add_argument(
         "--save-intermediates", action="store_true", help="also save a strip of each image's denoising trajectory"
     )
     p.add_argument("--skip-grid", "--skip_grid", action="store_true", help="no grid image")
@@ -428,7 +438,7 @@ def execute(args) -> list[Path]:
     prompts = {p for r in requests for p in r.prompts}
     tagged = {p: lora_tags(p, args.lora_dir) for p in prompts} if args.prompt_syntax == "a1111" else {}
     ckpt = DEFAULT_MODEL if args.ckpt is None else args.ckpt
-    run = runtime(args.device, args.dtype, args.quantize, args.backend, args.compile)
+    run = runtime(args.device, args.dtype, args.quantize, args.backend, args.compile, args.taesd, args.taesd_encode)
     config = load_config(args.config) if args.config else None
     model_config = config or peek_config(ckpt)
     for cell in requests:  # before loading: no loading time lost

@@ -1,24 +1,28 @@
-"""Checkpoint formats: original SD v1 single files (our own format too), and diffusers folders, loaded and saved.
+"""Checkpoint formats: original SD v1 / v2 single files (our own format too), and diffusers folders, loaded and saved.
 
 Our modules carry the CompVis names, so a single file needs no renaming beyond the text model's
-`text_model.` level (transformers 5 dropped it from CLIPTextModel's state dict; SD files have it).
-Our own checkpoints are single files of that layout whose safetensors metadata holds our config
-under "ldm_config", so they describe themselves. The diffusers folder layout is the one real
-conversion, through ldm.diffusers_names' key maps; the files themselves are read and written by ldm.io.
+`text_model.` level (transformers 5 dropped it from CLIPTextModel's state dict; SD files have it), or, for SD 2.x,
+OpenCLIP's names of its text tower (ldm.openclip_names). Our own checkpoints are single files of that layout whose
+safetensors metadata holds our config under "ldm_config", so they describe themselves. Other files are recognised
+by their tensors (`file_config`): OpenCLIP's text tower or a 1024-wide context is SD 2.x, 9 input channels an
+inpainting UNet; whether an SD 2.x UNet predicts v or eps, which no tensor says, comes from the first of: the config
+stored in the file, a `.yaml` beside it (AUTOMATIC1111's convention), the config given (--config), AUTOMATIC1111's
+check of the UNet itself. The diffusers folder layout is the one real conversion, through ldm.diffusers_names' key
+maps; the files themselves are read and written by ldm.io.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import sys
 from pathlib import Path
 
 import diffusers
 import torch
 from safetensors import SafetensorError, safe_open
-from transformers import CLIPTokenizer
 
-from ldm.config import ConfigError, ModelConfig, from_dict, to_dict
+from ldm.config import ConfigError, ModelConfig, from_dict, load_yaml, sd2_config, to_dict
 from ldm.diffusers_names import (
     SAMPLING_FILE,
     SCHEDULE_KEYS,
@@ -36,6 +40,9 @@ from ldm.diffusers_names import (
 from ldm.errors import CheckpointError
 from ldm.io import atomic_save, load_state_strict, read_state_dict
 from ldm.model import StableDiffusion
+from ldm.openclip_names import OPENCLIP, from_openclip_layout, is_openclip_folder, to_openclip_layout
+from ldm.text_encoder import load_tokenizer
+from ldm.unet import UNetModel
 
 # ---------------------------------------------------------------- single files (SD v1 layout)
 
@@ -49,8 +56,13 @@ def config_from_metadata(metadata: dict[str, str]) -> ModelConfig | None:
         raise CheckpointError(f"the config stored in the checkpoint is invalid: {e}") from None
 
 
-def from_sd_layout(state: dict[str, torch.Tensor], use_ema: bool = False) -> dict[str, torch.Tensor]:
-    """An SD v1 file's tensors -> our state dict: drop the known extras, strip `text_model.`, take EMA if asked."""
+def from_sd_layout(
+    state: dict[str, torch.Tensor], use_ema: bool = False, text_layers: int = 0
+) -> dict[str, torch.Tensor]:
+    """An SD file's tensors -> our state dict: drop the known extras, strip `text_model.` (SD v1) or rename OpenCLIP's
+    text tower to a `text_layers`-layer CLIPTextModel's names (SD 2.x), take EMA if asked."""
+    if any(k.startswith(OPENCLIP) for k in state):
+        state = from_openclip_layout(state, text_layers)
     ours = {}
     for key, value in state.items():
         if key in SCHEDULE_KEYS or key.startswith("model_ema."):
@@ -71,26 +83,100 @@ def from_sd_layout(state: dict[str, torch.Tensor], use_ema: bool = False) -> dic
     return ours
 
 
-def to_sd_layout(state: dict[str, torch.Tensor], clip: bool = True) -> dict[str, torch.Tensor]:
-    """Our state dict -> the original SD v1 file layout (a CLIP text model under `text_model.`; another text
-    encoder, e.g. MiniLM, keeps its own transformers names under `cond_stage_model.transformer.`)."""
+def to_sd_layout(state: dict[str, torch.Tensor], clip: bool = True, open_clip: bool = False) -> dict[str, torch.Tensor]:
+    """Our state dict -> the original SD file layout: a CLIP text model under `text_model.` (SD v1), OpenCLIP's text
+    tower under its own names (open_clip: SD 2.x); another text encoder, e.g. MiniLM, keeps its own transformers names
+    under `cond_stage_model.transformer.`."""
+    if open_clip:
+        return to_openclip_layout(state)
     if not clip:
         return dict(state)
     return {(TEXT + "text_model." + k[len(TEXT) :] if k.startswith(TEXT) else k): v for k, v in state.items()}
 
 
+def is_sd2(shapes: dict[str, tuple[int, ...]]) -> bool:
+    """SD 2.x by its tensors' names and shapes: OpenCLIP's text tower, or a UNet attending to 1024-wide context."""
+    to_k = shapes.get(UNET + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight", ())
+    return any(k.startswith(OPENCLIP) for k in shapes) or to_k[-1:] == (1024,)
+
+
+def sidecar_prediction(path: Path) -> str | None:
+    """The prediction a `.yaml` beside a single file names (AUTOMATIC1111's convention: Stability's config, e.g.
+    v2-inference-v.yaml with `model.params.parameterization: "v"`; eps where it names none); None without one."""
+    sidecar = path.with_suffix(".yaml")
+    if not sidecar.is_file():
+        return None
+    params = load_yaml(sidecar).get("model", {})
+    params = params.get("params", {}) if isinstance(params, dict) else {}
+    prediction = params.get("parameterization", "eps") if isinstance(params, dict) else "eps"
+    if prediction not in ("eps", "v", "x0"):
+        raise CheckpointError(f"{sidecar}: model.params.parameterization must be eps, v or x0, got {prediction!r}")
+    return prediction
+
+
+def file_config(
+    path: Path, shapes: dict[str, tuple[int, ...]], metadata: dict[str, str], cfg: ModelConfig | None
+) -> tuple[ModelConfig, str | None]:
+    """A single file's architecture and prediction, and the rule that decided the prediction; None: an SD 2.x file
+    that nothing describes, whose UNet must be asked (v_prediction_check). The architecture: `cfg` (--config), else
+    the config stored in the file, else detected from the tensors (SD 2.x or v1, the input channels of its UNet);
+    the prediction: the stored config, a `.yaml` beside the file, `cfg`, else eps for SD v1."""
+    stored = config_from_metadata(metadata)
+    sd2 = stored is None and cfg is None and is_sd2(shapes)
+    out = copy.deepcopy(cfg or stored or (sd2_config() if sd2 else ModelConfig()))
+    conv_in = shapes.get(UNET + "input_blocks.0.0.weight", ())
+    if len(conv_in) == 4:
+        out.unet.in_channels = conv_in[1]  # 9 for the inpainting models: latent + mask + masked-image latent
+    sidecar = sidecar_prediction(path)
+    if stored is not None:
+        prediction, rule = stored.parameterization, "the config stored in the file"
+    elif sidecar is not None:
+        prediction, rule = sidecar, f"{path.with_suffix('.yaml').name} beside the file"
+    elif cfg is not None:
+        prediction, rule = cfg.parameterization, "the config given"
+    elif sd2:
+        return out, None
+    else:
+        prediction, rule = "eps", "an SD v1 file"
+    set_prediction(out, prediction, detected=sd2)
+    return out, rule
+
+
+def set_prediction(cfg: ModelConfig, prediction: str, detected: bool) -> None:
+    """cfg predicts `prediction`; a detected SD 2.x v-model is the 768-v one: 768x768 images (96x96 latents)."""
+    cfg.parameterization = prediction
+    if detected and prediction == "v":
+        cfg.image_size = 96
+
+
+@torch.no_grad()
+def v_prediction_check(unet: UNetModel) -> bool:
+    """AUTOMATIC1111's test of an SD 2.x UNet (is_using_v_parameterization_for_sd2): at t = 999 on latents x = 0.5
+    with a context of 0.5, the output of a v-model (v = sqrt(a) eps - sqrt(1 - a) x0, about -x0 there) lies far below
+    x where an eps-model's does not: v if mean(out - x) < -1."""
+    p = next(unet.parameters())
+    x = torch.full((1, unet.cfg.in_channels, 8, 8), 0.5, dtype=p.dtype, device=p.device)
+    context = torch.full((1, 2, unet.cfg.context_dim), 0.5, dtype=p.dtype, device=p.device)
+    return (unet(x, torch.tensor([999], device=p.device), context) - 0.5).float().mean().item() < -1
+
+
 def load_single_file(path: str | Path, cfg: ModelConfig | None = None, use_ema: bool = True) -> StableDiffusion:
-    """An original SD v1 file or one of ours. cfg: the architecture; default: stored in the file, else SD v1."""
+    """An original SD v1 / v2 file or one of ours; `file_config` says which model it is. cfg: the architecture (and
+    prediction, unless the file or a `.yaml` beside it says)."""
+    path = Path(path)
     state, metadata = read_state_dict(path)
-    cfg = copy.deepcopy(cfg or config_from_metadata(metadata) or ModelConfig())
-    conv_in = state.get(UNET + "input_blocks.0.0.weight")
-    if conv_in is not None and conv_in.ndim == 4 and conv_in.shape[1] != cfg.unet.in_channels:
-        cfg.unet.in_channels = conv_in.shape[1]  # 9 for SD 1.5-inpainting: latent + mask + masked-image latent
+    cfg, rule = file_config(path, {k: tuple(v.shape) for k, v in state.items()}, metadata, cfg)
     model = StableDiffusion(cfg, empty=True)
-    state = from_sd_layout(state, use_ema)
+    state = from_sd_layout(state, use_ema, cfg.text_encoder.num_hidden_layers)
     if cfg.text_encoder.pretrained and not any(k.startswith(TEXT) for k in state):  # saved with text_encoder=False
         state |= {TEXT + k: v for k, v in model.cond_stage_model.transformer.state_dict().items()}
     load_state_strict(model, state, str(path))
+    if rule is None:
+        set_prediction(cfg, "v" if v_prediction_check(model.unet) else "eps", detected=True)
+        rule = "AUTOMATIC1111's check of the UNet at t = 999"
+    if cfg.text_encoder.open_clip or rule.endswith("beside the file"):
+        kind = {"eps": "an epsilon", "v": "a v-prediction", "x0": "an x0"}[cfg.parameterization]
+        print(f"note: {path.name}: {kind} model ({rule})", file=sys.stderr)
     return model
 
 
@@ -122,25 +208,29 @@ def save_single_file(
             "only a pretrained text encoder (text_encoder.pretrained) can be left out of a checkpoint"
         )
     state = {k: v for k, v in model.state_dict().items() if text_encoder or not k.startswith(TEXT)}
-    state = to_sd_layout(state, clip=not pretrained)
+    state = to_sd_layout(state, clip=not pretrained, open_clip=model.cfg.text_encoder.open_clip)
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     atomic_save(state, path, {"format": "pt", "ldm_config": json.dumps(to_dict(model.cfg))})
 
 
 def peek_config(path: str | Path) -> ModelConfig:
-    """The architecture of a checkpoint without reading its weights (for checks before loading): a safetensors
-    header's `ldm_config`, a diffusers folder's configs, else SD v1's. A 9-channel inpainting UNet and a file that
-    cannot be read are found by the real load."""
+    """The architecture of a checkpoint without reading its weights (for checks before loading): a diffusers folder's
+    configs, what `file_config` makes of a safetensors header (an SD 2.x file that nothing describes is loaded: only
+    its UNet tells v from eps, and so 768 from 512 pixels), else SD v1's. A file that cannot be read is found by the
+    real load."""
     path = Path(path)
     if path.is_dir() and (path / "unet" / "config.json").is_file():
-        return config_from_diffusers(path)
+        return folder_config(path)
     if path.suffix == ".safetensors" and path.is_file():
         try:
             with safe_open(str(path), framework="pt") as f:
-                return config_from_metadata(dict(f.metadata() or {})) or ModelConfig()
+                shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+                metadata = dict(f.metadata() or {})
         except (SafetensorError, OSError, ValueError):
-            pass
+            return ModelConfig()
+        cfg, rule = file_config(path, shapes, metadata, None)
+        return cfg if rule is not None else load_single_file(path).cfg
     return ModelConfig()
 
 
@@ -151,9 +241,16 @@ def _sub(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]
     return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 
+def folder_config(folder: Path) -> ModelConfig:
+    """A diffusers folder's ModelConfig; its text model is OpenCLIP's (SD 2.x) when its tokenizer pads with "!"."""
+    cfg = config_from_diffusers(folder)
+    cfg.text_encoder.open_clip = is_openclip_folder(folder)
+    return cfg
+
+
 def load_diffusers_folder(folder: str | Path) -> StableDiffusion:
     folder = Path(folder)
-    cfg = config_from_diffusers(folder)
+    cfg = folder_config(folder)
     model = StableDiffusion(cfg)
     state = {}
     for sub, prefix, key_map in (
@@ -172,9 +269,9 @@ def load_diffusers_folder(folder: str | Path) -> StableDiffusion:
             tensors = rename(vae_attn_shapes(tensors, to_linear=False), {b: a for a, b in key_map.items()})
         state |= {prefix + k: v for k, v in tensors.items()}
     load_state_strict(model, state, str(folder))
-    tokenizer_dir = folder / "tokenizer"
-    if (tokenizer_dir / "vocab.json").exists():
-        model.cond_stage_model.tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir))
+    tokenizer_dir = folder / "tokenizer"  # a CLIP tokenizer's own vocab (with added words), padding as ours
+    if not cfg.text_encoder.pretrained and any((tokenizer_dir / n).exists() for n in ("vocab.json", "tokenizer.json")):
+        model.cond_stage_model.tokenizer = load_tokenizer(tokenizer_dir, cfg.text_encoder.open_clip)
     return model
 
 

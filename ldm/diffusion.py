@@ -25,8 +25,9 @@ BETA_SCHEDULES = (
 
 def scheduler_config(cfg: ModelConfig) -> dict:
     """The model's noise schedule as one diffusers scheduler config: SD v1's PNDM/PLMS (its scheduler_config.json),
-    plus the options of a zero-terminal-SNR or learned-variance model. The training schedule (DDPM), every sampler
-    and an exported diffusers folder are built from it: from_config drops what a scheduler class does not take."""
+    plus a timestep spacing (SD-Turbo's trailing) and the options of a zero-terminal-SNR or learned-variance model.
+    The training schedule (DDPM), every sampler and an exported diffusers folder are built from it: from_config
+    drops what a scheduler class does not take."""
     config = {
         "_class_name": "PNDMScheduler",
         "num_train_timesteps": cfg.timesteps,
@@ -39,6 +40,8 @@ def scheduler_config(cfg: ModelConfig) -> dict:
         "steps_offset": 1,
         "clip_sample": False,
     }
+    if cfg.timestep_spacing:
+        config["timestep_spacing"] = cfg.timestep_spacing
     if cfg.rescale_betas_zero_snr:  # Lin et al. 2023: the schedule ends in pure noise, sampling starts at its last step
         config |= {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
     if cfg.learn_sigma:  # improved DDPM: the UNet's own variance, log s^2 = v log b_t + (1 - v) log b~_t (for DDPM)

@@ -6,20 +6,27 @@ A LoRA (Hu et al. 2021, eq. 3) adds a low-rank update to the weight of a Linear 
     W' = W + weight * alpha / rank * up @ down         down: (rank, in[, k, k]), up: (out, rank[, 1, 1])
 
 For a kxk conv (LoCon) `down` is a kxk conv with the layer's stride and padding and `up` a 1x1 conv, so the update
-is (up.flatten(1) @ down.flatten(1)).reshape(W.shape). A missing alpha means alpha = rank.
+is (up.flatten(1) @ down.flatten(1)).reshape(W.shape). A missing alpha means alpha = rank (a PEFT adapter's: the
+alpha its config gives).
 
 Layer names in the files, all resolved against the model itself as AUTOMATIC1111 does (a table of every layer's name
 with '.' written '_', so kohya's underscores are never guessed at):
     kohya / A1111    lora_unet_<diffusers or CompVis path>.{lora_down,lora_up}.weight, .alpha;
-                     lora_te_text_model_<text model path>...
+                     lora_te_text_model_<text model path>...; an OpenCLIP text encoder (SD 2.x) also under
+                     kohya's CompVis names lora_te_model_transformer_resblocks_N_{attn_q_proj,...,mlp_c_fc,mlp_c_proj}
     diffusers / PEFT unet.<diffusers path>.{lora_A,lora_B}.weight (or .lora.down / .lora.up), .alpha;
                      text_encoder.[text_model.]<text model path>...
+    PEFT adapter     base_model.model.<diffusers path>.{lora_A,lora_B}.weight (PEFT's save_pretrained of a UNet, e.g.
+                     an LCM-LoRA), alphas in the adapter_config.json beside it (lora_alpha, alpha_pattern, use_rslora)
+                     or, for diffusers' files, in their `lora_adapter_metadata` (save_lora_weights)
 The UNet's diffusers names come from ldm.diffusers_names' one diffusers <-> CompVis mapping (unet_key_map).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import re
 from pathlib import Path
 
 import torch
@@ -31,6 +38,7 @@ from ldm.diffusers_names import TEXT, UNET, rename, unet_key_map
 from ldm.errors import CheckpointError
 from ldm.io import atomic_save, read_state_dict
 from ldm.model import StableDiffusion
+from ldm.openclip_names import openclip_module
 
 PARTS = {
     ".lora_down.weight": "down",
@@ -47,7 +55,13 @@ UNSUPPORTED = {
     "dora_scale": "DoRA",
     "lora_mid": "LoCon with a Tucker core (lora_mid)",
 }
-PREFIXES = {"lora_unet_": "unet_", "lora_te_": "te_", "unet.": "unet_", "text_encoder.": "te_"}
+PREFIXES = {
+    "lora_unet_": "unet_",
+    "lora_te_": "te_",
+    "unet.": "unet_",
+    "text_encoder.": "te_",
+    "base_model.model.": "unet_",
+}
 # the layers a LoRA changes: Linear and Conv2d, and Linear layers quantized to int8 (merged into their float weights)
 INT8_LINEAR = torch.ao.nn.quantized.dynamic.Linear
 LAYERS = (nn.Linear, nn.Conv2d, INT8_LINEAR)
@@ -65,14 +79,15 @@ def diffusers_layer_names(unet: nn.Module, cfg: UNetConfig) -> dict[str, str]:
 def layer_table(model: StableDiffusion) -> dict[str, str]:
     """{layer name with '.' written '_', under each name a file may use: state-dict key of its weight}, for every
     Linear and Conv2d of the UNet (`unet_` + diffusers or CompVis path) and of the text model (`te_` + its path,
-    with or without transformers 4's `text_model.` level)."""
+    with or without transformers 4's `text_model.` level, or OpenCLIP's `model.transformer.resblocks.N...`)."""
     table = {}
     for ours, theirs in diffusers_layer_names(model.unet, model.cfg.unet).items():
         for name in (theirs, ours):
             table["unet_" + name.replace(".", "_")] = f"{UNET}{ours}.weight"
     for n, m in model.text_encoder.transformer.named_modules():
         if isinstance(m, LAYERS):
-            for name in (n, "text_model." + n):
+            openclip = model.cfg.text_encoder.open_clip and openclip_module(n)
+            for name in (n, "text_model." + n, *(["model." + openclip] if openclip else [])):
                 table["te_" + name.replace(".", "_")] = f"{TEXT}{n}.weight"
     return table
 
@@ -83,10 +98,46 @@ def weight_shape(model: StableDiffusion, key: str) -> torch.Size:
     return layer.weight().shape if isinstance(layer, INT8_LINEAR) else layer.weight.shape
 
 
+def peft_scale(config: dict, layer: str, rank: int) -> float:
+    """alpha / rank of a layer of a PEFT adapter as PEFT's LoraLayer scales it: the alpha of the first alpha_pattern
+    entry that ends its module path (peft.utils.other.get_pattern_key), else lora_alpha, else the rank; over the
+    square root of the rank with use_rslora."""
+    patterns = config.get("alpha_pattern") or {}
+    pattern = next((p for p in patterns if re.match(rf"(.*\.)?({p})$", layer)), None)
+    alpha = patterns[pattern] if pattern else config.get("lora_alpha", rank)
+    return alpha / (rank**0.5 if config.get("use_rslora") else rank)
+
+
+def json_fields(text: str, source: Path) -> dict:
+    """A JSON object's fields, or CheckpointError naming where the text came from."""
+    try:
+        fields = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{source}: not a PEFT LoRA config ({e})") from None
+    if not isinstance(fields, dict):
+        raise CheckpointError(f"{source}: not a PEFT LoRA config (a JSON {type(fields).__name__}, not an object)")
+    return fields
+
+
+def peft_configs(path: Path, metadata: dict[str, str]) -> dict[str, dict]:
+    """{key prefix: PEFT LoraConfig fields} of a LoRA file: the adapter_config.json beside it (PEFT's save_pretrained,
+    for base_model.model. keys) and diffusers' `lora_adapter_metadata` (save_lora_weights: fields under `unet.` and
+    `text_encoder.`)."""
+    configs, config_file = {}, path.parent / "adapter_config.json"
+    if config_file.is_file():
+        configs["base_model.model."] = json_fields(config_file.read_text(errors="replace"), config_file)
+    packed = metadata.get("lora_adapter_metadata")
+    for key, value in (json_fields(packed, path) if packed else {}).items():
+        prefix, _, field = key.partition(".")
+        configs.setdefault(prefix + ".", {})[field] = value
+    return configs
+
+
 def read_lora(path: Path, model: StableDiffusion) -> list[tuple[str, torch.Tensor, torch.Tensor, float]]:
     """A LoRA file as [(state-dict key of the weight it changes, up, down, alpha / rank)], every layer checked against
     the model (CheckpointError naming the type, key or shapes otherwise): nothing is applied from a bad file."""
-    state, _ = read_state_dict(path)
+    state, metadata = read_state_dict(path)
+    configs = peft_configs(Path(path), metadata)
     layers: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in state.items():
         kind = next((kind for marker, kind in UNSUPPORTED.items() if marker in key), None)
@@ -119,8 +170,9 @@ def read_lora(path: Path, model: StableDiffusion) -> list[tuple[str, torch.Tenso
                 f"{path}: layer '{layer}' is up {tuple(up.shape)} x down {tuple(down.shape)}, "
                 f"but the model's weight is {tuple(shape)} (a LoRA for another architecture?)"
             )
-        alpha = float(parts["alpha"]) if "alpha" in parts else rank
-        plan.append((target, up, down, alpha / rank))
+        config = configs.get(prefix, {})
+        scale = float(parts["alpha"]) / rank if "alpha" in parts else peft_scale(config, layer[len(prefix) :], rank)
+        plan.append((target, up, down, scale))
     if unmatched:
         key = next(k for k in state if k.startswith(unmatched[0] + "."))
         raise CheckpointError(f"{path}: '{key}' matches no layer of this model ({len(unmatched)} layers unmatched)")

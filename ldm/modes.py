@@ -17,6 +17,7 @@ from ldm.images import outpaint_canvas, resized, to_tensor
 from ldm.model import StableDiffusion
 from ldm.request import Request
 from ldm.samplers import Sampler
+from ldm.taesd import TAESD
 
 
 def randn(generators: list[torch.Generator], shape: tuple[int, ...], model: StableDiffusion) -> torch.Tensor:
@@ -25,8 +26,13 @@ def randn(generators: list[torch.Generator], shape: tuple[int, ...], model: Stab
     return torch.cat([torch.randn((1, *shape), generator=g, dtype=weight.dtype) for g in generators]).to(weight.device)
 
 
-def encode_images(model: StableDiffusion, x: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
-    """z_0 = scale_factor * a posterior sample of E(x), one per generator; x (1, 3, H, W) in [-1, 1]."""
+def encode_images(
+    model: StableDiffusion, x: torch.Tensor, generators: list[torch.Generator], taesd: TAESD | None = None
+) -> torch.Tensor:
+    """z_0 = scale_factor * a posterior sample of E(x), one per generator; x (1, 3, H, W) in [-1, 1]. With `taesd`:
+    its encoder's z_0, the same for every generator (no posterior; none drawn, as diffusers' AutoencoderTiny)."""
+    if taesd is not None:
+        return taesd.encode((x + 1) / 2).expand(len(generators), -1, -1, -1)
     weight = next(model.parameters())
     posterior = model.vae.encode(x.to(weight.device, weight.dtype))
     return model.get_first_stage_encoding(torch.cat([posterior.sample(g) for g in generators]))
@@ -76,8 +82,8 @@ class Img2Img(Txt2Img):
     noise (DDPM eq. 4), its posterior sample drawn before the noise; or z_0 given as `latents` (the hires fix's
     upscaled latents, as diffusers' img2img takes 4-channel latents for its image), the noise the first draw."""
 
-    def __init__(self, model, run, generators, shape, pixels=None, latents=None, **images):
-        z0 = encode_images(model, 2 * pixels - 1, generators) if latents is None else latents
+    def __init__(self, model, run, generators, shape, pixels=None, latents=None, taesd=None, **images):
+        z0 = encode_images(model, 2 * pixels - 1, generators, taesd) if latents is None else latents
         self.start = run.add_noise(z0, randn(generators, shape, model), run.timesteps[0])
 
 
@@ -86,9 +92,9 @@ class BlendedInpaint(Txt2Img):
     image's latent noised to t-1 with the same noise (latent blending); strength 1 starts from pure noise, less as
     img2img; the unmasked pixels of the decoded image are the init image's, exactly."""
 
-    def __init__(self, model, run, generators, shape, pixels, mask, strength):
+    def __init__(self, model, run, generators, shape, pixels, mask, strength, taesd=None):
         self.run, self.pixels, self.mask = run, pixels, mask
-        self.z0 = encode_images(model, 2 * pixels - 1, generators)
+        self.z0 = encode_images(model, 2 * pixels - 1, generators, taesd)
         self.noise = randn(generators, shape, model)
         start = run.add_noise(self.z0, self.noise, run.timesteps[0]) if strength < 1 else None
         self.start = self.noise * run.init_noise_sigma if start is None else start
@@ -108,13 +114,13 @@ class Inpaint(BlendedInpaint):
     """Inpainting with a 9-channel UNet (SD 1.5-inpainting): the UNet sees z_t, the mask and the masked image's latent
     (drawn after the noise); strength 1 starts from pure noise, less as img2img; no blending between steps."""
 
-    def __init__(self, model, run, generators, shape, pixels, mask, strength):
+    def __init__(self, model, run, generators, shape, pixels, mask, strength, taesd=None):
         self.pixels, self.mask = pixels, mask
-        z0 = encode_images(model, 2 * pixels - 1, generators) if strength < 1 else None
+        z0 = encode_images(model, 2 * pixels - 1, generators, taesd) if strength < 1 else None
         noise = randn(generators, shape, model)
         self.start = noise * run.init_noise_sigma if z0 is None else run.add_noise(z0, noise, run.timesteps[0])
         mask_latent = F.interpolate(mask, size=shape[1:]).to(self.start)
-        masked = encode_images(model, (2 * pixels - 1) * (1 - mask), generators)
+        masked = encode_images(model, (2 * pixels - 1) * (1 - mask), generators, taesd)
         self.extra = torch.cat([mask_latent.expand(len(generators), -1, -1, -1), masked], dim=1)
 
     def unet_input(self, x):

@@ -21,6 +21,7 @@ from ldm.pipeline import Pipeline
 from ldm.request import InputError, LoraSpec, OutputSpec, Request
 from ldm.runtime import Runtime
 from ldm.samplers import SAMPLERS, SCHEDULES
+from ldm.taesd import taesd_name
 
 
 def model_hash(path: Path) -> str:
@@ -53,6 +54,7 @@ def a1111_text(facts: dict) -> str:
         "Size": f"{facts['width']}x{facts['height']}",
         "Model hash": facts["model_hash"],
         "Model": facts["model"],
+        "VAE": facts.get("vae"),
         "Denoising strength": facts.get("strength", facts.get("hires_denoise")),
         "Clip skip": clip_skip if clip_skip > 1 else None,
         "Eta DDIM": facts["eta"] or None,
@@ -260,7 +262,10 @@ def make_images(
 
 def model_facts(ckpt: Path, run: Runtime, no_metadata: bool = False) -> dict:
     """What the PNGs say of the model and how it ran: its name (the file's stem; "ldm-emoji" for the embedded one,
-    however it was named), A1111's hash, the device, dtype, quantization and backend."""
+    however it was named), A1111's hash, the device, dtype, quantization and backend, and a TAESD decoder's file and
+    name (A1111's VAE field)."""
     name = "ldm-emoji" if Path(ckpt).resolve() == DEFAULT_MODEL.resolve() else Path(ckpt).stem
     facts = {"model": name, "model_hash": None if no_metadata else model_hash(Path(ckpt))}
+    if run.taesd is not None:
+        facts |= {"vae": taesd_name(run.taesd), "taesd": str(run.taesd), "taesd_encode": run.taesd_encode}
     return facts | {"dtype": run.dtype, "device": str(run.device), "quantize": run.quantize, "backend": run.backend}

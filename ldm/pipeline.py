@@ -53,6 +53,7 @@ from ldm.patcher import Patcher
 from ldm.request import LATENT_UPSCALERS, EmbeddingSpec, InputError, LoraSpec, Request, hires_schedule
 from ldm.runtime import BACKENDS, check_quantize
 from ldm.samplers import Sampler
+from ldm.taesd import TAESD, load_taesd
 
 OBSERVERS = ("progress", "callback", "trajectory", "control_maps")  # generate's keyword options
 # Latent pixels a sub-batch holds at most: the throughput knee (benchmarks/sub_batch_knee.py, BENCHMARKS.md). The
@@ -80,6 +81,8 @@ class Pipeline(nn.Module):
     after the LoRAs change, cached on disk). LoRAs and embeddings: `patcher` (ldm.patcher), which also keeps the
     int8 UNet's float weights for LoRAs to merge into. The text encoder is frozen, so the contexts of recent prompts
     are kept (ldm.conditioning), keyed on `version`, which changes with the LoRAs and embeddings the weights carry.
+    taesd (ldm.taesd): decode with it instead of the VAE and, with taesd_encode, encode with it (init images, the hires
+    fix's Lanczos round trip).
     """
 
     def __init__(
@@ -92,6 +95,8 @@ class Pipeline(nn.Module):
         batch_memory: int | None = None,
         backend: str = "torch",
         backend_precision: str = "fp32",
+        taesd: TAESD | None = None,
+        taesd_encode: bool = False,
     ):
         super().__init__()
         self.model = model
@@ -105,7 +110,12 @@ class Pipeline(nn.Module):
         if backend not in BACKENDS:
             raise InputError(f"unknown backend '{backend}' (known: {', '.join(BACKENDS)})")
         self.openvino = OpenVINO(backend_precision) if backend == "openvino" else None
-        self.decode = Decoder(model, vae_tile, vae_tile_overlap, self.openvino)
+        if taesd_encode and taesd is None:
+            raise InputError("--taesd-encode encodes with the TAESD of --taesd, and none was given")
+        if taesd is not None:
+            taesd.check(self.cfg.vae, taesd_encode)
+        self.taesd, self.taesd_encoder = taesd, taesd if taesd_encode else None
+        self.decode = Decoder(model, vae_tile, vae_tile_overlap, self.openvino, taesd)
         if compile:
             # on the forward, so the module, its hooks and names stay
             self.unet.forward = torch.compile(self.unet.forward)
@@ -212,13 +222,13 @@ class Pipeline(nn.Module):
             generators = [torch.Generator().manual_seed(s) for s in seeds]
             run = Sampler(r.sampler, self.cfg, r.steps, strength, r.eta, self.device, r.schedule)
             prompts = per_image[first : first + batch]
+            calls = r.steps * run.scheduler.order  # the prompt schedule's steps: A1111's total_steps (2N, Heun)
             conditioning = self.conditioner(
-                prompts, r.negative_prompt, r.guided, r.prompt_syntax, r.clip_skip, self.version
+                prompts, r.negative_prompt, r.guided, r.prompt_syntax, r.clip_skip, self.version, steps=calls
             )
             # 1. the start latents and the mode's other random draws
-            sub = mode(
-                self.model, run, generators, self.cfg.vae.latent_shape(r.height, r.width), **images, strength=strength
-            )
+            shape = self.cfg.vae.latent_shape(r.height, r.width)
+            sub = mode(self.model, run, generators, shape, **images, strength=strength, taesd=self.taesd_encoder)
             denoiser = Denoiser(
                 unet, conditioning, r, len(run.timesteps), sub.unet_input, controls, hints, self.cfg.learn_sigma
             )
@@ -227,7 +237,7 @@ class Pipeline(nn.Module):
             watched = None if r.hires else trajectories[-1]
             latents = self.sample(sub, run, generators, denoiser, desc, watched, callback)
             if r.hires:
-                latents = self.hires_pass(r, latents, seeds, prompts, unet, desc, trajectories[-1], callback)
+                latents = self.hires_pass(r, latents, seeds, prompts, unet, desc, trajectories[-1], callback, calls)
             yield to_pil(sub.finish(self.decode(latents)))  # 7.
         if trajectory is not None:
             trajectory += [torch.cat(step) for step in zip(*trajectories)]
@@ -249,11 +259,14 @@ class Pipeline(nn.Module):
             trajectory.append(latents)
         return latents
 
-    def hires_pass(self, r: Request, latents, seeds, prompts, unet, desc, trajectory, callback) -> torch.Tensor:
+    def hires_pass(
+        self, r: Request, latents, seeds, prompts, unet, desc, trajectory, callback, first_pass: int
+    ) -> torch.Tensor:
         """The hires fix's second pass on a sub-batch's first-pass latents (the images of `seeds` and `prompts`): its
         final latents. Upscaled in a latent mode, or decoded, resized (Lanczos) and encoded (a posterior sample drawn
         first from each image's generator, as diffusers' img2img); then img2img at hires_denoise, the last hires_steps
-        steps of a longer schedule (ldm.request.hires_schedule)."""
+        steps of a longer schedule (ldm.request.hires_schedule). first_pass: the first pass's prompt-schedule steps
+        (A1111 counts a prompt edit's step numbers from the first pass's start, its fractions from 1)."""
         width, height = r.output_size(self.vae_factor)
         shape = self.cfg.vae.latent_shape(height, width)
         generators = [torch.Generator().manual_seed(s) for s in seeds]  # A1111: the second pass's noise from the seeds
@@ -263,13 +276,23 @@ class Pipeline(nn.Module):
         else:
             small = to_pil(self.decode(latents))
             pixels = [to_tensor(resized(image, width, height)) for image in small]
-            latents = torch.cat([encode_images(self.model, 2 * x - 1, [g]) for x, g in zip(pixels, generators)])
+            latents = torch.cat(
+                [encode_images(self.model, 2 * x - 1, [g], self.taesd_encoder) for x, g in zip(pixels, generators)]
+            )
         schedule = hires_schedule(r.hires_steps, r.hires_denoise)
         run = Sampler(r.hires_sampler, self.cfg, *schedule, r.eta, self.device, r.schedule)  # A1111: the same schedule
         sub = Img2Img(self.model, run, generators, shape, latents=latents)
         hires_prompts = [r.hires_prompt] * len(prompts) if r.hires_prompt else prompts
+        steps = (r.hires_steps or r.steps) * run.scheduler.order
         conditioning = self.conditioner(
-            hires_prompts, r.negative_prompt, r.guided, r.prompt_syntax, r.clip_skip, self.version
+            hires_prompts,
+            r.negative_prompt,
+            r.guided,
+            r.prompt_syntax,
+            r.clip_skip,
+            self.version,
+            steps=steps,
+            first_pass=first_pass,
         )
         denoiser = Denoiser(unet, conditioning, r, len(run.timesteps), sub.unet_input, learn_sigma=self.cfg.learn_sigma)
         return self.sample(sub, run, generators, denoiser, desc and f"{desc}, hires", trajectory, callback)
@@ -347,6 +370,8 @@ def load_pipeline(
     compile: bool = False,
     backend: str = "torch",
     backend_precision: str = "fp32",
+    taesd: str | Path | None = None,
+    taesd_encode: bool = False,
 ):
     """A checkpoint's models in eval mode, with txt2img / img2img / inpaint: `.unet .vae .text_encoder .tokenizer .cfg`.
 
@@ -355,10 +380,18 @@ def load_pipeline(
     (default float32). config: the architecture (a ModelConfig), when a single file does not carry it.
     quantize="int8": a dynamic-int8 UNet (CPU, fp32); compile: torch.compile the UNet; backend="openvino": the UNet
     and VAE decoder run converted to OpenVINO in backend_precision (fp32, bf16, int8, default; see Pipeline).
+    taesd: a TAESD file or folder (ldm.taesd) that decodes instead of the VAE, and encodes too with taesd_encode.
     An in-memory StableDiffusion model becomes a pipeline with `Pipeline(model)`.
     """
     model = load_model(DEFAULT_MODEL if path is None else path, config)
     model = model.to(device=device, dtype=torch.float32 if dtype is None else dtype).eval()
+    tiny = None if taesd is None else load_taesd(taesd).to(device=device, dtype=next(model.parameters()).dtype)
     return Pipeline(
-        model, quantize=quantize, compile=compile, backend=backend, backend_precision=backend_precision
+        model,
+        quantize=quantize,
+        compile=compile,
+        backend=backend,
+        backend_precision=backend_precision,
+        taesd=tiny,
+        taesd_encode=taesd_encode,
     ).eval()

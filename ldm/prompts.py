@@ -17,6 +17,22 @@ Syntax "plain": every character is literal (A1111's "Emphasis: None"); long prom
 Training captions never come here: the trainers and the cache call the text encoder's own tokenize / encode.
 `<lora:NAME:W>` tags are taken out of the prompt by `lora_tags` (txt2img.py loads their files: the --lora-dir's, else
 the shipped add-ons').
+
+Prompt editing and alternation change the prompt between steps: `schedule(prompt, steps)` reads them as A1111's
+`get_learned_conditioning_prompt_schedules` (its lark grammar, read by hand) and gives [(last step, text)], step i
+(0-based) taking the first entry whose last step is >= i:
+
+    [from:to:when]  from until step `when`, then to     [to:when]  nothing, then to     [from::when]  from, then nothing
+    when: with a decimal point a fraction of the steps (step int(when * steps)), else a step number; nesting allowed
+    [a|b|c]         entries ending at steps 1..N, entry k holding option (k - 1) mod 3: steps 0 and 1 take a, then b...
+
+Inside a bracket the grammar is strict: brackets balance, `:` only in `(x:y)` or an edit, `|` only in an alternation.
+At the top level a bracket or colon that starts no such group is literal text; a prompt A1111's grammar cannot read
+at all (a `|` outside an alternation, a lone backslash at the end) is one entry of its own text. The texts keep their
+emphasis and BREAK, which `parse` reads afterwards. One difference: A1111's lark parser
+picks among ambiguous readings in the order it found them, and reads a group closed right before a stray bracket (as
+in `[[c:3]][`) as text, where ldm reads the group. `subprompts` splits a prompt at AND with its `:weight`s (A1111's
+composable diffusion; ldm.denoiser combines them).
 """
 
 from __future__ import annotations
@@ -24,7 +40,7 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from ldm import ASSETS
 from ldm.errors import LdmError
@@ -45,6 +61,28 @@ ELEMENT = re.compile(
     r"|(?P<close>[)\]])|(?P<text>[^\\()\[\]:]+|:)"
 )
 BREAK_WORD = re.compile(r"\s*\bBREAK\b\s*")
+
+
+# A1111's schedule grammar: plain text (an escape is a backslash and the character after it), the number that ends
+# an edit (lark's SIGNED_NUMBER, blanks allowed around it), and its AND with a weight at the end of each sub-prompt.
+PLAIN = re.compile(r"(?:[^\\\[\]():|]|\\.)+")
+WHEN = re.compile(r"\s*([+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?)\s*\]")
+AND = re.compile(r"\bAND\b")
+AND_WEIGHT = re.compile(r"^((?:\s|.)*?)(?:\s*:\s*([-+]?(?:\d+\.?|\d*\.\d+)))?\s*$")
+
+
+class Edit(NamedTuple):
+    """`[before:after:when]` (before None: `[after:when]`); when: the number as written."""
+
+    before: list | None
+    after: list
+    when: str
+
+
+class Alternation(NamedTuple):
+    """`[a|b|c]`: one option per step."""
+
+    options: list[list]
 
 
 class PromptError(LdmError):
@@ -122,6 +160,138 @@ def parse(prompt: str) -> list[tuple[str, float | None]]:
         else:
             merged.append([text, weight])
     return [(text, weight) for text, weight in merged]
+
+
+def subprompts(prompt: str) -> list[tuple[str, float]]:
+    """A1111's AND (get_multicond_prompt_list): the sub-prompts between the capitalised word AND, each with the weight
+    written at its end (`a cat :1.2`; none: 1), the text without it and without trailing blanks.
+
+    >>> subprompts("a cat AND a dog:0.5")
+    [('a cat', 1.0), (' a dog', 0.5)]
+    """
+    parts = [AND_WEIGHT.match(part).groups() for part in AND.split(prompt)]
+    return [(text, 1.0 if weight is None else float(weight)) for text, weight in parts]
+
+
+def schedule(prompt: str, steps: int, first_pass: int | None = None) -> list[tuple[int, str]]:
+    """The prompt's texts over `steps` steps, as A1111 schedules prompt editing and alternation: [(last step, text)],
+    sorted; step i (0-based) takes the first entry whose last step is >= i. A prompt without edits: [(steps, prompt)].
+    first_pass: the first pass's steps when these are a hires fix's second pass (see edit_step).
+
+    >>> schedule("a [cat:dog:0.5]", 10)
+    [(5, 'a cat'), (10, 'a dog')]
+    """
+    try:
+        nodes = top_level(prompt)
+    except RecursionError:  # brackets nested hundreds deep: read as text (so are the edits among them)
+        nodes = None
+    if nodes is None:
+        return [(steps, prompt)]
+    ends = {steps}
+
+    def collect(nodes: list) -> None:
+        for node in nodes:
+            if isinstance(node, Edit):
+                when = edit_step(node.when, steps, first_pass)
+                if when >= 1:
+                    ends.add(when)
+                collect(node.before or [])
+                collect(node.after)
+            elif isinstance(node, Alternation):
+                ends.update(range(1, steps + 1))
+                for option in node.options:
+                    collect(option)
+
+    def text(nodes: list, step: int) -> str:
+        out = []
+        for node in nodes:
+            if isinstance(node, Edit):
+                out.append(
+                    text(node.before or [], step)
+                    if step <= edit_step(node.when, steps, first_pass)
+                    else text(node.after, step)
+                )
+            elif isinstance(node, Alternation):
+                out.append(text(node.options[(step - 1) % len(node.options)], step))
+            else:
+                out.append(node)
+        return "".join(out)
+
+    collect(nodes)
+    return [(end, text(nodes, end)) for end in sorted(ends)]
+
+
+def edit_step(number: str, steps: int, first_pass: int | None = None) -> int:
+    """An edit's `when` as a step: with a decimal point a fraction of the steps, else a step number; at most `steps`
+    (and below 1: no step, the edit's second text from the start). In a hires fix's second pass (first_pass: the
+    first pass's steps) A1111 counts a step number from the first pass's start and a fraction from 1, the first
+    pass's end: `[a:b:1.5]` switches halfway through the second pass, `[a:b:0.5]` uses b all through it."""
+    value = float(number)
+    if "." in number:
+        value = (value - (first_pass is not None)) * steps
+    else:
+        value -= first_pass or 0
+    return int(max(min(value, steps), 0))
+
+
+def top_level(prompt: str) -> list | None:
+    """The prompt as a list of texts, Edits and Alternations; None where A1111's grammar reads none (its lark parse
+    fails). A bracket or colon that starts no group is literal here, as A1111's grammar allows at its top level."""
+    nodes, i = [], 0
+    while i < len(prompt):
+        read, i = sequence(prompt, i)
+        nodes += read
+        if i < len(prompt):
+            if prompt[i] not in "[]():":
+                return None
+            nodes.append(prompt[i])
+            i += 1
+    return nodes
+
+
+def sequence(prompt: str, i: int) -> tuple[list, int]:
+    """Texts and groups from prompt[i] on, up to the first character that continues neither: (nodes, where)."""
+    nodes = []
+    while i < len(prompt):
+        if m := PLAIN.match(prompt, i):
+            nodes.append(m[0])
+            i = m.end()
+        elif read := group(prompt, i):
+            nodes += read[0]
+            i = read[1]
+        else:
+            break
+    return nodes, i
+
+
+def group(prompt: str, i: int) -> tuple[list, int] | None:
+    """The bracketed group that opens at prompt[i]: `(x)`, `(x:y)` and `[x]` (literal: emphasis, read by parse), an
+    Edit or an Alternation -> ([nodes], the index after it); None when none closes."""
+    opening = prompt[i]
+    if opening not in "([":
+        return None
+    first, j = sequence(prompt, i + 1)
+    end = prompt[j : j + 1]
+    if opening == "(":
+        if end == ":":
+            second, j = sequence(prompt, j + 1)
+            first, end = [*first, ":", *second], prompt[j : j + 1]
+        return (["(", *first, ")"], j + 1) if end == ")" else None
+    if end == "]":
+        return ["[", *first, "]"], j + 1
+    if end == "|":
+        options = [first]
+        while prompt[j : j + 1] == "|":
+            option, j = sequence(prompt, j + 1)
+            options.append(option)
+        return ([Alternation(options)], j + 1) if prompt[j : j + 1] == "]" else None
+    if end != ":":
+        return None
+    if m := WHEN.match(prompt, j + 1):
+        return [Edit(None, first, m[1])], m.end()
+    second, k = sequence(prompt, j + 1)
+    m = WHEN.match(prompt, k + 1) if prompt[k : k + 1] == ":" else None
+    return ([Edit(first, second, m[1])], m.end()) if m else None
 
 
 def chunk(

@@ -1,6 +1,6 @@
 """How a pipeline runs, decided once from the command line's or the page's words: the device, the dtype ("auto"
-picks one for the machine), dynamic int8 quantization (ldm.patcher.Patcher.quantize_int8 applies it), torch.compile
-and the backend (torch or OpenVINO)."""
+picks one for the machine), dynamic int8 quantization (ldm.patcher.Patcher.quantize_int8 applies it), torch.compile,
+the backend (torch or OpenVINO) and the decoder (the model's VAE, or a TAESD file: ldm.taesd)."""
 
 from __future__ import annotations
 
@@ -53,13 +53,15 @@ def check_quantize(quantize: str | None, device: torch.device, dtype: torch.dtyp
 class Runtime:
     """Where and how the models run: `load_pipeline(path, config=..., **runtime.options())`. dtype: a DTYPES name
     (never "auto"); OpenVINO runs on the CPU, in fp32 or bf16 or with int8 weights (`precision`), the torch parts
-    beside it (text encoder) in fp32."""
+    beside it (text encoder) in fp32. taesd: a TAESD that decodes instead of the VAE (and encodes, taesd_encode)."""
 
     device: torch.device
     dtype: str = "fp32"
     quantize: str | None = None
     backend: str = "torch"
     compile: bool = False
+    taesd: Path | None = None
+    taesd_encode: bool = False
 
     @property
     def precision(self) -> str:
@@ -76,6 +78,8 @@ class Runtime:
             "compile": self.compile,
             "backend": self.backend,
             "backend_precision": self.precision,
+            "taesd": self.taesd,
+            "taesd_encode": self.taesd_encode,
         }
 
 
@@ -85,6 +89,8 @@ def runtime(
     quantize: str | None = None,
     backend: str = "torch",
     compile: bool = False,
+    taesd: Path | None = None,
+    taesd_encode: bool = False,
 ) -> Runtime:
     """The Runtime of these settings (device None: cuda when there is one, else cpu; dtype "auto": auto_dtype, said
     once on stderr), or InputError naming the setting that cannot run here."""
@@ -105,4 +111,4 @@ def runtime(
         raise InputError("--backend openvino runs on the CPU in --dtype fp32 or bf16, without --compile")
     if backend == "torch":
         check_quantize(quantize, device, DTYPES[dtype])
-    return Runtime(device, dtype, quantize, backend, compile)
+    return Runtime(device, dtype, quantize, backend, compile, taesd, taesd_encode)

@@ -9,6 +9,12 @@ A local encoder (`TextEncoderConfig.pretrained`, e.g. all-MiniLM-L6-v2 shipped b
 transformers' AutoModel and AutoTokenizer from its folder, 77 tokens padded, the UNet context is its last
 hidden state (77 x 384 for MiniLM) computed with the padding masked out.
 
+OpenCLIP ViT-H/14's text tower (SD 2.x, `TextEncoderConfig.open_clip`) is the same transformers `CLIPTextModel` with
+other sizes (exact GELU, 1024 wide, 16 heads) and 23 of its 24 layers: SD 2 conditions on the penultimate layer
+then the final layer norm (Stability's FrozenOpenCLIPEmbedder(layer="penultimate")), which is this model's last hidden
+state, as in diffusers' SD 2 folders (single files carry the last block, unused: ldm.openclip_names). Its tokenizer is
+the same BPE (open_clip ships the same bpe_simple_vocab_16e6.txt.gz) but pads with id 0 ("!") after <|endoftext|>.
+
 Clip skip N (AUTOMATIC1111's "Clip skip", 1 = the last layer): CLIP's hidden state N from the end (the output of
 layer L + 1 - N of L), then CLIP's final layer norm, as A1111 and diffusers do. A BERT-style encoder (MiniLM) has no
 final norm (each of its post-LN layers ends with its own LayerNorm): its context is the hidden state N from the end.
@@ -16,6 +22,7 @@ final norm (each of its post-LN layers ends with its own LayerNorm): its context
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import gzip
@@ -51,11 +58,12 @@ def bytes_to_unicode() -> dict[int, str]:
 
 
 @functools.cache
-def build_tokenizer() -> CLIPTokenizer:
+def build_tokenizer(open_clip: bool = False) -> CLIPTokenizer:
     """CLIP's tokenizer from the packaged BPE file, exactly as OpenAI's simple_tokenizer.py builds its vocab.
 
     The vocab is the 256 byte symbols, the same with "</w>", the 48,894 merges joined, then
-    <|startoftext|> (49406) and <|endoftext|> (49407): 49,408 entries. Pads with <|endoftext|> to 77 as SD v1.
+    <|startoftext|> (49406) and <|endoftext|> (49407): 49,408 entries. Pads with <|endoftext|> to 77 as SD v1, or
+    with "!" (id 0) as OpenCLIP's tokenizer (SD 2.x) with open_clip.
     Cached: every caller shares one instance, so don't mutate it (e.g. add tokens) in place.
     """
     lines = gzip.decompress(BPE_PATH.read_bytes()).decode("utf-8").split("\n")
@@ -63,12 +71,34 @@ def build_tokenizer() -> CLIPTokenizer:
     symbols = list(bytes_to_unicode().values())
     vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
     vocab += ["<|startoftext|>", "<|endoftext|>"]
-    return CLIPTokenizer(
+    tokenizer = CLIPTokenizer(
         vocab={token: i for i, token in enumerate(vocab)},
         merges=merges,
         pad_token="<|endoftext|>",
         model_max_length=MAX_LENGTH,
     )
+    if open_clip:
+        # OpenCLIP's `tokenize` pads with zeros after <|endoftext|>, and "!" in a prompt stays an ordinary word. The pad
+        # id is set after construction: CLIPTokenizer(pad_token="!") makes "!" a special token, so every "!" of a
+        # prompt becomes id 0 too (diffusers' SD 2 tokenizers do: diffusers issue 4153), which OpenCLIP's tokenizer,
+        # that SD 2 was trained with, never does ("wow!!!" -> wow, !!!).
+        tokenizer.pad_token_id = tokenizer.convert_tokens_to_ids("!")
+    return tokenizer
+
+
+def load_tokenizer(folder: str | Path, open_clip: bool = False) -> CLIPTokenizer:
+    """A diffusers folder's CLIP tokenizer (its vocab, maybe with added words, e.g. a textual inversion's). With
+    open_clip: build_tokenizer(True) with the folder's added words, in their order: the folder's own tokenizer has "!"
+    as a special token (see build_tokenizer), in its tokenizer.json too when transformers wrote one."""
+    tokenizer = CLIPTokenizer.from_pretrained(str(folder))
+    if not open_clip:
+        return tokenizer
+    ours = build_tokenizer(True)
+    words = [t for t, i in sorted(tokenizer.added_tokens_encoder.items(), key=lambda item: item[1]) if i >= len(ours)]
+    if words:
+        ours = copy.deepcopy(ours)
+        ours.add_tokens(words)
+    return ours
 
 
 def clean_text(text: str) -> str:
@@ -110,7 +140,8 @@ def expand_multi_vector(tokenizer, text: str) -> str:
 
 
 def tokenize(tokenizer: CLIPTokenizer, prompts: str | list[str]) -> torch.LongTensor:
-    """Prompts -> (B, 77) CLIP token ids, truncated and padded with <|endoftext|>; warns about what is cut off."""
+    """Prompts -> (B, 77) CLIP token ids, truncated and padded (<|endoftext|>, or OpenCLIP's "!"); warns about what is
+    cut off."""
     texts = [clean_text(p) for p in ([prompts] if isinstance(prompts, str) else prompts)]
     texts = [expand_multi_vector(tokenizer, text) for text in texts]
     warn_truncated(tokenizer, texts, "CLIP")
@@ -186,16 +217,17 @@ class FrozenTextEncoder(nn.Module):
 
 
 class FrozenCLIPEmbedder(FrozenTextEncoder):
-    """CLIP text transformer with frozen weights: prompts -> (B, 77, hidden_size) context for the UNet."""
+    """CLIP's (SD v1) or OpenCLIP's (SD 2.x) text transformer with frozen weights: prompts -> (B, 77, hidden_size)
+    context for the UNet."""
 
     def __init__(self, cfg: TextEncoderConfig):
         super().__init__()
-        # bos/eos/pad ids as in openai/clip-vit-large-patch14's config.json: eos_token_id=2 selects the
-        # original pooling (argmax over ids = first <|endoftext|>); SD v1 uses no pooling anyway.
-        fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "pretrained"}
+        # bos/eos/pad ids as in openai/clip-vit-large-patch14's config.json (and SD 2's): eos_token_id=2 selects the
+        # original pooling (argmax over ids = first <|endoftext|>); SD uses no pooling anyway.
+        fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("pretrained", "open_clip")}
         config = CLIPTextConfig(**fields, pad_token_id=1, bos_token_id=0, eos_token_id=2)
         self.transformer = CLIPTextModel(config)
-        self.tokenizer = build_tokenizer()
+        self.tokenizer = build_tokenizer(cfg.open_clip)
         self.requires_grad_(False)
         self.eval()
 

@@ -1,8 +1,10 @@
-"""The SD v1 denoising UNet (CompVis `openaimodel.UNetModel` with `SpatialTransformer` cross-attention).
+"""The SD v1 and v2 denoising UNet (CompVis `openaimodel.UNetModel` with `SpatialTransformer` cross-attention).
 
-Attribute names are the CompVis state-dict names, so `model.diffusion_model.*` of a real SD v1 file
+Attribute names are the CompVis state-dict names, so `model.diffusion_model.*` of a real SD file
 loads with strict=True: input_blocks.{i}.{0 ResBlock | 1 SpatialTransformer | 0.op Downsample},
 middle_block.{0,1,2}, output_blocks.{i}.{0 ResBlock, 1 SpatialTransformer, 1|2 Upsample}, out.
+SD 2.x is the same network with 64-channel heads, Linear proj_in / proj_out on the tokens
+(`use_linear_in_transformer`), a 1024-wide context and, for 2.1, attention upcast to float32 (`upcast_attention`).
 """
 
 import math
@@ -57,10 +59,10 @@ class ResBlock(nn.Module):
 class CrossAttention(nn.Module):
     """Multi-head attention of x over context (self-attention when context is None)."""
 
-    def __init__(self, query_dim: int, context_dim: int, heads: int, dim_head: int):
+    def __init__(self, query_dim: int, context_dim: int, heads: int, dim_head: int, upcast: bool = False):
         super().__init__()
         inner = heads * dim_head
-        self.heads = heads
+        self.heads, self.upcast = heads, upcast
         self.to_q = nn.Linear(query_dim, inner, bias=False)
         self.to_k = nn.Linear(context_dim, inner, bias=False)
         self.to_v = nn.Linear(context_dim, inner, bias=False)
@@ -68,7 +70,10 @@ class CrossAttention(nn.Module):
 
     def forward(self, x, context=None):
         context = x if context is None else context  # x: (B, N, query_dim), context: (B, M, context_dim)
-        return self.to_out(attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads))
+        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
+        if self.upcast and x.dtype in (torch.float16, torch.bfloat16):  # SD 2.1's q k^T overflows fp16
+            return self.to_out(attention(q.float(), k.float(), v.float(), self.heads).to(x.dtype))
+        return self.to_out(attention(q, k, v, self.heads))
 
 
 class GEGLU(nn.Module):
@@ -95,11 +100,11 @@ class FeedForward(nn.Module):
 class BasicTransformerBlock(nn.Module):
     """Pre-norm block: self-attention, cross-attention to the text context, GEGLU feed-forward."""
 
-    def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int):
+    def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int, upcast: bool = False):
         super().__init__()
-        self.attn1 = CrossAttention(dim, dim, heads, dim_head)
+        self.attn1 = CrossAttention(dim, dim, heads, dim_head, upcast)
         self.ff = FeedForward(dim)
-        self.attn2 = CrossAttention(dim, context_dim, heads, dim_head)
+        self.attn2 = CrossAttention(dim, context_dim, heads, dim_head, upcast)
         self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
 
     def forward(self, x, context):
@@ -109,26 +114,42 @@ class BasicTransformerBlock(nn.Module):
 
 
 class SpatialTransformer(nn.Module):
-    """Flatten (B, C, H, W) to H*W tokens, run transformer blocks against the context, add back."""
+    """Flatten (B, C, H, W) to H*W tokens, run transformer blocks against the context, add back.
+    proj_in / proj_out: 1x1 convs on the feature map (SD v1), or the same map as Linear layers on the tokens (linear:
+    SD 2.x's use_linear_in_transformer)."""
 
-    def __init__(self, channels: int, heads: int, dim_head: int, depth: int, context_dim: int, groups: int):
+    def __init__(
+        self,
+        channels: int,
+        heads: int,
+        dim_head: int,
+        depth: int,
+        context_dim: int,
+        groups: int,
+        linear: bool = False,
+        upcast: bool = False,
+    ):
         super().__init__()
         inner = heads * dim_head
+        self.linear = linear
         self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
-        self.proj_in = nn.Conv2d(channels, inner, 1)
+        self.proj_in = nn.Linear(channels, inner) if linear else nn.Conv2d(channels, inner, 1)
         self.transformer_blocks = nn.ModuleList(
-            BasicTransformerBlock(inner, heads, dim_head, context_dim) for _ in range(depth)
+            BasicTransformerBlock(inner, heads, dim_head, context_dim, upcast) for _ in range(depth)
         )
-        self.proj_out = nn.Conv2d(inner, channels, 1)
+        self.proj_out = nn.Linear(inner, channels) if linear else nn.Conv2d(inner, channels, 1)
 
     def forward(self, x, context):
         b, c, h, w = x.shape
-        t = self.proj_in(self.norm(x))
-        t = t.permute(0, 2, 3, 1).reshape(b, h * w, -1)  # (B, inner, H, W) -> (B, H*W, inner): a token per position
+        t = self.norm(x)
+        t = t if self.linear else self.proj_in(t)
+        t = t.permute(0, 2, 3, 1).reshape(b, h * w, -1)  # (B, C, H, W) -> (B, H*W, C): a token per position
+        t = self.proj_in(t) if self.linear else t
         for block in self.transformer_blocks:
             t = block(t, context)
+        t = self.proj_out(t) if self.linear else t
         t = t.reshape(b, h, w, -1).permute(0, 3, 1, 2)
-        return x + self.proj_out(t)
+        return x + (t if self.linear else self.proj_out(t))
 
 
 class Downsample(nn.Module):
@@ -228,7 +249,16 @@ class UNetEncoder(nn.Module):
     def transformer(self, ch: int) -> SpatialTransformer:
         cfg = self.cfg
         heads = ch // cfg.num_head_channels if cfg.num_head_channels > 0 else cfg.num_heads
-        return SpatialTransformer(ch, heads, ch // heads, cfg.transformer_depth, cfg.context_dim, cfg.num_groups)
+        return SpatialTransformer(
+            ch,
+            heads,
+            ch // heads,
+            cfg.transformer_depth,
+            cfg.context_dim,
+            cfg.num_groups,
+            cfg.use_linear_in_transformer,
+            cfg.upcast_attention,
+        )
 
     def time_embedding(self, timesteps: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """(B, 4 * model_channels) embedding of timesteps (B,) or a scalar, for x's batch and dtype."""

@@ -1,8 +1,10 @@
 """python -m ldm.webui: a Gradio web UI over the Pipeline API (txt2img, img2img, inpainting, outpainting, LoRA and
-embedding pickers, ControlNet, PNG info, models, a diffusion explorer).
+embedding pickers, ControlNet, PNG info, models, a diffusion explorer), and AUTOMATIC1111's REST API (ldm.api).
 
     python -m ldm.webui                                   # the embedded model, http://127.0.0.1:7860
     python -m ldm.webui --ckpt v1-5-pruned-emaonly.safetensors --models-dir models --port 7861
+    python -m ldm.webui --api                             # the page and /sdapi/v1 (OpenAPI at /docs)
+    python -m ldm.webui --nowebui --api-auth me:secret    # the API alone, HTTP Basic auth
 
 It generates through ldm.outputs.make_images, as txt2img.py does: the same parameters make the same image, written
 the same way (numbered PNGs with their parameters, in --outdir). It binds 127.0.0.1 unless --listen, never opens a
@@ -36,7 +38,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--listen", action="store_true", help="bind 0.0.0.0 (every network interface), not 127.0.0.1")
     p.add_argument("--device", help="cpu, cuda, mps... (default: cuda when there is one, else cpu)")
+    p.add_argument(
+        "--taesd", type=Path, metavar="PATH", help="decode (and preview) with this TAESD file or folder, as txt2img.py"
+    )
+    p.add_argument("--api", action="store_true", help="also serve AUTOMATIC1111's REST API, /sdapi/v1 (docs: /docs)")
+    p.add_argument("--nowebui", action="store_true", help="serve the REST API alone, without the page")
+    p.add_argument(
+        "--api-auth", type=users, default={}, metavar="USER:PASS[,USER:PASS...]", help="HTTP Basic auth on the REST API"
+    )
     return p.parse_args(argv)
+
+
+def users(value: str) -> dict[str, str]:
+    """--api-auth USER:PASS[,USER2:PASS2...] as {user: password}."""
+    pairs = [item.split(":", 1) for item in value.split(",")]
+    if any(len(pair) != 2 or not all(pair) for pair in pairs):
+        raise argparse.ArgumentTypeError(f"takes USER:PASS[,USER2:PASS2...], got '{value}'")
+    return dict(pairs)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,9 +69,14 @@ def serve(args) -> int:
         raise LdmError("the web UI needs gradio: pip install 'ldm[webui]'") from None
     from ldm.webui_app import CSS, Session, build  # gradio and torch: seconds
 
-    demo = build(Session(args))
-    demo.queue(default_concurrency_limit=1)
     host = "0.0.0.0" if args.listen else "127.0.0.1"
+    if args.listen and (args.api or args.nowebui) and not args.api_auth:
+        print("warning: the API listens on every network interface without --api-auth", file=sys.stderr)
+    session = Session(args)
+    if args.api or args.nowebui:
+        return serve_api(args, session, host, None if args.nowebui else build(session))
+    demo = build(session)
+    demo.queue(default_concurrency_limit=1)
     demo.launch(
         server_name=host,
         server_port=args.port,
@@ -68,6 +91,32 @@ def serve(args) -> int:
     )
     print(f"* Running on local URL:  http://{host}:{args.port}", flush=True)
     demo.block_thread()
+    return 0
+
+
+def serve_api(args, session, host: str, demo) -> int:
+    """The REST API (ldm.api) with uvicorn, the page (demo, None for --nowebui) mounted at / beside it."""
+    import gradio
+    import uvicorn
+
+    from ldm.api import create_app
+    from ldm.webui_app import CSS
+
+    app = create_app(session, args.api_auth)
+    if demo is not None:
+        demo.queue(default_concurrency_limit=1)
+        app = gradio.mount_gradio_app(
+            app,
+            demo,
+            "/",
+            footer_links=[],
+            allowed_paths=[str(args.outdir.resolve())],
+            blocked_paths=[str(args.models_dir.resolve())],
+            ssr_mode=False,
+            css=CSS,
+        )
+    print(f"* Running on local URL:  http://{host}:{args.port}", flush=True)
+    uvicorn.run(app, host=host, port=args.port, log_level="warning")
     return 0
 
 

@@ -55,19 +55,22 @@ class Interrupted(Exception):
 
 class Session:
     """The model being served, what its PNGs say of it and of the run (model_facts, device, dtype...), the embeddings
-    added with the picker (every request carries them), and the stop flag."""
+    added with the picker (every request carries them), the stop flag, and the lock that runs one generation at a
+    time between the page and the REST API (ldm.api)."""
 
     def __init__(self, args):
         self.args = args
-        self.runtime = runtime(args.device)
+        self.runtime = runtime(args.device, taesd=args.taesd)
         self.stop = threading.Event()
+        self.lock = threading.RLock()
         self.load(args.ckpt)
 
     def load(self, ckpt: Path | None) -> None:
         path = DEFAULT_MODEL if ckpt is None else Path(ckpt)
-        self.pipe = load_pipeline(path, **self.runtime.options())
-        self.ckpt, self.model = ckpt, model_facts(path, self.runtime)
-        self.embeddings: list[EmbeddingSpec] = []
+        with self.lock:  # not while a generation runs
+            self.pipe = load_pipeline(path, **self.runtime.options())
+            self.ckpt, self.model = ckpt, model_facts(path, self.runtime)
+            self.embeddings: list[EmbeddingSpec] = []
 
     def models(self) -> list[str]:
         """The embedded model and the checkpoints in --models-dir: single files and diffusers folders."""
@@ -208,7 +211,7 @@ def generate(
         if session.stop.is_set():
             raise Interrupted
         preview = every and (i + 1) % every == 0 and i + 1 < steps
-        events.put(("step", i + 1, steps, to_pil(session.pipe.decode(latents[:1]))[0] if preview else None))
+        events.put(("step", i + 1, steps, to_pil(session.pipe.decode.preview(latents[:1]))[0] if preview else None))
 
     def work():
         try:
@@ -216,8 +219,9 @@ def generate(
                 made = make_xyz(session.pipe, requests, axes, spec, session.model, tagged, callback)
             else:
                 made = make_images(session.pipe, request, spec, session.model, tagged, callback)
-            for path in made:
-                events.put(("image", path))
+            with session.lock:
+                for path in made:
+                    events.put(("image", path))
         except Interrupted:
             events.put(("interrupted",))
         except LdmError as e:

@@ -15,6 +15,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from accelerate.state import AcceleratorState, GradientState, PartialState  # noqa: E402
+from diffusers import AutoencoderKL  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import txt2img  # noqa: E402
@@ -126,18 +127,34 @@ STEPS = 5
 LATENT_ATOL = 1e-4
 
 
-def tiny_model(in_channels: int = 4, parameterization: str = "eps", overrides: tuple[str, ...] = ()) -> StableDiffusion:
+def tiny_model(
+    in_channels: int = 4, parameterization: str = "eps", overrides: tuple[str, ...] = (), config: str = "tiny.yaml"
+) -> StableDiffusion:
     """randomize_'s weights, cross-attention scaled up 10x: with plain random weights the UNet attends almost
     uniformly over the 77 tokens and the prompt barely moves the result, so a wrong prompt, negative prompt or
-    guidance would go unnoticed (test_the_prompt_matters checks that it does not). overrides: more config keys."""
+    guidance would go unnoticed (test_the_prompt_matters checks that it does not). overrides: more config keys;
+    config: the model YAML in configs/ (tiny-sd2.yaml: the SD 2.x shape)."""
     overrides = [f"unet.in_channels={in_channels}", f"parameterization={parameterization}", *overrides]
-    cfg = load_config(ROOT / "configs" / "tiny.yaml", overrides)
+    cfg = load_config(ROOT / "configs" / config, overrides)
     model = randomize_(StableDiffusion(cfg)).eval()
     with torch.no_grad():
         for name, p in model.unet.named_parameters():
             if ".attn2." in name:
                 p.mul_(10)
     return model
+
+
+def tiny_diffusers_vae():
+    """diffusers' AutoencoderKL of configs/tiny.yaml's VAE (16x16 images, 8x8x4 latents), made by diffusers."""
+    return AutoencoderKL(
+        block_out_channels=(16, 32),
+        norm_num_groups=4,
+        layers_per_block=1,
+        latent_channels=4,
+        sample_size=16,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+    )
 
 
 def pixels(images) -> np.ndarray:
@@ -150,7 +167,7 @@ def generators(seed: int, n: int) -> list[torch.Generator]:
 
 def diffusers_run(ref, seed: int, n: int, **kwargs):
     """diffusers' images and final latents, with image i's generator seeded seed + i (DPM++ SDE: its Brownian tree
-    of image i too, as AUTOMATIC1111 and ldm.samplers seed it)."""
+    of image i too, as AUTOMATIC1111 and ldm.samplers seed it; STEPS steps unless kwargs say)."""
     if hasattr(ref.scheduler, "noise_sampler_seed"):
         ref.scheduler.noise_sampler_seed = list(range(seed, seed + n))
     final = {}
@@ -161,11 +178,10 @@ def diffusers_run(ref, seed: int, n: int, **kwargs):
 
     images = ref(
         PROMPT,
-        num_inference_steps=STEPS,
         num_images_per_prompt=n,
         generator=generators(seed, n),
         callback_on_step_end=keep,
-        **kwargs,
+        **{"num_inference_steps": STEPS} | kwargs,
     ).images
     return images, final["latents"]
 

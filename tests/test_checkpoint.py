@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 import torch
 from diffusers import (
-    AutoencoderKL,
     DDIMScheduler,
     PNDMScheduler,
     StableDiffusionInpaintPipeline,
@@ -26,7 +25,7 @@ from diffusers.loaders import single_file_utils as sfu
 from safetensors.torch import load_file, save_file
 from transformers import AutoModel, CLIPTextConfig, CLIPTextModel
 
-from conftest import ROOT, compvis_original_config, randomize_
+from conftest import ROOT, compvis_original_config, randomize_, tiny_diffusers_vae
 from ldm import DEFAULT_MODEL, convert, load_pipeline
 from ldm.checkpoint import load_model, save_diffusers_folder, save_single_file, to_sd_layout
 from ldm.config import SamplingConfig, TextEncoderConfig, load_config
@@ -70,15 +69,7 @@ def diffusers_folder(tmp_path):
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
     )
-    vae = AutoencoderKL(
-        block_out_channels=(16, 32),
-        norm_num_groups=4,
-        layers_per_block=1,
-        latent_channels=4,
-        sample_size=16,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-    )
+    vae = tiny_diffusers_vae()
     text = CLIPTextModel(
         CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
     )

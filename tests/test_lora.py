@@ -16,12 +16,14 @@ import torch
 import torch.nn as nn
 from diffusers import StableDiffusionPipeline
 from diffusers.loaders import single_file_utils as sfu
+from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 from PIL import Image
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import txt2img
 from conftest import LATENT_ATOL, PROMPT, compvis_original_config, tiny_model
 from ldm.checkpoint import UNET, CheckpointError, save_diffusers_folder, save_single_file
+from ldm.diffusers_names import rename, unet_key_map
 from ldm.pipeline import Pipeline
 from ldm.samplers import make_scheduler
 from ldm.text_encoder import build_tokenizer
@@ -302,6 +304,92 @@ def test_bad_lora_is_named_and_changes_nothing(pipe, loras, case, tmp_path):
     assert all(torch.equal(v, before[k]) for k, v in pipe.model.state_dict().items()) and not pipe.patcher.backups
 
 
+# ---------------------------------------------------------------- LCM-LoRA files
+
+# the layers diffusers' train_lcm_distill_lora_sd_wds.py puts an LCM-LoRA on (its LoraConfig's target_modules)
+LCM_TARGETS = [
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "proj_in",
+    "proj_out",
+    "ff.net.0.proj",
+    "ff.net.2",
+    "conv1",
+    "conv2",
+    "conv_shortcut",
+    "downsamplers.0.conv",
+    "upsamplers.0.conv",
+    "time_emb_proj",
+]
+
+
+@pytest.fixture(scope="module")
+def lcm_lora(ref):
+    """PEFT's LoRA (rank RANK, alpha 2 * RANK; alpha 3 on the time embedding by alpha_pattern) on a copy of diffusers'
+    UNet at LCM-LoRA's target modules, with random non-zero weights."""
+    config = LoraConfig(r=RANK, lora_alpha=2 * RANK, alpha_pattern={"time_emb_proj": 3}, target_modules=LCM_TARGETS)
+    unet = get_peft_model(copy.deepcopy(ref.unet), config)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) / p[0].numel() ** 0.5 * (0.3 if "lora_B" in name else 1))
+    return unet
+
+
+def kohya_lcm_file(unet) -> dict[str, torch.Tensor]:
+    """The file the LCM-LoRA script writes (its get_module_kohya_state_dict, as latent-consistency/lcm-lora-sdv1-5):
+    PEFT's keys with lora_unet_ for base_model.model, lora_down / lora_up for lora_A / lora_B, '_' for all but the
+    last two dots, and each layer's alpha (here lora_alpha everywhere, as that script's single alpha)."""
+    out = {}
+    for key, weight in get_peft_model_state_dict(unet).items():
+        key = key.replace("base_model.model", "lora_unet").replace("lora_A", "lora_down").replace("lora_B", "lora_up")
+        key = key.replace(".", "_", key.count(".") - 2)
+        out[key] = weight
+        if "lora_down" in key:
+            out[key.split(".")[0] + ".alpha"] = torch.tensor(float(unet.peft_config["default"].lora_alpha))
+    return out
+
+
+def our_unet_in_diffusers_names(pipe) -> dict[str, torch.Tensor]:
+    return rename(pipe.model.unet.state_dict(), unet_key_map(pipe.cfg.unet))
+
+
+@pytest.mark.parametrize("layout", ["kohya", "peft", "diffusers"])
+def test_lcm_lora_files_merge_as_diffusers_and_peft(base, pipe, lcm_lora, layout, tmp_path):
+    """An LCM-LoRA on every module kind it adapts (each present in the tiny UNet): the kohya file as the LCM script
+    writes it, and diffusers' save_lora_weights file (unet. keys, the alphas in its lora_adapter_metadata) =
+    diffusers' load_lora_weights + fuse_lora; PEFT's own save_pretrained folder (adapter_model.safetensors with
+    base_model.model keys, adapter_config.json with the alphas) = PEFT's merge_and_unload. Same merged weights, same
+    image."""
+    names = [n for n, m in lcm_lora.named_modules() if hasattr(m, "lora_A")]
+    assert all(any(n.endswith("." + t) for n in names) for t in LCM_TARGETS)
+    ref = reference(base[1], pipe)
+    if layout in ("kohya", "diffusers"):
+        path = tmp_path / "pytorch_lora_weights.safetensors"
+        if layout == "kohya":
+            save_file(kohya_lcm_file(lcm_lora), path)
+        else:
+            layers = {k.removeprefix("base_model.model."): v for k, v in get_peft_model_state_dict(lcm_lora).items()}
+            metadata = lcm_lora.peft_config["default"].to_dict()
+            StableDiffusionPipeline.save_lora_weights(tmp_path, layers, unet_lora_adapter_metadata=metadata)
+        ref.load_lora_weights(path)
+        ref.fuse_lora()
+        ref.unload_lora_weights()
+    else:
+        lcm_lora.save_pretrained(tmp_path / "adapter")
+        path = tmp_path / "adapter" / "adapter_model.safetensors"
+        assert all(k.startswith("base_model.model.") for k in load_file(path))
+        ref.unet.load_state_dict(copy.deepcopy(lcm_lora).merge_and_unload().state_dict())
+    pipe.load_lora(path)
+    expected, merged = ref.unet.state_dict(), our_unet_in_diffusers_names(pipe)
+    assert not [k for k in merged if not torch.allclose(merged[k], expected[k], rtol=0, atol=1e-6)]
+    assert len(pipe.patcher.backups) == len(names)
+    assert_same_image(ours(pipe), theirs(ref), base[2])
+
+
 # ---------------------------------------------------------------- textual inversion
 
 
@@ -502,3 +590,27 @@ def test_prompt_lora_tags_merge_files_from_the_lora_dir(base, loras, tmp_path, c
         err = capsys.readouterr().err
         assert err.startswith("error: <lora:") and message in err and err.count("\n") == 1, err
     assert not (tmp_path / "bad").exists()
+
+
+def test_lcm_lora_in_png_facts_is_remade_exactly(base, lcm_lora, tmp_path):
+    """An LCM-LoRA file by its `<lora:>` tag: the PNG's facts (prompt with the tag, steps, seed, the file's name and
+    hash) make the same PNG again; without the LoRA the image differs."""
+    save_single_file(base[0], tmp_path / "tiny.safetensors")
+    lora_dir = tmp_path / "Lora"
+    lora_dir.mkdir()
+    save_file(kohya_lcm_file(lcm_lora), lora_dir / "lcm-lora-sdv1-5.safetensors")
+
+    def run(out, prompt, steps, seed):
+        args = ["--ckpt", tmp_path / "tiny.safetensors", "--lora-dir", lora_dir, "--prompt", prompt, "--steps", steps]
+        assert txt2img.main([str(a) for a in args + ["--seed", seed, "--outdir", tmp_path / out]]) == 0
+        return png_facts(tmp_path / out / "00000.png")
+
+    text_chunk, facts = run("first", f"{PROMPT} <lora:lcm-lora-sdv1-5:1>", STEPS, SEED)
+    assert [(f["name"], f["weight"]) for f in facts["loras"]] == [("lcm-lora-sdv1-5", 1.0)]
+    assert f'Lora hashes: "lcm-lora-sdv1-5: {facts["loras"][0]["hash"]}"' in text_chunk
+    run("again", facts["prompt"], facts["steps"], facts["seed"])
+    run("plain", PROMPT, STEPS, SEED)
+    with Image.open(tmp_path / "first" / "00000.png") as a, Image.open(tmp_path / "again" / "00000.png") as b:
+        assert a.tobytes() == b.tobytes()
+        with Image.open(tmp_path / "plain" / "00000.png") as plain:
+            assert a.tobytes() != plain.tobytes()

@@ -1,4 +1,5 @@
-"""AUTOMATIC1111's prompt syntax (ldm.prompts): its parser's doctest, chunking, emphasis, clip skip, and whole images.
+"""AUTOMATIC1111's prompt syntax (ldm.prompts): its parser's doctest, chunking, emphasis, clip skip, whole images, and
+the schedules of prompt editing and alternation and the sub-prompts of AND (tests/test_prompt_editing.py: their images).
 
 Oracles: A1111's doctest values (modules/prompt_parser.py), compel (PyPI) for the chunking of long prompts, diffusers
 for clip skip and for a long context through the UNet, transformers for MiniLM's hidden states, and today's code
@@ -20,7 +21,7 @@ from conftest import LATENT_ATOL, a1111, cli, tiny_model
 from ldm.checkpoint import save_diffusers_folder, save_single_file
 from ldm.config import TextEncoderConfig
 from ldm.pipeline import InputError, Pipeline
-from ldm.prompts import BREAK, CHUNK, chunk, emphasize, parse, prompt_contexts
+from ldm.prompts import BREAK, CHUNK, chunk, emphasize, parse, prompt_contexts, schedule, subprompts
 from ldm.samplers import SAMPLERS, make_scheduler
 from ldm.text_encoder import FrozenHFEmbedder, pretrained_folder
 
@@ -86,6 +87,99 @@ GOLDEN = [
         [("a cat", 1.0), ("BREAK", BREAK), ("", 1.0), ("a dog", 1.1), ("BREAK", BREAK), ("", 1.1), (" BREAKfast", 1.0)],
     ),
     ("", [("", 1.0)]),
+]
+
+
+def alternating(*options: str, steps: int = 10) -> list[tuple[int, str]]:
+    """A1111's alternation: entries ending at steps 1..N, entry k holding option (k - 1) mod n."""
+    return [(k, options[(k - 1) % len(options)]) for k in range(1, steps + 1)]
+
+
+SCHEDULES = [
+    # A1111's doctest of get_learned_conditioning_prompt_schedules (10 steps)
+    ("test", [(10, "test")]),
+    ("a [b:3]", [(3, "a "), (10, "a b")]),
+    ("a [b: 3]", [(3, "a "), (10, "a b")]),
+    ("a [[[b]]:2]", [(2, "a "), (10, "a [[b]]")]),
+    ("[(a:2):3]", [(3, ""), (10, "(a:2)")]),
+    ("a [b : c : 1] d", [(1, "a b  d"), (10, "a  c  d")]),
+    ("a[b:[c:d:2]:1]e", [(1, "abe"), (2, "ace"), (10, "ade")]),
+    ("a [unbalanced", [(10, "a [unbalanced")]),
+    ("a [b:.5] c", [(5, "a  c"), (10, "a b c")]),
+    # A1111's doctest says [(5, "a  c"), (10, "a {b|d{ c")] ("not handling this right now"), from before `|` left plain
+    # text: its grammar today cannot read the prompt, so it is one text
+    ("a [{b|d{:.5] c", [(10, "a [{b|d{:.5] c")]),
+    ("((a][:b:c [d:3]", [(3, "((a][:b:c "), (10, "((a][:b:c d")]),
+    ("[a|(b:1.1)]", alternating("a", "(b:1.1)")),
+    ("[fe|]male", alternating("female", "male")),
+    ("[fe|||]male", alternating("female", "male", "male", "male")),
+    # the three forms; when: a fraction (a decimal point) or a step number, at most the steps, below 1 never
+    ("a [cat:dog:0.5]", [(5, "a cat"), (10, "a dog")]),
+    ("[cat:dog:0.25]", [(2, "cat"), (10, "dog")]),  # int(2.5)
+    ("[cat:dog:5]", [(5, "cat"), (10, "dog")]),
+    ("[cat:dog:1]", [(1, "cat"), (10, "dog")]),  # a step number
+    ("[cat:dog:1.0]", [(10, "cat")]),  # a fraction: all 10 steps
+    ("[cat:dog:12]", [(10, "cat")]),
+    ("[cat:dog:0]", [(10, "dog")]),
+    ("[cat:dog:0.05]", [(10, "dog")]),  # int(0.5) = 0
+    ("[cat:dog:-1]", [(10, "dog")]),
+    ("[cat:dog:+3]", [(3, "cat"), (10, "dog")]),
+    ("[cat:dog:1e0]", [(1, "cat"), (10, "dog")]),  # no decimal point: a step
+    ("[cat:dog:2.5e-1]", [(2, "cat"), (10, "dog")]),  # a decimal point: a fraction
+    ("[cat:dog: 4 ]", [(4, "cat"), (10, "dog")]),
+    ("[cat::0.3]", [(3, "cat"), (10, "")]),
+    ("[dog:7]", [(7, ""), (10, "dog")]),
+    ("[:3]", [(3, ""), (10, "")]),
+    ("[a:b:2] [c:d:0.5]", [(2, "a c"), (5, "b c"), (10, "b d")]),
+    # nesting, alternation inside edits and edits inside alternation
+    ("[a:[b:c:6]:3]", [(3, "a"), (6, "b"), (10, "c")]),
+    ("[[a:b:2]:c:0.5]", [(2, "a"), (5, "b"), (10, "c")]),
+    ("[a:[b|c]:4]", [(1, "a"), (2, "a"), (3, "a"), (4, "a")] + alternating("b", "c")[4:]),
+    (
+        "[a|[b:c:3]]",
+        [(1, "a"), (2, "b"), (3, "a"), (4, "c"), (5, "a"), (6, "c"), (7, "a"), (8, "c"), (9, "a"), (10, "c")],
+    ),
+    ("[a|b] [c|d|e]", [(k, f"{'ab'[(k - 1) % 2]} {'cde'[(k - 1) % 3]}") for k in range(1, 11)]),
+    # weights and BREAK inside edits stay in the texts (ldm.prompts.parse reads them afterwards)
+    ("[(cat:1.3):[dog]:4] (house)", [(4, "(cat:1.3) (house)"), (10, "[dog] (house)")]),
+    ("([cat:dog:4]:1.2)", [(4, "(cat:1.2)"), (10, "(dog:1.2)")]),
+    ("(a:[b:c:3])", [(3, "(a:b)"), (10, "(a:c)")]),
+    ("a [cat BREAK b:dog:3]", [(3, "a cat BREAK b"), (10, "a dog")]),
+    ("x BREAK [a|b]", [(k, f"x BREAK {'ab'[(k - 1) % 2]}") for k in range(1, 11)]),
+    # escapes: an escaped bracket or colon is text, kept escaped for parse
+    ("\\[cat:dog:3\\]", [(10, "\\[cat:dog:3\\]")]),
+    ("[\\[cat\\]:dog:3]", [(3, "\\[cat\\]"), (10, "dog")]),
+    ("[a\\:b:c:3]", [(3, "a\\:b"), (10, "c")]),
+    ("a \\| b", [(10, "a \\| b")]),
+    ("a\n[b:c:3]", [(3, "a\nb"), (10, "a\nc")]),
+    # malformed: stray brackets and colons at the top level are text; a prompt the grammar cannot read is one text
+    ("[cat:dog:3", [(10, "[cat:dog:3")]),
+    ("cat:dog:3]", [(10, "cat:dog:3]")]),
+    ("[cat:dog:x]", [(10, "[cat:dog:x]")]),
+    ("[cat:dog:3:4]", [(10, "[cat:dog:3:4]")]),
+    ("[cat:dog]", [(10, "[cat:dog]")]),
+    ("[a:b:3]]", [(3, "a]"), (10, "b]")]),
+    ("[[a:b:3]", [(3, "[a"), (10, "[b")]),
+    ("[a:b:2]:3]", [(2, "a:3]"), (10, "b:3]")]),
+    ("[x:y:2] [unb", [(2, "x [unb"), (10, "y [unb")]),
+    ("a | b", [(10, "a | b")]),  # `|` outside an alternation
+    ("[a|b] | c", [(10, "[a|b] | c")]),
+    ("(a|b) [c:d:2]", [(10, "(a|b) [c:d:2]")]),
+    ("[a:b:3] c\\", [(10, "[a:b:3] c\\")]),  # a lone backslash at the end
+    ("", [(10, "")]),
+]
+
+SUBPROMPTS = [
+    ("a cat AND a dog", [("a cat", 1.0), (" a dog", 1.0)]),
+    ("a cat:1.5 AND a dog : 0.5", [("a cat", 1.5), (" a dog", 0.5)]),
+    ("a cat :-0.5", [("a cat", -0.5)]),  # a weight without AND: one weighted sub-prompt
+    ("a cat:.5 AND b:2.", [("a cat", 0.5), (" b", 2.0)]),
+    ("a cat:1.5:2", [("a cat:1.5", 2.0)]),
+    ("a (cat:1.2)", [("a (cat:1.2)", 1.0)]),
+    ("a [cat:dog:0.5] AND b", [("a [cat:dog:0.5]", 1.0), (" b", 1.0)]),
+    ("[cat AND dog:3]", [("[cat", 1.0), (" dog:3]", 1.0)]),  # AND splits before the brackets are read
+    ("ANDROID and AND", [("ANDROID and", 1.0), ("", 1.0)]),
+    ("a cat  ", [("a cat", 1.0)]),
 ]
 
 
@@ -376,3 +470,45 @@ def test_a_lora_tag_finds_the_shipped_add_on_with_no_flag(tmp_path):
     assert not np.array_equal(pictures["plain"][0], pictures["tagged"][0])
     assert [(f["name"], f["weight"]) for f in pictures["tagged"][1]["loras"]] == [("emoji-gameboy", 1.0)]
     assert not pictures["plain"][1].get("loras")
+
+
+@pytest.mark.parametrize("prompt, expected", SCHEDULES)
+def test_prompt_editing_and_alternation_schedules(prompt, expected):
+    """A1111's schedules at 10 steps, worked out by hand from its rules (get_learned_conditioning_prompt_schedules
+    and its grammar in modules/prompt_parser.py), its doctest first."""
+    assert schedule(prompt, 10) == expected
+
+
+def test_the_schedule_in_a1111s_source_comment():
+    """The example at the top of A1111's prompt_parser.py, at 100 steps."""
+    prompt = (
+        "fantasy landscape with a [mountain:lake:0.25] and [an oak:a christmas tree:0.75][ in foreground::0.6]"
+        "[ in background:0.25] [shoddy:masterful:0.5]"
+    )
+    assert schedule(prompt, 100) == [
+        (25, "fantasy landscape with a mountain and an oak in foreground shoddy"),
+        (50, "fantasy landscape with a lake and an oak in foreground in background shoddy"),
+        (60, "fantasy landscape with a lake and an oak in foreground in background masterful"),
+        (75, "fantasy landscape with a lake and an oak in background masterful"),
+        (100, "fantasy landscape with a lake and a christmas tree in background masterful"),
+    ]
+
+
+def test_a_hires_second_pass_counts_steps_from_the_first_pass_and_fractions_from_1():
+    """A1111's doctest with hires_steps (first pass 10 steps, second pass 10): a step number counts from the first
+    pass's start, a fraction from its end."""
+    assert schedule("a [b:.5] c", 10, first_pass=10) == [(10, "a b c")]
+    assert schedule("a [b:1.5] c", 10, first_pass=10) == [(5, "a  c"), (10, "a b c")]
+    assert schedule("a [b:13] c", 10, first_pass=10) == [(3, "a  c"), (10, "a b c")]
+    assert schedule("a [b:7] c", 10, first_pass=10) == [(10, "a b c")]
+
+
+def test_brackets_opened_thousands_deep_are_text_not_a_crash():
+    prompt = "(" * 2000 + "a"
+    assert schedule(prompt, 10) == [(10, prompt)]
+
+
+@pytest.mark.parametrize("prompt, expected", SUBPROMPTS)
+def test_and_splits_sub_prompts_with_their_weights(prompt, expected):
+    """A1111's get_multicond_prompt_list: split at the word AND, a `:weight` at the end of each sub-prompt."""
+    assert subprompts(prompt) == expected

@@ -108,7 +108,7 @@ def test_the_web_page_plot_gives_the_command_line_s_cells_and_grid(tmp_path):
 
     from ldm import webui_app
 
-    args = SimpleNamespace(device="cpu", ckpt=None, models_dir=tmp_path / "models", outdir=tmp_path / "web")
+    args = SimpleNamespace(device="cpu", ckpt=None, models_dir=tmp_path / "models", outdir=tmp_path / "web", taesd=None)
     session = webui_app.Session(args)
     values = PAGE_VALUES | {
         "xyz_x": "steps=1,2",
