@@ -2,7 +2,7 @@ r"""Train the text-conditioned UNet of ldm (Stable Diffusion v1) from scratch or
 
     python train_unet.py --config configs/train-unet-tiny.yaml data.path=my_images [key.path=value ...]
     accelerate launch --num_processes 8 train_unet.py --config my.yaml [--resume latest] [--cache-latents] \
-        [--learn-sigma] [--lora RANK] [--controlnet]
+        [--learn-sigma] [--lora RANK] [--controlnet] [--lcm]
 
 Top to bottom: config -> the run (ldm.training.Run: output_dir, Accelerator) -> models and what trains (a Trainable) ->
 data (or the latent cache) -> optimizer, EMA, resume -> the loop (noise, loss; the run does the optimizer step, EMA,
@@ -11,7 +11,9 @@ txt2img.py --ckpt and python -m ldm.convert read. With --lora RANK only a LoRA t
 <output_dir>/lora.safetensors, a kohya file that txt2img.py --lora, AUTOMATIC1111, ComfyUI and diffusers read. With
 --controlnet only a ControlNet trains (the whole model of init_from stays frozen; its control maps: the
 `conditioning_image` column of the data, or controlnet.preprocess=canny) -> <output_dir>/controlnet.safetensors in
-lllyasviel's layout, which txt2img.py --controlnet and diffusers read. A fine-tune (init_from) stopped by Ctrl-C or
+lllyasviel's layout, which txt2img.py --controlnet and diffusers read. With --lcm the model of init_from is distilled
+into a LoRA that samples in 1-4 steps with the lcm sampler (latent consistency distillation, ldm.consistency; lcm.*) ->
+<output_dir>/lora.safetensors, an LCM-LoRA. A fine-tune (init_from) stopped by Ctrl-C or
 SIGTERM writes that file too, with the weights of the step it stopped at.
 """
 
@@ -57,6 +59,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="train a ControlNet beside the frozen model of init_from (controlnet.*; optim.lr 1e-5 unless set)",
     )
     p.add_argument(
+        "--lcm",
+        action="store_true",
+        help="distill the model of init_from into an LCM-LoRA for 1-4 step sampling (lcm.*; lora.rank 64, "
+        "optim.lr 1e-4 and validation at 4 lcm steps unless set)",
+    )
+    p.add_argument(
         "overrides", nargs="*", metavar="key.path=value", help="config overrides, e.g. optim.lr=1e-4 data.path=images"
     )
     return p.parse_intermixed_args(argv)
@@ -71,6 +79,7 @@ from tqdm.auto import tqdm
 from ldm.cache import LatentCache, build_cache, cache_key
 from ldm.checkpoint import load_model
 from ldm.config import ConfigError, TrainUNetConfig
+from ldm.consistency import LatentConsistency
 from ldm.controlnet import ControlNet, load_controlnet
 from ldm.data import ImageCaptionDataset
 from ldm.diffusion import Diffusion
@@ -92,14 +101,20 @@ from ldm.training import (
 
 
 def load_train_config(args) -> tuple[TrainUNetConfig, StableDiffusion | None]:
-    """Defaults <- a ControlNet's lr 1e-5 (the ControlNet paper's) <- YAML <- flags <- overrides (see
-    ldm.run_files.read_train_config), then --learn-sigma."""
+    """Defaults <- a ControlNet's lr 1e-5 (the ControlNet paper's) or LCM-LoRA's settings <- YAML <- flags <- overrides
+    (see ldm.run_files.read_train_config), then --learn-sigma."""
     flags = (["cache_latents=true"] if args.cache_latents else []) + ([f"lora.rank={args.lora}"] if args.lora else [])
-    overrides = flags + (["controlnet.enabled=true"] if args.controlnet else []) + args.overrides
+    modes = (["controlnet.enabled=true"] if args.controlnet else []) + (["lcm.enabled=true"] if args.lcm else [])
+    overrides = flags + modes + args.overrides
 
     def mode_defaults(raw: dict) -> dict:
-        controlnet = raw.get("controlnet")
-        return {"optim": {"lr": 1e-5}} if isinstance(controlnet, dict) and controlnet.get("enabled") is True else {}
+        controlnet, lcm = raw.get("controlnet"), raw.get("lcm")
+        if isinstance(controlnet, dict) and controlnet.get("enabled") is True:
+            return {"optim": {"lr": 1e-5}}
+        if isinstance(lcm, dict) and lcm.get("enabled") is True:  # LCM-LoRA's rank and lr, no caption dropout
+            validation = {"steps": 4, "sampler": "lcm", "guidance_scale": 1.0}
+            return {"lora": {"rank": 64}, "optim": {"lr": 1e-4}, "caption_dropout": 0.0, "validation": validation}
+        return {}
 
     cfg, init = read_train_config(
         args.config, overrides, TrainUNetConfig, lambda path, _: load_model(path), mode_defaults
@@ -118,6 +133,7 @@ def train(args) -> int:
     # ------------------------------------------------------------ config, run (output_dir, Accelerator), models
     cfg, init = load_train_config(args)
     diffusion = Diffusion(cfg.model)  # checks the objective fields first
+    lcm = LatentConsistency(diffusion, cfg.lcm) if cfg.lcm.enabled else None
     check_sampler(cfg.validation.sampler, cfg.model, ConfigError, "validation.sampler")
     run = Run(cfg, "train_unet", args.resume, fine_tune=bool(cfg.init_from) and not cfg.reinit_unet)
     device = run.device
@@ -195,6 +211,8 @@ def train(args) -> int:
     else:
         train_set = dataset
         vae.to(device), text_encoder.to(device)
+        with torch.no_grad():
+            empty_context = text_encoder(text_encoder.tokenize([""]).to(device))
 
     def draw() -> list:
         """The validation images: one per prompt, each with its fixed seed (see Trainable.samples)."""
@@ -215,7 +233,10 @@ def train(args) -> int:
             if "mean" in batch
             else cfg.model.vae.latent_shape(*batch["pixels"].shape[-2:])
         )
-        t = torch.stack([torch.randint(0, cfg.model.timesteps, (), generator=g) for g in gens]).to(device)
+        if lcm:  # t_{n+k} on the consistency solver's grid, and the teacher's guidance w
+            t, w = (v.to(device) for v in lcm.draw(gens))
+        else:
+            t = torch.stack([torch.randint(0, cfg.model.timesteps, (), generator=g) for g in gens]).to(device)
         noise = randn_like_per_sample(gens, latent_shape).to(device)
         posterior_noise = randn_like_per_sample(gens, latent_shape).to(device)
         drop = [bool(torch.rand((), generator=g) < cfg.caption_dropout) for g in gens]
@@ -240,8 +261,12 @@ def train(args) -> int:
         with run.accumulate():
             with run.accelerator.autocast():  # the prompts' states, with a gradient if the text encoder's LoRAs train
                 context = context if cfg.cache_latents else trainable.encode(tokens)
-                out = trainable.predict(x_t, t, context, batch.get("hint"))
-            loss = diffusion.loss(out, latents, x_t, noise, t, cfg.min_snr_gamma, cfg.vlb_weight).mean()
+                if lcm:
+                    uncond = empty_context.expand(len(gens), -1, -1)
+                    loss = lcm.loss(trainable, x_t, t, w, context, uncond)
+                else:
+                    out = trainable.predict(x_t, t, context, batch.get("hint"))
+                    loss = diffusion.loss(out, latents, x_t, noise, t, cfg.min_snr_gamma, cfg.vlb_weight).mean()
             run.step(loss, {"loss": loss})
 
     # ------------------------------------------------------------ the end: the inference file, what was skipped

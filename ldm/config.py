@@ -455,10 +455,29 @@ class ControlNetTrainConfig:
 
 
 @dataclass
+class LCMTrainConfig:
+    """Latent consistency distillation (train_unet.py --lcm, Luo et al. 2023) of the model of init_from into a LoRA:
+    the recipe of diffusers' train_lcm_distill_lora_sd_wds.py (ldm.consistency)."""
+
+    enabled: bool = False
+    solver_steps: int = 50  # the DDIM solver's grid over the training timesteps; skip k = timesteps // solver_steps
+    w_min: float = 5.0  # the teacher's guidance w ~ U[w_min, w_max], in the form c + w (c - u)
+    w_max: float = 15.0
+    timestep_scaling: float = 10.0  # of t in the boundary conditions c_skip(t), c_out(t)
+    huber_c: float = 0.001  # the pseudo-Huber distance sqrt(d^2 + c^2) - c
+
+    def __post_init__(self):
+        check(self.solver_steps >= 1, f"lcm.solver_steps must be >= 1, got {self.solver_steps}")
+        check(0 <= self.w_min <= self.w_max, f"lcm needs 0 <= w_min <= w_max, got {self.w_min}, {self.w_max}")
+        check(self.timestep_scaling > 0 and self.huber_c > 0, "lcm.timestep_scaling and lcm.huber_c must be > 0")
+
+
+@dataclass
 class TrainUNetConfig(TrainConfig):
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     controlnet: ControlNetTrainConfig = field(default_factory=ControlNetTrainConfig)
+    lcm: LCMTrainConfig = field(default_factory=LCMTrainConfig)
     reinit_unet: bool = False  # with init_from: keep its VAE and text encoder, start the UNet from random weights
     output_dir: str = "runs/unet"
     caption_dropout: float = 0.1  # share of captions replaced by "" so classifier-free guidance works
@@ -492,6 +511,15 @@ class TrainUNetConfig(TrainConfig):
             not self.controlnet.enabled or (self.init_from and not self.reinit_unet and not self.lora.rank),
             "a ControlNet (controlnet.enabled) trains beside a trained, frozen model: it needs init_from, "
             "without reinit_unet or a LoRA",
+        )
+        check(
+            not self.lcm.enabled or (self.lora.rank and not self.lora.text_encoder),
+            "latent consistency distillation (lcm.enabled) trains a LoRA of the UNet (lora.rank), without "
+            "lora.text_encoder",
+        )
+        check(
+            self.lcm.solver_steps <= self.model.timesteps,
+            f"lcm.solver_steps must be <= model.timesteps ({self.model.timesteps}), got {self.lcm.solver_steps}",
         )
         check(
             not (self.lora.text_encoder and self.cache_latents),

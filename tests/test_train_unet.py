@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, StableDiffusionPipeline
+from diffusers import DDIMScheduler, DDPMScheduler, LCMScheduler, StableDiffusionPipeline
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -27,15 +27,27 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 import ldm.io
 import train_unet
 import txt2img
-from conftest import ROOT, WATCH_OPENS, check_corpus_run, launcher, run_in_process, write_bad_corpus
+from conftest import (
+    ROOT,
+    WATCH_OPENS,
+    check_corpus_run,
+    generators,
+    launcher,
+    run_in_process,
+    tiny_model,
+    write_bad_corpus,
+)
 from ldm import DEFAULT_MODEL
 from ldm.checkpoint import TEXT, UNET, load_model, save_diffusers_folder, save_single_file
-from ldm.config import load_config
+from ldm.config import LCMTrainConfig, LoRAConfig, load_config
+from ldm.consistency import LatentConsistency
 from ldm.convert import main as convert
 from ldm.data import ImageCaptionDataset
-from ldm.lora import diffusers_layer_names
+from ldm.diffusion import Diffusion
+from ldm.lora import diffusers_layer_names, save_lora
 from ldm.model import StableDiffusion
 from ldm.pipeline import Pipeline
+from ldm.training import LoRATrainable
 
 CONFIG = ROOT / "configs" / "train-unet-tiny.yaml"
 ENV = os.environ | {
@@ -808,6 +820,14 @@ def test_only_the_lora_trains(tmp_path, colours, lora_init, monkeypatch):
         (["--lora", "4", "INIT", "reinit_unet=true"], "it needs init_from, without reinit_unet"),
         (["INIT", "lora.text_encoder=true"], "lora.text_encoder=true needs a LoRA rank (--lora RANK)"),
         (["--lora", "4", "INIT", "lora.text_encoder=true", "--cache-latents"], "set cache_latents=false"),
+        (["--lcm", "INIT", "lora.rank=0"], "latent consistency distillation (lcm.enabled) trains a LoRA of the UNet"),
+        (
+            ["--lcm", "INIT", "lora.text_encoder=true"],
+            "trains a LoRA of the UNet (lora.rank), without lora.text_encoder",
+        ),
+        (["--lcm", "INIT", "lcm.w_min=9", "lcm.w_max=3"], "lcm needs 0 <= w_min <= w_max, got 9.0, 3.0"),
+        (["--lcm", "INIT", "lcm.solver_steps=2000"], "lcm.solver_steps must be <= model.timesteps (1000), got 2000"),
+        (["--lcm", "INIT", "--learn-sigma"], "latent consistency distillation (--lcm) distills a model without"),
     ],
 )
 def test_bad_lora_input_is_one_line_and_exit_code_2(args, message, tmp_path, colours, lora_init, capsys):
@@ -844,3 +864,112 @@ def test_a_lora_run_does_not_resume_a_full_run(tmp_path, colours, lora_init, cap
     assert train_unet.main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "it trained the whole UNet, this run a LoRA of rank 4 on to_q, to_k" in err, err
+
+
+@pytest.mark.parametrize("parameterization", ["eps", "v"])
+def test_one_latent_consistency_step_is_the_recipes(tmp_path, parameterization):
+    """LatentConsistency.loss (train_unet.py --lcm) = one step of diffusers' train_lcm_distill_lora_sd_wds.py written
+    out here on diffusers' UNet2DConditionModel with our LoRA loaded by load_lora_weights (the teacher: its adapters
+    disabled, as the script does), DDPMScheduler.add_noise, LCMScheduler's boundary scalings and the script's
+    DDIMSolver grid, on the same weights, latents, noise, solver points and guidance w (index 0: t_n clamps to 0)."""
+    model = tiny_model(parameterization=parameterization)
+    torch.manual_seed(1)
+    trainable = LoRATrainable(model, LoRAConfig(rank=4, alpha=2), "lcm test")
+    with torch.no_grad():
+        for p in trainable.module.parameters():
+            p.normal_(0, 0.1)  # a student that is not its teacher
+    save_lora(trainable.module, tmp_path / "lora.safetensors", "lcm test", 0)
+    cfg = LCMTrainConfig(enabled=True)
+    lcm = LatentConsistency(Diffusion(model.cfg), cfg)
+
+    grid = (np.arange(1, 51) * (1000 // 50)).round().astype(np.int64) - 1  # the script's DDIMSolver.ddim_timesteps
+    assert lcm.grid.tolist() == grid.tolist()
+    t, w = lcm.draw(generators(0, 64))
+    assert set(t.tolist()) <= set(grid.tolist()) and len(set(t.tolist())) > 20
+    assert w.shape == (64, 1, 1, 1) and 5 <= w.min() < 6 and 14 < w.max() <= 15
+
+    index, w = torch.tensor([0, 37]), torch.tensor([5.5, 13.0]).reshape(2, 1, 1, 1)
+    gen = torch.Generator().manual_seed(2)
+    latents, noise = torch.randn(2, 4, 8, 8, generator=gen), torch.randn(2, 4, 8, 8, generator=gen)
+    with torch.no_grad():
+        context = model.text_encoder(model.text_encoder.tokenize(["a red apple", "a blue car"]))
+        uncond = model.text_encoder(model.text_encoder.tokenize(["", ""]))
+    start = torch.from_numpy(grid[index.numpy()])
+    x = Diffusion(model.cfg).q_sample(latents, start, noise)
+    ours = lcm.loss(trainable, x, start, w, context, uncond)
+
+    save_diffusers_folder(model, tmp_path / "diffusers")
+    ref = StableDiffusionPipeline.from_pretrained(tmp_path / "diffusers", safety_checker=None)
+    ref.load_lora_weights(str(tmp_path / "lora.safetensors"))
+    unet, scheduler = ref.unet, DDPMScheduler.from_config(ref.scheduler.config)
+    boundary = LCMScheduler.from_config(ref.scheduler.config)
+    alphas = scheduler.alphas_cumprod
+    alphas_prev = torch.cat([alphas[:1], alphas[torch.from_numpy(grid[:-1])]])  # DDIMSolver.ddim_alpha_cumprods_prev
+    v = scheduler.config.prediction_type == "v_prediction"
+
+    def shaped(values):
+        return torch.stack([torch.as_tensor(c, dtype=torch.float32) for c in values]).reshape(-1, 1, 1, 1)
+
+    def x0_eps(out, t, x):  # the script's get_predicted_original_sample, get_predicted_noise
+        a, s = alphas[t].sqrt().reshape(-1, 1, 1, 1), (1 - alphas[t]).sqrt().reshape(-1, 1, 1, 1)
+        return (a * x - s * out, a * out + s * x) if v else ((x - s * out) / a, out)
+
+    def consistency(out, t, x):  # c_skip x + c_out x0^
+        scalings = [boundary.get_scalings_for_boundary_condition_discrete(int(i)) for i in t]
+        return shaped([c[0] for c in scalings]) * x + shaped([c[1] for c in scalings]) * x0_eps(out, t, x)[0]
+
+    with torch.no_grad():
+        noisy = scheduler.add_noise(latents, noise, start)
+        end = (start - 20).clamp(min=0)
+        student = consistency(unet(noisy, start, context).sample, start, noisy)
+        unet.disable_adapters()
+        teacher = unet(noisy, start, context).sample
+        x0_c, eps_c = x0_eps(teacher, start, noisy)
+        x0_u, eps_u = x0_eps(unet(noisy, start, uncond).sample, start, noisy)
+        unet.enable_adapters()
+        pred_x0, pred_noise = x0_c + w * (x0_c - x0_u), eps_c + w * (eps_c - eps_u)
+        a_prev = alphas_prev[index].reshape(-1, 1, 1, 1)
+        x_prev = a_prev.sqrt() * pred_x0 + (1 - a_prev).sqrt() * pred_noise  # DDIMSolver.ddim_step
+        target = consistency(unet(x_prev, end, context).sample, end, x_prev)
+        theirs = torch.mean(torch.sqrt((student - target) ** 2 + 0.001**2) - 0.001)
+    assert (student - consistency(teacher, start, noisy)).abs().max() > 0.01  # the LoRA moves the student
+    torch.testing.assert_close(ours.detach(), theirs, rtol=1e-4, atol=0)
+    ours.backward()
+    assert all(p.grad is not None and p.grad.abs().max() > 0 for p in trainable.params)
+
+
+def test_an_lcm_lora_trained_by_train_unet_loads_in_diffusers_with_our_merged_weights(tmp_path, colours, lora_init):
+    """train_unet.py --lcm (2 steps, validation images at 4 steps of the lcm sampler) -> a kohya LoRA file whose
+    weights diffusers' load_lora_weights + fuse_lora merge into the UNet as our loader does."""
+    run(*lora_args(tmp_path, colours, "lcm", "--lcm", "max_steps=2", "validation.every=2"))
+    path = tmp_path / "lcm" / "lora.safetensors"
+    assert (tmp_path / "lcm" / "validation" / "step-000002.png").exists()
+    config = json.loads((tmp_path / "lcm" / "config.json").read_text())
+    assert config["lcm"]["enabled"] and config["validation"]["sampler"] == "lcm" and config["validation"]["steps"] == 4
+    ups = [v for k, v in load_file(path).items() if k.endswith("lora_up.weight")]
+    assert all(v.abs().max() > 0 for v in ups)  # trained: up starts at zero
+
+    save_diffusers_folder(lora_init, tmp_path / "diffusers")
+    ref = StableDiffusionPipeline.from_pretrained(tmp_path / "diffusers", safety_checker=None)
+    ref.load_lora_weights(str(path))
+    ref.fuse_lora()
+    ref.unload_lora_weights()
+    pipe = Pipeline(lora_init)
+    pipe.load_lora(path)
+    theirs, changed = dict(ref.unet.named_modules()), 0
+    for ours, name in diffusers_layer_names(lora_init.unet, lora_init.cfg.unet).items():
+        weight = lora_init.unet.get_submodule(ours).weight
+        torch.testing.assert_close(theirs[name].weight, weight, rtol=0, atol=1e-5, msg=name)
+        changed += not torch.equal(weight, pipe.patcher.backups.get(f"{UNET}{ours}.weight", weight))
+    assert changed == len(ups)
+
+
+def test_an_lcm_lora_run_resumes_exactly(tmp_path, colours, lora_init):
+    """train_unet.py --lcm stopped after step 1 and resumed = uninterrupted, bit for bit (the LoRA file holds the EMA
+    weights): the solver points, guidance and noise are drawn from each sample's own generator."""
+    run(*lora_args(tmp_path, colours, "straight", "--lcm", "max_steps=2", "validation.every=0"))
+    run(*lora_args(tmp_path, colours, "resumed", "--lcm", "max_steps=1", "validation.every=0"))
+    run(*lora_args(tmp_path, colours, "resumed", "--lcm", "max_steps=2", "validation.every=0", "--resume", "latest"))
+    assert_same(
+        load_file(tmp_path / "straight" / "lora.safetensors"), load_file(tmp_path / "resumed" / "lora.safetensors")
+    )
