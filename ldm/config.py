@@ -508,6 +508,7 @@ class TrainVAEConfig(TrainConfig):
     loss: LossConfig = field(default_factory=LossConfig)
     output_dir: str = "runs/vae"
     decoder_only: bool = False  # fine-tune the decoder of init_from's VAE; its encoder, latents and scale_factor stay
+    tiny: bool = False  # distil a TAESD decoder from the VAE's decoder instead (train_vae.py --tiny)
     lpips_weights: tuple[str, ...] = ()  # local files with torchvision's vgg16 `features.*` and lpips' `lin0..4` heads
     holdout: int = 64  # images kept out of training, for the final evaluation (PSNR, SSIM, rFID, grid)
     scale_images: int = 512  # training images the latent scale factor is measured on
