@@ -14,7 +14,8 @@ read it as is. A fine-tune (init_from) stopped by Ctrl-C or SIGTERM writes that 
 it stopped at and init_from's scale factor (measured only at the end).
 
 --tiny distils madebyollin's TAESD decoder (ldm.taesd) from the model's frozen VAE decoder instead, into
-<output_dir>/taesd_decoder.safetensors for txt2img.py --taesd (an 8x VAE only: TAESD's architecture is 8x).
+<output_dir>/taesd_decoder.safetensors for txt2img.py --taesd (with --tiny-encoder, its encoder from the VAE's
+encoder too: taesd_encoder.safetensors beside it, for --taesd-encode). An 8x VAE only: TAESD's architecture is 8x.
 """
 
 import argparse
@@ -39,6 +40,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--tiny",
         action="store_true",
         help="distil a TAESD decoder (madebyollin's tiny one) from the model's VAE decoder: taesd_decoder.safetensors",
+    )
+    p.add_argument(
+        "--tiny-encoder",
+        action="store_true",
+        help="with --tiny: distil a TAESD encoder too (taesd_encoder.safetensors)",
     )
     p.add_argument(
         "--lpips-weights",
@@ -67,7 +73,7 @@ from ldm.io import atomic_save, load_state_strict
 from ldm.losses import GeneratorLoss, NLayerDiscriminator, discriminator_loss, load_lpips
 from ldm.model import StableDiffusion
 from ldm.run_files import list_checkpoints, read_train_config
-from ldm.taesd import tiny_decoder
+from ldm.taesd import TAESD, tiny_decoder, tiny_encoder
 from ldm.training import Run, Trainable, per_sample_generators, randn_like_per_sample
 from ldm.vae import latent_scale_factor
 
@@ -76,6 +82,7 @@ def load_train_config(args) -> tuple[TrainVAEConfig, StableDiffusion | None]:
     """Defaults <- YAML <- flags <- overrides (see ldm.run_files.read_train_config)."""
     flags = ["decoder_only=true"] if args.decoder_only else []
     flags += ["tiny=true"] if args.tiny else []
+    flags += ["tiny_encoder=true"] if args.tiny_encoder else []
     flags += [f"lpips_weights={json.dumps(args.lpips_weights)}"] if args.lpips_weights else []
     return read_train_config(args.config, flags + args.overrides, TrainVAEConfig, load_model_or_vae)
 
@@ -195,25 +202,32 @@ def train(args) -> int:
     return run.end(finish)
 
 
-class TinyDecoder(Trainable):
-    """madebyollin's TAESD decoder (ldm.taesd.tiny_decoder) learning the model's frozen VAE decoder; saved as his
-    taesd_decoder.safetensors, which --taesd and ldm.taesd.load_taesd read."""
+class TinyAutoencoder(Trainable):
+    """madebyollin's TAESD (ldm.taesd.TAESD: its decoder, and with --tiny-encoder its encoder) learning the model's
+    frozen VAE; saved as his taesd_decoder.safetensors (and taesd_encoder.safetensors beside it), which --taesd and
+    ldm.taesd.load_taesd read."""
 
     what, file = "TAESD decoder", "taesd_decoder.safetensors"
 
     def save(self, path: Path, step: int) -> None:
-        atomic_save(self.module.state_dict(), path, {"step": str(step)})
+        nets = {path: self.module.decoder, path.with_name("taesd_encoder.safetensors"): self.module.encoder}
+        for file, net in nets.items():
+            if net is not None:
+                atomic_save(net.state_dict(), file, {"step": str(step)})
 
 
 def distil_tiny(run: Run, model: StableDiffusion, dataset) -> int:
     """--tiny: z_0 = scale_factor * z, z ~ q(z | x) a posterior sample of the teacher's encoder (the UNet's latents,
     what TAESD decodes); loss = MSE(TAESD(z_0), clamp(D(z_0 / scale_factor) / 2 + 1/2, 0, 1)). madebyollin distils
     TAESD's decoder from the SD VAE's decoder on the same latents; his adversarial term is left out: the plain MSE
-    to the teacher's image is the whole objective here."""
+    to the teacher's image is the whole objective here. --tiny-encoder adds MSE(E_tiny(x / 2 + 1/2), scale_factor *
+    mean of q(z | x)): TAESD encodes deterministically, so it learns the posterior's mean."""
     device, cfg = run.device, run.cfg
     model.vae.to(device).eval().requires_grad_(False)
-    decoder = tiny_decoder(cfg.model.vae.embed_dim).to(device).train()
-    run.prepare(TinyDecoder(None, decoder))
+    channels = cfg.model.vae.embed_dim
+    encoder = tiny_encoder(channels).to(device).train() if cfg.tiny_encoder else None
+    taesd = TAESD(tiny_decoder(channels).to(device).train(), encoder, "taesd")
+    run.prepare(TinyAutoencoder(None, taesd, nets=[taesd.decoder] + ([encoder] if encoder else [])))
     latent_shape = cfg.model.vae.latent_shape(cfg.data.resolution, cfg.data.resolution)
     for batch in run.batches(dataset):
         x = batch["pixels"].to(device)
@@ -224,8 +238,12 @@ def distil_tiny(run: Run, model: StableDiffusion, dataset) -> int:
             target = (model.decode_first_stage(z0) / 2 + 0.5).clamp(0, 1)
         with run.accumulate():
             with run.accelerator.autocast():
-                loss = F.mse_loss(run.trained(z0), target)
-            run.step(loss, {"loss": loss})
+                loss = dec = F.mse_loss(run.trained(z0), target)
+                logs = {"dec": dec}
+                if encoder is not None:
+                    enc = F.mse_loss(run.trained.ddp[1](x / 2 + 0.5), model.get_first_stage_encoding(posterior.mean))
+                    loss, logs = dec + enc, logs | {"enc": enc}
+            run.step(loss, {"loss": loss} | logs)
     return run.end()
 
 

@@ -1,6 +1,6 @@
 """train_vae.py --tiny: a TAESD decoder distilled from a tiny SD's 8x VAE decoder. Its file is what txt2img.py
---taesd reads, and diffusers' AutoencoderTiny with the same weights makes the same image; the loss falls on a fixed
-batch; a VAE that is not 8x (configs/tiny.yaml's is 2x) is refused."""
+--taesd reads, and diffusers' AutoencoderTiny with the same weights makes the same image (and, with --tiny-encoder,
+the same latents); both losses fall on a fixed batch; a VAE that is not 8x (configs/tiny.yaml's is 2x) is refused."""
 
 import json
 
@@ -15,6 +15,7 @@ import txt2img
 from conftest import PROMPT, ROOT, run_in_process, tiny_model
 from ldm.checkpoint import save_diffusers_folder, save_single_file
 from ldm.samplers import make_scheduler
+from ldm.taesd import load_taesd
 
 CONFIG = str(ROOT / "configs" / "train-vae-tiny.yaml")
 STEPS, SEED = 4, 11
@@ -32,17 +33,22 @@ def test_tiny_decoder_learns_the_vae_and_decodes_as_autoencoder_tiny(tmp_path):
     out = tmp_path / "run"
     settings = {"data.path": tmp_path / "images", "init_from": tmp_path / "tiny.safetensors", "output_dir": out}
     settings |= {"model.vae.ch_mult": "[1,2,2,2]", "batch_size": 4, "max_steps": 8, "log_every": 1, "optim.lr": 3e-3}
-    argv = ["--config", CONFIG, "--tiny"] + [f"{k}={v}" for k, v in settings.items()]
+    argv = ["--config", CONFIG, "--tiny", "--tiny-encoder"] + [f"{k}={v}" for k, v in settings.items()]
     assert run_in_process(train_vae, argv) == 0
-    losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert len(losses) == 8 and losses[-1] < 0.7 * losses[0]
+    logs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(logs) == 8 and all(logs[-1][k] < 0.7 * logs[0][k] for k in ("dec", "enc"))
 
     decoder = out / "taesd_decoder.safetensors"
-    ae = AutoencoderTiny()  # madebyollin's decoder index i is diffusers' decoder.layers[i - 1] (his 0: the clamp)
-    ae.decoder.layers.load_state_dict(
-        {f"{int(k.split('.')[0]) - 1}.{k.split('.', 1)[1]}": v for k, v in load_file(decoder).items()}
-    )
-    ref = StableDiffusionPipeline.from_pretrained(tmp_path / "diffusers", vae=ae.eval(), safety_checker=None)
+    ae = AutoencoderTiny().eval()  # madebyollin's decoder index i is diffusers' decoder.layers[i - 1] (0: the clamp)
+    decoder_state = {f"{int(k.split('.')[0]) - 1}.{k.split('.', 1)[1]}": v for k, v in load_file(decoder).items()}
+    ae.decoder.layers.load_state_dict(decoder_state)
+    ae.encoder.layers.load_state_dict(load_file(out / "taesd_encoder.safetensors"))
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        their_latents = ae.encode(2 * x - 1).latents  # diffusers' images are in [-1, 1]
+        ours = load_taesd(decoder).encode(x)  # the teacher's latents are small: random weights
+        assert their_latents.std() > 0.005 and (ours - their_latents).abs().max() < 1e-6
+    ref = StableDiffusionPipeline.from_pretrained(tmp_path / "diffusers", vae=ae, safety_checker=None)
     ref.scheduler = make_scheduler("ddim", model.cfg)
     ref.set_progress_bar_config(disable=True)
     generator = torch.Generator().manual_seed(SEED)
@@ -54,7 +60,9 @@ def test_tiny_decoder_learns_the_vae_and_decodes_as_autoencoder_tiny(tmp_path):
     assert theirs.std() > 5 and np.abs(ours - theirs).mean() <= 1
 
 
-def test_tiny_refuses_a_vae_not_8x(tmp_path, capsys):
-    argv = ["--config", CONFIG, "--tiny", f"data.path={tmp_path}", f"output_dir={tmp_path / 'run'}"]
-    assert run_in_process(train_vae, argv) == 2
+def test_tiny_refuses_a_vae_not_8x_and_an_encoder_alone(tmp_path, capsys):
+    argv = ["--config", CONFIG, f"data.path={tmp_path}", f"output_dir={tmp_path / 'run'}"]
+    assert run_in_process(train_vae, argv + ["--tiny"]) == 2
     assert "TAESD decodes latents of 1/8 the image side; this model's VAE makes 1/2" in capsys.readouterr().err
+    assert run_in_process(train_vae, argv + ["--tiny-encoder"]) == 2
+    assert "tiny_encoder needs tiny" in capsys.readouterr().err
