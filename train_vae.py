@@ -12,6 +12,10 @@ SSIM, rFID, a grid) -> <output_dir>/model.safetensors: a whole StableDiffusion s
 init_from, else fresh ones of the config) with the new VAE and scale factor: train_unet.py init_from=... and txt2img.py
 read it as is. A fine-tune (init_from) stopped by Ctrl-C or SIGTERM writes that file too, with the weights of the step
 it stopped at and init_from's scale factor (measured only at the end).
+
+--tiny distils madebyollin's TAESD decoder (ldm.taesd) from the model's frozen VAE decoder instead, into
+<output_dir>/taesd_decoder.safetensors for txt2img.py --taesd (with --tiny-encoder, its encoder from the VAE's
+encoder too: taesd_encoder.safetensors beside it, for --taesd-encode). An 8x VAE only: TAESD's architecture is 8x.
 """
 
 import argparse
@@ -33,6 +37,16 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--decoder-only", action="store_true", help="fine-tune only the decoder of init_from's VAE (its latents stay)"
     )
     p.add_argument(
+        "--tiny",
+        action="store_true",
+        help="distil a TAESD decoder (madebyollin's tiny one) from the model's VAE decoder: taesd_decoder.safetensors",
+    )
+    p.add_argument(
+        "--tiny-encoder",
+        action="store_true",
+        help="with --tiny: distil a TAESD encoder too (taesd_encoder.safetensors)",
+    )
+    p.add_argument(
         "--lpips-weights",
         nargs="+",
         metavar="PATH",
@@ -48,16 +62,18 @@ if __name__ == "__main__":
     parse_args()  # --help and a mistyped flag answer here, before the imports below take seconds (torch, diffusers)
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from ldm.checkpoint import load_model_or_vae
 from ldm.config import ConfigError, TrainVAEConfig
 from ldm.data import ImageCaptionDataset, holdout_split, rotate_hue
 from ldm.eval_vae import evaluate, image_batches
-from ldm.io import load_state_strict
+from ldm.io import atomic_save, load_state_strict
 from ldm.losses import GeneratorLoss, NLayerDiscriminator, discriminator_loss, load_lpips
 from ldm.model import StableDiffusion
 from ldm.run_files import list_checkpoints, read_train_config
+from ldm.taesd import TAESD, tiny_decoder, tiny_encoder
 from ldm.training import Run, Trainable, per_sample_generators, randn_like_per_sample
 from ldm.vae import latent_scale_factor
 
@@ -65,12 +81,16 @@ from ldm.vae import latent_scale_factor
 def load_train_config(args) -> tuple[TrainVAEConfig, StableDiffusion | None]:
     """Defaults <- YAML <- flags <- overrides (see ldm.run_files.read_train_config)."""
     flags = ["decoder_only=true"] if args.decoder_only else []
+    flags += ["tiny=true"] if args.tiny else []
+    flags += ["tiny_encoder=true"] if args.tiny_encoder else []
     flags += [f"lpips_weights={json.dumps(args.lpips_weights)}"] if args.lpips_weights else []
     return read_train_config(args.config, flags + args.overrides, TrainVAEConfig, load_model_or_vae)
 
 
 def check_sizes(cfg: TrainVAEConfig) -> None:
     r, f, n = cfg.data.resolution, cfg.model.vae.factor, cfg.loss.disc_num_layers
+    if cfg.tiny and f != 8:
+        raise ConfigError(f"--tiny: TAESD decodes latents of 1/8 the image side; this model's VAE makes 1/{f}")
     if r % f:
         raise ConfigError(f"data.resolution={r} is not a multiple of the VAE's downsampling factor {f}")
     if cfg.loss.disc_start < cfg.max_steps and r < 3 * 2**n:  # PatchGAN output: r / 2**n - 2 logits a side
@@ -91,7 +111,7 @@ def train(args) -> int:
     # ------------------------------------------------------------ config, run (output_dir, Accelerator), models
     cfg, init = load_train_config(args)
     check_sizes(cfg)
-    run = Run(cfg, "train_vae", args.resume, fine_tune=bool(cfg.init_from), shown="rec")
+    run = Run(cfg, "train_vae", args.resume, fine_tune=bool(cfg.init_from), shown="loss" if cfg.tiny else "rec")
     device = run.device
     dataset = ImageCaptionDataset(
         cfg.data.path,
@@ -102,11 +122,13 @@ def train(args) -> int:
         cfg.data.caption_column,
         require_captions=False,
     )
-    train_set, held_out = holdout_split(dataset, cfg.holdout, cfg.seed)
     model = StableDiffusion(cfg.model)
     if init is not None:
         load_state_strict(model, init.state_dict(), cfg.init_from)
         del init
+    if cfg.tiny:
+        return distil_tiny(run, model, dataset)
+    train_set, held_out = holdout_split(dataset, cfg.holdout, cfg.seed)
     vae = model.vae.to(device).train()
     if cfg.decoder_only:  # the encoder, hence the latents an existing UNet was trained on, stays as it is
         vae.encoder.requires_grad_(False), vae.quant_conv.requires_grad_(False)
@@ -178,6 +200,51 @@ def train(args) -> int:
         )
 
     return run.end(finish)
+
+
+class TinyAutoencoder(Trainable):
+    """madebyollin's TAESD (ldm.taesd.TAESD: its decoder, and with --tiny-encoder its encoder) learning the model's
+    frozen VAE; saved as his taesd_decoder.safetensors (and taesd_encoder.safetensors beside it), which --taesd and
+    ldm.taesd.load_taesd read."""
+
+    what, file = "TAESD decoder", "taesd_decoder.safetensors"
+
+    def save(self, path: Path, step: int) -> None:
+        nets = {path: self.module.decoder, path.with_name("taesd_encoder.safetensors"): self.module.encoder}
+        for file, net in nets.items():
+            if net is not None:
+                atomic_save(net.state_dict(), file, {"step": str(step)})
+
+
+def distil_tiny(run: Run, model: StableDiffusion, dataset) -> int:
+    """--tiny: z_0 = scale_factor * z, z ~ q(z | x) a posterior sample of the teacher's encoder (the UNet's latents,
+    what TAESD decodes); loss = MSE(TAESD(z_0), clamp(D(z_0 / scale_factor) / 2 + 1/2, 0, 1)). madebyollin distils
+    TAESD's decoder from the SD VAE's decoder on the same latents; his adversarial term is left out: the plain MSE
+    to the teacher's image is the whole objective here. --tiny-encoder adds MSE(E_tiny(x / 2 + 1/2), scale_factor *
+    mean of q(z | x)): TAESD encodes deterministically, so it learns the posterior's mean."""
+    device, cfg = run.device, run.cfg
+    model.vae.to(device).eval().requires_grad_(False)
+    channels = cfg.model.vae.embed_dim
+    encoder = tiny_encoder(channels).to(device).train() if cfg.tiny_encoder else None
+    taesd = TAESD(tiny_decoder(channels).to(device).train(), encoder, "taesd")
+    run.prepare(TinyAutoencoder(None, taesd, nets=[taesd.decoder] + ([encoder] if encoder else [])))
+    latent_shape = cfg.model.vae.latent_shape(cfg.data.resolution, cfg.data.resolution)
+    for batch in run.batches(dataset):
+        x = batch["pixels"].to(device)
+        noise = randn_like_per_sample(per_sample_generators(batch["seed"]), latent_shape).to(device)
+        with torch.no_grad(), run.accelerator.autocast():
+            posterior = model.vae.encode(x)
+            z0 = model.get_first_stage_encoding(posterior.mean + posterior.std * noise)
+            target = (model.decode_first_stage(z0) / 2 + 0.5).clamp(0, 1)
+        with run.accumulate():
+            with run.accelerator.autocast():
+                loss = dec = F.mse_loss(run.trained(z0), target)
+                logs = {"dec": dec}
+                if encoder is not None:
+                    enc = F.mse_loss(run.trained.ddp[1](x / 2 + 0.5), model.get_first_stage_encoding(posterior.mean))
+                    loss, logs = dec + enc, logs | {"enc": enc}
+            run.step(loss, {"loss": loss} | logs)
+    return run.end()
 
 
 if __name__ == "__main__":

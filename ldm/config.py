@@ -536,6 +536,8 @@ class TrainVAEConfig(TrainConfig):
     loss: LossConfig = field(default_factory=LossConfig)
     output_dir: str = "runs/vae"
     decoder_only: bool = False  # fine-tune the decoder of init_from's VAE; its encoder, latents and scale_factor stay
+    tiny: bool = False  # distil a TAESD decoder from the VAE's decoder instead (train_vae.py --tiny)
+    tiny_encoder: bool = False  # with tiny: a TAESD encoder from the VAE's encoder too (--tiny-encoder)
     lpips_weights: tuple[str, ...] = ()  # local files with torchvision's vgg16 `features.*` and lpips' `lin0..4` heads
     holdout: int = 64  # images kept out of training, for the final evaluation (PSNR, SSIM, rFID, grid)
     scale_images: int = 512  # training images the latent scale factor is measured on
@@ -551,3 +553,4 @@ class TrainVAEConfig(TrainConfig):
         check(
             not (self.decoder_only and not self.init_from), "decoder_only needs init_from (the VAE whose encoder stays)"
         )
+        check(self.tiny or not self.tiny_encoder, "tiny_encoder needs tiny (--tiny-encoder goes with --tiny)")
