@@ -231,8 +231,11 @@ def train(args) -> int:
                 else:
                     posterior = vae.encode(batch["pixels"].to(device))
                     mean, std = posterior.mean.float(), posterior.std.float()
-                captions = ["" if d else c for c, d in zip(batch["caption"], drop)]
-                tokens = text_encoder.tokenize(captions).to(device)
+                if "ids" in batch:  # precomputed token ids; a dropped caption's are those of ""
+                    dropped = torch.tensor(drop)[:, None]
+                    tokens = torch.where(dropped, text_encoder.tokenize([""]), batch["ids"]).to(device)
+                else:
+                    tokens = text_encoder.tokenize(["" if d else c for c, d in zip(batch["caption"], drop)]).to(device)
             latents = model.get_first_stage_encoding(mean + std * posterior_noise)  # z ~ q(z | x), scaled
             noise = noise + cfg.offset_noise * offset  # offset noise: a per-channel constant shift (Guttenberg 2023)
             x_t = diffusion.q_sample(latents, t, noise)

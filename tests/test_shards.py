@@ -7,6 +7,7 @@ import io
 import json
 import socket
 import subprocess
+import tarfile
 import threading
 import time
 from pathlib import Path
@@ -27,14 +28,13 @@ from ldm.buckets import bucket_sizes, nearest
 from ldm.config import DataConfig, ShardFilters
 from ldm.data import DataError
 from ldm.shards import Plan, SampleRules, Shards, build_index, is_shards, shard_urls
+from ldm.text_encoder import build_tokenizer
 
 SIZES = [3, 7, 5, 9, 2, 7]  # samples per shard: uneven
 BAD = {(1, 2): "corrupt image", (1, 4): "no caption", (3, 0): "watermark", (3, 8): "cut member"}
 
 
 def tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
-    import tarfile
-
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
         for name, data in members:
@@ -316,8 +316,10 @@ def test_mixed_aspects_train_from_images_as_from_precomputed_latents_and_validat
     """A mixed-aspect dataset in buckets trains one size a step and validates at a non-square size. python -m
     ldm.precompute writes each usable sample's posterior mean and std (float16) at its bucket's size; training from
     those shards draws the same samples in the same order with the same seeds, so z = mean + std * noise differs
-    from the image run's only by float16 rounding: the same weights to that precision."""
+    from the image run's only by float16 rounding: the same weights to that precision. The text encoder reads the
+    stored token ids (the tokenizer's of the caption; those of "" where caption dropout, here one in two, draws it)."""
     args = ["data.buckets=true", "data.bucket_step=8", "data.record_order=true", "max_steps=3", "batch_size=2"]
+    args += ["caption_dropout=0.5"]
     args += ["validation.every=3", "validation.steps=2"]
     assert (
         run_in_process(
@@ -327,6 +329,15 @@ def test_mixed_aspects_train_from_images_as_from_precomputed_latents_and_validat
     )
     names = sorted(p.name for p in (tmp_path / "latents").iterdir())
     assert names == ["00000.tar", "00001.tar", "00002.tar"]
+    tokenizer = build_tokenizer()  # transformers' CLIPTokenizer over CLIP's vocabulary
+    with tarfile.open(tmp_path / "latents" / "00000.tar") as tar:
+        members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+    texts = {name[: -len(".txt")]: data.decode() for name, data in members.items() if name.endswith(".txt")}
+    assert texts
+    for key, text in texts.items():
+        ids = np.load(io.BytesIO(members[f"{key}.ids.npy"]))
+        oracle = tokenizer(text, padding="max_length", max_length=77, truncation=True).input_ids
+        assert ids.dtype == np.int32 and ids.tolist() == oracle
     runs = {
         name: train_one(*args, f"data.path={path}", f"output_dir={tmp_path / name}")
         for name, path in (("images", mixed), ("latents", tmp_path / "latents"))
