@@ -5,6 +5,7 @@ import functools
 import http.server
 import io
 import json
+import random
 import socket
 import subprocess
 import tarfile
@@ -383,3 +384,53 @@ def test_bad_shard_input_is_one_line_and_exit_code_2(args, message, tmp_path, ca
     assert run_in_process(train_unet, argv + [a.replace("TMP", str(tmp_path)) for a in args]) == 2
     err = capsys.readouterr().err
     assert f"error: {message}" in err and "Traceback" not in err
+
+
+def test_a_datasets_stream_splits_over_processes_skips_bad_rows_resumes_exactly_and_trains(tmp_path):
+    """data.streaming: 4 parquet files of 3 rows (a corrupt image in one, an empty caption in another) read by
+    datasets' streaming loader. split_dataset_by_node gives the 2 processes disjoint rows that cover the source;
+    each batch holds the rows datasets' own (not streaming) reader has under those captions; the bad rows are counted
+    with their reasons; a stream started at a checkpoint's position gives the uninterrupted one's batches; and
+    train_unet.py trains from it."""
+    from datasets import Dataset, Features, Value, load_dataset
+    from datasets import Image as ImageFeature
+
+    from ldm.buckets import fit
+    from ldm.data import choose
+    from ldm.stream import Stream
+
+    rng = np.random.default_rng(2)
+    for f in range(4):
+        rows = {"image": [], "text": []}
+        for i in range(3):
+            buf = io.BytesIO()
+            Image.fromarray(rng.integers(0, 256, (16 + 4 * i, 20, 3), dtype=np.uint8)).save(buf, format="PNG")
+            rows["image"].append({"bytes": b"not a png" if (f, i) == (1, 2) else buf.getvalue(), "path": None})
+            rows["text"].append("" if (f, i) == (2, 0) else f"picture {f}-{i}")
+        features = Features({"image": ImageFeature(decode=False), "text": Value("string")})
+        Dataset.from_dict(rows, features=features).to_parquet(tmp_path / "src" / f"{f}.parquet")
+    data = DataConfig(path=str(tmp_path / "src"), resolution=16, shuffle_buffer=4, streaming=True)
+    texts = [[r["text"] for r in Stream(data, 2, rank, 2, 0).rows(0)] for rank in (0, 1)]
+    assert not set(texts[0]) & set(texts[1]) and len(texts[0] + texts[1]) == 12
+    whole = {r["text"]: r["image"] for r in load_dataset("parquet", data_dir=str(tmp_path / "src"), split="train")}
+    skipped = set()
+    for rank in (0, 1):
+        stream = iter(Stream(data, 2, rank, 2, 0))
+        batches = [next(stream) for _ in range(6)]  # 12 samples: past the end of the first epoch
+        skipped |= {why.split(" (")[0] for b in batches for _, why in b["skipped"]}
+        for batch in batches:
+            for caption, seed, pixels in zip(batch["caption"], batch["seed"], batch["pixels"]):
+                img = Image.open(io.BytesIO(whole[caption]["bytes"])).convert("RGB")
+                rng_sample = random.Random(seed)
+                choose(rng_sample, 1, False)
+                torch.testing.assert_close(pixels, fit(img, (16, 16), True, False, rng_sample)[0])
+        resumed = iter(Stream(data, 2, rank, 2, 0, start=3 * 2 * 2))
+        for batch in batches[3:]:
+            again = next(resumed)
+            assert again["seed"] == batch["seed"] and again["caption"] == batch["caption"]
+            assert torch.equal(again["pixels"], batch["pixels"])
+    assert skipped == {"no caption", "unreadable"}
+    argv = ["--config", str(CONFIG), "tracker=none", "data.streaming=true", f"data.path={tmp_path / 'src'}"]
+    argv += ["max_steps=2", "batch_size=2", "validation.every=0", f"output_dir={tmp_path / 'run'}"]
+    assert run_in_process(train_unet, argv) == 0
+    assert (tmp_path / "run" / "model.safetensors").exists()
