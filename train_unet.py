@@ -90,6 +90,7 @@ from ldm.pipeline import Pipeline
 from ldm.run_files import read_train_config
 from ldm.samplers import check_sampler
 from ldm.shards import Shards, is_shards, open_index
+from ldm.stream import Stream
 from ldm.training import (
     ControlNetTrainable,
     LoRATrainable,
@@ -137,7 +138,15 @@ def train(args) -> int:
     check_sampler(cfg.validation.sampler, cfg.model, ConfigError, "validation.sampler")
     run = Run(cfg, "train_unet", args.resume, fine_tune=bool(cfg.init_from) and not cfg.reinit_unet)
     device = run.device
-    if is_shards(cfg.data.path):  # webdataset shards, indexed by all processes together (ldm.shards)
+    if cfg.data.streaming:  # a datasets streaming source, split over the processes (ldm.stream)
+        if cfg.cache_latents or cfg.controlnet.enabled or cfg.data.buckets:
+            raise ConfigError(
+                "data.streaming trains the UNet or a LoRA at one size: not with cache_latents, a "
+                "ControlNet or data.buckets"
+            )
+        rank, world = run.accelerator.process_index, run.accelerator.num_processes
+        dataset = Stream(cfg.data, cfg.batch_size, rank, world, cfg.seed)
+    elif is_shards(cfg.data.path):  # webdataset shards, indexed by all processes together (ldm.shards)
         if cfg.cache_latents or cfg.controlnet.enabled:
             raise ConfigError("webdataset shards train the UNet or a LoRA: not with cache_latents or a ControlNet")
         index = open_index(cfg.data, run.output_dir, run.accelerator)
@@ -252,8 +261,11 @@ def train(args) -> int:
                 else:
                     posterior = vae.encode(batch["pixels"].to(device))
                     mean, std = posterior.mean.float(), posterior.std.float()
-                captions = ["" if d else c for c, d in zip(batch["caption"], drop)]
-                tokens = text_encoder.tokenize(captions).to(device)
+                if "ids" in batch:  # precomputed token ids; a dropped caption's are those of ""
+                    dropped = torch.tensor(drop)[:, None]
+                    tokens = torch.where(dropped, text_encoder.tokenize([""]), batch["ids"]).to(device)
+                else:
+                    tokens = text_encoder.tokenize(["" if d else c for c, d in zip(batch["caption"], drop)]).to(device)
             latents = model.get_first_stage_encoding(mean + std * posterior_noise)  # z ~ q(z | x), scaled
             noise = noise + cfg.offset_noise * offset  # offset noise: a per-channel constant shift (Guttenberg 2023)
             x_t = diffusion.q_sample(latents, t, noise)

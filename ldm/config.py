@@ -316,6 +316,7 @@ class DataConfig:
     record_order: bool = False  # <output_dir>/data-order-RANK.jsonl: {"step", "rank", "key"} per sample consumed
     buckets: bool = False  # shards: aspect-ratio buckets around `resolution` (ldm.buckets), one bucket a batch
     bucket_step: int = 64  # their sides' step (a multiple of the VAE factor times the UNet's downsampling)
+    streaming: bool = False  # path read by datasets.load_dataset(path, streaming=True) (ldm.stream): parquet, tar...
 
     def __post_init__(self):
         check(self.shuffle_buffer >= 1, f"data.shuffle_buffer must be >= 1, got {self.shuffle_buffer}")

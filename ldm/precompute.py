@@ -7,9 +7,11 @@
 For each shard of data.path an output shard of the same name in OUT holding, for each usable sample (the same as
 training would use: data.filters, captions, images that decode), the posterior's mean and std at its training size
 (`KEY.mean.npy`, `KEY.std.npy`, float16, (C, h, w): the square of data.resolution, or its aspect-ratio bucket with
-data.buckets) and the text encoder's input, the caption (`KEY.txt`), with `KEY.json` (the source's fields plus `size`,
+data.buckets), the text encoder's input (`KEY.ids.npy`: the caption's token ids as training tokenizes it, int32, and
+the caption itself, `KEY.txt`), with `KEY.json` (the source's fields plus `size`,
 `original_size`, `crop`). Images are center-cropped and not flipped. `data.path=OUT` then trains from them with the
-same stream (the same samples, order and seeds): z = mean + std * noise with the noise of each sample's seed.
+same stream (the same samples, order and seeds): z = mean + std * noise with the noise of each sample's seed, and
+the stored token ids (those of "" where caption dropout draws it).
 Processes take the shards in turn; a shard already in OUT is kept, so an interrupted job continues where it stopped.
 """
 
@@ -32,7 +34,7 @@ from ldm.data import open_rgb
 from ldm.shards import IMAGE_EXTS, read_groups, rules_of, shard_urls
 
 
-def encode_shard(url: str, dest: Path, vae, data, batch_size: int, device) -> int:
+def encode_shard(url: str, dest: Path, vae, text_encoder, data, batch_size: int, device) -> int:
     """One shard -> dest (written to dest.tmp, then renamed); -> the samples written."""
     rules = rules_of(data)
     buckets = bucket_sizes(data.resolution, data.bucket_step) if data.buckets else None
@@ -58,8 +60,10 @@ def encode_shard(url: str, dest: Path, vae, data, batch_size: int, device) -> in
     tmp = dest.with_name(dest.name + ".tmp")
     with tarfile.open(tmp, "w") as tar:
         for i, (key, _, caption, meta) in enumerate(samples):
-            members = [("mean.npy", npy(moments[i][0])), ("std.npy", npy(moments[i][1]))]
-            members += [("txt", caption.encode()), ("json", json.dumps(meta).encode())]
+            mean, std = (npy(m.numpy().astype(np.float16)) for m in moments[i])
+            ids = npy(text_encoder.tokenize([caption])[0].numpy().astype(np.int32))
+            members = [("mean.npy", mean), ("std.npy", std), ("ids.npy", ids), ("txt", caption.encode())]
+            members += [("json", json.dumps(meta).encode())]
             for ext, payload in members:
                 info = tarfile.TarInfo(f"{key}.{ext}")
                 info.size = len(payload)
@@ -68,9 +72,9 @@ def encode_shard(url: str, dest: Path, vae, data, batch_size: int, device) -> in
     return len(samples)
 
 
-def npy(tensor: torch.Tensor) -> bytes:
+def npy(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
-    np.save(buf, tensor.numpy().astype(np.float16))
+    np.save(buf, array)
     return buf.getvalue()
 
 
@@ -95,13 +99,14 @@ def precompute(args) -> int:
     cfg, init = read_train_config(args.config, args.overrides, TrainUNetConfig, lambda path, _: load_model(path))
     state = PartialState(cpu=not torch.cuda.is_available())
     set_seed(cfg.seed)  # without init_from: the random VAE train_unet.py makes with this seed
-    vae = (init if init is not None else StableDiffusion(cfg.model)).vae.to(state.device).eval()
+    model = init if init is not None else StableDiffusion(cfg.model)
+    vae = model.vae.to(state.device).eval()
     args.out.mkdir(parents=True, exist_ok=True)
     start, count = time.perf_counter(), 0
     for url in shard_urls(cfg.data.path)[state.process_index :: state.num_processes]:
         dest = args.out / Path(url.split("?")[0]).name
         if not dest.exists():
-            count += encode_shard(url, dest, vae, cfg.data, cfg.batch_size, state.device)
+            count += encode_shard(url, dest, vae, model.text_encoder, cfg.data, cfg.batch_size, state.device)
     state.wait_for_everyone()
     print(f"process {state.process_index}: {count} samples, {count / (time.perf_counter() - start):.1f} images/s")
     return 0

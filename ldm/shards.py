@@ -357,9 +357,8 @@ class Shards(IterableDataset):
     """Webdataset shards as the endless stream of this process's batches (see the module docstring).
 
     `index`: the whole index (open_index builds or reads it); `data`: the DataConfig. Iterated, it yields collated
-    batches of {"pixels" (or a precomputed "mean" and "std"), "caption", "seed", "key", "size", "original_size",
-    "crop", "skipped"} from stream position `start`
-    (samples drawn by all processes so far)."""
+    batches of {"pixels" (or a precomputed "mean", "std" and token "ids"), "caption", "seed", "key", "size",
+    "original_size", "crop", "skipped"} from stream position `start` (samples drawn by all processes so far)."""
 
     def __init__(self, index: list[dict], data, batch_size: int, rank: int, world: int, seed: int, start: int = 0):
         self.index, self.data, self.batch_size, self.seed, self.start = index, data, batch_size, seed, start
@@ -405,17 +404,19 @@ class Shards(IterableDataset):
 
     def item(self, name: str, group: dict[str, bytes], size: tuple[int, int], position: int) -> dict:
         """One training sample scaled to cover `size` and cropped, its random choices (flip, then crop) from its
-        stream position's seed, as ImageCaptionDataset.load; or a precomputed one's latent mean and std."""
+        stream position's seed, as ImageCaptionDataset.load; or a precomputed one's latent mean and std and its
+        caption's token ids."""
         seed = sample_seed(self.seed, position)
         item = {"caption": rules_of(self.data).caption(group), "seed": seed, "key": name, "skipped": []}
         if "mean.npy" in group:
             meta = json.loads(group["json"])
-            mean, std = (
-                torch.from_numpy(np.load(io.BytesIO(group[k])).astype(np.float32)) for k in ("mean.npy", "std.npy")
+            mean, std, ids = (
+                torch.from_numpy(np.load(io.BytesIO(group[k])).astype(dtype))
+                for k, dtype in (("mean.npy", np.float32), ("std.npy", np.float32), ("ids.npy", np.int64))
             )
             return (
                 item
-                | {"mean": mean, "std": std, "size": meta["size"]}
+                | {"mean": mean, "std": std, "ids": ids, "size": meta["size"]}
                 | {
                     "original_size": meta["original_size"],
                     "crop": meta["crop"],

@@ -42,6 +42,7 @@ from ldm.lora import add_lora, save_lora
 from ldm.model import StableDiffusion
 from ldm.run_files import checkpoint_trainable_only, list_checkpoints, save_checkpoint, start_run, writing
 from ldm.shards import Shards
+from ldm.stream import Stream
 
 
 def make_accelerator(
@@ -394,14 +395,15 @@ class Run:
 
     def loader(self, dataset) -> DataLoader:
         """This process's batches from where the run is: webdataset shards (ldm.shards.Shards, an iterable of
-        batches), or a dataset read by index through ldm.data.StreamSampler."""
+        batches) or a `datasets` stream (ldm.stream.Stream, the same), or a dataset read by index through
+        ldm.data.StreamSampler."""
         cfg, accelerator, state = self.cfg, self.accelerator, self.state
         options = dict(
             num_workers=cfg.data.num_workers,
             worker_init_fn=ignore_stop_signals,
             pin_memory=accelerator.device.type == "cuda",
         )
-        if isinstance(dataset, Shards):
+        if isinstance(dataset, (Shards, Stream)):
             if state.world and state.world != accelerator.num_processes:
                 accelerator.print(
                     f"note: the checkpoint drew its shards on {state.world} process(es), this run has "
@@ -435,8 +437,9 @@ class Run:
         cfg, accelerator, state = self.cfg, self.accelerator, self.state
         state.skipped |= dict(dataset.skipped)  # found while listing the folder (or building the cache or index)
         stream, record = iter(self.loader(dataset)), self.order_record()
+        count = "a stream of" if isinstance(dataset, Stream) else len(dataset)
         accelerator.print(
-            f"{len(dataset)} training images{note}, {accelerator.num_processes} process(es) on {self.device.type}; "
+            f"{count} training images{note}, {accelerator.num_processes} process(es) on {self.device.type}; "
             f"global batch {cfg.batch_size * cfg.grad_accum * accelerator.num_processes} = batch_size "
             f"{cfg.batch_size} x grad_accum {cfg.grad_accum} x {accelerator.num_processes} process(es), "
             f"optim.lr {cfg.optim.lr:g} per global batch (not scaled with it)"

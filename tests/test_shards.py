@@ -5,8 +5,10 @@ import functools
 import http.server
 import io
 import json
+import random
 import socket
 import subprocess
+import tarfile
 import threading
 import time
 from pathlib import Path
@@ -27,14 +29,13 @@ from ldm.buckets import bucket_sizes, nearest
 from ldm.config import DataConfig, ShardFilters
 from ldm.data import DataError
 from ldm.shards import Plan, SampleRules, Shards, build_index, is_shards, shard_urls
+from ldm.text_encoder import build_tokenizer
 
 SIZES = [3, 7, 5, 9, 2, 7]  # samples per shard: uneven
 BAD = {(1, 2): "corrupt image", (1, 4): "no caption", (3, 0): "watermark", (3, 8): "cut member"}
 
 
 def tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
-    import tarfile
-
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
         for name, data in members:
@@ -316,8 +317,10 @@ def test_mixed_aspects_train_from_images_as_from_precomputed_latents_and_validat
     """A mixed-aspect dataset in buckets trains one size a step and validates at a non-square size. python -m
     ldm.precompute writes each usable sample's posterior mean and std (float16) at its bucket's size; training from
     those shards draws the same samples in the same order with the same seeds, so z = mean + std * noise differs
-    from the image run's only by float16 rounding: the same weights to that precision."""
+    from the image run's only by float16 rounding: the same weights to that precision. The text encoder reads the
+    stored token ids (the tokenizer's of the caption; those of "" where caption dropout, here one in two, draws it)."""
     args = ["data.buckets=true", "data.bucket_step=8", "data.record_order=true", "max_steps=3", "batch_size=2"]
+    args += ["caption_dropout=0.5"]
     args += ["validation.every=3", "validation.steps=2"]
     assert (
         run_in_process(
@@ -327,6 +330,15 @@ def test_mixed_aspects_train_from_images_as_from_precomputed_latents_and_validat
     )
     names = sorted(p.name for p in (tmp_path / "latents").iterdir())
     assert names == ["00000.tar", "00001.tar", "00002.tar"]
+    tokenizer = build_tokenizer()  # transformers' CLIPTokenizer over CLIP's vocabulary
+    with tarfile.open(tmp_path / "latents" / "00000.tar") as tar:
+        members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+    texts = {name[: -len(".txt")]: data.decode() for name, data in members.items() if name.endswith(".txt")}
+    assert texts
+    for key, text in texts.items():
+        ids = np.load(io.BytesIO(members[f"{key}.ids.npy"]))
+        oracle = tokenizer(text, padding="max_length", max_length=77, truncation=True).input_ids
+        assert ids.dtype == np.int32 and ids.tolist() == oracle
     runs = {
         name: train_one(*args, f"data.path={path}", f"output_dir={tmp_path / name}")
         for name, path in (("images", mixed), ("latents", tmp_path / "latents"))
@@ -372,3 +384,53 @@ def test_bad_shard_input_is_one_line_and_exit_code_2(args, message, tmp_path, ca
     assert run_in_process(train_unet, argv + [a.replace("TMP", str(tmp_path)) for a in args]) == 2
     err = capsys.readouterr().err
     assert f"error: {message}" in err and "Traceback" not in err
+
+
+def test_a_datasets_stream_splits_over_processes_skips_bad_rows_resumes_exactly_and_trains(tmp_path):
+    """data.streaming: 4 parquet files of 3 rows (a corrupt image in one, an empty caption in another) read by
+    datasets' streaming loader. split_dataset_by_node gives the 2 processes disjoint rows that cover the source;
+    each batch holds the rows datasets' own (not streaming) reader has under those captions; the bad rows are counted
+    with their reasons; a stream started at a checkpoint's position gives the uninterrupted one's batches; and
+    train_unet.py trains from it."""
+    from datasets import Dataset, Features, Value, load_dataset
+    from datasets import Image as ImageFeature
+
+    from ldm.buckets import fit
+    from ldm.data import choose
+    from ldm.stream import Stream
+
+    rng = np.random.default_rng(2)
+    for f in range(4):
+        rows = {"image": [], "text": []}
+        for i in range(3):
+            buf = io.BytesIO()
+            Image.fromarray(rng.integers(0, 256, (16 + 4 * i, 20, 3), dtype=np.uint8)).save(buf, format="PNG")
+            rows["image"].append({"bytes": b"not a png" if (f, i) == (1, 2) else buf.getvalue(), "path": None})
+            rows["text"].append("" if (f, i) == (2, 0) else f"picture {f}-{i}")
+        features = Features({"image": ImageFeature(decode=False), "text": Value("string")})
+        Dataset.from_dict(rows, features=features).to_parquet(tmp_path / "src" / f"{f}.parquet")
+    data = DataConfig(path=str(tmp_path / "src"), resolution=16, shuffle_buffer=4, streaming=True)
+    texts = [[r["text"] for r in Stream(data, 2, rank, 2, 0).rows(0)] for rank in (0, 1)]
+    assert not set(texts[0]) & set(texts[1]) and len(texts[0] + texts[1]) == 12
+    whole = {r["text"]: r["image"] for r in load_dataset("parquet", data_dir=str(tmp_path / "src"), split="train")}
+    skipped = set()
+    for rank in (0, 1):
+        stream = iter(Stream(data, 2, rank, 2, 0))
+        batches = [next(stream) for _ in range(6)]  # 12 samples: past the end of the first epoch
+        skipped |= {why.split(" (")[0] for b in batches for _, why in b["skipped"]}
+        for batch in batches:
+            for caption, seed, pixels in zip(batch["caption"], batch["seed"], batch["pixels"]):
+                img = Image.open(io.BytesIO(whole[caption]["bytes"])).convert("RGB")
+                rng_sample = random.Random(seed)
+                choose(rng_sample, 1, False)
+                torch.testing.assert_close(pixels, fit(img, (16, 16), True, False, rng_sample)[0])
+        resumed = iter(Stream(data, 2, rank, 2, 0, start=3 * 2 * 2))
+        for batch in batches[3:]:
+            again = next(resumed)
+            assert again["seed"] == batch["seed"] and again["caption"] == batch["caption"]
+            assert torch.equal(again["pixels"], batch["pixels"])
+    assert skipped == {"no caption", "unreadable"}
+    argv = ["--config", str(CONFIG), "tracker=none", "data.streaming=true", f"data.path={tmp_path / 'src'}"]
+    argv += ["max_steps=2", "batch_size=2", "validation.every=0", f"output_dir={tmp_path / 'run'}"]
+    assert run_in_process(train_unet, argv) == 0
+    assert (tmp_path / "run" / "model.safetensors").exists()
