@@ -38,7 +38,7 @@ import sys
 import tarfile
 import time
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
@@ -48,6 +48,7 @@ from braceexpand import braceexpand
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ldm.buckets import bucket_sizes, fit, nearest
+from ldm.config import ShardFilters
 from ldm.data import DataError, choose, collate, open_rgb, sample_seed, unreadable
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -116,15 +117,21 @@ def read_groups(url: str, limit: int | None = None) -> Iterator[tuple[int, str, 
             yield ordinal, key, group
 
 
+# data.filters' fields: the img2dataset .json field each reads, and whether a value passes its limit
+FILTERS = {
+    "min_width": ("original_width", lambda value, limit: value >= limit),
+    "min_height": ("original_height", lambda value, limit: value >= limit),
+    "max_pwatermark": ("pwatermark", lambda value, limit: value <= limit),
+    "min_aesthetic": ("aesthetic", lambda value, limit: value >= limit),
+}
+
+
 @dataclass
 class SampleRules:
-    """What makes a sample usable: its caption's source and the .json filters (ldm.config.ShardFilters)."""
+    """What makes a sample usable: its caption's source and the .json filters (a filter at its default is off)."""
 
     caption_field: str = ""
-    min_width: int = 0
-    min_height: int = 0
-    max_pwatermark: float = 1.0
-    min_aesthetic: float = 0.0
+    filters: ShardFilters = field(default_factory=ShardFilters)
 
     def meta(self, group: dict[str, bytes]) -> dict:
         """The sample's .json metadata ({} without one); raises on one that is not a JSON object."""
@@ -156,28 +163,10 @@ class SampleRules:
                 return why, (0, 0)
         except (ValueError, UnicodeDecodeError) as e:
             return unreadable(e), (0, 0)
-        tests = [
-            ("min_width", "original_width", self.min_width, lambda v: v >= self.min_width, self.min_width > 0),
-            ("min_height", "original_height", self.min_height, lambda v: v >= self.min_height, self.min_height > 0),
-            (
-                "max_pwatermark",
-                "pwatermark",
-                self.max_pwatermark,
-                lambda v: v <= self.max_pwatermark,
-                self.max_pwatermark < 1,
-            ),
-            (
-                "min_aesthetic",
-                "aesthetic",
-                self.min_aesthetic,
-                lambda v: v >= self.min_aesthetic,
-                self.min_aesthetic > 0,
-            ),
-        ]
-        for name, field, limit, passes, active in tests:
-            value = meta.get(field)
-            if active and not (isinstance(value, (int, float)) and passes(value)):
-                return f"filtered by data.filters.{name} ({field} {value} vs {limit})", (0, 0)
+        for name, (key, passes) in FILTERS.items():
+            limit, value = getattr(self.filters, name), meta.get(key)
+            if limit != getattr(ShardFilters, name) and not (isinstance(value, (int, float)) and passes(value, limit)):
+                return f"filtered by data.filters.{name} ({key} {value} vs {limit})", (0, 0)
         if image == "mean.npy":  # precomputed (ldm.precompute): the size it was encoded at
             return "", tuple(meta["size"])
         try:
@@ -430,8 +419,7 @@ class Shards(IterableDataset):
 
 
 def rules_of(data) -> SampleRules:
-    f = data.filters
-    return SampleRules(data.caption_field, f.min_width, f.min_height, f.max_pwatermark, f.min_aesthetic)
+    return SampleRules(data.caption_field, data.filters)
 
 
 def open_index(data, output_dir: Path, accelerator) -> list[dict]:
@@ -442,7 +430,7 @@ def open_index(data, output_dir: Path, accelerator) -> list[dict]:
     urls, rules = shard_urls(data.path), rules_of(data)
     if not urls:
         raise DataError(f"no .tar shards in {data.path}")
-    settings = {"urls": urls, "rules": rules.__dict__}
+    settings = {"urls": urls, "rules": asdict(rules)}
     path = Path(output_dir) / "shard-index.json"
     found = [None]
     if accelerator.is_main_process and path.exists():

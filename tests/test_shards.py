@@ -75,7 +75,7 @@ def shards(tmp_path_factory):
     return root
 
 
-RULES = SampleRules(max_pwatermark=0.5)
+RULES = SampleRules(filters=ShardFilters(max_pwatermark=0.5))
 
 
 @pytest.fixture(scope="module")
