@@ -5,7 +5,6 @@ over 75 tokens (compel's chunks, then diffusers' pipeline given the embeddings),
 the web UI's model switch."""
 
 import copy
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -160,13 +159,13 @@ def test_the_openvino_backend_runs_the_sd2_unet_as_diffusers(sd2, tmp_path, monk
 def test_the_web_ui_switches_to_an_sd2_file_and_back(sd2, tmp_path):  # noqa: F811
     """The Models tab's choices list an SD2 single file in --models-dir; loaded, the page's txt2img makes diffusers'
     image of the same settings (v-prediction, "!" padding), its PNG naming the file; then the embedded v1 model."""
-    from ldm import webui_app  # gradio: imported by the test that needs it
+    from ldm import webui, webui_app  # gradio: imported by the test that needs it
 
     ours, ref, _ = sd2["v_prediction", 4]
     models = tmp_path / "models"
     models.mkdir()
     save_single_file(ours.model, models / "tiny-sd2.safetensors")
-    args = SimpleNamespace(device="cpu", ckpt=None, models_dir=models, outdir=tmp_path / "web")
+    args = webui.parse_args(["--device", "cpu", "--models-dir", str(models), "--outdir", str(tmp_path / "web")])
     session = webui_app.Session(args)
     v1_context = session.pipe.cfg.unet.context_dim
     assert session.models() == [webui_app.EMBEDDED, str(models / "tiny-sd2.safetensors")]

@@ -3,7 +3,6 @@ and each cell = the image txt2img makes alone with that cell's settings."""
 
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -106,9 +105,10 @@ def test_the_web_page_plot_gives_the_command_line_s_cells_and_grid(tmp_path):
     a bad axis, or Z without Y, is the page's one-line error."""
     import gradio as gr
 
-    from ldm import webui_app
+    from ldm import webui, webui_app
 
-    args = SimpleNamespace(device="cpu", ckpt=None, models_dir=tmp_path / "models", outdir=tmp_path / "web", taesd=None)
+    argv = ["--device", "cpu", "--models-dir", str(tmp_path / "models"), "--outdir", str(tmp_path / "web")]
+    args = webui.parse_args(argv)
     session = webui_app.Session(args)
     values = PAGE_VALUES | {
         "xyz_x": "steps=1,2",
