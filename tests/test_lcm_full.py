@@ -2,12 +2,20 @@
 UNet2DConditionModel(time_cond_proj_dim), sampling against diffusers' LatentConsistencyModelPipeline, and a tiny run:
 its file in diffusers, its EMA target network, its resume."""
 
+import json
+
+import numpy as np
 import pytest
 import torch
 from diffusers import LatentConsistencyModelPipeline, LCMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from PIL import Image
+from safetensors.torch import load_file
 
-from conftest import STEPS, assert_same, diffusers_run, ours_run, tiny_model
-from ldm.checkpoint import load_diffusers_folder, save_diffusers_folder
+import train_unet
+from conftest import ROOT, STEPS, assert_same, diffusers_run, ours_run, run_in_process, tiny_model
+from ldm.checkpoint import load_diffusers_folder, load_model, save_diffusers_folder, save_single_file
+from ldm.config import LCMTrainConfig
+from ldm.diffusers_names import rename, unet_key_map
 from ldm.pipeline import Pipeline
 from ldm.unet import guidance_scale_embedding
 
@@ -16,8 +24,8 @@ DIM = 16  # the tiny models' w-embedding width (SD's LCMs: 256)
 
 @pytest.fixture(scope="module")
 def lcm(tmp_path_factory):
-    """A tiny random model with the w-embedding (its time_cond_proj random and scaled up, not zero), its diffusers folder, and
-    diffusers' LatentConsistencyModelPipeline of that folder."""
+    """A tiny random model with the w-embedding (its time_cond_proj random and scaled up, not zero), its diffusers
+    folder, and diffusers' LatentConsistencyModelPipeline of that folder."""
     model = tiny_model(overrides=(f"unet.time_cond_proj_dim={DIM}",))
     with torch.no_grad():
         model.unet.time_cond_proj.weight.mul_(10)  # as tiny_model's cross-attention: so that w visibly matters
@@ -74,3 +82,97 @@ def test_lcm_sampling_of_such_a_model_is_diffusers_latent_consistency_pipeline(l
     assert batches == [2] * STEPS
     other = ours_run(Pipeline(model), seed=5, n=1, sampler="lcm", scale=9.0 - scale)[1][-1]
     assert (other - trajectory[-1][:1]).abs().max() > 1e-3  # the scale reaches the UNet
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    """A tiny model (its UNet without the w-embedding: the teacher) as a single file, 8 captioned 16x16 images, and
+    train_unet.py --lcm-full run on them for 2 steps, a checkpoint at each, validation images at 4 lcm steps."""
+    root = tmp_path_factory.mktemp("lcm-full")
+    teacher = tiny_model()
+    save_single_file(teacher, root / "init.safetensors")
+    (root / "data").mkdir()
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(root / "data" / f"{i}.png")
+        rows.append({"file_name": f"{i}.png", "text": f"picture number {i}"})
+    (root / "data" / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    assert run_in_process(train_unet, full_args(root, "straight", "max_steps=2", "validation.every=2")) == 0
+    return root, teacher
+
+
+def full_args(root, name, *args) -> list[str]:
+    return [
+        "--config",
+        str(ROOT / "configs" / "train-unet-tiny.yaml"),
+        "tracker=none",
+        f"data.path={root / 'data'}",
+        f"init_from={root / 'init.safetensors'}",
+        "--lcm-full",
+        f"lcm.time_cond_proj_dim={DIM}",
+        "batch_size=4",
+        "optim.warmup_steps=0",
+        "save_every=1",
+        "log_every=1",
+        "validation.prompts=[picture number 1]",
+        f"output_dir={root / name}",
+        *args,
+    ]
+
+
+def checkpoint(run_dir, step) -> tuple[dict, dict]:
+    """A checkpoint's student UNet (the trained weights) and target network."""
+    state = run_dir / "checkpoints" / f"step-{step:06d}" / "state"
+    custom = [torch.load(p, weights_only=True) for p in sorted(state.glob("custom_checkpoint_*.pkl"))]
+    (target,) = [c for c in custom if "time_cond_proj.weight" in c]
+    return load_file(state / "model.safetensors"), target
+
+
+def test_a_full_lcm_run_saves_a_unet_diffusers_loads_and_its_target_is_the_students_ema(full_run, tmp_path):
+    """train_unet.py --lcm-full -> model.safetensors whose UNet (with the w-embedding, trained away from zero)
+    diffusers' UNet2DConditionModel(time_cond_proj_dim) loads with the same weights from our export; the target
+    network after each step = 0.95 x the one before + 0.05 x the student (it starts as the student: the teacher's
+    weights, the w-embedding zero)."""
+    root, teacher = full_run
+    out = root / "straight"
+    assert (out / "validation" / "step-000002.png").exists()
+    config = json.loads((out / "config.json").read_text())
+    assert config["model"]["unet"]["time_cond_proj_dim"] == DIM and config["validation"]["sampler"] == "lcm"
+    model = load_model(out / "model.safetensors")
+    assert model.cfg.unet.time_cond_proj_dim == DIM and model.unet.time_cond_proj.weight.abs().max() > 0
+    save_diffusers_folder(model, tmp_path / "diffusers")
+    theirs = UNet2DConditionModel.from_pretrained(tmp_path / "diffusers" / "unet").state_dict()
+    ours = rename(model.unet.state_dict(), unet_key_map(model.cfg.unet))
+    assert ours.keys() == theirs.keys() and "time_embedding.cond_proj.weight" in theirs
+    for name, value in ours.items():
+        assert torch.equal(theirs[name], value), name
+
+    decay = LCMTrainConfig().target_decay
+    assert decay == 0.95  # diffusers' --ema_decay
+    previous = teacher.unet.state_dict() | {"time_cond_proj.weight": torch.zeros(32, DIM)}
+    for step in (1, 2):
+        student, target = checkpoint(out, step)
+        assert target.keys() == previous.keys() == student.keys()
+        for name, value in target.items():
+            torch.testing.assert_close(
+                value, decay * previous[name] + (1 - decay) * student[name], rtol=1e-6, atol=1e-6
+            )
+        assert max((target[k] - student[k]).abs().max() for k in target) > 1e-4  # the target lags the student
+        previous = target
+
+
+def test_a_full_lcm_run_resumes_exactly(full_run):
+    """Stopped after step 1 and resumed = uninterrupted, bit for bit: the saved UNet and the target network."""
+    root, _ = full_run
+    assert run_in_process(train_unet, full_args(root, "resumed", "max_steps=1", "validation.every=0")) == 0
+    resumed = full_args(root, "resumed", "max_steps=2", "validation.every=0", "--resume", "latest")
+    assert run_in_process(train_unet, resumed) == 0
+    straight, again = (
+        load_file(root / "straight" / "model.safetensors"),
+        load_file(root / "resumed" / "model.safetensors"),
+    )
+    assert straight.keys() == again.keys()
+    assert all(torch.equal(straight[k], again[k]) for k in straight)
+    for a, b in zip(checkpoint(root / "straight", 2), checkpoint(root / "resumed", 2)):
+        assert all(torch.equal(a[k], b[k]) for k in a)
