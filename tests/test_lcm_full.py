@@ -176,3 +176,19 @@ def test_a_full_lcm_run_resumes_exactly(full_run):
     assert all(torch.equal(straight[k], again[k]) for k in straight)
     for a, b in zip(checkpoint(root / "straight", 2), checkpoint(root / "resumed", 2)):
         assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["lora.rank=4"], "(lcm.full) distills the UNet of init_from: it needs lcm.enabled and init_from, without"),
+        (["lcm.target_decay=1"], "lcm.target_decay must be in [0, 1), got 1.0"),
+        (["model.unet.time_cond_proj_dim=1"], "unet.time_cond_proj_dim must be a whole number >= 2 or null, got 1"),
+        (["--learn-sigma"], "latent consistency distillation (--lcm) distills a model without learn_sigma"),
+    ],
+)
+def test_bad_full_lcm_input_is_one_line_and_exit_code_2(full_run, capsys, args, message):
+    root, _ = full_run
+    assert run_in_process(train_unet, full_args(root, "bad", *args)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
