@@ -7,7 +7,13 @@ import json
 import numpy as np
 import pytest
 import torch
-from diffusers import LatentConsistencyModelPipeline, LCMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import (
+    DDPMScheduler,
+    LatentConsistencyModelPipeline,
+    LCMScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -15,8 +21,11 @@ import train_unet
 from conftest import ROOT, STEPS, assert_same, diffusers_run, ours_run, run_in_process, tiny_model
 from ldm.checkpoint import load_diffusers_folder, load_model, save_diffusers_folder, save_single_file
 from ldm.config import LCMTrainConfig
+from ldm.consistency import FullForm, LatentConsistency
 from ldm.diffusers_names import rename, unet_key_map
+from ldm.diffusion import Diffusion
 from ldm.pipeline import Pipeline
+from ldm.training import UNetTrainable
 from ldm.unet import guidance_scale_embedding
 
 DIM = 16  # the tiny models' w-embedding width (SD's LCMs: 256)
@@ -192,3 +201,61 @@ def test_bad_full_lcm_input_is_one_line_and_exit_code_2(full_run, capsys, args, 
     assert run_in_process(train_unet, full_args(root, "bad", *args)) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err, err
+
+
+def test_one_full_distillation_step_is_the_recipes(lcm, tmp_path):
+    """LatentConsistency.loss with FullForm = one step of diffusers' train_lcm_distill_sd_wds.py written out here on
+    diffusers' UNet2DConditionModels: the student given timestep_cond = the w-embedding, the teacher (no embedding)
+    guided in the form c + w (c - u) for one DDIM step of the 50-step solver, the target network (here not the
+    student: it lags it) given the embedding at the solver's next point; same weights, latents, noise, points, w."""
+    student_model, folder, _ = lcm
+    teacher_model = tiny_model()
+    save_diffusers_folder(teacher_model, tmp_path / "teacher")
+    nets = FullForm(UNetTrainable(student_model), teacher_model.unet, 0.95, torch.device("cpu"))
+    with torch.no_grad():
+        for p in nets.target_unet.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    lcm = LatentConsistency(Diffusion(student_model.cfg), LCMTrainConfig(enabled=True, full=True))
+    index, w = torch.tensor([0, 31]), torch.tensor([5.5, 13.0]).reshape(2, 1, 1, 1)
+    start = lcm.grid[index]
+    gen = torch.Generator().manual_seed(2)
+    latents, noise = torch.randn(2, 4, 8, 8, generator=gen), torch.randn(2, 4, 8, 8, generator=gen)
+    with torch.no_grad():
+        text = student_model.text_encoder
+        context, uncond = text(text.tokenize(["a red apple", "a blue car"])), text(text.tokenize(["", ""]))
+    ours = lcm.loss(nets, Diffusion(student_model.cfg).q_sample(latents, start, noise), start, w, context, uncond)
+
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet")
+    teacher = UNet2DConditionModel.from_pretrained(tmp_path / "teacher" / "unet")
+    target_unet = UNet2DConditionModel.from_config(unet.config)
+    target_unet.load_state_dict(rename(nets.target_unet.state_dict(), unet_key_map(student_model.cfg.unet)))
+    scheduler = DDPMScheduler.from_pretrained(folder / "scheduler")
+    boundary = LCMScheduler.from_config(scheduler.config)
+    alphas = scheduler.alphas_cumprod
+    alphas_prev = torch.cat([alphas[:1], alphas[lcm.grid[:-1]]])  # the script's DDIMSolver.ddim_alpha_cumprods_prev
+
+    def x0_eps(out, t, x):  # the script's get_predicted_original_sample / get_predicted_noise for epsilon
+        a, s = alphas[t].sqrt().reshape(-1, 1, 1, 1), (1 - alphas[t]).sqrt().reshape(-1, 1, 1, 1)
+        return (x - s * out) / a, out
+
+    def consistency(out, t, x):
+        c = [boundary.get_scalings_for_boundary_condition_discrete(int(i)) for i in t]
+        c_skip, c_out = (torch.tensor([float(s[j]) for s in c]).reshape(-1, 1, 1, 1) for j in (0, 1))
+        return c_skip * x + c_out * x0_eps(out, t, x)[0]
+
+    w_embedding = LatentConsistencyModelPipeline.get_guidance_scale_embedding(None, w.flatten(), embedding_dim=DIM)
+    with torch.no_grad():
+        noisy = scheduler.add_noise(latents, noise, start)
+        student = consistency(unet(noisy, start, context, timestep_cond=w_embedding).sample, start, noisy)
+        x0_c, eps_c = x0_eps(teacher(noisy, start, context).sample, start, noisy)
+        x0_u, eps_u = x0_eps(teacher(noisy, start, uncond).sample, start, noisy)
+        pred_x0, pred_noise = x0_c + w * (x0_c - x0_u), eps_c + w * (eps_c - eps_u)
+        a_prev = alphas_prev[index].reshape(-1, 1, 1, 1)
+        x_prev = a_prev.sqrt() * pred_x0 + (1 - a_prev).sqrt() * pred_noise  # DDIMSolver.ddim_step
+        end = (start - 20).clamp(min=0)
+        target = consistency(target_unet(x_prev, end, context, timestep_cond=w_embedding).sample, end, x_prev)
+        theirs = torch.mean(torch.sqrt((student - target) ** 2 + 0.001**2) - 0.001)
+    torch.testing.assert_close(ours.detach(), theirs, rtol=1e-4, atol=0)
+    ours.backward()
+    assert nets.trainable.module.time_cond_proj.weight.grad.abs().max() > 0  # the w-embedding learns
+    assert all(p.grad is None for p in [*nets.target_unet.parameters(), *nets.teacher_unet.parameters()])
