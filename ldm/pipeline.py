@@ -217,7 +217,8 @@ class Pipeline(nn.Module):
         mode = mode_of(r, self.is_inpainting_model)
         unet = self.unet if self.openvino is None else self.openvino.unet
         per_image = [p for p in r.prompts for _ in range(r.n_samples)]
-        batch = self.batch_size(len(per_image), *reversed(r.output_size(self.vae_factor)), r.unet_rows)
+        rows = 1 if embedded else r.unet_rows  # a UNet that embeds the guidance runs on the prompts' rows alone
+        batch = self.batch_size(len(per_image), *reversed(r.output_size(self.vae_factor)), rows)
         strength = 1.0 if r.strength is None else r.strength
         trajectories = []
         for first in range(0, len(per_image), batch):
