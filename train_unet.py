@@ -2,7 +2,7 @@ r"""Train the text-conditioned UNet of ldm (Stable Diffusion v1) from scratch or
 
     python train_unet.py --config configs/train-unet-tiny.yaml data.path=my_images [key.path=value ...]
     accelerate launch --num_processes 8 train_unet.py --config my.yaml [--resume latest] [--cache-latents] \
-        [--learn-sigma] [--lora RANK] [--controlnet] [--lcm]
+        [--learn-sigma] [--lora RANK] [--controlnet] [--lcm | --lcm-full]
 
 Top to bottom: config -> the run (ldm.training.Run: output_dir, Accelerator) -> models and what trains (a Trainable) ->
 data (or the latent cache) -> optimizer, EMA, resume -> the loop (noise, loss; the run does the optimizer step, EMA,
@@ -13,8 +13,10 @@ txt2img.py --ckpt and python -m ldm.convert read. With --lora RANK only a LoRA t
 `conditioning_image` column of the data, or controlnet.preprocess=canny) -> <output_dir>/controlnet.safetensors in
 lllyasviel's layout, which txt2img.py --controlnet and diffusers read. With --lcm the model of init_from is distilled
 into a LoRA that samples in 1-4 steps with the lcm sampler (latent consistency distillation, ldm.consistency; lcm.*) ->
-<output_dir>/lora.safetensors, an LCM-LoRA. A fine-tune (init_from) stopped by Ctrl-C or
-SIGTERM writes that file too, with the weights of the step it stopped at.
+<output_dir>/lora.safetensors, an LCM-LoRA. With --lcm-full it is distilled into the whole UNet instead, given a
+guidance embedding (unet.time_cond_proj_dim), against an EMA target network -> <output_dir>/model.safetensors, an
+LCM that the lcm sampler runs with the guidance scale embedded, no unconditional batch. A fine-tune (init_from)
+stopped by Ctrl-C or SIGTERM writes that file too, with the weights of the step it stopped at.
 """
 
 import argparse
@@ -65,6 +67,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         "optim.lr 1e-4 and validation at 4 lcm steps unless set)",
     )
     p.add_argument(
+        "--lcm-full",
+        action="store_true",
+        help="distill the model of init_from into a whole LCM UNet with a guidance embedding and an EMA target network "
+        "(lcm.full; optim.lr 1e-4 and validation at 4 lcm steps, guidance 8, unless set)",
+    )
+    p.add_argument(
         "overrides", nargs="*", metavar="key.path=value", help="config overrides, e.g. optim.lr=1e-4 data.path=images"
     )
     return p.parse_intermixed_args(argv)
@@ -79,7 +87,7 @@ from tqdm.auto import tqdm
 from ldm.cache import LatentCache, build_cache, cache_key
 from ldm.checkpoint import load_model
 from ldm.config import ConfigError, TrainUNetConfig
-from ldm.consistency import LatentConsistency
+from ldm.consistency import FullForm, LatentConsistency, LoRAForm
 from ldm.controlnet import ControlNet, load_controlnet
 from ldm.data import ImageCaptionDataset
 from ldm.diffusion import Diffusion
@@ -106,12 +114,16 @@ def load_train_config(args) -> tuple[TrainUNetConfig, StableDiffusion | None]:
     (see ldm.run_files.read_train_config), then --learn-sigma."""
     flags = (["cache_latents=true"] if args.cache_latents else []) + ([f"lora.rank={args.lora}"] if args.lora else [])
     modes = (["controlnet.enabled=true"] if args.controlnet else []) + (["lcm.enabled=true"] if args.lcm else [])
+    modes += ["lcm.enabled=true", "lcm.full=true"] if args.lcm_full else []
     overrides = flags + modes + args.overrides
 
     def mode_defaults(raw: dict) -> dict:
         controlnet, lcm = raw.get("controlnet"), raw.get("lcm")
         if isinstance(controlnet, dict) and controlnet.get("enabled") is True:
             return {"optim": {"lr": 1e-5}}
+        if isinstance(lcm, dict) and lcm.get("full") is True:  # the full LCM's lr, no caption dropout
+            validation = {"steps": 4, "sampler": "lcm", "guidance_scale": 8.0}
+            return {"optim": {"lr": 1e-4}, "caption_dropout": 0.0, "validation": validation}
         if isinstance(lcm, dict) and lcm.get("enabled") is True:  # LCM-LoRA's rank and lr, no caption dropout
             validation = {"steps": 4, "sampler": "lcm", "guidance_scale": 1.0}
             return {"lora": {"rank": 64}, "optim": {"lr": 1e-4}, "caption_dropout": 0.0, "validation": validation}
@@ -122,6 +134,8 @@ def load_train_config(args) -> tuple[TrainUNetConfig, StableDiffusion | None]:
     )
     if args.learn_sigma:
         cfg.model.learn_sigma, cfg.model.unet.out_channels = True, 2 * cfg.model.vae.embed_dim
+    if cfg.lcm.full and cfg.model.unet.time_cond_proj_dim is None:  # the student gets the w-embedding
+        cfg.model.unet.time_cond_proj_dim = cfg.lcm.time_cond_proj_dim
     return cfg, init
 
 
@@ -170,15 +184,19 @@ def train(args) -> int:
             if cfg.controlnet.enabled
             else "",
         )
-    model = StableDiffusion(cfg.model)
+    model, teacher = StableDiffusion(cfg.model), None
     if init is not None:
         parts = ["first_stage_model", "cond_stage_model"] + ([] if cfg.reinit_unet else ["model"])
         for name in parts:
             hint = " (set reinit_unet=true to train a UNet of another shape)" if name == "model" else ""
+            state = getattr(init, name).state_dict()
+            if name == "model" and cfg.lcm.full:  # the student: the teacher with its new w-embedding at zero
+                state = {"diffusion_model.time_cond_proj.weight": model.unet.time_cond_proj.weight} | state
             try:
-                load_state_strict(getattr(model, name), getattr(init, name).state_dict(), f"{cfg.init_from}{hint}")
+                load_state_strict(getattr(model, name), state, f"{cfg.init_from}{hint}")
             except CheckpointError as e:
                 raise CheckpointError(f"{e}{hint}") from None
+        teacher = init.unet if cfg.lcm.full else None  # the frozen UNet of init_from
         del init
     vae, text_encoder = model.vae, model.text_encoder
     vae.requires_grad_(False).eval()
@@ -193,6 +211,8 @@ def train(args) -> int:
     else:
         trainable = UNetTrainable(model)
     model.unet.train()
+    if lcm:  # the student, teacher and target networks of the distillation
+        nets = FullForm(trainable, teacher, cfg.lcm.target_decay, device) if cfg.lcm.full else LoRAForm(trainable)
 
     # ------------------------------------------------------------ data: images on the fly, or the latent cache
     if cfg.cache_latents:
@@ -232,7 +252,7 @@ def train(args) -> int:
         return trainable.samples(Pipeline(model), list(v.prompts), v.seed, options, dataset)
 
     # ------------------------------------------------------------ optimizer, schedule, EMA, resume; the loop
-    run.prepare(trainable)
+    run.prepare(trainable, extra_state=(nets.target_unet,) if cfg.lcm.full else ())
     for batch in run.batches(train_set, draw=draw, every=cfg.validation.every):
         # Every random draw of a sample comes from its own generator, in a fixed order, so it does not depend
         # on the process count or on resuming: timestep, diffusion noise, posterior noise, caption dropout, offset.
@@ -275,11 +295,13 @@ def train(args) -> int:
                 context = context if cfg.cache_latents else trainable.encode(tokens)
                 if lcm:
                     uncond = empty_context.expand(len(gens), -1, -1)
-                    loss = lcm.loss(trainable, x_t, t, w, context, uncond)
+                    loss = lcm.loss(nets, x_t, t, w, context, uncond)
                 else:
                     out = trainable.predict(x_t, t, context, batch.get("hint"))
                     loss = diffusion.loss(out, latents, x_t, noise, t, cfg.min_snr_gamma, cfg.vlb_weight).mean()
             run.step(loss, {"loss": loss})
+            if cfg.lcm.full and run.accelerator.sync_gradients:  # the target network follows the stepped student
+                nets.update()
 
     # ------------------------------------------------------------ the end: the inference file, what was skipped
     return run.end()

@@ -127,6 +127,8 @@ def file_config(
     conv_in = shapes.get(UNET + "input_blocks.0.0.weight", ())
     if len(conv_in) == 4:
         out.unet.in_channels = conv_in[1]  # 9 for the inpainting models: latent + mask + masked-image latent
+    cond_proj = shapes.get(UNET + "time_cond_proj.weight", ())
+    out.unet.time_cond_proj_dim = cond_proj[1] if len(cond_proj) == 2 else None  # an LCM's guidance embedding
     sidecar = sidecar_prediction(path)
     if stored is not None:
         prediction, rule = stored.parameterization, "the config stored in the file"

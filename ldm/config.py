@@ -38,6 +38,16 @@ class UNetConfig:
     upcast_attention: bool = False  # SD 2.1: attention computed in float32 when the UNet runs in half precision
     num_groups: int = 32  # GroupNorm groups (CompVis hard-codes 32)
     use_checkpoint: bool = False  # gradient checkpointing in training
+    # LCM's guidance embedding (a full UNet distilled by train_unet.py --lcm-full): the width of the embedding of the
+    # guidance scale w that UNetModel.time_cond_proj adds to the timestep's features; None: no w-embedding (SD's)
+    time_cond_proj_dim: int | None = None
+
+    def __post_init__(self):
+        dim = self.time_cond_proj_dim
+        check(
+            dim is None or (type(dim) is int and dim >= 2),
+            f"unet.time_cond_proj_dim must be a whole number >= 2 or null, got {dim!r}",
+        )
 
 
 @dataclass
@@ -458,9 +468,13 @@ class ControlNetTrainConfig:
 @dataclass
 class LCMTrainConfig:
     """Latent consistency distillation (train_unet.py --lcm, Luo et al. 2023) of the model of init_from into a LoRA:
-    the recipe of diffusers' train_lcm_distill_lora_sd_wds.py (ldm.consistency)."""
+    the recipe of diffusers' train_lcm_distill_lora_sd_wds.py; or, with full (--lcm-full), into the whole UNet given a
+    guidance embedding, with an EMA target network: their train_lcm_distill_sd_wds.py (ldm.consistency)."""
 
     enabled: bool = False
+    full: bool = False  # the whole UNet trains, with the w-embedding, against an EMA target network
+    time_cond_proj_dim: int = 256  # full: the w-embedding's width, when the teacher has none
+    target_decay: float = 0.95  # full: the target network = EMA of the student at this decay (their ema_decay)
     solver_steps: int = 50  # the DDIM solver's grid over the training timesteps; skip k = timesteps // solver_steps
     w_min: float = 5.0  # the teacher's guidance w ~ U[w_min, w_max], in the form c + w (c - u)
     w_max: float = 15.0
@@ -471,6 +485,8 @@ class LCMTrainConfig:
         check(self.solver_steps >= 1, f"lcm.solver_steps must be >= 1, got {self.solver_steps}")
         check(0 <= self.w_min <= self.w_max, f"lcm needs 0 <= w_min <= w_max, got {self.w_min}, {self.w_max}")
         check(self.timestep_scaling > 0 and self.huber_c > 0, "lcm.timestep_scaling and lcm.huber_c must be > 0")
+        check(self.time_cond_proj_dim >= 2, f"lcm.time_cond_proj_dim must be >= 2, got {self.time_cond_proj_dim}")
+        check(0.0 <= self.target_decay < 1.0, f"lcm.target_decay must be in [0, 1), got {self.target_decay}")
 
 
 @dataclass
@@ -514,9 +530,14 @@ class TrainUNetConfig(TrainConfig):
             "without reinit_unet or a LoRA",
         )
         check(
-            not self.lcm.enabled or (self.lora.rank and not self.lora.text_encoder),
+            not self.lcm.enabled or self.lcm.full or (self.lora.rank and not self.lora.text_encoder),
             "latent consistency distillation (lcm.enabled) trains a LoRA of the UNet (lora.rank), without "
             "lora.text_encoder",
+        )
+        check(
+            not self.lcm.full or (self.lcm.enabled and self.init_from and not self.reinit_unet and not self.lora.rank),
+            "latent consistency distillation into the whole UNet (lcm.full) distills the UNet of init_from: it needs "
+            "lcm.enabled and init_from, without reinit_unet or a LoRA",
         )
         check(
             self.lcm.solver_steps <= self.model.timesteps,

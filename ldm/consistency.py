@@ -1,19 +1,28 @@
-"""Latent consistency distillation (Luo et al. 2023, "Latent Consistency Models"): the loss that teaches a LoRA on
-the UNet to jump from any point of the guided probability-flow ODE to its end in one call, so that the `lcm` sampler
-draws an image in 1-4 steps. The recipe is diffusers' train_lcm_distill_lora_sd_wds.py: the frozen UNet (LoRAs off)
-is the teacher, the UNet with its LoRAs the student, and the student's own prediction one solver step further, without
-a gradient, the target (no separate target network).
+"""Latent consistency distillation (Luo et al. 2023, "Latent Consistency Models"): the loss that teaches a UNet to
+jump from any point of the guided probability-flow ODE to its end in one call, so that the `lcm` sampler draws an image
+in 1-4 steps. Three networks meet in it, in one of two forms (one solver, boundary condition and loss for both):
+
+    LoRAForm (diffusers' train_lcm_distill_lora_sd_wds.py): the student is the UNet with its LoRAs, the teacher the
+        same UNet with them off, the target the student's own prediction, without a gradient;
+    FullForm (their train_lcm_distill_sd_wds.py): the student is the whole UNet given the guidance w through its
+        w-embedding (ldm.unet.UNetModel.time_cond_proj, zero at first), the teacher a frozen copy of the UNet it
+        started from, the target a network that follows the student as an exponential moving average (LCM's
+        "target LCM", decay lcm.target_decay). Their script leaves the new cond_proj at nn.Linear's random start; here
+        it starts at zero, so the student starts as its teacher.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 
 import torch
 import torch.nn as nn
 
 from ldm.config import ConfigError, LCMTrainConfig
 from ldm.diffusion import Diffusion
+from ldm.ema import lerp_towards
+from ldm.unet import UNetModel
 
 SIGMA_DATA = 0.5  # of the boundary conditions, as in consistency models (Song et al. 2023)
 
@@ -29,6 +38,47 @@ def loras_off(loras: nn.ModuleDict):
     finally:
         for lora, scale in zip(loras.values(), scales):
             lora.scale = scale
+
+
+class LoRAForm:
+    """The networks of the LoRA form, from a ldm.training.LoRATrainable; w goes to the teacher alone."""
+
+    def __init__(self, trainable):
+        self.trainable, self.unet = trainable, trainable.model.unet
+
+    def student(self, x, t, context, w):
+        return self.trainable.predict(x, t, context, None)
+
+    def teacher(self, x, t, context):
+        with loras_off(self.trainable.module):
+            return self.unet(x, t, context)
+
+    def target(self, x, t, context, w):
+        return self.unet(x, t, context)
+
+
+class FullForm:
+    """The networks of the full form, from a ldm.training.UNetTrainable of a UNet with the w-embedding and the frozen
+    `teacher` UNet (the student's start, without it), on `device`. The target network starts as the student;
+    update() after each optimizer step moves it: theta^- <- mu theta^- + (1 - mu) theta (LCM, Algorithm 1), mu =
+    `decay`."""
+
+    def __init__(self, trainable, teacher: UNetModel, decay: float, device: torch.device):
+        self.trainable, self.decay = trainable, decay
+        self.teacher_unet = teacher.requires_grad_(False).eval().to(device)
+        self.target_unet = copy.deepcopy(trainable.module).requires_grad_(False).eval().to(device)
+
+    def student(self, x, t, context, w):
+        return self.trainable.ddp[0](x, t, context, guidance=w.flatten())
+
+    def teacher(self, x, t, context):
+        return self.teacher_unet(x, t, context)
+
+    def target(self, x, t, context, w):
+        return self.target_unet(x, t, context, guidance=w.flatten())
+
+    def update(self) -> None:
+        lerp_towards(list(self.target_unet.parameters()), list(self.trainable.module.parameters()), self.decay)
 
 
 class LatentConsistency:
@@ -70,16 +120,15 @@ class LatentConsistency:
         ab = self.diffusion._at(self.diffusion.alphas_cumprod, t, x)
         return (x - ab.sqrt() * self.diffusion.predict_x0(out, x, t)) / (1.0 - ab).sqrt()
 
-    def loss(self, trainable, x: torch.Tensor, t: torch.Tensor, w: torch.Tensor, context, uncond) -> torch.Tensor:
+    def loss(self, nets: LoRAForm | FullForm, x: torch.Tensor, t: torch.Tensor, w: torch.Tensor, context, uncond):
         """One step of latent consistency distillation at x = z_{t_{n+k}} ~ q(z_t | z_0) on the solver's grid
-        (`trainable`: a LoRATrainable; `uncond`: the empty prompt's states for every sample). -> the mean pseudo-Huber
-        distance between the student's f(z_{t_{n+k}}, t_{n+k}) and the target f(z^_{t_n}, t_n)."""
-        unet, diffusion = trainable.model.unet, self.diffusion
-        student = self.consistency(trainable.predict(x, t, context, None), x, t)
+        (`uncond`: the empty prompt's states for every sample). -> the mean pseudo-Huber distance between the
+        student's f(z_{t_{n+k}}, w, t_{n+k}) and the target's f(z^_{t_n}, w, t_n)."""
+        diffusion = self.diffusion
+        student = self.consistency(nets.student(x, t, context, w), x, t)
         t_n = (t - self.k).clamp(min=0)
         with torch.no_grad():
-            with loras_off(trainable.module):
-                cond, free = unet(x, t, context), unet(x, t, uncond)
+            cond, free = nets.teacher(x, t, context), nets.teacher(x, t, uncond)
             # the guided teacher (LCM sec. 4.2) in the recipe's form e~ = e(c) + w (e(c) - e(0)), for x0^ and eps^ alike
             x0_c, x0_u = diffusion.predict_x0(cond, x, t), diffusion.predict_x0(free, x, t)
             eps_c, eps_u = self.eps(cond, x, t), self.eps(free, x, t)
@@ -88,7 +137,7 @@ class LatentConsistency:
             # z^_{t_n} = sqrt(abar_{t_n}) x0^ + sqrt(1 - abar_{t_n}) eps^
             ab = diffusion._at(diffusion.alphas_cumprod, t_n, x)
             x_n = ab.sqrt() * x0 + (1.0 - ab).sqrt() * eps
-            target = self.consistency(unet(x_n, t_n, context), x_n, t_n)
+            target = self.consistency(nets.target(x_n, t_n, context, w), x_n, t_n)
         # d(a, b) = sqrt((a - b)^2 + c^2) - c, the pseudo-Huber metric (Song & Dhariwal 2023), averaged
         c = self.cfg.huber_c
         return (((student.float() - target.float()) ** 2 + c**2).sqrt() - c).mean()

@@ -16,6 +16,12 @@ conditional half alone (e = e_c), as diffusers' "dynamic classifier-free guidanc
 prompt_embeds.chunk(2)[-1] and sets the guidance scale to 0 at the end of step int(N * cfg_end)). DeepCache
 (ldm.unet.DeepCache) caches the UNet's deep features between its full calls; the guidance's end halves the batch,
 so the cache starts again there.
+
+A UNet that embeds the guidance scale (LCM distilled into the whole UNet, ModelConfig.unet.time_cond_proj_dim) runs
+on the prompts alone at any scale, w = s - 1 given to it, as diffusers' pipelines run one (their
+LatentConsistencyModelPipeline and StableDiffusionPipeline: no unconditional batch, no negative prompt):
+
+    e         = UNet(x, t, c, w = s - 1)
 """
 
 from __future__ import annotations
@@ -25,9 +31,21 @@ from typing import Callable
 import torch
 
 from ldm.conditioning import Conditioning
+from ldm.config import ModelConfig
 from ldm.controlnet import control_residuals
 from ldm.request import Control, InputError, Request
 from ldm.unet import DeepCache
+
+
+def embeds_guidance(cfg: ModelConfig) -> bool:
+    """The model's UNet takes the guidance scale as an input (LCM's w-embedding) instead of an unconditional batch."""
+    return cfg.unet.time_cond_proj_dim is not None
+
+
+def runs_unconditional(request: Request, cfg: ModelConfig) -> bool:
+    """Classifier-free guidance's unconditional batch runs: the request is guided (scale != 1) and the model's UNet
+    does not embed the scale."""
+    return request.guided and not embeds_guidance(cfg)
 
 
 class Denoiser:
@@ -36,7 +54,8 @@ class Denoiser:
     ldm.request.Request (its scale, guidance_rescale, cfg_end, guess_mode, deepcache and deepcache_branch); steps: N,
     the steps of the run; unet_input: the mode's (the 9-channel inpainting UNet's input); controls: the request's with
     their nets loaded, hints their maps (1, 3, H, W) in [0, 1]; learn_sigma: the UNet also predicts a variance, which
-    stays the conditional branch's (as DiT samples)."""
+    stays the conditional branch's (as DiT samples); guidance_input: the UNet embeds the guidance scale
+    (embeds_guidance: the conditioning is then unguided)."""
 
     def __init__(
         self,
@@ -48,14 +67,20 @@ class Denoiser:
         controls: tuple[Control, ...] = (),
         hints: list[torch.Tensor] = (),
         learn_sigma: bool = False,
+        guidance_input: bool = False,
     ):
         self.unet, self.conditioning, self.request, self.steps = unet, conditioning, request, steps
         self.unet_input, self.controls, self.hints = unet_input, controls, hints
         self.learn_sigma = learn_sigma
+        self.w = torch.tensor([request.scale - 1.0]) if guidance_input else None  # LCM's form of the scale
         self.last_guided = int(steps * request.cfg_end) if conditioning.guided else -1
         self.cache = self.new_cache()
         self.rows = self.weights = None
         if conditioning.weights is not None:  # AND: the image of each row of the context, each sub-prompt's weight
+            if guidance_input:
+                raise InputError(
+                    "AND needs the negative prompt's prediction: not with a model that embeds the guidance"
+                )
             if self.last_guided < steps - 1 or request.guess_mode:
                 raise InputError("AND needs the negative prompt's prediction on every step: cfg end 1, no guess mode")
             device = conditioning.context(0).device
@@ -91,6 +116,8 @@ class Denoiser:
         # only what is set, so that a UNet stand-in taking (x, t, context) still works
         extra = {k: v for k, v in (("control", residuals), ("cache", self.cache)) if v is not None}
         x = self.unet_input(x)
+        if self.w is not None:  # never guided (embeds_guidance)
+            extra["guidance"] = self.w.expand(len(x))
         if not guided:
             return self.unet(x, t, context, **extra)
         out = self.unet(torch.cat([x, x]) if self.rows is None else x[self.rows], t, context, **extra)

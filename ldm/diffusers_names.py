@@ -76,6 +76,8 @@ def unet_key_map(cfg: UNetConfig) -> dict[str, str]:
         "out.2": "conv_out",
         "middle_block.1": "mid_block.attentions.0",
     }
+    if cfg.time_cond_proj_dim is not None:  # LCM's guidance embedding (ldm.unet.UNetModel)
+        m["time_cond_proj"] = "time_embedding.cond_proj"
     m |= _resnet("middle_block.0", "mid_block.resnets.0", True) | _resnet("middle_block.2", "mid_block.resnets.1", True)
     for i in range(levels):
         for j in range(n):
@@ -185,6 +187,8 @@ def diffusers_configs(cfg: ModelConfig) -> dict[str, dict]:
         "use_linear_projection": u.use_linear_in_transformer,
         "upcast_attention": u.upcast_attention,
     }
+    if u.time_cond_proj_dim is not None:
+        unet["time_cond_proj_dim"] = u.time_cond_proj_dim
     vae = {
         "_class_name": "AutoencoderKL",
         "sample_size": v.resolution,
@@ -268,6 +272,7 @@ def config_from_diffusers(folder: Path) -> ModelConfig:
         num_groups=u.get("norm_num_groups", 32),
         use_linear_in_transformer=u.get("use_linear_projection", False),
         upcast_attention=u.get("upcast_attention", False),
+        time_cond_proj_dim=u.get("time_cond_proj_dim"),
         **head_kw,
     )
     vae = VAEConfig(

@@ -8,6 +8,12 @@ import torch
 import torch.nn as nn
 
 
+@torch.no_grad()
+def lerp_towards(shadow: list[torch.Tensor], params: list[torch.Tensor], decay: float) -> None:
+    """shadow <- decay * shadow + (1 - decay) * params, in place, each pair in the shadow's dtype."""
+    torch._foreach_lerp_(shadow, [p.detach().to(s.dtype) for s, p in zip(shadow, params)], 1.0 - decay)
+
+
 class EMA:
     """Exponential moving average of a module's parameters, kept in float32 whatever the module's dtype.
 
@@ -26,14 +32,11 @@ class EMA:
             return 0.0
         return min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay
 
-    @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         self.updates += 1
         params = dict(model.named_parameters())
         names = list(self.shadow)
-        torch._foreach_lerp_(
-            [self.shadow[n] for n in names], [params[n].detach().float() for n in names], 1.0 - self.current_decay()
-        )
+        lerp_towards([self.shadow[n] for n in names], [params[n] for n in names], self.current_decay())
 
     @contextlib.contextmanager
     def applied_to(self, model: nn.Module):

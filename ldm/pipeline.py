@@ -43,7 +43,7 @@ from ldm.checkpoint import load_model
 from ldm.conditioning import Conditioner
 from ldm.controlnet import ControlNet, control_map, load_controlnet
 from ldm.decode import Decoder
-from ldm.denoiser import Denoiser
+from ldm.denoiser import Denoiser, embeds_guidance, runs_unconditional
 from ldm.images import resized, to_pil, to_tensor
 from ldm.memory import VAE_TILE, check_memory, estimate_memory, machine_memory
 from ldm.model import StableDiffusion
@@ -202,6 +202,9 @@ class Pipeline(nn.Module):
         if self.openvino is not None and (r.deepcache or r.controls):
             what = "deepcache" if r.deepcache else "ControlNet"
             raise InputError(f"{what} runs on the torch UNet, not with the OpenVINO backend")
+        embedded = embeds_guidance(self.cfg)
+        if self.openvino is not None and embedded:
+            raise InputError("a model that embeds the guidance scale runs on the torch UNet, not the OpenVINO backend")
         self.patch(r)
         if self.openvino is not None:
             self.openvino.prepare(self.model, self.version)  # converts only when the LoRAs changed
@@ -214,7 +217,8 @@ class Pipeline(nn.Module):
         mode = mode_of(r, self.is_inpainting_model)
         unet = self.unet if self.openvino is None else self.openvino.unet
         per_image = [p for p in r.prompts for _ in range(r.n_samples)]
-        batch = self.batch_size(len(per_image), *reversed(r.output_size(self.vae_factor)), r.unet_rows)
+        rows = 1 if embedded else r.unet_rows  # a UNet that embeds the guidance runs on the prompts' rows alone
+        batch = self.batch_size(len(per_image), *reversed(r.output_size(self.vae_factor)), rows)
         strength = 1.0 if r.strength is None else r.strength
         trajectories = []
         for first in range(0, len(per_image), batch):
@@ -224,13 +228,27 @@ class Pipeline(nn.Module):
             prompts = per_image[first : first + batch]
             calls = r.steps * run.scheduler.order  # the prompt schedule's steps: A1111's total_steps (2N, Heun)
             conditioning = self.conditioner(
-                prompts, r.negative_prompt, r.guided, r.prompt_syntax, r.clip_skip, self.version, steps=calls
+                prompts,
+                r.negative_prompt,
+                runs_unconditional(r, self.cfg),
+                r.prompt_syntax,
+                r.clip_skip,
+                self.version,
+                steps=calls,
             )
             # 1. the start latents and the mode's other random draws
             shape = self.cfg.vae.latent_shape(r.height, r.width)
             sub = mode(self.model, run, generators, shape, **images, strength=strength, taesd=self.taesd_encoder)
             denoiser = Denoiser(
-                unet, conditioning, r, len(run.timesteps), sub.unet_input, controls, hints, self.cfg.learn_sigma
+                unet,
+                conditioning,
+                r,
+                len(run.timesteps),
+                sub.unet_input,
+                controls,
+                hints,
+                self.cfg.learn_sigma,
+                embedded,
             )
             trajectories.append([] if trajectory is not None else None)
             desc = None if not progress else f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {seeds[0]}-{seeds[-1]}"
@@ -287,14 +305,22 @@ class Pipeline(nn.Module):
         conditioning = self.conditioner(
             hires_prompts,
             r.negative_prompt,
-            r.guided,
+            runs_unconditional(r, self.cfg),
             r.prompt_syntax,
             r.clip_skip,
             self.version,
             steps=steps,
             first_pass=first_pass,
         )
-        denoiser = Denoiser(unet, conditioning, r, len(run.timesteps), sub.unet_input, learn_sigma=self.cfg.learn_sigma)
+        denoiser = Denoiser(
+            unet,
+            conditioning,
+            r,
+            len(run.timesteps),
+            sub.unet_input,
+            learn_sigma=self.cfg.learn_sigma,
+            guidance_input=embeds_guidance(self.cfg),
+        )
         return self.sample(sub, run, generators, denoiser, desc and f"{desc}, hires", trajectory, callback)
 
     def batch_size(self, n: int, height: int, width: int, rows: int) -> int:

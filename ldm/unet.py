@@ -26,6 +26,17 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
+def guidance_scale_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
+    """LCM's embedding of the guidance scale w (B,) (Luo et al. 2023, sec. 4.2; VDM's timestep embedding, Kingma et
+    al. 2021), as diffusers' get_guidance_scale_embedding: [sin(1000 w f_i), cos(1000 w f_i)],
+    f_i = 10000^(-i / (dim/2 - 1)) for i < dim/2, zero-padded to an odd dim. -> (B, dim) in float32."""
+    half = dim // 2
+    step = torch.tensor(math.log(10000.0) / (half - 1), dtype=torch.float32)  # float32 as diffusers: 1000 w is large
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32, device=w.device) * -step.to(w.device))
+    args = (w.float() * 1000.0)[:, None] * freqs[None]
+    return F.pad(torch.cat([torch.sin(args), torch.cos(args)], dim=-1), (0, dim % 2))
+
+
 class GroupNorm32(nn.GroupNorm):
     """GroupNorm computed in at least float32 whatever the input dtype (as CompVis does for fp16)."""
 
@@ -260,16 +271,28 @@ class UNetEncoder(nn.Module):
             cfg.upcast_attention,
         )
 
-    def time_embedding(self, timesteps: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """(B, 4 * model_channels) embedding of timesteps (B,) or a scalar, for x's batch and dtype."""
+    def time_embedding(
+        self, timesteps: torch.Tensor, x: torch.Tensor, extra: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(B, 4 * model_channels) embedding of timesteps (B,) or a scalar, for x's batch and dtype; extra: (B,
+        model_channels) added to the sinusoidal features before the MLP (UNetModel's guidance embedding), or None."""
         timesteps = torch.as_tensor(timesteps, device=x.device).expand(x.shape[0])
-        return self.time_embed(timestep_embedding(timesteps, self.cfg.model_channels).to(x.dtype))
+        features = timestep_embedding(timesteps, self.cfg.model_channels).to(x.dtype)
+        return self.time_embed(features if extra is None else features + extra)
 
 
 class UNetModel(UNetEncoder):
+    """The UNet. With cfg.time_cond_proj_dim (an LCM distilled into the whole UNet: train_unet.py --lcm-full), the
+    guidance scale w is an input too: time_cond_proj (diffusers' time_embedding.cond_proj, no bias) maps its embedding
+    (guidance_scale_embedding) onto the timestep's sinusoidal features. It starts at zero, so that the UNet given it
+    computes what it did without."""
+
     def __init__(self, cfg: UNetConfig):
         super().__init__(cfg, cfg.in_channels)
         mc, groups, emb_dim = cfg.model_channels, cfg.num_groups, cfg.model_channels * 4
+        if cfg.time_cond_proj_dim is not None:
+            self.time_cond_proj = nn.Linear(cfg.time_cond_proj_dim, mc, bias=False)
+            nn.init.zeros_(self.time_cond_proj.weight)
         skip_channels, ch, ds = list(self.skip_channels), self.skip_channels[-1], 2 ** (len(cfg.channel_mult) - 1)
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(cfg.channel_mult))):
@@ -291,12 +314,19 @@ class UNetModel(UNetEncoder):
         context: torch.Tensor,
         control: list | None = None,
         cache: DeepCache | None = None,
+        guidance: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x: (B, C, H, W) noisy latents, timesteps: (B,) or scalar, context: (B, 77, context_dim).
         control: a ControlNet's residuals (ldm.controlnet), one per input block and one for the middle block, added
         to the skip connections and to the middle block's output (ControlNet's ControlledUnetModel).
-        cache: a DeepCache: this call runs the whole UNet or only its shallow branch, as the cache says."""
-        emb = self.time_embedding(timesteps, x)  # (B, 4 * mc)
+        cache: a DeepCache: this call runs the whole UNet or only its shallow branch, as the cache says.
+        guidance: (B,) the guidance scale w in LCM's form (diffusers' guidance_scale - 1), for a UNet with the
+        w-embedding (cfg.time_cond_proj_dim); None: none added, as diffusers without timestep_cond."""
+        extra = None
+        if guidance is not None:
+            embedded = guidance_scale_embedding(guidance.to(x.device), self.cfg.time_cond_proj_dim)
+            extra = self.time_cond_proj(embedded.to(x.dtype))
+        emb = self.time_embedding(timesteps, x, extra)  # (B, 4 * mc)
 
         def run(block, h, upsample_size=None):
             if self.cfg.use_checkpoint and self.training:

@@ -40,7 +40,7 @@ from conftest import (
 from ldm import DEFAULT_MODEL
 from ldm.checkpoint import TEXT, UNET, load_model, save_diffusers_folder, save_single_file
 from ldm.config import LCMTrainConfig, LoRAConfig, load_config
-from ldm.consistency import LatentConsistency
+from ldm.consistency import LatentConsistency, LoRAForm
 from ldm.convert import main as convert
 from ldm.data import ImageCaptionDataset
 from ldm.diffusion import Diffusion
@@ -896,7 +896,7 @@ def test_one_latent_consistency_step_is_the_recipes(tmp_path, parameterization):
         uncond = model.text_encoder(model.text_encoder.tokenize(["", ""]))
     start = torch.from_numpy(grid[index.numpy()])
     x = Diffusion(model.cfg).q_sample(latents, start, noise)
-    ours = lcm.loss(trainable, x, start, w, context, uncond)
+    ours = lcm.loss(LoRAForm(trainable), x, start, w, context, uncond)
 
     save_diffusers_folder(model, tmp_path / "diffusers")
     ref = StableDiffusionPipeline.from_pretrained(tmp_path / "diffusers", safety_checker=None)
