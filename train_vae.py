@@ -15,7 +15,8 @@ it stopped at and init_from's scale factor (measured only at the end).
 
 --tiny distils madebyollin's TAESD decoder (ldm.taesd) from the model's frozen VAE decoder instead, into
 <output_dir>/taesd_decoder.safetensors for txt2img.py --taesd (with --tiny-encoder, its encoder from the VAE's
-encoder too: taesd_encoder.safetensors beside it, for --taesd-encode). An 8x VAE only: TAESD's architecture is 8x.
+encoder too: taesd_encoder.safetensors beside it, for --taesd-encode). Any VAE: TAESD gets one 2x stage per 2x of the
+VAE (three for SD's 8x, two for the embedded emoji model's 4x).
 """
 
 import argparse
@@ -89,8 +90,6 @@ def load_train_config(args) -> tuple[TrainVAEConfig, StableDiffusion | None]:
 
 def check_sizes(cfg: TrainVAEConfig) -> None:
     r, f, n = cfg.data.resolution, cfg.model.vae.factor, cfg.loss.disc_num_layers
-    if cfg.tiny and f != 8:
-        raise ConfigError(f"--tiny: TAESD decodes latents of 1/8 the image side; this model's VAE makes 1/{f}")
     if r % f:
         raise ConfigError(f"data.resolution={r} is not a multiple of the VAE's downsampling factor {f}")
     if cfg.loss.disc_start < cfg.max_steps and r < 3 * 2**n:  # PatchGAN output: r / 2**n - 2 logits a side
@@ -126,9 +125,9 @@ def train(args) -> int:
     if init is not None:
         load_state_strict(model, init.state_dict(), cfg.init_from)
         del init
-    if cfg.tiny:
-        return distil_tiny(run, model, dataset)
     train_set, held_out = holdout_split(dataset, cfg.holdout, cfg.seed)
+    if cfg.tiny:
+        return distil_tiny(run, model, train_set, len(held_out))
     vae = model.vae.to(device).train()
     if cfg.decoder_only:  # the encoder, hence the latents an existing UNet was trained on, stays as it is
         vae.encoder.requires_grad_(False), vae.quant_conv.requires_grad_(False)
@@ -216,7 +215,7 @@ class TinyAutoencoder(Trainable):
                 atomic_save(net.state_dict(), file, {"step": str(step)})
 
 
-def distil_tiny(run: Run, model: StableDiffusion, dataset) -> int:
+def distil_tiny(run: Run, model: StableDiffusion, train_set, held_out: int) -> int:
     """--tiny: z_0 = scale_factor * z, z ~ q(z | x) a posterior sample of the teacher's encoder (the UNet's latents,
     what TAESD decodes); loss = MSE(TAESD(z_0), clamp(D(z_0 / scale_factor) / 2 + 1/2, 0, 1)). madebyollin distils
     TAESD's decoder from the SD VAE's decoder on the same latents; his adversarial term is left out: the plain MSE
@@ -224,12 +223,12 @@ def distil_tiny(run: Run, model: StableDiffusion, dataset) -> int:
     mean of q(z | x)): TAESD encodes deterministically, so it learns the posterior's mean."""
     device, cfg = run.device, run.cfg
     model.vae.to(device).eval().requires_grad_(False)
-    channels = cfg.model.vae.embed_dim
-    encoder = tiny_encoder(channels).to(device).train() if cfg.tiny_encoder else None
-    taesd = TAESD(tiny_decoder(channels).to(device).train(), encoder, "taesd")
+    channels, stages = cfg.model.vae.embed_dim, len(cfg.model.vae.ch_mult) - 1  # one TAESD stage per 2x of the VAE
+    encoder = tiny_encoder(channels, stages).to(device).train() if cfg.tiny_encoder else None
+    taesd = TAESD(tiny_decoder(channels, stages).to(device).train(), encoder, "taesd")
     run.prepare(TinyAutoencoder(None, taesd, nets=[taesd.decoder] + ([encoder] if encoder else [])))
     latent_shape = cfg.model.vae.latent_shape(cfg.data.resolution, cfg.data.resolution)
-    for batch in run.batches(dataset):
+    for batch in run.batches(train_set, note=f" ({held_out} held out)"):
         x = batch["pixels"].to(device)
         noise = randn_like_per_sample(per_sample_generators(batch["seed"]), latent_shape).to(device)
         with torch.no_grad(), run.accelerator.autocast():

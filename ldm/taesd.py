@@ -6,8 +6,12 @@ Its latents are the UNet's (SD's VAE latents already x scale_factor), its images
 stacks of 3x3 convolutions, built here as madebyollin's nn.Sequential so that his files load by their indices:
 
     Block(x)  = ReLU(conv(ReLU(conv(ReLU(conv(x))))) + x)                       every conv 3x3, 64 channels
-    decoder   = tanh(z / 3) * 3, conv 4->64, ReLU, 3 x [3 Blocks, Upsample x2, conv], Block, conv 64->3
-    encoder   = conv 3->64, Block, 3 x [stride-2 conv, 3 Blocks], conv 64->4
+    decoder   = tanh(z / 3) * 3, conv 4->64, ReLU, n x [3 Blocks, Upsample x2, conv], Block, conv 64->3
+    encoder   = conv 3->64, Block, n x [stride-2 conv, 3 Blocks], conv 64->4
+
+n = log2 of the VAE's downsampling factor: madebyollin's SD TAESD is n = 3 (8x); the embedded emoji model's 4x VAE
+takes n = 2 (diffusers' AutoencoderTiny with block_out_channels of n + 1 entries, its blocks (1, 3, .., 3) and
+(3, .., 3, 1)). A file says its n: the convs after each Upsample and the stride-2 ones are the only ones without bias.
 
 Files: madebyollin's `taesd_decoder.pth` / `.safetensors` (keys `<index>.<param>`, index 0 the clamp) with its
 `taesd_encoder` beside it, or a diffusers AutoencoderTiny folder (`decoder.layers.<index - 1>`,
@@ -27,7 +31,6 @@ from ldm.io import load_state_strict, read_state_dict
 
 WIDTH = 64  # every hidden layer's channels
 SUFFIXES = (".safetensors", ".pth")
-ENCODER_OUT = "14.weight"  # the encoder's last conv, 64 -> latent channels
 
 
 def conv(n_in: int, n_out: int, **options) -> nn.Conv2d:
@@ -54,19 +57,19 @@ class Block(nn.Module):
         return torch.relu(self.conv(x) + x)
 
 
-def tiny_decoder(latent_channels: int = 4) -> nn.Sequential:
-    """Latents (B, C, h, w) -> images (B, 3, 8h, 8w), about [0, 1] (the caller clamps)."""
+def tiny_decoder(latent_channels: int = 4, stages: int = 3) -> nn.Sequential:
+    """Latents (B, C, h, w) -> images (B, 3, 2^stages h, 2^stages w), about [0, 1] (the caller clamps)."""
     up = [
         m
-        for _ in range(3)
+        for _ in range(stages)
         for m in (Block(), Block(), Block(), nn.Upsample(scale_factor=2), conv(WIDTH, WIDTH, bias=False))
     ]
     return nn.Sequential(Clamp(), conv(latent_channels, WIDTH), nn.ReLU(), *up, Block(), conv(WIDTH, 3))
 
 
-def tiny_encoder(latent_channels: int = 4) -> nn.Sequential:
-    """Images (B, 3, H, W) in [0, 1] -> latents (B, C, H/8, W/8) in the UNet's scale."""
-    down = [m for _ in range(3) for m in (conv(WIDTH, WIDTH, stride=2, bias=False), Block(), Block(), Block())]
+def tiny_encoder(latent_channels: int = 4, stages: int = 3) -> nn.Sequential:
+    """Images (B, 3, H, W) in [0, 1] -> latents (B, C, H / 2^stages, W / 2^stages) in the UNet's scale."""
+    down = [m for _ in range(stages) for m in (conv(WIDTH, WIDTH, stride=2, bias=False), Block(), Block(), Block())]
     return nn.Sequential(conv(3, WIDTH), Block(), *down, conv(WIDTH, latent_channels))
 
 
@@ -78,14 +81,19 @@ class TAESD(nn.Module):
         super().__init__()
         self.decoder, self.encoder, self.name = decoder, encoder, name
 
+    @property
+    def factor(self) -> int:
+        """How many image pixels a latent pixel spans, a side: 2 per Upsample of the decoder."""
+        return 2 ** sum(isinstance(m, nn.Upsample) for m in self.decoder)
+
     def check(self, vae: VAEConfig, encode: bool) -> None:
-        """CheckpointError unless it works in the latent space of a model with this VAE (8x, the same channels) and,
-        to encode, has an encoder."""
+        """CheckpointError unless it works in the latent space of a model with this VAE (the same factor and channels)
+        and, to encode, has an encoder."""
         channels = self.decoder[1].in_channels
-        if vae.factor != 8 or vae.embed_dim != channels:
+        if vae.factor != self.factor or vae.embed_dim != channels:
             raise CheckpointError(
-                f"TAESD '{self.name}' decodes {channels}-channel latents of 1/8 the image side; this model's VAE makes "
-                f"{vae.embed_dim}-channel latents of 1/{vae.factor}"
+                f"TAESD '{self.name}' decodes {channels}-channel latents of 1/{self.factor} the image side; this "
+                f"model's VAE makes {vae.embed_dim}-channel latents of 1/{vae.factor}"
             )
         if encode and self.encoder is None:
             raise CheckpointError(f"TAESD '{self.name}' has no encoder (its taesd_encoder file beside the decoder)")
@@ -101,6 +109,11 @@ class TAESD(nn.Module):
         return self.encoder(x.to(weight.device, weight.dtype))
 
 
+def stages(state: dict[str, torch.Tensor]) -> int:
+    """A file's up/downsampling stages: its convs without bias (one after each Upsample, or stride 2)."""
+    return sum(k.endswith(".weight") and k.removesuffix("weight") + "bias" not in state for k in state)
+
+
 def channels(state: dict[str, torch.Tensor], key: str, axis: int) -> int:
     """The latent channels of a file: its tensor `key`'s size along `axis` (SD's 4 when the tensor is missing, which
     load_state_strict then names)."""
@@ -113,11 +126,12 @@ def with_weights(net: nn.Sequential, state: dict[str, torch.Tensor], source: str
 
 
 def decoder_of(state: dict[str, torch.Tensor], source: str) -> nn.Sequential:
-    return with_weights(tiny_decoder(channels(state, "1.weight", 1)), state, source)
+    return with_weights(tiny_decoder(channels(state, "1.weight", 1), stages(state)), state, source)
 
 
 def encoder_of(state: dict[str, torch.Tensor], source: str) -> nn.Sequential:
-    return with_weights(tiny_encoder(channels(state, ENCODER_OUT, 0)), state, source)
+    n = stages(state)  # the last conv, 64 -> latent channels, is at index 2 + 4n
+    return with_weights(tiny_encoder(channels(state, f"{2 + 4 * n}.weight", 0), n), state, source)
 
 
 def partner(path: Path) -> Path | None:

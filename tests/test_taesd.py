@@ -18,22 +18,35 @@ from ldm.checkpoint import save_diffusers_folder, save_single_file
 from ldm.errors import CheckpointError
 from ldm.pipeline import load_pipeline
 from ldm.samplers import make_scheduler
-from ldm.taesd import load_taesd
+from ldm.taesd import WIDTH, load_taesd
 
 FACTOR8 = ("vae.ch_mult=[1,2,2,2]",)  # TAESD's 8x latents
 STEPS, SEED = 4, 11
 
 
-@pytest.fixture(scope="module")
-def tiny_ae():
-    """diffusers' AutoencoderTiny (SD's TAESD shape) with random weights, scaled and the last bias 0.5 so that images
-    spread over [0, 1] (~90% of pixels unclamped) rather than sit at 0."""
-    ae = randomize_(AutoencoderTiny(), seed=3).eval()
+def autoencoder_tiny(stages: int) -> AutoencoderTiny:
+    """diffusers' AutoencoderTiny of `stages` 2x stages (SD's TAESD: 3, 8x; the embedded model's 4x VAE: 2) with random
+    weights, scaled (x1.3 for 8x, x1.1 for the shallower 4x) and the last bias 0.5 so that images spread over [0, 1]
+    (~90% of pixels unclamped) rather than sit at 0."""
+    channels, blocks = (WIDTH,) * (stages + 1), (3,) * stages
+    ae = AutoencoderTiny(
+        encoder_block_out_channels=channels,
+        decoder_block_out_channels=channels,
+        num_encoder_blocks=(1, *blocks),
+        num_decoder_blocks=(*blocks, 1),
+    )
+    randomize_(ae, seed=3).eval()
     with torch.no_grad():
         for name, p in ae.named_parameters():
-            p.mul_(1.3 if name.endswith("weight") else 1)
+            p.mul_((1.3 if stages == 3 else 1.1) if name.endswith("weight") else 1)
         ae.decoder.layers[-1].bias.fill_(0.5)
     return ae
+
+
+@pytest.fixture(scope="module")
+def tiny_ae():
+    """SD's TAESD shape (8x), diffusers' default AutoencoderTiny."""
+    return autoencoder_tiny(3)
 
 
 def madebyollin_files(ae: AutoencoderTiny, folder, suffix: str):
@@ -59,19 +72,24 @@ def taesd_path(ae, layout: str, folder):
     return madebyollin_files(ae, folder, layout)
 
 
+@pytest.mark.parametrize("stages", [3, 2])
 @pytest.mark.parametrize("layout", [".safetensors", ".pth", "diffusers"])
-def test_decode_and_encode_equal_autoencoder_tiny(tiny_ae, layout, tmp_path):
-    taesd = load_taesd(taesd_path(tiny_ae, layout, tmp_path))
+def test_decode_and_encode_equal_autoencoder_tiny(tiny_ae, layout, stages, tmp_path):
+    """SD's 8x TAESD, and the 4x one of the embedded model's VAE (AutoencoderTiny with three block_out_channels)."""
+    ae = tiny_ae if stages == 3 else autoencoder_tiny(stages)
+    taesd = load_taesd(taesd_path(ae, layout, tmp_path))
     g = torch.Generator().manual_seed(0)
     z = torch.randn(2, 4, 8, 8, generator=g) * 2
     x = torch.rand(2, 3, 64, 48, generator=g)
     with torch.no_grad():
-        theirs = (tiny_ae.decode(z).sample / 2 + 0.5).clamp(0, 1)  # diffusers' postprocess of its [-1, 1] output
+        theirs = (ae.decode(z).sample / 2 + 0.5).clamp(0, 1)  # diffusers' postprocess of its [-1, 1] output
         ours = taesd.decode(z)
-        assert ours.shape == (2, 3, 64, 64) and ((ours > 0) & (ours < 1)).float().mean() > 0.8
-        assert (ours - theirs).abs().max() < 1e-5
-        their_latents = tiny_ae.encode(2 * x - 1).latents  # diffusers' images are in [-1, 1]
-        assert their_latents.std() > 0.1 and (taesd.encode(x) - their_latents).abs().max() < 1e-5
+        side = 8 * 2**stages
+        assert taesd.factor == 2**stages and ours.shape == (2, 3, side, side)
+        assert ((ours > 0) & (ours < 1)).float().mean() > 0.8 and (ours - theirs).abs().max() < 1e-5
+        their_latents = ae.encode(2 * x - 1).latents  # diffusers' images are in [-1, 1]
+        assert their_latents.shape[2:] == (64 // 2**stages, 48 // 2**stages) and their_latents.std() > 0.1
+        assert (taesd.encode(x) - their_latents).abs().max() < 1e-5
     assert taesd.name == "taesd"
 
 
