@@ -6,15 +6,13 @@ backend and with the OpenVINO backend, each in a fresh process, on a random SD v
 
 A side is `torch`, `openvino-cold` (an empty OpenVINO cache: the run converts the UNet and decoder) or
 `openvino-warm` (the cache the cold run filled: the run only reads and compiles). DDIM, guidance 7.5 (a batch of 2
-UNet rows, as benchmarks/bench_txt2img.py), seed 0. Printed per side: the process's high-water mark (VmHWM), the
-largest RSS of its child processes (ru_maxrss of RUSAGE_CHILDREN: 0 unless a conversion runs in one) and the
-seconds. --repo imports ldm from another checkout (the "before" of a change) with the same model file.
+UNet rows, as benchmarks/bench_txt2img.py), seed 0. Printed per side: the process's high-water mark (VmHWM) and
+the seconds. --repo imports ldm from another checkout (the "before" of a change) with the same model file.
 """
 
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -40,8 +38,7 @@ def run_side(side: str, model: Path, size: int, steps: int) -> dict:
     pipe.txt2img(PROMPT, steps=steps, sampler="ddim", height=size, width=size, seed=0, progress=False)
     status = Path("/proc/self/status").read_text()
     hwm = int(next(line for line in status.splitlines() if line.startswith("VmHWM")).split()[1])
-    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return {"peak_rss_gib": gib(hwm), "children_peak_rss_gib": gib(children), "seconds": time.perf_counter() - start}
+    return {"peak_rss_gib": gib(hwm), "seconds": time.perf_counter() - start}
 
 
 def main():
@@ -82,7 +79,7 @@ def main():
         r = json.loads(out.stdout.strip().splitlines()[-1])
         print(
             f"{side} ({args.repo.name}), {args.size}x{args.size}, {args.steps} step(s): peak RSS "
-            f"{r['peak_rss_gib']:.2f} GiB, children {r['children_peak_rss_gib']:.2f} GiB, {r['seconds']:.0f} s",
+            f"{r['peak_rss_gib']:.2f} GiB, {r['seconds']:.0f} s",
             flush=True,
         )
 

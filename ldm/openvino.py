@@ -176,8 +176,9 @@ def spill(module: nn.Module, path: Path) -> None:
 def release_freed_memory() -> None:
     """glibc keeps freed heap memory for later allocations: give it back to the system (malloc_trim), so that the
     weights spilled leave the process's memory."""
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None).malloc_trim(0)
+    trim = getattr(ctypes.CDLL(None), "malloc_trim", None) if sys.platform.startswith("linux") else None
+    if trim is not None:
+        trim(0)
 
 
 def compress_int8(ov_model):
