@@ -85,36 +85,37 @@ class OpenVINO:
     def prepare(self, model, version: int, taesd: TAESD | None = None) -> None:
         """Convert (or load from the cache) and compile the UNet of `model` as its weights are now, and its VAE
         decoder or, when given, `taesd`'s decoder (the one that decodes), unless they were compiled for this model,
-        patch version (ldm.patcher's) and TAESD already."""
+        patch version (ldm.patcher's) and TAESD already. Before compiling, the torch weights of the parts are spilled
+        to disk (spill) and the model's other tensors copied (own_copies): they never sit in memory beside the
+        graphs."""
         if self.prepared == (model, version, taesd):
             return
         cfg = model.cfg
         h, w, d = cfg.image_size, cfg.image_size, cfg.unet.context_dim
         unet_example = (torch.randn(2, cfg.unet.in_channels, h, w), torch.tensor([500, 500]), torch.randn(2, 77, d))
         latents = (torch.randn(1, cfg.vae.embed_dim, h, w),)
-        self.compile_part("unet", model.unet, UNetCall(model.unet), unet_example)
+        parts = {"unet": (model.unet, UNetCall(model.unet), unet_example)}  # part -> (weights, traced call, example)
         if taesd is None:
             decoder = nn.ModuleList([model.vae.post_quant_conv, model.vae.decoder])
-            self.compile_part("decoder", decoder, DecodeCall(model.vae, cfg.scale_factor), latents)
+            parts["decoder"] = (decoder, DecodeCall(model.vae, cfg.scale_factor), latents)
         else:
-            self.compile_part("taesd", taesd.decoder, taesd.decoder, latents)
+            parts["taesd"] = (taesd.decoder, taesd.decoder, latents)
+        keys = {part: weights_hash(weights) for part, (weights, _, _) in parts.items()}
+        for part in [part for part, (key, _) in self.parts.items() if keys.get(part) != key]:
+            del self.parts[part]  # graphs of other weights: freed before the next are made
+        for part, (weights, call, example) in parts.items():
+            self.convert(part, keys[part], call, example)
+            spill(weights, self.cache / f"{part}-{keys[part]}.pt")
+        own_copies(model, [weights for weights, _, _ in parts.values()])
+        for part, key in keys.items():
+            if part not in self.parts:
+                hint = PRECISIONS[self.precision]
+                config = {"INFERENCE_PRECISION_HINT": hint} if hint else {}
+                self.parts[part] = (
+                    key,
+                    self.core.compile_model(self.core.read_model(self.graph(part, key)), "CPU", config),
+                )
         self.prepared = (model, version, taesd)
-
-    def compile_part(self, part: str, weights: nn.Module, call: nn.Module, example: tuple) -> None:
-        """The part's graph for the weights as they are now: compiled from the cache, converted first if not there;
-        then the torch weights spilled to disk (spill), before compiling, so that they never sit beside it."""
-        key = weights_hash(weights)
-        if self.parts.get(part, (None,))[0] != key:
-            self.parts.pop(part, None)  # the graph of the weights before: freed before the next is made
-            self.convert(part, key, call, example)
-        spill(weights, self.cache / f"{part}-{key}.pt")
-        if part not in self.parts:
-            hint = PRECISIONS[self.precision]
-            config = {"INFERENCE_PRECISION_HINT": hint} if hint else {}
-            self.parts[part] = (
-                key,
-                self.core.compile_model(self.core.read_model(self.graph(part, key)), "CPU", config),
-            )
 
     def graph(self, part: str, key: str) -> Path:
         """The converted graph's file: f32 for every precision but int8 (the others are a compile-time hint)."""
@@ -170,6 +171,18 @@ def spill(module: nn.Module, path: Path) -> None:
         mapped = torch.load(path, mmap=True, weights_only=True)
         for name, tensor in module.state_dict(keep_vars=True).items():
             tensor.data = mapped[name]
+    release_freed_memory()
+
+
+def own_copies(model: nn.Module, spilled: list[nn.Module]) -> None:
+    """The model's tensors that were not spilled get copies of their own (the text encoder, the VAE encoder: 0.6 GiB
+    for SD v1), so that no tensor is left viewing the file the model was loaded from (safetensors maps the whole
+    file: one tensor keeps every page of it that was read in memory), which the system then unmaps."""
+    kept = {id(t) for module in spilled for t in module.state_dict(keep_vars=True).values()}
+    with torch.inference_mode(False):
+        for tensor in model.state_dict(keep_vars=True).values():
+            if id(tensor) not in kept:
+                tensor.data = tensor.data.clone()
     release_freed_memory()
 
 
