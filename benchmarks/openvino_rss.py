@@ -4,10 +4,25 @@ backend and with the OpenVINO backend, each in a fresh process, on a random SD v
     flock /work/notes/s3/bigmem.lock python benchmarks/openvino_rss.py --workdir /tmp/ov-rss --size 512 --steps 1 \
         torch openvino-cold openvino-warm [--repo OTHER_CHECKOUT]
 
-A side is `torch`, `openvino-cold` (an empty OpenVINO cache: the run converts the UNet and decoder) or
-`openvino-warm` (the cache the cold run filled: the run only reads and compiles). DDIM, guidance 7.5 (a batch of 2
+A side is `torch`, `openvino-cold` (an empty OpenVINO cache: the run converts the UNet and decoder),
+`openvino-warm` (the cache the cold run filled: the run only reads and compiles) or `openvino-unet` (OpenVINO alone,
+no ldm: the cached UNet graph compiled and called once). DDIM, guidance 7.5 (a batch of 2
 UNet rows, as benchmarks/bench_txt2img.py), seed 0. Printed per side: the process's high-water mark (VmHWM) and
 the seconds. --repo imports ldm from another checkout (the "before" of a change) with the same model file.
+
+2026-12-08, host `AMD EPYC` (lscpu flags fma avx avx2 avx512f avx512bw avx512vl avx512_bf16 avx512_vnni), 2 cores
+shared with other jobs (load average 5-11), OMP_NUM_THREADS=2, torch 2.13, openvino 2026.4.1, 512x512, 1 step:
+
+| side | peak RSS | seconds |
+|---|---|---|
+| torch (main d259e2d) | 5.80 GiB | 282 |
+| OpenVINO f32, converting (main d259e2d) | 14.08 GiB | 1247 |
+| OpenVINO f32, cached graphs (main d259e2d) | 13.06 GiB | 142 |
+| OpenVINO f32, cached graphs, torch weights spilled (this script's checkout) | 9.67 GiB | 143 |
+
+What is left is OpenVINO's own: its UNet graph alone (read_model + compile_model of the cached f32 graph, one call
+on a batch of 2 at 64x64 latents: the openvino-unet side, 47 s) peaks at 7.25 GiB, the converted file's 3.4 GB
+mapped and a repacked copy of the weights beside it (the same 7.25 GiB with ENABLE_MMAP off: then read into memory).
 """
 
 import argparse
@@ -21,11 +36,30 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "a lighthouse on a cliff at dusk, oil painting"
-SIDES = ("torch", "openvino-cold", "openvino-warm")
+SIDES = ("torch", "openvino-cold", "openvino-warm", "openvino-unet")
 
 
 def gib(kib: int) -> float:
     return kib / 2**20
+
+
+def unet_graph_call(cache: Path, size: int) -> None:
+    """OpenVINO alone: the cached f32 UNet graph read, compiled and called once on a batch of 2 (SD v1's shapes)."""
+    import numpy as np
+    import openvino
+
+    core = openvino.Core()
+    graph = core.compile_model(
+        core.read_model(next(cache.glob("unet-*-f32.xml"))), "CPU", {"INFERENCE_PRECISION_HINT": "f32"}
+    )
+    g = np.random.default_rng(0)
+    graph(
+        [
+            g.standard_normal((2, 4, size // 8, size // 8), np.float32),
+            np.array([500, 500]),
+            g.standard_normal((2, 77, 768), np.float32),
+        ]
+    )
 
 
 def run_side(side: str, model: Path, size: int, steps: int) -> dict:
@@ -33,9 +67,11 @@ def run_side(side: str, model: Path, size: int, steps: int) -> dict:
     import ldm
 
     start = time.perf_counter()
-    backend = "torch" if side == "torch" else "openvino"
-    pipe = ldm.load_pipeline(model, backend=backend)
-    pipe.txt2img(PROMPT, steps=steps, sampler="ddim", height=size, width=size, seed=0, progress=False)
+    if side == "openvino-unet":
+        unet_graph_call(model.parent / "openvino-cache", size)
+    else:
+        pipe = ldm.load_pipeline(model, backend="torch" if side == "torch" else "openvino")
+        pipe.txt2img(PROMPT, steps=steps, sampler="ddim", height=size, width=size, seed=0, progress=False)
     status = Path("/proc/self/status").read_text()
     hwm = int(next(line for line in status.splitlines() if line.startswith("VmHWM")).split()[1])
     return {"peak_rss_gib": gib(hwm), "seconds": time.perf_counter() - start}
