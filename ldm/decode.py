@@ -81,7 +81,7 @@ class Decoder:
         """Latents -> rough CPU images (B, 3, H, W) in [0, 1]: TAESD's decode, else the fitted linear colours of the
         latent pixels, each shown as an f x f block."""
         if self.taesd is not None:
-            return self.taesd.decode(latents).float().cpu()
+            return self.tiny(latents).float().cpu()
         if self.projection is None:
             self.projection = fit_rgb_projection(self.model)
         z = latents.float().cpu()
@@ -91,8 +91,12 @@ class Decoder:
     def first_stage(self, z: torch.Tensor) -> torch.Tensor:
         """D(z_0 / scale_factor) in [-1, 1] by the torch VAE, the OpenVINO backend's decoder or TAESD (from z_0)."""
         if self.taesd is not None:
-            return self.taesd.decode(z) * 2 - 1
+            return self.tiny(z) * 2 - 1
         return self.model.decode_first_stage(z) if self.openvino is None else self.openvino.decode_first_stage(z)
+
+    def tiny(self, z: torch.Tensor) -> torch.Tensor:
+        """TAESD's images in [0, 1] of z_0, by its torch decoder or the OpenVINO backend's conversion of it."""
+        return self.taesd.decode(z) if self.openvino is None else self.openvino.taesd_decode(z).to(z.device)
 
     def tiled(self, z: torch.Tensor) -> torch.Tensor:
         """Decode latents (1, C, h, w) in tile-sized tiles overlapping by `overlap`, as the weighted mean of the tiles

@@ -207,7 +207,7 @@ class Pipeline(nn.Module):
             raise InputError("a model that embeds the guidance scale runs on the torch UNet, not the OpenVINO backend")
         self.patch(r)
         if self.openvino is not None:
-            self.openvino.prepare(self.model, self.version)  # converts only when the LoRAs changed
+            self.openvino.prepare(self.model, self.version, self.taesd)  # converts only when the LoRAs changed
         images = mode_images(r, self.vae_factor)
         controls = tuple(replace(c, net=self.controlnet(c.net)) for c in r.controls)
         maps = [control_map(c, r.height, r.width) for c in controls]
