@@ -13,7 +13,7 @@ from diffusers import ControlNetModel
 from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 from test_controlnet import FACTOR8, controlnet_config
-from test_train_unet import CONFIG, assert_same, finish, run, start, wait_for
+from test_train_unet import CONFIG, assert_same, finish, run, run_here, start, wait_for
 
 import train_unet
 from conftest import ROOT, cli, run_in_process
@@ -193,7 +193,7 @@ def test_a_canny_controlnet_loads_in_txt2img_and_in_diffusers(tmp_path, shapes):
     base = StableDiffusion(load_config(ROOT / "configs" / "tiny.yaml", FACTOR8))
     save_single_file(base, tmp_path / "init.safetensors")
     extra = ["controlnet.preprocess=canny", "data.resolution=64", "max_steps=1", "batch_size=2"]
-    run(*args(shapes, tmp_path / "init.safetensors", tmp_path / "run", *extra), *[f"model.{o}" for o in FACTOR8])
+    run_here(*args(shapes, tmp_path / "init.safetensors", tmp_path / "run", *extra), *[f"model.{o}" for o in FACTOR8])
     path = tmp_path / "run" / "controlnet.safetensors"
     ours = load_controlnet(path, base.cfg)
     (tmp_path / "config").mkdir()
@@ -242,7 +242,8 @@ def test_bad_input_is_one_line_and_exit_code_2(change, message, tmp_path, shapes
 
 def test_a_controlnet_run_does_not_resume_a_unet_run(tmp_path, shapes, init, capsys):
     common = [f"data.path={shapes}", f"init_from={init}", f"output_dir={tmp_path / 'run'}", "validation.every=0"]
-    run(*common, "max_steps=1", "batch_size=2")
+    run_here(*common, "max_steps=1", "batch_size=2")
+    capsys.readouterr()  # that run's output: the check below reads the second one's alone
     assert (
         train_unet.main(["--config", str(CONFIG), "tracker=none", *common, "--controlnet", "--resume", "latest"]) == 2
     )

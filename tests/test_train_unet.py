@@ -108,6 +108,12 @@ def run(*args, processes=1) -> str:
     return finish(start(*args, processes=processes))
 
 
+def run_here(*args) -> None:
+    """A one-process run through the script's main() in this process: no interpreter and imports to start (seconds
+    each); the runs that need a process of their own (signals, several processes, compared outputs) use run()."""
+    assert run_in_process(train_unet, ["--config", str(CONFIG), "tracker=none", *map(str, args)]) == 0
+
+
 def wait_for(condition, proc, timeout=300, interval=0.001):
     deadline = time.monotonic() + timeout
     while not condition():
@@ -322,7 +328,7 @@ def test_x0_with_learned_sigma_from_a_checkpoint(tmp_path, colours, tiny_cfg):
     torch.manual_seed(0)
     init = StableDiffusion(tiny_cfg)
     save_single_file(init, tmp_path / "init.safetensors")
-    run(
+    run_here(
         f"data.path={colours}",
         f"init_from={tmp_path / 'init.safetensors'}",
         "reinit_unet=true",
@@ -516,31 +522,14 @@ def test_shipped_configs_are_valid(name):
         assert 1 <= cfg.validation.every <= cfg.max_steps
 
 
-def test_the_fine_tune_config_starts_from_the_embedded_model(tmp_path, colours):
+def test_the_fine_tune_config_starts_from_the_embedded_model(tmp_path, colours, capsys):
     """configs/finetune-emoji.yaml as the README runs it, for 2 steps: the embedded model's VAE and text encoder stay,
-    its UNet moves, and the validation image comes from the fine-tuned model."""
-    config = ROOT / "configs" / "finetune-emoji.yaml"
-    out = finish(
-        subprocess.Popen(
-            [
-                sys.executable,
-                str(ROOT / "train_unet.py"),
-                "--config",
-                str(config),
-                f"data.path={colours}",
-                "max_steps=2",
-                "validation.every=2",
-                "validation.steps=2",
-                f"cache_dir={tmp_path / 'cache'}",
-                f"output_dir={tmp_path / 'run'}",
-            ],
-            cwd=ROOT,
-            env=ENV,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-    )
+    its UNet moves, and the validation image comes from the fine-tuned model. (tests/test_docs.py runs the README's
+    command line itself; here main() runs in this process.)"""
+    argv = ["--config", str(ROOT / "configs" / "finetune-emoji.yaml"), f"data.path={colours}", "max_steps=2"]
+    argv += ["validation.every=2", "validation.steps=2", f"cache_dir={tmp_path / 'cache'}"]
+    assert run_in_process(train_unet, [*argv, f"output_dir={tmp_path / 'run'}"]) == 0
+    out = "".join(capsys.readouterr())
     embedded, tuned = load_model(DEFAULT_MODEL), load_model(tmp_path / "run" / "model.safetensors")
     assert tuned.cfg == embedded.cfg and "wrote" in out
     assert_same(tuned.vae.state_dict(), embedded.vae.state_dict())
@@ -716,7 +705,7 @@ def test_a_trained_lora_loads_in_diffusers_with_our_merged_weights(tmp_path, col
     diffusers names: diffusers' load_lora_weights + fuse_lora on the same base model gives the UNet and text encoder
     weights our loader merges (Pipeline.load_lora); the training checkpoints hold the LoRA tensors only."""
     flag = f"lora.text_encoder={str(text_encoder).lower()}"
-    lora_run(tmp_path, colours, "run", "max_steps=2", "validation.every=2", "validation.steps=2", flag)
+    run_here(*lora_args(tmp_path, colours, "run", "max_steps=2", "validation.every=2", "validation.steps=2", flag))
     path = tmp_path / "run" / "lora.safetensors"
     assert not (tmp_path / "run" / "model.safetensors").exists() and path.stat().st_size < 2**20
     assert (tmp_path / "run" / "validation" / "step-000002.png").exists()
@@ -802,8 +791,7 @@ def test_only_the_lora_trains(tmp_path, colours, lora_init, monkeypatch):
     bit init_from's."""
     built = []
     monkeypatch.setattr(train_unet, "StableDiffusion", lambda cfg: built.append(StableDiffusion(cfg)) or built[-1])
-    args = lora_args(tmp_path, colours, "run", "max_steps=2", "validation.every=0", "lora.text_encoder=true")
-    assert run_in_process(train_unet, ["--config", str(CONFIG), "tracker=none", *args]) == 0
+    run_here(*lora_args(tmp_path, colours, "run", "max_steps=2", "validation.every=0", "lora.text_encoder=true"))
     state = built[0].state_dict()
     assert_same({k: v for k, v in state.items() if ".lora." not in k}, lora_init.state_dict())
     assert any(".lora." in k for k in state)
@@ -859,7 +847,8 @@ def test_a_lora_trains_on_two_processes_as_on_one_with_twice_the_batch(tmp_path,
 def test_a_lora_run_does_not_resume_a_full_run(tmp_path, colours, lora_init, capsys):
     """The checkpoint of a whole-UNet run is not resumed as a LoRA run (nor the other way): one line, exit 2."""
     common = [f"data.path={colours}", f"init_from={tmp_path / 'init.safetensors'}", f"output_dir={tmp_path / 'run'}"]
-    run(*common, "max_steps=1", "batch_size=2", "validation.every=0")
+    run_here(*common, "max_steps=1", "batch_size=2", "validation.every=0")
+    capsys.readouterr()  # that run's output: the check below reads the second one's alone
     argv = ["--config", str(CONFIG), "tracker=none", *common, "--lora", "4", "--resume", "latest"]
     assert train_unet.main(argv) == 2
     err = capsys.readouterr().err
