@@ -1,7 +1,7 @@
 r"""Peak RSS of one whole txt2img run (loading the file, converting or compiling, sampling, decoding) with the torch
 backend and with the OpenVINO backend, each in a fresh process, on a random SD v1 model saved once in --workdir.
 
-    flock /work/notes/s3/bigmem.lock python benchmarks/openvino_rss.py --workdir /tmp/ov-rss --size 512 --steps 1 \
+    python benchmarks/openvino_rss.py --workdir /tmp/ov-rss --size 512 --steps 1 \
         torch openvino-cold openvino-warm [--repo OTHER_CHECKOUT]
 
 A side is `torch`, `openvino-cold` (an empty OpenVINO cache: the run converts the UNet and decoder),
