@@ -69,6 +69,7 @@ def interleaved(sides: dict, repeats: int) -> dict[str, list[float]]:
             t0 = time.perf_counter()
             sides[side]()
             times[side].append(time.perf_counter() - t0)
+            print(f"  repeat {r + 1}, {side}: {times[side][-1]:.3g} s", flush=True)
     return times
 
 
