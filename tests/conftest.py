@@ -193,6 +193,16 @@ def ours_run(pipe, seed: int, n: int, mode: str = "txt2img", **kwargs):
     return images, trajectory
 
 
+def counted_run(pipe, seed: int, n: int, **kwargs):
+    """ours_run's images and trajectory, and the batch size of each UNet call (the rows guidance runs)."""
+    batches = []
+    hook = pipe.unet.register_forward_pre_hook(lambda module, args: batches.append(args[0].shape[0]))
+    try:
+        return (*ours_run(pipe, seed, n, **kwargs), batches)
+    finally:
+        hook.remove()
+
+
 def assert_same(ours, theirs, latents, their_latents, region=None):
     a, b = pixels(ours), pixels(theirs)
     if region is not None:

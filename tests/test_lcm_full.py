@@ -18,7 +18,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import train_unet
-from conftest import ROOT, STEPS, assert_same, diffusers_run, ours_run, run_in_process, tiny_model
+from conftest import ROOT, STEPS, assert_same, counted_run, diffusers_run, ours_run, run_in_process, tiny_model
 from ldm.checkpoint import load_diffusers_folder, load_model, save_diffusers_folder, save_single_file
 from ldm.config import LCMTrainConfig
 from ldm.consistency import FullForm, LatentConsistency
@@ -81,12 +81,7 @@ def test_lcm_sampling_of_such_a_model_is_diffusers_latent_consistency_pipeline(l
     two images; the UNet runs on the images alone at any scale (no unconditional batch)."""
     model, _, ref = lcm
     theirs, latents = diffusers_run(ref, seed=5, n=2, guidance_scale=scale)
-    batches = []
-    hook = model.unet.register_forward_pre_hook(lambda module, args: batches.append(args[0].shape[0]))
-    try:
-        ours, trajectory = ours_run(Pipeline(model), seed=5, n=2, sampler="lcm", scale=scale)
-    finally:
-        hook.remove()
+    ours, trajectory, batches = counted_run(Pipeline(model), seed=5, n=2, sampler="lcm", scale=scale)
     assert_same(ours, theirs, trajectory[-1], latents)
     assert batches == [2] * STEPS
     other = ours_run(Pipeline(model), seed=5, n=1, sampler="lcm", scale=9.0 - scale)[1][-1]

@@ -36,6 +36,7 @@ from conftest import (
     a1111,
     assert_same,
     cli,
+    counted_run,
     diffusers_run,
     generators,
     ours_run,
@@ -359,12 +360,7 @@ def test_lcm_matches_diffusers_and_guidance_1_runs_the_conditional_batch_alone(s
     model, ref, config = sd
     ref.scheduler = LCMScheduler.from_config(config)
     theirs, latents = diffusers_run(ref, seed=5, n=2, guidance_scale=scale)
-    batches = []
-    hook = model.unet.register_forward_pre_hook(lambda module, args: batches.append(args[0].shape[0]))
-    try:
-        ours, trajectory = ours_run(Pipeline(model), seed=5, n=2, sampler="lcm", scale=scale)
-    finally:
-        hook.remove()
+    ours, trajectory, batches = counted_run(Pipeline(model), seed=5, n=2, sampler="lcm", scale=scale)
     assert_same(ours, theirs, trajectory[-1], latents)
     assert batches == [2 if scale == 1 else 4] * STEPS
 
