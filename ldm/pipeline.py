@@ -199,12 +199,10 @@ class Pipeline(nn.Module):
         output size)."""
         r = request.resolved(self.cfg)
         check_memory(r, self.cfg, self.device, self.dtype)
-        if self.openvino is not None and (r.deepcache or r.controls):
-            what = "deepcache" if r.deepcache else "ControlNet"
+        embedded = embeds_guidance(self.cfg)  # its OpenVINO graph would take no guidance input
+        if self.openvino is not None and (r.deepcache or r.controls or embedded):
+            what = "deepcache" if r.deepcache else "ControlNet" if r.controls else "a model that embeds the guidance"
             raise InputError(f"{what} runs on the torch UNet, not with the OpenVINO backend")
-        embedded = embeds_guidance(self.cfg)
-        if self.openvino is not None and embedded:
-            raise InputError("a model that embeds the guidance scale runs on the torch UNet, not the OpenVINO backend")
         self.patch(r)
         if self.openvino is not None:
             self.openvino.prepare(self.model, self.version, self.taesd)  # converts only when the LoRAs changed

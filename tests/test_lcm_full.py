@@ -24,7 +24,7 @@ from ldm.config import LCMTrainConfig
 from ldm.consistency import FullForm, LatentConsistency
 from ldm.diffusers_names import rename, unet_key_map
 from ldm.diffusion import Diffusion
-from ldm.pipeline import Pipeline
+from ldm.pipeline import InputError, Pipeline
 from ldm.training import UNetTrainable
 from ldm.unet import guidance_scale_embedding
 
@@ -86,6 +86,13 @@ def test_lcm_sampling_of_such_a_model_is_diffusers_latent_consistency_pipeline(l
     assert batches == [2] * STEPS
     other = ours_run(Pipeline(model), seed=5, n=1, sampler="lcm", scale=9.0 - scale)[1][-1]
     assert (other - trajectory[-1][:1]).abs().max() > 1e-3  # the scale reaches the UNet
+
+
+def test_the_openvino_backend_refuses_such_a_model(lcm):
+    """Its OpenVINO graph would take no guidance input: one InputError before any conversion."""
+    pytest.importorskip("openvino", reason="the OpenVINO backend needs openvino: pip install 'ldm[openvino]'")
+    with pytest.raises(InputError, match="a model that embeds the guidance runs on the torch UNet"):
+        ours_run(Pipeline(lcm[0], backend="openvino"), seed=0, n=1, sampler="lcm")
 
 
 @pytest.fixture(scope="module")
